@@ -1,0 +1,230 @@
+//! The format-driver abstraction.
+//!
+//! A driver answers one question: where does guest data live? It maps guest ranges to host
+//! offsets, zeroes, compressed clusters or "not here, ask the backing image". Everything that
+//! moves data (reads, copy-on-write, the walk down the backing chain) lives in [`crate::Image`].
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use crate::storage::Storage;
+use crate::{Format, Result};
+
+/// An offset in a host file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HostOffset(pub u64);
+
+/// A compressed cluster: where its bytes are and which guest cluster it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompressedRef {
+    /// Start of the compressed bytes in the image file.
+    pub host: HostOffset,
+    /// Upper bound of the compressed length (the descriptor counts whole sectors).
+    pub len: u64,
+    /// Guest offset of the cluster's first byte.
+    pub guest_cluster: u64,
+}
+
+/// Where a guest range lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// Plain data in the driver's storage number `file`.
+    Data {
+        /// Index into [`Driver::storage`].
+        file: usize,
+        /// Host offset of the first byte of the range.
+        offset: HostOffset,
+        /// Whether the range may be overwritten in place (qcow2: the cluster's refcount is 1).
+        writable: bool,
+    },
+    /// Reads as zeroes; `offset` is set when host space is still allocated for it.
+    Zero {
+        /// Preallocated host space, if any.
+        offset: Option<(usize, HostOffset)>,
+    },
+    /// A compressed cluster.
+    Compressed(CompressedRef),
+    /// Not in this image: read from the backing image, or zeroes when there is none.
+    Unallocated,
+    /// Past the end of the virtual disk.
+    Eof,
+}
+
+/// A run of newly allocated host space for a guest range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostExtent {
+    /// Guest offset of the first byte.
+    pub guest: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Index into [`Driver::storage`].
+    pub file: usize,
+    /// Host offset of the first byte.
+    pub host: HostOffset,
+}
+
+/// The backing reference stored in an image's header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackingSpec {
+    /// The file name exactly as stored.
+    pub filename: String,
+    /// The format, if the image records one.
+    pub format: Option<String>,
+}
+
+/// One internal snapshot, as `info` and `snapshot -l` list it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// The unique ID string.
+    pub id: String,
+    /// The name (tag).
+    pub name: String,
+    /// Size of the saved VM state.
+    pub vm_state_size: u64,
+    /// Creation time, seconds since the epoch.
+    pub date_sec: u32,
+    /// Creation time, nanosecond part.
+    pub date_nsec: u32,
+    /// Guest clock at creation, in nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// Instruction count, when recorded.
+    pub icount: Option<u64>,
+    /// Disk size at the time of the snapshot, when recorded.
+    pub disk_size: Option<u64>,
+}
+
+/// Format-specific facts for `info`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FormatSpecific {
+    /// Nothing to say (raw).
+    None,
+    /// qcow2's header facts.
+    Qcow2(Qcow2Specific),
+}
+
+/// qcow2's `format-specific` block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qcow2Specific {
+    /// "0.10" or "1.1".
+    pub compat: &'static str,
+    /// "zlib" or "zstd".
+    pub compression_type: &'static str,
+    /// Lazy refcounts enabled (v3 only).
+    pub lazy_refcounts: bool,
+    /// Refcount width.
+    pub refcount_bits: u32,
+    /// The corrupt bit (v3 only).
+    pub corrupt: bool,
+    /// Extended L2 entries (v3 only).
+    pub extended_l2: bool,
+    /// External data file name.
+    pub data_file: Option<String>,
+    /// Whether the external data file is raw.
+    pub data_file_raw: bool,
+}
+
+/// A format driver. Implementations are safe to call from several threads at once.
+pub trait Driver: Send + Sync + Debug {
+    /// The format.
+    fn format(&self) -> Format;
+    /// The size of the virtual disk in bytes.
+    fn virtual_size(&self) -> u64;
+    /// Host files the driver keeps data in; index 0 is the image file itself.
+    fn storage(&self, file: usize) -> &Arc<dyn Storage>;
+    /// Cluster size, for formats that have one.
+    fn cluster_size(&self) -> Option<u64> {
+        None
+    }
+    /// The backing reference from the header.
+    fn backing(&self) -> Option<BackingSpec> {
+        None
+    }
+    /// Whether the driver's header marks it dirty (refcounts may be stale).
+    fn dirty(&self) -> bool {
+        false
+    }
+    /// Format-specific facts.
+    fn specific(&self) -> FormatSpecific {
+        FormatSpecific::None
+    }
+    /// Internal snapshots.
+    ///
+    /// # Errors
+    /// When the snapshot table cannot be read.
+    fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        Ok(Vec::new())
+    }
+    /// A read-only view of a snapshot's contents.
+    ///
+    /// # Errors
+    /// When there is no such snapshot or its tables are bad.
+    fn snapshot_view(&self, name: &str) -> Result<Box<dyn Driver>>;
+    /// Where `offset` lives, and for how many bytes (at least 1, at most `len`) that holds.
+    ///
+    /// # Errors
+    /// When metadata is unreadable or corrupt.
+    fn map(&self, offset: u64, len: u64) -> Result<(Mapping, u64)>;
+    /// Whether holes in the host file of a [`Mapping::Data`] range read as zeroes and should be
+    /// reported so by block status (raw).
+    fn host_holes_are_zero(&self) -> bool {
+        false
+    }
+    /// Decompresses one cluster into `out` (exactly one cluster long).
+    ///
+    /// # Errors
+    /// When the compressed data is bad.
+    fn read_compressed(&self, c: &CompressedRef, out: &mut [u8]) -> Result<()>;
+    /// The unit of allocation and copy-on-write in bytes (1 when everything is writable in place).
+    fn cow_granularity(&self) -> u64 {
+        1
+    }
+    /// The area a write to `[offset, offset + len)` must fill when it cannot go in place: the
+    /// write expanded to allocation units. Formats whose unit depends on the existing mapping
+    /// (qcow2 subclusters) override it.
+    ///
+    /// # Errors
+    /// When metadata cannot be read.
+    fn cow_area(&self, offset: u64, len: u64) -> Result<(u64, u64)> {
+        let g = self.cow_granularity().max(1);
+        Ok((offset / g * g, (offset + len).div_ceil(g) * g))
+    }
+    /// Reserves host space for a guest range aligned to [`Driver::cow_granularity`]. The caller
+    /// writes the data there and then calls [`Driver::commit`]; until then the mapping is unchanged.
+    ///
+    /// # Errors
+    /// When the image is read-only or metadata cannot be written.
+    fn allocate(&self, offset: u64, len: u64) -> Result<Vec<HostExtent>>;
+    /// Points the guest range at the extents [`Driver::allocate`] returned, whose data is written.
+    ///
+    /// # Errors
+    /// When metadata cannot be written.
+    fn commit(&self, extents: &[HostExtent]) -> Result<()>;
+    /// Makes a granularity-aligned range read as zeroes through metadata alone, if the format can.
+    /// Returns false when it cannot and the caller must write zeroes.
+    ///
+    /// # Errors
+    /// When metadata cannot be written.
+    fn zero(&self, offset: u64, len: u64, unmap: bool) -> Result<bool>;
+    /// Drops the data of a granularity-aligned range (what it reads as afterwards is the format's
+    /// choice, as in qemu).
+    ///
+    /// # Errors
+    /// When metadata cannot be written.
+    fn discard(&self, offset: u64, len: u64) -> Result<()>;
+    /// Checks metadata consistency and optionally repairs it.
+    ///
+    /// # Errors
+    /// [`crate::Error::Unsupported`] for formats without checks; I/O errors.
+    fn check(&self, repair: crate::Repair) -> Result<crate::CheckReport> {
+        let _ = repair;
+        Err(crate::Error::Unsupported {
+            path: self.storage(0).path().to_owned(),
+            what: "This image format does not support checks".into(),
+        })
+    }
+    /// Writes back cached metadata and flushes the host files.
+    ///
+    /// # Errors
+    /// When writing fails.
+    fn flush(&self) -> Result<()>;
+}

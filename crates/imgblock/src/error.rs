@@ -1,0 +1,113 @@
+//! The block layer's error type.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::qcow2;
+
+/// Everything the block layer can report. Each variant names the file it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The host file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The host file.
+        path: PathBuf,
+        /// What the operating system said.
+        source: io::Error,
+    },
+    /// A qcow2 image is malformed or uses something this driver refuses.
+    #[error("{}: {source}", path.display())]
+    Qcow2 {
+        /// The image file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: qcow2::Error,
+    },
+    /// A format name that no driver knows.
+    #[error("unknown image format '{0}'")]
+    UnknownFormat(String),
+    /// The file is in a format this build recognises but cannot open.
+    #[error("{}: image format '{format}' is not supported", path.display())]
+    UnsupportedFormat {
+        /// The image file.
+        path: PathBuf,
+        /// The format's name.
+        format: String,
+    },
+    /// Backing files refer back to an image already in the chain.
+    #[error("{}: backing chain loops back to this image", path.display())]
+    BackingLoop {
+        /// The image that appears twice.
+        path: PathBuf,
+    },
+    /// The chain has more images than [`crate::MAX_CHAIN_DEPTH`].
+    #[error("{}: backing chain is deeper than {limit} images", path.display())]
+    ChainTooDeep {
+        /// The image at which the limit was hit.
+        path: PathBuf,
+        /// The limit.
+        limit: usize,
+    },
+    /// A request reaches past the end of the virtual disk.
+    #[error("{}: request at offset {offset} length {len} is past the end of the {size}-byte disk", path.display())]
+    OutOfBounds {
+        /// The image file.
+        path: PathBuf,
+        /// Start of the request.
+        offset: u64,
+        /// Length of the request.
+        len: u64,
+        /// Virtual size of the disk.
+        size: u64,
+    },
+    /// A write to an image opened read-only.
+    #[error("{}: image is opened read-only", path.display())]
+    ReadOnly {
+        /// The image file.
+        path: PathBuf,
+    },
+    /// A write to sector 0 of a raw image whose format was guessed, that would make it probe as
+    /// another format (qemu refuses these too).
+    #[error("{}: format was guessed as raw; refusing to write a format header to sector 0 (specify -f raw)", path.display())]
+    GuessedRawSector0 {
+        /// The image file.
+        path: PathBuf,
+    },
+    /// An option given to create, convert or open is wrong.
+    #[error("{0}")]
+    InvalidOption(String),
+    /// The image has no internal snapshot by that name or ID.
+    #[error("{}: no snapshot named '{name}'", path.display())]
+    NoSuchSnapshot {
+        /// The image file.
+        path: PathBuf,
+        /// The name or ID asked for.
+        name: String,
+    },
+    /// The operation is not available for this format or image.
+    #[error("{}: {what}", path.display())]
+    Unsupported {
+        /// The image file.
+        path: PathBuf,
+        /// What was asked for.
+        what: String,
+    },
+}
+
+/// The block layer's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Attaches a path to `io::Error`s.
+pub(crate) trait IoContext<T> {
+    fn ctx(self, path: &std::path::Path) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, path: &std::path::Path) -> Result<T> {
+        self.map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })
+    }
+}

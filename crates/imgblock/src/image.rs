@@ -1,0 +1,599 @@
+//! The generic I/O layer: reads, copy-on-write, zero writes and the walk down the backing chain,
+//! for any [`Driver`].
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::driver::{Driver, HostExtent, Mapping};
+use crate::error::IoContext;
+use crate::storage::{FileStorage, Storage};
+use crate::{probe, qcow2, raw, Error, Format, Result};
+
+/// The most images a backing chain may hold, counting the top one. qemu has no fixed limit but a
+/// chain this deep is a loop or an attack; opening it would exhaust file descriptors.
+pub const MAX_CHAIN_DEPTH: usize = 64;
+
+/// How to open an image.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// The format; probed from the file when `None`.
+    pub format: Option<Format>,
+    /// Open for writing (backing images are always read-only).
+    pub writable: bool,
+    /// Leave the backing chain closed: unallocated ranges then read as zeroes.
+    pub no_backing: bool,
+    /// Open this internal snapshot read-only instead of the active state.
+    pub snapshot: Option<String>,
+}
+
+impl OpenOptions {
+    /// Read-only, format probed, with its backing chain.
+    pub fn read_only() -> Self {
+        OpenOptions::default()
+    }
+    /// Writable, format probed, with its backing chain.
+    pub fn writable() -> Self {
+        OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
+        }
+    }
+    /// Sets the format.
+    pub fn format(mut self, f: Option<Format>) -> Self {
+        self.format = f;
+        self
+    }
+}
+
+/// What block status found at an offset, walking down the chain (qemu-img map's fields).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// Bytes from the asked offset for which this holds.
+    pub len: u64,
+    /// Index in the chain of the image that holds the data (0 = top); when nothing does, the
+    /// index of the last image.
+    pub depth: usize,
+    /// Some image in the chain defines this range.
+    pub present: bool,
+    /// Reads as zeroes.
+    pub zero: bool,
+    /// Backed by data (not a hole or zero cluster).
+    pub data: bool,
+    /// Stored compressed.
+    pub compressed: bool,
+    /// Host offset within the image at `depth`, when the data lies plainly in a file.
+    pub offset: Option<u64>,
+    /// Which of that image's files `offset` refers to.
+    pub file: usize,
+}
+
+/// An open image with its backing chain.
+#[derive(Debug)]
+pub struct Image {
+    driver: Box<dyn Driver>,
+    backing: Option<Box<Image>>,
+    path: PathBuf,
+    /// Serialises allocating writes, so that two writers never allocate the same cluster twice.
+    alloc_lock: Mutex<()>,
+    writable: bool,
+    guessed_raw: bool,
+}
+
+/// Opens `path` as a host storage.
+fn open_storage(path: &Path, writable: bool) -> Result<Arc<dyn Storage>> {
+    Ok(Arc::new(FileStorage::open(path, writable).ctx(path)?))
+}
+
+/// Resolves a backing name against the overlay's directory, as qemu does.
+pub fn resolve_backing(overlay: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return p.to_owned();
+    }
+    match overlay.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(p),
+        _ => p.to_owned(),
+    }
+}
+
+impl Image {
+    /// Opens an image and, unless told not to, its whole backing chain.
+    ///
+    /// # Errors
+    /// When a file cannot be opened, a header is bad, the chain loops or is deeper than
+    /// [`MAX_CHAIN_DEPTH`].
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
+        let mut seen = HashSet::new();
+        Self::open_inner(path, opts, &mut seen, 0)
+    }
+
+    fn open_inner(
+        path: &Path,
+        opts: &OpenOptions,
+        seen: &mut HashSet<PathBuf>,
+        depth: usize,
+    ) -> Result<Image> {
+        if depth >= MAX_CHAIN_DEPTH {
+            return Err(Error::ChainTooDeep {
+                path: path.to_owned(),
+                limit: MAX_CHAIN_DEPTH,
+            });
+        }
+        let canon = std::fs::canonicalize(path).ctx(path)?;
+        if !seen.insert(canon) {
+            return Err(Error::BackingLoop {
+                path: path.to_owned(),
+            });
+        }
+        let storage = open_storage(path, opts.writable)?;
+        let (format, guessed_raw) = match opts.format {
+            Some(f) => (f, false),
+            None => {
+                let f = probe::probe(storage.as_ref())?;
+                (f, f == Format::Raw)
+            }
+        };
+        let mut driver: Box<dyn Driver> = match format {
+            Format::Raw => Box::new(raw::Raw::open(storage)?),
+            Format::Qcow2 => Box::new(qcow2::Qcow2::open(storage, opts.writable)?),
+            other => {
+                return Err(Error::UnsupportedFormat {
+                    path: path.to_owned(),
+                    format: other.to_string(),
+                })
+            }
+        };
+        if let Some(name) = &opts.snapshot {
+            driver = driver.snapshot_view(name)?;
+        }
+        let backing = match driver.backing() {
+            Some(spec) if !opts.no_backing => {
+                let bpath = resolve_backing(path, &spec.filename);
+                let format = spec.format.as_deref().map(str::parse).transpose()?;
+                let bopts = OpenOptions {
+                    format,
+                    writable: false,
+                    no_backing: false,
+                    snapshot: None,
+                };
+                Some(Box::new(Self::open_inner(&bpath, &bopts, seen, depth + 1)?))
+            }
+            _ => None,
+        };
+        Ok(Image {
+            driver,
+            backing,
+            path: path.to_owned(),
+            alloc_lock: Mutex::new(()),
+            writable: opts.writable && opts.snapshot.is_none(),
+            guessed_raw,
+        })
+    }
+
+    /// Wraps an already-open driver (used right after create).
+    pub fn from_driver(
+        path: &Path,
+        driver: Box<dyn Driver>,
+        backing: Option<Image>,
+        writable: bool,
+    ) -> Image {
+        Image {
+            driver,
+            backing: backing.map(Box::new),
+            path: path.to_owned(),
+            alloc_lock: Mutex::new(()),
+            writable,
+            guessed_raw: false,
+        }
+    }
+
+    /// The image's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// The driver.
+    pub fn driver(&self) -> &dyn Driver {
+        self.driver.as_ref()
+    }
+    /// The format.
+    pub fn format(&self) -> Format {
+        self.driver.format()
+    }
+    /// The backing image, when one is open.
+    pub fn backing(&self) -> Option<&Image> {
+        self.backing.as_deref()
+    }
+    /// The virtual size.
+    pub fn size(&self) -> u64 {
+        self.driver.virtual_size()
+    }
+    /// Whether writes are allowed.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+    /// Whether the format was probed and came out raw (qemu then restricts writes to sector 0).
+    pub fn format_was_guessed_raw(&self) -> bool {
+        self.guessed_raw
+    }
+    /// The chain from this image down, top first.
+    pub fn chain(&self) -> Vec<&Image> {
+        let mut v = vec![self];
+        let mut cur = self;
+        while let Some(b) = cur.backing() {
+            v.push(b);
+            cur = b;
+        }
+        v
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::OutOfBounds {
+                path: self.path.clone(),
+                offset,
+                len,
+                size,
+            }),
+        }
+    }
+
+    fn io<T>(&self, r: std::io::Result<T>, file: usize) -> Result<T> {
+        r.ctx(self.driver.storage(file).path())
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    ///
+    /// # Errors
+    /// When the range is past the end, or metadata or data cannot be read.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.read_inner(buf, offset)
+    }
+
+    /// Reads without a bounds check; bytes past the virtual size read as zeroes.
+    fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let size = self.size();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let rest = (buf.len() - done) as u64;
+            if pos >= size {
+                buf[done..].fill(0);
+                break;
+            }
+            let (m, n) = self.driver.map(pos, rest.min(size - pos))?;
+            let n = n.clamp(1, rest);
+            let nu = usize::try_from(n)
+                .unwrap_or(usize::MAX)
+                .min(buf.len() - done);
+            let out = &mut buf[done..done + nu];
+            match m {
+                Mapping::Data { file, offset, .. } => {
+                    let r = self.driver.storage(file).read_at(out, offset.0);
+                    self.io(r, file)?;
+                }
+                Mapping::Zero { .. } | Mapping::Eof => out.fill(0),
+                Mapping::Unallocated => match &self.backing {
+                    Some(b) => b.read_inner(out, pos)?,
+                    None => out.fill(0),
+                },
+                Mapping::Compressed(c) => {
+                    let cs = self.driver.cluster_size().unwrap_or(0);
+                    let mut tmp = vec![0u8; usize::try_from(cs).unwrap_or(0)];
+                    self.driver.read_compressed(&c, &mut tmp)?;
+                    let start = usize::try_from(pos - c.guest_cluster).unwrap_or(usize::MAX);
+                    let src = tmp
+                        .get(start..start + nu)
+                        .ok_or_else(|| Error::Unsupported {
+                            path: self.path.clone(),
+                            what: "compressed mapping outside its cluster".into(),
+                        })?;
+                    out.copy_from_slice(src);
+                }
+            }
+            done += nu;
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(Error::ReadOnly {
+                path: self.path.clone(),
+            })
+        }
+    }
+
+    /// Writes `buf` at `offset`, allocating and copying on write as the format needs.
+    ///
+    /// # Errors
+    /// When the range is past the end, the image is read-only, or I/O fails.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, buf.len() as u64)?;
+        if self.guessed_raw && offset < 512 && !buf.is_empty() {
+            let mut sector = [0u8; 512];
+            self.read_inner(&mut sector, 0)?;
+            let n = buf.len().min(512 - usize::try_from(offset).unwrap_or(0));
+            let o = usize::try_from(offset).unwrap_or(0);
+            sector[o..o + n].copy_from_slice(&buf[..n]);
+            if probe::probe_bytes(&sector) != Format::Raw {
+                return Err(Error::GuessedRawSector0 {
+                    path: self.path.clone(),
+                });
+            }
+        }
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let rest = (buf.len() - done) as u64;
+            let (m, n) = self.driver.map(pos, rest)?;
+            let nu = usize::try_from(n.clamp(1, rest))
+                .unwrap_or(usize::MAX)
+                .min(buf.len() - done);
+            match m {
+                Mapping::Data {
+                    file,
+                    offset: host,
+                    writable: true,
+                } => {
+                    let r = self
+                        .driver
+                        .storage(file)
+                        .write_at(&buf[done..done + nu], host.0);
+                    self.io(r, file)?;
+                }
+                _ => self.write_allocating(&buf[done..done + nu], pos)?,
+            }
+            done += nu;
+        }
+        Ok(())
+    }
+
+    /// Writes a range that is not writable in place: takes the allocation lock, fills the
+    /// granularity-aligned area around it from the current contents, allocates, writes, commits.
+    fn write_allocating(&self, data: &[u8], pos: u64) -> Result<()> {
+        let _guard = self.alloc_lock.lock().unwrap_or_else(|e| e.into_inner());
+        // Another writer may have allocated the range meanwhile.
+        if let (
+            Mapping::Data {
+                file,
+                offset: host,
+                writable: true,
+            },
+            n,
+        ) = self.driver.map(pos, data.len() as u64)?
+        {
+            if n >= data.len() as u64 {
+                let r = self.driver.storage(file).write_at(data, host.0);
+                return self.io(r, file);
+            }
+        }
+        let end = pos + data.len() as u64;
+        let (a, b) = self.driver.cow_area(pos, data.len() as u64)?;
+        if a > pos || b < end {
+            return Err(Error::Unsupported {
+                path: self.path.clone(),
+                what: "driver returned a bad copy-on-write area".into(),
+            });
+        }
+        let total =
+            usize::try_from(b - a).map_err(|_| Error::InvalidOption("write too large".into()))?;
+        let head = usize::try_from(pos - a).unwrap_or(0);
+        let mut area = vec![0u8; total];
+        if head > 0 {
+            self.read_inner(&mut area[..head], a)?;
+        }
+        let tail = head + data.len();
+        if tail < total {
+            self.read_inner(&mut area[tail..], end)?;
+        }
+        area[head..tail].copy_from_slice(data);
+        let extents = self.driver.allocate(a, b - a)?;
+        self.write_extents(&extents, a, &area)?;
+        self.driver.commit(&extents)
+    }
+
+    fn write_extents(&self, extents: &[HostExtent], base: u64, area: &[u8]) -> Result<()> {
+        for e in extents {
+            let s = usize::try_from(e.guest - base).unwrap_or(usize::MAX);
+            let l = usize::try_from(e.len).unwrap_or(usize::MAX);
+            let chunk = area
+                .get(s..s.saturating_add(l))
+                .ok_or_else(|| Error::Unsupported {
+                    path: self.path.clone(),
+                    what: "driver returned an extent outside the request".into(),
+                })?;
+            let r = self.driver.storage(e.file).write_at(chunk, e.host.0);
+            self.io(r, e.file)?;
+        }
+        Ok(())
+    }
+
+    /// Makes a range read as zeroes, through metadata where the format can.
+    ///
+    /// # Errors
+    /// When the range is past the end, the image is read-only, or I/O fails.
+    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        let g = self.driver.cow_granularity().max(1);
+        let end = offset + len;
+        let a = offset.div_ceil(g) * g;
+        let b = (end / g * g).max(a);
+        // Past the last full granule, the virtual size ends inside one: that granule counts whole.
+        let b = if end == self.size() && end % g != 0 {
+            end.div_ceil(g) * g
+        } else {
+            b
+        };
+        if a < b {
+            if a > offset {
+                self.write_zero_buffer(offset, a - offset)?;
+            }
+            let _guard = self.alloc_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let handled = self.driver.zero(a, b - a, unmap)?;
+            drop(_guard);
+            if !handled {
+                self.write_zero_buffer(a, b.min(end) - a)?;
+            }
+            if end > b {
+                self.write_zero_buffer(b, end - b)?;
+            }
+            Ok(())
+        } else {
+            self.write_zero_buffer(offset, len)
+        }
+    }
+
+    fn write_zero_buffer(&self, mut offset: u64, mut len: u64) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeroes = vec![0u8; usize::try_from(len.min(CHUNK)).unwrap_or(0)];
+        while len > 0 {
+            let n = len.min(CHUNK);
+            self.write_at(&zeroes[..usize::try_from(n).unwrap_or(0)], offset)?;
+            offset += n;
+            len -= n;
+        }
+        Ok(())
+    }
+
+    /// Discards the whole granules inside a range; what they read as afterwards follows the
+    /// format (qcow2 v3: zeroes; v2: the backing image).
+    ///
+    /// # Errors
+    /// When the range is past the end, the image is read-only, or I/O fails.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        let g = self.driver.cow_granularity().max(1);
+        let end = offset + len;
+        let a = offset.div_ceil(g) * g;
+        let b = if end == self.size() {
+            end.div_ceil(g) * g
+        } else {
+            end / g * g
+        };
+        if a < b {
+            let _guard = self.alloc_lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.driver.discard(a, b - a)?;
+        }
+        Ok(())
+    }
+
+    /// Writes back metadata and flushes the host files.
+    ///
+    /// # Errors
+    /// When writing fails.
+    pub fn flush(&self) -> Result<()> {
+        if self.writable {
+            self.driver.flush()?;
+        }
+        Ok(())
+    }
+
+    /// What lives at `offset`, walking down the chain (qemu-img map's view).
+    ///
+    /// # Errors
+    /// When metadata cannot be read.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        self.block_status_at(offset, len, 0)
+    }
+
+    fn block_status_at(&self, offset: u64, len: u64, depth: usize) -> Result<BlockStatus> {
+        let size = self.size();
+        if offset >= size {
+            return Ok(BlockStatus {
+                len,
+                depth,
+                present: false,
+                zero: true,
+                data: false,
+                compressed: false,
+                offset: None,
+                file: 0,
+            });
+        }
+        let (m, n) = self.driver.map(offset, len.min(size - offset))?;
+        let n = n.clamp(1, len);
+        let st = |zero, data, compressed, off: Option<(usize, u64)>, n| BlockStatus {
+            len: n,
+            depth,
+            present: true,
+            zero,
+            data,
+            compressed,
+            offset: off.map(|o| o.1),
+            file: off.map_or(0, |o| o.0),
+        };
+        Ok(match m {
+            Mapping::Data {
+                file, offset: host, ..
+            } => {
+                if self.driver.host_holes_are_zero() {
+                    let s = self.driver.storage(file);
+                    let (data, hn) = self.io(s.block_status(host.0, n), file)?;
+                    let hn = hn.clamp(1, n);
+                    st(!data, data, false, Some((file, host.0)), hn)
+                } else {
+                    st(false, true, false, Some((file, host.0)), n)
+                }
+            }
+            Mapping::Zero { offset: o } => st(true, false, false, o.map(|(f, h)| (f, h.0)), n),
+            Mapping::Compressed(_) => st(false, true, true, None, n),
+            Mapping::Eof => BlockStatus {
+                len: n,
+                depth,
+                present: false,
+                zero: true,
+                data: false,
+                compressed: false,
+                offset: None,
+                file: 0,
+            },
+            Mapping::Unallocated => match &self.backing {
+                Some(b) => {
+                    let mut s = b.block_status_at(offset, n, depth + 1)?;
+                    s.len = s.len.min(n);
+                    s
+                }
+                None => BlockStatus {
+                    len: n,
+                    depth,
+                    present: false,
+                    zero: true,
+                    data: false,
+                    compressed: false,
+                    offset: None,
+                    file: 0,
+                },
+            },
+        })
+    }
+
+    /// Checks the image's metadata (the top image only), repairing as asked.
+    ///
+    /// # Errors
+    /// When the format has no checks, or I/O fails.
+    pub fn check(&self, repair: crate::Repair) -> Result<crate::CheckReport> {
+        if repair != crate::Repair::None {
+            self.check_writable()?;
+        }
+        self.driver.check(repair)
+    }
+
+    /// Whether the range is allocated in this image alone (not the backing chain), for convert
+    /// with `-B` and for commit: returns (allocated, bytes for which that holds).
+    ///
+    /// # Errors
+    /// When metadata cannot be read.
+    pub fn is_allocated_here(&self, offset: u64, len: u64) -> Result<(bool, u64)> {
+        let (m, n) = self.driver.map(offset, len)?;
+        Ok((!matches!(m, Mapping::Unallocated), n.clamp(1, len)))
+    }
+}

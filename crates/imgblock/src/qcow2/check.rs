@@ -1,0 +1,385 @@
+//! `check`: rebuilds the refcounts from the L1/L2 tables, snapshots and metadata, compares them
+//! with the refcounts on disk, checks the COPIED flags, and repairs what it is asked to.
+
+use super::l2::{Entry, Kind};
+use super::{be64_at, snapshot, Qcow2, State, COMPRESSED, COPIED, OFFSET_MASK};
+use crate::check::{CheckReport, Repair};
+use crate::error::IoContext;
+use crate::Result;
+
+/// Most clusters a check tracks (a 4 GiB image of 512-byte clusters); larger files are refused
+/// rather than letting a header make us allocate without bound.
+pub const MAX_TRACKED_CLUSTERS: u64 = 1 << 23;
+
+struct Walk<'a> {
+    q: &'a Qcow2,
+    computed: Vec<u32>,
+    r: CheckReport,
+    next_contiguous: u64,
+}
+
+impl Walk<'_> {
+    fn cs(&self) -> u64 {
+        self.q.geo.cluster_size
+    }
+
+    /// Counts one more reference to each cluster of `[off, off + len)`.
+    fn inc(&mut self, off: u64, len: u64, what: &str) {
+        if len == 0 {
+            return;
+        }
+        let cs = self.cs();
+        let first = off / cs;
+        let last = (off + len - 1) / cs;
+        for c in first..=last {
+            match self
+                .computed
+                .get_mut(usize::try_from(c).unwrap_or(usize::MAX))
+            {
+                Some(v) => *v = v.saturating_add(1),
+                None => {
+                    self.r.corruptions += 1;
+                    self.r.messages.push(format!(
+                        "ERROR {what} at offset {:#x} is beyond the end of the image file",
+                        c * cs
+                    ));
+                }
+            }
+        }
+    }
+
+    fn read_cluster(&mut self, st: &mut State, off: u64) -> Option<Vec<u8>> {
+        let _ = st;
+        let mut buf = vec![0u8; usize::try_from(self.cs()).unwrap_or(0)];
+        match self.q.file().read_at(&mut buf, off) {
+            Ok(()) => Some(buf),
+            Err(e) => {
+                self.r.check_errors += 1;
+                self.r
+                    .messages
+                    .push(format!("ERROR reading table at {off:#x}: {e}"));
+                None
+            }
+        }
+    }
+
+    /// Walks one L1 table; `active` gathers the allocation statistics.
+    fn walk_l1(&mut self, st: &mut State, l1: &[u64], active: bool) {
+        let g = self.q.geo;
+        for (i, &e) in l1.iter().enumerate() {
+            let l2off = e & OFFSET_MASK;
+            if l2off == 0 {
+                continue;
+            }
+            if l2off % g.cluster_size != 0 {
+                self.r.corruptions += 1;
+                self.r.messages.push(format!(
+                    "ERROR l2_offset={l2off:#x}: Table is not cluster aligned; L1 entry corrupted"
+                ));
+                continue;
+            }
+            self.inc(l2off, g.cluster_size, "L2 table");
+            let Some(table) = self.read_cluster(st, l2off) else {
+                continue;
+            };
+            for j in 0..g.l2_entries {
+                let o = usize::try_from(j * g.l2_entry_size).unwrap_or(0);
+                let word = be64_at(&table, o);
+                let bitmap = if g.extended_l2 {
+                    be64_at(&table, o + 8)
+                } else {
+                    0
+                };
+                let entry = Entry { word, bitmap };
+                let guest = ((i as u64) * g.l2_entries + j) << g.cluster_bits;
+                self.l2_entry(entry, guest, active);
+            }
+        }
+    }
+
+    fn l2_entry(&mut self, e: Entry, guest: u64, active: bool) {
+        let g = self.q.geo;
+        if e.word & COMPRESSED != 0 {
+            if self.q.data != 0 {
+                self.r.corruptions += 1;
+                self.r.messages.push(format!(
+                    "ERROR compressed cluster at guest offset {guest:#x} with a data file"
+                ));
+                return;
+            }
+            let (host, len) = e.compressed(&g);
+            self.inc(
+                host & !(g.cluster_size - 1),
+                (host & (g.cluster_size - 1)) + len.max(1),
+                "compressed cluster",
+            );
+            if active {
+                self.r.allocated_clusters += 1;
+                self.r.compressed_clusters += 1;
+                self.r.fragmented_clusters += 1;
+            }
+            return;
+        }
+        if g.extended_l2 {
+            for sub in 0..32 {
+                if e.kind_ext(sub, true) == Kind::Invalid {
+                    self.r.corruptions += 1;
+                    self.r.messages.push(format!(
+                        "ERROR invalid cluster entry found (L2 offset: {guest:#x}, L2 index: {sub:#x})"
+                    ));
+                    return;
+                }
+            }
+        }
+        let Some(host) = e.host() else { return };
+        if host % g.cluster_size != 0 {
+            self.r.corruptions += 1;
+            self.r.messages.push(format!(
+                "ERROR offset={host:#x}: Cluster is not properly aligned; L2 entry corrupted"
+            ));
+            return;
+        }
+        if active {
+            self.r.allocated_clusters += 1;
+            if self.next_contiguous != 0 && host != self.next_contiguous {
+                self.r.fragmented_clusters += 1;
+            }
+            self.next_contiguous = host + g.cluster_size;
+        }
+        if self.q.data == 0 {
+            self.inc(host, g.cluster_size, "data cluster");
+        }
+    }
+}
+
+/// Runs the check; see the module docs.
+pub fn check(q: &Qcow2, repair: Repair) -> Result<CheckReport> {
+    let g = q.geo;
+    let cs = g.cluster_size;
+    let path = q.file().path().to_owned();
+    let file_len = q.file().size().ctx(&path)?;
+    let nclusters = file_len.div_ceil(cs);
+    if nclusters > MAX_TRACKED_CLUSTERS {
+        return Err(q.err(super::Error::FileTooLarge));
+    }
+    let snaps = q.snapshot_list()?;
+    let mut st = q.lock();
+    let mut w = Walk {
+        q,
+        computed: vec![0; usize::try_from(nclusters).unwrap_or(0)],
+        r: CheckReport::default(),
+        next_contiguous: 0,
+    };
+    w.r.total_clusters = q.size.div_ceil(cs);
+
+    // The header cluster.
+    w.inc(0, cs, "header");
+    // The active L1 table and everything under it.
+    let l1 = st.l1.clone();
+    w.inc(st.h.l1_table_offset, l1.len() as u64 * 8, "L1 table");
+    w.walk_l1(&mut st, &l1, true);
+    // Snapshots: the table, then each L1 table with its tree.
+    if st.h.nb_snapshots > 0 {
+        let table_len = snapshot_table_len(&snaps);
+        w.inc(st.h.snapshots_offset, table_len, "snapshot table");
+        for s in &snaps {
+            if s.l1_offset % cs != 0 || u64::from(s.l1_size) * 8 > super::MAX_L1_BYTES {
+                w.r.corruptions += 1;
+                w.r.messages.push(format!(
+                    "ERROR snapshot {} ({}) has an invalid L1 table",
+                    s.id, s.name
+                ));
+                continue;
+            }
+            w.inc(s.l1_offset, u64::from(s.l1_size) * 8, "snapshot L1 table");
+            match super::read_table(q.file(), s.l1_offset, u64::from(s.l1_size)) {
+                Ok(sl1) => w.walk_l1(&mut st, &sl1, false),
+                Err(_) => w.r.check_errors += 1,
+            }
+        }
+    }
+    // The refcount table and its blocks.
+    w.inc(
+        st.h.refcount_table_offset,
+        u64::from(st.h.refcount_table_clusters) * cs,
+        "refcount table",
+    );
+    let reftable = st.reftable.clone();
+    for (i, &e) in reftable.iter().enumerate() {
+        let off = e & OFFSET_MASK;
+        if off == 0 {
+            continue;
+        }
+        if off % cs != 0 {
+            w.r.corruptions += 1;
+            w.r.messages.push(format!(
+                "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
+            ));
+            continue;
+        }
+        w.inc(off, cs, "refcount block");
+    }
+    let Walk {
+        computed, mut r, ..
+    } = w;
+    r.image_end_offset = Some(
+        computed
+            .iter()
+            .rposition(|&c| c > 0)
+            .map_or(cs, |last| (last as u64 + 1) * cs),
+    );
+
+    compare_refcounts(q, &mut st, &computed, &reftable, repair, &mut r)?;
+    check_copied(q, &mut st, repair, &mut r)?;
+    if repair != Repair::None {
+        q.file().flush().ctx(&path)?;
+    }
+    Ok(r)
+}
+
+fn snapshot_table_len(snaps: &[snapshot::Snapshot]) -> u64 {
+    snaps
+        .iter()
+        .map(|s| {
+            let extra = if s.disk_size.is_some() { 24u64 } else { 0 };
+            (40 + extra + s.id.len() as u64 + s.name.len() as u64).div_ceil(8) * 8
+        })
+        .sum()
+}
+
+fn compare_refcounts(
+    q: &Qcow2,
+    st: &mut State,
+    computed: &[u32],
+    reftable: &[u64],
+    repair: Repair,
+    r: &mut CheckReport,
+) -> Result<()> {
+    let g = q.geo;
+    let covered = reftable.len() as u64 * g.rb_entries;
+    let limit = covered.max(computed.len() as u64);
+    if repair == Repair::All {
+        // Blocks allocated while repairing go past everything the walk saw in use.
+        st.free_hint = st.free_hint.max(computed.len() as u64);
+        st.end_hint = st.end_hint.max(computed.len() as u64);
+    }
+    let mut c = 0u64;
+    while c < limit {
+        let bi = c / g.rb_entries;
+        let block = reftable
+            .get(usize::try_from(bi).unwrap_or(usize::MAX))
+            .copied()
+            .unwrap_or(0)
+            & OFFSET_MASK;
+        if block == 0 && c >= computed.len() as u64 {
+            c = (bi + 1) * g.rb_entries;
+            continue;
+        }
+        let on_disk = if block == 0 || block % g.cluster_size != 0 {
+            0
+        } else {
+            q.refcount(st, c)?
+        };
+        let want = u64::from(
+            computed
+                .get(usize::try_from(c).unwrap_or(usize::MAX))
+                .copied()
+                .unwrap_or(0),
+        );
+        if on_disk != want {
+            let fix = (on_disk > want && repair != Repair::None)
+                || (on_disk < want && repair == Repair::All);
+            if fix {
+                if on_disk == 0 {
+                    q.ensure_refblocks(st, c, 1)?;
+                }
+                q.set_refcount(st, c, want)?;
+                r.messages.push(format!(
+                    "Repairing cluster {c} refcount={on_disk} reference={want}"
+                ));
+                if on_disk > want {
+                    r.leaks_fixed += 1;
+                } else {
+                    r.corruptions_fixed += 1;
+                }
+            } else if on_disk < want {
+                r.corruptions += 1;
+                r.messages.push(format!(
+                    "ERROR cluster {c} refcount={on_disk} reference={want}"
+                ));
+            } else {
+                r.leaks += 1;
+                r.messages.push(format!(
+                    "Leaked cluster {c} refcount={on_disk} reference={want}"
+                ));
+            }
+        }
+        c += 1;
+    }
+    Ok(())
+}
+
+/// The COPIED flag of each active L1 and L2 entry must say whether the refcount is exactly one.
+fn check_copied(q: &Qcow2, st: &mut State, repair: Repair, r: &mut CheckReport) -> Result<()> {
+    let g = q.geo;
+    for i in 0..st.l1.len() {
+        let e = st.l1[i];
+        let l2off = e & OFFSET_MASK;
+        if l2off == 0 || l2off % g.cluster_size != 0 {
+            continue;
+        }
+        let rc = q.refcount(st, l2off >> g.cluster_bits)?;
+        if (rc == 1) != (e & COPIED != 0) {
+            if repair == Repair::All {
+                let fixed = if rc == 1 { e | COPIED } else { e & !COPIED };
+                q.file()
+                    .write_at(&fixed.to_be_bytes(), st.h.l1_table_offset + i as u64 * 8)
+                    .ctx(q.file().path())?;
+                st.l1[i] = fixed;
+                r.corruptions_fixed += 1;
+            } else {
+                r.corruptions += 1;
+                r.messages.push(format!(
+                    "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
+                ));
+            }
+        }
+        for j in 0..g.l2_entries {
+            let entry = q.l2_entry(st, l2off, j)?;
+            let Some(host) = entry.host() else { continue };
+            if q.data != 0 || host % g.cluster_size != 0 {
+                continue;
+            }
+            let rc = q.refcount(st, host >> g.cluster_bits)?;
+            if (rc == 1) != entry.copied() {
+                if repair == Repair::All {
+                    let word = if rc == 1 {
+                        entry.word | COPIED
+                    } else {
+                        entry.word & !COPIED
+                    };
+                    // Write through the table only when this L2 table is not shared.
+                    if st.l1[i] & COPIED != 0 {
+                        q.set_l2_entry(
+                            st,
+                            l2off,
+                            j,
+                            Entry {
+                                word,
+                                bitmap: entry.bitmap,
+                            },
+                        )?;
+                        r.corruptions_fixed += 1;
+                        continue;
+                    }
+                }
+                r.corruptions += 1;
+                r.messages.push(format!(
+                    "ERROR OFLAG_COPIED data cluster: l2_entry={:x} refcount={rc}",
+                    entry.word
+                ));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,344 @@
+//! Creating qcow2 images with qemu-img's options.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::header::{self, CompressionType, Extension, Header};
+use super::Qcow2;
+use crate::driver::Driver;
+use crate::error::IoContext;
+use crate::options::{parse_bool, parse_size};
+use crate::raw::Preallocation;
+use crate::storage::{FileStorage, Storage};
+use crate::{CreateOptions, Error, Image, OpenOptions, Result};
+
+/// Options qcow2 accepts on create, with qemu-img's help text.
+pub const CREATE_OPTIONS: &[(&str, &str)] = &[
+    ("backing_file", "File name of a base image"),
+    ("backing_fmt", "Image format of the base image"),
+    ("cluster_size", "qcow2 cluster size"),
+    ("compat", "Compatibility level (v2 [0.10] or v3 [1.1])"),
+    (
+        "compression_type",
+        "Compression method used for image cluster compression",
+    ),
+    ("data_file", "File name of an external data file"),
+    (
+        "data_file_raw",
+        "The external data file must stay valid as a raw image",
+    ),
+    ("extended_l2", "Extended L2 tables"),
+    ("lazy_refcounts", "Postpone refcount updates"),
+    (
+        "preallocation",
+        "Preallocation mode (allowed values: off, metadata, falloc, full)",
+    ),
+    ("refcount_bits", "Width of a reference count entry in bits"),
+    ("size", "Virtual disk size"),
+];
+
+/// Parsed qcow2 creation options.
+#[derive(Debug, Clone)]
+struct Opts {
+    version: u32,
+    cluster_bits: u32,
+    refcount_order: u32,
+    lazy_refcounts: bool,
+    extended_l2: bool,
+    prealloc: Preallocation,
+    data_file: Option<String>,
+    data_file_raw: bool,
+    compression: CompressionType,
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::InvalidOption(msg.into())
+}
+
+fn parse(o: &CreateOptions) -> Result<Opts> {
+    let mut r = Opts {
+        version: 3,
+        cluster_bits: 16,
+        refcount_order: 4,
+        lazy_refcounts: false,
+        extended_l2: false,
+        prealloc: Preallocation::Off,
+        data_file: None,
+        data_file_raw: false,
+        compression: CompressionType::Zlib,
+    };
+    let mut refcount_given = false;
+    for (k, v) in &o.opts {
+        match k.as_str() {
+            "compat" => {
+                r.version = match v.as_str() {
+                    "0.10" | "v2" => 2,
+                    "1.1" | "v3" => 3,
+                    _ => return Err(invalid(format!("Invalid compatibility level: '{v}'"))),
+                }
+            }
+            "cluster_size" => {
+                let cs = parse_size(v)?;
+                if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
+                    return Err(invalid(format!(
+                        "Cluster size must be a power of two between 512 and 2048k (got {cs})"
+                    )));
+                }
+                r.cluster_bits = cs.trailing_zeros();
+            }
+            "refcount_bits" => {
+                let b: u64 = v
+                    .parse()
+                    .map_err(|_| invalid(format!("Invalid refcount_bits '{v}'")))?;
+                if !b.is_power_of_two() || b > 64 {
+                    return Err(invalid(
+                        "Refcount width must be a power of two and may not exceed 64 bits",
+                    ));
+                }
+                r.refcount_order = b.trailing_zeros();
+                refcount_given = true;
+            }
+            "lazy_refcounts" => r.lazy_refcounts = parse_bool(k, v)?,
+            "extended_l2" => r.extended_l2 = parse_bool(k, v)?,
+            "preallocation" => r.prealloc = Preallocation::parse(v)?,
+            "data_file" => r.data_file = Some(v.clone()),
+            "data_file_raw" => r.data_file_raw = parse_bool(k, v)?,
+            "compression_type" => {
+                r.compression = match v.as_str() {
+                    "zlib" => CompressionType::Zlib,
+                    "zstd" => CompressionType::Zstd,
+                    _ => {
+                        return Err(invalid(format!(
+                            "Parameter 'compression_type' does not accept value '{v}'"
+                        )))
+                    }
+                }
+            }
+            "encryption" | "encrypt.format" | "encrypt.key-secret" => {
+                return Err(invalid(
+                    "encrypted qcow2 images are not supported by this build",
+                ))
+            }
+            _ => return Err(invalid(format!("Invalid parameter '{k}' for format qcow2"))),
+        }
+    }
+    let v3 = "(use version=v3 or greater)";
+    if r.version == 2 {
+        if r.lazy_refcounts {
+            return Err(invalid(format!(
+                "Lazy refcounts only supported with compatibility level 1.1 and above {v3}"
+            )));
+        }
+        if refcount_given && r.refcount_order != 4 {
+            return Err(invalid(format!(
+                "Different refcount widths than 16 bits require compatibility level 1.1 or above {v3}"
+            )));
+        }
+        if r.compression != CompressionType::Zlib {
+            return Err(invalid(format!(
+                "Non-zlib compression type is only supported with compatibility level 1.1 and above {v3}"
+            )));
+        }
+        if r.extended_l2 {
+            return Err(invalid(format!("Extended L2 entries are only supported with compatibility level 1.1 and above {v3}")));
+        }
+        if r.data_file.is_some() {
+            return Err(invalid(format!(
+                "Data files are only supported with compatibility level 1.1 and above {v3}"
+            )));
+        }
+    }
+    if r.extended_l2 && r.cluster_bits < 14 {
+        return Err(invalid(
+            "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+        ));
+    }
+    if r.data_file_raw && r.data_file.is_none() {
+        return Err(invalid("data-file-raw requires data-file"));
+    }
+    Ok(r)
+}
+
+/// Creates a qcow2 image.
+///
+/// # Errors
+/// When an option is invalid (with qemu-img's message), the backing image cannot be opened to
+/// take its size, or I/O fails.
+pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
+    let opts = parse(o)?;
+    if o.backing_file.is_some() && opts.data_file_raw {
+        return Err(invalid(
+            "Backing file and data-file-raw cannot be used at the same time",
+        ));
+    }
+    if o.backing_file.is_some() && opts.prealloc != Preallocation::Off && !opts.extended_l2 {
+        return Err(invalid(
+            "Backing file and preallocation can only be used at the same time if extended_l2 is on",
+        ));
+    }
+    let size = match (o.size, &o.backing_file) {
+        (Some(s), _) => s,
+        (None, Some(b)) if !o.unsafe_backing => {
+            let bpath = crate::image::resolve_backing(path, b);
+            let fmt = o.backing_fmt.as_deref().map(str::parse).transpose()?;
+            Image::open(&bpath, &OpenOptions::read_only().format(fmt))?.size()
+        }
+        _ => return Err(invalid("Image creation needs a size parameter")),
+    };
+    if size > i64::MAX as u64 {
+        return Err(invalid(format!("Image size {size} is too large")));
+    }
+    let cs = 1u64 << opts.cluster_bits;
+
+    if let Some(name) = &opts.data_file {
+        // Created here; the driver opens it again from the header extension.
+        let dpath = crate::image::resolve_backing(path, name);
+        let ds = FileStorage::create(&dpath).ctx(&dpath)?;
+        ds.set_len(size).ctx(&dpath)?;
+    }
+
+    let mut h = Header {
+        version: opts.version,
+        backing_file_offset: 0,
+        backing_file_size: 0,
+        cluster_bits: opts.cluster_bits,
+        // The bootstrap header describes an empty disk; size and L1 are set together below.
+        size: 0,
+        crypt_method: 0,
+        l1_size: 0,
+        l1_table_offset: 0,
+        refcount_table_offset: cs,
+        refcount_table_clusters: 1,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible: 0,
+        compatible: 0,
+        autoclear: 0,
+        refcount_order: opts.refcount_order,
+        header_length: if opts.version == 3 {
+            header::V3_HEADER_LEN
+        } else {
+            header::V2_HEADER_LEN
+        },
+        compression: opts.compression,
+        extensions: Vec::new(),
+        backing_file: o.backing_file.clone(),
+    };
+    if let Some(f) = &o.backing_fmt {
+        h.extensions.push(Extension {
+            kind: header::EXT_BACKING_FORMAT,
+            data: f.as_bytes().to_vec(),
+        });
+    }
+    if let Some(d) = &opts.data_file {
+        h.extensions.push(Extension {
+            kind: header::EXT_DATA_FILE,
+            data: d.as_bytes().to_vec(),
+        });
+        h.incompatible |= header::INCOMPAT_DATA_FILE;
+        if opts.data_file_raw {
+            h.autoclear |= header::AUTOCLEAR_DATA_FILE_RAW;
+        }
+    }
+    if opts.version == 3 {
+        h.extensions.push(Extension {
+            kind: header::EXT_FEATURE_TABLE,
+            data: header::feature_table(),
+        });
+        if opts.lazy_refcounts {
+            h.compatible |= header::COMPAT_LAZY_REFCOUNTS;
+        }
+        if opts.extended_l2 {
+            h.incompatible |= header::INCOMPAT_EXTL2;
+        }
+        if opts.compression != CompressionType::Zlib {
+            h.incompatible |= header::INCOMPAT_COMPRESSION;
+        }
+    }
+    let hdr = h.serialize().map_err(|e| Error::Qcow2 {
+        path: path.to_owned(),
+        source: e,
+    })?;
+
+    // Bootstrap: header, a one-cluster refcount table, one refcount block covering the three.
+    let file = FileStorage::create(path).ctx(path)?;
+    let csu = usize::try_from(cs).unwrap_or(0);
+    let mut first = vec![0u8; csu * 3];
+    first[..hdr.len()].copy_from_slice(&hdr);
+    first[csu..csu + 8].copy_from_slice(&(2 * cs).to_be_bytes());
+    for c in 0..3 {
+        super::refcount::set_entry(&mut first[2 * csu..], opts.refcount_order, c, 1);
+    }
+    file.write_at(&first, 0).ctx(path)?;
+
+    // Everything else goes through the driver's allocator, which handles any geometry.
+    let storage: Arc<dyn Storage> = Arc::new(file);
+    let mut q = Qcow2::open(storage.clone(), true)?;
+    let l2_cover = q.geo.l2_entries * cs;
+    let l1_entries = size.div_ceil(l2_cover);
+    let l1_size = u32::try_from(l1_entries)
+        .map_err(|_| invalid("Image size is too large for this cluster size"))?;
+    if l1_entries * 8 > super::MAX_L1_BYTES {
+        return Err(invalid("Image size is too large for this cluster size"));
+    }
+    {
+        let mut st = q.lock();
+        let l1_off = if l1_entries > 0 {
+            let l1_clusters = (l1_entries * 8).div_ceil(cs);
+            let off = q.alloc_clusters(&mut st, l1_clusters)?;
+            let zeroes = vec![0u8; usize::try_from(l1_clusters * cs).unwrap_or(0)];
+            storage.write_at(&zeroes, off).ctx(path)?;
+            off
+        } else {
+            0
+        };
+        // size, crypt_method, l1_size and l1_table_offset are adjacent: one write.
+        let mut f = [0u8; 24];
+        f[..8].copy_from_slice(&size.to_be_bytes());
+        f[12..16].copy_from_slice(&l1_size.to_be_bytes());
+        f[16..].copy_from_slice(&l1_off.to_be_bytes());
+        storage.write_at(&f, 24).ctx(path)?;
+        st.h.size = size;
+        st.h.l1_size = l1_size;
+        st.h.l1_table_offset = l1_off;
+        st.l1 = vec![0; usize::try_from(l1_entries).unwrap_or(0)];
+    }
+    q.size = size;
+    if opts.prealloc != Preallocation::Off {
+        preallocate(&q, opts.prealloc)?;
+    }
+    q.flush()
+}
+
+/// Allocates L2 tables and data clusters for the whole disk; falloc and full also reserve or
+/// zero the data on the host.
+fn preallocate(q: &Qcow2, mode: Preallocation) -> Result<()> {
+    const STEP_CLUSTERS: u64 = 4096;
+    let cs = q.geo.cluster_size;
+    let size = q.size;
+    let mut pos = 0;
+    while pos < size {
+        let len = (STEP_CLUSTERS * cs).min(q.geo.align_up(size) - pos);
+        let extents = q.allocate(pos, len)?;
+        q.commit(&extents)?;
+        for e in &extents {
+            let s = q.storage(e.file);
+            match mode {
+                Preallocation::Falloc => s.allocate(e.host.0, e.len).ctx(s.path())?,
+                Preallocation::Full => {
+                    crate::storage::write_zero_buffers(s.as_ref(), e.host.0, e.len).ctx(s.path())?
+                }
+                _ => {}
+            }
+        }
+        pos += len;
+    }
+    // The data clusters are never written under metadata preallocation: size the file so that
+    // every allocated cluster lies inside it, as qemu does.
+    let end = q.lock().end_hint * cs;
+    let file = q.file();
+    if file.size().ctx(file.path())? < end {
+        file.set_len(end).ctx(file.path())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,785 @@
+//! qcow2 (versions 2 and 3), per qemu's docs/interop/qcow2.rst.
+//!
+//! ```text
+//!  Qcow2 (Driver)  --map-->  L1 table (in memory) --> L2 tables (cache) --> host clusters
+//!        |                                                   ^
+//!        +--allocate/commit--> refcount table --> refcount blocks (cache)
+//! ```
+//! All metadata lives behind one mutex; data I/O happens outside it in [`crate::Image`].
+
+mod cache;
+mod check;
+mod compress;
+mod create;
+mod error;
+pub mod header;
+mod l2;
+mod refcount;
+mod snapshot;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+pub use create::{create, CREATE_OPTIONS};
+pub use error::Error;
+
+use crate::driver::{
+    BackingSpec, CompressedRef, Driver, FormatSpecific, HostExtent, HostOffset, Mapping,
+    Qcow2Specific, SnapshotInfo,
+};
+use crate::error::IoContext;
+use crate::storage::{FileStorage, Storage};
+use crate::{Format, Result};
+use cache::TableCache;
+use header::Header;
+use l2::{Entry, Kind};
+
+/// Largest L1 table qemu accepts (32 MiB of entries).
+pub const MAX_L1_BYTES: u64 = 32 << 20;
+/// Largest refcount table qemu accepts (8 MiB).
+pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+/// Memory for cached L2 tables.
+pub const L2_CACHE_BYTES: usize = 8 << 20;
+/// Memory for cached refcount blocks.
+pub const REFBLOCK_CACHE_BYTES: usize = 4 << 20;
+/// Host offsets are 56 bits wide in L1/L2 entries (bits 9..=55).
+pub const MAX_HOST_OFFSET: u64 = 1 << 56;
+
+/// Offset bits of L1 and standard L2 entries.
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Refcount is exactly one: the table or cluster may be written in place.
+const COPIED: u64 = 1 << 63;
+/// L2 entry describes a compressed cluster.
+const COMPRESSED: u64 = 1 << 62;
+/// L2 entry reads as zeroes (v3, standard L2 only).
+const ZERO_FLAG: u64 = 1;
+
+/// Fixed facts derived from the header.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Geometry {
+    pub cluster_bits: u32,
+    pub cluster_size: u64,
+    /// Entries per L2 table.
+    pub l2_entries: u64,
+    /// Bytes per L2 entry (8, or 16 with extended L2).
+    pub l2_entry_size: u64,
+    pub extended_l2: bool,
+    pub subcluster_size: u64,
+    pub refcount_order: u32,
+    /// Refcount entries per refcount block.
+    pub rb_entries: u64,
+    pub version: u32,
+    /// Bit where the compressed sector count starts.
+    pub csize_shift: u32,
+    pub csize_mask: u64,
+}
+
+impl Geometry {
+    fn new(h: &Header) -> Geometry {
+        let cs = h.cluster_size();
+        let ext = h.extended_l2();
+        let esize = if ext { 16 } else { 8 };
+        let sub = if ext { 32 } else { 1 };
+        let csize_shift = 62 - (h.cluster_bits - 8);
+        Geometry {
+            cluster_bits: h.cluster_bits,
+            cluster_size: cs,
+            l2_entries: cs / esize,
+            l2_entry_size: esize,
+            extended_l2: ext,
+            subcluster_size: cs / sub,
+            refcount_order: h.refcount_order,
+            rb_entries: (cs * 8) >> h.refcount_order,
+            version: h.version,
+            csize_shift,
+            csize_mask: (1 << (h.cluster_bits - 8)) - 1,
+        }
+    }
+
+    fn align_up(&self, v: u64) -> u64 {
+        v.div_ceil(self.cluster_size) * self.cluster_size
+    }
+}
+
+/// Mutable metadata, behind the driver's mutex.
+#[derive(Debug)]
+pub(crate) struct State {
+    pub h: Header,
+    pub l1: Vec<u64>,
+    pub reftable: Vec<u64>,
+    pub l2_cache: TableCache,
+    pub rb_cache: TableCache,
+    /// Lowest cluster index that may be free.
+    pub free_hint: u64,
+    /// One past the highest cluster index that may be in use.
+    pub end_hint: u64,
+}
+
+/// A qcow2 image.
+#[derive(Debug)]
+pub struct Qcow2 {
+    files: Vec<Arc<dyn Storage>>,
+    geo: Geometry,
+    size: u64,
+    writable: bool,
+    /// Index in `files` of the storage that holds guest data.
+    data: usize,
+    state: Mutex<State>,
+}
+
+pub(crate) fn be64_at(b: &[u8], off: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[off..off + 8]);
+    u64::from_be_bytes(a)
+}
+
+impl Qcow2 {
+    fn err(&self, e: Error) -> crate::Error {
+        crate::Error::Qcow2 {
+            path: self.files[0].path().to_owned(),
+            source: e,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn file(&self) -> &dyn Storage {
+        self.files[0].as_ref()
+    }
+
+    /// Opens a qcow2 image over a storage; opens its external data file if it has one.
+    ///
+    /// # Errors
+    /// The specific [`Error`] for a bad header or table; I/O errors.
+    pub fn open(storage: Arc<dyn Storage>, writable: bool) -> Result<Qcow2> {
+        let path = storage.path().to_owned();
+        let qerr = |e: Error| crate::Error::Qcow2 {
+            path: path.clone(),
+            source: e,
+        };
+        let file_len = storage.size().ctx(&path)?;
+        let mut first = vec![0u8; 4096];
+        storage.read_at(&mut first, 0).ctx(&path)?;
+        let prelim = Header::parse(
+            &first[..first
+                .len()
+                .min(usize::try_from(file_len).unwrap_or(usize::MAX))],
+            file_len,
+        );
+        let cs = match &prelim {
+            Ok(h) => h.cluster_size(),
+            Err(Error::BadExtension(_))
+            | Err(Error::BadBackingName { .. })
+            | Err(Error::Truncated(_)) => {
+                // The header cluster is larger than the sample: read it whole and try again.
+                let bits = u32::from_be_bytes([first[20], first[21], first[22], first[23]]);
+                if (9..=21).contains(&bits) {
+                    1u64 << bits
+                } else {
+                    return Err(qerr(Error::BadClusterBits(bits)));
+                }
+            }
+            Err(_) => return Err(qerr(prelim.err().unwrap_or(Error::Truncated(file_len)))),
+        };
+        let avail = cs.min(file_len);
+        let mut buf = vec![0u8; usize::try_from(avail).unwrap_or(0)];
+        storage.read_at(&mut buf, 0).ctx(&path)?;
+        let h = Header::parse(&buf, file_len).map_err(&qerr)?;
+        let geo = Geometry::new(&h);
+        Self::validate(&h, &geo, file_len).map_err(&qerr)?;
+
+        if writable && h.incompatible & header::INCOMPAT_CORRUPT != 0 {
+            return Err(qerr(Error::MarkedCorrupt));
+        }
+        let mut files = vec![storage.clone()];
+        let mut data = 0;
+        if h.incompatible & header::INCOMPAT_DATA_FILE != 0 {
+            let name = h.data_file().ok_or_else(|| qerr(Error::MissingDataFile))?;
+            let dpath = crate::image::resolve_backing(&path, &name);
+            let ds: Arc<dyn Storage> = Arc::new(FileStorage::open(&dpath, writable).ctx(&dpath)?);
+            files.push(ds);
+            data = 1;
+        }
+
+        let l1 =
+            read_table(storage.as_ref(), h.l1_table_offset, u64::from(h.l1_size)).ctx(&path)?;
+        let rt_entries = u64::from(h.refcount_table_clusters) * cs / 8;
+        let reftable =
+            read_table(storage.as_ref(), h.refcount_table_offset, rt_entries).ctx(&path)?;
+        let end_hint = file_len.div_ceil(cs);
+        let state = State {
+            h,
+            l1,
+            reftable,
+            l2_cache: TableCache::new(L2_CACHE_BYTES),
+            rb_cache: TableCache::new(REFBLOCK_CACHE_BYTES),
+            free_hint: 0,
+            end_hint,
+        };
+        let size = state.h.size;
+        let q = Qcow2 {
+            files,
+            geo,
+            size,
+            writable,
+            data,
+            state: Mutex::new(state),
+        };
+        if writable {
+            q.open_for_writing()?;
+        }
+        Ok(q)
+    }
+
+    fn validate(h: &Header, geo: &Geometry, file_len: u64) -> Result<(), Error> {
+        let cs = geo.cluster_size;
+        let table = |what: &'static str, off: u64, bytes: u64| -> Result<(), Error> {
+            if off % cs != 0 {
+                return Err(Error::Misaligned { what, offset: off });
+            }
+            if off == 0 && bytes > 0 {
+                return Err(Error::OverlapsHeader { what, offset: off });
+            }
+            match off.checked_add(bytes) {
+                Some(end) if end <= file_len.max(off) && off < MAX_HOST_OFFSET => Ok(()),
+                _ => Err(Error::OutOfFile { what, offset: off }),
+            }
+        };
+        let l1_bytes = u64::from(h.l1_size) * 8;
+        if l1_bytes > MAX_L1_BYTES {
+            return Err(Error::L1TooLarge(h.l1_size));
+        }
+        let per_l2 = geo.l2_entries * cs;
+        let needed = h.size.div_ceil(per_l2);
+        if u64::from(h.l1_size) < needed {
+            return Err(Error::L1TooSmall {
+                l1_size: h.l1_size,
+                size: h.size,
+            });
+        }
+        if h.l1_size > 0 {
+            table("L1 table", h.l1_table_offset, l1_bytes)?;
+        }
+        let rt_bytes = u64::from(h.refcount_table_clusters) * cs;
+        if rt_bytes > MAX_REFTABLE_BYTES {
+            return Err(Error::RefcountTableTooLarge(h.refcount_table_clusters));
+        }
+        if h.refcount_table_clusters == 0 {
+            return Err(Error::OutOfFile {
+                what: "refcount table",
+                offset: h.refcount_table_offset,
+            });
+        }
+        table("refcount table", h.refcount_table_offset, rt_bytes)?;
+        if h.nb_snapshots > snapshot::MAX_SNAPSHOTS {
+            return Err(Error::TooManySnapshots(h.nb_snapshots));
+        }
+        if h.nb_snapshots > 0 {
+            table("snapshot table", h.snapshots_offset, 0)?;
+        }
+        if h.incompatible & header::INCOMPAT_DATA_FILE == 0
+            && h.autoclear & header::AUTOCLEAR_DATA_FILE_RAW != 0
+        {
+            // qemu ignores data_file_raw without a data file; so do we.
+        }
+        Ok(())
+    }
+
+    /// Header updates qemu makes when an image is opened read-write: clear autoclear bits for
+    /// extensions we do not maintain, and rebuild refcounts of a dirty image.
+    fn open_for_writing(&self) -> Result<()> {
+        let mut st = self.lock();
+        let keep = header::AUTOCLEAR_DATA_FILE_RAW;
+        if st.h.version == 3 && st.h.autoclear & !keep != 0 {
+            st.h.autoclear &= keep;
+            let v = st.h.autoclear.to_be_bytes();
+            self.file().write_at(&v, 88).ctx(self.file().path())?;
+            self.file().flush().ctx(self.file().path())?;
+        }
+        let dirty = st.h.incompatible & header::INCOMPAT_DIRTY != 0;
+        drop(st);
+        if dirty {
+            let report = self.check(crate::Repair::All)?;
+            if report.corruptions > 0 {
+                return Err(self.err(Error::DirtyInconsistent));
+            }
+            let mut st = self.lock();
+            st.h.incompatible &= !header::INCOMPAT_DIRTY;
+            let v = st.h.incompatible.to_be_bytes();
+            self.file().write_at(&v, 72).ctx(self.file().path())?;
+            self.file().flush().ctx(self.file().path())?;
+        }
+        Ok(())
+    }
+
+    /// The L2 entry for guest cluster index `gc` (None when no L2 table), with the L1 entry.
+    fn lookup(&self, st: &mut State, gc: u64) -> Result<Option<(Entry, u64)>> {
+        let l1i = gc / self.geo.l2_entries;
+        let l1e = match st.l1.get(usize::try_from(l1i).unwrap_or(usize::MAX)) {
+            Some(&e) => e,
+            None => return Ok(None),
+        };
+        let l2off = l1e & OFFSET_MASK;
+        if l2off == 0 {
+            return Ok(None);
+        }
+        let l2i = gc % self.geo.l2_entries;
+        let e = self.l2_entry(st, l2off, l2i)?;
+        Ok(Some((e, l1e)))
+    }
+
+    fn snapshot_list(&self) -> Result<Vec<snapshot::Snapshot>> {
+        let st = self.lock();
+        snapshot::read_table(self.file(), &st.h).map_err(|e| self.err(e))
+    }
+
+    /// Frees what an L2 entry references (the old mapping of a cluster being replaced).
+    fn release(&self, st: &mut State, e: &Entry, discard_host: bool) -> Result<()> {
+        if self.data != 0 {
+            return Ok(());
+        }
+        match e.kind(0) {
+            Kind::Compressed => {
+                let (host, len) = e.compressed(&self.geo);
+                let first = host & !(self.geo.cluster_size - 1);
+                let last = (host + len.max(1) - 1) & !(self.geo.cluster_size - 1);
+                let mut c = first;
+                while c <= last {
+                    self.update_refcount(st, c, -1, discard_host)?;
+                    c += self.geo.cluster_size;
+                }
+            }
+            _ => {
+                if let Some(h) = e.host() {
+                    self.update_refcount(st, h, -1, discard_host)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Zeroes (v3) or unallocates (v2, or discard) whole clusters or subclusters.
+    fn zero_or_discard(&self, offset: u64, len: u64, unmap: bool, discard: bool) -> Result<bool> {
+        let g = &self.geo;
+        let mut st = self.lock();
+        let has_backing = st.h.backing_file.is_some();
+        let v3 = g.version >= 3;
+        if !v3 && has_backing && !discard {
+            return Ok(false);
+        }
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let gc = pos >> g.cluster_bits;
+            let cstart = gc << g.cluster_bits;
+            let cend = cstart + g.cluster_size;
+            let s = pos - cstart;
+            let e = end.min(cend) - cstart;
+            let full = s == 0 && e == g.cluster_size;
+            let old = self.lookup(&mut st, gc)?;
+            let old_entry = old.map(|o| o.0).unwrap_or_default();
+            if old.is_none() && !has_backing && (discard || v3) && !g.extended_l2 {
+                // Unallocated with nothing below already reads as zeroes.
+                pos = cend.min(end);
+                continue;
+            }
+            let mut new = old_entry;
+            let mut release = false;
+            if g.extended_l2 {
+                let bits = l2::range_bits(g, s, e);
+                if full
+                    && (unmap
+                        || discard
+                        || !old_entry.copied()
+                        || old_entry.kind(0) == Kind::Compressed)
+                {
+                    release = old_entry.host().is_some() || old_entry.kind(0) == Kind::Compressed;
+                    new = Entry {
+                        word: 0,
+                        bitmap: if !v3 { 0 } else { 0xffff_ffff_u64 << 32 },
+                    };
+                } else if old_entry.kind(0) == Kind::Compressed {
+                    // Partial zeroing of a compressed cluster cannot be expressed: write zeroes.
+                    return Ok(false);
+                } else {
+                    new.bitmap = (old_entry.bitmap | (bits << 32)) & !bits;
+                }
+            } else if !v3 {
+                release = old_entry.host().is_some() || old_entry.kind(0) == Kind::Compressed;
+                new = Entry::default();
+            } else {
+                let keep =
+                    !unmap && !discard && old_entry.copied() && old_entry.kind(0) == Kind::Normal;
+                if keep {
+                    new = Entry {
+                        word: old_entry.word | ZERO_FLAG,
+                        bitmap: 0,
+                    };
+                } else {
+                    release = old_entry.host().is_some() || old_entry.kind(0) == Kind::Compressed;
+                    new = Entry {
+                        word: ZERO_FLAG,
+                        bitmap: 0,
+                    };
+                }
+            }
+            if new != old_entry {
+                let l2off = self.l2_for_write(&mut st, gc / g.l2_entries)?;
+                self.set_l2_entry(&mut st, l2off, gc % g.l2_entries, new)?;
+                if release {
+                    self.release(&mut st, &old_entry, unmap || discard)?;
+                }
+            }
+            pos = cend.min(end);
+        }
+        Ok(true)
+    }
+}
+
+/// Reads a table of big-endian u64 entries.
+fn read_table(s: &dyn Storage, offset: u64, entries: u64) -> std::io::Result<Vec<u64>> {
+    let bytes = usize::try_from(entries * 8)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
+    let mut buf = vec![0u8; bytes];
+    s.read_at(&mut buf, offset)?;
+    Ok(buf.chunks_exact(8).map(|c| be64_at(c, 0)).collect())
+}
+
+impl Driver for Qcow2 {
+    fn format(&self) -> Format {
+        Format::Qcow2
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn storage(&self, file: usize) -> &Arc<dyn Storage> {
+        &self.files[file.min(self.files.len() - 1)]
+    }
+
+    fn cluster_size(&self) -> Option<u64> {
+        Some(self.geo.cluster_size)
+    }
+
+    fn backing(&self) -> Option<BackingSpec> {
+        let st = self.lock();
+        st.h.backing_file.as_ref().map(|f| BackingSpec {
+            filename: f.clone(),
+            format: st.h.backing_format(),
+        })
+    }
+
+    fn dirty(&self) -> bool {
+        self.lock().h.incompatible & header::INCOMPAT_DIRTY != 0
+    }
+
+    fn specific(&self) -> FormatSpecific {
+        let st = self.lock();
+        let h = &st.h;
+        FormatSpecific::Qcow2(Qcow2Specific {
+            compat: if h.version >= 3 { "1.1" } else { "0.10" },
+            compression_type: h.compression.name(),
+            lazy_refcounts: h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0,
+            refcount_bits: 1 << h.refcount_order,
+            corrupt: h.incompatible & header::INCOMPAT_CORRUPT != 0,
+            extended_l2: h.extended_l2(),
+            data_file: if h.incompatible & header::INCOMPAT_DATA_FILE != 0 {
+                h.data_file()
+            } else {
+                None
+            },
+            data_file_raw: h.autoclear & header::AUTOCLEAR_DATA_FILE_RAW != 0,
+        })
+    }
+
+    fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        Ok(self
+            .snapshot_list()?
+            .iter()
+            .map(snapshot::Snapshot::info)
+            .collect())
+    }
+
+    fn snapshot_view(&self, name: &str) -> Result<Box<dyn Driver>> {
+        let snaps = self.snapshot_list()?;
+        let sn = snaps
+            .iter()
+            .find(|s| s.id == name)
+            .or_else(|| snaps.iter().find(|s| s.name == name))
+            .ok_or_else(|| crate::Error::NoSuchSnapshot {
+                path: self.file().path().to_owned(),
+                name: name.to_owned(),
+            })?;
+        let st = self.lock();
+        let mut h = st.h.clone();
+        drop(st);
+        if u64::from(sn.l1_size) * 8 > MAX_L1_BYTES {
+            return Err(self.err(Error::L1TooLarge(sn.l1_size)));
+        }
+        if sn.l1_offset % self.geo.cluster_size != 0 {
+            return Err(self.err(Error::Misaligned {
+                what: "snapshot L1 table",
+                offset: sn.l1_offset,
+            }));
+        }
+        let size = sn.disk_size.unwrap_or(self.size);
+        let needed = size.div_ceil(self.geo.l2_entries * self.geo.cluster_size);
+        if u64::from(sn.l1_size) < needed {
+            return Err(self.err(Error::L1TooSmall {
+                l1_size: sn.l1_size,
+                size,
+            }));
+        }
+        let l1 =
+            read_table(self.file(), sn.l1_offset, u64::from(sn.l1_size)).ctx(self.file().path())?;
+        h.size = size;
+        h.l1_size = sn.l1_size;
+        h.l1_table_offset = sn.l1_offset;
+        let st = State {
+            h,
+            l1,
+            reftable: Vec::new(),
+            l2_cache: TableCache::new(L2_CACHE_BYTES),
+            rb_cache: TableCache::new(0),
+            free_hint: 0,
+            end_hint: 0,
+        };
+        Ok(Box::new(Qcow2 {
+            files: self.files.clone(),
+            geo: self.geo,
+            size,
+            writable: false,
+            data: self.data,
+            state: Mutex::new(st),
+        }))
+    }
+
+    fn map(&self, offset: u64, len: u64) -> Result<(Mapping, u64)> {
+        if offset >= self.size {
+            return Ok((Mapping::Eof, len.max(1)));
+        }
+        let g = &self.geo;
+        let len = len.min(self.size - offset).max(1);
+        let mut st = self.lock();
+        let gc = offset >> g.cluster_bits;
+        let l1i = gc / g.l2_entries;
+        let table_end = ((l1i + 1) * g.l2_entries) << g.cluster_bits;
+        let limit = (offset + len).min(table_end);
+        let l1e = st
+            .l1
+            .get(usize::try_from(l1i).unwrap_or(usize::MAX))
+            .copied()
+            .unwrap_or(0);
+        let l2off = l1e & OFFSET_MASK;
+        if l2off == 0 {
+            return Ok((Mapping::Unallocated, limit - offset));
+        }
+        if l2off % g.cluster_size != 0 {
+            return Err(self.err(Error::Misaligned {
+                what: "L2 table",
+                offset: l2off,
+            }));
+        }
+        let l1_copied = l1e & COPIED != 0;
+        // First granule decides the kind; following granules extend it while they match.
+        let first = self.granule(&mut st, offset, l1_copied)?;
+        let mut end = first.end;
+        while end < limit {
+            let next = self.granule(&mut st, end, l1_copied)?;
+            if !first.continues_with(&next, end - offset) {
+                break;
+            }
+            end = next.end;
+        }
+        let n = end.min(limit) - offset;
+        Ok((first.mapping, n))
+    }
+
+    fn read_compressed(&self, c: &CompressedRef, out: &mut [u8]) -> Result<()> {
+        let ctype = self.lock().h.compression;
+        let len =
+            usize::try_from(c.len).map_err(|_| self.err(Error::BadCompressedData(c.host.0)))?;
+        let mut input = vec![0u8; len];
+        self.file()
+            .read_at(&mut input, c.host.0)
+            .ctx(self.file().path())?;
+        compress::decompress(ctype, &input, out)
+            .map_err(|_| self.err(Error::BadCompressedData(c.host.0)))
+    }
+
+    fn cow_granularity(&self) -> u64 {
+        self.geo.subcluster_size
+    }
+
+    fn cow_area(&self, offset: u64, len: u64) -> Result<(u64, u64)> {
+        let g = &self.geo;
+        let end = offset + len;
+        let mut a = offset / g.subcluster_size * g.subcluster_size;
+        let mut b = end.div_ceil(g.subcluster_size) * g.subcluster_size;
+        if g.extended_l2 {
+            // A cluster whose host cluster is replaced must be copied whole.
+            let mut st = self.lock();
+            if self.replaces_host(&mut st, a >> g.cluster_bits)? {
+                a = a >> g.cluster_bits << g.cluster_bits;
+            }
+            let lc = (b - 1) >> g.cluster_bits;
+            if self.replaces_host(&mut st, lc)? {
+                b = (lc + 1) << g.cluster_bits;
+            }
+        }
+        Ok((a, b))
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> Result<Vec<HostExtent>> {
+        if !self.writable {
+            return Err(crate::Error::ReadOnly {
+                path: self.file().path().to_owned(),
+            });
+        }
+        let g = self.geo;
+        let mut st = self.lock();
+        let end = offset + len;
+        let mut out: Vec<HostExtent> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let gc = pos >> g.cluster_bits;
+            let cstart = gc << g.cluster_bits;
+            let piece_end = end.min(cstart + g.cluster_size);
+            let host_cluster = if self.data != 0 {
+                cstart
+            } else {
+                match self.reusable_host(&mut st, gc)? {
+                    Some(h) => h,
+                    None => {
+                        // Allocate a run for this and the following clusters that need one.
+                        let mut n = 1;
+                        let last = (end - 1) >> g.cluster_bits;
+                        while gc + n <= last
+                            && self.reusable_host(&mut st, gc + n)?.is_none()
+                            && n < 4096
+                        {
+                            n += 1;
+                        }
+                        let host = self.alloc_clusters(&mut st, n)?;
+                        for i in 0..n {
+                            let c = gc + i;
+                            let cs = c << g.cluster_bits;
+                            let s = pos.max(cs);
+                            let e = end.min(cs + g.cluster_size);
+                            push_extent(
+                                &mut out,
+                                s,
+                                e - s,
+                                self.data,
+                                host + (i << g.cluster_bits) + (s - cs),
+                            );
+                        }
+                        pos = end.min((gc + n) << g.cluster_bits);
+                        continue;
+                    }
+                }
+            };
+            push_extent(
+                &mut out,
+                pos,
+                piece_end - pos,
+                self.data,
+                host_cluster + (pos - cstart),
+            );
+            pos = piece_end;
+        }
+        Ok(out)
+    }
+
+    fn commit(&self, extents: &[HostExtent]) -> Result<()> {
+        let g = self.geo;
+        let mut st = self.lock();
+        for ext in extents {
+            let end = ext.guest + ext.len;
+            let mut pos = ext.guest;
+            while pos < end {
+                let gc = pos >> g.cluster_bits;
+                let cstart = gc << g.cluster_bits;
+                let pend = end.min(cstart + g.cluster_size);
+                // Within a cluster the host offset moves with the guest offset.
+                let host_cluster = ext.host.0 + (pos - ext.guest) - (pos - cstart);
+                let old = self.lookup(&mut st, gc)?.map(|o| o.0).unwrap_or_default();
+                let mut new = Entry {
+                    word: host_cluster | COPIED,
+                    bitmap: 0,
+                };
+                if g.extended_l2 {
+                    let bits = l2::range_bits(&g, pos - cstart, pend - cstart);
+                    let same_host =
+                        old.host() == Some(host_cluster) && old.kind(0) != Kind::Compressed;
+                    let prev = if same_host || old.host().is_none() {
+                        old.bitmap
+                    } else {
+                        0
+                    };
+                    let alloc = (prev & 0xffff_ffff) | bits;
+                    let zero = (prev >> 32) & !bits;
+                    new.bitmap = alloc | (zero << 32);
+                }
+                let l2off = self.l2_for_write(&mut st, gc / g.l2_entries)?;
+                self.set_l2_entry(&mut st, l2off, gc % g.l2_entries, new)?;
+                let replaced = match old.kind(0) {
+                    Kind::Compressed => true,
+                    _ => old.host().is_some_and(|h| h != host_cluster),
+                };
+                if replaced {
+                    self.release(&mut st, &old, false)?;
+                }
+                pos = pend;
+            }
+        }
+        Ok(())
+    }
+
+    fn zero(&self, offset: u64, len: u64, unmap: bool) -> Result<bool> {
+        if !self.writable {
+            return Err(crate::Error::ReadOnly {
+                path: self.file().path().to_owned(),
+            });
+        }
+        self.zero_or_discard(offset, len, unmap, false)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        if !self.writable {
+            return Err(crate::Error::ReadOnly {
+                path: self.file().path().to_owned(),
+            });
+        }
+        self.zero_or_discard(offset, len, true, true).map(|_| ())
+    }
+
+    fn check(&self, repair: crate::Repair) -> Result<crate::CheckReport> {
+        check::check(self, repair)
+    }
+
+    fn flush(&self) -> Result<()> {
+        for f in &self.files {
+            f.flush().ctx(f.path())?;
+        }
+        Ok(())
+    }
+}
+
+/// Appends an extent, merging it with the previous one when both sides are contiguous.
+fn push_extent(out: &mut Vec<HostExtent>, guest: u64, len: u64, file: usize, host: u64) {
+    if let Some(last) = out.last_mut() {
+        if last.file == file && last.guest + last.len == guest && last.host.0 + last.len == host {
+            last.len += len;
+            return;
+        }
+    }
+    out.push(HostExtent {
+        guest,
+        len,
+        file,
+        host: HostOffset(host),
+    });
+}

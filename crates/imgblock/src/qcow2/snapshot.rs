@@ -1,0 +1,134 @@
+//! The internal snapshot table (qcow2.rst, "Snapshots").
+
+use super::header::Header;
+use super::Error;
+use crate::driver::SnapshotInfo;
+use crate::storage::Storage;
+
+/// Most snapshots qemu allows.
+pub const MAX_SNAPSHOTS: u32 = 65536;
+/// Largest snapshot table qemu reads (64 MiB).
+pub const MAX_TABLE_BYTES: u64 = 64 << 20;
+/// Largest extra-data area per entry qemu accepts.
+pub const MAX_EXTRA_DATA: u32 = 1024;
+
+/// One snapshot table entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Offset of the snapshot's L1 table.
+    pub l1_offset: u64,
+    /// Entries in it.
+    pub l1_size: u32,
+    /// Unique ID string.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Creation time, seconds.
+    pub date_sec: u32,
+    /// Creation time, nanoseconds.
+    pub date_nsec: u32,
+    /// Guest clock.
+    pub vm_clock_nsec: u64,
+    /// VM state size (the 64-bit field from extra data when present).
+    pub vm_state_size: u64,
+    /// Virtual disk size at snapshot time (extra data, v3).
+    pub disk_size: Option<u64>,
+    /// Instruction count (extra data).
+    pub icount: Option<u64>,
+}
+
+impl Snapshot {
+    /// The listing form.
+    pub fn info(&self) -> SnapshotInfo {
+        SnapshotInfo {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            vm_state_size: self.vm_state_size,
+            date_sec: self.date_sec,
+            date_nsec: self.date_nsec,
+            vm_clock_nsec: self.vm_clock_nsec,
+            icount: self.icount,
+            disk_size: self.disk_size,
+        }
+    }
+}
+
+fn take<'a>(buf: &'a [u8], pos: &mut usize, n: usize) -> Result<&'a [u8], Error> {
+    let end = pos
+        .checked_add(n)
+        .filter(|&e| e <= buf.len())
+        .ok_or(Error::BadSnapshotTable("entry past the end"))?;
+    let s = &buf[*pos..end];
+    *pos = end;
+    Ok(s)
+}
+
+fn u16_at(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+fn u32_at(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// Reads all entries of the snapshot table.
+///
+/// # Errors
+/// When the table is truncated, too large, or its strings are not UTF-8.
+pub fn read_table(file: &dyn Storage, h: &Header) -> Result<Vec<Snapshot>, Error> {
+    if h.nb_snapshots == 0 {
+        return Ok(Vec::new());
+    }
+    if h.nb_snapshots > MAX_SNAPSHOTS {
+        return Err(Error::TooManySnapshots(h.nb_snapshots));
+    }
+    let file_len = file
+        .size()
+        .map_err(|_| Error::BadSnapshotTable("cannot read the table"))?;
+    // Read in growing chunks so a lying header cannot make us allocate more than the file holds.
+    let avail = file_len
+        .saturating_sub(h.snapshots_offset)
+        .min(MAX_TABLE_BYTES);
+    let mut buf = vec![0u8; usize::try_from(avail).unwrap_or(0)];
+    file.read_at(&mut buf, h.snapshots_offset)
+        .map_err(|_| Error::BadSnapshotTable("cannot read the table"))?;
+    let mut pos = 0usize;
+    let mut out = Vec::new();
+    for _ in 0..h.nb_snapshots {
+        let fixed = take(&buf, &mut pos, 40)?;
+        let l1_offset = super::be64_at(fixed, 0);
+        let l1_size = u32_at(&fixed[8..]);
+        let id_len = usize::from(u16_at(&fixed[12..]));
+        let name_len = usize::from(u16_at(&fixed[14..]));
+        let date_sec = u32_at(&fixed[16..]);
+        let date_nsec = u32_at(&fixed[20..]);
+        let vm_clock_nsec = super::be64_at(fixed, 24);
+        let vm_state_size32 = u32_at(&fixed[32..]);
+        let extra_size = u32_at(&fixed[36..]);
+        if extra_size > MAX_EXTRA_DATA {
+            return Err(Error::BadSnapshotTable("extra data too large"));
+        }
+        let extra = take(&buf, &mut pos, extra_size as usize)?;
+        let field = |o: usize| (extra.len() >= o + 8).then(|| super::be64_at(extra, o));
+        let vm_state_size = field(0).unwrap_or(u64::from(vm_state_size32));
+        let disk_size = field(8);
+        let icount = field(16).filter(|&v| v != u64::MAX);
+        let id = String::from_utf8(take(&buf, &mut pos, id_len)?.to_vec())
+            .map_err(|_| Error::BadSnapshotTable("ID is not UTF-8"))?;
+        let name = String::from_utf8(take(&buf, &mut pos, name_len)?.to_vec())
+            .map_err(|_| Error::BadSnapshotTable("name is not UTF-8"))?;
+        pos = pos.div_ceil(8) * 8;
+        out.push(Snapshot {
+            l1_offset,
+            l1_size,
+            id,
+            name,
+            date_sec,
+            date_nsec,
+            vm_clock_nsec,
+            vm_state_size,
+            disk_size,
+            icount,
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,318 @@
+//! The host-storage layer: the file an image lives in.
+//!
+//! Format drivers never touch `std::fs` directly; they see a [`Storage`], which a test can replace
+//! with one that fails at chosen points.
+
+use std::fmt::Debug;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// Positional I/O on one host file. Implementations are safe to call from several threads.
+pub trait Storage: Send + Sync + Debug {
+    /// The path this storage was opened from, for error messages.
+    fn path(&self) -> &Path;
+    /// Fills `buf` from `offset`; bytes past the end of the file read as zeroes.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, growing the file if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes `len` bytes at `offset` read as zeroes; may deallocate them when `unmap` is set.
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+    /// Deallocates a range (punches a hole); the range reads as zeroes afterwards.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Makes all completed writes durable.
+    fn flush(&self) -> io::Result<()>;
+    /// The current length of the file.
+    fn size(&self) -> io::Result<u64>;
+    /// Truncates or extends the file.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Allocates space for a range without changing what it reads as (`fallocate`).
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Whether `offset` starts data or a hole, and for how many bytes (at most `len`).
+    /// Storage without hole information reports everything as data.
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        let _ = offset;
+        Ok((true, len))
+    }
+    /// Bytes actually allocated on the host, for `info`'s actual-size.
+    fn allocated_size(&self) -> io::Result<u64> {
+        self.size()
+    }
+    /// Whether writes are refused.
+    fn read_only(&self) -> bool;
+}
+
+/// A [`Storage`] over a regular file or block device.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    path: PathBuf,
+    read_only: bool,
+}
+
+impl FileStorage {
+    /// Opens an existing file.
+    ///
+    /// # Errors
+    /// Whatever `open(2)` returns.
+    pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        Ok(FileStorage {
+            file,
+            path: path.to_owned(),
+            read_only: !writable,
+        })
+    }
+
+    /// Creates (or truncates) a file for writing.
+    ///
+    /// # Errors
+    /// Whatever `open(2)` returns.
+    pub fn create(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(path)?;
+        Ok(FileStorage {
+            file,
+            path: path.to_owned(),
+            read_only: false,
+        })
+    }
+
+    /// The underlying file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.read_only {
+            Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "image is opened read-only",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let len =
+            libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: fallocate takes a valid open descriptor and plain integers; it touches no memory.
+        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, len) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    fn seek(&self, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: lseek takes a valid open descriptor and plain integers; it touches no memory.
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                return Ok(None);
+            }
+            return Err(e);
+        }
+        Ok(Some(r.unsigned_abs()))
+    }
+}
+
+/// Writes zeroes from a shared zero buffer; the fallback when the host cannot punch or zero.
+pub(crate) fn write_zero_buffers(s: &dyn Storage, mut offset: u64, mut len: u64) -> io::Result<()> {
+    const CHUNK: usize = 1 << 20;
+    let zeroes = vec![0u8; CHUNK];
+    while len > 0 {
+        let n = len.min(CHUNK as u64);
+        // n <= CHUNK, which fits usize.
+        s.write_at(&zeroes[..usize::try_from(n).unwrap_or(CHUNK)], offset)?;
+        offset += n;
+        len -= n;
+    }
+    Ok(())
+}
+
+impl Storage for FileStorage {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    return Ok(());
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check_writable()?;
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset.checked_add(len).ok_or(io::ErrorKind::InvalidInput)?;
+        let size = self.size()?;
+        if unmap
+            && self
+                .fallocate(
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset,
+                    len,
+                )
+                .is_ok()
+        {
+            if end > size {
+                self.file.set_len(end)?;
+            }
+            return Ok(());
+        }
+        if self
+            .fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len)
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if offset >= size {
+            // Past the end: extending the file is enough.
+            return self.file.set_len(end);
+        }
+        write_zero_buffers(self, offset, len)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        // A filesystem without hole punching simply keeps the data: discard is advisory.
+        let _ = self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        );
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file.sync_data()
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.check_writable()?;
+        self.file.set_len(len)
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.fallocate(0, offset, len)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        let size = self.size()?;
+        if offset >= size {
+            return Ok((false, len));
+        }
+        let limit = len.min(size - offset);
+        let data = match self.seek(offset, libc::SEEK_DATA) {
+            Ok(Some(d)) => d,
+            Ok(None) => return Ok((false, len)),
+            // No hole information: everything is data.
+            Err(_) => return Ok((true, limit)),
+        };
+        if data > offset {
+            return Ok((false, (data - offset).min(len)));
+        }
+        let hole = self.seek(offset, libc::SEEK_HOLE)?.unwrap_or(size);
+        Ok((true, hole.saturating_sub(offset).min(limit).max(1)))
+    }
+
+    fn allocated_size(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.file.metadata()?.blocks() * 512)
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_past_end_returns_zeroes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let s = FileStorage::create(&p).unwrap();
+        s.write_at(&[1, 2, 3], 0).unwrap();
+        let mut buf = [9u8; 6];
+        s.read_at(&mut buf, 1).unwrap();
+        assert_eq!(buf, [2, 3, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn block_status_sees_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let s = FileStorage::create(&p).unwrap();
+        s.set_len(8 << 20).unwrap();
+        s.write_at(&[1u8; 4096], 4 << 20).unwrap();
+        let (data, n) = s.block_status(0, 8 << 20).unwrap();
+        assert!(!data);
+        assert!(n > 0 && n <= 4 << 20);
+        let (data, n) = s.block_status(4 << 20, 8 << 20).unwrap();
+        assert!(data);
+        assert!(n >= 4096);
+    }
+
+    #[test]
+    fn write_zeroes_reads_back_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let s = FileStorage::create(&p).unwrap();
+        s.write_at(&[7u8; 8192], 0).unwrap();
+        s.write_zeroes(100, 5000, true).unwrap();
+        let mut buf = [1u8; 8192];
+        s.read_at(&mut buf, 0).unwrap();
+        assert!(buf[..100].iter().all(|&b| b == 7));
+        assert!(buf[100..5100].iter().all(|&b| b == 0));
+        assert!(buf[5100..].iter().all(|&b| b == 7));
+    }
+}
