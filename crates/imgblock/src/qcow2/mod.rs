@@ -783,3 +783,159 @@ fn push_extent(out: &mut Vec<HostExtent>, guest: u64, len: u64, file: usize, hos
         host: HostOffset(host),
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{create, CreateOptions, Image, OpenOptions};
+
+    /// A fresh 1 MiB image's bytes with one field changed, opened read-only.
+    fn open_patched(patch: impl FnOnce(&mut Vec<u8>)) -> crate::Result<Image> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.qcow2");
+        create(&p, Format::Qcow2, &CreateOptions::new(1 << 20)).unwrap();
+        let mut b = std::fs::read(&p).unwrap();
+        patch(&mut b);
+        std::fs::write(&p, &b).unwrap();
+        Image::open(&p, &OpenOptions::read_only())
+    }
+
+    fn qcow2_err(r: crate::Result<Image>) -> Error {
+        match r {
+            Err(crate::Error::Qcow2 { source, .. }) => source,
+            other => panic!("expected a qcow2 error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn open_unpatched_image_succeeds() {
+        assert!(open_patched(|_| {}).is_ok());
+    }
+
+    #[test]
+    fn open_l1_past_end_of_file_is_out_of_file() {
+        let e = qcow2_err(open_patched(|b| {
+            b[40..48].copy_from_slice(&(1u64 << 40).to_be_bytes())
+        }));
+        assert!(
+            matches!(
+                e,
+                Error::OutOfFile {
+                    what: "L1 table",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn open_misaligned_refcount_table_is_misaligned() {
+        let e = qcow2_err(open_patched(|b| {
+            b[48..56].copy_from_slice(&0x10200u64.to_be_bytes())
+        }));
+        assert!(
+            matches!(
+                e,
+                Error::Misaligned {
+                    what: "refcount table",
+                    offset: 0x10200
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn open_l1_too_small_for_size_is_refused() {
+        let e = qcow2_err(open_patched(|b| {
+            b[24..32].copy_from_slice(&(1u64 << 40).to_be_bytes())
+        }));
+        assert!(matches!(e, Error::L1TooSmall { .. }), "{e}");
+    }
+
+    #[test]
+    fn open_huge_l1_size_is_refused_before_allocating() {
+        let e = qcow2_err(open_patched(|b| {
+            b[36..40].copy_from_slice(&u32::MAX.to_be_bytes())
+        }));
+        assert!(matches!(e, Error::L1TooLarge(u32::MAX)), "{e}");
+    }
+
+    #[test]
+    fn open_huge_refcount_table_is_refused() {
+        let e = qcow2_err(open_patched(|b| {
+            b[56..60].copy_from_slice(&100_000u32.to_be_bytes())
+        }));
+        assert!(matches!(e, Error::RefcountTableTooLarge(100_000)), "{e}");
+    }
+
+    #[test]
+    fn open_l1_in_header_cluster_is_refused() {
+        let e = qcow2_err(open_patched(|b| {
+            b[40..48].copy_from_slice(&0u64.to_be_bytes())
+        }));
+        assert!(matches!(e, Error::OverlapsHeader { .. }), "{e}");
+    }
+
+    #[test]
+    fn open_too_many_snapshots_is_refused() {
+        let e = qcow2_err(open_patched(|b| {
+            b[60..64].copy_from_slice(&u32::MAX.to_be_bytes())
+        }));
+        assert!(matches!(e, Error::TooManySnapshots(_)), "{e}");
+    }
+
+    #[test]
+    fn open_truncated_file_is_truncated() {
+        let e = qcow2_err(open_patched(|b| b.truncate(40)));
+        assert!(matches!(e, Error::Truncated(40)), "{e}");
+    }
+
+    #[test]
+    fn open_corrupt_bit_refuses_writing_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.qcow2");
+        create(&p, Format::Qcow2, &CreateOptions::new(1 << 20)).unwrap();
+        let mut b = std::fs::read(&p).unwrap();
+        b[79] |= 2;
+        std::fs::write(&p, &b).unwrap();
+        assert!(Image::open(&p, &OpenOptions::read_only()).is_ok());
+        match Image::open(&p, &OpenOptions::writable()) {
+            Err(crate::Error::Qcow2 {
+                source: Error::MarkedCorrupt,
+                ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn misaligned_l2_entry_read_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.qcow2");
+        create(&p, Format::Qcow2, &CreateOptions::new(1 << 20)).unwrap();
+        {
+            let img = Image::open(&p, &OpenOptions::writable()).unwrap();
+            img.write_at(&[1u8; 512], 0).unwrap();
+        }
+        // Point the first L2 entry at an unaligned host offset.
+        let mut b = std::fs::read(&p).unwrap();
+        let l1 = usize::try_from(be64_at(&b, 40)).unwrap();
+        let l2 = usize::try_from(be64_at(&b, l1) & OFFSET_MASK).unwrap();
+        b[l2..l2 + 8].copy_from_slice(&(COPIED | 0x10200).to_be_bytes());
+        std::fs::write(&p, &b).unwrap();
+        let img = Image::open(&p, &OpenOptions::read_only()).unwrap();
+        let mut buf = [0u8; 512];
+        assert!(matches!(
+            img.read_at(&mut buf, 0),
+            Err(crate::Error::Qcow2 {
+                source: Error::Misaligned {
+                    what: "data cluster",
+                    ..
+                },
+                ..
+            })
+        ));
+    }
+}
