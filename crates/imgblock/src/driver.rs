@@ -211,6 +211,23 @@ pub trait Driver: Send + Sync + Debug {
     /// # Errors
     /// When metadata cannot be written.
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
+    /// Compresses one guest cluster for [`Driver::write_compressed`]; `None` when the format
+    /// cannot store compressed clusters or the data does not shrink. Pure: callable from workers.
+    fn compress_cluster(&self, data: &[u8]) -> Option<Vec<u8>> {
+        let _ = data;
+        None
+    }
+    /// Stores a cluster that [`Driver::compress_cluster`] compressed, at a cluster-aligned offset.
+    ///
+    /// # Errors
+    /// When the format has no compression, or metadata cannot be written.
+    fn write_compressed(&self, offset: u64, compressed: &[u8]) -> Result<()> {
+        let _ = (offset, compressed);
+        Err(crate::Error::Unsupported {
+            path: self.storage(0).path().to_owned(),
+            what: "this format cannot store compressed clusters".into(),
+        })
+    }
     /// Checks metadata consistency and optionally repairs it.
     ///
     /// # Errors

@@ -415,6 +415,36 @@ impl Image {
         Ok(())
     }
 
+    /// Compresses one cluster for [`Image::write_compressed`] (pads a short last cluster with
+    /// zeroes). Pure, so convert can run it on worker threads. `None` when it does not shrink.
+    pub fn compress_cluster(&self, data: &[u8]) -> Option<Vec<u8>> {
+        let cs = usize::try_from(self.driver.cluster_size()?).ok()?;
+        if data.len() < cs {
+            let mut padded = data.to_vec();
+            padded.resize(cs, 0);
+            return self.driver.compress_cluster(&padded);
+        }
+        self.driver.compress_cluster(data)
+    }
+
+    /// Writes one cluster at a cluster-aligned `offset`, compressed when `compressed` (from
+    /// [`Image::compress_cluster`]) is given, otherwise as plain data — as qemu stores clusters
+    /// that do not shrink.
+    ///
+    /// # Errors
+    /// When the range is past the end, the image is read-only, or I/O fails.
+    pub fn write_cluster(&self, offset: u64, data: &[u8], compressed: Option<&[u8]>) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, data.len() as u64)?;
+        match compressed {
+            Some(c) => {
+                let _guard = self.alloc_lock.lock().unwrap_or_else(|e| e.into_inner());
+                self.driver.write_compressed(offset, c)
+            }
+            None => self.write_at(data, offset),
+        }
+    }
+
     /// Makes a range read as zeroes, through metadata where the format can.
     ///
     /// # Errors

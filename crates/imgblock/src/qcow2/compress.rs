@@ -40,6 +40,28 @@ pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> std::i
     }
 }
 
+/// Compresses one cluster the way qemu does: raw deflate with a 4 KiB window (qemu inflates with
+/// windowBits -12, so a larger window would make images qemu cannot read), or one zstd frame.
+/// Returns `None` when the result would not be smaller than `limit` bytes; the caller then
+/// stores the cluster uncompressed, as qemu does.
+pub fn compress(kind: CompressionType, input: &[u8], limit: usize) -> Option<Vec<u8>> {
+    match kind {
+        CompressionType::Zlib => {
+            let mut c =
+                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+            let mut out = Vec::with_capacity(limit);
+            match c.compress_vec(input, &mut out, flate2::FlushCompress::Finish) {
+                Ok(flate2::Status::StreamEnd) if out.len() < limit => Some(out),
+                _ => None,
+            }
+        }
+        CompressionType::Zstd => {
+            let out = zstd::bulk::compress(input, zstd::DEFAULT_COMPRESSION_LEVEL).ok()?;
+            (out.len() < limit).then_some(out)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,6 +87,27 @@ mod tests {
         let mut out = vec![0u8; 4096];
         decompress(CompressionType::Zstd, &c, &mut out).unwrap();
         assert_eq!(out, data);
+    }
+
+    #[test]
+    fn compress_round_trips_and_refuses_incompressible() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i / 7 % 13) as u8).collect();
+        for kind in [CompressionType::Zlib, CompressionType::Zstd] {
+            let c = compress(kind, &data, 65535).unwrap();
+            let mut out = vec![0u8; 65536];
+            decompress(kind, &c, &mut out).unwrap();
+            assert_eq!(out, data);
+        }
+        let mut x = 0x1234_5678u32;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x.to_le_bytes()[0]
+            })
+            .collect();
+        assert!(compress(CompressionType::Zlib, &noise, 4095).is_none());
     }
 
     #[test]

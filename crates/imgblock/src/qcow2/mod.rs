@@ -112,6 +112,9 @@ pub(crate) struct State {
     pub free_hint: u64,
     /// One past the highest cluster index that may be in use.
     pub end_hint: u64,
+    /// Where the next compressed cluster may go, sharing a host cluster with the previous one
+    /// (0: start a new cluster).
+    pub compressed_cursor: u64,
 }
 
 /// A qcow2 image.
@@ -216,6 +219,7 @@ impl Qcow2 {
             rb_cache: TableCache::new(REFBLOCK_CACHE_BYTES),
             free_hint: 0,
             end_hint,
+            compressed_cursor: 0,
         };
         let size = state.h.size;
         let q = Qcow2 {
@@ -545,6 +549,7 @@ impl Driver for Qcow2 {
             rb_cache: TableCache::new(0),
             free_hint: 0,
             end_hint: 0,
+            compressed_cursor: 0,
         };
         Ok(Box::new(Qcow2 {
             files: self.files.clone(),
@@ -754,6 +759,51 @@ impl Driver for Qcow2 {
             });
         }
         self.zero_or_discard(offset, len, true, true).map(|_| ())
+    }
+
+    fn compress_cluster(&self, data: &[u8]) -> Option<Vec<u8>> {
+        if self.data != 0 || data.len() as u64 != self.geo.cluster_size {
+            return None;
+        }
+        let kind = self.lock().h.compression;
+        // qemu stores a cluster compressed only when it fits in cluster_size - 1 bytes.
+        compress::compress(kind, data, data.len() - 1)
+    }
+
+    fn write_compressed(&self, offset: u64, compressed: &[u8]) -> Result<()> {
+        if !self.writable {
+            return Err(crate::Error::ReadOnly {
+                path: self.file().path().to_owned(),
+            });
+        }
+        let g = self.geo;
+        let len = compressed.len() as u64;
+        if offset % g.cluster_size != 0 || len == 0 || len >= g.cluster_size || self.data != 0 {
+            return Err(crate::Error::Unsupported {
+                path: self.file().path().to_owned(),
+                what: "compressed write of a misaligned or oversized cluster".into(),
+            });
+        }
+        let mut st = self.lock();
+        let host = self.alloc_compressed_bytes(&mut st, len)?;
+        self.file()
+            .write_at(compressed, host)
+            .ctx(self.file().path())?;
+        let sectors = ((host + len - 1) >> 9) - (host >> 9);
+        let word = COMPRESSED | (sectors << g.csize_shift) | host;
+        let gc = offset >> g.cluster_bits;
+        let old = self.lookup(&mut st, gc)?.map(|o| o.0).unwrap_or_default();
+        let l2off = self.l2_for_write(&mut st, gc / g.l2_entries)?;
+        self.set_l2_entry(
+            &mut st,
+            l2off,
+            gc % g.l2_entries,
+            l2::Entry { word, bitmap: 0 },
+        )?;
+        if old.host().is_some() || old.kind(0) == Kind::Compressed {
+            self.release(&mut st, &old, false)?;
+        }
+        Ok(())
     }
 
     fn check(&self, repair: crate::Repair) -> Result<crate::CheckReport> {

@@ -119,6 +119,10 @@ impl Qcow2 {
             .ctx(self.file().path())?;
         if v == 0 {
             st.free_hint = st.free_hint.min(c);
+            // A freed cluster can be reused for anything: stop packing compressed data into it.
+            if st.compressed_cursor >> self.geo.cluster_bits == c {
+                st.compressed_cursor = 0;
+            }
         }
         Ok(())
     }
@@ -253,6 +257,40 @@ impl Qcow2 {
             st.end_hint = st.end_hint.max(c + n);
             return Ok(c << self.geo.cluster_bits);
         }
+    }
+
+    /// Finds room for `len` bytes of compressed data, packed after the previous compressed cluster
+    /// when it fits (spilling into the following clusters when they are free, as qemu does).
+    /// Every host cluster the bytes touch gains one reference.
+    pub(super) fn alloc_compressed_bytes(&self, st: &mut State, len: u64) -> Result<u64> {
+        let g = self.geo;
+        let cur = st.compressed_cursor;
+        if cur % g.cluster_size != 0 {
+            let first = cur >> g.cluster_bits;
+            let last = (cur + len - 1) >> g.cluster_bits;
+            let mut extra_free = true;
+            for c in first + 1..=last {
+                if self.refcount(st, c)? != 0 {
+                    extra_free = false;
+                }
+            }
+            if extra_free && !self.ensure_refblocks(st, first, last - first + 1)? {
+                let rc = self.refcount(st, first)?;
+                if rc > 0 && rc < self.max_refcount() {
+                    self.set_refcount(st, first, rc + 1)?;
+                    for c in first + 1..=last {
+                        self.set_refcount(st, c, 1)?;
+                    }
+                    st.end_hint = st.end_hint.max(last + 1);
+                    st.compressed_cursor = cur + len;
+                    return Ok(cur);
+                }
+            }
+        }
+        let n = len.div_ceil(g.cluster_size);
+        let host = self.alloc_clusters(st, n)?;
+        st.compressed_cursor = host + len;
+        Ok(host)
     }
 
     /// Replaces the refcount table with a larger one that has an entry for block `min_index`,
