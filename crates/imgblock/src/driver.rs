@@ -228,6 +228,37 @@ pub trait Driver: Send + Sync + Debug {
             what: "this format cannot store compressed clusters".into(),
         })
     }
+    /// Creates an internal snapshot named `name` dated `(seconds, nanoseconds)`.
+    ///
+    /// # Errors
+    /// When the format has no internal snapshots, the name is taken, or I/O fails.
+    fn snapshot_create(&self, name: &str, date: (u32, u32)) -> Result<()> {
+        let _ = (name, date);
+        Err(self.unsupported("internal snapshots"))
+    }
+    /// Reverts to the internal snapshot with this ID or name.
+    ///
+    /// # Errors
+    /// When the format has no internal snapshots, there is no such snapshot, or I/O fails.
+    fn snapshot_apply(&self, name: &str) -> Result<()> {
+        let _ = name;
+        Err(self.unsupported("internal snapshots"))
+    }
+    /// Deletes the internal snapshot with this ID or name.
+    ///
+    /// # Errors
+    /// When the format has no internal snapshots, there is no such snapshot, or I/O fails.
+    fn snapshot_delete(&self, name: &str) -> Result<()> {
+        let _ = name;
+        Err(self.unsupported("internal snapshots"))
+    }
+    /// The error for an operation this format does not offer.
+    fn unsupported(&self, what: &str) -> crate::Error {
+        crate::Error::Unsupported {
+            path: self.storage(0).path().to_owned(),
+            what: format!("this image format does not support {what}"),
+        }
+    }
     /// Checks metadata consistency and optionally repairs it.
     ///
     /// # Errors

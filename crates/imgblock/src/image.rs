@@ -617,6 +617,38 @@ impl Image {
         self.driver.check(repair)
     }
 
+    /// Creates an internal snapshot of the image's current state, dated now.
+    ///
+    /// # Errors
+    /// When the format has no internal snapshots, the name is taken, or I/O fails.
+    pub fn snapshot_create(&self, name: &str) -> Result<()> {
+        self.check_writable()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let secs = u32::try_from(now.as_secs()).unwrap_or(u32::MAX);
+        self.driver
+            .snapshot_create(name, (secs, now.subsec_nanos()))
+    }
+
+    /// Reverts the image to an internal snapshot (by ID or name).
+    ///
+    /// # Errors
+    /// When there is no such snapshot, or I/O fails.
+    pub fn snapshot_apply(&self, name: &str) -> Result<()> {
+        self.check_writable()?;
+        self.driver.snapshot_apply(name)
+    }
+
+    /// Deletes an internal snapshot (by ID or name).
+    ///
+    /// # Errors
+    /// When there is no such snapshot, or I/O fails.
+    pub fn snapshot_delete(&self, name: &str) -> Result<()> {
+        self.check_writable()?;
+        self.driver.snapshot_delete(name)
+    }
+
     /// Whether the range is allocated in this image alone (not the backing chain), for convert
     /// with `-B` and for commit: returns (allocated, bytes for which that holds).
     ///

@@ -16,6 +16,7 @@ pub mod header;
 mod l2;
 mod refcount;
 mod snapshot;
+mod snapshot_ops;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -804,6 +805,18 @@ impl Driver for Qcow2 {
             self.release(&mut st, &old, false)?;
         }
         Ok(())
+    }
+
+    fn snapshot_create(&self, name: &str, date: (u32, u32)) -> Result<()> {
+        self.create_snapshot(name, date)
+    }
+
+    fn snapshot_apply(&self, name: &str) -> Result<()> {
+        self.apply_snapshot(name)
+    }
+
+    fn snapshot_delete(&self, name: &str) -> Result<()> {
+        self.delete_snapshot(name)
     }
 
     fn check(&self, repair: crate::Repair) -> Result<crate::CheckReport> {

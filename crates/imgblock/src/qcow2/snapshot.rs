@@ -132,3 +132,38 @@ pub fn read_table(file: &dyn Storage, h: &Header) -> Result<Vec<Snapshot>, Error
     }
     Ok(out)
 }
+
+impl Snapshot {
+    /// Serialises the entry (with the 24 bytes of extra data qemu writes), padded to 8 bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(64 + self.id.len() + self.name.len());
+        b.extend_from_slice(&self.l1_offset.to_be_bytes());
+        b.extend_from_slice(&self.l1_size.to_be_bytes());
+        b.extend_from_slice(
+            &u16::try_from(self.id.len())
+                .unwrap_or(u16::MAX)
+                .to_be_bytes(),
+        );
+        b.extend_from_slice(
+            &u16::try_from(self.name.len())
+                .unwrap_or(u16::MAX)
+                .to_be_bytes(),
+        );
+        b.extend_from_slice(&self.date_sec.to_be_bytes());
+        b.extend_from_slice(&self.date_nsec.to_be_bytes());
+        b.extend_from_slice(&self.vm_clock_nsec.to_be_bytes());
+        b.extend_from_slice(
+            &u32::try_from(self.vm_state_size)
+                .unwrap_or(u32::MAX)
+                .to_be_bytes(),
+        );
+        b.extend_from_slice(&24u32.to_be_bytes());
+        b.extend_from_slice(&self.vm_state_size.to_be_bytes());
+        b.extend_from_slice(&self.disk_size.unwrap_or(0).to_be_bytes());
+        b.extend_from_slice(&self.icount.unwrap_or(u64::MAX).to_be_bytes());
+        b.extend_from_slice(self.id.as_bytes());
+        b.extend_from_slice(self.name.as_bytes());
+        b.resize(b.len().div_ceil(8) * 8, 0);
+        b
+    }
+}
