@@ -228,6 +228,14 @@ pub trait Driver: Send + Sync + Debug {
             what: "this format cannot store compressed clusters".into(),
         })
     }
+    /// Changes the virtual size; new space is preallocated as asked.
+    ///
+    /// # Errors
+    /// When the format cannot resize this image, or I/O fails.
+    fn resize(&mut self, new_size: u64, prealloc: crate::raw::Preallocation) -> Result<()> {
+        let _ = (new_size, prealloc);
+        Err(self.unsupported("resizing"))
+    }
     /// Creates an internal snapshot named `name` dated `(seconds, nanoseconds)`.
     ///
     /// # Errors

@@ -617,6 +617,25 @@ impl Image {
         self.driver.check(repair)
     }
 
+    /// Changes the virtual size (shrinking drops data past the new end; the caller asks the user
+    /// first, as qemu-img's --shrink does). New space reads as zeroes.
+    ///
+    /// # Errors
+    /// When the format cannot resize this image, or I/O fails.
+    pub fn resize(&mut self, new_size: u64, prealloc: crate::raw::Preallocation) -> Result<()> {
+        self.check_writable()?;
+        let old = self.size();
+        self.driver.resize(new_size, prealloc)?;
+        // What lay past the old end inside its last allocation unit (left by an earlier shrink)
+        // must read as zeroes now that it is inside the disk.
+        let g = self.driver.cow_granularity().max(1);
+        let tail_end = old.div_ceil(g).saturating_mul(g).min(new_size);
+        if new_size > old && tail_end > old && self.driver.format() != Format::Raw {
+            self.write_zeroes(old, tail_end - old, false)?;
+        }
+        self.flush()
+    }
+
     /// Creates an internal snapshot of the image's current state, dated now.
     ///
     /// # Errors

@@ -305,40 +305,7 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
     }
     q.size = size;
     if opts.prealloc != Preallocation::Off {
-        preallocate(&q, opts.prealloc)?;
+        q.preallocate_range(0, q.geo.align_up(size), opts.prealloc)?;
     }
     q.flush()
-}
-
-/// Allocates L2 tables and data clusters for the whole disk; falloc and full also reserve or
-/// zero the data on the host.
-fn preallocate(q: &Qcow2, mode: Preallocation) -> Result<()> {
-    const STEP_CLUSTERS: u64 = 4096;
-    let cs = q.geo.cluster_size;
-    let size = q.size;
-    let mut pos = 0;
-    while pos < size {
-        let len = (STEP_CLUSTERS * cs).min(q.geo.align_up(size) - pos);
-        let extents = q.allocate(pos, len)?;
-        q.commit(&extents)?;
-        for e in &extents {
-            let s = q.storage(e.file);
-            match mode {
-                Preallocation::Falloc => s.allocate(e.host.0, e.len).ctx(s.path())?,
-                Preallocation::Full => {
-                    crate::storage::write_zero_buffers(s.as_ref(), e.host.0, e.len).ctx(s.path())?
-                }
-                _ => {}
-            }
-        }
-        pos += len;
-    }
-    // The data clusters are never written under metadata preallocation: size the file so that
-    // every allocated cluster lies inside it, as qemu does.
-    let end = q.lock().end_hint * cs;
-    let file = q.file();
-    if file.size().ctx(file.path())? < end {
-        file.set_len(end).ctx(file.path())?;
-    }
-    Ok(())
 }

@@ -15,6 +15,7 @@ mod error;
 pub mod header;
 mod l2;
 mod refcount;
+mod resize;
 mod snapshot;
 mod snapshot_ops;
 
@@ -805,6 +806,10 @@ impl Driver for Qcow2 {
             self.release(&mut st, &old, false)?;
         }
         Ok(())
+    }
+
+    fn resize(&mut self, new_size: u64, prealloc: crate::raw::Preallocation) -> Result<()> {
+        Qcow2::resize(self, new_size, prealloc)
     }
 
     fn snapshot_create(&self, name: &str, date: (u32, u32)) -> Result<()> {

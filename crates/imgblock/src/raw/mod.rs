@@ -169,4 +169,26 @@ impl Driver for Raw {
     fn flush(&self) -> Result<()> {
         self.storage.flush().ctx(self.storage.path())
     }
+    fn resize(&mut self, new_size: u64, prealloc: Preallocation) -> Result<()> {
+        let s = &self.storage;
+        let old = self.size;
+        if prealloc == Preallocation::Metadata {
+            return Err(Error::InvalidOption(
+                "Invalid preallocation mode: 'metadata' for format raw".into(),
+            ));
+        }
+        s.set_len(new_size).ctx(s.path())?;
+        if new_size > old {
+            match prealloc {
+                Preallocation::Falloc => s.allocate(old, new_size - old).ctx(s.path())?,
+                Preallocation::Full => {
+                    crate::storage::write_zero_buffers(s.as_ref(), old, new_size - old)
+                        .ctx(s.path())?
+                }
+                _ => {}
+            }
+        }
+        self.size = new_size;
+        s.flush().ctx(s.path())
+    }
 }

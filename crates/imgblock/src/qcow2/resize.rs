@@ -1,0 +1,180 @@
+//! Growing and shrinking qcow2 images.
+
+use super::{Error, Qcow2, OFFSET_MASK};
+use crate::driver::Driver;
+use crate::error::IoContext;
+use crate::raw::Preallocation;
+use crate::Result;
+
+impl Qcow2 {
+    /// Changes the virtual size. Growing enlarges the L1 table when needed (a new table is
+    /// written and switched in with one header write); shrinking frees every cluster past the
+    /// new end. v2 images with snapshots cannot be resized, as in qemu.
+    ///
+    /// # Errors
+    /// When the image is read-only, a v2 image has snapshots, or I/O fails.
+    pub fn resize(&mut self, new_size: u64, prealloc: Preallocation) -> Result<()> {
+        if !self.writable {
+            return Err(crate::Error::ReadOnly {
+                path: self.file().path().to_owned(),
+            });
+        }
+        let g = self.geo;
+        let old_size = self.size;
+        {
+            let st = self.lock();
+            if st.h.nb_snapshots > 0 && st.h.version < 3 {
+                return Err(crate::Error::Unsupported {
+                    path: self.file().path().to_owned(),
+                    what: "Can't resize a v2 image which has snapshots".into(),
+                });
+            }
+        }
+        if new_size > i64::MAX as u64 {
+            return Err(self.err(Error::SizeTooLarge(new_size)));
+        }
+        if new_size < old_size {
+            // Drop whole clusters past the new end, then L2 tables wholly past it.
+            let from = g.align_up(new_size);
+            if from < old_size {
+                self.unmap_range(from, g.align_up(old_size) - from)?;
+            }
+            let mut st = self.lock();
+            let keep = usize::try_from(new_size.div_ceil(g.l2_entries * g.cluster_size))
+                .unwrap_or(usize::MAX);
+            for i in keep..st.l1.len() {
+                let l2 = st.l1[i] & OFFSET_MASK;
+                if l2 != 0 {
+                    st.l1[i] = 0;
+                    let off = st.h.l1_table_offset + i as u64 * 8;
+                    self.file()
+                        .write_at(&0u64.to_be_bytes(), off)
+                        .ctx(self.file().path())?;
+                    self.update_refcount(&mut st, l2, -1, true)?;
+                }
+            }
+            self.file()
+                .write_at(&new_size.to_be_bytes(), 24)
+                .ctx(self.file().path())?;
+            st.h.size = new_size;
+        } else {
+            let needed = new_size.div_ceil(g.l2_entries * g.cluster_size);
+            if needed * 8 > super::MAX_L1_BYTES {
+                return Err(self.err(Error::SizeTooLarge(new_size)));
+            }
+            let mut st = self.lock();
+            if needed > st.l1.len() as u64 {
+                let mut l1 = st.l1.clone();
+                l1.resize(usize::try_from(needed).unwrap_or(0), 0);
+                let bytes: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
+                let clusters = (bytes.len() as u64).div_ceil(g.cluster_size);
+                let off = self.alloc_clusters(&mut st, clusters)?;
+                self.file().write_at(&bytes, off).ctx(self.file().path())?;
+                let tail = vec![
+                    0u8;
+                    usize::try_from(clusters * g.cluster_size).unwrap_or(0)
+                        - bytes.len()
+                ];
+                self.file()
+                    .write_at(&tail, off + bytes.len() as u64)
+                    .ctx(self.file().path())?;
+                self.file().flush().ctx(self.file().path())?;
+                let l1_size =
+                    u32::try_from(needed).map_err(|_| self.err(Error::SizeTooLarge(new_size)))?;
+                let mut hdr = [0u8; 24];
+                hdr[..8].copy_from_slice(&new_size.to_be_bytes());
+                hdr[8..12].copy_from_slice(&st.h.crypt_method.to_be_bytes());
+                hdr[12..16].copy_from_slice(&l1_size.to_be_bytes());
+                hdr[16..].copy_from_slice(&off.to_be_bytes());
+                self.file().write_at(&hdr, 24).ctx(self.file().path())?;
+                self.file().flush().ctx(self.file().path())?;
+                let old_off = st.h.l1_table_offset;
+                let old_clusters = (st.l1.len() as u64 * 8).div_ceil(g.cluster_size);
+                st.l1 = l1;
+                st.h.l1_size = l1_size;
+                st.h.l1_table_offset = off;
+                if old_off != 0 {
+                    for i in 0..old_clusters {
+                        self.update_refcount(&mut st, old_off + i * g.cluster_size, -1, false)?;
+                    }
+                }
+            } else {
+                self.file()
+                    .write_at(&new_size.to_be_bytes(), 24)
+                    .ctx(self.file().path())?;
+            }
+            st.h.size = new_size;
+        }
+        self.size = new_size;
+        if new_size > old_size && prealloc != Preallocation::Off {
+            let from = old_size / g.cluster_size * g.cluster_size;
+            self.preallocate_range(from, g.align_up(new_size) - from, prealloc)?;
+        }
+        self.flush()
+    }
+
+    /// Makes whole clusters unallocated (their old mapping freed), whatever the version.
+    fn unmap_range(&self, offset: u64, len: u64) -> Result<()> {
+        let g = self.geo;
+        let mut st = self.lock();
+        let mut gc = offset >> g.cluster_bits;
+        let end = (offset + len) >> g.cluster_bits;
+        while gc < end {
+            if let Some((old, _)) = self.lookup(&mut st, gc)? {
+                if old != super::l2::Entry::default() {
+                    let l2off = self.l2_for_write(&mut st, gc / g.l2_entries)?;
+                    self.set_l2_entry(
+                        &mut st,
+                        l2off,
+                        gc % g.l2_entries,
+                        super::l2::Entry::default(),
+                    )?;
+                    self.release(&mut st, &old, true)?;
+                }
+            } else {
+                // No L2 table: skip to the next one.
+                gc = (gc / g.l2_entries + 1) * g.l2_entries;
+                continue;
+            }
+            gc += 1;
+        }
+        Ok(())
+    }
+
+    /// Allocates data clusters for a guest range; falloc and full also reserve or zero them.
+    pub(super) fn preallocate_range(
+        &self,
+        offset: u64,
+        len: u64,
+        mode: Preallocation,
+    ) -> Result<()> {
+        const STEP_CLUSTERS: u64 = 4096;
+        let g = self.geo;
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let n = (STEP_CLUSTERS * g.cluster_size).min(end - pos);
+            let extents = self.allocate(pos, n)?;
+            self.commit(&extents)?;
+            for e in &extents {
+                let s = self.storage(e.file);
+                match mode {
+                    Preallocation::Falloc => s.allocate(e.host.0, e.len).ctx(s.path())?,
+                    Preallocation::Full => {
+                        crate::storage::write_zero_buffers(s.as_ref(), e.host.0, e.len)
+                            .ctx(s.path())?
+                    }
+                    _ => {}
+                }
+            }
+            pos += n;
+        }
+        // Metadata preallocation leaves data unwritten: size the file to hold every cluster.
+        let last = self.lock().end_hint * g.cluster_size;
+        let file = self.file();
+        if file.size().ctx(file.path())? < last {
+            file.set_len(last).ctx(file.path())?;
+        }
+        Ok(())
+    }
+}
