@@ -236,6 +236,22 @@ pub trait Driver: Send + Sync + Debug {
         let _ = (new_size, prealloc);
         Err(self.unsupported("resizing"))
     }
+    /// Replaces the backing reference in the header (no data is touched).
+    ///
+    /// # Errors
+    /// When the format has no backing files, or the header cannot be rewritten.
+    fn set_backing(&self, backing: Option<&BackingSpec>) -> Result<()> {
+        let _ = backing;
+        Err(self.unsupported("backing files"))
+    }
+    /// Drops every allocation so that the whole disk reads from the backing image (qemu's
+    /// make_empty, used after commit).
+    ///
+    /// # Errors
+    /// When the format cannot, or I/O fails.
+    fn make_empty(&self) -> Result<()> {
+        Err(self.unsupported("emptying"))
+    }
     /// Creates an internal snapshot named `name` dated `(seconds, nanoseconds)`.
     ///
     /// # Errors

@@ -668,6 +668,31 @@ impl Image {
         self.driver.snapshot_delete(name)
     }
 
+    /// Whether the range is allocated in any of the top `depth` images of the chain (this image
+    /// is depth 1), and for how many bytes that holds. Past an image's end counts as allocated
+    /// (it reads as zeroes whatever lies below).
+    ///
+    /// # Errors
+    /// When metadata cannot be read.
+    pub fn allocated_above(&self, depth: usize, offset: u64, len: u64) -> Result<(bool, u64)> {
+        if depth == 0 {
+            return Ok((false, len));
+        }
+        if offset >= self.size() {
+            return Ok((true, len));
+        }
+        let (m, n) = self.driver.map(offset, len.min(self.size() - offset))?;
+        let n = n.clamp(1, len);
+        match (m, &self.backing) {
+            (Mapping::Unallocated, Some(b)) => {
+                let (a, bn) = b.allocated_above(depth - 1, offset, n)?;
+                Ok((a, bn.min(n)))
+            }
+            (Mapping::Unallocated, None) => Ok((false, n)),
+            _ => Ok((true, n)),
+        }
+    }
+
     /// Whether the range is allocated in this image alone (not the backing chain), for convert
     /// with `-B` and for commit: returns (allocated, bytes for which that holds).
     ///

@@ -319,6 +319,23 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Rewrites the whole header cluster (one write) after `f` changes the header.
+    pub(crate) fn rewrite_header(&self, f: impl FnOnce(&mut Header)) -> Result<()> {
+        if !self.writable {
+            return Err(crate::Error::ReadOnly {
+                path: self.file().path().to_owned(),
+            });
+        }
+        let mut st = self.lock();
+        let mut h = st.h.clone();
+        f(&mut h);
+        let bytes = h.serialize().map_err(|e| self.err(e))?;
+        self.file().write_at(&bytes, 0).ctx(self.file().path())?;
+        self.file().flush().ctx(self.file().path())?;
+        st.h = h;
+        Ok(())
+    }
+
     /// The L2 entry for guest cluster index `gc` (None when no L2 table), with the L1 entry.
     fn lookup(&self, st: &mut State, gc: u64) -> Result<Option<(Entry, u64)>> {
         let l1i = gc / self.geo.l2_entries;
@@ -810,6 +827,23 @@ impl Driver for Qcow2 {
 
     fn resize(&mut self, new_size: u64, prealloc: crate::raw::Preallocation) -> Result<()> {
         Qcow2::resize(self, new_size, prealloc)
+    }
+
+    fn set_backing(&self, backing: Option<&BackingSpec>) -> Result<()> {
+        self.rewrite_header(|h| {
+            h.backing_file = backing.map(|b| b.filename.clone());
+            h.set_extension(
+                header::EXT_BACKING_FORMAT,
+                backing
+                    .and_then(|b| b.format.as_ref())
+                    .map(|f| f.as_bytes().to_vec()),
+            );
+        })
+    }
+
+    fn make_empty(&self) -> Result<()> {
+        self.unmap_range(0, self.geo.align_up(self.size))?;
+        self.flush()
     }
 
     fn snapshot_create(&self, name: &str, date: (u32, u32)) -> Result<()> {

@@ -114,7 +114,7 @@ impl Qcow2 {
     }
 
     /// Makes whole clusters unallocated (their old mapping freed), whatever the version.
-    fn unmap_range(&self, offset: u64, len: u64) -> Result<()> {
+    pub(super) fn unmap_range(&self, offset: u64, len: u64) -> Result<()> {
         let g = self.geo;
         let mut st = self.lock();
         let mut gc = offset >> g.cluster_bits;

@@ -1,0 +1,187 @@
+//! Whole-image operations built on [`Image`]: commit and rebase. They stream in fixed-size
+//! chunks, so memory stays bounded whatever the image size.
+
+use std::path::Path;
+
+use crate::driver::BackingSpec;
+use crate::{Error, Format, Image, OpenOptions, Result};
+
+/// Bytes moved per step.
+pub const CHUNK: u64 = 2 << 20;
+
+/// Progress reports: (bytes done, bytes in all).
+pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
+
+/// Does nothing with progress.
+pub fn no_progress(_done: u64, _total: u64) {}
+
+fn is_zero(b: &[u8]) -> bool {
+    b.iter().all(|&x| x == 0)
+}
+
+/// Writes the data of `top` (and of the images between it and `base_depth`) into the image at
+/// `base_depth` in its chain (default 1: the immediate backing image), then empties `top`
+/// unless `keep` (qemu-img commit's -d). The base grows if it is smaller.
+///
+/// # Errors
+/// When `top` has no backing image, the base cannot be opened for writing, or I/O fails.
+pub fn commit(
+    top_path: &Path,
+    format: Option<Format>,
+    base: Option<&Path>,
+    keep: bool,
+    progress: Progress<'_>,
+) -> Result<()> {
+    let top = Image::open(top_path, &OpenOptions::read_only().format(format))?;
+    let chain = top.chain();
+    if chain.len() < 2 {
+        return Err(Error::Unsupported {
+            path: top_path.to_owned(),
+            what: "Image does not have a backing file".into(),
+        });
+    }
+    let depth = match base {
+        None => 1,
+        Some(b) => {
+            let want = std::fs::canonicalize(b).map_err(|e| Error::Io {
+                path: b.to_owned(),
+                source: e,
+            })?;
+            chain
+                .iter()
+                .position(|i| {
+                    std::fs::canonicalize(i.path()).ok().as_deref() == Some(want.as_path())
+                })
+                .filter(|&d| d > 0)
+                .ok_or_else(|| {
+                    Error::InvalidOption(format!(
+                        "'{}' is not a backing file of '{}'",
+                        b.display(),
+                        top_path.display()
+                    ))
+                })?
+        }
+    };
+    let base_img = chain[depth];
+    let base_path = base_img.path().to_owned();
+    let base_format = base_img.format();
+    let size = top.size();
+    drop(chain);
+    let mut base_w = Image::open(
+        &base_path,
+        &OpenOptions::writable().format(Some(base_format)),
+    )?;
+    if base_w.size() < size {
+        base_w.resize(size, crate::raw::Preallocation::Off)?;
+    }
+    let mut buf = vec![0u8; usize::try_from(CHUNK).unwrap_or(0)];
+    let mut pos = 0;
+    while pos < size {
+        let (alloc, n) = top.allocated_above(depth, pos, (size - pos).min(CHUNK))?;
+        if alloc {
+            let b = &mut buf[..usize::try_from(n).unwrap_or(0)];
+            top.read_at(b, pos)?;
+            if is_zero(b) {
+                base_w.write_zeroes(pos, n, false)?;
+            } else {
+                base_w.write_at(b, pos)?;
+            }
+        }
+        pos += n;
+        progress(pos, size);
+    }
+    base_w.flush()?;
+    drop(base_w);
+    drop(top);
+    if !keep {
+        let top_w = Image::open(
+            top_path,
+            &OpenOptions {
+                format,
+                writable: true,
+                no_backing: true,
+                snapshot: None,
+            },
+        )?;
+        top_w.driver().make_empty()?;
+        top_w.flush()?;
+    }
+    Ok(())
+}
+
+/// Changes the backing file of `path`. In safe mode (`unsafe_` false) every range that reads
+/// differently through the new chain than through the old one is copied into the image first;
+/// `new_backing` of `None` flattens it. Unsafe mode only rewrites the header.
+///
+/// # Errors
+/// When an image cannot be opened, or I/O fails.
+pub fn rebase(
+    path: &Path,
+    format: Option<Format>,
+    new_backing: Option<&BackingSpec>,
+    unsafe_: bool,
+    progress: Progress<'_>,
+) -> Result<()> {
+    if unsafe_ {
+        let img = Image::open(
+            path,
+            &OpenOptions {
+                format,
+                writable: true,
+                no_backing: true,
+                snapshot: None,
+            },
+        )?;
+        img.driver().set_backing(new_backing)?;
+        return img.flush();
+    }
+    let img = Image::open(path, &OpenOptions::writable().format(format))?;
+    let new_chain = match new_backing {
+        Some(b) => {
+            let p = crate::image::resolve_backing(path, &b.filename);
+            let f = b.format.as_deref().map(str::parse).transpose()?;
+            Some(Image::open(&p, &OpenOptions::read_only().format(f))?)
+        }
+        None => None,
+    };
+    let size = img.size();
+    let mut old = vec![0u8; usize::try_from(CHUNK).unwrap_or(0)];
+    let mut new = vec![0u8; old.len()];
+    let mut pos = 0;
+    while pos < size {
+        let (here, n) = img.is_allocated_here(pos, (size - pos).min(CHUNK))?;
+        if !here {
+            let nu = usize::try_from(n).unwrap_or(0);
+            let o = &mut old[..nu];
+            img.read_at(o, pos)?;
+            let nb = &mut new[..nu];
+            match &new_chain {
+                Some(b) if pos < b.size() => {
+                    let inside = usize::try_from((b.size() - pos).min(n)).unwrap_or(0);
+                    b.read_at(&mut nb[..inside], pos)?;
+                    nb[inside..].fill(0);
+                }
+                _ => nb.fill(0),
+            }
+            // Copy only the sectors that differ, so identical parts stay shared.
+            let mut i = 0;
+            while i < nu {
+                let e = (i + 512).min(nu);
+                if o[i..e] != nb[i..e] {
+                    let mut j = e;
+                    while j < nu && o[j..(j + 512).min(nu)] != nb[j..(j + 512).min(nu)] {
+                        j = (j + 512).min(nu);
+                    }
+                    img.write_at(&o[i..j], pos + i as u64)?;
+                    i = j;
+                } else {
+                    i = e;
+                }
+            }
+        }
+        pos += n;
+        progress(pos, size);
+    }
+    img.driver().set_backing(new_backing)?;
+    img.flush()
+}
