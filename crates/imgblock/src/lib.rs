@@ -18,6 +18,7 @@ pub mod check;
 pub mod driver;
 mod error;
 pub mod image;
+pub mod measure;
 pub mod ops;
 pub mod options;
 pub mod probe;

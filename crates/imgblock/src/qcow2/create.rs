@@ -309,3 +309,51 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
     }
     q.flush()
 }
+
+/// Clusters of refcount table and blocks needed to count `clusters` clusters and themselves
+/// (the fixed point qemu's qcow2_refcount_metadata_size finds).
+fn refcount_metadata_clusters(clusters: u64, cluster_size: u64, refcount_order: u32) -> u64 {
+    let per_table_cluster = cluster_size / 8;
+    let per_block = (cluster_size * 8) >> refcount_order;
+    let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
+    loop {
+        let last = n;
+        blocks = (clusters + table + blocks).div_ceil(per_block);
+        table = blocks.div_ceil(per_table_cluster);
+        n = clusters + blocks + table;
+        if n == last {
+            return blocks + table;
+        }
+    }
+}
+
+/// What `measure` reports for a qcow2 target: the cluster size, and the size of a fully
+/// allocated image of `size` bytes (data rounded up to clusters, plus all metadata), computed as
+/// qemu-img measure computes it.
+///
+/// # Errors
+/// When an option is invalid.
+pub fn measure_full(size: u64, o: &CreateOptions) -> Result<(u64, u64)> {
+    let opts = parse(o)?;
+    let cs = 1u64 << opts.cluster_bits;
+    let esize = if opts.extended_l2 { 16 } else { 8 };
+    let aligned = size.div_ceil(cs) * cs;
+    let mut meta = cs;
+    let nl2e = (aligned / cs).div_ceil(cs / esize) * (cs / esize);
+    meta += nl2e * esize;
+    let nl1e = (nl2e * esize / cs).div_ceil(cs / 8) * (cs / 8);
+    meta += nl1e * 8;
+    meta += refcount_metadata_clusters((meta + aligned) / cs, cs, opts.refcount_order) * cs;
+    Ok((cs, meta + aligned))
+}
+
+/// Whether creation options ask for data preallocation (falloc or full).
+///
+/// # Errors
+/// When an option is invalid.
+pub fn preallocates_data(o: &CreateOptions) -> Result<bool> {
+    Ok(matches!(
+        parse(o)?.prealloc,
+        Preallocation::Falloc | Preallocation::Full
+    ))
+}

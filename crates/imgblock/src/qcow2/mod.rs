@@ -21,7 +21,7 @@ mod snapshot_ops;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-pub use create::{create, CREATE_OPTIONS};
+pub use create::{create, measure_full, preallocates_data, CREATE_OPTIONS};
 pub use error::Error;
 
 use crate::driver::{
