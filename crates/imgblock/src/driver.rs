@@ -236,6 +236,14 @@ pub trait Driver: Send + Sync + Debug {
         let _ = (new_size, prealloc);
         Err(self.unsupported("resizing"))
     }
+    /// Changes options of an existing image (`img amend -o`).
+    ///
+    /// # Errors
+    /// When the format cannot amend, an option is refused, or I/O fails.
+    fn amend(&mut self, opts: &crate::CreateOptions) -> Result<()> {
+        let _ = opts;
+        Err(self.unsupported("amend"))
+    }
     /// Replaces the backing reference in the header (no data is touched).
     ///
     /// # Errors

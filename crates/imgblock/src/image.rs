@@ -636,6 +636,16 @@ impl Image {
         self.flush()
     }
 
+    /// Changes options of the image (`img amend -o`).
+    ///
+    /// # Errors
+    /// When the format cannot amend, an option is refused, or I/O fails.
+    pub fn amend(&mut self, opts: &crate::CreateOptions) -> Result<()> {
+        self.check_writable()?;
+        self.driver.amend(opts)?;
+        self.flush()
+    }
+
     /// Creates an internal snapshot of the image's current state, dated now.
     ///
     /// # Errors

@@ -152,18 +152,21 @@ impl Walk<'_> {
     }
 }
 
-/// Runs the check; see the module docs.
-pub fn check(q: &Qcow2, repair: Repair) -> Result<CheckReport> {
+/// Counts the references to every cluster of the file from the metadata: the header, L1 and L2
+/// tables, snapshots and data; and the refcount structures themselves when `with_refcounts`.
+pub(super) fn count_references(
+    q: &Qcow2,
+    st: &mut State,
+    with_refcounts: bool,
+) -> Result<(Vec<u32>, CheckReport)> {
     let g = q.geo;
     let cs = g.cluster_size;
-    let path = q.file().path().to_owned();
-    let file_len = q.file().size().ctx(&path)?;
+    let file_len = q.file().size().ctx(q.file().path())?;
     let nclusters = file_len.div_ceil(cs);
     if nclusters > MAX_TRACKED_CLUSTERS {
         return Err(q.err(super::Error::FileTooLarge));
     }
-    let snaps = q.snapshot_list()?;
-    let mut st = q.lock();
+    let snaps = snapshot::read_table(q.file(), &st.h).map_err(|e| q.err(e))?;
     let mut w = Walk {
         q,
         computed: vec![0; usize::try_from(nclusters).unwrap_or(0)],
@@ -171,17 +174,16 @@ pub fn check(q: &Qcow2, repair: Repair) -> Result<CheckReport> {
         next_contiguous: 0,
     };
     w.r.total_clusters = q.size.div_ceil(cs);
-
-    // The header cluster.
     w.inc(0, cs, "header");
-    // The active L1 table and everything under it.
     let l1 = st.l1.clone();
     w.inc(st.h.l1_table_offset, l1.len() as u64 * 8, "L1 table");
-    w.walk_l1(&mut st, &l1, true);
-    // Snapshots: the table, then each L1 table with its tree.
+    w.walk_l1(st, &l1, true);
     if st.h.nb_snapshots > 0 {
-        let table_len = snapshot_table_len(&snaps);
-        w.inc(st.h.snapshots_offset, table_len, "snapshot table");
+        w.inc(
+            st.h.snapshots_offset,
+            snapshot_table_len(&snaps),
+            "snapshot table",
+        );
         for s in &snaps {
             if s.l1_offset % cs != 0 || u64::from(s.l1_size) * 8 > super::MAX_L1_BYTES {
                 w.r.corruptions += 1;
@@ -193,31 +195,29 @@ pub fn check(q: &Qcow2, repair: Repair) -> Result<CheckReport> {
             }
             w.inc(s.l1_offset, u64::from(s.l1_size) * 8, "snapshot L1 table");
             match super::read_table(q.file(), s.l1_offset, u64::from(s.l1_size)) {
-                Ok(sl1) => w.walk_l1(&mut st, &sl1, false),
+                Ok(sl1) => w.walk_l1(st, &sl1, false),
                 Err(_) => w.r.check_errors += 1,
             }
         }
     }
-    // The refcount table and its blocks.
-    w.inc(
-        st.h.refcount_table_offset,
-        u64::from(st.h.refcount_table_clusters) * cs,
-        "refcount table",
-    );
-    let reftable = st.reftable.clone();
-    for (i, &e) in reftable.iter().enumerate() {
-        let off = e & OFFSET_MASK;
-        if off == 0 {
-            continue;
+    if with_refcounts {
+        w.inc(
+            st.h.refcount_table_offset,
+            u64::from(st.h.refcount_table_clusters) * cs,
+            "refcount table",
+        );
+        for (i, &e) in st.reftable.clone().iter().enumerate() {
+            let off = e & OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            if off % cs != 0 {
+                w.r.corruptions += 1;
+                w.r.messages.push(format!("ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"));
+                continue;
+            }
+            w.inc(off, cs, "refcount block");
         }
-        if off % cs != 0 {
-            w.r.corruptions += 1;
-            w.r.messages.push(format!(
-                "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
-            ));
-            continue;
-        }
-        w.inc(off, cs, "refcount block");
     }
     let Walk {
         computed, mut r, ..
@@ -228,7 +228,15 @@ pub fn check(q: &Qcow2, repair: Repair) -> Result<CheckReport> {
             .rposition(|&c| c > 0)
             .map_or(cs, |last| (last as u64 + 1) * cs),
     );
+    Ok((computed, r))
+}
 
+/// Runs the check; see the module docs.
+pub fn check(q: &Qcow2, repair: Repair) -> Result<CheckReport> {
+    let path = q.file().path().to_owned();
+    let mut st = q.lock();
+    let (computed, mut r) = count_references(q, &mut st, true)?;
+    let reftable = st.reftable.clone();
     compare_refcounts(q, &mut st, &computed, &reftable, repair, &mut r)?;
     check_copied(q, &mut st, repair, &mut r)?;
     if repair != Repair::None {

@@ -7,6 +7,7 @@
 //! ```
 //! All metadata lives behind one mutex; data I/O happens outside it in [`crate::Image`].
 
+mod amend;
 mod cache;
 mod check;
 mod compress;
@@ -827,6 +828,10 @@ impl Driver for Qcow2 {
 
     fn resize(&mut self, new_size: u64, prealloc: crate::raw::Preallocation) -> Result<()> {
         Qcow2::resize(self, new_size, prealloc)
+    }
+
+    fn amend(&mut self, opts: &crate::CreateOptions) -> Result<()> {
+        Qcow2::amend(self, opts)
     }
 
     fn set_backing(&self, backing: Option<&BackingSpec>) -> Result<()> {

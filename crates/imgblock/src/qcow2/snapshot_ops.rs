@@ -137,7 +137,7 @@ impl Qcow2 {
     }
 
     /// Writes a new snapshot table, points the header at it, frees the old one.
-    fn replace_snapshot_table(&self, st: &mut State, snaps: &[Snapshot]) -> Result<()> {
+    pub(super) fn replace_snapshot_table(&self, st: &mut State, snaps: &[Snapshot]) -> Result<()> {
         let g = self.geo;
         let bytes: Vec<u8> = snaps.iter().flat_map(Snapshot::to_bytes).collect();
         let new_off = if bytes.is_empty() {

@@ -1,0 +1,325 @@
+//! `amend`: changing compat level, lazy refcounts, refcount width, size and backing file of an
+//! existing image, refusing what qemu-img refuses.
+
+use super::check::count_references;
+use super::header::{self, CompressionType};
+use super::l2::{Entry, Kind};
+use super::refcount::set_entry;
+use super::{Error, Geometry, Qcow2, COPIED, OFFSET_MASK, ZERO_FLAG};
+use crate::driver::{BackingSpec, Driver};
+use crate::error::IoContext;
+use crate::options::{parse_bool, parse_size};
+use crate::raw::Preallocation;
+use crate::{CreateOptions, Result};
+
+fn invalid(msg: impl Into<String>) -> crate::Error {
+    crate::Error::InvalidOption(msg.into())
+}
+
+impl Qcow2 {
+    /// Applies `-o` options to an existing image.
+    ///
+    /// # Errors
+    /// With qemu-img's message for options that cannot be amended or combinations it refuses;
+    /// I/O errors.
+    pub fn amend(&mut self, o: &CreateOptions) -> Result<()> {
+        let (mut version, mut lazy, mut order) = {
+            let st = self.lock();
+            (
+                st.h.version,
+                st.h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0,
+                st.h.refcount_order,
+            )
+        };
+        let mut size = None;
+        for (k, v) in &o.opts {
+            match k.as_str() {
+                "compat" => {
+                    version = match v.as_str() {
+                        "0.10" | "v2" => 2,
+                        "1.1" | "v3" => 3,
+                        _ => return Err(invalid(format!("Invalid compatibility level: '{v}'"))),
+                    }
+                }
+                "lazy_refcounts" => lazy = parse_bool(k, v)?,
+                "refcount_bits" => {
+                    let b: u64 = v
+                        .parse()
+                        .map_err(|_| invalid(format!("Invalid refcount_bits '{v}'")))?;
+                    if !b.is_power_of_two() || b > 64 {
+                        return Err(invalid(
+                            "Refcount width must be a power of two and may not exceed 64 bits",
+                        ));
+                    }
+                    order = b.trailing_zeros();
+                }
+                "size" => size = Some(parse_size(v)?),
+                "cluster_size" | "compression_type" | "extended_l2" | "preallocation"
+                | "encryption" => {
+                    return Err(invalid(format!(
+                        "Invalid parameter '{k}'\nThis option is only supported for image creation"
+                    )))
+                }
+                "data_file" | "data_file_raw" => {
+                    if self.data == 0 {
+                        return Err(invalid(
+                            "data-file can only be set for images that use an external data file",
+                        ));
+                    }
+                    return Err(invalid("changing the external data file is not supported"));
+                }
+                _ => return Err(invalid(format!("Invalid parameter '{k}'"))),
+            }
+        }
+        if let Some(s) = o.size {
+            size = Some(s);
+        }
+        if version == 2 {
+            if order != 4 {
+                return Err(invalid("compat=0.10 requires refcount_bits=16"));
+            }
+            if lazy {
+                let asked = o.opts.iter().any(|(k, _)| k == "lazy_refcounts");
+                if asked {
+                    return Err(invalid(
+                        "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+                    ));
+                }
+                lazy = false;
+            }
+        }
+        // Order matters as in qemu: widen refcounts and upgrade first, downgrade last.
+        if order != self.geo.refcount_order {
+            self.rebuild_refcounts(order)?;
+        }
+        let cur_version = self.lock().h.version;
+        if version == 3 && cur_version == 2 {
+            self.upgrade()?;
+        }
+        let cur_lazy = self.lock().h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0;
+        if lazy != cur_lazy && version == 3 {
+            self.rewrite_header(|h| {
+                if lazy {
+                    h.compatible |= header::COMPAT_LAZY_REFCOUNTS;
+                } else {
+                    h.compatible &= !header::COMPAT_LAZY_REFCOUNTS;
+                }
+            })?;
+        }
+        if o.backing_file.is_some() || o.backing_fmt.is_some() {
+            let cur = self.backing();
+            let spec = BackingSpec {
+                filename: o
+                    .backing_file
+                    .clone()
+                    .or(cur.as_ref().map(|b| b.filename.clone()))
+                    .unwrap_or_default(),
+                format: o.backing_fmt.clone().or(cur.and_then(|b| b.format)),
+            };
+            self.set_backing(if spec.filename.is_empty() {
+                None
+            } else {
+                Some(&spec)
+            })?;
+        }
+        if let Some(s) = size {
+            if s != self.size {
+                self.resize(s, Preallocation::Off)?;
+            }
+        }
+        if version == 2 && cur_version == 3 {
+            self.downgrade()?;
+        }
+        self.flush()
+    }
+
+    /// v2 → v3: the header grows, snapshot entries get the extra data v3 requires.
+    fn upgrade(&mut self) -> Result<()> {
+        let snaps = self.snapshot_list()?;
+        if !snaps.is_empty() {
+            let size = self.size;
+            let fixed: Vec<_> = snaps
+                .into_iter()
+                .map(|mut s| {
+                    s.disk_size.get_or_insert(size);
+                    s
+                })
+                .collect();
+            let mut st = self.lock();
+            self.replace_snapshot_table(&mut st, &fixed)?;
+        }
+        self.rewrite_header(|h| {
+            h.version = 3;
+            h.header_length = header::V3_HEADER_LEN;
+            h.refcount_order = 4;
+            if h.extension(header::EXT_FEATURE_TABLE).is_none() {
+                h.set_extension(header::EXT_FEATURE_TABLE, Some(header::feature_table()));
+            }
+        })
+    }
+
+    /// v3 → v2: refused with incompatible features; zero clusters are expanded (made
+    /// unallocated when nothing lies below, else written as zeroes), as qemu does.
+    fn downgrade(&mut self) -> Result<()> {
+        let g = self.geo;
+        {
+            let st = self.lock();
+            let bad = st.h.incompatible & !(header::INCOMPAT_DIRTY | header::INCOMPAT_COMPRESSION);
+            if bad != 0 {
+                return Err(invalid(format!(
+                    "Cannot downgrade an image with incompatible features {bad:#x} set"
+                )));
+            }
+            if g.refcount_order != 4 {
+                return Err(invalid("compat=0.10 requires refcount_bits=16"));
+            }
+        }
+        // Compressed clusters made with zstd cannot be described by a v2 image.
+        let zstd = self.lock().h.compression == CompressionType::Zstd;
+        let has_backing = self.backing().is_some();
+        let snaps = self.snapshot_list()?;
+        let mut st = self.lock();
+        let mut tables: Vec<Vec<u64>> = vec![st.l1.clone()];
+        for s in &snaps {
+            tables.push(
+                super::read_table(self.file(), s.l1_offset, u64::from(s.l1_size))
+                    .ctx(self.file().path())?,
+            );
+        }
+        for l1 in &tables {
+            for &e in l1 {
+                let l2off = e & OFFSET_MASK;
+                if l2off == 0 {
+                    continue;
+                }
+                for j in 0..g.l2_entries {
+                    let entry = self.l2_entry(&mut st, l2off, j)?;
+                    match entry.kind_ext(0, false) {
+                        Kind::Compressed if zstd => {
+                            return Err(invalid(
+                                "Cannot downgrade an image with zstd-compressed clusters",
+                            ));
+                        }
+                        Kind::ZeroPlain | Kind::ZeroAlloc => {}
+                        _ => continue,
+                    }
+                    let new = if !has_backing && entry.kind_ext(0, false) == Kind::ZeroPlain {
+                        Entry::default()
+                    } else {
+                        // Give it a zero-filled cluster of its own.
+                        let host = match entry.host() {
+                            Some(h) if entry.copied() => h,
+                            _ => self.alloc_clusters(&mut st, 1)?,
+                        };
+                        crate::storage::write_zero_buffers(self.file(), host, g.cluster_size)
+                            .ctx(self.file().path())?;
+                        Entry {
+                            word: (host | COPIED) & !ZERO_FLAG,
+                            bitmap: 0,
+                        }
+                    };
+                    // Shared L2 tables are written in place: the expansion is valid for every
+                    // snapshot that shares them (refcounts are settled below).
+                    self.set_l2_entry(&mut st, l2off, j, new)?;
+                }
+            }
+        }
+        drop(st);
+        if !snaps.is_empty() {
+            // A cluster placed in an L2 table that snapshots share needs their references too.
+            self.check(crate::Repair::All)?;
+            let mut st = self.lock();
+            self.fix_copied_flags(&mut st)?;
+        }
+        self.rewrite_header(|h| {
+            h.version = 2;
+            h.header_length = header::V2_HEADER_LEN;
+            h.incompatible = 0;
+            h.compatible = 0;
+            h.autoclear = 0;
+            h.compression = CompressionType::Zlib;
+        })
+    }
+
+    /// Writes fresh refcount structures of width `1 << order` past the end of the file, counted
+    /// from the metadata, and switches the header to them; the old ones become free space.
+    pub(super) fn rebuild_refcounts(&mut self, order: u32) -> Result<()> {
+        let cs = self.geo.cluster_size;
+        let mut st = self.lock();
+        let (computed, report) = count_references(self, &mut st, false)?;
+        if report.corruptions > 0 {
+            return Err(self.err(Error::DirtyInconsistent));
+        }
+        let max = if order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1u64 << order)) - 1
+        };
+        if let Some(c) = computed.iter().position(|&v| u64::from(v) > max) {
+            return Err(invalid(format!(
+                "Cannot decrease refcount entry width to {} bits: Cluster at offset {:#x} has a refcount of {}",
+                1u64 << order,
+                c as u64 * cs,
+                computed[c]
+            )));
+        }
+        let per_block = (cs * 8) >> order;
+        let start = computed.len() as u64;
+        let (mut blocks, mut table) = (0u64, 0u64);
+        loop {
+            let total = start + blocks + table;
+            let b = total.div_ceil(per_block);
+            let t = (b * 8).div_ceil(cs);
+            if b == blocks && t == table {
+                break;
+            }
+            blocks = b;
+            table = t;
+        }
+        let table_off = start * cs;
+        let blocks_off = table_off + table * cs;
+        let end = start + table + blocks;
+        let path = self.file().path().to_owned();
+        let mut reftable = Vec::with_capacity(usize::try_from(table * cs / 8).unwrap_or(0));
+        let csu = usize::try_from(cs).unwrap_or(0);
+        for b in 0..blocks {
+            let mut block = vec![0u8; csu];
+            for i in 0..per_block {
+                let c = b * per_block + i;
+                let v = if c < start {
+                    u64::from(computed[usize::try_from(c).unwrap_or(0)])
+                } else {
+                    u64::from(c < end)
+                };
+                if v != 0 {
+                    set_entry(&mut block, order, i, v);
+                }
+            }
+            let off = blocks_off + b * cs;
+            self.file().write_at(&block, off).ctx(&path)?;
+            reftable.push(off);
+        }
+        reftable.resize(usize::try_from(table * cs / 8).unwrap_or(0), 0);
+        let bytes: Vec<u8> = reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.file().write_at(&bytes, table_off).ctx(&path)?;
+        self.file().flush().ctx(&path)?;
+        let mut h = st.h.clone();
+        h.refcount_order = order;
+        h.refcount_table_offset = table_off;
+        h.refcount_table_clusters =
+            u32::try_from(table).map_err(|_| self.err(Error::FileTooLarge))?;
+        let hdr = h.serialize().map_err(|e| self.err(e))?;
+        self.file().write_at(&hdr, 0).ctx(&path)?;
+        self.file().flush().ctx(&path)?;
+        st.h = h;
+        st.reftable = reftable;
+        st.rb_cache = super::cache::TableCache::new(super::REFBLOCK_CACHE_BYTES);
+        st.free_hint = 0;
+        st.end_hint = end;
+        st.compressed_cursor = 0;
+        let new_geo = Geometry::new(&st.h);
+        drop(st);
+        self.geo = new_geo;
+        Ok(())
+    }
+}
