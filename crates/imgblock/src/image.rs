@@ -108,11 +108,32 @@ impl Image {
         Self::open_inner(path, opts, &mut seen, 0)
     }
 
+    /// Opens the top image over a storage the caller made (a test storage that fails at chosen
+    /// writes, say); its backing chain is opened from files as usual.
+    ///
+    /// # Errors
+    /// As [`Image::open`].
+    pub fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
+        let mut seen = HashSet::new();
+        let path = storage.path().to_owned();
+        Self::open_inner_with(&path, opts, &mut seen, 0, Some(storage))
+    }
+
     fn open_inner(
         path: &Path,
         opts: &OpenOptions,
         seen: &mut HashSet<PathBuf>,
         depth: usize,
+    ) -> Result<Image> {
+        Self::open_inner_with(path, opts, seen, depth, None)
+    }
+
+    fn open_inner_with(
+        path: &Path,
+        opts: &OpenOptions,
+        seen: &mut HashSet<PathBuf>,
+        depth: usize,
+        storage: Option<Arc<dyn Storage>>,
     ) -> Result<Image> {
         if depth >= MAX_CHAIN_DEPTH {
             return Err(Error::ChainTooDeep {
@@ -126,7 +147,10 @@ impl Image {
                 path: path.to_owned(),
             });
         }
-        let storage = open_storage(path, opts.writable)?;
+        let storage = match storage {
+            Some(s) => s,
+            None => open_storage(path, opts.writable)?,
+        };
         let (format, guessed_raw) = match opts.format {
             Some(f) => (f, false),
             None => {
