@@ -46,6 +46,14 @@ pub enum Mapping {
     Compressed(CompressedRef),
     /// Not in this image: read from the backing image, or zeroes when there is none.
     Unallocated,
+    /// Not in this image either, but host space is already reserved for it at `offset`
+    /// (qcow2 subclusters of an allocated cluster); block status reports the offset like qemu.
+    UnallocatedAt {
+        /// Index into [`Driver::storage`].
+        file: usize,
+        /// Host offset of the first byte.
+        offset: HostOffset,
+    },
     /// Past the end of the virtual disk.
     Eof,
 }
@@ -100,6 +108,53 @@ pub enum FormatSpecific {
     None,
     /// qcow2's header facts.
     Qcow2(Qcow2Specific),
+    /// vmdk's descriptor facts.
+    Vmdk(VmdkSpecific),
+    /// vdi's header facts (qemu-img prints none for vdi; `img` may).
+    Vdi(VdiSpecific),
+}
+
+/// vmdk's `format-specific` block, as qemu-img info shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmdkSpecific {
+    /// The descriptor's createType.
+    pub create_type: String,
+    /// Content ID.
+    pub cid: u32,
+    /// The parent's content ID (0xffffffff: none).
+    pub parent_cid: u32,
+    /// One entry per extent.
+    pub extents: Vec<VmdkExtentInfo>,
+}
+
+/// One vmdk extent in `info`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmdkExtentInfo {
+    /// The extent file name as the descriptor gives it.
+    pub filename: String,
+    /// The extent type as the descriptor names it ("" for an embedded descriptor).
+    pub format: String,
+    /// Guest bytes the extent covers.
+    pub virtual_size: u64,
+    /// Grain size for sparse extents.
+    pub cluster_size: Option<u64>,
+    /// Grains are compressed (streamOptimized).
+    pub compressed: bool,
+}
+
+/// vdi's header facts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VdiSpecific {
+    /// "dynamic", "static" or "differencing".
+    pub image_type: &'static str,
+    /// The image UUID.
+    pub uuid: String,
+    /// The modification UUID.
+    pub last_modification_uuid: Option<String>,
+    /// Differencing images: the parent's image UUID.
+    pub parent_uuid: Option<String>,
+    /// Differencing images: the parent's modification UUID when the child was made.
+    pub parent_modification_uuid: Option<String>,
 }
 
 /// qcow2's `format-specific` block.
@@ -167,6 +222,11 @@ pub trait Driver: Send + Sync + Debug {
     /// Whether holes in the host file of a [`Mapping::Data`] range read as zeroes and should be
     /// reported so by block status (raw).
     fn host_holes_are_zero(&self) -> bool {
+        false
+    }
+    /// Whether block status should ask the host file about [`Mapping::Data`] ranges and report
+    /// holes there as zero while still data (qemu's "recurse" for metadata-preallocated qcow2).
+    fn data_holes_read_as_zero(&self) -> bool {
         false
     }
     /// Decompresses one cluster into `out` (exactly one cluster long).

@@ -3,7 +3,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::qcow2;
+use crate::{ova, qcow2, vdi, vmdk};
 
 /// Everything the block layer can report. Each variant names the file it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +24,30 @@ pub enum Error {
         /// What is wrong with it.
         source: qcow2::Error,
     },
+    /// A vmdk image is malformed or uses something this driver refuses.
+    #[error("{}: {source}", path.display())]
+    Vmdk {
+        /// The image (or extent) file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: vmdk::Error,
+    },
+    /// A vdi image is malformed or uses something this driver refuses.
+    #[error("{}: {source}", path.display())]
+    Vdi {
+        /// The image file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: vdi::Error,
+    },
+    /// An OVA archive or its OVF descriptor is malformed.
+    #[error("{}: {source}", path.display())]
+    Ova {
+        /// The archive.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: ova::Error,
+    },
     /// A format name that no driver knows.
     #[error("unknown image format '{0}'")]
     UnknownFormat(String),
@@ -34,6 +58,14 @@ pub enum Error {
         path: PathBuf,
         /// The format's name.
         format: String,
+    },
+    /// The backing image named in an image's header could not be opened.
+    #[error("Could not open backing file: {source}")]
+    BackingOpen {
+        /// The image whose backing file failed.
+        path: PathBuf,
+        /// Why the backing file failed to open.
+        source: Box<Error>,
     },
     /// Backing files refer back to an image already in the chain.
     #[error("{}: backing chain loops back to this image", path.display())]

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use crate::driver::{Driver, HostExtent, Mapping};
 use crate::error::IoContext;
 use crate::storage::{FileStorage, Storage};
-use crate::{probe, qcow2, raw, Error, Format, Result};
+use crate::{probe, qcow2, raw, vdi, vmdk, Error, Format, Result};
 
 /// The most images a backing chain may hold, counting the top one. qemu has no fixed limit but a
 /// chain this deep is a loop or an attack; opening it would exhaust file descriptors.
@@ -161,6 +161,8 @@ impl Image {
         let mut driver: Box<dyn Driver> = match format {
             Format::Raw => Box::new(raw::Raw::open(storage)?),
             Format::Qcow2 => Box::new(qcow2::Qcow2::open(storage, opts.writable)?),
+            Format::Vmdk => Box::new(vmdk::Vmdk::open(storage, opts.writable)?),
+            Format::Vdi => Box::new(vdi::Vdi::open(storage, opts.writable)?),
             other => {
                 return Err(Error::UnsupportedFormat {
                     path: path.to_owned(),
@@ -181,7 +183,17 @@ impl Image {
                     no_backing: false,
                     snapshot: None,
                 };
-                Some(Box::new(Self::open_inner(&bpath, &bopts, seen, depth + 1)?))
+                let b = Self::open_inner(&bpath, &bopts, seen, depth + 1).map_err(|e| match e {
+                    // Loops and depth are about the chain as a whole: keep them as they are.
+                    Error::BackingLoop { .. }
+                    | Error::ChainTooDeep { .. }
+                    | Error::BackingOpen { .. } => e,
+                    other => Error::BackingOpen {
+                        path: path.to_owned(),
+                        source: Box::new(other),
+                    },
+                })?;
+                Some(Box::new(b))
             }
             _ => None,
         };
@@ -300,7 +312,7 @@ impl Image {
                     self.io(r, file)?;
                 }
                 Mapping::Zero { .. } | Mapping::Eof => out.fill(0),
-                Mapping::Unallocated => match &self.backing {
+                Mapping::Unallocated | Mapping::UnallocatedAt { .. } => match &self.backing {
                     Some(b) => b.read_inner(out, pos)?,
                     None => out.fill(0),
                 },
@@ -589,7 +601,11 @@ impl Image {
             Mapping::Data {
                 file, offset: host, ..
             } => {
-                if self.driver.host_holes_are_zero() {
+                if self.driver.data_holes_read_as_zero() {
+                    let s = self.driver.storage(file);
+                    let (data, hn) = self.io(s.block_status(host.0, n), file)?;
+                    st(!data, true, false, Some((file, host.0)), hn.clamp(1, n))
+                } else if self.driver.host_holes_are_zero() {
                     let s = self.driver.storage(file);
                     let (data, hn) = self.io(s.block_status(host.0, n), file)?;
                     let hn = hn.clamp(1, n);
@@ -610,22 +626,28 @@ impl Image {
                 offset: None,
                 file: 0,
             },
-            Mapping::Unallocated => match &self.backing {
+            Mapping::Unallocated | Mapping::UnallocatedAt { .. } => match &self.backing {
                 Some(b) => {
                     let mut s = b.block_status_at(offset, n, depth + 1)?;
                     s.len = s.len.min(n);
                     s
                 }
-                None => BlockStatus {
-                    len: n,
-                    depth,
-                    present: false,
-                    zero: true,
-                    data: false,
-                    compressed: false,
-                    offset: None,
-                    file: 0,
-                },
+                None => {
+                    let reserved = match m {
+                        Mapping::UnallocatedAt { file, offset } => Some((file, offset.0)),
+                        _ => None,
+                    };
+                    BlockStatus {
+                        len: n,
+                        depth,
+                        present: false,
+                        zero: true,
+                        data: false,
+                        compressed: false,
+                        offset: reserved.map(|r| r.1),
+                        file: reserved.map_or(0, |r| r.0),
+                    }
+                }
             },
         })
     }
@@ -718,11 +740,11 @@ impl Image {
         let (m, n) = self.driver.map(offset, len.min(self.size() - offset))?;
         let n = n.clamp(1, len);
         match (m, &self.backing) {
-            (Mapping::Unallocated, Some(b)) => {
+            (Mapping::Unallocated | Mapping::UnallocatedAt { .. }, Some(b)) => {
                 let (a, bn) = b.allocated_above(depth - 1, offset, n)?;
                 Ok((a, bn.min(n)))
             }
-            (Mapping::Unallocated, None) => Ok((false, n)),
+            (Mapping::Unallocated | Mapping::UnallocatedAt { .. }, None) => Ok((false, n)),
             _ => Ok((true, n)),
         }
     }
@@ -734,6 +756,7 @@ impl Image {
     /// When metadata cannot be read.
     pub fn is_allocated_here(&self, offset: u64, len: u64) -> Result<(bool, u64)> {
         let (m, n) = self.driver.map(offset, len)?;
-        Ok((!matches!(m, Mapping::Unallocated), n.clamp(1, len)))
+        let here = !matches!(m, Mapping::Unallocated | Mapping::UnallocatedAt { .. });
+        Ok((here, n.clamp(1, len)))
     }
 }

@@ -21,17 +21,23 @@ pub mod image;
 pub mod measure;
 pub mod ops;
 pub mod options;
+pub mod ova;
 pub mod probe;
 pub mod qcow2;
 pub mod raw;
 pub mod storage;
+pub mod vdi;
+pub mod vmdk;
 
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
 pub use check::{CheckReport, Repair};
-pub use driver::{BackingSpec, Driver, FormatSpecific, Mapping, SnapshotInfo};
+pub use driver::{
+    BackingSpec, Driver, FormatSpecific, Mapping, SnapshotInfo, VdiSpecific, VmdkExtentInfo,
+    VmdkSpecific,
+};
 pub use error::{Error, Result};
 pub use image::{BlockStatus, Image, OpenOptions, MAX_CHAIN_DEPTH};
 pub use options::CreateOptions;
@@ -96,6 +102,8 @@ pub fn create(path: &Path, format: Format, opts: &CreateOptions) -> Result<()> {
     match format {
         Format::Raw => raw::create(path, opts),
         Format::Qcow2 => qcow2::create(path, opts),
+        Format::Vmdk => vmdk::create(path, opts),
+        Format::Vdi => vdi::create(path, opts),
         other => Err(Error::Unsupported {
             path: path.to_owned(),
             what: format!("creating {other} images"),

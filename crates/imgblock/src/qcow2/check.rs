@@ -90,7 +90,7 @@ impl Walk<'_> {
                 } else {
                     0
                 };
-                let entry = Entry { word, bitmap };
+                let entry = Entry::decode(word, bitmap, self.q.data != 0);
                 let guest = ((i as u64) * g.l2_entries + j) << g.cluster_bits;
                 self.l2_entry(entry, guest, active);
             }
@@ -295,6 +295,11 @@ fn compare_refcounts(
                 .copied()
                 .unwrap_or(0),
         );
+        if on_disk > 0 || want > 0 {
+            // Like qemu, the end offset counts leaked clusters too.
+            let end = (c + 1) * g.cluster_size;
+            r.image_end_offset = Some(r.image_end_offset.map_or(end, |e| e.max(end)));
+        }
         if on_disk != want {
             let fix = (on_disk > want && repair != Repair::None)
                 || (on_disk < want && repair == Repair::All);

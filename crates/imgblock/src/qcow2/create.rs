@@ -185,6 +185,8 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
         }
         _ => return Err(invalid("Image creation needs a size parameter")),
     };
+    // qemu sizes images in whole sectors.
+    let size = size.div_ceil(512).saturating_mul(512);
     if size > i64::MAX as u64 {
         return Err(invalid(format!("Image size {size} is too large")));
     }
@@ -286,7 +288,10 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
         let l1_off = if l1_entries > 0 {
             let l1_clusters = (l1_entries * 8).div_ceil(cs);
             let off = q.alloc_clusters(&mut st, l1_clusters)?;
-            let zeroes = vec![0u8; usize::try_from(l1_clusters * cs).unwrap_or(0)];
+            // Only the entries are written, rounded to a sector as qemu does: the rest of the
+            // cluster lies past the end of the file and reads as zeroes.
+            let zeroes =
+                vec![0u8; usize::try_from((l1_entries * 8).div_ceil(512) * 512).unwrap_or(0)];
             storage.write_at(&zeroes, off).ctx(path)?;
             off
         } else {

@@ -79,6 +79,9 @@ pub enum Error {
     /// The external data file bit and the data file extension disagree.
     #[error("image needs an external data file but names none")]
     MissingDataFile,
+    /// The raw-data-file autoclear bit without an external data file.
+    #[error("data-file-raw requires a data file")]
+    DataFileRawWithoutDataFile,
     /// Encrypted images are not handled by this driver.
     #[error("encrypted images (crypt method {0}) are not supported")]
     Encrypted(u32),

@@ -33,7 +33,40 @@ pub struct Entry {
     pub bitmap: u64,
 }
 
+/// Not on disk: marks a standard (not compressed) entry whose host offset is valid although zero. With an external data
+/// file, offset 0 is a real data-file offset and qemu tells it from "unallocated" by the COPIED
+/// flag (data-file clusters always have refcount 1). Bit 56 is reserved in L2 entries, so the
+/// marker never collides with a real flag; [`Entry::to_bytes`] drops it.
+const HOST_ZERO_VALID: u64 = 1 << 56;
+
 impl Entry {
+    /// Decodes an entry as stored; `data_file` applies qemu's reading of offset 0.
+    pub fn decode(word: u64, bitmap: u64, data_file: bool) -> Entry {
+        if word & COMPRESSED != 0 {
+            // Compressed descriptors use bit 56 for the sector count with large clusters.
+            return Entry { word, bitmap };
+        }
+        let word = word & !HOST_ZERO_VALID;
+        let zero_flag_plain = word & ZERO_FLAG != 0 && bitmap == 0;
+        if data_file
+            && word & OFFSET_MASK == 0
+            && word & COPIED != 0
+            && word & COMPRESSED == 0
+            && !zero_flag_plain
+        {
+            return Entry {
+                word: word | HOST_ZERO_VALID,
+                bitmap,
+            };
+        }
+        Entry { word, bitmap }
+    }
+
+    fn has_host(&self) -> bool {
+        self.word & COMPRESSED == 0
+            && (self.word & OFFSET_MASK != 0 || self.word & HOST_ZERO_VALID != 0)
+    }
+
     /// Whether the refcount of the cluster is exactly one.
     pub fn copied(&self) -> bool {
         self.word & COPIED != 0
@@ -44,10 +77,7 @@ impl Entry {
         if self.word & COMPRESSED != 0 {
             return None;
         }
-        match self.word & OFFSET_MASK {
-            0 => None,
-            h => Some(h),
-        }
+        self.has_host().then_some(self.word & OFFSET_MASK)
     }
 
     /// Host offset and length bound of a compressed entry.
@@ -62,7 +92,7 @@ impl Entry {
         if self.word & COMPRESSED != 0 {
             return Kind::Compressed;
         }
-        let host = self.word & OFFSET_MASK != 0;
+        let host = self.has_host();
         if ext {
             let alloc = self.bitmap >> sub & 1 != 0;
             let zero = self.bitmap >> (32 + sub) & 1 != 0;
@@ -91,7 +121,12 @@ impl Entry {
 
     /// Encodes the entry.
     pub fn to_bytes(self, ext: bool) -> Vec<u8> {
-        let mut v = self.word.to_be_bytes().to_vec();
+        let word = if self.word & COMPRESSED == 0 {
+            self.word & !HOST_ZERO_VALID
+        } else {
+            self.word
+        };
+        let mut v = word.to_be_bytes().to_vec();
         if ext {
             v.extend_from_slice(&self.bitmap.to_be_bytes());
         }
@@ -143,6 +178,16 @@ impl Granule {
                 },
             ) => f1 == f2 && o1.0 + dist == o2.0,
             (Mapping::Unallocated, Mapping::Unallocated) => true,
+            (
+                Mapping::UnallocatedAt {
+                    file: f1,
+                    offset: o1,
+                },
+                Mapping::UnallocatedAt {
+                    file: f2,
+                    offset: o2,
+                },
+            ) => f1 == f2 && o1.0 + dist == o2.0,
             _ => false,
         }
     }
@@ -182,7 +227,7 @@ impl Qcow2 {
         }
         let word = be64_at(t, o);
         let bitmap = if esize == 16 { be64_at(t, o + 8) } else { 0 };
-        Ok(Entry { word, bitmap })
+        Ok(Entry::decode(word, bitmap, self.data != 0))
     }
 
     /// Writes entry `l2i` of the L2 table at `l2off` (cache and file).
@@ -284,7 +329,11 @@ impl Qcow2 {
                 offset: Some((self.data, HostOffset(data_host(e.host().ok_or_else(bad)?)?))),
             },
             Kind::ZeroPlain => Mapping::Zero { offset: None },
-            Kind::UnallocPlain | Kind::UnallocAlloc => Mapping::Unallocated,
+            Kind::UnallocPlain => Mapping::Unallocated,
+            Kind::UnallocAlloc => Mapping::UnallocatedAt {
+                file: self.data,
+                offset: HostOffset(data_host(e.host().ok_or_else(bad)?)?),
+            },
             Kind::Compressed => {
                 if self.data != 0 {
                     return Err(self.err(Error::CompressedWithDataFile));
@@ -333,6 +382,24 @@ mod tests {
         assert_eq!(k(0x10000 | COPIED), Kind::Normal);
         assert_eq!(k(0x10000 | 1), Kind::ZeroAlloc);
         assert_eq!(k(COMPRESSED | 0x1234), Kind::Compressed);
+    }
+
+    #[test]
+    fn compressed_descriptor_with_bit_56_survives_decode() {
+        // 2 MiB clusters: the sector count occupies bits 49..61, including bit 56.
+        let w = 0x4330_0000_00a0_0000;
+        let e = Entry::decode(w, 0, true);
+        assert_eq!(e.word, w);
+        assert_eq!(e.to_bytes(false), w.to_be_bytes().to_vec());
+    }
+
+    #[test]
+    fn data_file_offset_zero_with_copied_is_data() {
+        let e = Entry::decode(COPIED, 0, true);
+        assert_eq!(e.host(), Some(0));
+        assert_eq!(e.kind_ext(0, false), Kind::Normal);
+        assert_eq!(e.to_bytes(false), COPIED.to_be_bytes().to_vec());
+        assert_eq!(Entry::decode(COPIED, 0, false).host(), None);
     }
 
     #[test]

@@ -130,6 +130,8 @@ pub struct Qcow2 {
     /// Index in `files` of the storage that holds guest data.
     data: usize,
     state: Mutex<State>,
+    /// Whether the image looks metadata-preallocated (decided on first use, as qemu does).
+    metadata_prealloc: std::sync::OnceLock<bool>,
 }
 
 pub(crate) fn be64_at(b: &[u8], off: usize) -> u64 {
@@ -224,6 +226,8 @@ impl Qcow2 {
             end_hint,
             compressed_cursor: 0,
         };
+        // qemu reads the snapshot table when it opens an image and refuses a malformed one.
+        snapshot::read_table(storage.as_ref(), &state.h).map_err(&qerr)?;
         let size = state.h.size;
         let q = Qcow2 {
             files,
@@ -232,6 +236,7 @@ impl Qcow2 {
             writable,
             data,
             state: Mutex::new(state),
+            metadata_prealloc: std::sync::OnceLock::new(),
         };
         if writable {
             q.open_for_writing()?;
@@ -288,7 +293,7 @@ impl Qcow2 {
         if h.incompatible & header::INCOMPAT_DATA_FILE == 0
             && h.autoclear & header::AUTOCLEAR_DATA_FILE_RAW != 0
         {
-            // qemu ignores data_file_raw without a data file; so do we.
+            return Err(Error::DataFileRawWithoutDataFile);
         }
         Ok(())
     }
@@ -335,6 +340,28 @@ impl Qcow2 {
         self.file().flush().ctx(self.file().path())?;
         st.h = h;
         Ok(())
+    }
+
+    /// qemu's test for a metadata-preallocated image: the refcounts claim clearly more clusters
+    /// than the host file really has allocated.
+    fn detect_metadata_preallocation(&self) -> Result<bool> {
+        if self.data != 0 {
+            return Ok(false);
+        }
+        let f = self.file();
+        let real_clusters = f.allocated_size().ctx(f.path())? / self.geo.cluster_size;
+        let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+        let end = f.size().ctx(f.path())?.div_ceil(self.geo.cluster_size);
+        let mut st = self.lock();
+        let mut count = 0;
+        let mut c = 0;
+        while c < end && count < threshold {
+            if self.refcount(&mut st, c)? != 0 {
+                count += 1;
+            }
+            c += 1;
+        }
+        Ok(count >= threshold)
     }
 
     /// The L2 entry for guest cluster index `gc` (None when no L2 table), with the L1 entry.
@@ -578,6 +605,7 @@ impl Driver for Qcow2 {
             writable: false,
             data: self.data,
             state: Mutex::new(st),
+            metadata_prealloc: std::sync::OnceLock::new(),
         }))
     }
 
@@ -620,6 +648,12 @@ impl Driver for Qcow2 {
         }
         let n = end.min(limit) - offset;
         Ok((first.mapping, n))
+    }
+
+    fn data_holes_read_as_zero(&self) -> bool {
+        *self
+            .metadata_prealloc
+            .get_or_init(|| self.detect_metadata_preallocation().unwrap_or(false))
     }
 
     fn read_compressed(&self, c: &CompressedRef, out: &mut [u8]) -> Result<()> {
@@ -670,6 +704,8 @@ impl Driver for Qcow2 {
         let mut pos = offset;
         while pos < end {
             let gc = pos >> g.cluster_bits;
+            // The L2 table first, then data clusters after it, as qemu lays images out.
+            self.l2_for_write(&mut st, gc / g.l2_entries)?;
             let cstart = gc << g.cluster_bits;
             let piece_end = end.min(cstart + g.cluster_size);
             let host_cluster = if self.data != 0 {

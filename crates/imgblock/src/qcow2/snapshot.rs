@@ -105,7 +105,14 @@ pub fn read_table(file: &dyn Storage, h: &Header) -> Result<Vec<Snapshot>, Error
         let vm_state_size32 = u32_at(&fixed[32..]);
         let extra_size = u32_at(&fixed[36..]);
         if extra_size > MAX_EXTRA_DATA {
-            return Err(Error::BadSnapshotTable("extra data too large"));
+            return Err(Error::BadSnapshotTable(
+                "too much extra metadata in a snapshot table entry",
+            ));
+        }
+        if h.version >= 3 && extra_size < 16 {
+            return Err(Error::BadSnapshotTable(
+                "a v3 snapshot table entry lacks its extra data",
+            ));
         }
         let extra = take(&buf, &mut pos, extra_size as usize)?;
         let field = |o: usize| (extra.len() >= o + 8).then(|| super::be64_at(extra, o));

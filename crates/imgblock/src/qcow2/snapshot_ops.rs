@@ -47,7 +47,7 @@ impl Qcow2 {
                 } else {
                     0
                 };
-                let entry = super::l2::Entry { word, bitmap };
+                let entry = super::l2::Entry::decode(word, bitmap, self.data != 0);
                 if word & COMPRESSED != 0 {
                     let (host, len) = entry.compressed(&g);
                     let mut c = host & !(g.cluster_size - 1);

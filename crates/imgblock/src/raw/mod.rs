@@ -98,9 +98,15 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     let size = opts
         .size
         .ok_or_else(|| Error::InvalidOption("Image creation needs a size parameter".into()))?;
+    // qemu sizes images in whole sectors.
+    let size = size.div_ceil(512).saturating_mul(512);
     let s = FileStorage::create(path).ctx(path)?;
     s.set_len(size).ctx(path)?;
     match prealloc {
+        // Like qemu, allocate the first 4 KiB so that later alignment probing finds real data.
+        Preallocation::Off => s
+            .write_at(&vec![0u8; usize::try_from(size.min(4096)).unwrap_or(0)], 0)
+            .ctx(path)?,
         Preallocation::Falloc => s.allocate(0, size).ctx(path)?,
         Preallocation::Full => crate::storage::write_zero_buffers(&s, 0, size).ctx(path)?,
         _ => {}

@@ -1,0 +1,576 @@
+//! VirtualBox Disk Images (VDI), per VirtualBox's `VDICore.h` layout as qemu's block/vdi.c
+//! reads it: a 512-byte header, a block map of little-endian u32 entries, 1 MiB data blocks.
+//!
+//! ```text
+//!  Vdi (Driver) --map--> block map (in memory) --> data block i at offset_data + i * 1 MiB
+//!        |                                    \--> 0xffffffff: unallocated (parent or zeroes)
+//!        |                                    \--> 0xfffffffe: reads as zeroes
+//!        +--allocate/commit--> next data block = blocks_allocated; map entry + header rewritten
+//! ```
+//! Differencing images (type 4) name their parent by UUID only; the driver looks for a `.vdi`
+//! with that UUID next to the image (VirtualBox keeps the link in its media registry instead).
+
+mod create;
+mod error;
+pub mod header;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+pub use create::{create, CREATE_OPTIONS};
+pub use error::Error;
+use header::{Header, ImageType, Uuid, BLOCK_SIZE};
+
+use crate::driver::{
+    BackingSpec, CompressedRef, Driver, FormatSpecific, HostExtent, HostOffset, Mapping,
+    VdiSpecific,
+};
+use crate::error::IoContext;
+use crate::storage::Storage;
+use crate::{CheckReport, Format, Repair, Result};
+
+/// Most blocks an image may have: 16 TiB of 1 MiB blocks, a 64 MiB block map held in memory.
+/// VirtualBox's own limit is lower in practice; the cap bounds what a header can make us allocate.
+pub const MAX_BLOCKS: u32 = 1 << 24;
+/// Block map entry: block not allocated (read from the parent, or zeroes).
+pub const BMAP_FREE: u32 = 0xffff_ffff;
+/// Block map entry: block reads as zeroes.
+pub const BMAP_ZERO: u32 = 0xffff_fffe;
+/// How many `.vdi` files next to a differencing image are examined to find its parent.
+pub const MAX_PARENT_CANDIDATES: usize = 256;
+
+const BS: u64 = BLOCK_SIZE as u64;
+
+/// Mutable state.
+#[derive(Debug)]
+struct State {
+    h: Header,
+    bmap: Vec<u32>,
+}
+
+/// An open VDI image.
+#[derive(Debug)]
+pub struct Vdi {
+    storage: Arc<dyn Storage>,
+    kind: ImageType,
+    writable: bool,
+    size: u64,
+    /// Differencing images: the parent file found by UUID.
+    parent: Option<String>,
+    state: Mutex<State>,
+}
+
+fn is_allocated(e: u32) -> bool {
+    e < BMAP_ZERO
+}
+
+impl Vdi {
+    fn err(&self, e: Error) -> crate::Error {
+        crate::Error::Vdi {
+            path: self.storage.path().to_owned(),
+            source: e,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Opens a VDI image over a storage.
+    ///
+    /// # Errors
+    /// The specific [`Error`] for a bad header or block map; I/O errors.
+    pub fn open(storage: Arc<dyn Storage>, writable: bool) -> Result<Vdi> {
+        let path = storage.path().to_owned();
+        let verr = |e: Error| crate::Error::Vdi {
+            path: path.clone(),
+            source: e,
+        };
+        let file_len = storage.size().ctx(&path)?;
+        let mut buf = [0u8; header::HEADER_LEN];
+        if file_len < header::HEADER_LEN as u64 {
+            return Err(verr(Error::Truncated(file_len)));
+        }
+        storage.read_at(&mut buf, 0).ctx(&path)?;
+        let h = Header::parse(&buf).map_err(&verr)?;
+        let kind = h.validate(file_len).map_err(&verr)?;
+        // validate() bounds blocks_in_image by MAX_BLOCKS, so this fits in memory and usize.
+        let n = usize::try_from(h.blocks_in_image)
+            .map_err(|_| verr(Error::TooManyBlocks(h.blocks_in_image)))?;
+        let mut raw = vec![0u8; n * 4];
+        storage
+            .read_at(&mut raw, u64::from(h.offset_bmap))
+            .ctx(&path)?;
+        let bmap: Vec<u32> = raw
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let parent = if kind == ImageType::Diff {
+            Some(find_parent(&path, &h.uuid_link).map_err(&verr)?)
+        } else {
+            None
+        };
+        Ok(Vdi {
+            storage,
+            kind,
+            writable,
+            size: h.disk_size,
+            parent,
+            state: Mutex::new(State { h, bmap }),
+        })
+    }
+
+    /// The decoded header.
+    pub fn header(&self) -> Header {
+        self.lock().h.clone()
+    }
+
+    fn host_of(h: &Header, entry: u32) -> u64 {
+        u64::from(h.offset_data) + u64::from(entry) * BS
+    }
+
+    fn write_bmap_entry(&self, st: &State, block: u64) -> Result<()> {
+        let i = usize::try_from(block).unwrap_or(usize::MAX);
+        let e = st.bmap.get(i).copied().unwrap_or(BMAP_FREE);
+        self.storage
+            .write_at(&e.to_le_bytes(), u64::from(st.h.offset_bmap) + block * 4)
+            .ctx(self.storage.path())
+    }
+
+    fn write_header(&self, h: &Header) -> Result<()> {
+        self.storage
+            .write_at(&h.to_bytes(), 0)
+            .ctx(self.storage.path())
+    }
+
+    fn check_rw(&self) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(crate::Error::ReadOnly {
+                path: self.storage.path().to_owned(),
+            })
+        }
+    }
+}
+
+/// Looks for the `.vdi` whose image UUID is `want` in the directory of `child` and its parent
+/// directory (VirtualBox keeps differencing images in `Snapshots/` below the base).
+fn find_parent(child: &Path, want: &Uuid) -> Result<String, Error> {
+    let dir = match child.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let mut dirs = vec![(dir.clone(), PathBuf::new())];
+    if let Some(up) = dir.parent() {
+        let up = if up.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            up.to_owned()
+        };
+        dirs.push((up, PathBuf::from("..")));
+    }
+    let mut seen = 0usize;
+    for (d, rel) in dirs {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for ent in rd.flatten() {
+            let p = ent.path();
+            if p.extension().and_then(|e| e.to_str()) != Some("vdi") {
+                continue;
+            }
+            seen += 1;
+            if seen > MAX_PARENT_CANDIDATES {
+                return Err(Error::ParentNotFound(want.to_string()));
+            }
+            let Ok(f) = std::fs::File::open(&p) else {
+                continue;
+            };
+            let mut buf = [0u8; header::HEADER_LEN];
+            if std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, 0).is_err() {
+                continue;
+            }
+            if let Ok(h) = Header::parse(&buf) {
+                if h.uuid_image == *want {
+                    let name = rel.join(ent.file_name());
+                    return Ok(name.to_string_lossy().into_owned());
+                }
+            }
+        }
+    }
+    Err(Error::ParentNotFound(want.to_string()))
+}
+
+impl Driver for Vdi {
+    fn format(&self) -> Format {
+        Format::Vdi
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn storage(&self, _file: usize) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    fn cluster_size(&self) -> Option<u64> {
+        Some(BS)
+    }
+
+    fn backing(&self) -> Option<BackingSpec> {
+        self.parent.as_ref().map(|p| BackingSpec {
+            filename: p.clone(),
+            format: Some("vdi".into()),
+        })
+    }
+
+    fn specific(&self) -> FormatSpecific {
+        let st = self.lock();
+        let h = &st.h;
+        let opt = |u: &Uuid| (!u.is_nil()).then(|| u.to_string());
+        FormatSpecific::Vdi(VdiSpecific {
+            image_type: match self.kind {
+                ImageType::Dynamic => "dynamic",
+                ImageType::Static => "static",
+                ImageType::Diff => "differencing",
+            },
+            uuid: h.uuid_image.to_string(),
+            last_modification_uuid: opt(&h.uuid_last_snap),
+            parent_uuid: opt(&h.uuid_link),
+            parent_modification_uuid: opt(&h.uuid_parent),
+        })
+    }
+
+    fn snapshot_view(&self, name: &str) -> Result<Box<dyn Driver>> {
+        Err(crate::Error::NoSuchSnapshot {
+            path: self.storage.path().to_owned(),
+            name: name.to_owned(),
+        })
+    }
+
+    fn map(&self, offset: u64, len: u64) -> Result<(Mapping, u64)> {
+        if offset >= self.size {
+            return Ok((Mapping::Eof, len.max(1)));
+        }
+        let len = len.min(self.size - offset).max(1);
+        let st = self.lock();
+        let block = offset / BS;
+        let entry_of = |b: u64| {
+            st.bmap
+                .get(usize::try_from(b).unwrap_or(usize::MAX))
+                .copied()
+        };
+        let Some(e) = entry_of(block) else {
+            return Err(self.err(Error::BadBlockMapEntry {
+                index: block,
+                entry: BMAP_FREE,
+            }));
+        };
+        if is_allocated(e) && e >= st.h.blocks_in_image {
+            return Err(self.err(Error::BadBlockMapEntry {
+                index: block,
+                entry: e,
+            }));
+        }
+        // Extend over following blocks of the same kind (and, for data, contiguous on disk).
+        let end = offset + len;
+        let mut b = block;
+        let mut reach = (block + 1) * BS;
+        while reach < end {
+            b += 1;
+            let Some(n) = entry_of(b) else { break };
+            let same = if is_allocated(e) {
+                u64::from(n) == u64::from(e) + (b - block) && n < st.h.blocks_in_image
+            } else {
+                n == e
+            };
+            if !same {
+                break;
+            }
+            reach += BS;
+        }
+        let n = reach.min(end) - offset;
+        let m = match e {
+            BMAP_FREE => Mapping::Unallocated,
+            BMAP_ZERO => Mapping::Zero { offset: None },
+            _ => Mapping::Data {
+                file: 0,
+                offset: HostOffset(Self::host_of(&st.h, e) + offset % BS),
+                writable: true,
+            },
+        };
+        Ok((m, n))
+    }
+
+    fn host_holes_are_zero(&self) -> bool {
+        false
+    }
+
+    fn read_compressed(&self, _c: &CompressedRef, _out: &mut [u8]) -> Result<()> {
+        Err(self.unsupported("compressed data"))
+    }
+
+    fn cow_granularity(&self) -> u64 {
+        BS
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> Result<Vec<HostExtent>> {
+        self.check_rw()?;
+        let mut st = self.lock();
+        let mut out: Vec<HostExtent> = Vec::new();
+        let end = offset.saturating_add(len);
+        let mut pos = offset;
+        while pos < end {
+            let block = pos / BS;
+            let bend = end.min((block + 1) * BS);
+            let i = usize::try_from(block).unwrap_or(usize::MAX);
+            let cur = st.bmap.get(i).copied().unwrap_or(BMAP_FREE);
+            let idx = if is_allocated(cur) {
+                cur
+            } else {
+                if st.h.blocks_allocated >= st.h.blocks_in_image {
+                    return Err(self.err(Error::Full));
+                }
+                let idx = st.h.blocks_allocated;
+                st.h.blocks_allocated += 1;
+                idx
+            };
+            let host = Self::host_of(&st.h, idx) + pos % BS;
+            match out.last_mut() {
+                Some(l) if l.guest + l.len == pos && l.host.0 + l.len == host => {
+                    l.len += bend - pos
+                }
+                _ => out.push(HostExtent {
+                    guest: pos,
+                    len: bend - pos,
+                    file: 0,
+                    host: HostOffset(host),
+                }),
+            }
+            pos = bend;
+        }
+        Ok(out)
+    }
+
+    fn commit(&self, extents: &[HostExtent]) -> Result<()> {
+        let mut st = self.lock();
+        let mut changed = false;
+        for e in extents {
+            let mut pos = e.guest;
+            let end = e.guest + e.len;
+            while pos < end {
+                let block = pos / BS;
+                let host = e.host.0 + (pos - e.guest);
+                let rel = (host - pos % BS).saturating_sub(u64::from(st.h.offset_data)) / BS;
+                let idx = u32::try_from(rel).map_err(|_| self.err(Error::Full))?;
+                let i = usize::try_from(block).unwrap_or(usize::MAX);
+                if let Some(slot) = st.bmap.get_mut(i) {
+                    if *slot != idx {
+                        *slot = idx;
+                        self.write_bmap_entry(&st, block)?;
+                        changed = true;
+                    }
+                }
+                pos = ((block + 1) * BS).min(end);
+            }
+        }
+        if changed {
+            let h = st.h.clone();
+            self.write_header(&h)?;
+        }
+        Ok(())
+    }
+
+    fn zero(&self, offset: u64, len: u64, _unmap: bool) -> Result<bool> {
+        self.check_rw()?;
+        let mut st = self.lock();
+        let end = offset.saturating_add(len);
+        let mut block = offset / BS;
+        while block * BS < end {
+            let i = usize::try_from(block).unwrap_or(usize::MAX);
+            let Some(cur) = st.bmap.get(i).copied() else {
+                break;
+            };
+            if is_allocated(cur) {
+                // Freeing the data block would leave a hole that blocks_allocated still counts
+                // (VDI has no free list); zero it in place instead.
+                let host = Self::host_of(&st.h, cur);
+                self.storage
+                    .write_zeroes(host, BS, false)
+                    .ctx(self.storage.path())?;
+            } else if cur == BMAP_FREE && self.parent.is_some() {
+                st.bmap[i] = BMAP_ZERO;
+                self.write_bmap_entry(&st, block)?;
+            }
+            block += 1;
+        }
+        Ok(true)
+    }
+
+    fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
+        // qemu's vdi has no discard either: the data stays.
+        self.check_rw()
+    }
+
+    fn check(&self, repair: Repair) -> Result<CheckReport> {
+        let _ = repair;
+        let st = self.lock();
+        let h = &st.h;
+        let mut r = CheckReport {
+            total_clusters: u64::from(h.blocks_in_image),
+            ..CheckReport::default()
+        };
+        let mut owner: Vec<u32> = vec![BMAP_FREE; st.bmap.len()];
+        let mut allocated = 0u32;
+        let mut prev: Option<u32> = None;
+        for (block, &e) in st.bmap.iter().enumerate() {
+            if !is_allocated(e) {
+                continue;
+            }
+            let bi = u32::try_from(block).unwrap_or(u32::MAX);
+            match owner.get_mut(usize::try_from(e).unwrap_or(usize::MAX)) {
+                Some(o) => {
+                    allocated += 1;
+                    if *o != BMAP_FREE {
+                        r.messages
+                            .push(format!("ERROR: block index {bi} also used by {}", *o));
+                        r.corruptions += 1;
+                    } else {
+                        *o = bi;
+                    }
+                    if prev.is_some_and(|p| p.checked_add(1) != Some(e)) {
+                        r.fragmented_clusters += 1;
+                    }
+                    prev = Some(e);
+                }
+                None => {
+                    r.messages
+                        .push(format!("ERROR: block index {bi} too large, is {e}"));
+                    r.corruptions += 1;
+                }
+            }
+        }
+        if allocated != h.blocks_allocated {
+            r.messages.push(format!(
+                "ERROR: allocated blocks mismatch, is {allocated}, should be {}",
+                h.blocks_allocated
+            ));
+            r.corruptions += 1;
+        }
+        r.allocated_clusters = u64::from(allocated);
+        Ok(r)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.storage.flush().ctx(self.storage.path())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{CreateOptions, Image, OpenOptions};
+
+    fn make(dir: &Path, size: u64, opts: &[(&str, &str)]) -> PathBuf {
+        let p = dir.join("t.vdi");
+        let mut o = CreateOptions::new(size);
+        for (k, v) in opts {
+            o.set(k, v);
+        }
+        create(&p, &o).unwrap();
+        p
+    }
+
+    fn vdi_err(r: crate::Result<Image>) -> Error {
+        match r {
+            Err(crate::Error::Vdi { source, .. }) => source,
+            other => panic!("expected a vdi error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn write_then_read_returns_data_and_zeroes_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = make(dir.path(), 5 << 20, &[]);
+        let img = Image::open(&p, &OpenOptions::writable()).unwrap();
+        img.write_at(&[7u8; 1000], (2 << 20) + 5).unwrap();
+        let mut buf = vec![1u8; 3 << 20];
+        img.read_at(&mut buf, 1 << 20).unwrap();
+        assert!(buf[..(1 << 20) + 5].iter().all(|&b| b == 0));
+        assert!(buf[(1 << 20) + 5..(1 << 20) + 1005].iter().all(|&b| b == 7));
+        assert!(buf[(1 << 20) + 1005..].iter().all(|&b| b == 0));
+        let r = img.check(Repair::None).unwrap();
+        assert_eq!(r.corruptions, 0);
+        assert_eq!(r.allocated_clusters, 1);
+    }
+
+    #[test]
+    fn static_image_maps_every_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = make(dir.path(), 3 << 20, &[("static", "on")]);
+        let img = Image::open(&p, &OpenOptions::read_only()).unwrap();
+        let h = match img.driver().specific() {
+            FormatSpecific::Vdi(v) => v,
+            _ => panic!(),
+        };
+        assert_eq!(h.image_type, "static");
+        let (m, n) = img.driver().map(0, 3 << 20).unwrap();
+        assert!(matches!(m, Mapping::Data { .. }));
+        assert_eq!(n, 3 << 20);
+    }
+
+    fn patched(f: impl FnOnce(&mut Vec<u8>)) -> crate::Result<Image> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = make(dir.path(), 3 << 20, &[]);
+        let mut b = std::fs::read(&p).unwrap();
+        f(&mut b);
+        std::fs::write(&p, &b).unwrap();
+        Image::open(&p, &OpenOptions::read_only())
+    }
+
+    #[test]
+    fn open_truncated_file_is_truncated() {
+        assert!(matches!(
+            vdi_err(patched(|b| b.truncate(100))),
+            Error::Truncated(100)
+        ));
+    }
+
+    #[test]
+    fn open_block_map_past_end_is_refused() {
+        let e = vdi_err(patched(|b| {
+            b[0x180..0x184].copy_from_slice(&1000u32.to_le_bytes());
+            b[0x158..0x15c].copy_from_slice(&0x10_0000u32.to_le_bytes());
+        }));
+        assert!(matches!(e, Error::BlockMapOutOfRange { .. }));
+    }
+
+    #[test]
+    fn map_entry_past_blocks_is_an_error_not_a_panic() {
+        let img = patched(|b| b[0x200..0x204].copy_from_slice(&77u32.to_le_bytes())).unwrap();
+        let mut buf = [0u8; 16];
+        assert!(matches!(
+            img.read_at(&mut buf, 0),
+            Err(crate::Error::Vdi {
+                source: Error::BadBlockMapEntry {
+                    index: 0,
+                    entry: 77
+                },
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn check_finds_duplicate_and_count_mismatch() {
+        let img = patched(|b| {
+            b[0x200..0x204].copy_from_slice(&0u32.to_le_bytes());
+            b[0x204..0x208].copy_from_slice(&0u32.to_le_bytes());
+        })
+        .unwrap();
+        let r = img.check(Repair::None).unwrap();
+        assert_eq!(r.corruptions, 2, "{:?}", r.messages);
+    }
+}

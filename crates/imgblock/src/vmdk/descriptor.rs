@@ -1,0 +1,398 @@
+//! The text descriptor (Virtual Disk Format 5.0, "The Descriptor File"): header keys, extent
+//! lines and the disk database. Accepts what VMware, VirtualBox and ovftool write: comments,
+//! blank lines, CRLF, quoted or bare values, spaces around `=`, any `ddb.*` keys.
+
+use super::{Error, MAX_DESCRIPTOR_BYTES, MAX_EXTENTS};
+
+/// CID value meaning "no parent".
+pub const NO_PARENT_CID: u32 = 0xffff_ffff;
+
+/// Extent access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Read-write.
+    Rw,
+    /// Read-only.
+    RdOnly,
+    /// No access (data reads as zeroes).
+    NoAccess,
+}
+
+/// Extent types from the spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtentType {
+    /// Plain data at an offset in a file.
+    Flat,
+    /// A hosted sparse extent (KDMV header).
+    Sparse,
+    /// Reads as zeroes, no file.
+    Zero,
+    /// ESX flat extent.
+    Vmfs,
+    /// ESX sparse extent (COWD header).
+    VmfsSparse,
+    /// ESX raw device map (read like flat).
+    VmfsRdm,
+    /// ESX raw device (read like flat).
+    VmfsRaw,
+}
+
+impl ExtentType {
+    /// The descriptor's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            ExtentType::Flat => "FLAT",
+            ExtentType::Sparse => "SPARSE",
+            ExtentType::Zero => "ZERO",
+            ExtentType::Vmfs => "VMFS",
+            ExtentType::VmfsSparse => "VMFSSPARSE",
+            ExtentType::VmfsRdm => "VMFSRDM",
+            ExtentType::VmfsRaw => "VMFSRAW",
+        }
+    }
+    fn parse(s: &str) -> Result<Self, Error> {
+        Ok(match s {
+            "FLAT" => ExtentType::Flat,
+            "SPARSE" => ExtentType::Sparse,
+            "ZERO" => ExtentType::Zero,
+            "VMFS" => ExtentType::Vmfs,
+            "VMFSSPARSE" => ExtentType::VmfsSparse,
+            "VMFSRDM" => ExtentType::VmfsRdm,
+            "VMFSRAW" => ExtentType::VmfsRaw,
+            other => return Err(Error::UnsupportedExtentType(other.to_owned())),
+        })
+    }
+}
+
+/// One extent line: `ACCESS SECTORS TYPE ["FILE" [OFFSET]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtentLine {
+    /// Access mode.
+    pub access: Access,
+    /// Size in sectors.
+    pub sectors: u64,
+    /// Type.
+    pub kind: ExtentType,
+    /// File name (none for ZERO).
+    pub filename: Option<String>,
+    /// Start sector in the file (flat extents).
+    pub offset: u64,
+}
+
+/// A parsed descriptor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Descriptor {
+    /// `version=`.
+    pub version: u32,
+    /// Content ID.
+    pub cid: u32,
+    /// Parent content ID ([`NO_PARENT_CID`] when none).
+    pub parent_cid: u32,
+    /// `createType=`.
+    pub create_type: String,
+    /// `parentFileNameHint=`.
+    pub parent_hint: Option<String>,
+    /// Extent lines in order.
+    pub extents: Vec<ExtentLine>,
+    /// `ddb.*` keys in order, values unquoted.
+    pub ddb: Vec<(String, String)>,
+}
+
+fn unquote(v: &str) -> &str {
+    let v = v.trim();
+    v.strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .unwrap_or(v)
+}
+
+fn parse_hex(key: &'static str, v: &str) -> Result<u32, Error> {
+    let t = unquote(v);
+    let t = t.strip_prefix("0x").unwrap_or(t);
+    u32::from_str_radix(t, 16).map_err(|_| Error::BadValue {
+        key,
+        value: v.to_owned(),
+    })
+}
+
+fn parse_extent(line: &str) -> Result<ExtentLine, Error> {
+    let bad = || Error::BadExtentLine(line.to_owned());
+    let mut rest = line.trim();
+    let mut word = || -> Option<&str> {
+        let r = rest.trim_start();
+        let end = r.find(char::is_whitespace).unwrap_or(r.len());
+        let (w, tail) = r.split_at(end);
+        rest = tail;
+        (!w.is_empty()).then_some(w)
+    };
+    let access = match word().ok_or_else(bad)? {
+        "RW" => Access::Rw,
+        "RDONLY" => Access::RdOnly,
+        "NOACCESS" => Access::NoAccess,
+        _ => return Err(bad()),
+    };
+    let sectors: u64 = word().and_then(|w| w.parse().ok()).ok_or_else(bad)?;
+    let kind = ExtentType::parse(word().ok_or_else(bad)?)?;
+    let r = rest.trim_start();
+    let (filename, tail) = if let Some(q) = r.strip_prefix('"') {
+        let end = q.find('"').ok_or_else(bad)?;
+        (Some(q[..end].to_owned()), &q[end + 1..])
+    } else if r.is_empty() {
+        (None, "")
+    } else {
+        // VirtualBox sometimes writes names unquoted.
+        let end = r.find(char::is_whitespace).unwrap_or(r.len());
+        (Some(r[..end].to_owned()), &r[end..])
+    };
+    let tail = tail.trim();
+    let offset = if tail.is_empty() {
+        0
+    } else {
+        tail.split_whitespace()
+            .next()
+            .and_then(|w| w.parse().ok())
+            .ok_or_else(bad)?
+    };
+    if filename.is_none() && kind != ExtentType::Zero {
+        return Err(bad());
+    }
+    if filename
+        .as_deref()
+        .is_some_and(|f| f.is_empty() || f.contains('\0'))
+    {
+        return Err(bad());
+    }
+    Ok(ExtentLine {
+        access,
+        sectors,
+        kind,
+        filename,
+        offset,
+    })
+}
+
+impl Descriptor {
+    /// Parses descriptor text (up to the first NUL).
+    ///
+    /// # Errors
+    /// [`Error::DescriptorTooLarge`], [`Error::DescriptorNotText`], [`Error::MissingKey`],
+    /// [`Error::BadValue`], [`Error::BadExtentLine`], [`Error::TooManyExtents`].
+    pub fn parse(bytes: &[u8]) -> Result<Descriptor, Error> {
+        let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+        if end as u64 > MAX_DESCRIPTOR_BYTES {
+            return Err(Error::DescriptorTooLarge(end as u64));
+        }
+        let text = std::str::from_utf8(&bytes[..end]).map_err(|_| Error::DescriptorNotText)?;
+        let mut d = Descriptor {
+            version: 1,
+            cid: 0,
+            parent_cid: NO_PARENT_CID,
+            create_type: String::new(),
+            parent_hint: None,
+            extents: Vec::new(),
+            ddb: Vec::new(),
+        };
+        let mut have_type = false;
+        let mut have_cid = false;
+        for raw in text.split('\n') {
+            let line = raw.trim_end_matches('\r').trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let first = line.split_whitespace().next().unwrap_or("");
+            if matches!(first, "RW" | "RDONLY" | "NOACCESS") && !line.starts_with("RW=") {
+                if d.extents.len() >= MAX_EXTENTS {
+                    return Err(Error::TooManyExtents(d.extents.len() + 1));
+                }
+                d.extents.push(parse_extent(line)?);
+                continue;
+            }
+            let Some((k, v)) = line.split_once('=') else {
+                // Unknown free-form lines are ignored, as VMware does.
+                continue;
+            };
+            let k = k.trim();
+            match k {
+                "version" => {
+                    d.version = unquote(v).parse().map_err(|_| Error::BadValue {
+                        key: "version",
+                        value: v.to_owned(),
+                    })?
+                }
+                "CID" => {
+                    d.cid = parse_hex("CID", v)?;
+                    have_cid = true;
+                }
+                "parentCID" => d.parent_cid = parse_hex("parentCID", v)?,
+                "createType" => {
+                    d.create_type = unquote(v).to_owned();
+                    have_type = true;
+                }
+                "parentFileNameHint" => {
+                    let h = unquote(v);
+                    if !h.is_empty() {
+                        d.parent_hint = Some(h.to_owned());
+                    }
+                }
+                _ if k.starts_with("ddb.") => d.ddb.push((k.to_owned(), unquote(v).to_owned())),
+                _ => {}
+            }
+        }
+        if !have_type {
+            return Err(Error::MissingKey("createType"));
+        }
+        if !have_cid {
+            return Err(Error::MissingKey("CID"));
+        }
+        Ok(d)
+    }
+
+    /// A `ddb.*` value.
+    pub fn ddb(&self, key: &str) -> Option<&str> {
+        self.ddb
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The text qemu-img writes for this descriptor.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        s.push_str("# Disk DescriptorFile\n");
+        s.push_str(&format!("version={}\n", self.version));
+        s.push_str(&format!("CID={:x}\n", self.cid));
+        s.push_str(&format!("parentCID={:x}\n", self.parent_cid));
+        s.push_str(&format!("createType=\"{}\"\n", self.create_type));
+        if let Some(p) = &self.parent_hint {
+            s.push_str(&format!("parentFileNameHint=\"{p}\"\n"));
+        }
+        s.push_str("\n# Extent description\n");
+        for e in &self.extents {
+            let access = match e.access {
+                Access::Rw => "RW",
+                Access::RdOnly => "RDONLY",
+                Access::NoAccess => "NOACCESS",
+            };
+            s.push_str(&format!("{access} {} {}", e.sectors, e.kind.name()));
+            if let Some(f) = &e.filename {
+                s.push_str(&format!(" \"{f}\""));
+            }
+            if matches!(e.kind, ExtentType::Flat) {
+                s.push_str(&format!(" {}", e.offset));
+            }
+            s.push('\n');
+        }
+        s.push_str("\n# The Disk Data Base\n#DDB\n\n");
+        for (k, v) in &self.ddb {
+            s.push_str(&format!("{k} = \"{v}\"\n"));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)] // test constants are small
+mod tests {
+    use super::*;
+
+    const QEMU: &str = "# Disk DescriptorFile\nversion=1\nCID=3eb3dcfa\nparentCID=ffffffff\n\
+createType=\"twoGbMaxExtentSparse\"\n\n# Extent description\n\
+RW 4194304 SPARSE \"t-s001.vmdk\"\nRW 2097152 SPARSE \"t-s002.vmdk\"\n\n\
+# The Disk Data Base\n#DDB\n\nddb.virtualHWVersion = \"4\"\nddb.geometry.cylinders = \"10402\"\n\
+ddb.geometry.heads = \"16\"\nddb.geometry.sectors = \"63\"\nddb.adapterType = \"ide\"\n\
+ddb.toolsVersion = \"2147483647\"\n";
+
+    #[test]
+    fn descriptor_qemu_text_parses_and_round_trips() {
+        let d = Descriptor::parse(QEMU.as_bytes()).unwrap();
+        assert_eq!(d.cid, 0x3eb3_dcfa);
+        assert_eq!(d.parent_cid, NO_PARENT_CID);
+        assert_eq!(d.create_type, "twoGbMaxExtentSparse");
+        assert_eq!(d.extents.len(), 2);
+        assert_eq!(d.extents[1].sectors, 2_097_152);
+        assert_eq!(d.ddb("ddb.adapterType"), Some("ide"));
+        assert_eq!(d.to_text(), QEMU);
+    }
+
+    #[test]
+    fn descriptor_vmware_crlf_comments_and_odd_spacing_parse() {
+        let t = "# Disk DescriptorFile\r\nversion=1\r\nencoding=\"UTF-8\"\r\nCID=fffffffe\r\n\
+parentCID=ffffffff\r\nisNativeSnapshot=\"no\"\r\ncreateType=\"vmfs\"\r\n\r\n\
+# Extent description\r\nRW 2048 VMFS \"disk with space-flat.vmdk\"\r\n\
+RDONLY 100 FLAT \"x.img\" 7\r\nNOACCESS 10 ZERO\r\n\r\n# The Disk Data Base \r\n#DDB\r\n\r\n\
+ddb.adapterType = \"lsilogic\"\r\nddb.uuid = \"60 00 C2 9b\"\r\nddb.longContentID=\"abc\"\r\n";
+        let d = Descriptor::parse(t.as_bytes()).unwrap();
+        assert_eq!(d.cid, 0xffff_fffe);
+        assert_eq!(d.create_type, "vmfs");
+        assert_eq!(
+            d.extents[0].filename.as_deref(),
+            Some("disk with space-flat.vmdk")
+        );
+        assert_eq!(d.extents[1].access, Access::RdOnly);
+        assert_eq!(d.extents[1].offset, 7);
+        assert_eq!(d.extents[2].kind, ExtentType::Zero);
+        assert_eq!(d.extents[2].filename, None);
+        assert_eq!(d.ddb("ddb.uuid"), Some("60 00 C2 9b"));
+        assert_eq!(d.ddb("ddb.longContentID"), Some("abc"));
+    }
+
+    #[test]
+    fn descriptor_parent_hint_is_read() {
+        let t = QEMU.replace(
+            "createType=\"twoGbMaxExtentSparse\"\n",
+            "createType=\"monolithicSparse\"\nparentFileNameHint=\"base.vmdk\"\n",
+        );
+        let d = Descriptor::parse(t.as_bytes()).unwrap();
+        assert_eq!(d.parent_hint.as_deref(), Some("base.vmdk"));
+    }
+
+    #[test]
+    fn descriptor_too_large_is_refused() {
+        let big = vec![b'#'; MAX_DESCRIPTOR_BYTES as usize + 1];
+        assert!(matches!(
+            Descriptor::parse(&big),
+            Err(Error::DescriptorTooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn descriptor_missing_create_type_is_refused() {
+        let t = QEMU.replace("createType=\"twoGbMaxExtentSparse\"\n", "");
+        assert!(matches!(
+            Descriptor::parse(t.as_bytes()),
+            Err(Error::MissingKey("createType"))
+        ));
+    }
+
+    #[test]
+    fn descriptor_bad_cid_is_refused() {
+        let t = QEMU.replace("CID=3eb3dcfa", "CID=zz");
+        assert!(matches!(
+            Descriptor::parse(t.as_bytes()),
+            Err(Error::BadValue { key: "CID", .. })
+        ));
+    }
+
+    #[test]
+    fn descriptor_bad_extent_lines_are_refused() {
+        for l in [
+            "RW x SPARSE \"a\"",
+            "RW 10 SPARSE \"unterminated",
+            "RW 10 FLAT \"a\" notanumber",
+            "RW 10 SPARSE",
+        ] {
+            let t = QEMU.replace("RW 2097152 SPARSE \"t-s002.vmdk\"", l);
+            assert!(
+                matches!(
+                    Descriptor::parse(t.as_bytes()),
+                    Err(Error::BadExtentLine(_))
+                ),
+                "{l}"
+            );
+        }
+        let t = QEMU.replace("RW 2097152 SPARSE", "RW 2097152 SESPARSE");
+        assert!(matches!(
+            Descriptor::parse(t.as_bytes()),
+            Err(Error::UnsupportedExtentType(_))
+        ));
+    }
+}

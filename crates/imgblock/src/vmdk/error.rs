@@ -1,0 +1,124 @@
+//! What can be wrong with a vmdk image.
+
+/// A malformed vmdk image, or one that uses something this driver refuses.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file is too short for a sparse header.
+    #[error("file too short for a vmdk header ({0} bytes)")]
+    Truncated(u64),
+    /// Neither `KDMV`, `COWD` nor a text descriptor.
+    #[error("not a vmdk image (no sparse header magic and no descriptor)")]
+    BadMagic,
+    /// A text descriptor longer than [`super::MAX_DESCRIPTOR_BYTES`].
+    #[error("descriptor of {0} bytes is too large")]
+    DescriptorTooLarge(u64),
+    /// The descriptor is not text.
+    #[error("descriptor is not valid text")]
+    DescriptorNotText,
+    /// A required descriptor key is missing.
+    #[error("invalid VMDK image descriptor: no {0}")]
+    MissingKey(&'static str),
+    /// A descriptor value that does not parse.
+    #[error("invalid descriptor value {key}={value}")]
+    BadValue {
+        /// The key.
+        key: &'static str,
+        /// The value found.
+        value: String,
+    },
+    /// A createType this driver cannot open.
+    #[error("Unsupported image type '{0}'")]
+    UnsupportedCreateType(String),
+    /// An extent line that does not parse.
+    #[error("Invalid extent line: {0}")]
+    BadExtentLine(String),
+    /// An extent type this driver cannot read.
+    #[error("Unsupported extent type '{0}'")]
+    UnsupportedExtentType(String),
+    /// More extents than [`super::MAX_EXTENTS`].
+    #[error("too many extents ({0})")]
+    TooManyExtents(usize),
+    /// A descriptor with no extents.
+    #[error("descriptor lists no extents")]
+    NoExtents,
+    /// The extents add up to more than a disk can have.
+    #[error("extents add up to more than {0} bytes")]
+    DiskTooLarge(u64),
+    /// A sparse header version above 3.
+    #[error("Unsupported VMDK version {0}")]
+    UnsupportedVersion(u32),
+    /// A version 3 image that is not compressed can only be read (qemu's rule: v3 adds
+    /// changed-block tracking that a writer would have to maintain).
+    #[error("VMDK version 3 must be read only")]
+    Version3ReadOnly,
+    /// numGTEsPerGT of 0 or above 512 (4096 for COWD).
+    #[error("invalid number of grain table entries per table: {0}")]
+    BadGtesPerGt(u32),
+    /// A grain size of 0, not a power of two, or above [`super::MAX_GRAIN_SECTORS`].
+    #[error("Invalid granularity {0} sectors, image may be corrupt")]
+    BadGrainSize(u64),
+    /// A capacity that overflows or exceeds [`super::MAX_CAPACITY_SECTORS`].
+    #[error("invalid capacity of {0} sectors")]
+    BadCapacity(u64),
+    /// A grain directory larger than [`super::MAX_GD_BYTES`].
+    #[error("grain directory of {0} entries is too large")]
+    GdTooLarge(u64),
+    /// An unknown compression algorithm.
+    #[error("unsupported compression algorithm {0}")]
+    BadCompression(u16),
+    /// A structure lies outside the file.
+    #[error("{what} at sector {sector} is outside the file")]
+    OutOfFile {
+        /// Which structure.
+        what: &'static str,
+        /// Its sector.
+        sector: u64,
+    },
+    /// The file is shorter than the header's overhead says.
+    #[error("File truncated, expecting at least {0} bytes")]
+    FileTruncated(u64),
+    /// A stream footer that does not check out.
+    #[error("Invalid footer")]
+    BadFooter,
+    /// A grain table entry points past the end of the extent file.
+    #[error("grain table entry for guest offset {guest:#x} points to sector {sector}, past the end of the file")]
+    GrainOutOfFile {
+        /// Guest offset of the grain.
+        guest: u64,
+        /// The entry.
+        sector: u64,
+    },
+    /// A grain directory entry points past the end of the extent file.
+    #[error("grain directory entry {index} points to sector {sector}, past the end of the file")]
+    GtOutOfFile {
+        /// GD index.
+        index: u64,
+        /// The entry.
+        sector: u64,
+    },
+    /// A compressed grain's marker names another grain, or its data does not inflate.
+    #[error("compressed grain at sector {0} is corrupt")]
+    BadCompressedGrain(u64),
+    /// The parent's CID is not the parentCID this delta was made against.
+    #[error("parent {parent} has CID {found:08x}, this image expects {expected:08x}")]
+    ParentCidMismatch {
+        /// The parent's file name.
+        parent: String,
+        /// parentCID in this image.
+        expected: u32,
+        /// CID in the parent.
+        found: u32,
+    },
+    /// A write to an extent that cannot be written (ZERO, read-only, COWD, finished stream).
+    #[error("{0} cannot be written")]
+    NotWritable(&'static str),
+    /// streamOptimized output must be written in guest order, each grain once.
+    #[error("streamOptimized: grain at {0:#x} written out of order or twice")]
+    StreamOutOfOrder(u64),
+    /// The extent file has grown past what 32-bit sector numbers can address.
+    #[error("extent file is full (grain tables address 2 TiB)")]
+    ExtentFull,
+    /// An invalid creation option.
+    #[error("{0}")]
+    InvalidOption(String),
+}

@@ -1,0 +1,1471 @@
+//! VMware virtual disks, per VMware's "Virtual Disk Format 5.0" (and qemu's block/vmdk.c for
+//! the flavours qemu reads).
+//!
+//! ```text
+//!  Vmdk (Driver) --map--> extents in guest order
+//!                           |- FLAT/VMFS: host offset in the extent file
+//!                           |- ZERO: zeroes
+//!                           '- SPARSE (KDMV) / VMFSSPARSE (COWD): grain directory (memory)
+//!                                 --> grain tables (cache) --> grains (plain or zlib + marker)
+//!        +--allocate/commit--> new grains appended to the extent, GT and redundant GT updated
+//!        '--streamOptimized--> stream writer: grains, GT/GD markers, footer, EOS (stream.rs)
+//! ```
+//! A monolithic file (sparse header first) is one extent whose embedded descriptor only gives
+//! the CIDs, createType and parent; a descriptor file names its extent files. A delta disk's
+//! parent (parentFileNameHint) is the backing image; its CID must equal our parentCID.
+
+mod create;
+pub mod descriptor;
+mod error;
+pub mod sparse;
+mod stream;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+pub use create::{create, CREATE_OPTIONS};
+pub use error::Error;
+pub use stream::{deflate, inflate};
+
+use crate::driver::{
+    BackingSpec, CompressedRef, Driver, FormatSpecific, HostExtent, HostOffset, Mapping,
+    VmdkExtentInfo, VmdkSpecific,
+};
+use crate::error::IoContext;
+use crate::storage::{FileStorage, Storage};
+use crate::{CheckReport, Format, Repair, Result};
+use descriptor::{Access, Descriptor, ExtentType};
+use sparse::{CowdHeader, Geometry, SparseHeader, GD_AT_END, SECTOR};
+use stream::{Staging, StreamWriter};
+
+/// Largest text descriptor read (qemu's limit: 1 MiB less one byte).
+pub const MAX_DESCRIPTOR_BYTES: u64 = (1 << 20) - 1;
+/// Most extents a descriptor may list (each is an open file).
+pub const MAX_EXTENTS: usize = 1024;
+/// Largest grain: 64 MiB. qemu allows 1 GiB, but real images use 64 KiB and a compressed grain
+/// is inflated into a buffer of this size.
+pub const MAX_GRAIN_SECTORS: u64 = 1 << 17;
+/// Largest extent: 2^42 sectors (2 PiB), far beyond the 2 TiB a 32-bit GTE can address.
+pub const MAX_CAPACITY_SECTORS: u64 = 1 << 42;
+/// Largest grain directory held in memory (qemu caps its L1 the same way).
+pub const MAX_GD_BYTES: u64 = 32 << 20;
+/// Grain tables kept in the cache per extent (2 KiB each with 512 entries).
+pub const GT_CACHE_TABLES: usize = 4096;
+
+/// How an extent stores data.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    /// Data at `base` in the extent file.
+    Flat { base: u64 },
+    /// Zeroes.
+    Zero,
+    /// Sparse: index into `Vmdk::sparse` and `State::sparse`.
+    Sparse(usize),
+}
+
+#[derive(Debug)]
+struct Extent {
+    /// Guest byte range.
+    start: u64,
+    len: u64,
+    /// Index into `Vmdk::files`.
+    file: usize,
+    access: Access,
+    kind: Kind,
+    /// The descriptor's type name ("" for a monolithic file), for info.
+    type_name: String,
+    /// File name for info.
+    filename: String,
+}
+
+/// Fixed facts about a sparse extent.
+#[derive(Debug, Clone)]
+struct SparseInfo {
+    geo: Geometry,
+    header: SparseHeader,
+    compressed: bool,
+    markers: bool,
+    zero_grain: bool,
+    /// COWD extents are read-only here.
+    cowd: bool,
+}
+
+/// Mutable state of a sparse extent.
+#[derive(Debug)]
+struct SparseState {
+    gd: Vec<u32>,
+    rgd: Option<Vec<u32>>,
+    cache: HashMap<u64, Vec<u32>>,
+    /// Next free sector for appended grains and tables.
+    next_sector: u64,
+    /// Length of the extent file as far as this driver knows.
+    file_len: u64,
+    stream: Option<StreamWriter>,
+}
+
+#[derive(Debug)]
+struct State {
+    sparse: Vec<SparseState>,
+}
+
+/// An open vmdk image.
+#[derive(Debug)]
+pub struct Vmdk {
+    files: Vec<Arc<dyn Storage>>,
+    extents: Vec<Extent>,
+    sparse: Vec<SparseInfo>,
+    desc: Descriptor,
+    size: u64,
+    writable: bool,
+    /// The in-memory staging storage of a stream being written, and its index in `files`.
+    staging: Option<(usize, Arc<Staging>)>,
+    state: Mutex<State>,
+}
+
+/// What a grain table entry says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gte {
+    Unallocated,
+    Zeroed,
+    Data(u64),
+    Compressed(u64),
+}
+
+fn verr(path: &Path, e: Error) -> crate::Error {
+    crate::Error::Vmdk {
+        path: path.to_owned(),
+        source: e,
+    }
+}
+
+/// Reads `n` little-endian u32s at `offset`.
+fn read_u32s(s: &dyn Storage, offset: u64, n: u64) -> Result<Vec<u32>> {
+    let bytes = usize::try_from(n * 4).map_err(|_| verr(s.path(), Error::GdTooLarge(n)))?;
+    let mut raw = vec![0u8; bytes];
+    s.read_at(&mut raw, offset).ctx(s.path())?;
+    Ok(raw
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+/// Reads the descriptor of a vmdk file (embedded or not) without opening its extents.
+fn read_descriptor(s: &dyn Storage) -> Result<(Descriptor, Option<SparseHeader>)> {
+    let path = s.path();
+    let len = s.size().ctx(path)?;
+    let mut first = [0u8; 512];
+    s.read_at(&mut first, 0).ctx(path)?;
+    if first[..4] == sparse::MAGIC {
+        let h = SparseHeader::parse(&first).map_err(|e| verr(path, e))?;
+        if h.desc_offset == 0 {
+            return Err(verr(path, Error::MissingKey("embedded descriptor")));
+        }
+        let bytes = h
+            .desc_size
+            .checked_mul(SECTOR)
+            .filter(|&b| b <= MAX_DESCRIPTOR_BYTES + 1)
+            .ok_or_else(|| {
+                verr(
+                    path,
+                    Error::DescriptorTooLarge(h.desc_size.saturating_mul(SECTOR)),
+                )
+            })?;
+        let off = h
+            .desc_offset
+            .checked_mul(SECTOR)
+            .filter(|o| o.checked_add(bytes).is_some_and(|e| e <= len))
+            .ok_or_else(|| {
+                verr(
+                    path,
+                    Error::OutOfFile {
+                        what: "descriptor",
+                        sector: h.desc_offset,
+                    },
+                )
+            })?;
+        let mut buf = vec![0u8; usize::try_from(bytes).unwrap_or(0)];
+        s.read_at(&mut buf, off).ctx(path)?;
+        let d = Descriptor::parse(&buf).map_err(|e| verr(path, e))?;
+        return Ok((d, Some(h)));
+    }
+    if first[..4] == sparse::COWD_MAGIC {
+        return Err(verr(path, Error::MissingKey("descriptor")));
+    }
+    if len > MAX_DESCRIPTOR_BYTES {
+        return Err(verr(path, Error::DescriptorTooLarge(len)));
+    }
+    let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
+    s.read_at(&mut buf, 0).ctx(path)?;
+    let d = Descriptor::parse(&buf).map_err(|e| verr(path, e))?;
+    Ok((d, None))
+}
+
+/// createTypes whose data lives on devices, which an image tool cannot open.
+const DEVICE_TYPES: &[&str] = &[
+    "fullDevice",
+    "partitionedDevice",
+    "vmfsRDM",
+    "vmfsRDMP",
+    "vmfsRaw",
+    "vmfsRawDeviceMap",
+    "vmfsPassthroughRawDeviceMap",
+    "seSparse",
+];
+
+impl Vmdk {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn err(&self, file: usize, e: Error) -> crate::Error {
+        verr(self.files[file.min(self.files.len() - 1)].path(), e)
+    }
+
+    /// Opens a vmdk image (a monolithic file or a descriptor file and its extents).
+    ///
+    /// # Errors
+    /// The specific [`Error`] for a bad descriptor, header or table; I/O errors.
+    pub fn open(storage: Arc<dyn Storage>, writable: bool) -> Result<Vmdk> {
+        let path = storage.path().to_owned();
+        let file_len = storage.size().ctx(&path)?;
+        if file_len < 4 {
+            return Err(verr(&path, Error::Truncated(file_len)));
+        }
+        let mut first = [0u8; 512];
+        storage.read_at(&mut first, 0).ctx(&path)?;
+        let mut files: Vec<Arc<dyn Storage>> = vec![storage.clone()];
+        let mut extents = Vec::new();
+        let mut infos = Vec::new();
+        let mut states = Vec::new();
+        let desc;
+        if first[..4] == sparse::MAGIC || first[..4] == sparse::COWD_MAGIC {
+            let (info, st) = open_sparse(storage.as_ref(), writable)?;
+            desc = if first[..4] == sparse::MAGIC && info.header.desc_offset != 0 {
+                read_descriptor(storage.as_ref())?.0
+            } else {
+                Descriptor {
+                    version: 1,
+                    cid: 0,
+                    parent_cid: descriptor::NO_PARENT_CID,
+                    create_type: if info.cowd {
+                        "vmfsSparse"
+                    } else {
+                        "monolithicSparse"
+                    }
+                    .into(),
+                    parent_hint: None,
+                    extents: Vec::new(),
+                    ddb: Vec::new(),
+                }
+            };
+            let len = info.geo.bytes();
+            extents.push(Extent {
+                start: 0,
+                len,
+                file: 0,
+                access: Access::Rw,
+                kind: Kind::Sparse(0),
+                type_name: String::new(),
+                filename: path.display().to_string(),
+            });
+            infos.push(info);
+            states.push(st);
+        } else {
+            desc = read_descriptor(storage.as_ref())?.0;
+            if DEVICE_TYPES.contains(&desc.create_type.as_str()) {
+                return Err(verr(
+                    &path,
+                    Error::UnsupportedCreateType(desc.create_type.clone()),
+                ));
+            }
+            if desc.extents.is_empty() {
+                return Err(verr(&path, Error::NoExtents));
+            }
+            let mut start = 0u64;
+            for line in &desc.extents {
+                let len = line
+                    .sectors
+                    .checked_mul(SECTOR)
+                    .filter(|_| line.sectors <= MAX_CAPACITY_SECTORS)
+                    .ok_or_else(|| verr(&path, Error::BadCapacity(line.sectors)))?;
+                let name = line.filename.clone().unwrap_or_default();
+                let epath = crate::image::resolve_backing(&path, &name);
+                let ext_writable = writable && line.access == Access::Rw;
+                let (kind, file) = match line.kind {
+                    ExtentType::Zero => (Kind::Zero, 0),
+                    _ => {
+                        let s: Arc<dyn Storage> =
+                            Arc::new(FileStorage::open(&epath, ext_writable).ctx(&epath)?);
+                        files.push(s.clone());
+                        let idx = files.len() - 1;
+                        match line.kind {
+                            ExtentType::Sparse | ExtentType::VmfsSparse => {
+                                let (info, st) = open_sparse(s.as_ref(), ext_writable)?;
+                                if info.geo.bytes() < len {
+                                    return Err(verr(
+                                        &epath,
+                                        Error::BadCapacity(info.geo.capacity),
+                                    ));
+                                }
+                                infos.push(info);
+                                states.push(st);
+                                (Kind::Sparse(infos.len() - 1), idx)
+                            }
+                            _ => {
+                                let base = line.offset.checked_mul(SECTOR).ok_or_else(|| {
+                                    verr(&path, Error::BadExtentLine(name.clone()))
+                                })?;
+                                (Kind::Flat { base }, idx)
+                            }
+                        }
+                    }
+                };
+                extents.push(Extent {
+                    start,
+                    len,
+                    file,
+                    access: line.access,
+                    kind,
+                    type_name: line.kind.name().to_owned(),
+                    filename: epath.display().to_string(),
+                });
+                start = start
+                    .checked_add(len)
+                    .filter(|&s| s <= MAX_CAPACITY_SECTORS * SECTOR)
+                    .ok_or_else(|| {
+                        verr(&path, Error::DiskTooLarge(MAX_CAPACITY_SECTORS * SECTOR))
+                    })?;
+            }
+        }
+        let size = extents.last().map_or(0, |e| e.start + e.len);
+        // A stream being written stages its grains in memory.
+        let staging = if states.iter().any(|s| s.stream.is_some()) {
+            let stg = Arc::new(Staging::new(&path));
+            files.push(stg.clone());
+            Some((files.len() - 1, stg))
+        } else {
+            None
+        };
+        let v = Vmdk {
+            files,
+            extents,
+            sparse: infos,
+            desc,
+            size,
+            writable,
+            staging,
+            state: Mutex::new(State { sparse: states }),
+        };
+        v.check_parent_cid(&path)?;
+        Ok(v)
+    }
+
+    /// A delta's parent must still have the CID the delta was made against.
+    fn check_parent_cid(&self, path: &Path) -> Result<()> {
+        let Some(hint) = &self.desc.parent_hint else {
+            return Ok(());
+        };
+        let ppath = crate::image::resolve_backing(path, hint);
+        let Ok(ps) = FileStorage::open(&ppath, false) else {
+            // Opening the backing chain reports a missing parent.
+            return Ok(());
+        };
+        let Ok((pd, _)) = read_descriptor(&ps) else {
+            return Ok(());
+        };
+        if pd.cid != self.desc.parent_cid {
+            return Err(verr(
+                path,
+                Error::ParentCidMismatch {
+                    parent: hint.clone(),
+                    expected: self.desc.parent_cid,
+                    found: pd.cid,
+                },
+            ));
+        }
+        Ok(())
+    }
+
+    /// The parsed descriptor.
+    pub fn descriptor(&self) -> &Descriptor {
+        &self.desc
+    }
+
+    fn extent_at(&self, offset: u64) -> Option<&Extent> {
+        let i = self.extents.partition_point(|e| e.start + e.len <= offset);
+        self.extents.get(i).filter(|e| e.start <= offset)
+    }
+
+    /// Reads grain table `gti` of sparse extent `si` (from the open stream tables, the cache or
+    /// the file).
+    fn table<'a>(
+        &self,
+        st: &'a mut SparseState,
+        si: usize,
+        file: usize,
+        gti: u64,
+    ) -> Result<Option<&'a Vec<u32>>> {
+        let info = &self.sparse[si];
+        if st
+            .stream
+            .as_ref()
+            .is_some_and(|s| s.open.contains_key(&gti))
+        {
+            return Ok(st.stream.as_ref().and_then(|s| s.open.get(&gti)));
+        }
+        let gd = st
+            .gd
+            .get(usize::try_from(gti).unwrap_or(usize::MAX))
+            .copied()
+            .unwrap_or(0);
+        if gd == 0 {
+            return Ok(None);
+        }
+        if !st.cache.contains_key(&gti) {
+            let off = u64::from(gd) * SECTOR;
+            if off + info.geo.gtes * 4 > st.file_len {
+                return Err(self.err(
+                    file,
+                    Error::GtOutOfFile {
+                        index: gti,
+                        sector: u64::from(gd),
+                    },
+                ));
+            }
+            let t = read_u32s(self.files[file].as_ref(), off, info.geo.gtes)?;
+            if st.cache.len() >= GT_CACHE_TABLES {
+                st.cache.clear();
+            }
+            st.cache.insert(gti, t);
+        }
+        Ok(st.cache.get(&gti))
+    }
+
+    fn classify(info: &SparseInfo, e: u32) -> Gte {
+        match e {
+            0 => Gte::Unallocated,
+            sparse::GTE_ZEROED if info.zero_grain => Gte::Zeroed,
+            _ if info.compressed => Gte::Compressed(u64::from(e) * SECTOR),
+            _ => Gte::Data(u64::from(e) * SECTOR),
+        }
+    }
+
+    /// Maps inside a sparse extent; `off` is relative to the extent.
+    fn map_sparse(&self, ext: &Extent, si: usize, off: u64, len: u64) -> Result<(Mapping, u64)> {
+        let info = &self.sparse[si];
+        let g = info.geo.grain;
+        let mut guard = self.lock();
+        let st = &mut guard.sparse[si];
+        if let (Some(sw), Some((staging, _))) = (&st.stream, &self.staging) {
+            if let Some((ps, pl)) = sw.pending {
+                if off >= ps && off < ps + pl {
+                    return Ok((
+                        Mapping::Data {
+                            file: *staging,
+                            offset: HostOffset(off),
+                            writable: true,
+                        },
+                        (ps + pl - off).min(len),
+                    ));
+                }
+            }
+        }
+        let grain = off / g;
+        let gti = grain / info.geo.gtes;
+        let gt_end = (gti + 1) * info.geo.gtes * g;
+        let limit = (off + len).min(gt_end).min(ext.len);
+        let file_len = st.file_len;
+        let Some(t) = self.table(st, si, ext.file, gti)? else {
+            return Ok((Mapping::Unallocated, limit - off));
+        };
+        let entry = |gr: u64| {
+            t.get(usize::try_from(gr % info.geo.gtes).unwrap_or(usize::MAX))
+                .copied()
+                .unwrap_or(0)
+        };
+        let first = Self::classify(info, entry(grain));
+        if let Gte::Data(h) | Gte::Compressed(h) = first {
+            if h >= file_len {
+                return Err(self.err(
+                    ext.file,
+                    Error::GrainOutOfFile {
+                        guest: ext.start + grain * g,
+                        sector: h / SECTOR,
+                    },
+                ));
+            }
+        }
+        let mut reach = (grain + 1) * g;
+        if !matches!(first, Gte::Compressed(_)) {
+            let mut k = 1;
+            while reach < limit {
+                let next = Self::classify(info, entry(grain + k));
+                let same = match (first, next) {
+                    (Gte::Data(a), Gte::Data(b)) => b == a + k * g && b < file_len,
+                    (a, b) => a == b,
+                };
+                if !same {
+                    break;
+                }
+                reach += g;
+                k += 1;
+            }
+        }
+        let n = reach.min(limit) - off;
+        let writable = self.writable && ext.access == Access::Rw && !info.cowd;
+        Ok(match first {
+            Gte::Unallocated => (Mapping::Unallocated, n),
+            Gte::Zeroed => (Mapping::Zero { offset: None }, n),
+            Gte::Data(h) => (
+                Mapping::Data {
+                    file: ext.file,
+                    offset: HostOffset(h + off % g),
+                    writable,
+                },
+                n,
+            ),
+            Gte::Compressed(h) => (
+                Mapping::Compressed(CompressedRef {
+                    host: HostOffset(h),
+                    len: g.saturating_mul(2).saturating_add(4096),
+                    guest_cluster: ext.start + grain * g,
+                }),
+                n,
+            ),
+        })
+    }
+
+    fn not_writable(&self, ext: &Extent, what: &'static str) -> crate::Error {
+        self.err(ext.file, Error::NotWritable(what))
+    }
+
+    fn check_ext_writable(&self, ext: &Extent) -> Result<Option<usize>> {
+        if !self.writable {
+            return Err(crate::Error::ReadOnly {
+                path: self.files[0].path().to_owned(),
+            });
+        }
+        if ext.access != Access::Rw {
+            return Err(self.not_writable(ext, "a read-only extent"));
+        }
+        match ext.kind {
+            Kind::Zero => Err(self.not_writable(ext, "a ZERO extent")),
+            Kind::Flat { .. } => Ok(None),
+            Kind::Sparse(si) => {
+                if self.sparse[si].cowd {
+                    return Err(self.not_writable(ext, "a VMFSSPARSE (COWD) extent"));
+                }
+                Ok(Some(si))
+            }
+        }
+    }
+
+    /// Writes one grain table entry (and its redundant copy), allocating the table if needed.
+    fn set_gte(
+        &self,
+        st: &mut SparseState,
+        si: usize,
+        file: usize,
+        grain: u64,
+        value: u32,
+    ) -> Result<()> {
+        let info = &self.sparse[si];
+        let gti = grain / info.geo.gtes;
+        let gi = grain % info.geo.gtes;
+        let s = self.files[file].as_ref();
+        let gtu = usize::try_from(gti).unwrap_or(usize::MAX);
+        if st.gd.get(gtu).copied().unwrap_or(0) == 0 {
+            if gtu >= st.gd.len() {
+                return Err(self.err(
+                    file,
+                    Error::GtOutOfFile {
+                        index: gti,
+                        sector: 0,
+                    },
+                ));
+            }
+            // A new grain table (and a redundant one) at the end of the file.
+            let tb = info.geo.gt_bytes();
+            let zero = vec![0u8; usize::try_from(tb).unwrap_or(0)];
+            let new_sector = |st: &mut SparseState| -> Result<u32> {
+                let sec = st.next_sector;
+                let v = u32::try_from(sec).map_err(|_| self.err(file, Error::ExtentFull))?;
+                s.write_at(&zero, sec * SECTOR).ctx(s.path())?;
+                st.next_sector += tb / SECTOR;
+                st.file_len = st.file_len.max(st.next_sector * SECTOR);
+                Ok(v)
+            };
+            let gsec = new_sector(st)?;
+            st.gd[gtu] = gsec;
+            s.write_at(
+                &gsec.to_le_bytes(),
+                info.header.gd_offset * SECTOR + gti * 4,
+            )
+            .ctx(s.path())?;
+            if st.rgd.is_some() {
+                let rsec = new_sector(st)?;
+                if let Some(r) = st.rgd.as_mut() {
+                    r[gtu] = rsec;
+                }
+                s.write_at(
+                    &rsec.to_le_bytes(),
+                    info.header.rgd_offset * SECTOR + gti * 4,
+                )
+                .ctx(s.path())?;
+            }
+            st.cache
+                .insert(gti, vec![0; usize::try_from(info.geo.gtes).unwrap_or(0)]);
+        }
+        let gd = u64::from(st.gd[gtu]);
+        s.write_at(&value.to_le_bytes(), gd * SECTOR + gi * 4)
+            .ctx(s.path())?;
+        if let Some(r) = &st.rgd {
+            let rg = u64::from(r.get(gtu).copied().unwrap_or(0));
+            if rg != 0 {
+                s.write_at(&value.to_le_bytes(), rg * SECTOR + gi * 4)
+                    .ctx(s.path())?;
+            }
+        }
+        if let Some(t) = st.cache.get_mut(&gti) {
+            if let Some(slot) = t.get_mut(usize::try_from(gi).unwrap_or(usize::MAX)) {
+                *slot = value;
+            }
+        }
+        Ok(())
+    }
+
+    fn entry_of(&self, st: &mut SparseState, si: usize, file: usize, grain: u64) -> Result<u32> {
+        let gtes = self.sparse[si].geo.gtes;
+        Ok(self
+            .table(st, si, file, grain / gtes)?
+            .and_then(|t| {
+                t.get(usize::try_from(grain % gtes).unwrap_or(usize::MAX))
+                    .copied()
+            })
+            .unwrap_or(0))
+    }
+
+    // ---- streamOptimized writing ----
+
+    fn stream_append(&self, st: &mut SparseState, file: usize, data: &[u8]) -> Result<u64> {
+        let s = self.files[file].as_ref();
+        let Some(sw) = st.stream.as_mut() else {
+            return Err(self.err(file, Error::NotWritable("this streamOptimized image")));
+        };
+        let at = sw.end;
+        s.write_at(data, at).ctx(s.path())?;
+        let padded = (data.len() as u64).div_ceil(SECTOR) * SECTOR;
+        sw.end += padded;
+        if padded > data.len() as u64 {
+            // Pad the last sector so that the file stays sector aligned.
+            let pad = vec![0u8; usize::try_from(padded - data.len() as u64).unwrap_or(0)];
+            s.write_at(&pad, at + data.len() as u64).ctx(s.path())?;
+        }
+        st.file_len = st.file_len.max(sw.end);
+        Ok(at)
+    }
+
+    /// Writes the grain tables below `gti` that are still open.
+    fn stream_close_tables_below(
+        &self,
+        st: &mut SparseState,
+        si: usize,
+        file: usize,
+        gti: u64,
+    ) -> Result<()> {
+        let info = &self.sparse[si];
+        loop {
+            let Some(sw) = st.stream.as_mut() else {
+                return Ok(());
+            };
+            let Some((&k, _)) = sw.open.range(..gti).next() else {
+                break;
+            };
+            let table = sw.open.remove(&k).unwrap_or_default();
+            self.stream_write_table(st, info, file, k, &table)?;
+        }
+        if let Some(sw) = st.stream.as_mut() {
+            sw.closed_below = sw.closed_below.max(gti);
+        }
+        Ok(())
+    }
+
+    fn stream_write_table(
+        &self,
+        st: &mut SparseState,
+        info: &SparseInfo,
+        file: usize,
+        k: u64,
+        table: &[u32],
+    ) -> Result<()> {
+        let tb = info.geo.gt_bytes();
+        self.stream_append(st, file, &sparse::marker(tb / SECTOR, sparse::MARKER_GT))?;
+        let mut raw = vec![0u8; usize::try_from(tb).unwrap_or(0)];
+        for (i, v) in table.iter().enumerate() {
+            raw[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
+        }
+        let at = self.stream_append(st, file, &raw)?;
+        let sec = u32::try_from(at / SECTOR).map_err(|_| self.err(file, Error::ExtentFull))?;
+        if let Some(slot) = st.gd.get_mut(usize::try_from(k).unwrap_or(usize::MAX)) {
+            *slot = sec;
+        }
+        st.cache.remove(&k);
+        Ok(())
+    }
+
+    /// Appends one compressed grain (extent-relative grain index).
+    fn stream_grain(
+        &self,
+        st: &mut SparseState,
+        si: usize,
+        ext: &Extent,
+        grain: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let info = &self.sparse[si];
+        let gti = grain / info.geo.gtes;
+        let guest = ext.start + grain * info.geo.grain;
+        self.stream_resume(st, si, ext.file)?;
+        let closed = st.stream.as_ref().map_or(u64::MAX, |s| s.closed_below);
+        if gti < closed || self.entry_of(st, si, ext.file, grain)? != 0 {
+            return Err(self.err(ext.file, Error::StreamOutOfOrder(guest)));
+        }
+        self.stream_close_tables_below(st, si, ext.file, gti)?;
+        let size = u32::try_from(data.len())
+            .map_err(|_| self.err(ext.file, Error::BadCompressedGrain(0)))?;
+        let mut buf = Vec::with_capacity(sparse::GRAIN_MARKER_LEN + data.len());
+        buf.extend_from_slice(&sparse::grain_marker(grain * info.geo.grain / SECTOR, size));
+        buf.extend_from_slice(data);
+        let at = self.stream_append(st, ext.file, &buf)?;
+        let sec = u32::try_from(at / SECTOR).map_err(|_| self.err(ext.file, Error::ExtentFull))?;
+        let gtes = usize::try_from(info.geo.gtes).unwrap_or(0);
+        if let Some(sw) = st.stream.as_mut() {
+            let t = sw.open.entry(gti).or_insert_with(|| vec![0; gtes]);
+            if let Some(slot) =
+                t.get_mut(usize::try_from(grain % info.geo.gtes).unwrap_or(usize::MAX))
+            {
+                *slot = sec;
+            }
+        }
+        Ok(())
+    }
+
+    /// Compresses and appends the staged grains.
+    fn stream_emit_pending(&self, st: &mut SparseState, si: usize, ext: &Extent) -> Result<()> {
+        let Some((_, stg)) = &self.staging else {
+            return Ok(());
+        };
+        let Some(sw) = st.stream.as_mut() else {
+            return Ok(());
+        };
+        if sw.pending.take().is_none() {
+            return Ok(());
+        }
+        let (base, bytes) = stg.take();
+        let g = self.sparse[si].geo.grain;
+        let gl = usize::try_from(g).unwrap_or(usize::MAX);
+        for (i, grain) in bytes.chunks(gl).enumerate() {
+            if grain.iter().all(|&b| b == 0) && self.desc.parent_hint.is_none() {
+                // Left unallocated: it reads as zeroes.
+                continue;
+            }
+            let mut full;
+            let data = if grain.len() < gl {
+                full = grain.to_vec();
+                full.resize(gl, 0);
+                &full[..]
+            } else {
+                grain
+            };
+            let c = deflate(data);
+            self.stream_grain(st, si, ext, base / g + i as u64, &c)?;
+        }
+        Ok(())
+    }
+
+    /// Takes back the GD, footer and EOS of a finished stream so that it can go on.
+    fn stream_resume(&self, st: &mut SparseState, _si: usize, file: usize) -> Result<()> {
+        let Some(sw) = st.stream.as_mut() else {
+            return Err(self.err(file, Error::NotWritable("this streamOptimized image")));
+        };
+        let Some(at) = sw.finished_at.take() else {
+            return Ok(());
+        };
+        sw.end = at;
+        let reopened = std::mem::take(&mut sw.finish_tables);
+        for k in reopened {
+            if let Some(slot) = st.gd.get_mut(usize::try_from(k).unwrap_or(usize::MAX)) {
+                *slot = 0;
+            }
+            st.cache.remove(&k);
+        }
+        let s = self.files[file].as_ref();
+        s.set_len(at).ctx(s.path())?;
+        st.file_len = at;
+        Ok(())
+    }
+
+    /// Writes the open grain tables, the GD, the footer and the EOS marker.
+    fn stream_finish(&self, st: &mut SparseState, si: usize, ext: &Extent) -> Result<()> {
+        if st.stream.as_ref().is_none_or(|s| s.finished_at.is_some()) {
+            return Ok(());
+        }
+        self.stream_emit_pending(st, si, ext)?;
+        let info = &self.sparse[si];
+        let file = ext.file;
+        let Some(sw) = st.stream.as_mut() else {
+            return Ok(());
+        };
+        let start = sw.end;
+        // Open tables are written but kept, so that a later write can reopen them.
+        let open: Vec<(u64, Vec<u32>)> = sw.open.iter().map(|(k, v)| (*k, v.clone())).collect();
+        let mut written = Vec::new();
+        for (k, t) in &open {
+            self.stream_write_table(st, info, file, *k, t)?;
+            written.push(*k);
+        }
+        let gdb = info.geo.gd_bytes();
+        self.stream_append(st, file, &sparse::marker(gdb / SECTOR, sparse::MARKER_GD))?;
+        let mut raw = vec![0u8; usize::try_from(gdb).unwrap_or(0)];
+        for (i, v) in st.gd.iter().enumerate() {
+            raw[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
+        }
+        let gd_at = self.stream_append(st, file, &raw)?;
+        self.stream_append(st, file, &sparse::marker(1, sparse::MARKER_FOOTER))?;
+        let mut footer = info.header.clone();
+        footer.gd_offset = gd_at / SECTOR;
+        self.stream_append(st, file, &footer.to_bytes())?;
+        self.stream_append(st, file, &sparse::marker(0, sparse::MARKER_EOS))?;
+        let s = self.files[file].as_ref();
+        if let Some(sw) = st.stream.as_mut() {
+            sw.finished_at = Some(start);
+            sw.finish_tables = written;
+            s.set_len(sw.end).ctx(s.path())?;
+        }
+        Ok(())
+    }
+
+    fn finish_streams(&self) -> Result<()> {
+        if self.staging.is_none() {
+            return Ok(());
+        }
+        let mut guard = self.lock();
+        for ext in &self.extents {
+            if let Kind::Sparse(si) = ext.kind {
+                self.stream_finish(&mut guard.sparse[si], si, ext)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Opens a sparse extent file (KDMV or COWD).
+fn open_sparse(s: &dyn Storage, writable: bool) -> Result<(SparseInfo, SparseState)> {
+    let path = s.path();
+    let file_len = s.size().ctx(path)?;
+    if file_len < SECTOR {
+        return Err(verr(path, Error::Truncated(file_len)));
+    }
+    let mut first = [0u8; 512];
+    s.read_at(&mut first, 0).ctx(path)?;
+    if first[..4] == sparse::COWD_MAGIC {
+        let h = CowdHeader::parse(&first).map_err(|e| verr(path, e))?;
+        let geo = Geometry::new(
+            u64::from(h.disk_sectors),
+            u64::from(h.granularity),
+            sparse::COWD_GTES,
+        )
+        .map_err(|e| verr(path, e))?;
+        let n = u64::from(h.l1dir_size).min(geo.gd_entries.max(1));
+        let gd_off = u64::from(h.l1dir_offset) * SECTOR;
+        if gd_off + n * 4 > file_len {
+            return Err(verr(
+                path,
+                Error::OutOfFile {
+                    what: "grain directory",
+                    sector: u64::from(h.l1dir_offset),
+                },
+            ));
+        }
+        let mut gd = read_u32s(s, gd_off, n)?;
+        gd.resize(usize::try_from(geo.gd_entries).unwrap_or(0), 0);
+        let header = SparseHeader {
+            version: 1,
+            flags: 0,
+            capacity: geo.capacity,
+            grain_size: u64::from(h.granularity),
+            desc_offset: 0,
+            desc_size: 0,
+            gtes_per_gt: sparse::COWD_GTES,
+            rgd_offset: 0,
+            gd_offset: u64::from(h.l1dir_offset),
+            overhead: 0,
+            unclean: 0,
+            check_bytes: [0; 4],
+            compress: 0,
+        };
+        return Ok((
+            SparseInfo {
+                geo,
+                header,
+                compressed: false,
+                markers: false,
+                zero_grain: false,
+                cowd: true,
+            },
+            SparseState {
+                gd,
+                rgd: None,
+                cache: HashMap::new(),
+                next_sector: file_len.div_ceil(SECTOR),
+                file_len,
+                stream: None,
+            },
+        ));
+    }
+    let mut h = SparseHeader::parse(&first).map_err(|e| verr(path, e))?;
+    let mut stream = None;
+    if h.gd_offset == GD_AT_END {
+        if h.compressed() && file_len == h.overhead.saturating_mul(SECTOR) {
+            // A stream just created and not written yet: this open writes it.
+            if !writable {
+                return Err(verr(path, Error::BadFooter));
+            }
+            stream = Some(StreamWriter::new(file_len));
+        } else {
+            let at = file_len
+                .checked_sub(3 * SECTOR)
+                .ok_or_else(|| verr(path, Error::BadFooter))?;
+            let mut tail = [0u8; 1536];
+            s.read_at(&mut tail, at).ctx(path)?;
+            let mut m = [0u8; 512];
+            m.copy_from_slice(&tail[..512]);
+            let (_, fsize, ftype) = sparse::parse_marker(&m);
+            m.copy_from_slice(&tail[1024..]);
+            let eos = sparse::parse_marker(&m);
+            if fsize != 0 || ftype != sparse::MARKER_FOOTER || eos != (0, 0, sparse::MARKER_EOS) {
+                return Err(verr(path, Error::BadFooter));
+            }
+            h = SparseHeader::parse(&tail[512..1024]).map_err(|_| verr(path, Error::BadFooter))?;
+            if h.gd_offset == GD_AT_END {
+                return Err(verr(path, Error::BadFooter));
+            }
+        }
+    }
+    let geo = h.validate().map_err(|e| verr(path, e))?;
+    let compressed = h.compressed();
+    if h.version == 3 && !compressed && writable {
+        return Err(verr(path, Error::Version3ReadOnly));
+    }
+    if stream.is_none() && h.overhead.saturating_mul(SECTOR) > file_len {
+        return Err(verr(
+            path,
+            Error::FileTruncated(h.overhead.saturating_mul(SECTOR)),
+        ));
+    }
+    let gd_entries = geo.gd_entries;
+    let read_dir = |sector: u64, what: &'static str| -> Result<Vec<u32>> {
+        let off = sector
+            .checked_mul(SECTOR)
+            .filter(|o| o.checked_add(gd_entries * 4).is_some_and(|e| e <= file_len))
+            .ok_or_else(|| verr(path, Error::OutOfFile { what, sector }))?;
+        read_u32s(s, off, gd_entries)
+    };
+    let (gd, rgd) = if stream.is_some() {
+        (vec![0u32; usize::try_from(gd_entries).unwrap_or(0)], None)
+    } else {
+        let gd = read_dir(h.gd_offset, "grain directory")?;
+        let rgd = if h.flags & sparse::FLAG_RGD != 0 && h.rgd_offset != 0 {
+            Some(read_dir(h.rgd_offset, "redundant grain directory")?)
+        } else {
+            None
+        };
+        (gd, rgd)
+    };
+    let grain_sectors = h.grain_size;
+    let next_sector = file_len.div_ceil(SECTOR).div_ceil(grain_sectors) * grain_sectors;
+    let info = SparseInfo {
+        geo,
+        compressed,
+        markers: h.flags & sparse::FLAG_MARKER != 0,
+        zero_grain: h.flags & sparse::FLAG_ZERO_GRAIN != 0,
+        cowd: false,
+        header: h,
+    };
+    Ok((
+        info,
+        SparseState {
+            gd,
+            rgd,
+            cache: HashMap::new(),
+            next_sector,
+            file_len,
+            stream,
+        },
+    ))
+}
+
+impl Drop for Vmdk {
+    fn drop(&mut self) {
+        // A stream must end with its footer; errors have nowhere to go here (flush reports them).
+        let _ = self.finish_streams();
+    }
+}
+
+impl Driver for Vmdk {
+    fn format(&self) -> Format {
+        Format::Vmdk
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn storage(&self, file: usize) -> &Arc<dyn Storage> {
+        &self.files[file.min(self.files.len() - 1)]
+    }
+
+    fn cluster_size(&self) -> Option<u64> {
+        self.sparse.first().map(|s| s.geo.grain)
+    }
+
+    fn backing(&self) -> Option<BackingSpec> {
+        self.desc.parent_hint.as_ref().map(|h| BackingSpec {
+            filename: h.clone(),
+            format: Some("vmdk".into()),
+        })
+    }
+
+    fn specific(&self) -> FormatSpecific {
+        FormatSpecific::Vmdk(VmdkSpecific {
+            create_type: self.desc.create_type.clone(),
+            cid: self.desc.cid,
+            parent_cid: self.desc.parent_cid,
+            extents: self
+                .extents
+                .iter()
+                .map(|e| {
+                    let (cs, comp) = match e.kind {
+                        Kind::Sparse(si) => {
+                            (Some(self.sparse[si].geo.grain), self.sparse[si].compressed)
+                        }
+                        _ => (None, false),
+                    };
+                    VmdkExtentInfo {
+                        filename: e.filename.clone(),
+                        format: e.type_name.clone(),
+                        virtual_size: e.len,
+                        cluster_size: cs,
+                        compressed: comp,
+                    }
+                })
+                .collect(),
+        })
+    }
+
+    fn snapshot_view(&self, name: &str) -> Result<Box<dyn Driver>> {
+        Err(crate::Error::NoSuchSnapshot {
+            path: self.files[0].path().to_owned(),
+            name: name.to_owned(),
+        })
+    }
+
+    fn map(&self, offset: u64, len: u64) -> Result<(Mapping, u64)> {
+        if offset >= self.size {
+            return Ok((Mapping::Eof, len.max(1)));
+        }
+        let len = len.min(self.size - offset).max(1);
+        let Some(ext) = self.extent_at(offset) else {
+            return Ok((Mapping::Eof, len));
+        };
+        let off = offset - ext.start;
+        let len = len.min(ext.len - off);
+        if ext.access == Access::NoAccess {
+            return Ok((Mapping::Zero { offset: None }, len));
+        }
+        match ext.kind {
+            Kind::Zero => Ok((Mapping::Zero { offset: None }, len)),
+            Kind::Flat { base } => Ok((
+                Mapping::Data {
+                    file: ext.file,
+                    offset: HostOffset(base + off),
+                    writable: self.writable && ext.access == Access::Rw,
+                },
+                len,
+            )),
+            Kind::Sparse(si) => self.map_sparse(ext, si, off, len),
+        }
+    }
+
+    fn read_compressed(&self, c: &CompressedRef, out: &mut [u8]) -> Result<()> {
+        let ext = self
+            .extent_at(c.guest_cluster)
+            .ok_or_else(|| self.err(0, Error::BadCompressedGrain(c.host.0 / SECTOR)))?;
+        let Kind::Sparse(si) = ext.kind else {
+            return Err(self.err(ext.file, Error::BadCompressedGrain(c.host.0 / SECTOR)));
+        };
+        let info = &self.sparse[si];
+        let bad = || self.err(ext.file, Error::BadCompressedGrain(c.host.0 / SECTOR));
+        let s = self.files[ext.file].as_ref();
+        let g = usize::try_from(info.geo.grain).map_err(|_| bad())?;
+        if out.len() < g {
+            return Err(bad());
+        }
+        let max = usize::try_from(c.len).map_err(|_| bad())?;
+        let data = if info.markers {
+            let mut m = [0u8; sparse::GRAIN_MARKER_LEN];
+            s.read_at(&mut m, c.host.0).ctx(s.path())?;
+            let lba = u64::from_le_bytes([m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7]]);
+            let size = usize::try_from(u32::from_le_bytes([m[8], m[9], m[10], m[11]]))
+                .map_err(|_| bad())?;
+            if lba * SECTOR != c.guest_cluster - ext.start || size > max {
+                return Err(bad());
+            }
+            let mut d = vec![0u8; size];
+            s.read_at(&mut d, c.host.0 + sparse::GRAIN_MARKER_LEN as u64)
+                .ctx(s.path())?;
+            d
+        } else {
+            let mut d = vec![0u8; max];
+            s.read_at(&mut d, c.host.0).ctx(s.path())?;
+            d
+        };
+        out.fill(0);
+        inflate(&data, &mut out[..g]).ok_or_else(bad)?;
+        Ok(())
+    }
+
+    fn cow_granularity(&self) -> u64 {
+        self.sparse.iter().map(|s| s.geo.grain).max().unwrap_or(1)
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> Result<Vec<HostExtent>> {
+        let mut out = Vec::new();
+        let end = offset.saturating_add(len);
+        let mut pos = offset;
+        while pos < end {
+            // The last grain of the disk may reach past its end: it belongs to the last extent.
+            let ext = self
+                .extent_at(pos)
+                .or_else(|| self.extents.last().filter(|e| pos >= e.start))
+                .ok_or_else(|| self.err(0, Error::NotWritable("past the last extent")))?;
+            let piece_end = if pos >= ext.start + ext.len || end <= ext.start + ext.len {
+                end
+            } else {
+                ext.start + ext.len
+            };
+            match self.check_ext_writable(ext)? {
+                None => {
+                    if let Kind::Flat { base } = ext.kind {
+                        out.push(HostExtent {
+                            guest: pos,
+                            len: piece_end - pos,
+                            file: ext.file,
+                            host: HostOffset(base + pos - ext.start),
+                        });
+                    }
+                }
+                Some(si) => {
+                    let info = &self.sparse[si];
+                    let g = info.geo.grain;
+                    let mut guard = self.lock();
+                    let st = &mut guard.sparse[si];
+                    if st.stream.is_some() {
+                        let Some((staging, stg)) = &self.staging else {
+                            return Err(self.not_writable(ext, "this streamOptimized image"));
+                        };
+                        self.stream_emit_pending(st, si, ext)?;
+                        self.stream_resume(st, si, ext.file)?;
+                        let a = (pos - ext.start) / g * g;
+                        let b = (piece_end - ext.start).div_ceil(g) * g;
+                        let closed = st.stream.as_ref().map_or(0, |s| s.closed_below);
+                        let mut gr = a / g;
+                        while gr * g < b {
+                            if gr / info.geo.gtes < closed
+                                || self.entry_of(st, si, ext.file, gr)? != 0
+                            {
+                                return Err(
+                                    self.err(ext.file, Error::StreamOutOfOrder(ext.start + gr * g))
+                                );
+                            }
+                            gr += 1;
+                        }
+                        let n = usize::try_from(b - a)
+                            .map_err(|_| self.err(ext.file, Error::ExtentFull))?;
+                        stg.reset(a, n);
+                        out.push(HostExtent {
+                            guest: pos,
+                            len: piece_end - pos,
+                            file: *staging,
+                            host: HostOffset(pos - ext.start),
+                        });
+                        if let Some(sw) = st.stream.as_mut() {
+                            sw.pending = Some((a, b - a));
+                        }
+                    } else {
+                        if info.compressed {
+                            return Err(self.not_writable(ext, "an existing streamOptimized image"));
+                        }
+                        let mut p = pos;
+                        while p < piece_end {
+                            let rel = p - ext.start;
+                            let grain = rel / g;
+                            let gend = piece_end.min(ext.start + (grain + 1) * g);
+                            let e = self.entry_of(st, si, ext.file, grain)?;
+                            let host = match Self::classify(info, e) {
+                                Gte::Data(h) => h,
+                                _ => {
+                                    let sec = st.next_sector;
+                                    if sec + info.header.grain_size > u64::from(u32::MAX) {
+                                        return Err(self.err(ext.file, Error::ExtentFull));
+                                    }
+                                    st.next_sector += info.header.grain_size;
+                                    sec * SECTOR
+                                }
+                            };
+                            let h = host + rel % g;
+                            match out.last_mut() {
+                                Some(l @ HostExtent { .. })
+                                    if l.file == ext.file
+                                        && l.guest + l.len == p
+                                        && l.host.0 + l.len == h =>
+                                {
+                                    l.len += gend - p
+                                }
+                                _ => out.push(HostExtent {
+                                    guest: p,
+                                    len: gend - p,
+                                    file: ext.file,
+                                    host: HostOffset(h),
+                                }),
+                            }
+                            p = gend;
+                        }
+                    }
+                }
+            }
+            pos = piece_end;
+        }
+        Ok(out)
+    }
+
+    fn commit(&self, extents: &[HostExtent]) -> Result<()> {
+        for he in extents {
+            if Some(he.file) == self.staging.as_ref().map(|s| s.0) {
+                // Staged stream data: compressed when the stream moves on or finishes.
+                continue;
+            }
+            let Some(ext) = self.extent_at(he.guest) else {
+                continue;
+            };
+            let Kind::Sparse(si) = ext.kind else { continue };
+            let g = self.sparse[si].geo.grain;
+            let mut guard = self.lock();
+            let st = &mut guard.sparse[si];
+            let mut p = he.guest;
+            let end = he.guest + he.len;
+            while p < end {
+                let rel = p - ext.start;
+                let grain = rel / g;
+                let host_grain = he.host.0 + (p - he.guest) - rel % g;
+                let sec = u32::try_from(host_grain / SECTOR)
+                    .map_err(|_| self.err(ext.file, Error::ExtentFull))?;
+                if self.entry_of(st, si, ext.file, grain)? != sec {
+                    self.set_gte(st, si, ext.file, grain, sec)?;
+                }
+                st.file_len = st.file_len.max(host_grain + g);
+                p = end.min(ext.start + (grain + 1) * g);
+            }
+        }
+        Ok(())
+    }
+
+    fn zero(&self, offset: u64, len: u64, unmap: bool) -> Result<bool> {
+        if !self.writable {
+            return Err(crate::Error::ReadOnly {
+                path: self.files[0].path().to_owned(),
+            });
+        }
+        let end = offset.saturating_add(len);
+        // First pass: can every part be zeroed through metadata?
+        let mut pos = offset;
+        while pos < end {
+            let Some(ext) = self.extent_at(pos) else {
+                break;
+            };
+            let pend = end.min(ext.start + ext.len);
+            let ok = match ext.kind {
+                Kind::Zero => true,
+                Kind::Flat { .. } => ext.access == Access::Rw,
+                Kind::Sparse(si) => {
+                    let info = &self.sparse[si];
+                    if info.zero_grain && ext.access == Access::Rw && !info.compressed {
+                        true
+                    } else if self.desc.parent_hint.is_some() {
+                        false
+                    } else {
+                        // Without zeroed grains, only ranges that are already unallocated.
+                        let mut p = pos;
+                        let mut all = true;
+                        while p < pend {
+                            let (m, n) = self.map(p, pend - p)?;
+                            if !matches!(m, Mapping::Unallocated | Mapping::Zero { .. }) {
+                                all = false;
+                                break;
+                            }
+                            p += n.max(1);
+                        }
+                        all
+                    }
+                }
+            };
+            if !ok {
+                return Ok(false);
+            }
+            pos = pend;
+        }
+        let mut pos = offset;
+        while pos < end {
+            let Some(ext) = self.extent_at(pos) else {
+                break;
+            };
+            let pend = end.min(ext.start + ext.len);
+            match ext.kind {
+                Kind::Zero => {}
+                Kind::Flat { base } => {
+                    let s = self.files[ext.file].as_ref();
+                    s.write_zeroes(base + pos - ext.start, pend - pos, unmap)
+                        .ctx(s.path())?;
+                }
+                Kind::Sparse(si) => {
+                    let info = &self.sparse[si];
+                    if info.zero_grain && !info.compressed {
+                        let g = info.geo.grain;
+                        let mut guard = self.lock();
+                        let st = &mut guard.sparse[si];
+                        let mut gr = (pos - ext.start) / g;
+                        while ext.start + gr * g < pend {
+                            if self.entry_of(st, si, ext.file, gr)? != sparse::GTE_ZEROED {
+                                self.set_gte(st, si, ext.file, gr, sparse::GTE_ZEROED)?;
+                            }
+                            gr += 1;
+                        }
+                    }
+                }
+            }
+            pos = pend;
+        }
+        Ok(true)
+    }
+
+    fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
+        // qemu's vmdk has no discard: the data stays.
+        if !self.writable {
+            return Err(crate::Error::ReadOnly {
+                path: self.files[0].path().to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn compress_cluster(&self, data: &[u8]) -> Option<Vec<u8>> {
+        // Every grain of a stream is compressed, whether or not it shrinks.
+        self.staging.as_ref()?;
+        Some(deflate(data))
+    }
+
+    fn write_compressed(&self, offset: u64, compressed: &[u8]) -> Result<()> {
+        let ext = self
+            .extent_at(offset)
+            .ok_or_else(|| self.err(0, Error::StreamOutOfOrder(offset)))?;
+        let Some(si) = self.check_ext_writable(ext)? else {
+            return Err(self.unsupported("compressed clusters"));
+        };
+        let g = self.sparse[si].geo.grain;
+        let rel = offset - ext.start;
+        if rel % g != 0 {
+            return Err(self.err(ext.file, Error::StreamOutOfOrder(offset)));
+        }
+        let mut guard = self.lock();
+        let st = &mut guard.sparse[si];
+        if st.stream.is_none() {
+            return Err(self.unsupported("compressed clusters outside streamOptimized images"));
+        }
+        self.stream_emit_pending(st, si, ext)?;
+        self.stream_grain(st, si, ext, rel / g, compressed)
+    }
+
+    fn check(&self, repair: Repair) -> Result<CheckReport> {
+        let _ = repair;
+        let mut r = CheckReport::default();
+        let mut guard = self.lock();
+        for ext in &self.extents {
+            let Kind::Sparse(si) = ext.kind else { continue };
+            let info = &self.sparse[si];
+            let st = &mut guard.sparse[si];
+            let g = info.geo.grain;
+            let grains = ext.len.div_ceil(g);
+            r.total_clusters += grains;
+            let mut last: Option<u64> = None;
+            let mut gr = 0;
+            while gr < grains {
+                let gti = gr / info.geo.gtes;
+                let t = match self.table(st, si, ext.file, gti) {
+                    Ok(Some(t)) => t.clone(),
+                    Ok(None) => {
+                        gr = (gti + 1) * info.geo.gtes;
+                        continue;
+                    }
+                    Err(e) => {
+                        r.messages.push(format!("ERROR: {e}"));
+                        r.corruptions += 1;
+                        gr = (gti + 1) * info.geo.gtes;
+                        continue;
+                    }
+                };
+                let stop = grains.min((gti + 1) * info.geo.gtes);
+                while gr < stop {
+                    let e = t
+                        .get(usize::try_from(gr % info.geo.gtes).unwrap_or(usize::MAX))
+                        .copied()
+                        .unwrap_or(0);
+                    match Self::classify(info, e) {
+                        Gte::Data(h) | Gte::Compressed(h) => {
+                            if h >= st.file_len {
+                                r.messages.push(format!(
+                                    "ERROR: cluster offset for sector {} points after EOF",
+                                    (ext.start + gr * g) / SECTOR
+                                ));
+                                r.corruptions += 1;
+                            } else {
+                                r.allocated_clusters += 1;
+                                if matches!(Self::classify(info, e), Gte::Compressed(_)) {
+                                    r.compressed_clusters += 1;
+                                }
+                                if last.is_some_and(|l| l + g != h) {
+                                    r.fragmented_clusters += 1;
+                                }
+                                last = Some(h);
+                            }
+                        }
+                        _ => {}
+                    }
+                    gr += 1;
+                }
+            }
+        }
+        Ok(r)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.finish_streams()?;
+        for f in &self.files {
+            f.flush().ctx(f.path())?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,207 @@
+//! Writing streamOptimized extents in VMware's layout, once and in guest order:
+//!
+//! ```text
+//! header (gdOffset = GD_AT_END) | descriptor | grain marker + zlib data ... | GT marker + GT |
+//! grain markers ... | GT marker + GT | ... | GD marker + GD | footer marker + footer | EOS
+//! ```
+//! Each grain table is written as soon as the stream has moved past the guest range it covers;
+//! grain tables with no grain are left out (their directory entry stays 0). The footer repeats
+//! the header with the real gdOffset. Writes that arrive through the ordinary allocate/commit
+//! path are staged in memory ([`Staging`]) a grain at a time and compressed when the stream
+//! moves on, so that a convert writing partial grains still produces whole compressed grains.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::storage::Storage;
+
+/// Compresses a grain as a zlib stream (what VMware and qemu write).
+pub fn deflate(data: &[u8]) -> Vec<u8> {
+    let mut c = flate2::Compress::new(flate2::Compression::default(), true);
+    let mut out = Vec::with_capacity(data.len() / 2 + 64);
+    loop {
+        let before_in = c.total_in();
+        let consumed = usize::try_from(before_in).unwrap_or(usize::MAX);
+        if out.capacity() - out.len() < 64 {
+            out.reserve(out.capacity().max(4096));
+        }
+        match c.compress_vec(
+            data.get(consumed..).unwrap_or(&[]),
+            &mut out,
+            flate2::FlushCompress::Finish,
+        ) {
+            Ok(flate2::Status::StreamEnd) => return out,
+            Ok(_) => {}
+            Err(_) => return out,
+        }
+    }
+}
+
+/// Inflates a zlib stream into `out`; returns the bytes produced, or `None` when the data is bad
+/// or would not fit.
+pub fn inflate(input: &[u8], out: &mut [u8]) -> Option<usize> {
+    let mut d = flate2::Decompress::new(true);
+    match d.decompress(input, out, flate2::FlushDecompress::Finish) {
+        Ok(flate2::Status::StreamEnd) => usize::try_from(d.total_out()).ok(),
+        // The output is full: fine only if the stream was exactly one grain.
+        Ok(_) => {
+            let n = usize::try_from(d.total_out()).ok()?;
+            (n == out.len()).then_some(n)
+        }
+        Err(_) => None,
+    }
+}
+
+/// State of a stream being written.
+#[derive(Debug)]
+pub(crate) struct StreamWriter {
+    /// Grain tables not written yet, by directory index.
+    pub open: BTreeMap<u64, Vec<u32>>,
+    /// Directory indices below this have been written (or never will be).
+    pub closed_below: u64,
+    /// Where the next sector goes.
+    pub end: u64,
+    /// Guest range (extent-relative start, length) staged in memory.
+    pub pending: Option<(u64, u64)>,
+    /// The stream has its GD, footer and EOS; `finished_at` is where they (and the tables
+    /// written with them) begin, so that a later write can take them back.
+    pub finished_at: Option<u64>,
+    /// Tables written by the finish, reopened if the stream continues.
+    pub finish_tables: Vec<u64>,
+}
+
+impl StreamWriter {
+    pub fn new(end: u64) -> Self {
+        StreamWriter {
+            open: BTreeMap::new(),
+            closed_below: 0,
+            end,
+            pending: None,
+            finished_at: None,
+            finish_tables: Vec::new(),
+        }
+    }
+}
+
+type StagedGuard<'a> = std::sync::MutexGuard<'a, (u64, Vec<u8>)>;
+
+/// An in-memory storage holding the grains of the stream not yet compressed.
+#[derive(Debug)]
+pub(crate) struct Staging {
+    path: PathBuf,
+    /// Guest (extent) offset of the first byte, and the bytes.
+    buf: Mutex<(u64, Vec<u8>)>,
+}
+
+impl Staging {
+    pub fn new(path: &Path) -> Self {
+        Staging {
+            path: path.to_owned(),
+            buf: Mutex::new((0, Vec::new())),
+        }
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, Vec<u8>)> {
+        self.buf.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    /// Starts staging `len` zero bytes at `base`.
+    pub fn reset(&self, base: u64, len: usize) {
+        let mut b = self.lock();
+        b.0 = base;
+        b.1.clear();
+        b.1.resize(len, 0);
+    }
+    /// Takes the staged bytes.
+    pub fn take(&self) -> (u64, Vec<u8>) {
+        let mut b = self.lock();
+        let base = b.0;
+        (base, std::mem::take(&mut b.1))
+    }
+    fn range(&self, off: u64, len: usize) -> io::Result<(usize, StagedGuard<'_>)> {
+        let b = self.lock();
+        let start = off
+            .checked_sub(b.0)
+            .and_then(|s| usize::try_from(s).ok())
+            .filter(|s| s.checked_add(len).is_some_and(|e| e <= b.1.len()))
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "outside the staged grains")
+            })?;
+        Ok((start, b))
+    }
+}
+
+impl Storage for Staging {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let (s, b) = self.range(offset, buf.len())?;
+        buf.copy_from_slice(&b.1[s..s + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let (s, mut b) = self.range(offset, buf.len())?;
+        b.1[s..s + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> io::Result<()> {
+        let l = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let (s, mut b) = self.range(offset, l)?;
+        b.1[s..s + l].fill(0);
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.write_zeroes(offset, len, true)
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn size(&self) -> io::Result<u64> {
+        let b = self.lock();
+        Ok(b.0 + b.1.len() as u64)
+    }
+    fn set_len(&self, _len: u64) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+    fn allocate(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deflate_inflate_round_trip() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 7) as u8).collect();
+        let c = deflate(&data);
+        assert!(c.len() < data.len());
+        assert_eq!(&c[..1], &[0x78]); // zlib header
+        let mut out = vec![0u8; 65536];
+        assert_eq!(inflate(&c, &mut out), Some(65536));
+        assert_eq!(out, data);
+    }
+
+    #[test]
+    fn inflate_garbage_is_none() {
+        let mut out = vec![0u8; 512];
+        assert_eq!(inflate(&[1, 2, 3, 4], &mut out), None);
+    }
+
+    #[test]
+    fn staging_refuses_outside_writes() {
+        let s = Staging::new(Path::new("x"));
+        s.reset(4096, 4096);
+        assert!(s.write_at(&[1; 10], 4096).is_ok());
+        assert!(s.write_at(&[1; 10], 0).is_err());
+        assert!(s.write_at(&[1; 10], 8190).is_err());
+        let mut b = [0u8; 10];
+        s.read_at(&mut b, 4096).unwrap();
+        assert_eq!(b, [1; 10]);
+    }
+}
