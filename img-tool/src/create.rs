@@ -1,0 +1,227 @@
+//! `img create`: a new image, announced with qemu-img's `Formatting ...` line.
+
+use std::path::Path;
+
+use clap::Args;
+use imgblock::{CreateOptions, Format, OpenOptions};
+
+use crate::createopts::{formatting_line, help_text, library_options, wants_help};
+use crate::failure::{open_failure, strerror, CliResult, Failure};
+use crate::open::parse_format;
+use crate::units::parse_size_arg;
+
+/// The largest size qemu accepts (`INT64_MAX`).
+const MAX_IMAGE_SIZE: u64 = i64::MAX as u64;
+
+/// `img create -f FMT [-o OPTS] [-b BACKING [-F FMT]] [-u] [-q] FILE [SIZE]`
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Image format (default raw).
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Format options, key=value[,key=value...]; `-o help` lists them. May be repeated.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Backing file.
+    #[arg(short = 'b', value_name = "BACKING")]
+    backing: Option<String>,
+    /// Backing file format.
+    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    backing_format: Option<String>,
+    /// Do not open the backing file (the size must then be given).
+    #[arg(short = 'u')]
+    unsafe_backing: bool,
+    /// Quiet: print nothing but errors.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The image file.
+    filename: Option<String>,
+    /// Virtual size, with optional k, M, G, T, P, E suffix.
+    #[arg(allow_hyphen_values = true)]
+    size: Option<String>,
+}
+
+/// Runs `img create`.
+///
+/// # Errors
+/// Bad options, an unreadable backing file, or a failed create.
+pub fn run(args: &CreateArgs) -> CliResult<i32> {
+    let format = parse_format(Some(args.format.as_deref().unwrap_or("raw")))
+        .map_err(|f| in_file_opt(&args.filename, f))?
+        .unwrap_or(Format::Raw);
+    let mut opts = CreateOptions::default();
+    for o in &args.options {
+        opts.parse_opts(o)?;
+    }
+    if wants_help(&opts.opts) {
+        print!("{}", help_text(format));
+        return Ok(0);
+    }
+    let file = args
+        .filename
+        .as_deref()
+        .ok_or_else(|| Failure::new("Expecting image file name"))?;
+    let in_file = |msg: String| Failure::new(format!("{file}: {msg}"));
+    if let Some(s) = &args.size {
+        if opts.size.is_some() {
+            return Err(in_file("The image size must be specified only once".into()));
+        }
+        opts.size = Some(parse_image_size(s)?);
+    }
+    if args.backing.is_some() {
+        opts.backing_file.clone_from(&args.backing);
+    }
+    if args.backing_format.is_some() {
+        opts.backing_fmt.clone_from(&args.backing_format);
+    }
+    opts.unsafe_backing = args.unsafe_backing;
+    validate_keys(format, &opts).map_err(in_file)?;
+    if let Some(backing) = opts.backing_file.clone() {
+        let size = check_backing(Path::new(file), &backing, &opts).map_err(in_file)?;
+        opts.size = opts.size.or(size);
+    }
+    if opts.size.is_none() {
+        return Err(in_file("Image creation needs a size parameter".into()));
+    }
+    if !args.quiet {
+        println!("{}", formatting_line(file, format, &opts));
+    }
+    imgblock::create(Path::new(file), format, &opts).map_err(|e| match e {
+        imgblock::Error::InvalidOption(m) => in_file(m),
+        other => Failure::from(other),
+    })?;
+    Ok(0)
+}
+
+/// Prefixes a failure with the image's name, when there is one, as qemu's create does.
+fn in_file_opt(file: &Option<String>, f: Failure) -> Failure {
+    match file {
+        Some(name) => Failure::new(format!("{name}: {f}")),
+        None => f,
+    }
+}
+
+/// The SIZE argument, with qemu's two messages for text that is not a size and for one too big.
+fn parse_image_size(s: &str) -> CliResult<u64> {
+    let too_big = || {
+        Failure::new(format!(
+            "Invalid image size specified. Must be between 0 and {MAX_IMAGE_SIZE}."
+        ))
+    };
+    if s.starts_with('-') {
+        return Err(too_big());
+    }
+    let n = parse_size_arg(s, "image size")?;
+    if n > MAX_IMAGE_SIZE {
+        return Err(too_big());
+    }
+    Ok(n)
+}
+
+/// Refuses options the format does not list, as qemu does before it prints anything.
+fn validate_keys(format: Format, opts: &CreateOptions) -> Result<(), String> {
+    let known = library_options(format);
+    let knows = |k: &str| known.iter().any(|(n, _)| *n == k);
+    if let Some((k, _)) = opts.opts.iter().find(|(k, _)| !knows(k)) {
+        return Err(format!("Invalid parameter '{k}'"));
+    }
+    if opts.backing_file.is_some() && !knows("backing_file") {
+        return Err(format!(
+            "Backing file not supported for file format '{}'",
+            format.name()
+        ));
+    }
+    Ok(())
+}
+
+/// qemu-img 10 requires a backing format and, unless `-u`, opens the backing file; returns its
+/// size, the default for the new image.
+fn check_backing(file: &Path, backing: &str, opts: &CreateOptions) -> Result<Option<u64>, String> {
+    let missing_format = "Backing file specified without backing format".to_owned();
+    if opts.unsafe_backing {
+        return if opts.backing_fmt.is_some() {
+            Ok(None)
+        } else {
+            Err(missing_format)
+        };
+    }
+    let path = imgblock::image::resolve_backing(file, backing);
+    let Some(fmt) = &opts.backing_fmt else {
+        // qemu tells what it would have detected, to help write the -F option.
+        if let Ok(img) = imgblock::Image::open(
+            &path,
+            &OpenOptions {
+                no_backing: true,
+                ..OpenOptions::default()
+            },
+        ) {
+            return Err(format!(
+                "{missing_format}\nDetected format of {}.",
+                img.format()
+            ));
+        }
+        return Err(missing_format);
+    };
+    let format = Some(
+        fmt.parse::<Format>()
+            .map_err(|_| format!("Unknown backing file format '{fmt}'"))?,
+    );
+    let img = imgblock::Image::open(
+        &path,
+        &OpenOptions {
+            format,
+            no_backing: true,
+            ..OpenOptions::default()
+        },
+    )
+    .map_err(|e| {
+        let reason = match &e {
+            imgblock::Error::Io { source, .. } => {
+                format!("Could not open '{backing}': {}", strerror(source))
+            }
+            other => open_failure(&path, other).message,
+        };
+        format!("{reason}\nCould not open backing image.")
+    })?;
+    Ok(Some(img.size()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_image_size_negative_is_range_error() {
+        let e = parse_image_size("-1").unwrap_err();
+        assert_eq!(
+            e.message,
+            "Invalid image size specified. Must be between 0 and 9223372036854775807."
+        );
+    }
+
+    #[test]
+    fn parse_image_size_suffix_scales() {
+        assert_eq!(parse_image_size("1M").unwrap(), 1 << 20);
+        assert_eq!(parse_image_size("0").unwrap(), 0);
+    }
+
+    #[test]
+    fn validate_keys_unknown_raw_option_is_refused() {
+        let mut o = CreateOptions::new(1);
+        o.set("foo", "bar");
+        assert_eq!(
+            validate_keys(Format::Raw, &o).unwrap_err(),
+            "Invalid parameter 'foo'"
+        );
+    }
+
+    #[test]
+    fn validate_keys_raw_backing_is_refused() {
+        let mut o = CreateOptions::new(1);
+        o.backing_file = Some("b".into());
+        assert_eq!(
+            validate_keys(Format::Raw, &o).unwrap_err(),
+            "Backing file not supported for file format 'raw'"
+        );
+    }
+}

@@ -1,0 +1,216 @@
+//! Presenting creation options as qemu-img does: the `-o help` listing and the
+//! `Formatting 'F', fmt=... ` line.
+//!
+//! The option names and help texts come from the library (`CREATE_OPTIONS`). What the library
+//! does not say yet is each option's value type, default and the position qemu prints it in
+//! (the order of qemu's option lists, format options then the file protocol's); that is
+//! [`PRINT_ORDER`] here, until the library carries it.
+
+use imgblock::{CreateOptions, Format};
+
+/// A value type as qemu's help names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Str,
+    Size,
+    Num,
+    Bool,
+}
+
+impl Kind {
+    fn help_name(self) -> &'static str {
+        match self {
+            Kind::Str => "str",
+            Kind::Size => "size",
+            Kind::Num => "num",
+            Kind::Bool => "bool (on/off)",
+        }
+    }
+}
+
+/// One option in the order qemu prints the `Formatting` line, with its default value there.
+struct PrintSpec {
+    name: &'static str,
+    kind: Kind,
+    default: Option<&'static str>,
+}
+
+const fn opt(name: &'static str, kind: Kind, default: Option<&'static str>) -> PrintSpec {
+    PrintSpec {
+        name,
+        kind,
+        default,
+    }
+}
+
+/// File-protocol options qemu appends after every format's own.
+const PROTOCOL: [PrintSpec; 3] = [
+    opt("nocow", Kind::Bool, None),
+    opt("preallocation", Kind::Str, None),
+    opt("extent_size_hint", Kind::Size, None),
+];
+
+/// raw's list: `size`, then the protocol's.
+const RAW: [PrintSpec; 1] = [opt("size", Kind::Size, None)];
+
+/// qcow2's list in qemu 10's order (encryption first, then `QCOW_COMMON_OPTIONS`).
+const QCOW2: [PrintSpec; 21] = [
+    opt("encryption", Kind::Bool, None),
+    opt("encrypt.format", Kind::Str, None),
+    opt("encrypt.key-secret", Kind::Str, None),
+    opt("encrypt.cipher-alg", Kind::Str, None),
+    opt("encrypt.cipher-mode", Kind::Str, None),
+    opt("encrypt.ivgen-alg", Kind::Str, None),
+    opt("encrypt.ivgen-hash-alg", Kind::Str, None),
+    opt("encrypt.hash-alg", Kind::Str, None),
+    opt("encrypt.iter-time", Kind::Num, None),
+    opt("cluster_size", Kind::Size, Some("65536")),
+    opt("extended_l2", Kind::Bool, Some("off")),
+    opt("preallocation", Kind::Str, None),
+    opt("compression_type", Kind::Str, Some("zlib")),
+    opt("size", Kind::Size, None),
+    opt("compat", Kind::Str, None),
+    opt("backing_file", Kind::Str, None),
+    opt("backing_fmt", Kind::Str, None),
+    opt("data_file", Kind::Str, None),
+    opt("data_file_raw", Kind::Bool, None),
+    opt("lazy_refcounts", Kind::Bool, Some("off")),
+    opt("refcount_bits", Kind::Num, Some("16")),
+];
+
+fn print_order(format: Format) -> impl Iterator<Item = &'static PrintSpec> {
+    let own: &'static [PrintSpec] = match format {
+        Format::Qcow2 => &QCOW2,
+        _ => &RAW,
+    };
+    own.iter().chain(
+        PROTOCOL
+            .iter()
+            .filter(move |p| !own.iter().any(|o| o.name == p.name)),
+    )
+}
+
+fn kind_of(name: &str) -> Kind {
+    QCOW2
+        .iter()
+        .chain(RAW.iter())
+        .chain(PROTOCOL.iter())
+        .find(|s| s.name == name)
+        .map_or(Kind::Str, |s| s.kind)
+}
+
+/// The library's option list for a format.
+pub fn library_options(format: Format) -> &'static [(&'static str, &'static str)] {
+    match format {
+        Format::Qcow2 => imgblock::qcow2::CREATE_OPTIONS,
+        _ => imgblock::raw::CREATE_OPTIONS,
+    }
+}
+
+/// Whether the user asked for `-o help` (or `-o ?`).
+pub fn wants_help(opts: &[(String, String)]) -> bool {
+    opts.iter().any(|(k, _)| k == "help" || k == "?")
+}
+
+/// The `-o help` text, sorted by name as qemu sorts it.
+pub fn help_text(format: Format) -> String {
+    let mut list: Vec<&(&str, &str)> = library_options(format).iter().collect();
+    list.sort_by_key(|(n, _)| *n);
+    let mut out = format!("Supported {} options:\n", format.name());
+    for (name, help) in list {
+        let head = format!("  {name}=<{}>", kind_of(name).help_name());
+        out.push_str(&format!("{head:<24} - {help}\n"));
+    }
+    out.push_str("\nThe protocol level may support further options.\nSpecify the target filename to include those options.\n");
+    out
+}
+
+/// A value as qemu prints it: sizes and numbers parsed to integers, strings with commas doubled.
+fn print_value(kind: Kind, value: &str) -> String {
+    match kind {
+        Kind::Size => imgblock::options::parse_size(value)
+            .map_or_else(|_| value.to_owned(), |n| n.to_string()),
+        Kind::Num => value
+            .parse::<i64>()
+            .map_or_else(|_| value.to_owned(), |n| n.to_string()),
+        Kind::Str => value.replace(',', ",,"),
+        Kind::Bool => value.to_owned(),
+    }
+}
+
+/// The value the user set for `name`, looking at the dedicated fields first.
+fn given(opts: &CreateOptions, name: &str) -> Option<String> {
+    match name {
+        "size" => opts.size.map(|s| s.to_string()),
+        "backing_file" => opts.backing_file.clone(),
+        "backing_fmt" => opts.backing_fmt.clone(),
+        _ => opts.get(name).map(str::to_owned),
+    }
+}
+
+/// `Formatting 'F', fmt=raw size=1048576` (without the newline), as qemu's `bdrv_img_create`
+/// prints it: every option that is set or has a default, in qemu's list order.
+pub fn formatting_line(path: &str, format: Format, opts: &CreateOptions) -> String {
+    let mut line = format!("Formatting '{path}', fmt={}", format.name());
+    for spec in print_order(format) {
+        if let Some(v) = given(opts, spec.name) {
+            line.push_str(&format!(" {}={}", spec.name, print_value(spec.kind, &v)));
+        } else if let Some(d) = spec.default {
+            line.push_str(&format!(" {}={d}", spec.name));
+        }
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formatting_line_raw_lists_size_then_protocol_options() {
+        let mut o = CreateOptions::new(102_400);
+        o.set("preallocation", "full");
+        assert_eq!(
+            formatting_line("rr.raw", Format::Raw, &o),
+            "Formatting 'rr.raw', fmt=raw size=102400 preallocation=full"
+        );
+    }
+
+    #[test]
+    fn formatting_line_qcow2_prints_defaults_in_qemu_order() {
+        let mut o = CreateOptions::new(1 << 20);
+        o.backing_file = Some("q.qcow2".into());
+        o.backing_fmt = Some("qcow2".into());
+        assert_eq!(
+            formatting_line("o.qcow2", Format::Qcow2, &o),
+            "Formatting 'o.qcow2', fmt=qcow2 cluster_size=65536 extended_l2=off compression_type=zlib \
+             size=1048576 backing_file=q.qcow2 backing_fmt=qcow2 lazy_refcounts=off refcount_bits=16"
+        );
+    }
+
+    #[test]
+    fn formatting_line_qcow2_user_values_replace_defaults() {
+        let mut o = CreateOptions::new(1 << 20);
+        o.parse_opts("cluster_size=128k,compat=1.1,refcount_bits=8,extent_size_hint=1M")
+            .unwrap();
+        assert_eq!(
+            formatting_line("a.qcow2", Format::Qcow2, &o),
+            "Formatting 'a.qcow2', fmt=qcow2 cluster_size=131072 extended_l2=off compression_type=zlib \
+             size=1048576 compat=1.1 lazy_refcounts=off refcount_bits=8 extent_size_hint=1048576"
+        );
+    }
+
+    #[test]
+    fn help_text_raw_pads_to_column_24() {
+        let h = help_text(Format::Raw);
+        assert!(h.starts_with("Supported raw options:\n"));
+        assert!(h.contains("\n  size=<size>            - Virtual disk size\n"));
+        assert!(h.ends_with("Specify the target filename to include those options.\n"));
+    }
+
+    #[test]
+    fn wants_help_sees_help_and_question_mark() {
+        assert!(wants_help(&[("help".into(), String::new())]));
+        assert!(!wants_help(&[("size".into(), "1".into())]));
+    }
+}

@@ -1,0 +1,385 @@
+//! `img info`: what qemu-img's `ImageInfo` says about an image, as JSON or as text.
+
+use std::path::Path;
+
+use clap::Args;
+use imgblock::driver::Qcow2Specific;
+use imgblock::{FormatSpecific, Image, SnapshotInfo};
+use serde_json::{json, Map, Value};
+
+use crate::failure::CliResult;
+use crate::open::{open_image, parse_format, OpenRequest};
+use crate::output::OutputFormat;
+use crate::qjson;
+use crate::units::{size_to_str, size_with_bytes};
+
+/// `img info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE`
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// Image format (probed when not given).
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Output format: human or json.
+    #[arg(long = "output", value_name = "FMT", default_value = "human")]
+    output: String,
+    /// Describe every image of the backing chain.
+    #[arg(long = "backing-chain")]
+    backing_chain: bool,
+    /// Open the image even if another process uses it (accepted for compatibility).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The image file.
+    filename: String,
+}
+
+/// Runs `img info`.
+///
+/// # Errors
+/// When the image (or, with `--backing-chain`, one of its backing files) cannot be opened.
+pub fn run(args: &InfoArgs) -> CliResult<i32> {
+    let output = OutputFormat::parse(&args.output, "info")?;
+    let req = OpenRequest {
+        format: parse_format(args.format.as_deref())?,
+        no_backing: !args.backing_chain,
+        ..OpenRequest::default()
+    };
+    let img = open_image(Path::new(&args.filename), &req)?;
+    let images = if args.backing_chain {
+        img.chain()
+    } else {
+        vec![&img]
+    };
+    let infos = images
+        .iter()
+        .map(|i| image_info(i))
+        .collect::<CliResult<Vec<_>>>()?;
+    let text = match (output, args.backing_chain) {
+        (OutputFormat::Json, true) => qjson::to_string(&Value::Array(infos)) + "\n",
+        (OutputFormat::Json, false) => {
+            infos.first().map(qjson::to_string).unwrap_or_default() + "\n"
+        }
+        (OutputFormat::Human, _) => infos.iter().map(human_info).collect::<Vec<_>>().join("\n"),
+    };
+    print!("{text}");
+    Ok(0)
+}
+
+/// One image's `ImageInfo`, keys inserted in QAPI field order.
+fn image_info(img: &Image) -> CliResult<Value> {
+    let d = img.driver();
+    let file = d.storage(0);
+    let mut m = Map::new();
+    m.insert("filename".into(), json!(img.path().display().to_string()));
+    m.insert("format".into(), json!(img.format().name()));
+    m.insert("dirty-flag".into(), json!(d.dirty()));
+    if let Ok(a) = file.allocated_size() {
+        m.insert("actual-size".into(), json!(a));
+    }
+    m.insert("virtual-size".into(), json!(img.size()));
+    if let Some(cs) = d.cluster_size() {
+        m.insert("cluster-size".into(), json!(cs));
+    }
+    if let Some(b) = d.backing() {
+        let full = imgblock::image::resolve_backing(img.path(), &b.filename);
+        m.insert("backing-filename".into(), json!(b.filename));
+        m.insert(
+            "full-backing-filename".into(),
+            json!(full.display().to_string()),
+        );
+        if let Some(f) = b.format {
+            m.insert("backing-filename-format".into(), json!(f));
+        }
+    }
+    let snapshots = d.snapshots()?;
+    if !snapshots.is_empty() {
+        m.insert(
+            "snapshots".into(),
+            Value::Array(snapshots.iter().map(snapshot_info).collect()),
+        );
+    }
+    if let FormatSpecific::Qcow2(q) = d.specific() {
+        m.insert(
+            "format-specific".into(),
+            json!({"type": "qcow2", "data": qcow2_specific(&q)}),
+        );
+    }
+    m.insert(
+        "children".into(),
+        json!([{"name": "file", "info": file_info(img)?}]),
+    );
+    Ok(Value::Object(m))
+}
+
+/// qemu measures files in whole 512-byte sectors.
+const SECTOR: u64 = 512;
+
+/// The `file` child: the host file as qemu's file protocol driver describes it (its length
+/// rounded up to a whole sector, as qemu's `bdrv_getlength` does).
+fn file_info(img: &Image) -> CliResult<Value> {
+    let file = img.driver().storage(0);
+    let mut m = Map::new();
+    m.insert("filename".into(), json!(file.path().display().to_string()));
+    m.insert("format".into(), json!("file"));
+    m.insert("dirty-flag".into(), json!(false));
+    if let Ok(a) = file.allocated_size() {
+        m.insert("actual-size".into(), json!(a));
+    }
+    m.insert(
+        "virtual-size".into(),
+        json!(file.size()?.div_ceil(SECTOR) * SECTOR),
+    );
+    m.insert(
+        "format-specific".into(),
+        json!({"type": "file", "data": {}}),
+    );
+    m.insert("children".into(), json!([]));
+    Ok(Value::Object(m))
+}
+
+/// qcow2's format-specific data; the v3-only fields appear only for compat 1.1, as in qemu.
+fn qcow2_specific(q: &Qcow2Specific) -> Value {
+    let v3 = q.compat != "0.10";
+    let mut m = Map::new();
+    m.insert("compat".into(), json!(q.compat));
+    if let Some(df) = &q.data_file {
+        m.insert("data-file".into(), json!(df));
+        m.insert("data-file-raw".into(), json!(q.data_file_raw));
+    }
+    if v3 {
+        m.insert("extended-l2".into(), json!(q.extended_l2));
+        m.insert("lazy-refcounts".into(), json!(q.lazy_refcounts));
+        m.insert("corrupt".into(), json!(q.corrupt));
+    }
+    m.insert("refcount-bits".into(), json!(q.refcount_bits));
+    m.insert("compression-type".into(), json!(q.compression_type));
+    Value::Object(m)
+}
+
+fn snapshot_info(s: &SnapshotInfo) -> Value {
+    let mut m = Map::new();
+    m.insert("id".into(), json!(s.id));
+    m.insert("name".into(), json!(s.name));
+    m.insert("vm-state-size".into(), json!(s.vm_state_size));
+    m.insert("date-sec".into(), json!(s.date_sec));
+    m.insert("date-nsec".into(), json!(s.date_nsec));
+    m.insert(
+        "vm-clock-sec".into(),
+        json!(s.vm_clock_nsec / 1_000_000_000),
+    );
+    m.insert(
+        "vm-clock-nsec".into(),
+        json!(s.vm_clock_nsec % 1_000_000_000),
+    );
+    if let Some(i) = s.icount {
+        m.insert("icount".into(), json!(i));
+    }
+    Value::Object(m)
+}
+
+fn get_u64(m: &Map<String, Value>, k: &str) -> Option<u64> {
+    m.get(k).and_then(Value::as_u64)
+}
+
+fn get_str<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
+    m.get(k).and_then(Value::as_str)
+}
+
+/// The human text for one image (qemu's `bdrv_image_info_dump`), from its JSON form.
+fn human_info(info: &Value) -> String {
+    let Some(m) = info.as_object() else {
+        return String::new();
+    };
+    let mut out = node_header(m, 0, false);
+    if let Some(cs) = get_u64(m, "cluster-size") {
+        out.push_str(&format!("cluster_size: {cs}\n"));
+    }
+    if m.get("dirty-flag").and_then(Value::as_bool) == Some(true) {
+        out.push_str("cleanly shut down: no\n");
+    }
+    if let Some(b) = get_str(m, "backing-filename") {
+        out.push_str(&format!("backing file: {b}"));
+        match get_str(m, "full-backing-filename") {
+            None => out.push_str(" (cannot determine actual path)"),
+            Some(full) if full != b => out.push_str(&format!(" (actual path: {full})")),
+            Some(_) => {}
+        }
+        out.push('\n');
+    }
+    if let Some(f) = get_str(m, "backing-filename-format") {
+        out.push_str(&format!("backing file format: {f}\n"));
+    }
+    if let Some(Value::Array(snaps)) = m.get("snapshots") {
+        out.push_str(&snapshot_table(snaps));
+    }
+    out.push_str(&format_specific_text(m, 0));
+    if let Some(Value::Array(children)) = m.get("children") {
+        for c in children {
+            let name = c.get("name").and_then(Value::as_str).unwrap_or("");
+            if let Some(ci) = c.get("info").and_then(Value::as_object) {
+                out.push_str(&format!("Child node '/{name}':\n"));
+                out.push_str(&node_header(ci, 4, true));
+                out.push_str(&format_specific_text(ci, 4));
+            }
+        }
+    }
+    out
+}
+
+/// The four lines every node starts with; `protocol` uses the file child's wording.
+fn node_header(m: &Map<String, Value>, indent: usize, protocol: bool) -> String {
+    let ind = " ".repeat(indent);
+    let (name, kind, size) = if protocol {
+        ("filename", "protocol type", "file length")
+    } else {
+        ("image", "file format", "virtual size")
+    };
+    let disk = get_u64(m, "actual-size").map_or_else(|| "unavailable".to_owned(), size_to_str);
+    format!(
+        "{ind}{name}: {}\n{ind}{kind}: {}\n{ind}{size}: {}\n{ind}disk size: {disk}\n",
+        get_str(m, "filename").unwrap_or(""),
+        get_str(m, "format").unwrap_or(""),
+        size_with_bytes(get_u64(m, "virtual-size").unwrap_or(0)),
+    )
+}
+
+/// "Format specific information:" and the data, unless there is none.
+fn format_specific_text(m: &Map<String, Value>, indent: usize) -> String {
+    let Some(data) = m
+        .get("format-specific")
+        .and_then(|f| f.get("data"))
+        .and_then(Value::as_object)
+    else {
+        return String::new();
+    };
+    if data.is_empty() {
+        return String::new();
+    }
+    let mut out = format!("{:indent$}Format specific information:\n", "");
+    qjson::dump_human(&mut out, data, indent + 4);
+    out
+}
+
+/// The snapshot table as qemu's `bdrv_snapshot_dump` prints it.
+fn snapshot_table(snaps: &[Value]) -> String {
+    let mut out = String::from("Snapshot list:\n");
+    out.push_str(&format!(
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    ));
+    for s in snaps.iter().filter_map(Value::as_object) {
+        let clock = get_u64(s, "vm-clock-sec").unwrap_or(0) * 1_000_000_000
+            + get_u64(s, "vm-clock-nsec").unwrap_or(0);
+        out.push_str(&format!(
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+            get_str(s, "id").unwrap_or(""),
+            get_str(s, "name").unwrap_or(""),
+            size_to_str(get_u64(s, "vm-state-size").unwrap_or(0)),
+            format_date(get_u64(s, "date-sec").unwrap_or(0)),
+            format_vm_clock(clock),
+            get_u64(s, "icount")
+                .map(|i| i.to_string())
+                .unwrap_or_default(),
+        ));
+    }
+    out
+}
+
+/// The guest clock as qemu prints it: `HHHH:MM:SS.mmm`.
+fn format_vm_clock(nsec: u64) -> String {
+    let secs = nsec / 1_000_000_000;
+    format!(
+        "{:04}:{:02}:{:02}.{:03}",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60,
+        (nsec / 1_000_000) % 1000
+    )
+}
+
+/// `%Y-%m-%d %H:%M:%S` in UTC. (qemu uses local time; the project's machines run in UTC and
+/// the tool has no time-zone database.)
+fn format_date(secs: u64) -> String {
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    let (y, mo, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{mo:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), Howard Hinnant's algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = u32::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
+    let m = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_date_known_instant() {
+        assert_eq!(format_date(1_795_278_336), "2026-11-21 16:25:36");
+        assert_eq!(format_date(0), "1970-01-01 00:00:00");
+    }
+
+    #[test]
+    fn format_vm_clock_hours_minutes_millis() {
+        assert_eq!(format_vm_clock(0), "0000:00:00.000");
+        assert_eq!(format_vm_clock(3_723_456_000_000), "0001:02:03.456");
+    }
+
+    #[test]
+    fn snapshot_table_matches_qemu_columns() {
+        let s = json!([{"id": "1", "name": "snap1", "vm-state-size": 0, "date-sec": 1_795_278_336u64,
+            "date-nsec": 0, "vm-clock-sec": 0, "vm-clock-nsec": 0, "icount": 0}]);
+        let t = snapshot_table(s.as_array().unwrap());
+        assert_eq!(
+            t,
+            "Snapshot list:\n\
+             ID      TAG               VM_SIZE                DATE        VM_CLOCK     ICOUNT\n\
+             1       snap1                 0 B 2026-11-21 16:25:36  0000:00:00.000          0\n"
+        );
+    }
+
+    #[test]
+    fn human_info_raw_matches_qemu() {
+        let v = json!({"filename": "r.raw", "format": "raw", "dirty-flag": false, "actual-size": 69632,
+            "virtual-size": 1_048_576,
+            "children": [{"name": "file", "info": {"filename": "r.raw", "format": "file", "dirty-flag": false,
+                "actual-size": 69632, "virtual-size": 1_048_576,
+                "format-specific": {"type": "file", "data": {}}, "children": []}}]});
+        assert_eq!(
+            human_info(&v),
+            "image: r.raw\nfile format: raw\nvirtual size: 1 MiB (1048576 bytes)\ndisk size: 68 KiB\n\
+             Child node '/file':\n    filename: r.raw\n    protocol type: file\n\
+             \x20   file length: 1 MiB (1048576 bytes)\n    disk size: 68 KiB\n"
+        );
+    }
+
+    #[test]
+    fn qcow2_specific_v2_has_only_three_keys() {
+        let q = Qcow2Specific {
+            compat: "0.10",
+            compression_type: "zlib",
+            lazy_refcounts: false,
+            refcount_bits: 16,
+            corrupt: false,
+            extended_l2: false,
+            data_file: None,
+            data_file_raw: false,
+        };
+        assert_eq!(qjson::to_string(&qcow2_specific(&q)), "{\n    \"compat\": \"0.10\",\n    \"compression-type\": \"zlib\",\n    \"refcount-bits\": 16\n}");
+    }
+}

@@ -1,0 +1,93 @@
+//! Opening images the way qemu-img does: format names, error wording, the raw-probing warning.
+
+use std::path::Path;
+
+use imgblock::{Format, Image, OpenOptions};
+
+use crate::failure::{open_failure, CliResult, Failure};
+
+/// Parses a `-f`/`-O`/`-F` format name.
+///
+/// # Errors
+/// `Unknown file format 'X'` for names no driver knows.
+pub fn parse_format(name: Option<&str>) -> CliResult<Option<Format>> {
+    name.map(|n| {
+        n.parse::<Format>()
+            .map_err(|_| Failure::new(format!("Unknown file format '{n}'")))
+    })
+    .transpose()
+}
+
+/// What the user asked for when opening one image.
+#[derive(Debug, Clone, Default)]
+pub struct OpenRequest<'a> {
+    /// `-f`, or probed when `None`.
+    pub format: Option<Format>,
+    /// Open for writing.
+    pub writable: bool,
+    /// Leave the backing chain closed.
+    pub no_backing: bool,
+    /// An internal snapshot to open instead of the active state.
+    pub snapshot: Option<&'a str>,
+}
+
+/// Opens an image, reporting failures in qemu-img's words and warning, as qemu does, when a
+/// probed-raw image is opened for writing.
+///
+/// # Errors
+/// `Could not open 'F': ...` when the image or its backing chain cannot be opened.
+pub fn open_image(path: &Path, req: &OpenRequest<'_>) -> CliResult<Image> {
+    let opts = OpenOptions {
+        format: req.format,
+        writable: req.writable,
+        no_backing: req.no_backing,
+        snapshot: req.snapshot.map(str::to_owned),
+    };
+    let img = Image::open(path, &opts).map_err(|e| open_failure(path, &e))?;
+    if req.writable && img.format_was_guessed_raw() {
+        eprint!("{}", guessed_raw_warning(path));
+    }
+    Ok(img)
+}
+
+/// qemu's warning for a writable image whose format was probed as raw.
+fn guessed_raw_warning(path: &Path) -> String {
+    format!(
+        "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         \
+         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \
+         Specify the 'raw' format explicitly to remove the restrictions.\n",
+        path.display()
+    )
+}
+
+/// The file that holds the bytes of a mapping: storage `file` of the image at `depth` in the chain.
+pub fn storage_path<'a>(chain: &[&'a Image], depth: usize, file: usize) -> Option<&'a Path> {
+    chain
+        .get(depth)
+        .map(|img| img.driver().storage(file).path())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_format_unknown_is_qemu_message() {
+        assert_eq!(
+            parse_format(Some("foo")).unwrap_err().message,
+            "Unknown file format 'foo'"
+        );
+        assert_eq!(parse_format(Some("qcow2")).unwrap(), Some(Format::Qcow2));
+        assert_eq!(parse_format(None).unwrap(), None);
+    }
+
+    #[test]
+    fn guessed_raw_warning_is_three_lines() {
+        let w = guessed_raw_warning(Path::new("r.raw"));
+        assert!(w.starts_with(
+            "WARNING: Image format was not specified for 'r.raw' and probing guessed raw.\n"
+        ));
+        assert_eq!(w.lines().count(), 3);
+        assert!(w.ends_with("to remove the restrictions.\n"));
+    }
+}
