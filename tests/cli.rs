@@ -1,0 +1,332 @@
+//! The `img` command line speaks qemu-img's language: size suffixes, `-o help`, info on raw
+//! files, compare's and check's exit codes, map on sparse raw files.
+
+mod common;
+
+use common::{Env, MIB};
+
+/// qemu-img's size syntax: plain bytes (rounded up to a whole 512-byte sector), k/M/G/T
+/// suffixes, fractions. `img create` makes files of the same virtual size.
+#[test]
+fn create_size_suffixes_match_qemu() {
+    let env = Env::with_qemu();
+    for (i, size) in [
+        "512", "100", "1000000", "64k", "64K", "1M", "1.5M", "2G", "1T",
+    ]
+    .iter()
+    .enumerate()
+    {
+        for fmt in ["raw", "qcow2"] {
+            let ours = format!("ours{i}.{fmt}");
+            let theirs = format!("theirs{i}.{fmt}");
+            env.qemu_img(&["create", "-q", "-f", fmt, &theirs, size])
+                .ok();
+            env.img(&["create", "-q", "-f", fmt, &ours, size]).ok();
+            let t = env
+                .qemu_img(&["info", "--output=json", &theirs])
+                .ok()
+                .json();
+            let o = env.qemu_img(&["info", "--output=json", &ours]).ok().json();
+            assert_eq!(
+                o["virtual-size"], t["virtual-size"],
+                "size {size:?} as {fmt}: img made {o:#}, qemu-img made {t:#}"
+            );
+            assert_eq!(o["format"], fmt);
+        }
+    }
+    // A fresh raw image of a size with a suffix is the expected length and sparse.
+    assert_eq!(env.len("ours8.raw"), 1 << 40);
+    assert!(env.allocated("ours8.raw") < MIB);
+}
+
+#[test]
+fn create_bad_size_fails_with_message() {
+    let env = Env::new();
+    for size in ["1e", "-5", "12Q", "abc"] {
+        let out = env
+            .img(&["create", "-f", "raw", "bad.raw", size])
+            .no_panic();
+        assert_ne!(out.code, Some(0), "size {size:?} was accepted:{out}");
+        assert!(
+            !out.stderr.trim().is_empty(),
+            "no message for size {size:?}:{out}"
+        );
+    }
+}
+
+/// `img create -f qcow2 -o help` lists the qcow2 creation options by qemu-img's names and exits
+/// 0; so does `-o help` for raw.
+#[test]
+fn create_o_help_lists_options() {
+    let env = Env::new();
+    let out = env.img(&["create", "-f", "qcow2", "-o", "help"]).ok();
+    for opt in [
+        "size",
+        "compat",
+        "backing_file",
+        "backing_fmt",
+        "cluster_size",
+        "compression_type",
+        "data_file",
+        "data_file_raw",
+        "extended_l2",
+        "lazy_refcounts",
+        "preallocation",
+        "refcount_bits",
+    ] {
+        assert!(
+            out.stdout.contains(&format!("{opt}=")),
+            "-o help does not list {opt}:{out}"
+        );
+    }
+    let out = env.img(&["create", "-f", "raw", "-o", "help"]).ok();
+    assert!(out.stdout.contains("size="), "{out}");
+}
+
+#[test]
+fn create_unknown_option_fails_with_message() {
+    let env = Env::new();
+    let out = env
+        .img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "no_such_option=1",
+            "x.qcow2",
+            "1M",
+        ])
+        .no_panic();
+    assert_ne!(out.code, Some(0), "{out}");
+    assert!(out.stderr.contains("no_such_option"), "{out}");
+}
+
+/// `img info` on a raw file: JSON fields as qemu-img prints them (bar "children", qemu's
+/// protocol-layer node, and "actual-size", which is compared loosely), and the human form's
+/// first lines.
+#[test]
+fn info_raw_matches_qemu() {
+    let env = Env::with_qemu();
+    env.sparse_file("disk.raw", 4 * MIB);
+    env.write_at("disk.raw", MIB, &[7; 65536]);
+    let t = env
+        .qemu_img(&["info", "--output=json", "disk.raw"])
+        .ok()
+        .json();
+    let o = env.img(&["info", "--output=json", "disk.raw"]).ok().json();
+    for field in [
+        "virtual-size",
+        "filename",
+        "format",
+        "dirty-flag",
+        "format-specific",
+    ] {
+        assert_eq!(
+            o.get(field),
+            t.get(field),
+            "{field}: img {o:#}\nqemu-img {t:#}"
+        );
+    }
+    let (a, b) = (o["actual-size"].as_u64(), t["actual-size"].as_u64());
+    assert!(
+        matches!((a, b), (Some(a), Some(b)) if a.abs_diff(b) <= MIB),
+        "actual-size: img {o:#}\nqemu-img {t:#}"
+    );
+    let human = env.img(&["info", "disk.raw"]).ok();
+    let theirs = env.qemu_img(&["info", "disk.raw"]).ok();
+    // image:, file format:, virtual size: lines are identical; "disk size" may be measured
+    // differently.
+    let head = |s: &str| s.lines().take(3).map(str::to_owned).collect::<Vec<_>>();
+    assert_eq!(
+        head(&human.stdout),
+        head(&theirs.stdout),
+        "img:{human}\nqemu-img:{theirs}"
+    );
+    assert!(
+        human.stdout.contains("virtual size: 4 MiB (4194304 bytes)"),
+        "{human}"
+    );
+}
+
+#[test]
+fn info_missing_file_fails_naming_it() {
+    let env = Env::new();
+    let out = env.img(&["info", "nonexistent.qcow2"]).no_panic();
+    assert_eq!(out.code, Some(1), "qemu-img exits 1 here:{out}");
+    assert!(out.stderr.contains("nonexistent.qcow2"), "{out}");
+}
+
+#[test]
+fn convert_missing_source_fails_naming_it() {
+    let env = Env::new();
+    let out = env
+        .img(&["convert", "-O", "raw", "nonexistent.qcow2", "out.raw"])
+        .no_panic();
+    assert_eq!(out.code, Some(1), "qemu-img exits 1 here:{out}");
+    assert!(out.stderr.contains("nonexistent.qcow2"), "{out}");
+}
+
+/// compare: 0 and "Images are identical." when equal; 1 and "Content mismatch at offset N!"
+/// when not (qemu-img reports the start of the first differing 512-byte sector); 2 on error.
+#[test]
+fn compare_exit_codes_match_qemu() {
+    let env = Env::with_qemu();
+    env.sparse_file("a.raw", 4 * MIB);
+    env.write_at("a.raw", MIB, &[1; 4096]);
+    std::fs::copy(env.path("a.raw"), env.path("b.raw")).expect("copy");
+    let out = env.img(&["compare", "a.raw", "b.raw"]).code_is(0);
+    assert!(out.stdout.contains("Images are identical."), "{out}");
+
+    // Equal contents, different layout: a qcow2 copy made by qemu-img.
+    env.qemu_img(&["convert", "-O", "qcow2", "a.raw", "a.qcow2"])
+        .ok();
+    env.img(&["compare", "a.raw", "a.qcow2"]).code_is(0);
+    env.img(&["compare", "-f", "raw", "-F", "qcow2", "a.raw", "a.qcow2"])
+        .code_is(0);
+
+    env.write_at("b.raw", 3 * MIB + 1000, &[9]);
+    let theirs = env.qemu_img(&["compare", "a.raw", "b.raw"]).code_is(1);
+    let ours = env.img(&["compare", "a.raw", "b.raw"]).code_is(1);
+    assert!(ours.stdout.contains("Content mismatch at offset"), "{ours}");
+    assert_eq!(
+        ours.stdout, theirs.stdout,
+        "same message and offset as qemu-img"
+    );
+
+    let ours = env.img(&["compare", "a.raw", "missing.raw"]).code_is(2);
+    assert!(ours.stderr.contains("missing.raw"), "{ours}");
+    env.qemu_img(&["compare", "a.raw", "missing.raw"])
+        .code_is(2);
+}
+
+/// Different sizes: without -s the larger image's tail must be zeros and the result is
+/// "identical" (after a warning); with -s (strict) it is a mismatch, exit 1.
+#[test]
+fn compare_size_mismatch_matches_qemu() {
+    let env = Env::with_qemu();
+    env.sparse_file("a.raw", 4 * MIB);
+    env.write_at("a.raw", MIB, &[1; 4096]);
+    std::fs::copy(env.path("a.raw"), env.path("b.raw")).expect("copy");
+    env.set_len("b.raw", 5 * MIB);
+    env.qemu_img(&["compare", "a.raw", "b.raw"]).code_is(0);
+    env.img(&["compare", "a.raw", "b.raw"]).code_is(0);
+    env.qemu_img(&["compare", "-s", "a.raw", "b.raw"])
+        .code_is(1);
+    env.img(&["compare", "-s", "a.raw", "b.raw"]).code_is(1);
+    env.write_at("b.raw", 5 * MIB - 1, &[1]);
+    env.qemu_img(&["compare", "a.raw", "b.raw"]).code_is(1);
+    env.img(&["compare", "a.raw", "b.raw"]).code_is(1);
+}
+
+/// check on a raw image: qemu-img says "This image format does not support checks" and exits
+/// 63.
+#[test]
+fn check_raw_exits_63() {
+    let env = Env::new();
+    env.sparse_file("disk.raw", MIB);
+    let out = env.img(&["check", "disk.raw"]).code_is(63);
+    assert!(out.stderr.contains("does not support checks"), "{out}");
+}
+
+#[test]
+fn check_fresh_qcow2_exits_0() {
+    let env = Env::new();
+    env.img(&["create", "-f", "qcow2", "x.qcow2", "16M"]).ok();
+    env.img(&["check", "x.qcow2"]).ok();
+    let json = env.img(&["check", "--output=json", "x.qcow2"]).ok().json();
+    assert_eq!(json["check-errors"], 0, "{json:#}");
+    assert_eq!(json["filename"], "x.qcow2", "{json:#}");
+    assert_eq!(json["format"], "qcow2", "{json:#}");
+}
+
+/// map --output=json on a sparse raw file (made without qemu, so its first block is a hole):
+/// exactly qemu-img's entries. Also the human form.
+#[test]
+fn map_sparse_raw_equals_qemu() {
+    let env = Env::with_qemu();
+    env.sparse_file("disk.raw", 8 * MIB);
+    env.write_at("disk.raw", MIB, &[3; 4096]);
+    env.write_at("disk.raw", 3 * MIB - 100, &[4; 300]);
+    env.write_at("disk.raw", 8 * MIB - 4096, &[5; 4096]);
+    let theirs = env
+        .qemu_img(&["map", "--output=json", "disk.raw"])
+        .ok()
+        .json();
+    let ours = env.img(&["map", "--output=json", "disk.raw"]).ok().json();
+    assert_eq!(ours, theirs, "img: {ours:#}\nqemu-img: {theirs:#}");
+    let theirs = env.qemu_img(&["map", "disk.raw"]).ok();
+    let ours = env.img(&["map", "disk.raw"]).ok();
+    assert_eq!(ours.stdout, theirs.stdout, "img:{ours}\nqemu-img:{theirs}");
+}
+
+/// A raw file made by qemu-img create (qemu allocates its first 4 KiB block) and a fully
+/// sparse one: both maps as qemu-img prints them.
+#[test]
+fn map_qemu_created_raw_equals_qemu() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-f", "raw", "q.raw", "2M"]).ok();
+    env.sparse_file("empty.raw", 2 * MIB);
+    for f in ["q.raw", "empty.raw"] {
+        let theirs = env.qemu_img(&["map", "--output=json", f]).ok().json();
+        let ours = env.img(&["map", "--output=json", f]).ok().json();
+        assert_eq!(ours, theirs, "{f}: img: {ours:#}\nqemu-img: {theirs:#}");
+    }
+}
+
+/// qcow2 map: zero clusters, discarded clusters, unallocated ranges and merging of runs with
+/// contiguous host offsets, as qemu-img prints them.
+#[test]
+fn map_qcow2_equals_qemu() {
+    let env = Env::with_qemu();
+    for opts in ["cluster_size=4k", "extended_l2=on", "compat=0.10"] {
+        let name = format!("{}.qcow2", opts.replace(['=', ','], "_"));
+        env.qemu_img(&["create", "-f", "qcow2", "-o", opts, &name, "4M"])
+            .ok();
+        env.qemu_io("qcow2", &name, common::EDITS);
+        let theirs = env.qemu_img(&["map", "--output=json", &name]).ok().json();
+        let ours = env.img(&["map", "--output=json", &name]).ok().json();
+        assert_eq!(ours, theirs, "{name}: img: {ours:#}\nqemu-img: {theirs:#}");
+    }
+}
+
+/// convert: raw to raw keeps holes (sparse output by default) and concatenates several
+/// sources like qemu-img.
+#[test]
+fn convert_raw_sparse_and_concatenation_match_qemu() {
+    let env = Env::with_qemu();
+    common::patterned_raw(&env, "a.raw");
+    env.sparse_file("b.raw", MIB);
+    env.write_at("b.raw", 1000, &[0x3c; 5000]);
+    env.img(&["convert", "-O", "raw", "a.raw", "a2.raw"]).ok();
+    env.assert_same_bytes("a.raw", "a2.raw");
+    assert!(
+        env.allocated("a2.raw") < env.len("a2.raw") / 2,
+        "raw output is not sparse"
+    );
+    env.qemu_img(&["convert", "-O", "raw", "a.raw", "b.raw", "cat.qemu.raw"])
+        .ok();
+    env.img(&["convert", "-O", "raw", "a.raw", "b.raw", "cat.img.raw"])
+        .ok();
+    env.assert_same_bytes("cat.img.raw", "cat.qemu.raw");
+}
+
+/// `-n` writes into an existing target; `-q` prints nothing; `-S 0` fully allocates.
+#[test]
+fn convert_flags_n_q_s_behave_like_qemu() {
+    let env = Env::with_qemu();
+    common::patterned_raw(&env, "a.raw");
+    env.img(&["create", "-q", "-f", "qcow2", "t.qcow2", "4M"])
+        .ok();
+    let out = env
+        .img(&["convert", "-q", "-n", "-O", "qcow2", "a.raw", "t.qcow2"])
+        .ok();
+    assert!(out.stdout.is_empty(), "-q printed:{out}");
+    env.qemu_img(&["compare", "a.raw", "t.qcow2"]).ok();
+    env.img(&["convert", "-S", "0", "-O", "raw", "a.raw", "full.raw"])
+        .ok();
+    env.assert_same_bytes("a.raw", "full.raw");
+    assert!(
+        env.allocated("full.raw") >= env.len("full.raw"),
+        "-S 0 should allocate every block"
+    );
+}
