@@ -1,0 +1,292 @@
+//! Command-line parsing: clap for the flags, and qemu's `key=value,...` language for `--disk`.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::Parser;
+use imgblock::options::{parse_bool, parse_size, split_opts};
+use imgblock::Format;
+
+/// Longest serial the virtio-blk GET_ID request can return (VIRTIO_BLK_ID_BYTES).
+pub const MAX_SERIAL_LEN: usize = 20;
+/// Most vCPUs; the MADT and APIC IDs stay below 255.
+pub const MAX_CPUS: u8 = 64;
+
+/// A KVM virtual machine monitor that boots Linux (bzImage or ELF vmlinux) and serves
+/// virtio-blk disks from any image the imgblock library opens.
+#[derive(Debug, Parser)]
+#[command(name = "vmm", version, about, long_about = None)]
+pub struct Args {
+    /// Kernel to boot: a bzImage, or an ELF vmlinux entered through its 64-bit entry point.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Initramfs loaded into guest memory and announced in the zero page.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; `virtio_mmio.device=` entries for each disk are appended.
+    #[arg(
+        long,
+        value_name = "STR",
+        default_value = "console=ttyS0 reboot=k panic=1"
+    )]
+    pub cmdline: String,
+    /// Guest memory, with qemu's suffixes (k, M, G; plain number = bytes).
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_memory)]
+    pub memory: u64,
+    /// Number of vCPUs (each a host thread).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_CPUS)))]
+    pub cpus: u8,
+    /// A virtio-blk disk; repeat for more. Keys: path=IMG (required), format=raw|qcow2|...
+    /// (probed when absent), readonly=on|off, snapshot=on|off (writes go to a temporary qcow2
+    /// overlay deleted on exit), cache=writeback|none|unsafe|directsync, discard=ignore|unmap,
+    /// serial=ID (at most 20 bytes, returned by GET_ID). A comma inside a value is written ",,".
+    #[arg(long, value_name = "path=IMG[,KEY=VALUE...]", value_parser = DiskSpec::from_str)]
+    pub disk: Vec<DiskSpec>,
+    /// Where COM1 goes: stdio, file:PATH, or none.
+    #[arg(long, value_name = "stdio|file:PATH|none", default_value = "stdio",
+          value_parser = SerialSpec::from_str)]
+    pub serial: SerialSpec,
+}
+
+fn parse_memory(s: &str) -> Result<u64, String> {
+    // A bare number means MiB for qemu's -m; here it means bytes unless suffixed, like
+    // qemu-img sizes. Require at least 16 MiB: the boot structures and a kernel need room.
+    let v = parse_size(s).map_err(|e| e.to_string())?;
+    if v < 16 << 20 {
+        return Err(format!("guest memory {s} is below the 16 MiB minimum"));
+    }
+    if v > 1 << 40 {
+        return Err(format!("guest memory {s} is above the 1 TiB maximum"));
+    }
+    Ok(v)
+}
+
+/// Where FLUSH goes and how writes reach the disk (qemu's `cache=` modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// Writes land in the host page cache; FLUSH makes them durable (qemu's default).
+    #[default]
+    Writeback,
+    /// As writeback for the guest (FLUSH honoured); qemu adds O_DIRECT, which the block layer
+    /// does not offer yet, so the host cache is still used.
+    None,
+    /// FLUSH is ignored: fastest, and unsafe if the host crashes.
+    Unsafe,
+    /// Every write is flushed before it completes.
+    DirectSync,
+}
+
+/// What DISCARD does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DiscardMode {
+    /// Accept and ignore discard requests (qemu's default).
+    #[default]
+    Ignore,
+    /// Pass discards to the image (punch holes / free clusters).
+    Unmap,
+}
+
+/// One `--disk`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// The image.
+    pub path: PathBuf,
+    /// Its format; probed when `None`.
+    pub format: Option<Format>,
+    /// Offer VIRTIO_BLK_F_RO and refuse writes.
+    pub readonly: bool,
+    /// Send writes to a temporary overlay.
+    pub snapshot: bool,
+    /// Cache mode.
+    pub cache: CacheMode,
+    /// Discard mode.
+    pub discard: DiscardMode,
+    /// GET_ID answer.
+    pub serial: Option<String>,
+}
+
+impl FromStr for DiskSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut spec = DiskSpec {
+            path: PathBuf::new(),
+            format: None,
+            readonly: false,
+            snapshot: false,
+            cache: CacheMode::default(),
+            discard: DiscardMode::default(),
+            serial: None,
+        };
+        let mut have_path = false;
+        for (k, v) in split_opts(s).map_err(|e| e.to_string())? {
+            match k.as_str() {
+                "path" | "file" => {
+                    if v.is_empty() {
+                        return Err("path= is empty".into());
+                    }
+                    spec.path = PathBuf::from(v);
+                    have_path = true;
+                }
+                "format" => spec.format = Some(v.parse().map_err(|e: imgblock::Error| e.to_string())?),
+                "readonly" => spec.readonly = parse_bool(&k, &v).map_err(|e| e.to_string())?,
+                "snapshot" => spec.snapshot = parse_bool(&k, &v).map_err(|e| e.to_string())?,
+                "cache" => {
+                    spec.cache = match v.as_str() {
+                        "writeback" => CacheMode::Writeback,
+                        "none" => CacheMode::None,
+                        "unsafe" => CacheMode::Unsafe,
+                        "directsync" => CacheMode::DirectSync,
+                        _ => {
+                            return Err(format!(
+                                "cache={v}: expected writeback, none, unsafe or directsync"
+                            ))
+                        }
+                    }
+                }
+                "discard" => {
+                    spec.discard = match v.as_str() {
+                        "ignore" | "off" => DiscardMode::Ignore,
+                        "unmap" | "on" => DiscardMode::Unmap,
+                        _ => return Err(format!("discard={v}: expected ignore or unmap")),
+                    }
+                }
+                "serial" => {
+                    if v.len() > MAX_SERIAL_LEN {
+                        return Err(format!(
+                            "serial={v} is {} bytes; virtio-blk IDs hold at most {MAX_SERIAL_LEN}",
+                            v.len()
+                        ));
+                    }
+                    spec.serial = Some(v);
+                }
+                "help" => return Err("keys: path, format, readonly, snapshot, cache, discard, serial".into()),
+                _ => {
+                    return Err(format!(
+                        "unknown disk option '{k}' (expected path, format, readonly, snapshot, cache, discard or serial)"
+                    ))
+                }
+            }
+        }
+        if !have_path {
+            return Err("path=IMG is required".into());
+        }
+        Ok(spec)
+    }
+}
+
+/// Where the serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialSpec {
+    /// The VMM's standard output.
+    Stdio,
+    /// A file, created or truncated.
+    File(PathBuf),
+    /// Discarded.
+    None,
+}
+
+impl FromStr for SerialSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stdio" => Ok(SerialSpec::Stdio),
+            "none" => Ok(SerialSpec::None),
+            _ => match s.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => Ok(SerialSpec::File(PathBuf::from(p))),
+                _ => Err(format!("'{s}': expected stdio, file:PATH or none")),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn disk_spec_all_keys_parse() {
+        let d: DiskSpec =
+            "path=/a,,b.qcow2,format=qcow2,readonly=on,snapshot=on,cache=unsafe,discard=unmap,serial=abc"
+                .parse()
+                .unwrap();
+        assert_eq!(d.path, PathBuf::from("/a,b.qcow2"));
+        assert_eq!(d.format, Some(Format::Qcow2));
+        assert!(d.readonly && d.snapshot);
+        assert_eq!(d.cache, CacheMode::Unsafe);
+        assert_eq!(d.discard, DiscardMode::Unmap);
+        assert_eq!(d.serial.as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn disk_spec_defaults_match_qemu() {
+        let d: DiskSpec = "path=x.img".parse().unwrap();
+        assert_eq!(d.format, None);
+        assert!(!d.readonly && !d.snapshot);
+        assert_eq!(d.cache, CacheMode::Writeback);
+        assert_eq!(d.discard, DiscardMode::Ignore);
+    }
+
+    #[test]
+    fn disk_spec_bad_input_clear_errors() {
+        for (s, want) in [
+            ("format=raw", "path=IMG is required"),
+            ("path=x,cache=fast", "cache=fast"),
+            ("path=x,discard=maybe", "discard=maybe"),
+            ("path=x,readonly=perhaps", "readonly"),
+            ("path=x,colour=blue", "unknown disk option 'colour'"),
+            ("path=x,serial=123456789012345678901", "at most 20"),
+            ("path=x,format=floppy", "floppy"),
+            ("path=x,novalue", "novalue"),
+        ] {
+            let e = s.parse::<DiskSpec>().unwrap_err();
+            assert!(e.contains(want), "{s}: {e}");
+        }
+    }
+
+    #[test]
+    fn serial_spec_parses() {
+        assert_eq!("stdio".parse::<SerialSpec>().unwrap(), SerialSpec::Stdio);
+        assert_eq!("none".parse::<SerialSpec>().unwrap(), SerialSpec::None);
+        assert_eq!(
+            "file:/tmp/x".parse::<SerialSpec>().unwrap(),
+            SerialSpec::File("/tmp/x".into())
+        );
+        assert!("file:".parse::<SerialSpec>().is_err());
+        assert!("tcp:1".parse::<SerialSpec>().is_err());
+    }
+
+    #[test]
+    fn args_memory_and_cpus_validated() {
+        let a = Args::try_parse_from(["vmm", "--kernel", "k", "--memory", "1G", "--cpus", "4"])
+            .unwrap();
+        assert_eq!(a.memory, 1 << 30);
+        assert_eq!(a.cpus, 4);
+        assert!(Args::try_parse_from(["vmm", "--kernel", "k", "--memory", "1M"]).is_err());
+        assert!(Args::try_parse_from(["vmm", "--kernel", "k", "--cpus", "0"]).is_err());
+        assert!(Args::try_parse_from(["vmm", "--kernel", "k", "--cpus", "65"]).is_err());
+        assert!(Args::try_parse_from(["vmm"]).is_err());
+    }
+
+    #[test]
+    fn help_documents_every_flag() {
+        let help = Args::command().render_long_help().to_string();
+        for flag in [
+            "--kernel",
+            "--initrd",
+            "--cmdline",
+            "--memory",
+            "--cpus",
+            "--disk",
+            "--serial",
+        ] {
+            assert!(help.contains(flag), "{flag} missing from --help");
+        }
+        for key in [
+            "readonly", "snapshot", "cache=", "discard=", "serial=", "format=",
+        ] {
+            assert!(help.contains(key), "{key} missing from --help");
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! The virtio-mmio transport, version 2 (virtio 1.2 §4.2.2), for one block device with one queue.
+//!
+//! Register accesses come from vCPU threads; the queue itself is handed to the device's I/O
+//! thread when the driver sets DRIVER_OK, so a vCPU never waits for the disk. Notifications
+//! reach the I/O thread through an ioeventfd on QueueNotify, interrupts leave it through an
+//! irqfd; InterruptStatus is an atomic both sides share.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::block::{features, QUEUE_SIZE};
+use super::worker::{BlockWorker, Interrupt};
+use crate::bus::BusDevice;
+
+/// Register offsets.
+pub mod regs {
+    /// "virt".
+    pub const MAGIC: u64 = 0x000;
+    /// 2 for virtio 1.x.
+    pub const VERSION: u64 = 0x004;
+    /// Device type.
+    pub const DEVICE_ID: u64 = 0x008;
+    /// Vendor.
+    pub const VENDOR_ID: u64 = 0x00c;
+    /// Offered features, 32 bits selected by DEVICE_FEATURES_SEL.
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    /// Selects the feature word.
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    /// Accepted features.
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    /// Selects the accepted-feature word.
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    /// Queue index for the registers below.
+    pub const QUEUE_SEL: u64 = 0x030;
+    /// Largest queue size.
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    /// Queue size chosen.
+    pub const QUEUE_NUM: u64 = 0x038;
+    /// Queue ready.
+    pub const QUEUE_READY: u64 = 0x044;
+    /// Notification (served by an ioeventfd when KVM allows).
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    /// Interrupt status.
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    /// Interrupt acknowledge.
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    /// Device status.
+    pub const STATUS: u64 = 0x070;
+    /// Descriptor table address, low and high.
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    /// High half.
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    /// Available ring.
+    pub const QUEUE_AVAIL_LOW: u64 = 0x090;
+    /// High half.
+    pub const QUEUE_AVAIL_HIGH: u64 = 0x094;
+    /// Used ring.
+    pub const QUEUE_USED_LOW: u64 = 0x0a0;
+    /// High half.
+    pub const QUEUE_USED_HIGH: u64 = 0x0a4;
+    /// Configuration generation.
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+    /// Device configuration space.
+    pub const CONFIG: u64 = 0x100;
+}
+
+/// Device status bits.
+pub mod status {
+    /// Guest has a driver.
+    pub const DRIVER: u32 = 2;
+    /// Driver ready.
+    pub const DRIVER_OK: u32 = 4;
+    /// Feature negotiation done.
+    pub const FEATURES_OK: u32 = 8;
+    /// Device hit an error.
+    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+}
+
+const MMIO_MAGIC: u32 = 0x7472_6976;
+const VIRTIO_ID_BLOCK: u32 = 2;
+const VENDOR: u32 = 0x1af4;
+
+/// A virtio-mmio block device.
+pub struct MmioBlock {
+    mem: GuestMemoryMmap,
+    worker: BlockWorker,
+    features: u64,
+    config: Vec<u8>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    queue: Queue,
+    status: u32,
+    /// The queue went to the I/O thread at DRIVER_OK.
+    activated: bool,
+    interrupt: Arc<Interrupt>,
+    /// QueueNotify writes that reach us as MMIO exits are forwarded here.
+    notify: EventFd,
+}
+
+impl MmioBlock {
+    /// A device whose I/O thread is `worker`.
+    ///
+    /// # Errors
+    /// When the queue or an eventfd cannot be created.
+    pub fn new(
+        mem: GuestMemoryMmap,
+        worker: BlockWorker,
+        features: u64,
+        config: Vec<u8>,
+        interrupt: Arc<Interrupt>,
+        notify: EventFd,
+    ) -> Result<Self, virtio_queue::Error> {
+        Ok(MmioBlock {
+            mem,
+            worker,
+            features,
+            config,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            queue: Queue::new(QUEUE_SIZE)?,
+            status: 0,
+            activated: false,
+            interrupt,
+            notify,
+        })
+    }
+
+    /// Stops the I/O thread after the requests in flight, flushing the disk.
+    pub fn shutdown(&mut self) {
+        self.worker.stop();
+    }
+
+    fn reset(&mut self) {
+        self.worker.stop();
+        self.queue.reset();
+        self.activated = false;
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        self.interrupt.status.store(0, Ordering::SeqCst);
+    }
+
+    fn set_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let mut v = v;
+        // FEATURES_OK only sticks when the accepted features are a subset of the offer and
+        // include VERSION_1 (legacy drivers are not supported by a version-2 transport).
+        if v & status::FEATURES_OK != 0 && self.status & status::FEATURES_OK == 0 {
+            let ok = self.driver_features & !self.features == 0
+                && self.driver_features & features::VERSION_1 != 0;
+            if !ok {
+                v &= !status::FEATURES_OK;
+            }
+        }
+        if v & status::DRIVER_OK != 0 && self.status & status::DRIVER_OK == 0 {
+            if v & status::FEATURES_OK == 0
+                || !self.queue.ready()
+                || !self.queue.is_valid(&self.mem)
+            {
+                v |= status::DEVICE_NEEDS_RESET;
+            } else {
+                self.queue
+                    .set_event_idx(self.driver_features & features::RING_EVENT_IDX != 0);
+                // The I/O thread owns the queue from now on; the transport keeps a blank one
+                // until the next reset.
+                match Queue::new(QUEUE_SIZE) {
+                    Ok(blank) => {
+                        let q = std::mem::replace(&mut self.queue, blank);
+                        self.activated = true;
+                        if let Err(e) = self.worker.start(self.mem.clone(), q) {
+                            eprintln!("vmm: virtio-blk: cannot start the I/O thread: {e}");
+                            v |= status::DEVICE_NEEDS_RESET;
+                        }
+                    }
+                    Err(_) => v |= status::DEVICE_NEEDS_RESET,
+                }
+            }
+        }
+        self.status = v;
+    }
+
+    fn queue_configurable(&self) -> bool {
+        self.queue_sel == 0
+            && !self.activated
+            && !self.queue.ready()
+            && self.status & status::DRIVER_OK == 0
+    }
+}
+
+fn read_u32(data: &mut [u8], v: u32) {
+    let b = v.to_le_bytes();
+    let n = data.len().min(4);
+    data[..n].copy_from_slice(&b[..n]);
+}
+
+impl BusDevice for MmioBlock {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= regs::CONFIG {
+            data.fill(0);
+            let start = usize::try_from(offset - regs::CONFIG).unwrap_or(usize::MAX);
+            if let Some(src) = self.config.get(start..) {
+                let n = src.len().min(data.len());
+                data[..n].copy_from_slice(&src[..n]);
+            }
+            return;
+        }
+        if data.len() != 4 {
+            data.fill(0);
+            return;
+        }
+        let v = match offset {
+            regs::MAGIC => MMIO_MAGIC,
+            regs::VERSION => 2,
+            regs::DEVICE_ID => VIRTIO_ID_BLOCK,
+            regs::VENDOR_ID => VENDOR,
+            regs::DEVICE_FEATURES => match self.device_features_sel {
+                0 => u32::try_from(self.features & 0xffff_ffff).unwrap_or(0),
+                1 => u32::try_from(self.features >> 32).unwrap_or(0),
+                _ => 0,
+            },
+            regs::QUEUE_NUM_MAX if self.queue_sel == 0 => u32::from(QUEUE_SIZE),
+            regs::QUEUE_READY => {
+                u32::from(self.queue_sel == 0 && (self.activated || self.queue.ready()))
+            }
+            regs::INTERRUPT_STATUS => self.interrupt.status.load(Ordering::SeqCst),
+            regs::STATUS => self.status,
+            regs::CONFIG_GENERATION => 0,
+            _ => 0,
+        };
+        read_u32(data, v);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= regs::CONFIG {
+            // No writable configuration fields are offered (no CONFIG_WCE).
+            return;
+        }
+        let Ok(b) = <[u8; 4]>::try_from(data) else {
+            return;
+        };
+        let v = u32::from_le_bytes(b);
+        let st = self.status;
+        let negotiating = st & status::DRIVER != 0 && st & status::FEATURES_OK == 0;
+        match offset {
+            regs::DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            regs::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            regs::DRIVER_FEATURES if negotiating => match self.driver_features_sel {
+                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                1 => {
+                    self.driver_features =
+                        (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                }
+                _ => {}
+            },
+            regs::QUEUE_SEL => self.queue_sel = v,
+            regs::QUEUE_NUM if self.queue_configurable() => {
+                self.queue.set_size(u16::try_from(v).unwrap_or(0))
+            }
+            regs::QUEUE_READY if self.queue_sel == 0 && st & status::DRIVER_OK == 0 => {
+                self.queue.set_ready(v == 1)
+            }
+            regs::QUEUE_DESC_LOW if self.queue_configurable() => {
+                self.queue.set_desc_table_address(Some(v), None)
+            }
+            regs::QUEUE_DESC_HIGH if self.queue_configurable() => {
+                self.queue.set_desc_table_address(None, Some(v))
+            }
+            regs::QUEUE_AVAIL_LOW if self.queue_configurable() => {
+                self.queue.set_avail_ring_address(Some(v), None)
+            }
+            regs::QUEUE_AVAIL_HIGH if self.queue_configurable() => {
+                self.queue.set_avail_ring_address(None, Some(v))
+            }
+            regs::QUEUE_USED_LOW if self.queue_configurable() => {
+                self.queue.set_used_ring_address(Some(v), None)
+            }
+            regs::QUEUE_USED_HIGH if self.queue_configurable() => {
+                self.queue.set_used_ring_address(None, Some(v))
+            }
+            regs::QUEUE_NOTIFY if v == 0 => {
+                let _ = self.notify.write(1);
+            }
+            regs::INTERRUPT_ACK => {
+                self.interrupt.status.fetch_and(!v, Ordering::SeqCst);
+            }
+            regs::STATUS => self.set_status(v),
+            _ => {}
+        }
+    }
+}
+
+/// Interrupt status shared between transport and I/O thread.
+pub fn new_interrupt(irqfd: EventFd) -> Arc<Interrupt> {
+    Arc::new(Interrupt {
+        status: AtomicU32::new(0),
+        irqfd,
+    })
+}

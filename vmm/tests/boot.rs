@@ -1,0 +1,402 @@
+//! Boots the test guest (vmm/test-guest, built by build.rs) under real KVM against images of
+//! every format the block layer can create, then judges the images with qemu-img: what the
+//! guest wrote is there, `qemu-img check` is clean, read-only and snapshot=on disks are
+//! untouched. Without /dev/kvm the tests say loudly why they skip.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use imgblock::{CreateOptions, Format, Image, OpenOptions};
+
+const GUEST: &str = env!("VMM_TEST_GUEST");
+const VMM: &str = env!("CARGO_BIN_EXE_vmm");
+const SIZE: u64 = 16 << 20;
+
+/// The guest's data pattern (test-guest/src/blk.rs): every u64 in a 4 KiB block has one value.
+fn pattern(seed: u64, off: u64) -> u64 {
+    if seed == 0 {
+        return 0;
+    }
+    (off / 4096 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed.wrapping_mul(0xd1b5_4a32_d192_ed03)
+}
+
+fn pattern_bytes(seed: u64, off: u64, len: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(usize::try_from(len).unwrap());
+    for o in (off..off + len).step_by(8) {
+        v.extend_from_slice(&pattern(seed, o).to_le_bytes());
+    }
+    v
+}
+
+/// The guest's writes in read-write mode (test-guest/src/blk.rs `writes`): seed 0 is
+/// WRITE_ZEROES, `u64::MAX` DISCARD.
+fn guest_writes(size: u64) -> Vec<(u64, u64, u64)> {
+    let mut w = vec![
+        (1 << 20, 192 << 10, 2),
+        (0, 4096, 2),
+        (size - 4096, 4096, 2),
+    ];
+    for k in 1..16u64 {
+        w.push(((size / 16 * k) & !0xffff, 64 << 10, 2));
+    }
+    w.push((3 << 19, 128 << 10, 0));
+    w.push((7 << 18, 256 << 10, u64::MAX));
+    w
+}
+
+/// Checks `data` against pattern 1 with the guest's writes applied; discarded blocks may read
+/// as the old data or as zeroes.
+fn assert_guest_wrote(data: &[u8]) {
+    let size = data.len() as u64;
+    let mut want = pattern_bytes(1, 0, size);
+    let mut discarded = Vec::new();
+    for (o, l, seed) in guest_writes(size) {
+        if seed == u64::MAX {
+            discarded.push((o, o + l));
+            continue;
+        }
+        let (a, b) = (usize::try_from(o).unwrap(), usize::try_from(o + l).unwrap());
+        want[a..b].copy_from_slice(&pattern_bytes(seed, o, l));
+    }
+    for blk in (0..size).step_by(4096) {
+        let r = usize::try_from(blk).unwrap()..usize::try_from(blk + 4096).unwrap();
+        if data[r.clone()] == want[r.clone()] {
+            continue;
+        }
+        let in_discard = discarded.iter().any(|&(a, b)| blk >= a && blk < b);
+        assert!(
+            in_discard && data[r.clone()].iter().all(|&x| x == 0),
+            "block at {blk:#x} holds neither what the guest wrote nor the original"
+        );
+    }
+}
+
+fn kvm_usable() -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!(
+                "\n*** SKIPPED: /dev/kvm is not usable ({e}); the vmm boot tests need KVM. ***\n"
+            );
+            false
+        }
+    }
+}
+
+fn qemu_img() -> bool {
+    if Command::new("qemu-img").arg("--version").output().is_ok() {
+        true
+    } else {
+        eprintln!("\n*** SKIPPED: qemu-img is not installed; it judges the images. ***\n");
+        false
+    }
+}
+
+/// Formats the block layer can create, saying loudly which it cannot.
+fn creatable_formats(dir: &Path) -> Vec<Format> {
+    let mut v = Vec::new();
+    for f in [Format::Raw, Format::Qcow2, Format::Vmdk, Format::Vdi] {
+        let p = dir.join(format!("probe.{f}"));
+        let r = imgblock::create(&p, f, &CreateOptions::new(1 << 20))
+            .and_then(|()| Image::open(&p, &OpenOptions::writable().format(Some(f))))
+            .and_then(|img| img.write_at(&[1u8; 512], 0));
+        match r {
+            Ok(()) => v.push(f),
+            Err(e) => eprintln!(
+                "*** format {f} SKIPPED: the block layer cannot create, open and write it yet ({e}) ***"
+            ),
+        }
+        let _ = std::fs::remove_file(&p);
+    }
+    v
+}
+
+/// Creates an image of `format` holding pattern 1 on `[from, to)` (zeroes elsewhere).
+fn make_image(path: &Path, format: Format, from: u64, to: u64, backing: Option<&Path>) {
+    let mut opts = CreateOptions::new(SIZE);
+    if let Some(b) = backing {
+        opts.backing_file = Some(b.to_string_lossy().into_owned());
+        opts.backing_fmt = Some("raw".into());
+    }
+    imgblock::create(path, format, &opts).unwrap();
+    let img = Image::open(path, &OpenOptions::writable().format(Some(format))).unwrap();
+    for off in (from..to).step_by(1 << 20) {
+        img.write_at(&pattern_bytes(1, off, 1 << 20), off).unwrap();
+    }
+    img.flush().unwrap();
+}
+
+fn run_vmm(disks: &[String], cmdline: &str, cpus: u8, tmp: &Path) -> Output {
+    let mut c = Command::new(VMM);
+    c.args([
+        "--kernel",
+        GUEST,
+        "--memory",
+        "128M",
+        "--cpus",
+        &cpus.to_string(),
+    ]);
+    c.args(["--cmdline", cmdline, "--serial", "stdio"]);
+    for d in disks {
+        c.args(["--disk", d]);
+    }
+    c.env("TMPDIR", tmp);
+    let out = c.output().unwrap();
+    eprintln!(
+        "--- vmm stdout ---\n{}\n--- vmm stderr ---\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The guest's verdict: exit 0 and "N passed, 0 failed" with N > 0.
+fn assert_guest_passed(out: &Output) -> u32 {
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "vmm exited with {:?}", out.status);
+    let line = s
+        .lines()
+        .find(|l| l.trim_end().ends_with(" failed") && l.contains(" passed, "))
+        .expect("no 'N passed, M failed' line");
+    let mut it = line.split_whitespace();
+    let passed: u32 = it.next().unwrap().parse().unwrap();
+    let failed: u32 = it.nth(1).unwrap().parse().unwrap();
+    assert_eq!(failed, 0, "guest reported failures");
+    assert!(passed > 20, "suspiciously few guest checks: {passed}");
+    assert!(!s.contains("FAIL") && !s.contains("PANIC") && !s.contains("CPU exception"));
+    passed
+}
+
+fn to_raw(img: &Path, fmt: Format, dir: &Path) -> Vec<u8> {
+    let out = dir.join("converted.raw");
+    let st = Command::new("qemu-img")
+        .args(["convert", "-f", fmt.name(), "-O", "raw"])
+        .arg(img)
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(st.success(), "qemu-img convert failed");
+    std::fs::read(&out).unwrap()
+}
+
+fn qemu_check_clean(img: &Path, fmt: Format) {
+    if fmt == Format::Raw {
+        return;
+    }
+    let out = Command::new("qemu-img")
+        .args(["check", "-f", fmt.name()])
+        .arg(img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img check: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn setup() -> Option<tempfile::TempDir> {
+    if !kvm_usable() || !qemu_img() {
+        return None;
+    }
+    Some(tempfile::tempdir().unwrap())
+}
+
+#[test]
+fn guest_writes_every_creatable_format_seen_by_qemu_img() {
+    let Some(dir) = setup() else { return };
+    let formats = creatable_formats(dir.path());
+    assert!(formats.contains(&Format::Raw) && formats.contains(&Format::Qcow2));
+    for fmt in formats {
+        eprintln!("=== format {fmt} ===");
+        let img = dir.path().join(format!("disk.{fmt}"));
+        make_image(&img, fmt, 0, SIZE, None);
+        let spec = format!("path={},format={fmt},serial=vmm-{fmt}", img.display());
+        let out = run_vmm(
+            &[spec],
+            &format!("console=ttyS0 tg.id0=vmm-{fmt}"),
+            2,
+            dir.path(),
+        );
+        assert_guest_passed(&out);
+        let s = String::from_utf8_lossy(&out.stdout);
+        assert!(s.contains("MADT: 2 CPUs"), "two vCPUs in the MADT");
+        qemu_check_clean(&img, fmt);
+        assert_guest_wrote(&to_raw(&img, fmt, dir.path()));
+    }
+}
+
+#[test]
+fn guest_writes_qcow2_overlay_over_raw_backing_chain() {
+    let Some(dir) = setup() else { return };
+    // The base holds the first half, the overlay the second: the guest must see both.
+    let base = dir.path().join("base.raw");
+    make_image(&base, Format::Raw, 0, SIZE / 2, None);
+    let before = std::fs::read(&base).unwrap();
+    let top = dir.path().join("top.qcow2");
+    make_image(&top, Format::Qcow2, SIZE / 2, SIZE, Some(&base));
+    let spec = format!(
+        "path={},format=qcow2,cache=writeback,discard=unmap",
+        top.display()
+    );
+    let out = run_vmm(&[spec], "console=ttyS0", 1, dir.path());
+    assert_guest_passed(&out);
+    qemu_check_clean(&top, Format::Qcow2);
+    assert_guest_wrote(&to_raw(&top, Format::Qcow2, dir.path()));
+    assert_eq!(
+        std::fs::read(&base).unwrap(),
+        before,
+        "backing file modified"
+    );
+}
+
+#[test]
+fn guest_writes_into_compressed_qcow2() {
+    let Some(dir) = setup() else { return };
+    let raw = dir.path().join("src.raw");
+    make_image(&raw, Format::Raw, 0, SIZE, None);
+    let comp = dir.path().join("comp.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["convert", "-c", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&comp)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let spec = format!("path={},format=qcow2,cache=directsync", comp.display());
+    let out = run_vmm(&[spec], "console=ttyS0", 1, dir.path());
+    assert_guest_passed(&out);
+    qemu_check_clean(&comp, Format::Qcow2);
+    assert_guest_wrote(&to_raw(&comp, Format::Qcow2, dir.path()));
+}
+
+#[test]
+fn readonly_disks_refuse_writes_and_stay_untouched() {
+    let Some(dir) = setup() else { return };
+    let raw = dir.path().join("ro.raw");
+    make_image(&raw, Format::Raw, 0, SIZE, None);
+    let q = dir.path().join("ro.qcow2");
+    make_image(&q, Format::Qcow2, 0, SIZE, None);
+    let (a, b) = (std::fs::read(&raw).unwrap(), std::fs::read(&q).unwrap());
+    let specs = [
+        format!("path={},format=raw,readonly=on", raw.display()),
+        format!("path={},format=qcow2,readonly=on", q.display()),
+    ];
+    let out = run_vmm(
+        &specs,
+        "console=ttyS0 tg.mode0=ro tg.mode1=ro",
+        1,
+        dir.path(),
+    );
+    assert_guest_passed(&out);
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("ok - read-only: OUT -> IOERR"));
+    assert_eq!(std::fs::read(&raw).unwrap(), a);
+    assert_eq!(std::fs::read(&q).unwrap(), b);
+}
+
+#[test]
+fn snapshot_on_leaves_image_untouched_and_removes_overlay() {
+    let Some(dir) = setup() else { return };
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let q = dir.path().join("snap.qcow2");
+    make_image(&q, Format::Qcow2, 0, SIZE, None);
+    let raw = dir.path().join("snap.raw");
+    make_image(&raw, Format::Raw, 0, SIZE, None);
+    let (a, b) = (std::fs::read(&q).unwrap(), std::fs::read(&raw).unwrap());
+    let specs = [
+        format!("path={},format=qcow2,snapshot=on", q.display()),
+        format!("path={},format=raw,snapshot=on,cache=unsafe", raw.display()),
+    ];
+    let out = run_vmm(&specs, "console=ttyS0", 1, &tmp);
+    // The guest wrote (its read-back checks passed) but only to the overlays.
+    assert_guest_passed(&out);
+    assert_eq!(
+        std::fs::read(&q).unwrap(),
+        a,
+        "snapshot=on modified the qcow2 image"
+    );
+    assert_eq!(
+        std::fs::read(&raw).unwrap(),
+        b,
+        "snapshot=on modified the raw image"
+    );
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "overlay left behind"
+    );
+    qemu_check_clean(&q, Format::Qcow2);
+}
+
+#[test]
+fn bad_arguments_and_missing_files_fail_clearly() {
+    let out = Command::new(VMM).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let out = Command::new(VMM)
+        .args([
+            "--kernel",
+            GUEST,
+            "--disk",
+            "path=/nonexistent/x.img,format=raw",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/x.img"));
+    let out = Command::new(VMM)
+        .args(["--kernel", GUEST, "--disk", "path=x,cache=sometimes"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cache=sometimes"));
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, b"not a kernel at all").unwrap();
+    let out = Command::new(VMM)
+        .args(["--kernel"])
+        .arg(&junk)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a loadable kernel"));
+}
+
+#[test]
+fn image_locked_while_guest_runs() {
+    let Some(dir) = setup() else { return };
+    let img = dir.path().join("locked.qcow2");
+    make_image(&img, Format::Qcow2, 0, SIZE, None);
+    // Hold the image in one vmm (the guest runs several seconds) and try a second.
+    let spec = format!("path={},format=qcow2", img.display());
+    let mut first = Command::new(VMM)
+        .args([
+            "--kernel", GUEST, "--memory", "64M", "--serial", "none", "--disk", &spec,
+        ])
+        .spawn()
+        .unwrap();
+    let mut conflict = None;
+    for _ in 0..100 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let out = Command::new("qemu-img")
+            .args(["info", "-f", "qcow2"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            conflict = Some(String::from_utf8_lossy(&out.stderr).into_owned());
+            break;
+        }
+    }
+    let st = first.wait().unwrap();
+    assert!(st.success());
+    let msg = conflict.expect("qemu-img never saw the lock while vmm ran");
+    assert!(msg.contains("lock"), "{msg}");
+    let _: PathBuf = img;
+}
