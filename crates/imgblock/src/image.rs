@@ -141,7 +141,17 @@ impl Image {
                 limit: MAX_CHAIN_DEPTH,
             });
         }
-        let canon = std::fs::canonicalize(path).ctx(path)?;
+        // A caller-made storage may have no file behind it (fuzzing): its path names it as is.
+        let canon = match (&storage, std::fs::canonicalize(path)) {
+            (_, Ok(c)) => c,
+            (Some(_), Err(_)) => path.to_owned(),
+            (None, Err(e)) => {
+                return Err(Error::Io {
+                    path: path.to_owned(),
+                    source: e,
+                })
+            }
+        };
         if !seen.insert(canon) {
             return Err(Error::BackingLoop {
                 path: path.to_owned(),

@@ -16,6 +16,8 @@
 
 pub mod check;
 pub mod driver;
+#[doc(hidden)]
+pub mod fuzzing;
 mod error;
 pub mod image;
 pub mod measure;

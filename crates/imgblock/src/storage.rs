@@ -272,6 +272,128 @@ impl Storage for FileStorage {
     }
 }
 
+/// Largest in-memory storage, so that a fuzzed header cannot make a write grow it without bound.
+pub const MEM_STORAGE_MAX: u64 = 1 << 30;
+
+/// A [`Storage`] held in memory: for fuzzing and tests, never for real images.
+#[derive(Debug)]
+pub struct MemStorage {
+    data: std::sync::Mutex<Vec<u8>>,
+    path: PathBuf,
+    read_only: bool,
+}
+
+impl MemStorage {
+    /// Wraps `data`; `path` only names it in messages.
+    pub fn new(data: Vec<u8>, path: &Path, read_only: bool) -> Self {
+        MemStorage {
+            data: std::sync::Mutex::new(data),
+            path: path.to_owned(),
+            read_only,
+        }
+    }
+
+    /// A copy of the contents.
+    pub fn contents(&self) -> Vec<u8> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.data.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn range(offset: u64, len: usize) -> io::Result<(usize, usize)> {
+        let end = offset
+            .checked_add(len as u64)
+            .filter(|&e| e <= MEM_STORAGE_MAX);
+        match end {
+            Some(e) => Ok((
+                usize::try_from(offset).unwrap_or(0),
+                usize::try_from(e).unwrap_or(0),
+            )),
+            None => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "past the in-memory storage limit",
+            )),
+        }
+    }
+
+    fn writable(&self) -> io::Result<()> {
+        if self.read_only {
+            Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "image is opened read-only",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Storage for MemStorage {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let d = self.lock();
+        buf.fill(0);
+        if let Ok(start) = usize::try_from(offset) {
+            if start < d.len() {
+                let n = buf.len().min(d.len() - start);
+                buf[..n].copy_from_slice(&d[start..start + n]);
+            }
+        }
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.writable()?;
+        let (s, e) = Self::range(offset, buf.len())?;
+        let mut d = self.lock();
+        if d.len() < e {
+            d.resize(e, 0);
+        }
+        d[s..e].copy_from_slice(buf);
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> io::Result<()> {
+        self.writable()?;
+        let (s, e) = Self::range(offset, usize::try_from(len).unwrap_or(usize::MAX))?;
+        let mut d = self.lock();
+        if d.len() < e {
+            d.resize(e, 0);
+        }
+        d[s..e].fill(0);
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.write_zeroes(offset, len, true)
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.lock().len() as u64)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.writable()?;
+        let (_, e) = Self::range(len, 0)?;
+        self.lock().resize(e, 0);
+        Ok(())
+    }
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.writable()?;
+        let (_, e) = Self::range(offset, usize::try_from(len).unwrap_or(usize::MAX))?;
+        let mut d = self.lock();
+        if d.len() < e {
+            d.resize(e, 0);
+        }
+        Ok(())
+    }
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,6 +422,16 @@ mod tests {
         let (data, n) = s.block_status(4 << 20, 8 << 20).unwrap();
         assert!(data);
         assert!(n >= 4096);
+    }
+
+    #[test]
+    fn mem_storage_reads_what_was_written_and_zeroes_past_the_end() {
+        let s = MemStorage::new(vec![1, 2, 3], Path::new("mem"), false);
+        s.write_at(&[9, 9], 5).unwrap();
+        let mut b = [7u8; 9];
+        s.read_at(&mut b, 0).unwrap();
+        assert_eq!(b, [1, 2, 3, 0, 0, 9, 9, 0, 0]);
+        assert!(s.write_at(&[1], MEM_STORAGE_MAX).is_err());
     }
 
     #[test]

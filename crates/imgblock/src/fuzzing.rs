@@ -1,0 +1,76 @@
+//! What every image fuzz target (fuzz/) and its regression tests do with an input: open it as a given format from memory, read
+//! it, walk its block status, check it, then write to it — none of which may panic, hang or
+//! allocate without bound.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::storage::MemStorage;
+use crate::{Format, Image, OpenOptions, Repair};
+
+/// Most bytes read back per input, so that a header claiming a huge disk stays cheap.
+const READ_BUDGET: u64 = 4 << 20;
+/// Most block-status steps per input.
+const STATUS_STEPS: usize = 4096;
+
+/// Runs the whole exercise on `data` as an image of `format`.
+pub fn exercise(format: Format, data: &[u8]) {
+    let name = format!("fuzz.{}", format.name());
+    let ro = Arc::new(MemStorage::new(data.to_vec(), Path::new(&name), true));
+    let opts = OpenOptions {
+        format: Some(format),
+        no_backing: true,
+        ..OpenOptions::read_only()
+    };
+    if let Ok(img) = Image::open_storage(ro, &opts) {
+        read_around(&img);
+        let _ = img.driver().snapshots();
+        let _ = img.check(Repair::None);
+    }
+    let rw = Arc::new(MemStorage::new(data.to_vec(), Path::new(&name), false));
+    let opts = OpenOptions {
+        format: Some(format),
+        writable: true,
+        no_backing: true,
+        snapshot: None,
+    };
+    if let Ok(img) = Image::open_storage(rw, &opts) {
+        let size = img.size();
+        for off in [0, size / 3, size.saturating_sub(5000)] {
+            let _ = img.write_at(
+                &[0x5a; 5000][..usize::try_from(size.min(5000)).unwrap_or(0)],
+                off,
+            );
+        }
+        let _ = img.write_zeroes(0, size.min(1 << 20), true);
+        let _ = img.discard(size / 2, size.min(1 << 20) / 2);
+        let _ = img.flush();
+        read_around(&img);
+        let _ = img.check(Repair::None);
+    }
+}
+
+fn read_around(img: &Image) {
+    let size = img.size();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut done = 0;
+    for start in [0, size / 2, size.saturating_sub(READ_BUDGET / 4)] {
+        let mut off = start;
+        while off < size && done < READ_BUDGET {
+            let n = (size - off).min(buf.len() as u64);
+            let _ = img.read_at(&mut buf[..usize::try_from(n).unwrap_or(0)], off);
+            off += n;
+            done += n;
+        }
+    }
+    let mut off = 0;
+    for _ in 0..STATUS_STEPS {
+        if off >= size {
+            break;
+        }
+        match img.block_status(off, size - off) {
+            Ok(s) => off += s.len.max(1),
+            Err(_) => break,
+        }
+    }
+}

@@ -1,0 +1,6 @@
+#![no_main]
+//! Opens, reads, checks and writes fuzzed vdi images from memory.
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    imgblock::fuzzing::exercise(imgblock::Format::Vdi, data);
+});
