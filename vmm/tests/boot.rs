@@ -145,7 +145,19 @@ fn run_vmm(disks: &[String], cmdline: &str, cpus: u8, tmp: &Path) -> Output {
         c.args(["--disk", d]);
     }
     c.env("TMPDIR", tmp);
-    let out = c.output().unwrap();
+    c.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    // A guest that never gets an interrupt would halt forever: give it a deadline.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
     eprintln!(
         "--- vmm stdout ---\n{}\n--- vmm stderr ---\n{}",
         String::from_utf8_lossy(&out.stdout),

@@ -180,10 +180,3 @@ pub fn wait_until(mut cond: impl FnMut() -> bool) {
         unsafe { core::arch::asm!("sti", "hlt", "cli") };
     }
 }
-
-/// Lets interrupts that are already pending (latched in the local APIC while the guest ran with
-/// interrupts off, e.g. because the device completed before the guest started waiting) in.
-pub fn drain() {
-    // SAFETY: as in wait_until; `sti; nop` opens one instruction window for pending vectors.
-    unsafe { core::arch::asm!("sti", "nop", "nop", "cli") };
-}
