@@ -7,8 +7,19 @@
 use std::fmt::Debug;
 use std::sync::Arc;
 
+use crate::crypto::{DataCipher, EncryptionInfo};
 use crate::storage::Storage;
 use crate::{Format, Result};
+
+/// Which offset numbers an encrypted sector (the IV generator's input), as qemu chooses per
+/// format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SectorNumbering {
+    /// The sector's host offset in the image file divided by 512 (LUKS inside qcow2).
+    Host,
+    /// The guest offset divided by 512 (legacy qcow AES, the `luks` format's payload).
+    Guest,
+}
 
 /// An offset in a host file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -201,6 +212,30 @@ pub trait Driver: Send + Sync + Debug {
     /// Format-specific facts.
     fn specific(&self) -> FormatSpecific {
         FormatSpecific::None
+    }
+    /// Whether a newly created image reads as zeroes everywhere (qemu's `has_zero_init`); when
+    /// not (the `luks` format, whose unwritten payload decrypts to noise), convert must write
+    /// zeroes explicitly.
+    fn has_zero_init(&self) -> bool {
+        true
+    }
+    /// Whether guest data is stored encrypted.
+    fn encrypted(&self) -> bool {
+        false
+    }
+    /// How the data is encrypted, for `info`'s `encrypt` block.
+    fn encryption_info(&self) -> Option<EncryptionInfo> {
+        None
+    }
+    /// The cipher [`Mapping::Data`] ranges are stored under, and which offset numbers their
+    /// sectors; `None` for plaintext formats. [`crate::Image`] decrypts after reading and
+    /// encrypts (in a scratch buffer) before writing; a driver never sees plaintext I/O.
+    ///
+    /// # Errors
+    /// [`crate::Error::KeyRequired`] when the image is encrypted but was opened without its
+    /// secret (metadata only).
+    fn data_cipher(&self) -> Result<Option<(&DataCipher, SectorNumbering)>> {
+        Ok(None)
     }
     /// Internal snapshots.
     ///

@@ -3,7 +3,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::{ova, qcow2, vdi, vmdk};
+use crate::{crypto, ova, qcow2, vdi, vmdk};
 
 /// Everything the block layer can report. Each variant names the file it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +47,23 @@ pub enum Error {
         path: PathBuf,
         /// What is wrong with it.
         source: ova::Error,
+    },
+    /// An encryption header is malformed, a key slot cannot be opened, or a cipher is refused.
+    #[error("{}: {source}", path.display())]
+    Crypto {
+        /// The image file.
+        path: PathBuf,
+        /// What is wrong.
+        source: crypto::Error,
+    },
+    /// The image is encrypted and no secret was given for it (qemu's wording names the
+    /// option that would give it).
+    #[error("{}: Parameter '{option}' is required for cipher", path.display())]
+    KeyRequired {
+        /// The image file.
+        path: PathBuf,
+        /// `encrypt.key-secret` (qcow2) or `key-secret` (luks).
+        option: &'static str,
     },
     /// A format name that no driver knows.
     #[error("unknown image format '{0}'")]

@@ -5,10 +5,11 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::driver::{Driver, HostExtent, Mapping};
+use crate::crypto::{DataCipher, Secrets, SECTOR_SIZE};
+use crate::driver::{Driver, HostExtent, Mapping, SectorNumbering};
 use crate::error::IoContext;
 use crate::storage::{FileStorage, Storage};
-use crate::{probe, qcow2, raw, vdi, vmdk, Error, Format, Result};
+use crate::{luks, probe, qcow2, raw, vdi, vmdk, Error, Format, Result};
 
 /// The most images a backing chain may hold, counting the top one. qemu has no fixed limit but a
 /// chain this deep is a loop or an attack; opening it would exhaust file descriptors.
@@ -104,8 +105,18 @@ impl Image {
     /// When a file cannot be opened, a header is bad, the chain loops or is deeper than
     /// [`MAX_CHAIN_DEPTH`].
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
+        Self::open_with_secrets(path, opts, &Secrets::none())
+    }
+
+    /// Opens an image and its backing chain, unlocking encrypted layers with `secrets` (each
+    /// layer's own, else the default one).
+    ///
+    /// # Errors
+    /// As [`Image::open`]; also [`Error::KeyRequired`] for an encrypted layer without a secret
+    /// (unless `secrets.metadata_only`) and [`Error::Crypto`] for a wrong passphrase.
+    pub fn open_with_secrets(path: &Path, opts: &OpenOptions, secrets: &Secrets) -> Result<Image> {
         let mut seen = HashSet::new();
-        Self::open_inner(path, opts, &mut seen, 0)
+        Self::open_inner(path, opts, &mut seen, 0, secrets)
     }
 
     /// Opens the top image over a storage the caller made (a test storage that fails at chosen
@@ -116,7 +127,7 @@ impl Image {
     pub fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
         let mut seen = HashSet::new();
         let path = storage.path().to_owned();
-        Self::open_inner_with(&path, opts, &mut seen, 0, Some(storage))
+        Self::open_inner_with(&path, opts, &mut seen, 0, Some(storage), &Secrets::none())
     }
 
     fn open_inner(
@@ -124,8 +135,9 @@ impl Image {
         opts: &OpenOptions,
         seen: &mut HashSet<PathBuf>,
         depth: usize,
+        secrets: &Secrets,
     ) -> Result<Image> {
-        Self::open_inner_with(path, opts, seen, depth, None)
+        Self::open_inner_with(path, opts, seen, depth, None, secrets)
     }
 
     fn open_inner_with(
@@ -134,6 +146,7 @@ impl Image {
         seen: &mut HashSet<PathBuf>,
         depth: usize,
         storage: Option<Arc<dyn Storage>>,
+        secrets: &Secrets,
     ) -> Result<Image> {
         if depth >= MAX_CHAIN_DEPTH {
             return Err(Error::ChainTooDeep {
@@ -170,7 +183,18 @@ impl Image {
         };
         let mut driver: Box<dyn Driver> = match format {
             Format::Raw => Box::new(raw::Raw::open(storage)?),
-            Format::Qcow2 => Box::new(qcow2::Qcow2::open(storage, opts.writable)?),
+            Format::Qcow2 => Box::new(qcow2::Qcow2::open_with_key(
+                storage,
+                opts.writable,
+                secrets.for_layer(depth),
+                secrets.metadata_only,
+            )?),
+            Format::Luks => Box::new(luks::Luks::open(
+                storage,
+                opts.writable,
+                secrets.for_layer(depth),
+                secrets.metadata_only,
+            )?),
             Format::Vmdk => Box::new(vmdk::Vmdk::open(storage, opts.writable)?),
             Format::Vdi => Box::new(vdi::Vdi::open(storage, opts.writable)?),
             other => {
@@ -193,16 +217,18 @@ impl Image {
                     no_backing: false,
                     snapshot: None,
                 };
-                let b = Self::open_inner(&bpath, &bopts, seen, depth + 1).map_err(|e| match e {
-                    // Loops and depth are about the chain as a whole: keep them as they are.
-                    Error::BackingLoop { .. }
-                    | Error::ChainTooDeep { .. }
-                    | Error::BackingOpen { .. } => e,
-                    other => Error::BackingOpen {
-                        path: path.to_owned(),
-                        source: Box::new(other),
+                let b = Self::open_inner(&bpath, &bopts, seen, depth + 1, secrets).map_err(
+                    |e| match e {
+                        // Loops and depth are about the chain as a whole: keep them as they are.
+                        Error::BackingLoop { .. }
+                        | Error::ChainTooDeep { .. }
+                        | Error::BackingOpen { .. } => e,
+                        other => Error::BackingOpen {
+                            path: path.to_owned(),
+                            source: Box::new(other),
+                        },
                     },
-                })?;
+                )?;
                 Some(Box::new(b))
             }
             _ => None,
@@ -317,10 +343,13 @@ impl Image {
                 .min(buf.len() - done);
             let out = &mut buf[done..done + nu];
             match m {
-                Mapping::Data { file, offset, .. } => {
-                    let r = self.driver.storage(file).read_at(out, offset.0);
-                    self.io(r, file)?;
-                }
+                Mapping::Data { file, offset, .. } => match self.driver.data_cipher()? {
+                    Some((c, num)) => self.read_decrypt(c, num, file, offset.0, pos, out)?,
+                    None => {
+                        let r = self.driver.storage(file).read_at(out, offset.0);
+                        self.io(r, file)?;
+                    }
+                },
                 Mapping::Zero { .. } | Mapping::Eof => out.fill(0),
                 Mapping::Unallocated | Mapping::UnallocatedAt { .. } => match &self.backing {
                     Some(b) => b.read_inner(out, pos)?,
@@ -387,13 +416,7 @@ impl Image {
                     file,
                     offset: host,
                     writable: true,
-                } => {
-                    let r = self
-                        .driver
-                        .storage(file)
-                        .write_at(&buf[done..done + nu], host.0);
-                    self.io(r, file)?;
-                }
+                } => self.write_in_place(file, host.0, pos, &buf[done..done + nu])?,
                 _ => self.write_allocating(&buf[done..done + nu], pos)?,
             }
             done += nu;
@@ -416,8 +439,7 @@ impl Image {
         ) = self.driver.map(pos, data.len() as u64)?
         {
             if n >= data.len() as u64 {
-                let r = self.driver.storage(file).write_at(data, host.0);
-                return self.io(r, file);
+                return self.write_in_place(file, host.0, pos, data);
             }
         }
         let end = pos + data.len() as u64;
@@ -455,10 +477,125 @@ impl Image {
                     path: self.path.clone(),
                     what: "driver returned an extent outside the request".into(),
                 })?;
-            let r = self.driver.storage(e.file).write_at(chunk, e.host.0);
+            let r = match self.driver.data_cipher()? {
+                // The area was assembled in plaintext; each extent is encrypted whole, in a
+                // scratch copy, with the sector numbers of where it lands.
+                Some((c, num)) => {
+                    let mut tmp = chunk.to_vec();
+                    let first = self.crypt_sector(num, e.host.0, e.guest, tmp.len() as u64)?;
+                    self.encrypt(c, first, &mut tmp)?;
+                    self.driver.storage(e.file).write_at(&tmp, e.host.0)
+                }
+                None => self.driver.storage(e.file).write_at(chunk, e.host.0),
+            };
             self.io(r, e.file)?;
         }
         Ok(())
+    }
+
+    /// Writes `data` (guest offset `pos`) over host bytes at `host` that belong to this range
+    /// alone, encrypting when the format does. A write that covers part of a sector of an
+    /// encrypted image reads, decrypts and merges that sector first (not atomic against a
+    /// concurrent write to the same sector, as with any read-modify-write).
+    fn write_in_place(&self, file: usize, host: u64, pos: u64, data: &[u8]) -> Result<()> {
+        let Some((c, num)) = self.driver.data_cipher()? else {
+            let r = self.driver.storage(file).write_at(data, host);
+            return self.io(r, file);
+        };
+        let ss = SECTOR_SIZE;
+        let head = pos % ss;
+        let start = host
+            .checked_sub(head)
+            .ok_or_else(|| self.misaligned(host, pos))?;
+        let total = (head + data.len() as u64).div_ceil(ss) * ss;
+        let first = self.crypt_sector(num, start, pos - head, total)?;
+        let mut tmp = vec![0u8; usize::try_from(total).map_err(|_| self.misaligned(host, pos))?];
+        let ssu = crate::crypto::SECTOR_BYTES;
+        let (h, len) = (usize::try_from(head).unwrap_or(0), tmp.len());
+        if h != 0 {
+            self.read_decrypt(c, num, file, start, pos - head, &mut tmp[..ssu])?;
+        }
+        if (h + data.len()) % ssu != 0 && (h == 0 || len > ssu) {
+            let last = (len - ssu) as u64;
+            self.read_decrypt(
+                c,
+                num,
+                file,
+                start + last,
+                pos - head + last,
+                &mut tmp[len - ssu..],
+            )?;
+        }
+        tmp[h..h + data.len()].copy_from_slice(data);
+        self.encrypt(c, first, &mut tmp)?;
+        let r = self.driver.storage(file).write_at(&tmp, start);
+        self.io(r, file)
+    }
+
+    /// Reads `out` (guest offset `pos`) from host offset `host`, decrypting the whole sectors
+    /// around it.
+    fn read_decrypt(
+        &self,
+        c: &DataCipher,
+        num: SectorNumbering,
+        file: usize,
+        host: u64,
+        pos: u64,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let ss = SECTOR_SIZE;
+        let head = pos % ss;
+        let start = host
+            .checked_sub(head)
+            .ok_or_else(|| self.misaligned(host, pos))?;
+        let total = (head + out.len() as u64).div_ceil(ss) * ss;
+        let first = self.crypt_sector(num, start, pos - head, total)?;
+        let storage = self.driver.storage(file);
+        if head == 0 && total == out.len() as u64 {
+            self.io(storage.read_at(out, start), file)?;
+            return self.decrypt(c, first, out);
+        }
+        let mut tmp = vec![0u8; usize::try_from(total).map_err(|_| self.misaligned(host, pos))?];
+        self.io(storage.read_at(&mut tmp, start), file)?;
+        self.decrypt(c, first, &mut tmp)?;
+        let h = usize::try_from(head).unwrap_or(0);
+        out.copy_from_slice(&tmp[h..h + out.len()]);
+        Ok(())
+    }
+
+    /// The number of the first sector of an encrypted run at sector-aligned `host`/`guest`.
+    fn crypt_sector(&self, num: SectorNumbering, host: u64, guest: u64, len: u64) -> Result<u64> {
+        let ss = SECTOR_SIZE;
+        if host % ss != 0 || guest % ss != 0 || len % ss != 0 {
+            return Err(self.misaligned(host, guest));
+        }
+        Ok(match num {
+            SectorNumbering::Host => host / ss,
+            SectorNumbering::Guest => guest / ss,
+        })
+    }
+
+    fn misaligned(&self, host: u64, guest: u64) -> Error {
+        Error::Unsupported {
+            path: self.path.clone(),
+            what: format!(
+                "encrypted data at host offset {host:#x} (guest {guest:#x}) is not sector aligned"
+            ),
+        }
+    }
+
+    fn encrypt(&self, c: &DataCipher, first: u64, buf: &mut [u8]) -> Result<()> {
+        c.encrypt(first, buf).map_err(|source| Error::Crypto {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    fn decrypt(&self, c: &DataCipher, first: u64, buf: &mut [u8]) -> Result<()> {
+        c.decrypt(first, buf).map_err(|source| Error::Crypto {
+            path: self.path.clone(),
+            source,
+        })
     }
 
     /// Compresses one cluster for [`Image::write_compressed`] (pads a short last cluster with
@@ -597,6 +734,8 @@ impl Image {
         }
         let (m, n) = self.driver.map(offset, len.min(size - offset))?;
         let n = n.clamp(1, len);
+        // qemu reports no host offset for encrypted images: the bytes there are ciphertext.
+        let hide = self.driver.encrypted();
         let st = |zero, data, compressed, off: Option<(usize, u64)>, n| BlockStatus {
             len: n,
             depth,
@@ -604,7 +743,7 @@ impl Image {
             zero,
             data,
             compressed,
-            offset: off.map(|o| o.1),
+            offset: off.filter(|_| !hide).map(|o| o.1),
             file: off.map_or(0, |o| o.0),
         };
         Ok(match m {
@@ -654,7 +793,7 @@ impl Image {
                         zero: true,
                         data: false,
                         compressed: false,
-                        offset: reserved.map(|r| r.1),
+                        offset: reserved.filter(|_| !hide).map(|r| r.1),
                         file: reserved.map_or(0, |r| r.0),
                     }
                 }

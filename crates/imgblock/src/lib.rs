@@ -15,11 +15,13 @@
 //! ```
 
 pub mod check;
+pub mod crypto;
 pub mod driver;
+mod error;
 #[doc(hidden)]
 pub mod fuzzing;
-mod error;
 pub mod image;
+pub mod luks;
 pub mod measure;
 pub mod ops;
 pub mod options;
@@ -106,6 +108,7 @@ pub fn create(path: &Path, format: Format, opts: &CreateOptions) -> Result<()> {
         Format::Qcow2 => qcow2::create(path, opts),
         Format::Vmdk => vmdk::create(path, opts),
         Format::Vdi => vdi::create(path, opts),
+        Format::Luks => luks::create(path, opts),
         other => Err(Error::Unsupported {
             path: path.to_owned(),
             what: format!("creating {other} images"),

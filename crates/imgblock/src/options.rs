@@ -1,5 +1,8 @@
 //! Creation options in qemu-img's `-o key=value,...` language.
 
+use std::collections::BTreeMap;
+
+use crate::crypto::Secret;
 use crate::{Error, Result};
 
 /// What to create: the size, the backing reference, and format-specific `-o` options.
@@ -15,6 +18,11 @@ pub struct CreateOptions {
     pub unsafe_backing: bool,
     /// Format-specific options in the order given.
     pub opts: Vec<(String, String)>,
+    /// Secrets by ID (qemu's `--object secret,id=ID,...`, resolved by the caller to bytes);
+    /// options such as `encrypt.key-secret=ID` name them.
+    pub secrets: BTreeMap<String, Secret>,
+    /// amend: allow what qemu-img amend allows only with `--force` (erasing the last key slot).
+    pub force: bool,
 }
 
 impl CreateOptions {
@@ -47,6 +55,21 @@ impl CreateOptions {
     pub fn set(&mut self, key: &str, value: &str) {
         self.opts.retain(|(k, _)| k != key);
         self.opts.push((key.to_owned(), value.to_owned()));
+    }
+
+    /// The secret that option `key` names by ID; `None` when the option is not given.
+    ///
+    /// # Errors
+    /// When the option names an ID with no secret (qemu's message).
+    pub fn secret(&self, key: &str) -> Result<Option<&Secret>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(id) => self
+                .secrets
+                .get(id)
+                .map(Some)
+                .ok_or_else(|| Error::InvalidOption(format!("No secret with id '{id}'"))),
+        }
     }
 
     /// The last value given for `key`.

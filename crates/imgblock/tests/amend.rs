@@ -121,3 +121,18 @@ fn amend_size_resizes() {
     );
     run(&["qemu-img", "check", p.to_str().unwrap()]);
 }
+
+#[test]
+fn upgrade_and_refcount_width_in_one_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "compat=0.10");
+    let before = content(&p);
+    amend(&p, "compat=1.1,refcount_bits=4").unwrap();
+    run(&["qemu-img", "check", p.to_str().unwrap()]);
+    let info = run(&["qemu-img", "info", "--output=json", p.to_str().unwrap()]);
+    assert!(
+        info.contains("\"refcount-bits\": 4") && info.contains("\"compat\": \"1.1\""),
+        "{info}"
+    );
+    assert_eq!(content(&p), before);
+}

@@ -4,7 +4,6 @@
 use super::check::count_references;
 use super::header::{self, CompressionType};
 use super::l2::{Entry, Kind};
-use super::refcount::set_entry;
 use super::{Error, Geometry, Qcow2, COPIED, OFFSET_MASK, ZERO_FLAG};
 use crate::driver::{BackingSpec, Driver};
 use crate::error::IoContext;
@@ -54,6 +53,7 @@ impl Qcow2 {
                     order = b.trailing_zeros();
                 }
                 "size" => size = Some(parse_size(v)?),
+                k if k.starts_with("encrypt.") => {}
                 "cluster_size" | "compression_type" | "extended_l2" | "preallocation"
                 | "encryption" => {
                     return Err(invalid(format!(
@@ -74,6 +74,9 @@ impl Qcow2 {
         if let Some(s) = o.size {
             size = Some(s);
         }
+        if o.opts.iter().any(|(k, _)| k.starts_with("encrypt.")) {
+            self.amend_encryption(o, o.force)?;
+        }
         if version == 2 {
             if order != 4 {
                 return Err(invalid("compat=0.10 requires refcount_bits=16"));
@@ -88,13 +91,14 @@ impl Qcow2 {
                 lazy = false;
             }
         }
-        // Order matters as in qemu: widen refcounts and upgrade first, downgrade last.
-        if order != self.geo.refcount_order {
-            self.rebuild_refcounts(order)?;
-        }
+        // Order matters as in qemu: upgrade first (a v2 header cannot record another refcount
+        // width), then change the width, downgrade last.
         let cur_version = self.lock().h.version;
         if version == 3 && cur_version == 2 {
             self.upgrade()?;
+        }
+        if order != self.geo.refcount_order {
+            self.rebuild_refcounts(order)?;
         }
         let cur_lazy = self.lock().h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0;
         if lazy != cur_lazy && version == 3 {
@@ -174,6 +178,12 @@ impl Qcow2 {
                 return Err(invalid("compat=0.10 requires refcount_bits=16"));
             }
         }
+        if self.crypt.is_encrypted() {
+            // Expanding zero clusters would write plaintext zeroes into encrypted clusters.
+            return Err(invalid(
+                "Cannot downgrade an encrypted image to compat=0.10",
+            ));
+        }
         // Compressed clusters made with zstd cannot be described by a v2 image.
         let zstd = self.lock().h.compression == CompressionType::Zstd;
         let has_backing = self.backing().is_some();
@@ -244,79 +254,22 @@ impl Qcow2 {
     /// Writes fresh refcount structures of width `1 << order` past the end of the file, counted
     /// from the metadata, and switches the header to them; the old ones become free space.
     pub(super) fn rebuild_refcounts(&mut self, order: u32) -> Result<()> {
-        let cs = self.geo.cluster_size;
         let mut st = self.lock();
         let (computed, report) = count_references(self, &mut st, false)?;
         if report.corruptions > 0 {
             return Err(self.err(Error::DirtyInconsistent));
         }
-        let max = if order == 6 {
-            u64::MAX
-        } else {
-            (1u64 << (1u64 << order)) - 1
-        };
-        if let Some(c) = computed.iter().position(|&v| u64::from(v) > max) {
-            return Err(invalid(format!(
-                "Cannot decrease refcount entry width to {} bits: Cluster at offset {:#x} has a refcount of {}",
-                1u64 << order,
-                c as u64 * cs,
-                computed[c]
-            )));
-        }
-        let per_block = (cs * 8) >> order;
-        let start = computed.len() as u64;
-        let (mut blocks, mut table) = (0u64, 0u64);
-        loop {
-            let total = start + blocks + table;
-            let b = total.div_ceil(per_block);
-            let t = (b * 8).div_ceil(cs);
-            if b == blocks && t == table {
-                break;
-            }
-            blocks = b;
-            table = t;
-        }
-        let table_off = start * cs;
-        let blocks_off = table_off + table * cs;
-        let end = start + table + blocks;
-        let path = self.file().path().to_owned();
-        let mut reftable = Vec::with_capacity(usize::try_from(table * cs / 8).unwrap_or(0));
-        let csu = usize::try_from(cs).unwrap_or(0);
-        for b in 0..blocks {
-            let mut block = vec![0u8; csu];
-            for i in 0..per_block {
-                let c = b * per_block + i;
-                let v = if c < start {
-                    u64::from(computed[usize::try_from(c).unwrap_or(0)])
-                } else {
-                    u64::from(c < end)
-                };
-                if v != 0 {
-                    set_entry(&mut block, order, i, v);
-                }
-            }
-            let off = blocks_off + b * cs;
-            self.file().write_at(&block, off).ctx(&path)?;
-            reftable.push(off);
-        }
-        reftable.resize(usize::try_from(table * cs / 8).unwrap_or(0), 0);
-        let bytes: Vec<u8> = reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
-        self.file().write_at(&bytes, table_off).ctx(&path)?;
-        self.file().flush().ctx(&path)?;
+        let fresh = self.write_refcounts(&mut st, &computed, order)?;
         let mut h = st.h.clone();
         h.refcount_order = order;
-        h.refcount_table_offset = table_off;
-        h.refcount_table_clusters =
-            u32::try_from(table).map_err(|_| self.err(Error::FileTooLarge))?;
+        h.refcount_table_offset = fresh.table_offset;
+        h.refcount_table_clusters = fresh.table_clusters;
         let hdr = h.serialize().map_err(|e| self.err(e))?;
+        let path = self.file().path().to_owned();
         self.file().write_at(&hdr, 0).ctx(&path)?;
         self.file().flush().ctx(&path)?;
         st.h = h;
-        st.reftable = reftable;
-        st.rb_cache = super::cache::TableCache::new(super::REFBLOCK_CACHE_BYTES);
-        st.free_hint = 0;
-        st.end_hint = end;
-        st.compressed_cursor = 0;
+        fresh.install(&mut st);
         let new_geo = Geometry::new(&st.h);
         drop(st);
         self.geo = new_geo;

@@ -154,9 +154,40 @@ impl Walk<'_> {
 
 /// Counts the references to every cluster of the file from the metadata: the header, L1 and L2
 /// tables, snapshots and data; and the refcount structures themselves when `with_refcounts`.
+/// The metadata of an image state: the active L1 table and the snapshot table. It may describe
+/// the state on disk, or one being built that the header does not point at yet.
+pub(super) struct View<'a> {
+    /// Where the active L1 table lies, and its entries.
+    pub l1_offset: u64,
+    pub l1: &'a [u64],
+    /// Where the snapshot table lies, and its entries.
+    pub snapshots_offset: u64,
+    pub snapshots: &'a [snapshot::Snapshot],
+}
+
 pub(super) fn count_references(
     q: &Qcow2,
     st: &mut State,
+    with_refcounts: bool,
+) -> Result<(Vec<u32>, CheckReport)> {
+    let snaps = snapshot::read_table(q.file(), &st.h).map_err(|e| q.err(e))?;
+    let l1 = st.l1.clone();
+    let view = View {
+        l1_offset: st.h.l1_table_offset,
+        l1: &l1,
+        snapshots_offset: st.h.snapshots_offset,
+        snapshots: &snaps,
+    };
+    count_view(q, st, &view, with_refcounts)
+}
+
+/// Counts the references to every cluster of the file from a state's metadata: the header,
+/// L1 and L2 tables, snapshots, data, the crypto header; and the refcount structures on disk
+/// when `with_refcounts`.
+pub(super) fn count_view(
+    q: &Qcow2,
+    st: &mut State,
+    view: &View<'_>,
     with_refcounts: bool,
 ) -> Result<(Vec<u32>, CheckReport)> {
     let g = q.geo;
@@ -166,7 +197,6 @@ pub(super) fn count_references(
     if nclusters > MAX_TRACKED_CLUSTERS {
         return Err(q.err(super::Error::FileTooLarge));
     }
-    let snaps = snapshot::read_table(q.file(), &st.h).map_err(|e| q.err(e))?;
     let mut w = Walk {
         q,
         computed: vec![0; usize::try_from(nclusters).unwrap_or(0)],
@@ -175,16 +205,15 @@ pub(super) fn count_references(
     };
     w.r.total_clusters = q.size.div_ceil(cs);
     w.inc(0, cs, "header");
-    let l1 = st.l1.clone();
-    w.inc(st.h.l1_table_offset, l1.len() as u64 * 8, "L1 table");
-    w.walk_l1(st, &l1, true);
-    if st.h.nb_snapshots > 0 {
+    w.inc(view.l1_offset, view.l1.len() as u64 * 8, "L1 table");
+    w.walk_l1(st, view.l1, true);
+    if !view.snapshots.is_empty() {
         w.inc(
-            st.h.snapshots_offset,
-            snapshot_table_len(&snaps),
+            view.snapshots_offset,
+            snapshot::table_len(view.snapshots),
             "snapshot table",
         );
-        for s in &snaps {
+        for s in view.snapshots {
             if s.l1_offset % cs != 0 || u64::from(s.l1_size) * 8 > super::MAX_L1_BYTES {
                 w.r.corruptions += 1;
                 w.r.messages.push(format!(
@@ -199,6 +228,9 @@ pub(super) fn count_references(
                 Err(_) => w.r.check_errors += 1,
             }
         }
+    }
+    if let Some((off, len)) = q.crypt.header_area() {
+        w.inc(off, len, "crypto header");
     }
     if with_refcounts {
         w.inc(
@@ -243,16 +275,6 @@ pub fn check(q: &Qcow2, repair: Repair) -> Result<CheckReport> {
         q.file().flush().ctx(&path)?;
     }
     Ok(r)
-}
-
-fn snapshot_table_len(snaps: &[snapshot::Snapshot]) -> u64 {
-    snaps
-        .iter()
-        .map(|s| {
-            let extra = if s.disk_size.is_some() { 24u64 } else { 0 };
-            (40 + extra + s.id.len() as u64 + s.name.len() as u64).div_ceil(8) * 8
-        })
-        .sum()
 }
 
 fn compare_refcounts(

@@ -23,6 +23,30 @@ pub const CREATE_OPTIONS: &[(&str, &str)] = &[
         "Compression method used for image cluster compression",
     ),
     ("data_file", "File name of an external data file"),
+    ("encrypt.cipher-alg", "Name of encryption cipher algorithm"),
+    ("encrypt.cipher-mode", "Name of encryption cipher mode"),
+    (
+        "encrypt.format",
+        "Encrypt the image, format choices: 'aes', 'luks'",
+    ),
+    ("encrypt.hash-alg", "Name of encryption hash algorithm"),
+    (
+        "encrypt.iter-time",
+        "Time to spend in PBKDF in milliseconds",
+    ),
+    ("encrypt.ivgen-alg", "Name of IV generator algorithm"),
+    (
+        "encrypt.ivgen-hash-alg",
+        "Name of IV generator hash algorithm",
+    ),
+    (
+        "encrypt.key-secret",
+        "ID of secret providing qcow AES key or LUKS passphrase",
+    ),
+    (
+        "encryption",
+        "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
+    ),
     (
         "data_file_raw",
         "The external data file must stay valid as a raw image",
@@ -49,6 +73,7 @@ struct Opts {
     data_file: Option<String>,
     data_file_raw: bool,
     compression: CompressionType,
+    encrypt: Option<super::crypt::CreateCrypt>,
 }
 
 fn invalid(msg: impl Into<String>) -> Error {
@@ -66,6 +91,7 @@ fn parse(o: &CreateOptions) -> Result<Opts> {
         data_file: None,
         data_file_raw: false,
         compression: CompressionType::Zlib,
+        encrypt: super::crypt::parse_create(o)?,
     };
     let mut refcount_given = false;
     for (k, v) in &o.opts {
@@ -114,11 +140,8 @@ fn parse(o: &CreateOptions) -> Result<Opts> {
                     }
                 }
             }
-            "encryption" | "encrypt.format" | "encrypt.key-secret" => {
-                return Err(invalid(
-                    "encrypted qcow2 images are not supported by this build",
-                ))
-            }
+            // Parsed by crypt::parse_create.
+            k if k == "encryption" || k.starts_with("encrypt.") => {}
             _ => return Err(invalid(format!("Invalid parameter '{k}' for format qcow2"))),
         }
     }
@@ -153,6 +176,12 @@ fn parse(o: &CreateOptions) -> Result<Opts> {
             "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
         ));
     }
+    if r.encrypt.is_some() && r.prealloc != Preallocation::Off {
+        // Preallocated clusters would hold plaintext zeroes that decrypt to noise.
+        return Err(invalid(
+            "Preallocation is not supported for encrypted images",
+        ));
+    }
     if r.data_file_raw && r.data_file.is_none() {
         return Err(invalid("data-file-raw requires data-file"));
     }
@@ -181,7 +210,12 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
         (None, Some(b)) if !o.unsafe_backing => {
             let bpath = crate::image::resolve_backing(path, b);
             let fmt = o.backing_fmt.as_deref().map(str::parse).transpose()?;
-            Image::open(&bpath, &OpenOptions::read_only().format(fmt))?.size()
+            Image::open_with_secrets(
+                &bpath,
+                &OpenOptions::read_only().format(fmt),
+                &crate::crypto::Secrets::for_metadata(),
+            )?
+            .size()
         }
         _ => return Err(invalid("Image creation needs a size parameter")),
     };
@@ -309,6 +343,9 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
         st.l1 = vec![0; usize::try_from(l1_entries).unwrap_or(0)];
     }
     q.size = size;
+    if let Some(e) = &opts.encrypt {
+        q.set_up_encryption(e)?;
+    }
     if opts.prealloc != Preallocation::Off {
         q.preallocate_range(0, q.geo.align_up(size), opts.prealloc)?;
     }

@@ -82,9 +82,23 @@ pub enum Error {
     /// The raw-data-file autoclear bit without an external data file.
     #[error("data-file-raw requires a data file")]
     DataFileRawWithoutDataFile,
-    /// Encrypted images are not handled by this driver.
-    #[error("encrypted images (crypt method {0}) are not supported")]
+    /// A crypt_method other than none (0), AES (1) and LUKS (2).
+    #[error("Unsupported encryption method: {0}")]
     Encrypted(u32),
+    /// crypt_method LUKS without the crypto header extension.
+    #[error("LUKS encryption without a crypto header extension")]
+    MissingCryptoHeader,
+    /// The crypto header extension with another crypt_method.
+    #[error("Crypto header extension only expected with LUKS encryption method")]
+    UnexpectedCryptoHeader,
+    /// The crypto header extension points outside the file, is misaligned or too large.
+    #[error("invalid crypto header at offset {offset:#x} length {length}")]
+    BadCryptoHeader {
+        /// Offset from the extension.
+        offset: u64,
+        /// Length from the extension.
+        length: u64,
+    },
     /// An unknown compression type.
     #[error("unknown compression type {0}")]
     BadCompressionType(u8),

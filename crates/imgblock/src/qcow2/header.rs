@@ -46,6 +46,13 @@ pub const EXT_CRYPTO: u32 = 0x0537_be77;
 /// Header extension: external data file name.
 pub const EXT_DATA_FILE: u32 = 0x4441_5441;
 
+/// crypt_method: no encryption.
+pub const CRYPT_NONE: u32 = 0;
+/// crypt_method: legacy AES-128-CBC (insecure, deprecated).
+pub const CRYPT_AES: u32 = 1;
+/// crypt_method: LUKS, its header inside the image (see [`EXT_CRYPTO`]).
+pub const CRYPT_LUKS: u32 = 2;
+
 /// Compression types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CompressionType {
@@ -157,6 +164,35 @@ impl Header {
             .map(|d| String::from_utf8_lossy(d).into_owned())
     }
 
+    /// The LUKS header's (offset, length) in the image file, from the crypto extension
+    /// (two big-endian u64).
+    pub fn crypto_header(&self) -> Option<(u64, u64)> {
+        let d = self.extension(EXT_CRYPTO)?;
+        if d.len() != 16 {
+            return None;
+        }
+        Some((be64(d, 0), be64(d, 8)))
+    }
+
+    /// Sets the crypto extension, placing it before the feature table as qemu does.
+    pub fn set_crypto_header(&mut self, offset: u64, length: u64) {
+        let mut d = offset.to_be_bytes().to_vec();
+        d.extend_from_slice(&length.to_be_bytes());
+        self.set_extension(EXT_CRYPTO, None);
+        let at = self
+            .extensions
+            .iter()
+            .position(|e| e.kind == EXT_FEATURE_TABLE)
+            .unwrap_or(self.extensions.len());
+        self.extensions.insert(
+            at,
+            Extension {
+                kind: EXT_CRYPTO,
+                data: d,
+            },
+        );
+    }
+
     /// The external data file name from its extension.
     pub fn data_file(&self) -> Option<String> {
         self.extension(EXT_DATA_FILE)
@@ -260,8 +296,19 @@ impl Header {
         if h.incompatible & INCOMPAT_COMPRESSION == 0 && h.compression != CompressionType::Zlib {
             return Err(Error::BadCompressionType(1));
         }
-        if h.crypt_method != 0 {
+        if h.crypt_method > CRYPT_LUKS {
             return Err(Error::Encrypted(h.crypt_method));
+        }
+        match (h.crypt_method, h.extension(EXT_CRYPTO)) {
+            (CRYPT_LUKS, None) => return Err(Error::MissingCryptoHeader),
+            (CRYPT_LUKS, Some(_)) if h.crypto_header().is_none() => {
+                return Err(Error::BadCryptoHeader {
+                    offset: 0,
+                    length: 0,
+                })
+            }
+            (m, Some(_)) if m != CRYPT_LUKS => return Err(Error::UnexpectedCryptoHeader),
+            _ => {}
         }
         if h.size > i64::MAX as u64 {
             return Err(Error::SizeTooLarge(h.size));
@@ -583,9 +630,34 @@ mod tests {
     }
 
     #[test]
-    fn parse_encrypted_is_refused() {
+    fn parse_unknown_crypt_method_is_refused() {
+        let mut b = bytes();
+        b[35] = 5;
+        assert!(matches!(Header::parse(&b, 65536), Err(Error::Encrypted(5))));
+    }
+
+    #[test]
+    fn parse_luks_without_crypto_extension_is_refused() {
         let mut b = bytes();
         b[35] = 2;
-        assert!(matches!(Header::parse(&b, 65536), Err(Error::Encrypted(2))));
+        assert!(matches!(
+            Header::parse(&b, 65536),
+            Err(Error::MissingCryptoHeader)
+        ));
+    }
+
+    #[test]
+    fn crypto_extension_round_trips_before_feature_table() {
+        let mut h = Header::parse(&bytes(), 65536).unwrap();
+        h.crypt_method = CRYPT_LUKS;
+        h.set_crypto_header(0x40000, 2_068_480);
+        let b = h.serialize().unwrap();
+        let back = Header::parse(&b, 65536).unwrap();
+        assert_eq!(back.crypto_header(), Some((0x40000, 2_068_480)));
+        let kinds: Vec<u32> = back.extensions.iter().map(|e| e.kind).collect();
+        let c = kinds.iter().position(|&k| k == EXT_CRYPTO).unwrap();
+        if let Some(f) = kinds.iter().position(|&k| k == EXT_FEATURE_TABLE) {
+            assert!(c < f);
+        }
     }
 }

@@ -12,9 +12,11 @@ mod cache;
 mod check;
 mod compress;
 mod create;
+mod crypt;
 mod error;
 pub mod header;
 mod l2;
+mod rebuild;
 mod refcount;
 mod resize;
 mod snapshot;
@@ -132,6 +134,8 @@ pub struct Qcow2 {
     state: Mutex<State>,
     /// Whether the image looks metadata-preallocated (decided on first use, as qemu does).
     metadata_prealloc: std::sync::OnceLock<bool>,
+    /// Encryption (crypt_method) and its keys.
+    crypt: crypt::Crypt,
 }
 
 pub(crate) fn be64_at(b: &[u8], off: usize) -> u64 {
@@ -161,6 +165,21 @@ impl Qcow2 {
     /// # Errors
     /// The specific [`Error`] for a bad header or table; I/O errors.
     pub fn open(storage: Arc<dyn Storage>, writable: bool) -> Result<Qcow2> {
+        Self::open_with_key(storage, writable, None, false)
+    }
+
+    /// Opens a qcow2 image, unlocking its encryption with `key`. An encrypted image without a
+    /// key opens only when `metadata_only` (its data then cannot be read or written).
+    ///
+    /// # Errors
+    /// As [`Qcow2::open`]; [`crate::Error::KeyRequired`] without a key, and
+    /// [`crate::Error::Crypto`] for a bad LUKS header or a wrong passphrase.
+    pub fn open_with_key(
+        storage: Arc<dyn Storage>,
+        writable: bool,
+        key: Option<&crate::crypto::Secret>,
+        metadata_only: bool,
+    ) -> Result<Qcow2> {
         let path = storage.path().to_owned();
         let qerr = |e: Error| crate::Error::Qcow2 {
             path: path.clone(),
@@ -216,6 +235,7 @@ impl Qcow2 {
         let reftable =
             read_table(storage.as_ref(), h.refcount_table_offset, rt_entries).ctx(&path)?;
         let end_hint = file_len.div_ceil(cs);
+        let crypt = crypt::open(storage.as_ref(), &h, key, metadata_only)?;
         let state = State {
             h,
             l1,
@@ -237,6 +257,7 @@ impl Qcow2 {
             data,
             state: Mutex::new(state),
             metadata_prealloc: std::sync::OnceLock::new(),
+            crypt,
         };
         if writable {
             q.open_for_writing()?;
@@ -545,6 +566,23 @@ impl Driver for Qcow2 {
         })
     }
 
+    fn encrypted(&self) -> bool {
+        self.crypt.is_encrypted()
+    }
+
+    fn encryption_info(&self) -> Option<crate::crypto::EncryptionInfo> {
+        self.crypt.info()
+    }
+
+    fn data_cipher(
+        &self,
+    ) -> Result<Option<(&crate::crypto::DataCipher, crate::driver::SectorNumbering)>> {
+        self.crypt.cipher().map_err(|()| crate::Error::KeyRequired {
+            path: self.file().path().to_owned(),
+            option: crypt::KEY_OPTION,
+        })
+    }
+
     fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         Ok(self
             .snapshot_list()?
@@ -606,6 +644,7 @@ impl Driver for Qcow2 {
             data: self.data,
             state: Mutex::new(st),
             metadata_prealloc: std::sync::OnceLock::new(),
+            crypt: self.crypt.clone(),
         }))
     }
 
@@ -651,9 +690,11 @@ impl Driver for Qcow2 {
     }
 
     fn data_holes_read_as_zero(&self) -> bool {
-        *self
-            .metadata_prealloc
-            .get_or_init(|| self.detect_metadata_preallocation().unwrap_or(false))
+        // Holes in an encrypted cluster decrypt to noise, not zeroes.
+        !self.crypt.is_encrypted()
+            && *self
+                .metadata_prealloc
+                .get_or_init(|| self.detect_metadata_preallocation().unwrap_or(false))
     }
 
     fn read_compressed(&self, c: &CompressedRef, out: &mut [u8]) -> Result<()> {
@@ -818,7 +859,10 @@ impl Driver for Qcow2 {
     }
 
     fn compress_cluster(&self, data: &[u8]) -> Option<Vec<u8>> {
-        if self.data != 0 || data.len() as u64 != self.geo.cluster_size {
+        // Compressed clusters are not encrypted: an encrypted image stores every cluster plain
+        // (encrypted) instead, so no plaintext reaches the disk.
+        if self.data != 0 || data.len() as u64 != self.geo.cluster_size || self.crypt.is_encrypted()
+        {
             return None;
         }
         let kind = self.lock().h.compression;
@@ -834,7 +878,12 @@ impl Driver for Qcow2 {
         }
         let g = self.geo;
         let len = compressed.len() as u64;
-        if offset % g.cluster_size != 0 || len == 0 || len >= g.cluster_size || self.data != 0 {
+        if offset % g.cluster_size != 0
+            || len == 0
+            || len >= g.cluster_size
+            || self.data != 0
+            || self.crypt.is_encrypted()
+        {
             return Err(crate::Error::Unsupported {
                 path: self.file().path().to_owned(),
                 what: "compressed write of a misaligned or oversized cluster".into(),
@@ -863,6 +912,12 @@ impl Driver for Qcow2 {
     }
 
     fn resize(&mut self, new_size: u64, prealloc: crate::raw::Preallocation) -> Result<()> {
+        if self.crypt.is_encrypted() && prealloc != crate::raw::Preallocation::Off {
+            // Preallocated clusters would hold plaintext zeroes that decrypt to noise.
+            return Err(crate::Error::InvalidOption(
+                "Preallocation is not supported for encrypted images".into(),
+            ));
+        }
         Qcow2::resize(self, new_size, prealloc)
     }
 

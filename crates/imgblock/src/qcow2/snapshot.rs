@@ -35,6 +35,8 @@ pub struct Snapshot {
     pub disk_size: Option<u64>,
     /// Instruction count (extra data).
     pub icount: Option<u64>,
+    /// Bytes the entry takes in the table it was read from (0 for a new entry).
+    pub disk_len: u64,
 }
 
 impl Snapshot {
@@ -94,6 +96,7 @@ pub fn read_table(file: &dyn Storage, h: &Header) -> Result<Vec<Snapshot>, Error
     let mut pos = 0usize;
     let mut out = Vec::new();
     for _ in 0..h.nb_snapshots {
+        let pos_before = pos;
         let fixed = take(&buf, &mut pos, 40)?;
         let l1_offset = super::be64_at(fixed, 0);
         let l1_size = u32_at(&fixed[8..]);
@@ -123,6 +126,7 @@ pub fn read_table(file: &dyn Storage, h: &Header) -> Result<Vec<Snapshot>, Error
             .map_err(|_| Error::BadSnapshotTable("ID is not UTF-8"))?;
         let name = String::from_utf8(take(&buf, &mut pos, name_len)?.to_vec())
             .map_err(|_| Error::BadSnapshotTable("name is not UTF-8"))?;
+        let entry_start = pos_before;
         pos = pos.div_ceil(8) * 8;
         out.push(Snapshot {
             l1_offset,
@@ -135,9 +139,25 @@ pub fn read_table(file: &dyn Storage, h: &Header) -> Result<Vec<Snapshot>, Error
             vm_state_size,
             disk_size,
             icount,
+            disk_len: (pos - entry_start) as u64,
         });
     }
     Ok(out)
+}
+
+/// Bytes a table of these entries takes: as read for entries read from disk, as serialised for
+/// new ones.
+pub fn table_len(snaps: &[Snapshot]) -> u64 {
+    snaps
+        .iter()
+        .map(|s| {
+            if s.disk_len > 0 {
+                s.disk_len
+            } else {
+                s.to_bytes().len() as u64
+            }
+        })
+        .sum()
 }
 
 impl Snapshot {

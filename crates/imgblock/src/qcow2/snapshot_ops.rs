@@ -1,10 +1,12 @@
 //! Creating, applying and deleting internal snapshots.
 //!
-//! Each operation writes new structures first, switches the header with one write, and frees
-//! what the old state used last, so that a crash leaves at most leaked clusters.
+//! Each operation builds the new state beside the old one and switches to it with one header
+//! write (see [`Qcow2::switch_state`]), so that a crash at any point leaves either state, with at
+//! most leaked clusters.
 
+use super::check::{count_view, View};
 use super::snapshot::{self, Snapshot};
-use super::{be64_at, Error, Qcow2, State, COMPRESSED, COPIED, OFFSET_MASK};
+use super::{be64_at, Error, Qcow2, State, COPIED, OFFSET_MASK};
 use crate::error::IoContext;
 use crate::Result;
 
@@ -28,42 +30,6 @@ impl Qcow2 {
                 path: self.file().path().to_owned(),
                 name: name.to_owned(),
             })
-    }
-
-    /// Adds `delta` to the refcount of every L2 table and data cluster an L1 table reaches.
-    fn update_tree_refcount(&self, st: &mut State, l1: &[u64], delta: i64) -> Result<()> {
-        let g = self.geo;
-        for &e in l1 {
-            let l2off = e & OFFSET_MASK;
-            if l2off == 0 {
-                continue;
-            }
-            let table = self.load_l2_copy(st, l2off)?;
-            for j in 0..g.l2_entries {
-                let o = usize::try_from(j * g.l2_entry_size).unwrap_or(0);
-                let word = be64_at(&table, o);
-                let bitmap = if g.extended_l2 {
-                    be64_at(&table, o + 8)
-                } else {
-                    0
-                };
-                let entry = super::l2::Entry::decode(word, bitmap, self.data != 0);
-                if word & COMPRESSED != 0 {
-                    let (host, len) = entry.compressed(&g);
-                    let mut c = host & !(g.cluster_size - 1);
-                    while c < host + len.max(1) {
-                        self.update_refcount(st, c, delta, true)?;
-                        c += g.cluster_size;
-                    }
-                } else if let Some(h) = entry.host() {
-                    if self.data == 0 {
-                        self.update_refcount(st, h, delta, true)?;
-                    }
-                }
-            }
-            self.update_refcount(st, l2off, delta, true)?;
-        }
-        Ok(())
     }
 
     fn load_l2_copy(&self, st: &mut State, l2off: u64) -> Result<Vec<u8>> {
@@ -171,18 +137,157 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Makes `active` (L1 entries whose L2 tables are on disk) and `snaps` the image's state
+    /// with one header write. Everything the new state needs is written first, apart from the
+    /// live structures: active L2 tables that are shared or whose COPIED flags must change are
+    /// copied, and the L1 table, the snapshot table and whole refcount structures counted from
+    /// the new state are written fresh. A crash before the header write leaves the old state
+    /// with leaked clusters at most; after it, the new state is complete. What only the old
+    /// state used is free space in the new refcounts.
+    fn switch_state(&self, st: &mut State, active: Vec<u64>, snaps: &[Snapshot]) -> Result<()> {
+        let g = self.geo;
+        let cs = g.cluster_size;
+        let path = self.file().path().to_owned();
+        let count_at = |counts: &[u32], off: u64| -> u32 {
+            counts
+                .get(usize::try_from(off / cs).unwrap_or(usize::MAX))
+                .copied()
+                .unwrap_or(0)
+        };
+        // Data references of the new state decide the COPIED flags.
+        let (pre, report) = count_view(
+            self,
+            st,
+            &View {
+                l1_offset: 0,
+                l1: &active,
+                snapshots_offset: 0,
+                snapshots: snaps,
+            },
+            false,
+        )?;
+        if report.corruptions > 0 {
+            return Err(self.err(Error::DirtyInconsistent));
+        }
+        let esize = usize::try_from(g.l2_entry_size).unwrap_or(8);
+        let mut new_l1 = Vec::with_capacity(active.len());
+        for &e in &active {
+            let t = e & OFFSET_MASK;
+            if t == 0 {
+                new_l1.push(0);
+                continue;
+            }
+            let mut table = self.load_l2_copy(st, t)?;
+            let mut changed = false;
+            for o in (0..table.len()).step_by(esize) {
+                let word = be64_at(&table, o);
+                let bitmap = if g.extended_l2 {
+                    be64_at(&table, o + 8)
+                } else {
+                    0
+                };
+                let entry = super::l2::Entry::decode(word, bitmap, self.data != 0);
+                let Some(h) = entry.host() else { continue };
+                let rc = if self.data != 0 { 1 } else { count_at(&pre, h) };
+                let want = if rc == 1 {
+                    word | COPIED
+                } else {
+                    word & !COPIED
+                };
+                if want != word {
+                    table[o..o + 8].copy_from_slice(&want.to_be_bytes());
+                    changed = true;
+                }
+            }
+            if changed || count_at(&pre, t) > 1 {
+                let copy = self.alloc_clusters(st, 1)?;
+                self.file().write_at(&table, copy).ctx(&path)?;
+                new_l1.push(copy);
+            } else {
+                new_l1.push(t);
+            }
+        }
+        // The L1 and snapshot tables get their places now, so that the count sees them.
+        let l1_bytes_len = new_l1.len() as u64 * 8;
+        let l1_off = if new_l1.is_empty() {
+            0
+        } else {
+            let n = l1_bytes_len.div_ceil(cs);
+            let off = self.alloc_clusters(st, n)?;
+            crate::storage::write_zero_buffers(self.file(), off, n * cs).ctx(&path)?;
+            off
+        };
+        let fresh_snaps: Vec<Snapshot> = snaps
+            .iter()
+            .cloned()
+            .map(|mut s| {
+                s.disk_len = 0;
+                s
+            })
+            .collect();
+        let table: Vec<u8> = fresh_snaps.iter().flat_map(Snapshot::to_bytes).collect();
+        let snap_off = if table.is_empty() {
+            0
+        } else {
+            let off = self.alloc_clusters(st, (table.len() as u64).div_ceil(cs))?;
+            self.file().write_at(&table, off).ctx(&path)?;
+            off
+        };
+        let view = View {
+            l1_offset: l1_off,
+            l1: &new_l1,
+            snapshots_offset: snap_off,
+            snapshots: &fresh_snaps,
+        };
+        let (counts, report) = count_view(self, st, &view, false)?;
+        if report.corruptions > 0 {
+            return Err(self.err(Error::DirtyInconsistent));
+        }
+        for e in &mut new_l1 {
+            if *e != 0 && count_at(&counts, *e) == 1 {
+                *e |= COPIED;
+            }
+        }
+        let bytes: Vec<u8> = new_l1.iter().flat_map(|e| e.to_be_bytes()).collect();
+        if l1_off != 0 {
+            self.file().write_at(&bytes, l1_off).ctx(&path)?;
+        }
+        let fresh = self.write_refcounts(st, &counts, g.refcount_order)?;
+        // The switch: L1 size and offset, refcount table, snapshot count and offset (36..72).
+        let l1_size =
+            u32::try_from(new_l1.len()).map_err(|_| self.err(Error::L1TooLarge(u32::MAX)))?;
+        let nb =
+            u32::try_from(snaps.len()).map_err(|_| self.err(Error::TooManySnapshots(u32::MAX)))?;
+        let mut hdr = Vec::with_capacity(36);
+        hdr.extend_from_slice(&l1_size.to_be_bytes());
+        hdr.extend_from_slice(&l1_off.to_be_bytes());
+        hdr.extend_from_slice(&fresh.table_offset.to_be_bytes());
+        hdr.extend_from_slice(&fresh.table_clusters.to_be_bytes());
+        hdr.extend_from_slice(&nb.to_be_bytes());
+        hdr.extend_from_slice(&snap_off.to_be_bytes());
+        self.file().write_at(&hdr, 36).ctx(&path)?;
+        self.file().flush().ctx(&path)?;
+        st.h.l1_size = l1_size;
+        st.h.l1_table_offset = l1_off;
+        st.h.refcount_table_offset = fresh.table_offset;
+        st.h.refcount_table_clusters = fresh.table_clusters;
+        st.h.nb_snapshots = nb;
+        st.h.snapshots_offset = snap_off;
+        st.l1 = new_l1;
+        fresh.install(st);
+        // Freed clusters may be reused for anything now: cached tables must not outlive them.
+        st.l2_cache = super::cache::TableCache::new(super::L2_CACHE_BYTES);
+        Ok(())
+    }
+
     /// Creates an internal snapshot of the current state.
     ///
     /// # Errors
-    /// When the name is taken, the image is read-only, or I/O fails.
+    /// When the image is read-only, has too many snapshots, or I/O fails.
     pub fn create_snapshot(&self, name: &str, date: (u32, u32)) -> Result<()> {
         self.check_writable()?;
         let mut snaps = self.snapshot_list()?;
-        if snaps.iter().any(|s| s.name == name) {
-            return Err(crate::Error::InvalidOption(format!(
-                "Snapshot '{name}' already exists"
-            )));
-        }
+        // Like qemu, names need not be unique: IDs are.
         if snaps.len() as u64 >= u64::from(snapshot::MAX_SNAPSHOTS) {
             return Err(self.err(Error::TooManySnapshots(snapshot::MAX_SNAPSHOTS)));
         }
@@ -194,7 +299,7 @@ impl Qcow2 {
             + 1;
         let g = self.geo;
         let mut st = self.lock();
-        // Copy the active L1 table.
+        // The snapshot keeps the current L2 tables; the active state gets copies.
         let l1_bytes: Vec<u8> = st.l1.iter().flat_map(|e| e.to_be_bytes()).collect();
         let l1_off = if l1_bytes.is_empty() {
             0
@@ -206,9 +311,6 @@ impl Qcow2 {
                 .ctx(self.file().path())?;
             off
         };
-        let l1 = st.l1.clone();
-        self.update_tree_refcount(&mut st, &l1, 1)?;
-        self.fix_copied_flags(&mut st)?;
         snaps.push(Snapshot {
             l1_offset: l1_off,
             l1_size: st.h.l1_size,
@@ -220,8 +322,10 @@ impl Qcow2 {
             vm_state_size: 0,
             disk_size: Some(self.size),
             icount: Some(0),
+            disk_len: 0,
         });
-        self.replace_snapshot_table(&mut st, &snaps)?;
+        let active = st.l1.clone();
+        self.switch_state(&mut st, active, &snaps)?;
         drop(st);
         self.flush_files()
     }
@@ -245,60 +349,25 @@ impl Qcow2 {
             return Err(self.err(Error::BadSnapshotTable("snapshot L1 table is invalid")));
         }
         let mut st = self.lock();
-        let mut new_l1 = super::read_table(self.file(), sn.l1_offset, u64::from(sn.l1_size))
+        let mut active = super::read_table(self.file(), sn.l1_offset, u64::from(sn.l1_size))
             .ctx(self.file().path())?;
-        new_l1.resize(st.l1.len().max(new_l1.len()), 0);
-        self.update_tree_refcount(&mut st, &new_l1, 1)?;
-        // A fresh active L1 table, switched in with one header write.
-        let bytes: Vec<u8> = new_l1.iter().flat_map(|e| e.to_be_bytes()).collect();
-        let clusters = (bytes.len() as u64).div_ceil(g.cluster_size);
-        let off = self.alloc_clusters(&mut st, clusters)?;
-        self.file().write_at(&bytes, off).ctx(self.file().path())?;
-        self.file().flush().ctx(self.file().path())?;
-        let l1_size =
-            u32::try_from(new_l1.len()).map_err(|_| self.err(Error::L1TooLarge(u32::MAX)))?;
-        let mut hdr = [0u8; 12];
-        hdr[..4].copy_from_slice(&l1_size.to_be_bytes());
-        hdr[4..].copy_from_slice(&off.to_be_bytes());
-        self.file().write_at(&hdr, 36).ctx(self.file().path())?;
-        self.file().flush().ctx(self.file().path())?;
-        let old_l1 = std::mem::replace(&mut st.l1, new_l1);
-        let old_off = st.h.l1_table_offset;
-        let old_clusters = (old_l1.len() as u64 * 8).div_ceil(g.cluster_size);
-        st.h.l1_table_offset = off;
-        st.h.l1_size = l1_size;
-        self.update_tree_refcount(&mut st, &old_l1, -1)?;
-        for i in 0..old_clusters {
-            self.update_refcount(&mut st, old_off + i * g.cluster_size, -1, true)?;
-        }
-        self.fix_copied_flags(&mut st)?;
+        active.resize(st.l1.len().max(active.len()), 0);
+        self.switch_state(&mut st, active, &snaps)?;
         drop(st);
         self.flush_files()
     }
 
-    /// Deletes a snapshot and frees what only it used.
+    /// Deletes a snapshot; what only it used becomes free space.
     ///
     /// # Errors
     /// When there is no such snapshot, or I/O fails.
     pub fn delete_snapshot(&self, name: &str) -> Result<()> {
         self.check_writable()?;
         let mut snaps = self.snapshot_list()?;
-        let sn = snaps.remove(self.find_snapshot(&snaps, name)?);
-        let g = self.geo;
+        snaps.remove(self.find_snapshot(&snaps, name)?);
         let mut st = self.lock();
-        self.replace_snapshot_table(&mut st, &snaps)?;
-        if u64::from(sn.l1_size) * 8 <= super::MAX_L1_BYTES
-            && sn.l1_offset % g.cluster_size == 0
-            && sn.l1_offset != 0
-        {
-            let l1 = super::read_table(self.file(), sn.l1_offset, u64::from(sn.l1_size))
-                .ctx(self.file().path())?;
-            self.update_tree_refcount(&mut st, &l1, -1)?;
-            for i in 0..(u64::from(sn.l1_size) * 8).div_ceil(g.cluster_size) {
-                self.update_refcount(&mut st, sn.l1_offset + i * g.cluster_size, -1, true)?;
-            }
-        }
-        self.fix_copied_flags(&mut st)?;
+        let active = st.l1.clone();
+        self.switch_state(&mut st, active, &snaps)?;
         drop(st);
         self.flush_files()
     }
