@@ -1,7 +1,5 @@
 //! `img check`: metadata consistency, with qemu-img's report and exit statuses.
 
-use std::path::Path;
-
 use clap::Args;
 use imgblock::{CheckReport, Image, Repair};
 use serde_json::{json, Map, Value};
@@ -22,6 +20,9 @@ pub const EXIT_NO_CHECKS: i32 = 63;
 /// `img check [-f FMT] [--output=human|json] [-r leaks|all] [-q] FILE`
 #[derive(Debug, Args)]
 pub struct CheckArgs {
+    /// `--object secret,...` and `--image-opts`.
+    #[command(flatten)]
+    secret_args: crate::secrets::SecretArgs,
     /// Image format (probed when not given).
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
@@ -62,12 +63,16 @@ fn parse_repair(s: Option<&str>) -> CliResult<Repair> {
 pub fn run(args: &CheckArgs) -> CliResult<i32> {
     let output = OutputFormat::parse(&args.output, "check")?;
     let repair = parse_repair(args.repair.as_deref())?;
+    let spec = args
+        .secret_args
+        .resolve(&args.filename, parse_format(args.format.as_deref())?)?;
     let req = OpenRequest {
-        format: parse_format(args.format.as_deref())?,
+        format: spec.format,
         writable: repair != Repair::None,
+        secrets: Some(&spec.secrets),
         ..OpenRequest::default()
     };
-    let img = open_image(Path::new(&args.filename), &req)?;
+    let img = open_image(&spec.path, &req)?;
     let progress = Progress::new(args.progress, args.quiet || output == OutputFormat::Json, 1);
     let mut report = run_check(&img, repair)?;
     let fixed = (report.corruptions_fixed, report.leaks_fixed);
@@ -111,6 +116,15 @@ fn run_check(img: &Image, repair: Repair) -> CliResult<CheckReport> {
     })?;
     for m in &report.messages {
         eprintln!("{m}");
+    }
+    let mut report = report;
+    if img.format() != imgblock::Format::Qcow2 {
+        // qemu's vdi and vmdk checks count problems only; the cluster figures are qcow2's.
+        report.allocated_clusters = 0;
+        report.total_clusters = 0;
+        report.fragmented_clusters = 0;
+        report.compressed_clusters = 0;
+        report.image_end_offset = None;
     }
     Ok(report)
 }

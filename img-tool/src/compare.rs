@@ -1,7 +1,5 @@
 //! `img compare`: whether two images show the guest the same content, the way qemu-img decides.
 
-use std::path::Path;
-
 use clap::Args;
 use imgblock::{BlockStatus, Image};
 
@@ -25,6 +23,9 @@ pub const EXIT_READ_ERROR: i32 = 4;
 /// `img compare [-f FMT] [-F FMT] [-s] [-p] [-q] [-U] A B`
 #[derive(Debug, Args)]
 pub struct CompareArgs {
+    /// `--object secret,...` and `--image-opts`.
+    #[command(flatten)]
+    secret_args: crate::secrets::SecretArgs,
     /// Format of the first image (probed when not given).
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
@@ -63,11 +64,13 @@ enum Verdict {
 /// When an image cannot be opened (status 2), its metadata (3) or data (4) cannot be read.
 pub fn run(args: &CompareArgs) -> CliResult<i32> {
     let open = |name: &str, fmt: Option<&str>| -> CliResult<Image> {
+        let spec = args.secret_args.resolve(name, parse_format(fmt)?)?;
         let req = OpenRequest {
-            format: parse_format(fmt)?,
+            format: spec.format,
+            secrets: Some(&spec.secrets),
             ..OpenRequest::default()
         };
-        open_image(Path::new(name), &req)
+        open_image(&spec.path, &req)
     };
     let a =
         open(&args.filename1, args.format.as_deref()).map_err(|f| f.with_code(EXIT_OPEN_ERROR))?;

@@ -1,15 +1,21 @@
 //! `img convert`: copies one or more images (concatenated) into a new or existing one, in
 //! fixed-size chunks, reading only what block status says holds data.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Mutex;
 
 use clap::Args;
 use imgblock::{BlockStatus, CreateOptions, Format, Image};
 
+use crate::cache::parse_cache;
 use crate::createopts::{help_text, wants_help};
 use crate::failure::{CliResult, Failure};
-use crate::open::{open_image, parse_format, OpenRequest};
+use crate::open::{open_image, open_source, parse_format, OpenRequest};
 use crate::progress::Progress;
+use crate::secrets::SecretArgs;
 use crate::sectors::{data_run, is_zero, SECTOR};
 
 /// Bytes copied per step; memory use is one buffer of this size, whatever the image size.
@@ -18,9 +24,13 @@ const CHUNK: u64 = 2 << 20;
 const DEFAULT_SPARSE: u64 = 4096;
 /// The largest `-S` qemu-img accepts.
 const MAX_SPARSE: u64 = 16 << 20;
+/// The most parallel requests (`-m`) qemu-img accepts.
+const MAX_PARALLEL: usize = 16;
+/// Bytes handed to a compression worker at a time (whole clusters, at least one).
+const COMPRESS_BATCH: u64 = 1 << 20;
 
 /// `img convert [-f FMT] [-O FMT] [-o OPTS] [-S SIZE] [-n] [-p] [-q] [-c] [-l snapshot.name=NAME]
-/// [-B BACKING [-F FMT]] [-U] SRC... DST`
+/// [-B BACKING [-F FMT]] [-W] [-m N] [-t CACHE] [-T SRC_CACHE] [-U] [--disk N] SRC... DST`
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
     /// Format of the source images (probed when not given).
@@ -56,9 +66,28 @@ pub struct ConvertArgs {
     /// Format of the target's backing file.
     #[arg(short = 'F', value_name = "BACKING_FMT")]
     backing_format: Option<String>,
+    /// Allow out-of-order writes (accepted for compatibility: `img` compresses in parallel and
+    /// always writes in guest order, which streamOptimized vmdk needs anyway).
+    #[arg(short = 'W')]
+    out_of_order: bool,
+    /// Parallelism: compression worker threads (1 to 16; default: the number of cores).
+    #[arg(short = 'm', value_name = "NUM")]
+    parallel: Option<String>,
+    /// Cache mode for the target (accepted for compatibility; the target is flushed at the end).
+    #[arg(short = 't', value_name = "CACHE")]
+    cache: Option<String>,
+    /// Cache mode for the sources (accepted for compatibility).
+    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    src_cache: Option<String>,
+    /// OVA sources: which disk of the appliance to convert (0-based; default the first).
+    #[arg(long = "disk", value_name = "N")]
+    disk: Option<usize>,
     /// Open the sources even if another process uses them (accepted for compatibility).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// `--object secret,...`, and `--image-opts` for the sources.
+    #[command(flatten)]
+    secret_args: SecretArgs,
     /// Source images, then the target.
     #[arg(num_args = 0..)]
     files: Vec<String>,
@@ -106,7 +135,7 @@ fn parse_sparse(s: Option<&str>) -> CliResult<u64> {
 }
 
 /// `-l`'s argument: `snapshot.name=NAME`, `snapshot.id=ID` or a bare name or ID.
-fn parse_snapshot(s: &str) -> CliResult<String> {
+pub fn parse_snapshot(s: &str) -> CliResult<String> {
     let mut name = None;
     for part in s.split(',') {
         match part.split_once('=') {
@@ -118,6 +147,22 @@ fn parse_snapshot(s: &str) -> CliResult<String> {
     }
     name.filter(|n| !n.is_empty())
         .ok_or_else(|| Failure::new("Failed to load snapshot: Can't find snapshot"))
+}
+
+/// `-m`, with qemu's messages; without it, one compression worker per core.
+fn parse_parallel(s: Option<&str>) -> CliResult<usize> {
+    let Some(s) = s else {
+        return Ok(std::thread::available_parallelism().map_or(1, usize::from));
+    };
+    let n: usize = s
+        .parse()
+        .map_err(|_| Failure::new(format!("Invalid number of coroutines specified: '{s}'.")))?;
+    if !(1..=MAX_PARALLEL).contains(&n) {
+        return Err(Failure::new(format!(
+            "Invalid number of coroutines specified. Must be between 1 and {MAX_PARALLEL}."
+        )));
+    }
+    Ok(n)
 }
 
 /// Runs `img convert`.
@@ -132,7 +177,7 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         opts.parse_opts(o)?;
     }
     if wants_help(&opts.opts) {
-        print!("{}", help_text(out_format));
+        print!("{}", help_text(out_format, !args.files.is_empty()));
         return Ok(0);
     }
     let (dst, srcs) = match args.files.split_last() {
@@ -140,6 +185,9 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         _ => return Err(Failure::new("Must specify image file name")),
     };
     let sparse = parse_sparse(args.sparse.as_deref())?;
+    let workers = parse_parallel(args.parallel.as_deref())?;
+    parse_cache(args.cache.as_deref(), "cache")?;
+    parse_cache(args.src_cache.as_deref(), "source cache")?;
     let sources = open_sources(args, srcs)?;
     let total = sources
         .iter()
@@ -152,6 +200,10 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         opts.backing_fmt.clone_from(&args.backing_format);
     }
     let target_has_backing = opts.backing_file.is_some();
+    args.secret_args.fill(&mut opts)?;
+    if !args.no_create && crate::create::legacy_aes(&opts) {
+        eprintln!("{}", crate::create::LEGACY_AES_WARNING);
+    }
     let target = if args.no_create {
         open_existing_target(Path::new(dst), out_format, total)?
     } else {
@@ -162,12 +214,16 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
     let plan = Plan {
         min_sparse,
         alignment: u64::try_from(pow2floor(min_sparse)).unwrap_or(1).max(1),
-        zero_init: !args.no_create && !target_has_backing && min_sparse != 0,
+        // A fresh luks payload decrypts to noise: its zeroes must be written.
+        zero_init: !args.no_create
+            && !target_has_backing
+            && min_sparse != 0
+            && target.driver().has_zero_init(),
         target_has_backing,
     };
     let progress = Progress::new(args.progress, args.quiet, total);
-    if args.compress {
-        copy_compressed(&sources, &target, &plan, &progress)?;
+    if args.compress || compresses_every_cluster(&target) {
+        copy_compressed(&sources, &target, &plan, &progress, workers)?;
     } else {
         let mut base = 0;
         for src in &sources {
@@ -190,13 +246,21 @@ fn open_sources(args: &ConvertArgs, srcs: &[String]) -> CliResult<Vec<Image>> {
             "No support for concatenating multiple snapshot",
         ));
     }
-    let req = OpenRequest {
-        format: parse_format(args.format.as_deref())?,
-        snapshot: snapshot.as_deref(),
-        ..OpenRequest::default()
-    };
+    let format = parse_format(args.format.as_deref())?;
+    if args.disk.is_some() && srcs.len() > 1 {
+        return Err(Failure::new("--disk needs a single OVA source"));
+    }
     srcs.iter()
-        .map(|s| open_image(Path::new(s), &req))
+        .map(|s| {
+            let spec = args.secret_args.resolve(s, format)?;
+            let req = OpenRequest {
+                format: spec.format,
+                snapshot: snapshot.as_deref(),
+                secrets: Some(&spec.secrets),
+                ..OpenRequest::default()
+            };
+            open_source(&spec.path, &req, args.disk)
+        })
         .collect()
 }
 
@@ -204,9 +268,11 @@ fn open_sources(args: &ConvertArgs, srcs: &[String]) -> CliResult<Vec<Image>> {
 fn create_target(path: &Path, format: Format, opts: &CreateOptions) -> CliResult<Image> {
     imgblock::create(path, format, opts)
         .map_err(|e| Failure::new(format!("{}: {e}", path.display())))?;
+    let secrets = crate::secrets::for_new_image(opts)?;
     let req = OpenRequest {
         format: Some(format),
         writable: true,
+        secrets: Some(&secrets),
         ..OpenRequest::default()
     };
     open_image(path, &req)
@@ -329,43 +395,174 @@ fn write_chunk(target: &Image, offset: u64, data: &[u8], plan: &Plan) -> CliResu
     Ok(())
 }
 
-/// `-c`: copies whole target clusters, each stored compressed when that shrinks it (and plainly
-/// otherwise, as qemu does). Clusters are compressed on two threads; writes stay in order.
+/// Whether the target stores every cluster compressed whatever `-c` says (streamOptimized
+/// vmdk): its data then goes through the parallel compressing copy too.
+fn compresses_every_cluster(target: &Image) -> bool {
+    let Some(cs) = target.driver().cluster_size() else {
+        return false;
+    };
+    let probe = vec![0x55u8; usize::try_from(cs).unwrap_or(0)];
+    target.format() == Format::Vmdk && target.compress_cluster(&probe).is_some()
+}
+
+/// A batch of the source for a compression worker: `data` is `None` when it reads as zeroes.
+struct Job {
+    index: u64,
+    offset: u64,
+    len: u64,
+    data: Option<Vec<u8>>,
+}
+
+/// A batch with each cluster compressed (`None`: all-zero, or it did not shrink).
+struct Packed {
+    job: Job,
+    clusters: Vec<Option<Vec<u8>>>,
+}
+
+/// `-c` and streamOptimized targets: reads batches of whole clusters on this thread, compresses
+/// them on `workers` threads, and writes them on one writer thread in guest order (each cluster
+/// stored compressed when that shrinks it, plainly otherwise, as qemu does). Memory is bounded
+/// by the channels: a few batches per worker.
 fn copy_compressed(
     sources: &[Image],
     target: &Image,
     plan: &Plan,
     progress: &Progress,
+    workers: usize,
 ) -> CliResult<()> {
     let cluster = target
         .driver()
         .cluster_size()
         .ok_or_else(|| Failure::new("Compression not supported for this file format"))?;
     let cs = usize::try_from(cluster).map_err(|_| Failure::new("Cluster size too large"))?;
-    let batch = CHUNK.max(cluster) / cluster * cluster;
+    let batch = COMPRESS_BATCH.max(cluster) / cluster * cluster;
     let total = target.size().min(sources.iter().map(Image::size).sum());
-    let mut buf = vec![0u8; usize::try_from(batch).unwrap_or(cs)];
-    let mut offset = 0;
-    while offset < total {
-        let n = batch.min(total - offset);
-        let data = &mut buf[..usize::try_from(n).unwrap_or(0)];
-        if read_concat(sources, offset, data)? {
-            let clusters: Vec<&[u8]> = data.chunks(cs).collect();
-            let packed = compress_all(target, &clusters)?;
-            let mut at = offset;
-            for (c, p) in clusters.iter().zip(&packed) {
-                if is_zero(c) {
-                    write_zeroes(target, at, c.len() as u64, plan)?;
-                } else {
-                    target.write_cluster(at, c, p.as_deref())?;
-                }
-                at += c.len() as u64;
-            }
-        } else {
-            write_zeroes(target, offset, n, plan)?;
+    let workers = workers.max(1);
+    // Set when the writer stops early: workers then drain and drop jobs, the reader stops.
+    let stop = AtomicBool::new(false);
+    let (job_tx, job_rx) = sync_channel::<Job>(workers * 2);
+    let job_rx = Mutex::new(job_rx);
+    let (done_tx, done_rx) = sync_channel::<Packed>(workers * 2);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            let done_tx = done_tx.clone();
+            let (job_rx, stop) = (&job_rx, &stop);
+            s.spawn(move || compress_worker(target, cs, job_rx, &done_tx, stop));
         }
-        offset += n;
-        progress.inc(n);
+        drop(done_tx);
+        let stop_ref = &stop;
+        let writer = s.spawn(move || {
+            let r = write_in_order(target, cs, plan, progress, done_rx);
+            if r.is_err() {
+                stop_ref.store(true, Ordering::SeqCst);
+            }
+            r
+        });
+        let read = read_batches(sources, total, batch, &job_tx, &stop);
+        drop(job_tx);
+        let written = writer
+            .join()
+            .map_err(|_| Failure::new("convert: writer thread failed"))?;
+        read.and(written)
+    })
+}
+
+/// Reads the source in batches and queues them; stops early when the writer has failed.
+fn read_batches(
+    sources: &[Image],
+    total: u64,
+    batch: u64,
+    jobs: &SyncSender<Job>,
+    stop: &AtomicBool,
+) -> CliResult<()> {
+    let mut offset = 0;
+    let mut index = 0;
+    while offset < total && !stop.load(Ordering::SeqCst) {
+        let len = batch.min(total - offset);
+        let mut data = vec![0u8; usize::try_from(len).unwrap_or(0)];
+        let data = read_concat(sources, offset, &mut data)?.then_some(data);
+        let job = Job {
+            index,
+            offset,
+            len,
+            data,
+        };
+        if jobs.send(job).is_err() {
+            break;
+        }
+        offset += len;
+        index += 1;
+    }
+    Ok(())
+}
+
+/// Compresses batches until the reader is done; after a failure downstream it only drains.
+fn compress_worker(
+    target: &Image,
+    cs: usize,
+    jobs: &Mutex<Receiver<Job>>,
+    done: &SyncSender<Packed>,
+    stop: &AtomicBool,
+) {
+    loop {
+        let job = {
+            let rx = jobs.lock().unwrap_or_else(|e| e.into_inner());
+            rx.recv()
+        };
+        let Ok(job) = job else { return };
+        if stop.load(Ordering::SeqCst) {
+            continue;
+        }
+        let clusters = job.data.as_deref().map_or_else(Vec::new, |d| {
+            d.chunks(cs)
+                .map(|c| {
+                    if is_zero(c) {
+                        None
+                    } else {
+                        target.compress_cluster(c)
+                    }
+                })
+                .collect()
+        });
+        if done.send(Packed { job, clusters }).is_err() {
+            stop.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Writes compressed batches in guest order, holding back those that arrive early.
+fn write_in_order(
+    target: &Image,
+    cs: usize,
+    plan: &Plan,
+    progress: &Progress,
+    done: Receiver<Packed>,
+) -> CliResult<()> {
+    let mut early: BTreeMap<u64, Packed> = BTreeMap::new();
+    let mut next = 0u64;
+    for p in done {
+        early.insert(p.job.index, p);
+        while let Some(p) = early.remove(&next) {
+            write_packed(target, cs, plan, &p)?;
+            progress.inc(p.job.len);
+            next += 1;
+        }
+    }
+    Ok(())
+}
+
+fn write_packed(target: &Image, cs: usize, plan: &Plan, p: &Packed) -> CliResult<()> {
+    let Some(data) = &p.job.data else {
+        return write_zeroes(target, p.job.offset, p.job.len, plan);
+    };
+    let mut at = p.job.offset;
+    for (c, packed) in data.chunks(cs).zip(&p.clusters) {
+        if is_zero(c) {
+            write_zeroes(target, at, c.len() as u64, plan)?;
+        } else {
+            target.write_cluster(at, c, packed.as_deref())?;
+        }
+        at += c.len() as u64;
     }
     Ok(())
 }
@@ -402,36 +599,6 @@ fn read_concat(sources: &[Image], offset: u64, buf: &mut [u8]) -> CliResult<bool
     Ok(true)
 }
 
-/// Compresses clusters on two threads (compression is pure; the image is `Sync`).
-fn compress_all(target: &Image, clusters: &[&[u8]]) -> CliResult<Vec<Option<Vec<u8>>>> {
-    let compress = |part: &[&[u8]]| -> Vec<Option<Vec<u8>>> {
-        part.iter()
-            .map(|c| {
-                if is_zero(c) {
-                    None
-                } else {
-                    target.compress_cluster(c)
-                }
-            })
-            .collect()
-    };
-    let half = clusters.len().div_ceil(2).max(1);
-    std::thread::scope(|s| {
-        let workers: Vec<_> = clusters
-            .chunks(half)
-            .map(|part| s.spawn(move || compress(part)))
-            .collect();
-        let mut out = Vec::with_capacity(clusters.len());
-        for w in workers {
-            out.extend(
-                w.join()
-                    .map_err(|_| Failure::new("compression worker failed"))?,
-            );
-        }
-        Ok(out)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -451,6 +618,20 @@ mod tests {
         assert_eq!(parse_snapshot("snap1").unwrap(), "snap1");
         assert_eq!(parse_snapshot("snapshot.id=1").unwrap(), "1");
         assert!(parse_snapshot("foo=bar").is_err());
+    }
+
+    #[test]
+    fn parse_parallel_limits_match_qemu() {
+        assert_eq!(parse_parallel(Some("4")).unwrap(), 4);
+        assert!(parse_parallel(None).unwrap() >= 1);
+        assert_eq!(
+            parse_parallel(Some("0")).unwrap_err().message,
+            "Invalid number of coroutines specified. Must be between 1 and 16."
+        );
+        assert_eq!(
+            parse_parallel(Some("x")).unwrap_err().message,
+            "Invalid number of coroutines specified: 'x'."
+        );
     }
 
     #[test]

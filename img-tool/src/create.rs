@@ -8,7 +8,9 @@ use imgblock::{CreateOptions, Format, OpenOptions};
 use crate::createopts::{formatting_line, help_text, library_options, wants_help};
 use crate::failure::{open_failure, strerror, CliResult, Failure};
 use crate::open::parse_format;
+use crate::secrets::SecretArgs;
 use crate::units::parse_size_arg;
+use imgblock::crypto::Secrets;
 
 /// The largest size qemu accepts (`INT64_MAX`).
 const MAX_IMAGE_SIZE: u64 = i64::MAX as u64;
@@ -39,6 +41,9 @@ pub struct CreateArgs {
     /// Virtual size, with optional k, M, G, T, P, E suffix.
     #[arg(allow_hyphen_values = true)]
     size: Option<String>,
+    /// `--object secret,...` for `-o encrypt.key-secret=ID`.
+    #[command(flatten)]
+    secret_args: SecretArgs,
 }
 
 /// Runs `img create`.
@@ -54,7 +59,7 @@ pub fn run(args: &CreateArgs) -> CliResult<i32> {
         opts.parse_opts(o)?;
     }
     if wants_help(&opts.opts) {
-        print!("{}", help_text(format));
+        print!("{}", help_text(format, args.filename.is_some()));
         return Ok(0);
     }
     let file = args
@@ -83,6 +88,10 @@ pub fn run(args: &CreateArgs) -> CliResult<i32> {
     if opts.size.is_none() {
         return Err(in_file("Image creation needs a size parameter".into()));
     }
+    args.secret_args.fill(&mut opts)?;
+    if legacy_aes(&opts) {
+        eprintln!("{}", LEGACY_AES_WARNING);
+    }
     if !args.quiet {
         println!("{}", formatting_line(file, format, &opts));
     }
@@ -91,6 +100,16 @@ pub fn run(args: &CreateArgs) -> CliResult<i32> {
         other => Failure::from(other),
     })?;
     Ok(0)
+}
+
+/// Printed when an image is created with legacy qcow AES encryption.
+pub const LEGACY_AES_WARNING: &str =
+    "img: warning: encrypt.format=aes (legacy qcow AES-128-CBC) is insecure and deprecated: \
+     its key is the passphrase itself and its IVs are predictable; use encrypt.format=luks";
+
+/// Whether the options ask for legacy AES encryption.
+pub fn legacy_aes(opts: &CreateOptions) -> bool {
+    opts.get("encrypt.format") == Some("aes") || opts.get("encryption") == Some("on")
 }
 
 /// Prefixes a failure with the image's name, when there is one, as qemu's create does.
@@ -148,12 +167,13 @@ fn check_backing(file: &Path, backing: &str, opts: &CreateOptions) -> Result<Opt
     let path = imgblock::image::resolve_backing(file, backing);
     let Some(fmt) = &opts.backing_fmt else {
         // qemu tells what it would have detected, to help write the -F option.
-        if let Ok(img) = imgblock::Image::open(
+        if let Ok(img) = imgblock::Image::open_with_secrets(
             &path,
             &OpenOptions {
                 no_backing: true,
                 ..OpenOptions::default()
             },
+            &Secrets::for_metadata(),
         ) {
             return Err(format!(
                 "{missing_format}\nDetected format of {}.",
@@ -166,13 +186,15 @@ fn check_backing(file: &Path, backing: &str, opts: &CreateOptions) -> Result<Opt
         fmt.parse::<Format>()
             .map_err(|_| format!("Unknown backing file format '{fmt}'"))?,
     );
-    let img = imgblock::Image::open(
+    // Like qemu (BDRV_O_NO_IO), an encrypted backing file needs no secret to give its size.
+    let img = imgblock::Image::open_with_secrets(
         &path,
         &OpenOptions {
             format,
             no_backing: true,
             ..OpenOptions::default()
         },
+        &Secrets::for_metadata(),
     )
     .map_err(|e| {
         let reason = match &e {

@@ -78,11 +78,50 @@ const QCOW2: [PrintSpec; 21] = [
     opt("refcount_bits", Kind::Num, Some("16")),
 ];
 
-fn print_order(format: Format) -> impl Iterator<Item = &'static PrintSpec> {
-    let own: &'static [PrintSpec] = match format {
+/// vmdk's list in qemu 10's order (`vmdk_create_opts`).
+const VMDK: [PrintSpec; 9] = [
+    opt("size", Kind::Size, None),
+    opt("adapter_type", Kind::Str, None),
+    opt("backing_file", Kind::Str, None),
+    opt("backing_fmt", Kind::Str, None),
+    opt("compat6", Kind::Bool, Some("off")),
+    opt("hwversion", Kind::Str, Some("undefined")),
+    opt("toolsversion", Kind::Str, None),
+    opt("subformat", Kind::Str, None),
+    opt("zeroed_grain", Kind::Bool, None),
+];
+
+/// vdi's list in qemu 10's order (`vdi_create_opts`).
+const VDI: [PrintSpec; 2] = [
+    opt("size", Kind::Size, None),
+    opt("static", Kind::Bool, Some("off")),
+];
+
+/// luks's list in qemu 10's order (`block_crypto_create_opts_luks`).
+const LUKS: [PrintSpec; 8] = [
+    opt("size", Kind::Size, None),
+    opt("key-secret", Kind::Str, None),
+    opt("cipher-alg", Kind::Str, None),
+    opt("cipher-mode", Kind::Str, None),
+    opt("ivgen-alg", Kind::Str, None),
+    opt("ivgen-hash-alg", Kind::Str, None),
+    opt("hash-alg", Kind::Str, None),
+    opt("iter-time", Kind::Num, None),
+];
+
+/// The format's own options, in qemu's order (without the protocol's).
+fn own_specs(format: Format) -> &'static [PrintSpec] {
+    match format {
         Format::Qcow2 => &QCOW2,
+        Format::Vmdk => &VMDK,
+        Format::Vdi => &VDI,
+        Format::Luks => &LUKS,
         _ => &RAW,
-    };
+    }
+}
+
+fn print_order(format: Format) -> impl Iterator<Item = &'static PrintSpec> {
+    let own = own_specs(format);
     own.iter().chain(
         PROTOCOL
             .iter()
@@ -94,6 +133,9 @@ fn kind_of(name: &str) -> Kind {
     QCOW2
         .iter()
         .chain(RAW.iter())
+        .chain(VMDK.iter())
+        .chain(VDI.iter())
+        .chain(LUKS.iter())
         .chain(PROTOCOL.iter())
         .find(|s| s.name == name)
         .map_or(Kind::Str, |s| s.kind)
@@ -103,8 +145,20 @@ fn kind_of(name: &str) -> Kind {
 pub fn library_options(format: Format) -> &'static [(&'static str, &'static str)] {
     match format {
         Format::Qcow2 => imgblock::qcow2::CREATE_OPTIONS,
+        Format::Vmdk => imgblock::vmdk::CREATE_OPTIONS,
+        Format::Vdi => imgblock::vdi::CREATE_OPTIONS,
+        Format::Luks => imgblock::luks::CREATE_OPTIONS,
         _ => imgblock::raw::CREATE_OPTIONS,
     }
+}
+
+/// The help text of a protocol option, from whichever library table lists it.
+fn protocol_help(name: &str) -> Option<&'static str> {
+    [Format::Raw, Format::Qcow2, Format::Vmdk, Format::Vdi]
+        .iter()
+        .flat_map(|f| library_options(*f).iter())
+        .find(|(n, _)| *n == name)
+        .map(|(_, h)| *h)
 }
 
 /// Whether the user asked for `-o help` (or `-o ?`).
@@ -112,16 +166,37 @@ pub fn wants_help(opts: &[(String, String)]) -> bool {
     opts.iter().any(|(k, _)| k == "help" || k == "?")
 }
 
-/// The `-o help` text, sorted by name as qemu sorts it.
-pub fn help_text(format: Format) -> String {
-    let mut list: Vec<&(&str, &str)> = library_options(format).iter().collect();
+/// The `-o help` text, sorted by name as qemu sorts it. Without a file name qemu lists the
+/// format's own options and says the protocol may have more; with one it adds the protocol's.
+pub fn help_text(format: Format, with_file: bool) -> String {
+    let own = own_specs(format);
+    let mut list: Vec<(&str, &str)> = library_options(format)
+        .iter()
+        .copied()
+        .filter(|(n, _)| with_file || own.iter().any(|s| s.name == *n))
+        .collect();
+    if with_file {
+        for p in &PROTOCOL {
+            if !list.iter().any(|(n, _)| *n == p.name) {
+                if let Some(h) = protocol_help(p.name) {
+                    list.push((p.name, h));
+                }
+            }
+        }
+    }
     list.sort_by_key(|(n, _)| *n);
-    let mut out = format!("Supported {} options:\n", format.name());
+    let mut out = if with_file {
+        String::from("Supported options:\n")
+    } else {
+        format!("Supported {} options:\n", format.name())
+    };
     for (name, help) in list {
         let head = format!("  {name}=<{}>", kind_of(name).help_name());
         out.push_str(&format!("{head:<24} - {help}\n"));
     }
-    out.push_str("\nThe protocol level may support further options.\nSpecify the target filename to include those options.\n");
+    if !with_file {
+        out.push_str("\nThe protocol level may support further options.\nSpecify the target filename to include those options.\n");
+    }
     out
 }
 
@@ -202,10 +277,47 @@ mod tests {
 
     #[test]
     fn help_text_raw_pads_to_column_24() {
-        let h = help_text(Format::Raw);
+        let h = help_text(Format::Raw, false);
         assert!(h.starts_with("Supported raw options:\n"));
         assert!(h.contains("\n  size=<size>            - Virtual disk size\n"));
         assert!(h.ends_with("Specify the target filename to include those options.\n"));
+    }
+
+    #[test]
+    fn formatting_line_vmdk_prints_compat6_and_hwversion_defaults() {
+        let mut o = CreateOptions::new(1 << 20);
+        assert_eq!(
+            formatting_line("x.vmdk", Format::Vmdk, &o),
+            "Formatting 'x.vmdk', fmt=vmdk size=1048576 compat6=off hwversion=undefined"
+        );
+        o.parse_opts("subformat=twoGbMaxExtentFlat,preallocation=falloc")
+            .unwrap();
+        assert_eq!(
+            formatting_line("z.vmdk", Format::Vmdk, &o),
+            "Formatting 'z.vmdk', fmt=vmdk size=1048576 compat6=off hwversion=undefined \
+             subformat=twoGbMaxExtentFlat preallocation=falloc"
+        );
+    }
+
+    #[test]
+    fn formatting_line_vdi_prints_static_default() {
+        let o = CreateOptions::new(1 << 20);
+        assert_eq!(
+            formatting_line("x.vdi", Format::Vdi, &o),
+            "Formatting 'x.vdi', fmt=vdi size=1048576 static=off"
+        );
+    }
+
+    #[test]
+    fn help_text_vmdk_without_file_lists_own_options_only() {
+        let h = help_text(Format::Vmdk, false);
+        assert!(h.starts_with("Supported vmdk options:\n"));
+        assert!(h.contains("\n  compat6=<bool (on/off)> - VMDK version 6 image\n"));
+        assert!(!h.contains("preallocation"));
+        let h = help_text(Format::Vmdk, true);
+        assert!(h.starts_with("Supported options:\n"));
+        assert!(h.contains("\n  preallocation=<str>    - "));
+        assert!(!h.contains("protocol level"));
     }
 
     #[test]

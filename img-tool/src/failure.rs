@@ -78,13 +78,20 @@ pub fn open_failure(path: &Path, e: &imgblock::Error) -> Failure {
 }
 
 /// Why an open failed, in qemu's words; a backing file's failure nests the same way.
-fn open_reason(e: &imgblock::Error) -> String {
+pub fn open_reason(e: &imgblock::Error) -> String {
     match e {
         // qemu names the file again for its protocol layer.
         imgblock::Error::Io { path, source } => {
             format!("Could not open '{}': {}", path.display(), strerror(source))
         }
         imgblock::Error::Qcow2 { source, .. } => source.to_string(),
+        imgblock::Error::Crypto { source, .. } => source.to_string(),
+        imgblock::Error::KeyRequired { option, .. } => {
+            format!("Parameter '{option}' is required for cipher")
+        }
+        imgblock::Error::Vmdk { source, .. } => source.to_string(),
+        imgblock::Error::Vdi { source, .. } => source.to_string(),
+        imgblock::Error::Ova { source, .. } => source.to_string(),
         imgblock::Error::BackingOpen { source, .. } => {
             format!("Could not open backing file: {}", open_reason(source))
         }

@@ -1,16 +1,20 @@
 //! `img info`: what qemu-img's `ImageInfo` says about an image, as JSON or as text.
 
-use std::path::Path;
+use std::sync::Arc;
 
 use clap::Args;
 use imgblock::driver::Qcow2Specific;
-use imgblock::{FormatSpecific, Image, SnapshotInfo};
+use imgblock::storage::Storage;
+use imgblock::{FormatSpecific, Image, SnapshotInfo, VmdkSpecific};
 use serde_json::{json, Map, Value};
 
+use imgblock::crypto::{EncryptionInfo, LuksInfo};
+
 use crate::failure::CliResult;
-use crate::open::{open_image, parse_format, OpenRequest};
+use crate::open::{open_source, parse_format, OpenRequest};
 use crate::output::OutputFormat;
 use crate::qjson;
+use crate::secrets::SecretArgs;
 use crate::units::{size_to_str, size_with_bytes};
 
 /// `img info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE`
@@ -28,8 +32,14 @@ pub struct InfoArgs {
     /// Open the image even if another process uses it (accepted for compatibility).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// The image file.
+    /// OVA appliances: which disk to describe (0-based; default the first).
+    #[arg(long = "disk", value_name = "N")]
+    disk: Option<usize>,
+    /// The image file (or OVA appliance).
     filename: String,
+    /// `--object secret,...` and `--image-opts`.
+    #[command(flatten)]
+    secret_args: SecretArgs,
 }
 
 /// Runs `img info`.
@@ -38,12 +48,18 @@ pub struct InfoArgs {
 /// When the image (or, with `--backing-chain`, one of its backing files) cannot be opened.
 pub fn run(args: &InfoArgs) -> CliResult<i32> {
     let output = OutputFormat::parse(&args.output, "info")?;
+    let mut spec = args
+        .secret_args
+        .resolve(&args.filename, parse_format(args.format.as_deref())?)?;
+    // Like qemu-img info, describe encrypted images without their secret.
+    spec.secrets.metadata_only = true;
     let req = OpenRequest {
-        format: parse_format(args.format.as_deref())?,
+        format: spec.format,
         no_backing: !args.backing_chain,
+        secrets: Some(&spec.secrets),
         ..OpenRequest::default()
     };
-    let img = open_image(Path::new(&args.filename), &req)?;
+    let img = open_source(&spec.path, &req, args.disk)?;
     let images = if args.backing_chain {
         img.chain()
     } else {
@@ -67,17 +83,22 @@ pub fn run(args: &InfoArgs) -> CliResult<i32> {
 /// One image's `ImageInfo`, keys inserted in QAPI field order.
 fn image_info(img: &Image) -> CliResult<Value> {
     let d = img.driver();
-    let file = d.storage(0);
+    let files = host_files(d);
     let mut m = Map::new();
     m.insert("filename".into(), json!(img.path().display().to_string()));
     m.insert("format".into(), json!(img.format().name()));
     m.insert("dirty-flag".into(), json!(d.dirty()));
-    if let Ok(a) = file.allocated_size() {
+    // qemu's vmdk sums the descriptor and every extent file; other formats have one file.
+    let allocated: Result<u64, _> = files.iter().map(|f| f.allocated_size()).sum();
+    if let Ok(a) = allocated {
         m.insert("actual-size".into(), json!(a));
     }
     m.insert("virtual-size".into(), json!(img.size()));
     if let Some(cs) = d.cluster_size() {
         m.insert("cluster-size".into(), json!(cs));
+    }
+    if d.encrypted() {
+        m.insert("encrypted".into(), json!(true));
     }
     if let Some(b) = d.backing() {
         let full = imgblock::image::resolve_backing(img.path(), &b.filename);
@@ -97,26 +118,121 @@ fn image_info(img: &Image) -> CliResult<Value> {
             Value::Array(snapshots.iter().map(snapshot_info).collect()),
         );
     }
-    if let FormatSpecific::Qcow2(q) = d.specific() {
-        m.insert(
-            "format-specific".into(),
-            json!({"type": "qcow2", "data": qcow2_specific(&q)}),
-        );
+    let mut children = Vec::new();
+    match d.specific() {
+        FormatSpecific::Qcow2(q) => {
+            let mut data = qcow2_specific(&q);
+            if let (Some(e), Value::Object(dm)) = (d.encryption_info(), &mut data) {
+                // QAPI puts `encrypt` just before `compression-type`.
+                let ct = dm.remove("compression-type");
+                dm.insert("encrypt".into(), encrypt_info(&e));
+                if let Some(ct) = ct {
+                    dm.insert("compression-type".into(), ct);
+                }
+            }
+            m.insert(
+                "format-specific".into(),
+                json!({"type": "qcow2", "data": data}),
+            );
+        }
+        FormatSpecific::None if img.format() == imgblock::Format::Luks => {
+            if let Some(EncryptionInfo::Luks(l)) = d.encryption_info() {
+                m.insert(
+                    "format-specific".into(),
+                    json!({"type": "luks", "data": luks_info(&l, false)}),
+                );
+            }
+        }
+        FormatSpecific::Vmdk(v) => {
+            m.insert(
+                "format-specific".into(),
+                json!({"type": "vmdk", "data": vmdk_specific(&v)}),
+            );
+            // Extents in files of their own are child nodes, newest (last) first, as in qemu.
+            for (i, e) in v.extents.iter().enumerate().rev() {
+                let want = imgblock::image::resolve_backing(img.path(), &e.filename);
+                if let Some(f) = files[1..].iter().find(|f| f.path() == want) {
+                    children.push(json!({"name": format!("extents.{i}"), "info": file_info(f)?}));
+                }
+            }
+        }
+        // qemu prints no format-specific block for vdi (nor raw).
+        _ => {}
     }
-    m.insert(
-        "children".into(),
-        json!([{"name": "file", "info": file_info(img)?}]),
-    );
+    children.push(json!({"name": "file", "info": file_info(d.storage(0))?}));
+    m.insert("children".into(), Value::Array(children));
     Ok(Value::Object(m))
 }
+
+/// qcow2's `encrypt` block (qemu's `QCryptoBlockInfo`).
+fn encrypt_info(e: &EncryptionInfo) -> Value {
+    match e {
+        EncryptionInfo::Aes => json!({"format": "aes"}),
+        EncryptionInfo::Luks(l) => luks_info(l, true),
+    }
+}
+
+/// A LUKS header as qemu's `QCryptoBlockInfoLUKS`, with the `format` discriminator when it is
+/// qcow2's `encrypt` union.
+fn luks_info(l: &LuksInfo, with_format: bool) -> Value {
+    let mut m = Map::new();
+    if with_format {
+        m.insert("format".into(), json!("luks"));
+    }
+    m.insert("cipher-alg".into(), json!(l.cipher_alg));
+    m.insert("cipher-mode".into(), json!(l.cipher_mode));
+    m.insert("ivgen-alg".into(), json!(l.ivgen_alg));
+    if let Some(h) = l.ivgen_hash_alg {
+        m.insert("ivgen-hash-alg".into(), json!(h));
+    }
+    m.insert("hash-alg".into(), json!(l.hash_alg));
+    m.insert("detached-header".into(), json!(l.detached_header));
+    m.insert("payload-offset".into(), json!(l.payload_offset));
+    m.insert("master-key-iters".into(), json!(l.master_key_iters));
+    m.insert("uuid".into(), json!(l.uuid));
+    let slots: Vec<Value> = l
+        .slots
+        .iter()
+        .map(|s| {
+            let mut sm = Map::new();
+            sm.insert("active".into(), json!(s.active));
+            if let Some(i) = s.iters {
+                sm.insert("iters".into(), json!(i));
+            }
+            if let Some(st) = s.stripes {
+                sm.insert("stripes".into(), json!(st));
+            }
+            sm.insert("key-offset".into(), json!(s.key_offset));
+            Value::Object(sm)
+        })
+        .collect();
+    m.insert("slots".into(), Value::Array(slots));
+    Value::Object(m)
+}
+
+/// The driver's distinct host files, the image file first. (`Driver::storage` repeats the last
+/// one past the end; the driver says nothing else about how many it has.)
+fn host_files(d: &dyn imgblock::Driver) -> Vec<&Arc<dyn Storage>> {
+    let mut out: Vec<&Arc<dyn Storage>> = vec![d.storage(0)];
+    for i in 1..MAX_HOST_FILES {
+        let s = d.storage(i);
+        if out.last().is_some_and(|l| Arc::ptr_eq(l, s)) {
+            break;
+        }
+        out.push(s);
+    }
+    out
+}
+
+/// Most host files listed for one image (vmdk's extent limit, with the descriptor).
+const MAX_HOST_FILES: usize = 1025;
 
 /// qemu measures files in whole 512-byte sectors.
 const SECTOR: u64 = 512;
 
-/// The `file` child: the host file as qemu's file protocol driver describes it (its length
-/// rounded up to a whole sector, as qemu's `bdrv_getlength` does).
-fn file_info(img: &Image) -> CliResult<Value> {
-    let file = img.driver().storage(0);
+/// A host file as qemu's file protocol driver describes it (its length rounded up to a whole
+/// sector, as qemu's `bdrv_getlength` does).
+fn file_info(file: &Arc<dyn Storage>) -> CliResult<Value> {
     let mut m = Map::new();
     m.insert("filename".into(), json!(file.path().display().to_string()));
     m.insert("format".into(), json!("file"));
@@ -136,6 +252,33 @@ fn file_info(img: &Image) -> CliResult<Value> {
     Ok(Value::Object(m))
 }
 
+/// vmdk's format-specific data (qemu's `ImageInfoSpecificVmdk`).
+fn vmdk_specific(v: &VmdkSpecific) -> Value {
+    let extents: Vec<Value> = v
+        .extents
+        .iter()
+        .map(|e| {
+            let mut m = Map::new();
+            m.insert("filename".into(), json!(e.filename));
+            m.insert("format".into(), json!(e.format));
+            m.insert("virtual-size".into(), json!(e.virtual_size));
+            if let Some(cs) = e.cluster_size {
+                m.insert("cluster-size".into(), json!(cs));
+            }
+            if e.compressed {
+                m.insert("compressed".into(), json!(true));
+            }
+            Value::Object(m)
+        })
+        .collect();
+    json!({
+        "create-type": v.create_type,
+        "cid": v.cid,
+        "parent-cid": v.parent_cid,
+        "extents": extents,
+    })
+}
+
 /// qcow2's format-specific data; the v3-only fields appear only for compat 1.1, as in qemu.
 fn qcow2_specific(q: &Qcow2Specific) -> Value {
     let v3 = q.compat != "0.10";
@@ -153,6 +296,15 @@ fn qcow2_specific(q: &Qcow2Specific) -> Value {
     m.insert("refcount-bits".into(), json!(q.refcount_bits));
     m.insert("compression-type".into(), json!(q.compression_type));
     Value::Object(m)
+}
+
+/// What `img snapshot -l` prints: qemu's table, or nothing when there are no snapshots.
+pub fn snapshot_list_text(snaps: &[SnapshotInfo]) -> String {
+    if snaps.is_empty() {
+        return String::new();
+    }
+    let v: Vec<Value> = snaps.iter().map(snapshot_info).collect();
+    snapshot_table(&v)
 }
 
 fn snapshot_info(s: &SnapshotInfo) -> Value {
@@ -190,6 +342,9 @@ fn human_info(info: &Value) -> String {
         return String::new();
     };
     let mut out = node_header(m, 0, false);
+    if m.get("encrypted").and_then(Value::as_bool) == Some(true) {
+        out.push_str("encrypted: yes\n");
+    }
     if let Some(cs) = get_u64(m, "cluster-size") {
         out.push_str(&format!("cluster_size: {cs}\n"));
     }
@@ -296,43 +451,14 @@ fn format_vm_clock(nsec: u64) -> String {
     )
 }
 
-/// `%Y-%m-%d %H:%M:%S` in UTC. (qemu uses local time; the project's machines run in UTC and
-/// the tool has no time-zone database.)
+/// The snapshot's date as qemu prints it: local time, `%Y-%m-%d %H:%M:%S`.
 fn format_date(secs: u64) -> String {
-    let days = i64::try_from(secs / 86_400).unwrap_or(0);
-    let rem = secs % 86_400;
-    let (y, mo, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{mo:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day), Howard Hinnant's algorithm.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = u32::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
-    let m = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
+    crate::localtime::format_local(i64::try_from(secs).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn format_date_known_instant() {
-        assert_eq!(format_date(1_795_278_336), "2026-11-21 16:25:36");
-        assert_eq!(format_date(0), "1970-01-01 00:00:00");
-    }
 
     #[test]
     fn format_vm_clock_hours_minutes_millis() {
@@ -347,9 +473,12 @@ mod tests {
         let t = snapshot_table(s.as_array().unwrap());
         assert_eq!(
             t,
-            "Snapshot list:\n\
+            format!(
+                "Snapshot list:\n\
              ID      TAG               VM_SIZE                DATE        VM_CLOCK     ICOUNT\n\
-             1       snap1                 0 B 2026-11-21 16:25:36  0000:00:00.000          0\n"
+             1       snap1                 0 B {}  0000:00:00.000          0\n",
+                format_date(1_795_278_336)
+            )
         );
     }
 

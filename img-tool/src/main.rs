@@ -4,19 +4,28 @@
 //! human or JSON output in qemu-img's exact format.
 #![forbid(unsafe_code)]
 
+mod amend;
+mod cache;
 mod check;
+mod commit;
 mod compare;
 mod convert;
 mod create;
 mod createopts;
 mod failure;
 mod info;
+mod localtime;
 mod map;
+mod measure;
 mod open;
 mod output;
 mod progress;
 mod qjson;
+mod rebase;
+mod resize;
+mod secrets;
 mod sectors;
+mod snapshot;
 mod units;
 
 use std::process::ExitCode;
@@ -59,6 +68,18 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Show where an image's data lives.
     Map(map::MapArgs),
+    /// List, create, apply or delete internal snapshots.
+    Snapshot(snapshot::SnapshotArgs),
+    /// Change the virtual size of an image.
+    Resize(resize::ResizeArgs),
+    /// Change the backing file of an image.
+    Rebase(rebase::RebaseArgs),
+    /// Write an overlay's data into its backing file.
+    Commit(commit::CommitArgs),
+    /// Change options of an existing image.
+    Amend(amend::AmendArgs),
+    /// Compute the size a new image would need.
+    Measure(measure::MeasureArgs),
 }
 
 fn dispatch(cmd: &Command) -> CliResult<i32> {
@@ -69,6 +90,12 @@ fn dispatch(cmd: &Command) -> CliResult<i32> {
         Command::Check(a) => check::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Map(a) => map::run(a),
+        Command::Snapshot(a) => snapshot::run(a),
+        Command::Resize(a) => resize::run(a),
+        Command::Rebase(a) => rebase::run(a),
+        Command::Commit(a) => commit::run(a),
+        Command::Amend(a) => amend::run(a),
+        Command::Measure(a) => measure::run(a),
     }
 }
 
@@ -109,6 +136,12 @@ mod tests {
     fn cli_options_may_follow_file_names() {
         let cli = Cli::try_parse_from(["img", "info", "x.raw", "--output=json", "-U"]).unwrap();
         assert!(matches!(cli.command, Command::Info(_)));
+    }
+
+    #[test]
+    fn cli_resize_takes_negative_relative_size() {
+        let cli = Cli::try_parse_from(["img", "resize", "--shrink", "x.qcow2", "-1M"]).unwrap();
+        assert!(matches!(cli.command, Command::Resize(_)));
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! `img map`: where the guest's data lives, merged and printed as qemu-img prints it.
 
 use std::io::Write;
-use std::path::Path;
 
 use clap::Args;
 use imgblock::{BlockStatus, Image};
@@ -16,6 +15,9 @@ const MAX_STATUS_LEN: u64 = 1 << 30;
 /// `img map [-f FMT] [--output=human|json] [-U] FILE`
 #[derive(Debug, Args)]
 pub struct MapArgs {
+    /// `--object secret,...` and `--image-opts`.
+    #[command(flatten)]
+    secret_args: crate::secrets::SecretArgs,
     /// Image format (probed when not given).
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
@@ -230,11 +232,15 @@ impl<W: Write> Printer<W> {
 /// When the image cannot be opened or its metadata read.
 pub fn run(args: &MapArgs) -> CliResult<i32> {
     let format = OutputFormat::parse(&args.output, "map")?;
+    let spec = args
+        .secret_args
+        .resolve(&args.filename, parse_format(args.format.as_deref())?)?;
     let req = OpenRequest {
-        format: parse_format(args.format.as_deref())?,
+        format: spec.format,
+        secrets: Some(&spec.secrets),
         ..OpenRequest::default()
     };
-    let img = open_image(Path::new(&args.filename), &req)?;
+    let img = open_image(&spec.path, &req)?;
     let stdout = std::io::stdout().lock();
     let mut printer = Printer::start(std::io::BufWriter::new(stdout), format)?;
     let mut merger = Merger::new(format == OutputFormat::Human);

@@ -29,6 +29,8 @@ pub struct OpenRequest<'a> {
     pub no_backing: bool,
     /// An internal snapshot to open instead of the active state.
     pub snapshot: Option<&'a str>,
+    /// Passphrases for encrypted layers (`--object secret` with `--image-opts`).
+    pub secrets: Option<&'a imgblock::crypto::Secrets>,
 }
 
 /// Opens an image, reporting failures in qemu-img's words and warning, as qemu does, when a
@@ -43,11 +45,37 @@ pub fn open_image(path: &Path, req: &OpenRequest<'_>) -> CliResult<Image> {
         no_backing: req.no_backing,
         snapshot: req.snapshot.map(str::to_owned),
     };
-    let img = Image::open(path, &opts).map_err(|e| open_failure(path, &e))?;
+    let none = imgblock::crypto::Secrets::none();
+    let secrets = req.secrets.unwrap_or(&none);
+    let img = Image::open_with_secrets(path, &opts, secrets).map_err(|e| open_failure(path, &e))?;
     if req.writable && img.format_was_guessed_raw() {
         eprint!("{}", guessed_raw_warning(path));
     }
     Ok(img)
+}
+
+/// Opens an image to read from: with no format given, an OVA appliance opens as its disk number
+/// `disk` (0 when not given), read in place inside the tar; anything else as [`open_image`].
+///
+/// # Errors
+/// As [`open_image`]; `--disk` given for a file that is not an OVA.
+pub fn open_source(path: &Path, req: &OpenRequest<'_>, disk: Option<usize>) -> CliResult<Image> {
+    if req.format.is_none() && imgblock::ova::is_ova(path) {
+        if req.snapshot.is_some() {
+            return Err(Failure::new(format!(
+                "'{}': disks inside an OVA have no internal snapshots",
+                path.display()
+            )));
+        }
+        return imgblock::ova::open(path, disk.unwrap_or(0)).map_err(|e| open_failure(path, &e));
+    }
+    if disk.is_some() {
+        return Err(Failure::new(format!(
+            "'{}' is not an OVA appliance; --disk applies only to those",
+            path.display()
+        )));
+    }
+    open_image(path, req)
 }
 
 /// qemu's warning for a writable image whose format was probed as raw.

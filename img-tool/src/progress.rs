@@ -30,6 +30,14 @@ impl Progress {
         }
     }
 
+    /// Moves to `done` of `total` bytes (the library's progress callback).
+    pub fn set(&self, done: u64, total: u64) {
+        if let Some(b) = &self.bar {
+            b.set_length(total);
+            b.set_position(done);
+        }
+    }
+
     /// Removes the bar.
     pub fn finish(&self) {
         if let Some(b) = &self.bar {

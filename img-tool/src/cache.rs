@@ -1,0 +1,42 @@
+//! qemu-img's `-t`/`-T` cache modes. `img` accepts them for compatibility: it always writes
+//! through the page cache and flushes before it reports success, which is what every mode but
+//! `unsafe` promises and more than `unsafe` asks.
+
+use crate::failure::{CliResult, Failure};
+
+/// The cache modes qemu knows.
+pub const CACHE_MODES: [&str; 5] = ["none", "writeback", "writethrough", "directsync", "unsafe"];
+
+/// Checks a cache mode; `what` is "cache" (`-t`) or "source cache" (`-T`), as in qemu's message.
+///
+/// # Errors
+/// `Invalid cache option: X` for names qemu does not know.
+pub fn parse_cache(mode: Option<&str>, what: &str) -> CliResult<()> {
+    match mode {
+        Some(m) if !CACHE_MODES.contains(&m) => {
+            Err(Failure::new(format!("Invalid {what} option: {m}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_cache_messages_match_qemu() {
+        assert_eq!(
+            parse_cache(Some("foo"), "cache").unwrap_err().message,
+            "Invalid cache option: foo"
+        );
+        assert_eq!(
+            parse_cache(Some("foo"), "source cache")
+                .unwrap_err()
+                .message,
+            "Invalid source cache option: foo"
+        );
+        assert!(parse_cache(Some("none"), "cache").is_ok());
+        assert!(parse_cache(None, "cache").is_ok());
+    }
+}

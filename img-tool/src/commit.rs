@@ -1,0 +1,93 @@
+//! `img commit`: write an overlay's data into an image below it in its backing chain.
+
+use std::path::Path;
+
+use clap::Args;
+
+use crate::cache::parse_cache;
+use crate::failure::{CliResult, Failure};
+use crate::open::{open_image, parse_format, OpenRequest};
+use crate::progress::Progress;
+
+/// `img commit [-f FMT] [-t CACHE] [-b BASE] [-d] [-p] [-q] FILE`
+#[derive(Debug, Args)]
+pub struct CommitArgs {
+    /// Image format (probed when not given).
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Cache mode for the images (accepted for compatibility; writes are flushed at the end).
+    #[arg(short = 't', value_name = "CACHE")]
+    cache: Option<String>,
+    /// The image to commit into (default: the immediate backing file). Implies -d.
+    #[arg(short = 'b', value_name = "BASE")]
+    base: Option<String>,
+    /// Keep the overlay's data (do not empty it after the commit).
+    #[arg(short = 'd')]
+    keep: bool,
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Quiet: print nothing but errors.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The overlay image.
+    filename: String,
+}
+
+/// Runs `img commit`.
+///
+/// # Errors
+/// An image without a backing file, a base that is not in its chain, or a failed write.
+pub fn run(args: &CommitArgs) -> CliResult<i32> {
+    parse_cache(args.cache.as_deref(), "cache")?;
+    let format = parse_format(args.format.as_deref())?;
+    let path = Path::new(&args.filename);
+    check_chain(path, format, args.base.as_deref())?;
+    let progress = Progress::new(args.progress, args.quiet, 0);
+    // qemu-img: the images between the base and the top become invalid, so -b keeps the top.
+    let keep = args.keep || args.base.is_some();
+    imgblock::ops::commit(
+        path,
+        format,
+        args.base.as_deref().map(Path::new),
+        keep,
+        &|done, total| progress.set(done, total),
+    )
+    .map_err(|e| match e {
+        imgblock::Error::Unsupported { what, .. } => Failure::new(what),
+        imgblock::Error::InvalidOption(m) => Failure::new(m),
+        other => Failure::from(other),
+    })?;
+    progress.finish();
+    if !args.quiet {
+        println!("Image committed.");
+    }
+    Ok(0)
+}
+
+/// Refuses, in qemu-img's words and before anything is written, an image without a backing
+/// file and a base that is not below it.
+fn check_chain(path: &Path, format: Option<imgblock::Format>, base: Option<&str>) -> CliResult<()> {
+    let req = OpenRequest {
+        format,
+        ..OpenRequest::default()
+    };
+    let top = open_image(path, &req)?;
+    let chain = top.chain();
+    if chain.len() < 2 {
+        return Err(Failure::new("Image does not have a backing file"));
+    }
+    if let Some(b) = base {
+        let want = std::fs::canonicalize(b).ok();
+        let found = chain[1..]
+            .iter()
+            .any(|i| want.is_some() && std::fs::canonicalize(i.path()).ok() == want);
+        if !found {
+            return Err(Failure::new(format!(
+                "Did not find '{b}' in the backing chain of '{}'",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! `img rebase`: change an image's backing file, copying what differs (safe mode) or only
+//! rewriting the header (`-u`); `-b ""` makes the image stand alone.
+
+use std::path::Path;
+
+use clap::Args;
+use imgblock::BackingSpec;
+
+use crate::cache::parse_cache;
+use crate::failure::{open_failure, open_reason, CliResult, Failure};
+use crate::open::parse_format;
+use crate::progress::Progress;
+
+/// `img rebase [-f FMT] [-t CACHE] [-T SRC_CACHE] [-u] -b BACKING [-F FMT] [-p] [-q] [-U] FILE`
+#[derive(Debug, Args)]
+pub struct RebaseArgs {
+    /// Image format (probed when not given).
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Cache mode for the image (accepted for compatibility).
+    #[arg(short = 't', value_name = "CACHE")]
+    cache: Option<String>,
+    /// Cache mode for the backing files (accepted for compatibility).
+    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    src_cache: Option<String>,
+    /// Unsafe: rewrite the backing reference only, copying no data.
+    #[arg(short = 'u')]
+    unsafe_: bool,
+    /// The new backing file; "" removes the backing file (the image becomes standalone).
+    #[arg(short = 'b', value_name = "BACKING")]
+    backing: Option<String>,
+    /// Format of the new backing file.
+    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    backing_format: Option<String>,
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Quiet: print nothing but errors.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Open the backing files even if another process uses them (accepted for compatibility).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The image whose backing file changes.
+    filename: String,
+}
+
+/// Runs `img rebase`.
+///
+/// # Errors
+/// No `-b` in safe mode, a new backing file that cannot be opened or has no format, or a
+/// format whose header cannot name a backing file.
+pub fn run(args: &RebaseArgs) -> CliResult<i32> {
+    parse_cache(args.cache.as_deref(), "cache")?;
+    parse_cache(args.src_cache.as_deref(), "source cache")?;
+    if args.backing.is_none() && !args.unsafe_ {
+        return Err(Failure::new(
+            "Must specify backing file (-b) or use unsafe mode (-u)\nTry 'img rebase --help' for more info",
+        ));
+    }
+    let format = parse_format(args.format.as_deref())?;
+    let path = Path::new(&args.filename);
+    let new_backing = match args.backing.as_deref() {
+        None | Some("") => None,
+        Some(b) => Some(BackingSpec {
+            filename: b.to_owned(),
+            format: args.backing_format.clone(),
+        }),
+    };
+    if let Some(b) = &new_backing {
+        check_new_backing(path, b, args.unsafe_)?;
+    }
+    let progress = Progress::new(args.progress, args.quiet, 0);
+    imgblock::ops::rebase(
+        path,
+        format,
+        new_backing.as_ref(),
+        args.unsafe_,
+        &|done, total| progress.set(done, total),
+    )
+    .map_err(|e| match e {
+        imgblock::Error::Unsupported { .. } => Failure::new(format!(
+            "Could not change the backing file to '{}': Operation not supported",
+            args.backing.as_deref().unwrap_or("")
+        )),
+        imgblock::Error::BackingOpen { .. } | imgblock::Error::Io { .. } => open_failure(path, &e),
+        other => Failure::from(other),
+    })?;
+    progress.finish();
+    Ok(0)
+}
+
+/// qemu-img 10 requires the new backing file's format, and in safe mode opens it first.
+/// (qemu-img copies the data before it notices a missing `-F`; `img` refuses before writing.)
+fn check_new_backing(path: &Path, b: &BackingSpec, unsafe_: bool) -> CliResult<()> {
+    let Some(fmt) = &b.format else {
+        return Err(Failure::new(format!(
+            "Could not change the backing file to '{}': backing format must be specified",
+            b.filename
+        )));
+    };
+    let format = parse_format(Some(fmt))?;
+    if unsafe_ {
+        return Ok(());
+    }
+    let full = imgblock::image::resolve_backing(path, &b.filename);
+    imgblock::Image::open(&full, &imgblock::OpenOptions::read_only().format(format)).map_err(
+        |e| {
+            Failure::new(format!(
+                "Could not open new backing file '{}': {}",
+                b.filename,
+                open_reason(&e)
+            ))
+        },
+    )?;
+    Ok(())
+}

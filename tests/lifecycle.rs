@@ -1,0 +1,585 @@
+//! The qcow2 lifecycle subcommands against qemu-img: snapshot, resize, rebase, commit, amend
+//! and measure. Each runs `img` and qemu-img on twin images and compares what they print and
+//! what the images hold afterwards (read back by qemu-img).
+
+#![allow(clippy::cast_possible_truncation)] // test sizes are small constants
+
+mod common;
+
+use common::{Env, MIB};
+
+/// The guest contents of `file` as qemu-img reads them.
+#[track_caller]
+fn qemu_contents(env: &Env, file: &str) -> Vec<u8> {
+    let raw = format!("{file}.contents.raw");
+    env.qemu_img(&["convert", "-O", "raw", file, &raw]).ok();
+    let data = env.read(&raw);
+    std::fs::remove_file(env.path(&raw)).expect("remove contents file");
+    data
+}
+
+/// qemu-img check must call the image clean.
+#[track_caller]
+fn qemu_clean(env: &Env, file: &str) {
+    let out = env.qemu_img(&["check", file]);
+    assert_eq!(out.code, Some(0), "qemu-img check is not clean: {out}");
+}
+
+/// Runs the same arguments through qemu-img and `img` and asserts equal exit codes, stdout and
+/// stderr (with `qemu-img:` read as `img:`). `{}` in an argument becomes `q` or `i`, so each
+/// tool works on its own twin of the images.
+#[track_caller]
+fn same_as_qemu(env: &Env, args: &[&str]) -> common::Output {
+    let q: Vec<String> = args.iter().map(|a| a.replace("{}", "q")).collect();
+    let i: Vec<String> = args.iter().map(|a| a.replace("{}", "i")).collect();
+    let qo = env.qemu_img(&q.iter().map(String::as_str).collect::<Vec<_>>());
+    let io = env
+        .img(&i.iter().map(String::as_str).collect::<Vec<_>>())
+        .no_panic();
+    let norm = |s: &str, tag: &str| {
+        s.replace("qemu-img", "img")
+            .replace(&format!("{tag}."), "X.")
+            .replace(&format!("{tag}0."), "X0.")
+            .replace(&format!("{tag}1."), "X1.")
+            .replace(&format!("{tag}2."), "X2.")
+    };
+    assert_eq!(qo.code, io.code, "exit codes differ:{qo}{io}");
+    assert_eq!(
+        norm(&qo.stdout, "q"),
+        norm(&io.stdout, "i"),
+        "stdout differs:{qo}{io}"
+    );
+    assert_eq!(
+        norm(&qo.stderr, "q"),
+        norm(&io.stderr, "i"),
+        "stderr differs:{qo}{io}"
+    );
+    io
+}
+
+/// A qcow2 image with data in a few places, twice: `q.qcow2` and `i.qcow2`.
+fn twins(env: &Env, size: &str, opts: &str) {
+    for t in ["q", "i"] {
+        let f = format!("{t}.qcow2");
+        env.qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, &f, size])
+            .ok();
+        env.qemu_io(
+            "qcow2",
+            &f,
+            &["write -P 0x11 0 100k", "write -P 0x22 700k 300k"],
+        );
+    }
+}
+
+/// A three-image chain `{t}0 <- {t}1 <- {t}2` with data, zeroes and overrides at each level.
+fn chain(env: &Env, t: &str) {
+    let (b, m, top) = (
+        format!("{t}0.qcow2"),
+        format!("{t}1.qcow2"),
+        format!("{t}2.qcow2"),
+    );
+    env.qemu_img(&["create", "-q", "-f", "qcow2", &b, "4M"])
+        .ok();
+    env.qemu_io("qcow2", &b, &["write -P 1 0 1M", "write -P 2 2M 512k"]);
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "-b", &b, "-F", "qcow2", &m])
+        .ok();
+    env.qemu_io("qcow2", &m, &["write -P 3 512k 1M", "write -z 2M 64k"]);
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "-b", &m, "-F", "qcow2", &top])
+        .ok();
+    env.qemu_io("qcow2", &top, &["write -P 4 3M 100k", "write -z 600k 4k"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// snapshot
+
+/// The whole interop sequence of the issue: img creates, qemu-io edits, img applies and
+/// deletes, qemu-img applies what img made; qemu-img check is clean after every step.
+#[test]
+fn snapshot_interop_both_ways() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "s.qcow2", "4M"])
+        .ok();
+    env.qemu_io("qcow2", "s.qcow2", &["write -P 0x5a 0 1M"]);
+    let original = qemu_contents(&env, "s.qcow2");
+    env.img(&["snapshot", "-c", "s1", "s.qcow2"]).ok();
+    qemu_clean(&env, "s.qcow2");
+    env.qemu_io(
+        "qcow2",
+        "s.qcow2",
+        &["write -P 0xa5 512k 1M", "write -z 0 64k", "discard 3M 1M"],
+    );
+    let edited = qemu_contents(&env, "s.qcow2");
+    env.img(&["snapshot", "-c", "s2", "s.qcow2"]).ok();
+    qemu_clean(&env, "s.qcow2");
+    env.img(&["snapshot", "-a", "s1", "s.qcow2"]).ok();
+    qemu_clean(&env, "s.qcow2");
+    assert!(qemu_contents(&env, "s.qcow2") == original, "apply s1");
+    env.img(&["snapshot", "-d", "s1", "s.qcow2"]).ok();
+    qemu_clean(&env, "s.qcow2");
+    env.qemu_img(&["snapshot", "-a", "s2", "s.qcow2"]).ok();
+    qemu_clean(&env, "s.qcow2");
+    assert!(
+        qemu_contents(&env, "s.qcow2") == edited,
+        "qemu applies img's s2"
+    );
+    // And the other way: qemu-img makes one, img applies and deletes it.
+    env.qemu_img(&["snapshot", "-c", "q1", "s.qcow2"]).ok();
+    env.qemu_io("qcow2", "s.qcow2", &["write -P 0x77 0 2M"]);
+    env.img(&["snapshot", "-a", "q1", "s.qcow2"]).ok();
+    assert!(
+        qemu_contents(&env, "s.qcow2") == edited,
+        "img applies qemu's q1"
+    );
+    env.img(&["snapshot", "-d", "q1", "s.qcow2"]).ok();
+    env.img(&["snapshot", "-d", "s2", "s.qcow2"]).ok();
+    qemu_clean(&env, "s.qcow2");
+    let list = env.qemu_img(&["snapshot", "-l", "s.qcow2"]).ok();
+    assert_eq!(list.stdout, "", "all snapshots deleted");
+}
+
+/// `img snapshot -l` prints qemu-img's table byte for byte (for snapshots made by either tool),
+/// and nothing for an image without snapshots.
+#[test]
+fn snapshot_listing_matches_qemu() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "l.qcow2", "1M"])
+        .ok();
+    assert_eq!(env.img(&["snapshot", "-l", "l.qcow2"]).ok().stdout, "");
+    env.qemu_img(&["snapshot", "-c", "from-qemu", "l.qcow2"])
+        .ok();
+    env.img(&["snapshot", "-c", "from-img", "l.qcow2"]).ok();
+    env.img(&["snapshot", "-c", "a-rather-long-snapshot-tag", "l.qcow2"])
+        .ok();
+    for args in [&["snapshot", "-l", "l.qcow2"][..], &["snapshot", "l.qcow2"]] {
+        let q = env.qemu_img(args).ok();
+        let i = env.img(args).ok();
+        assert_eq!(i.stdout, q.stdout, "listing differs:{q}{i}");
+        assert!(i.stdout.starts_with("Snapshot list:\nID      TAG"));
+    }
+    // `info` shows the same table.
+    let q = env.qemu_img(&["info", "l.qcow2"]).ok();
+    let i = env.img(&["info", "l.qcow2"]).ok();
+    assert_eq!(i.stdout, q.stdout);
+}
+
+/// Errors and exit codes: unknown names, two actions, formats without snapshots.
+#[test]
+fn snapshot_errors_match_qemu() {
+    let env = Env::with_qemu();
+    for t in ["q", "i"] {
+        env.qemu_img(&["create", "-q", "-f", "qcow2", &format!("{t}.qcow2"), "1M"])
+            .ok();
+        env.qemu_img(&["snapshot", "-c", "s1", &format!("{t}.qcow2")])
+            .ok();
+        env.qemu_img(&["create", "-q", "-f", "raw", &format!("{t}.raw"), "1M"])
+            .ok();
+    }
+    for args in [
+        &["snapshot", "-a", "nope", "{}.qcow2"][..],
+        &["snapshot", "-d", "nope", "{}.qcow2"],
+        // qemu-img deletes by name only.
+        &["snapshot", "-d", "1", "{}.qcow2"],
+        &["snapshot", "-l", "-c", "x", "{}.qcow2"],
+        &["snapshot", "-c", "a", "-c", "b", "{}.qcow2"],
+        &["snapshot", "-f", "raw", "-c", "x", "{}.raw"],
+        &["snapshot", "-f", "raw", "-a", "x", "{}.raw"],
+        &["snapshot", "-f", "raw", "-d", "x", "{}.raw"],
+        &["snapshot", "-l", "{}.raw"],
+        &["snapshot", "-l", "missing.qcow2"],
+        // Apply by ID works in both.
+        &["snapshot", "-a", "1", "{}.qcow2"],
+        &["snapshot", "-q", "-d", "s1", "{}.qcow2"],
+    ] {
+        same_as_qemu(&env, args);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// resize
+
+/// A sequence of resizes, relative and absolute, refused and accepted, with preallocation:
+/// messages, exit codes and the resulting images equal qemu-img's.
+#[test]
+fn resize_grow_shrink_and_refusals_match_qemu() {
+    let env = Env::with_qemu();
+    twins(&env, "1M", "compat=1.1");
+    for args in [
+        &["resize", "{}.qcow2", "2M"][..],
+        &["resize", "{}.qcow2", "1M"],
+        &["resize", "--shrink", "{}.qcow2", "1536k"],
+        &["resize", "{}.qcow2", "+1000"],
+        &["resize", "{}.qcow2", "-512"],
+        &["resize", "--shrink", "{}.qcow2", "-512"],
+        &["resize", "-q", "{}.qcow2", "+1M"],
+        &["resize", "{}.qcow2", "-10M"],
+        &["resize", "{}.qcow2", "abc"],
+        &["resize", "{}.qcow2", "0"],
+        &["resize", "--preallocation=foo", "{}.qcow2", "3M"],
+        &["resize", "--preallocation=full", "{}.qcow2", "3M"],
+        &["resize", "--preallocation=metadata", "{}.qcow2", "4M"],
+        &["resize", "--preallocation=falloc", "{}.qcow2", "4M"],
+        &["resize", "--shrink", "{}.qcow2", "-3M"],
+        &["resize", "{}.qcow2", "3M"],
+    ] {
+        same_as_qemu(&env, args);
+        qemu_clean(&env, "i.qcow2");
+        assert!(
+            qemu_contents(&env, "i.qcow2") == qemu_contents(&env, "q.qcow2"),
+            "contents differ after {args:?}"
+        );
+    }
+    // Data written before the shrink below 1 MiB survives; the regrown tail reads as zeroes.
+    let data = qemu_contents(&env, "i.qcow2");
+    assert_eq!(data.len(), 3 * MIB as usize);
+    assert!(data[..100 * 1024].iter().all(|&b| b == 0x11));
+    assert!(data[(MIB as usize)..].iter().all(|&b| b == 0));
+}
+
+/// raw resizes (qemu allows sizes that are not sector multiples there) and refusals for
+/// formats and images qemu refuses: metadata preallocation of raw, v2 qcow2 with snapshots.
+#[test]
+fn resize_raw_and_v2_snapshots_match_qemu() {
+    let env = Env::with_qemu();
+    for t in ["q", "i"] {
+        env.qemu_img(&["create", "-q", "-f", "raw", &format!("{t}.raw"), "1M"])
+            .ok();
+        let v2 = format!("{t}.v2.qcow2");
+        env.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            &v2,
+            "1M",
+        ])
+        .ok();
+        env.qemu_img(&["snapshot", "-c", "s", &v2]).ok();
+    }
+    for args in [
+        &["resize", "-f", "raw", "{}.raw", "+1000"][..],
+        &["resize", "-f", "raw", "{}.raw", "1000"],
+        &["resize", "-f", "raw", "--shrink", "{}.raw", "-1000"],
+        &[
+            "resize",
+            "-f",
+            "raw",
+            "--preallocation=metadata",
+            "{}.raw",
+            "3M",
+        ],
+        &[
+            "resize",
+            "-f",
+            "raw",
+            "--preallocation=falloc",
+            "{}.raw",
+            "3M",
+        ],
+        &["resize", "{}.v2.qcow2", "2M"],
+        &["resize", "missing.qcow2", "2M"],
+    ] {
+        same_as_qemu(&env, args);
+    }
+    assert_eq!(env.len("i.raw"), env.len("q.raw"));
+    // A v3 image with snapshots grows.
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "v3.qcow2", "1M"])
+        .ok();
+    env.img(&["snapshot", "-c", "s", "v3.qcow2"]).ok();
+    env.img(&["resize", "v3.qcow2", "2M"]).ok();
+    qemu_clean(&env, "v3.qcow2");
+}
+
+// ---------------------------------------------------------------------------------------------
+// rebase and commit
+
+fn assert_chains_equal(env: &Env, levels: &[usize]) {
+    for n in levels {
+        let (q, i) = (format!("q{n}.qcow2"), format!("i{n}.qcow2"));
+        qemu_clean(env, &i);
+        assert!(
+            qemu_contents(env, &q) == qemu_contents(env, &i),
+            "level {n} differs from qemu-img's"
+        );
+    }
+}
+
+/// Safe rebase onto the bottom image, unsafe rebase, and flattening with `-b ""`: the results
+/// equal qemu-img's (contents, backing reference, and which ranges the overlay holds).
+#[test]
+fn rebase_safe_unsafe_flatten_match_qemu() {
+    let env = Env::with_qemu();
+    for (name, args) in [
+        (
+            "safe",
+            &["rebase", "-b", "{}0.qcow2", "-F", "qcow2", "{}2.qcow2"][..],
+        ),
+        (
+            "unsafe",
+            &[
+                "rebase",
+                "-u",
+                "-b",
+                "{}0.qcow2",
+                "-F",
+                "qcow2",
+                "{}2.qcow2",
+            ],
+        ),
+        ("flatten", &["rebase", "-b", "", "{}2.qcow2"]),
+        ("unsafe without -b", &["rebase", "-u", "{}2.qcow2"]),
+    ] {
+        chain(&env, "q");
+        chain(&env, "i");
+        let before = qemu_contents(&env, "i2.qcow2");
+        same_as_qemu(&env, args);
+        assert_chains_equal(&env, &[0, 1, 2]);
+        let qi = env
+            .qemu_img(&["info", "--output=json", "q2.qcow2"])
+            .ok()
+            .json();
+        let ii = env
+            .qemu_img(&["info", "--output=json", "i2.qcow2"])
+            .ok()
+            .json();
+        assert_eq!(
+            ii["backing-filename"].as_str().map(|s| s.replace('i', "q")),
+            qi["backing-filename"].as_str().map(str::to_owned),
+            "{name}: backing files differ"
+        );
+        let strip = |v: serde_json::Value| {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    (
+                        e["start"].clone(),
+                        e["length"].clone(),
+                        e["depth"].clone(),
+                        e["data"].clone(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let qm = env
+            .qemu_img(&["map", "--output=json", "q2.qcow2"])
+            .ok()
+            .json();
+        let im = env
+            .qemu_img(&["map", "--output=json", "i2.qcow2"])
+            .ok()
+            .json();
+        assert_eq!(strip(im), strip(qm), "{name}: allocation differs");
+        if name == "safe" || name == "flatten" {
+            assert!(
+                qemu_contents(&env, "i2.qcow2") == before,
+                "{name} changed the contents"
+            );
+        }
+    }
+}
+
+#[test]
+fn rebase_errors_match_qemu() {
+    let env = Env::with_qemu();
+    chain(&env, "q");
+    chain(&env, "i");
+    for args in [
+        &["rebase", "{}2.qcow2"][..],
+        &["rebase", "-F", "qcow2", "{}2.qcow2"],
+        &["rebase", "-b", "missing.qcow2", "-F", "qcow2", "{}2.qcow2"],
+        &["rebase", "-u", "-b", "missing.qcow2", "{}2.qcow2"],
+        &[
+            "rebase",
+            "-t",
+            "foo",
+            "-b",
+            "{}0.qcow2",
+            "-F",
+            "qcow2",
+            "{}2.qcow2",
+        ],
+    ] {
+        same_as_qemu(&env, args);
+    }
+    // qemu-img copies the data before it notices the missing -F; img refuses up front, with
+    // the same message.
+    let out = env
+        .img(&["rebase", "-b", "i0.qcow2", "i2.qcow2"])
+        .code_is(1);
+    assert_eq!(
+        out.stderr,
+        "img: Could not change the backing file to 'i0.qcow2': backing format must be specified\n"
+    );
+}
+
+/// Commit into the immediate backing file, with -d, and into the bottom with -b (which
+/// implies -d): every level of the chain equals what qemu-img commit leaves.
+#[test]
+fn commit_matches_qemu() {
+    let env = Env::with_qemu();
+    for args in [
+        &["commit", "{}2.qcow2"][..],
+        &["commit", "-d", "{}2.qcow2"],
+        &["commit", "-b", "{}0.qcow2", "{}2.qcow2"],
+        &["commit", "-q", "-p", "{}2.qcow2"],
+    ] {
+        chain(&env, "q");
+        chain(&env, "i");
+        let out = same_as_qemu(&env, args);
+        assert_eq!(
+            out.stdout,
+            if args.contains(&"-q") {
+                ""
+            } else {
+                "Image committed.\n"
+            }
+        );
+        assert_chains_equal(&env, &[0, 1, 2]);
+    }
+    for args in [
+        &["commit", "{}0.qcow2"][..],
+        &["commit", "-b", "missing.qcow2", "{}2.qcow2"],
+        &["commit", "-b", "{}2.qcow2", "{}2.qcow2"],
+        &["commit", "-f", "raw", "{}2.qcow2"],
+        &["commit", "missing.qcow2"],
+    ] {
+        same_as_qemu(&env, args);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// amend
+
+/// compat down and up, refcount_bits, lazy_refcounts and size: `qemu-img info` describes the
+/// amended image as it describes qemu-img's, the contents are unchanged, checks are clean.
+#[test]
+fn amend_matches_qemu_info() {
+    let env = Env::with_qemu();
+    twins(&env, "2M", "compat=1.1");
+    let contents = qemu_contents(&env, "q.qcow2");
+    for opts in [
+        "compat=0.10",
+        "compat=1.1,refcount_bits=8",
+        "refcount_bits=64",
+        "lazy_refcounts=on",
+        "lazy_refcounts=off,refcount_bits=16",
+        "size=4M",
+        "size=2M",
+        "compat=v2",
+        "compat=v3",
+    ] {
+        same_as_qemu(&env, &["amend", "-o", opts, "{}.qcow2"]);
+        qemu_clean(&env, "i.qcow2");
+        let q = env
+            .qemu_img(&["info", "--output=json", "q.qcow2"])
+            .ok()
+            .json();
+        let i = env
+            .qemu_img(&["info", "--output=json", "i.qcow2"])
+            .ok()
+            .json();
+        assert_eq!(i["format-specific"], q["format-specific"], "after {opts}");
+        assert_eq!(i["virtual-size"], q["virtual-size"], "after {opts}");
+        let now = qemu_contents(&env, "i.qcow2");
+        assert!(
+            now == qemu_contents(&env, "q.qcow2"),
+            "contents after {opts}"
+        );
+        assert!(now[..contents.len().min(now.len())] == contents[..contents.len().min(now.len())]);
+    }
+}
+
+#[test]
+fn amend_refusals_match_qemu() {
+    let env = Env::with_qemu();
+    twins(&env, "1M", "compat=1.1");
+    for t in ["q", "i"] {
+        env.qemu_img(&["create", "-q", "-f", "raw", &format!("{t}.raw"), "1M"])
+            .ok();
+    }
+    for args in [
+        &["amend", "-o", "cluster_size=4k", "{}.qcow2"][..],
+        &["amend", "-o", "foo=bar", "{}.qcow2"],
+        &["amend", "{}.qcow2"],
+        &["amend", "-f", "raw", "-o", "size=1M", "{}.raw"],
+        &[
+            "amend",
+            "-o",
+            "compat=0.10",
+            "-o",
+            "lazy_refcounts=on",
+            "{}.qcow2",
+        ],
+        &["amend", "-o", "refcount_bits=3", "{}.qcow2"],
+        &["amend", "-o", "compat=2", "{}.qcow2"],
+        &["amend", "-o", "help", "{}.qcow2"],
+    ] {
+        same_as_qemu(&env, args);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// measure
+
+/// The figures (and the exact text, human and JSON) equal qemu-img measure's for sizes,
+/// images in several formats, options, and snapshots.
+#[test]
+fn measure_matches_qemu() {
+    let env = Env::with_qemu();
+    twins(&env, "8M", "compat=1.1");
+    env.qemu_img(&["snapshot", "-c", "snap", "q.qcow2"]).ok();
+    env.qemu_io("qcow2", "q.qcow2", &["write -P 0x33 4M 2M"]);
+    common::patterned_raw(&env, "p.raw");
+    env.qemu_img(&["create", "-q", "-f", "vmdk", "v.vmdk", "3M"])
+        .ok();
+    env.qemu_io("vmdk", "v.vmdk", &["write -P 9 1M 100k"]);
+    let mut cases: Vec<Vec<&str>> = Vec::new();
+    for out in ["--output=human", "--output=json"] {
+        cases.push(vec!["measure", out, "--size", "1G", "-O", "qcow2"]);
+        cases.push(vec!["measure", out, "--size", "1G"]);
+        cases.push(vec!["measure", out, "-O", "qcow2", "q.qcow2"]);
+        cases.push(vec!["measure", out, "-O", "raw", "q.qcow2"]);
+        cases.push(vec!["measure", out, "-O", "qcow2", "-f", "raw", "p.raw"]);
+        cases.push(vec!["measure", out, "-O", "qcow2", "v.vmdk"]);
+        cases.push(vec![
+            "measure",
+            out,
+            "-O",
+            "qcow2",
+            "-l",
+            "snapshot.name=snap",
+            "q.qcow2",
+        ]);
+        cases.push(vec!["measure", out, "-O", "qcow2", "-l", "snap", "q.qcow2"]);
+    }
+    for o in [
+        "cluster_size=4k,refcount_bits=1",
+        "cluster_size=2M",
+        "preallocation=full",
+        "preallocation=metadata",
+        "extended_l2=on",
+        "compat=0.10",
+    ] {
+        cases.push(vec!["measure", "--size", "100M", "-O", "qcow2", "-o", o]);
+        cases.push(vec![
+            "measure", "-O", "qcow2", "-o", o, "-f", "raw", "p.raw",
+        ]);
+    }
+    for bad in [
+        &["measure", "-O", "qcow2"][..],
+        &["measure", "--size", "1G", "-O", "qcow2", "q.qcow2"],
+        &["measure", "--size", "1G", "-O", "vmdk"],
+        &["measure", "--size", "abc", "-O", "qcow2"],
+        &["measure", "--size", "-1", "-O", "qcow2"],
+        &["measure", "-O", "qcow2", "--size", "1M", "-o", "foo=bar"],
+        &["measure", "-O", "qcow2", "--size", "1M", "--output=xml"],
+        &["measure", "-O", "qcow2", "missing.qcow2"],
+    ] {
+        cases.push(bad.to_vec());
+    }
+    for c in &cases {
+        same_as_qemu(&env, c);
+    }
+}
