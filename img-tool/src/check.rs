@@ -70,6 +70,7 @@ pub fn run(args: &CheckArgs) -> CliResult<i32> {
         format: spec.format,
         writable: repair != Repair::None,
         secrets: Some(&spec.secrets),
+        force_share: args.force_share,
         ..OpenRequest::default()
     };
     let img = open_image(&spec.path, &req)?;

@@ -68,6 +68,7 @@ pub fn run(args: &CompareArgs) -> CliResult<i32> {
         let req = OpenRequest {
             format: spec.format,
             secrets: Some(&spec.secrets),
+            force_share: args.force_share,
             ..OpenRequest::default()
         };
         open_image(&spec.path, &req)

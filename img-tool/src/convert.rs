@@ -256,6 +256,7 @@ fn open_sources(args: &ConvertArgs, srcs: &[String]) -> CliResult<Vec<Image>> {
             let req = OpenRequest {
                 format: spec.format,
                 snapshot: snapshot.as_deref(),
+                force_share: args.force_share,
                 secrets: Some(&spec.secrets),
                 ..OpenRequest::default()
             };

@@ -56,6 +56,7 @@ pub fn run(args: &InfoArgs) -> CliResult<i32> {
     let req = OpenRequest {
         format: spec.format,
         no_backing: !args.backing_chain,
+        force_share: args.force_share,
         secrets: Some(&spec.secrets),
         ..OpenRequest::default()
     };

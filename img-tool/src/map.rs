@@ -238,6 +238,7 @@ pub fn run(args: &MapArgs) -> CliResult<i32> {
     let req = OpenRequest {
         format: spec.format,
         secrets: Some(&spec.secrets),
+        force_share: args.force_share,
         ..OpenRequest::default()
     };
     let img = open_image(&spec.path, &req)?;

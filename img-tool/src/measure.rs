@@ -111,6 +111,7 @@ pub fn run(args: &MeasureArgs) -> CliResult<i32> {
             let req = OpenRequest {
                 format: parse_format(args.format.as_deref())?,
                 snapshot: snapshot.as_deref(),
+                force_share: args.force_share,
                 ..OpenRequest::default()
             };
             Some(open_source(Path::new(f), &req, None)?)

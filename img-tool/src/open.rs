@@ -31,6 +31,8 @@ pub struct OpenRequest<'a> {
     pub snapshot: Option<&'a str>,
     /// Passphrases for encrypted layers (`--object secret` with `--image-opts`).
     pub secrets: Option<&'a imgblock::crypto::Secrets>,
+    /// `-U`: take no locks, so that an image another process writes can still be read.
+    pub force_share: bool,
 }
 
 /// Opens an image, reporting failures in qemu-img's words and warning, as qemu does, when a
@@ -44,6 +46,7 @@ pub fn open_image(path: &Path, req: &OpenRequest<'_>) -> CliResult<Image> {
         writable: req.writable,
         no_backing: req.no_backing,
         snapshot: req.snapshot.map(str::to_owned),
+        force_share: req.force_share,
     };
     let none = imgblock::crypto::Secrets::none();
     let secrets = req.secrets.unwrap_or(&none);

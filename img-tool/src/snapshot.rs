@@ -91,6 +91,7 @@ pub fn run(args: &SnapshotArgs) -> CliResult<i32> {
         writable: action != Action::List,
         // Snapshots concern this image alone; qemu-img opens the chain but never reads it.
         no_backing: true,
+        force_share: args.force_share,
         ..OpenRequest::default()
     };
     let img = open_image(Path::new(&args.filename), &req)?;

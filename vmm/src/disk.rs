@@ -1,8 +1,7 @@
-//! Opening a `--disk`: the image through imgblock (any format, with its backing chain), the
-//! temporary overlay of `snapshot=on`, and qemu-compatible OFD locks on every file of the chain.
+//! Opening a `--disk`: the image through imgblock (any format, with its backing chain) and the
+//! temporary overlay of `snapshot=on`. imgblock takes qemu-compatible locks on every file of the
+//! chain while the disk is open, so qemu, `img` and a second `vmm` cannot write it meanwhile.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use imgblock::{CreateOptions, Format, Image, OpenOptions};
@@ -24,17 +23,9 @@ pub enum Error {
     /// The temporary directory for snapshot=on could not be made.
     #[error("cannot create a temporary directory for snapshot=on: {0}")]
     TempDir(std::io::Error),
-    /// Another process holds a conflicting lock, as qemu reports it.
-    #[error("{path}: Failed to get \"{perm}\" lock: is another process using the image?")]
-    Locked {
-        /// The image.
-        path: PathBuf,
-        /// The permission that conflicts ("write", "consistent read", ...).
-        perm: &'static str,
-    },
-    /// fcntl failed.
-    #[error("{path}: locking: {source}")]
-    Lock {
+    /// The image path could not be made absolute for the snapshot=on overlay.
+    #[error("{path}: {source}")]
+    Path {
         /// The image.
         path: PathBuf,
         /// Cause.
@@ -50,96 +41,11 @@ pub enum Error {
     },
 }
 
-/// qemu's permission bits (include/block/block-common.h) and their lock-byte offsets
-/// (block/file-posix.c: RAW_LOCK_PERM_BASE 100, RAW_LOCK_SHARED_BASE 200).
-pub mod perm {
-    /// BLK_PERM_CONSISTENT_READ.
-    pub const CONSISTENT_READ: u32 = 0;
-    /// BLK_PERM_WRITE.
-    pub const WRITE: u32 = 1;
-    /// BLK_PERM_RESIZE.
-    pub const RESIZE: u32 = 3;
-    /// Byte 100 + bit: "I hold this permission".
-    pub const PERM_BASE: i64 = 100;
-    /// Byte 200 + bit: "I do not share this permission".
-    pub const SHARED_BASE: i64 = 200;
-    /// Names qemu prints.
-    pub const NAMES: [&str; 4] = ["consistent read", "write", "write unchanged", "resize"];
-}
-
-fn ofd_lock(f: &File, start: i64, ty: libc::c_int, get: bool) -> std::io::Result<libc::c_short> {
-    // SAFETY: flock is plain data; zeroed is a valid value for every field.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::c_short::try_from(ty).unwrap_or(0);
-    fl.l_whence = libc::c_short::try_from(libc::SEEK_SET).unwrap_or(0);
-    fl.l_start = start;
-    fl.l_len = 1;
-    let cmd = if get {
-        libc::F_OFD_GETLK
-    } else {
-        libc::F_OFD_SETLK
-    };
-    // SAFETY: `f` is an open descriptor and `fl` a valid flock that outlives the call.
-    let r = unsafe { libc::fcntl(f.as_raw_fd(), cmd, &mut fl) };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(fl.l_type)
-    }
-}
-
-/// Takes qemu's locks on `path`: shared locks on 100+p for each permission held and on 200+p for
-/// each permission not shared; fails, naming the permission, if another open file description
-/// holds a lock that conflicts (as qemu's raw_check_lock_bytes does).
-///
-/// # Errors
-/// [`Error::Locked`] on conflict, [`Error::Lock`] when fcntl fails.
-pub fn lock_image(path: &Path, perms: &[u32], unshared: &[u32]) -> Result<File, Error> {
-    let f = File::open(path).map_err(|source| Error::Lock {
-        path: path.to_owned(),
-        source,
-    })?;
-    let le = |source| Error::Lock {
-        path: path.to_owned(),
-        source,
-    };
-    for &p in perms {
-        ofd_lock(&f, perm::PERM_BASE + i64::from(p), libc::F_RDLCK, false).map_err(le)?;
-    }
-    for &p in unshared {
-        ofd_lock(&f, perm::SHARED_BASE + i64::from(p), libc::F_RDLCK, false).map_err(le)?;
-    }
-    let name = |p: u32| perm::NAMES[usize::try_from(p).unwrap_or(0).min(3)];
-    // Someone else must not forbid what we take...
-    for &p in perms {
-        let t = ofd_lock(&f, perm::SHARED_BASE + i64::from(p), libc::F_WRLCK, true).map_err(le)?;
-        if i32::from(t) != libc::F_UNLCK {
-            return Err(Error::Locked {
-                path: path.to_owned(),
-                perm: name(p),
-            });
-        }
-    }
-    // ...nor hold what we refuse to share.
-    for &p in unshared {
-        let t = ofd_lock(&f, perm::PERM_BASE + i64::from(p), libc::F_WRLCK, true).map_err(le)?;
-        if i32::from(t) != libc::F_UNLCK {
-            return Err(Error::Locked {
-                path: path.to_owned(),
-                perm: name(p),
-            });
-        }
-    }
-    Ok(f)
-}
-
 /// An open disk with everything that must live as long as it.
 pub struct Disk {
     image: Image,
     /// The device's request policy.
     pub config: BlockConfig,
-    /// Held OFD locks (released when the files close).
-    _locks: Vec<File>,
     /// The snapshot=on overlay's directory, deleted by [`Disk::close`] or on drop.
     overlay: std::sync::Mutex<Option<tempfile::TempDir>>,
 }
@@ -171,7 +77,7 @@ impl Disk {
                 .map_err(ierr(&spec.path))?;
             let fmt = base.format();
             drop(base);
-            let abs = std::fs::canonicalize(&spec.path).map_err(|source| Error::Lock {
+            let abs = std::fs::canonicalize(&spec.path).map_err(|source| Error::Path {
                 path: spec.path.clone(),
                 source,
             })?;
@@ -196,6 +102,7 @@ impl Disk {
                 writable,
                 no_backing: false,
                 snapshot: None,
+                force_share: false,
             };
             Image::open(&spec.path, &opts).map_err(ierr(&spec.path))?
         };
@@ -213,18 +120,6 @@ impl Disk {
                 size,
             });
         }
-        // Locks: the top image as a guest disk (qemu: consistent read [+ write], sharing
-        // neither write nor resize); backing files as qemu locks backing children.
-        let mut locks = Vec::new();
-        for (i, img) in image.chain().into_iter().enumerate() {
-            let top_writes = i == 0 && image.is_writable();
-            let perms: &[u32] = if top_writes {
-                &[perm::CONSISTENT_READ, perm::WRITE]
-            } else {
-                &[perm::CONSISTENT_READ]
-            };
-            locks.push(lock_image(img.path(), perms, &[perm::WRITE, perm::RESIZE])?);
-        }
         let serial = spec.serial.clone().unwrap_or_default().into_bytes();
         Ok(Disk {
             image,
@@ -234,7 +129,6 @@ impl Disk {
                 discard: spec.discard,
                 serial,
             },
-            _locks: locks,
             overlay: std::sync::Mutex::new(overlay),
         })
     }
@@ -292,29 +186,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lock_conflicts_with_second_writer_and_reader_allowed() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("x.img");
-        std::fs::write(&p, vec![0u8; 4096]).unwrap();
-        let _w = lock_image(
-            &p,
-            &[perm::CONSISTENT_READ, perm::WRITE],
-            &[perm::WRITE, perm::RESIZE],
-        )
-        .unwrap();
-        // A second writer: its WRITE is unshared by us.
-        let e = lock_image(
-            &p,
-            &[perm::CONSISTENT_READ, perm::WRITE],
-            &[perm::WRITE, perm::RESIZE],
-        )
-        .unwrap_err();
-        assert!(matches!(e, Error::Locked { perm: "write", .. }), "{e}");
-        // A reader that shares write (qemu-img -U style) is fine.
-        lock_image(&p, &[perm::CONSISTENT_READ], &[]).unwrap();
-    }
-
-    #[test]
     fn lock_blocks_qemu_img_while_held() {
         if std::process::Command::new("qemu-io")
             .arg("--version")
@@ -327,12 +198,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.img");
         std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
-        let l = lock_image(
-            &p,
-            &[perm::CONSISTENT_READ, perm::WRITE],
-            &[perm::WRITE, perm::RESIZE],
-        )
-        .unwrap();
+        let spec: DiskSpec = format!("path={},format=raw", p.display()).parse().unwrap();
+        let l = Disk::open(&spec).unwrap();
         // qemu-io opens read-write: it needs "write", which we do not share.
         let qemu_io = || {
             std::process::Command::new("qemu-io")

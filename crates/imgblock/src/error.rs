@@ -84,6 +84,16 @@ pub enum Error {
         /// Why the backing file failed to open.
         source: Box<Error>,
     },
+    /// Another process holds a lock that conflicts with this open (qemu's wording).
+    #[error("Failed to get {}\"{perm}\" lock\nIs another process using the image [{}]?", if *shared { "shared " } else { "" }, path.display())]
+    Locked {
+        /// The image file.
+        path: PathBuf,
+        /// The permission that conflicts.
+        perm: &'static str,
+        /// Whether it was refusing to share the permission that failed.
+        shared: bool,
+    },
     /// Backing files refer back to an image already in the chain.
     #[error("{}: backing chain loops back to this image", path.display())]
     BackingLoop {

@@ -33,6 +33,7 @@ pub fn exercise(format: Format, data: &[u8]) {
         writable: true,
         no_backing: true,
         snapshot: None,
+        force_share: false,
     };
     if let Ok(img) = Image::open_storage(rw, &opts) {
         let size = img.size();

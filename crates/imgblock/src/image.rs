@@ -9,7 +9,7 @@ use crate::crypto::{DataCipher, Secrets, SECTOR_SIZE};
 use crate::driver::{Driver, HostExtent, Mapping, SectorNumbering};
 use crate::error::IoContext;
 use crate::storage::{FileStorage, Storage};
-use crate::{luks, probe, qcow2, raw, vdi, vmdk, Error, Format, Result};
+use crate::{lock, luks, probe, qcow2, raw, vdi, vmdk, Error, Format, Result};
 
 /// The most images a backing chain may hold, counting the top one. qemu has no fixed limit but a
 /// chain this deep is a loop or an attack; opening it would exhaust file descriptors.
@@ -26,6 +26,9 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// Open this internal snapshot read-only instead of the active state.
     pub snapshot: Option<String>,
+    /// Take no locks, letting other processes write (qemu-img's -U / --force-share; read-only
+    /// opens only make sense with it).
+    pub force_share: bool,
 }
 
 impl OpenOptions {
@@ -79,6 +82,8 @@ pub struct Image {
     alloc_lock: Mutex<()>,
     writable: bool,
     guessed_raw: bool,
+    /// qemu-compatible locks on the image file, held as long as the image is open.
+    _lock: Option<lock::ImageLock>,
 }
 
 /// Opens `path` as a host storage.
@@ -170,9 +175,30 @@ impl Image {
                 path: path.to_owned(),
             });
         }
+        let from_file = storage.is_none();
         let storage = match storage {
             Some(s) => s,
             None => open_storage(path, opts.writable)?,
+        };
+        // qemu's locks: a writer holds write and resize and shares neither; a reader (backing
+        // images included) refuses to share write and resize unless told to share everything.
+        let file_lock = if from_file && !opts.force_share {
+            let held: &[u32] = if opts.writable {
+                &[
+                    lock::PERM_CONSISTENT_READ,
+                    lock::PERM_WRITE,
+                    lock::PERM_RESIZE,
+                ]
+            } else {
+                &[lock::PERM_CONSISTENT_READ]
+            };
+            Some(lock::lock(
+                path,
+                held,
+                &[lock::PERM_WRITE, lock::PERM_RESIZE],
+            )?)
+        } else {
+            None
         };
         let (format, guessed_raw) = match opts.format {
             Some(f) => (f, false),
@@ -216,6 +242,7 @@ impl Image {
                     writable: false,
                     no_backing: false,
                     snapshot: None,
+                    force_share: opts.force_share,
                 };
                 let b = Self::open_inner(&bpath, &bopts, seen, depth + 1, secrets).map_err(
                     |e| match e {
@@ -240,6 +267,7 @@ impl Image {
             alloc_lock: Mutex::new(()),
             writable: opts.writable && opts.snapshot.is_none(),
             guessed_raw,
+            _lock: file_lock,
         })
     }
 
@@ -257,6 +285,7 @@ impl Image {
             alloc_lock: Mutex::new(()),
             writable,
             guessed_raw: false,
+            _lock: None,
         }
     }
 

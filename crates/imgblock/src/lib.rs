@@ -21,6 +21,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod image;
+pub mod lock;
 pub mod luks;
 pub mod measure;
 pub mod ops;

@@ -32,7 +32,20 @@ pub fn commit(
     keep: bool,
     progress: Progress<'_>,
 ) -> Result<()> {
-    let top = Image::open(top_path, &OpenOptions::read_only().format(format))?;
+    // The top image is emptied at the end: hold its write lock throughout. The chain is read
+    // without locks of its own, so that the base below can be opened for writing.
+    let top_lock = crate::lock::lock(
+        top_path,
+        &[crate::lock::PERM_CONSISTENT_READ, crate::lock::PERM_WRITE],
+        &[crate::lock::PERM_WRITE, crate::lock::PERM_RESIZE],
+    )?;
+    let top = Image::open(
+        top_path,
+        &OpenOptions {
+            force_share: true,
+            ..OpenOptions::read_only().format(format)
+        },
+    )?;
     let chain = top.chain();
     if chain.len() < 2 {
         return Err(Error::Unsupported {
@@ -93,6 +106,7 @@ pub fn commit(
     base_w.flush()?;
     drop(base_w);
     drop(top);
+    drop(top_lock);
     if !keep {
         let top_w = Image::open(
             top_path,
@@ -101,6 +115,7 @@ pub fn commit(
                 writable: true,
                 no_backing: true,
                 snapshot: None,
+                force_share: false,
             },
         )?;
         top_w.driver().make_empty()?;
@@ -130,6 +145,7 @@ pub fn rebase(
                 writable: true,
                 no_backing: true,
                 snapshot: None,
+                force_share: false,
             },
         )?;
         img.driver().set_backing(new_backing)?;
