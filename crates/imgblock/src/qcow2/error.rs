@@ -131,6 +131,12 @@ pub enum Error {
     /// The file has grown past what the refcount structures can describe.
     #[error("image file would exceed the maximum qcow2 size")]
     FileTooLarge,
+    /// A refcount block claims a cluster past the end of the file is in use.
+    #[error("refcount of cluster at {0:#x}, past the end of the file, is not zero")]
+    RefcountPastEnd(u64),
+    /// Allocation kept finding its refcount blocks overwritten or missing.
+    #[error("refcount structures are inconsistent; run 'img check -r all'")]
+    RefcountStructureInconsistent,
     /// A refcount would overflow its width.
     #[error("refcount of cluster at {0:#x} would overflow")]
     RefcountOverflow(u64),

@@ -186,6 +186,9 @@ impl Qcow2 {
             source: e,
         };
         let file_len = storage.size().ctx(&path)?;
+        if file_len < u64::from(header::V2_HEADER_LEN) {
+            return Err(qerr(Error::Truncated(file_len)));
+        }
         let mut first = vec![0u8; 4096];
         storage.read_at(&mut first, 0).ctx(&path)?;
         let prelim = Header::parse(

@@ -49,6 +49,11 @@ pub fn set_entry(block: &mut [u8], order: u32, i: u64, v: u64) -> std::ops::Rang
     }
 }
 
+/// Refcount blocks (or table growths) one allocation may need before the refcount structures
+/// are taken to be inconsistent: a run of clusters spans few blocks, and each new block needs
+/// at most one more for itself.
+const MAX_ALLOC_RETRIES: u32 = 64;
+
 impl Qcow2 {
     /// Largest refcount the width can hold.
     pub(super) fn max_refcount(&self) -> u64 {
@@ -171,7 +176,13 @@ impl Qcow2 {
             if (c + 1) << self.geo.cluster_bits > MAX_HOST_OFFSET {
                 return Err(self.err(Error::FileTooLarge));
             }
-            if self.refcount(st, c)? == 0 {
+            let rc = self.refcount(st, c)?;
+            if rc != 0 && c >= st.end_hint {
+                // Past everything the file holds nothing can be in use: refcounts that say
+                // otherwise are corrupt, and following them could scan without end.
+                return Err(self.err(Error::RefcountPastEnd(c << self.geo.cluster_bits)));
+            }
+            if rc == 0 {
                 first_free.get_or_insert(c);
                 run += 1;
                 if run == n {
@@ -232,9 +243,17 @@ impl Qcow2 {
 
     /// Allocates `n` contiguous clusters with refcount 1 and returns the host offset of the first.
     pub(super) fn alloc_clusters(&self, st: &mut State, n: u64) -> Result<u64> {
+        // Each retry places one refcount block or grows the table; a consistent image needs a
+        // handful. Corrupt refcounts (a block claiming to be free, blocks overlapping) could
+        // otherwise keep us placing blocks for ever.
+        let mut retries = 0;
         loop {
             let c = self.find_free_run(st, n)?;
             if self.ensure_refblocks(st, c, n)? {
+                retries += 1;
+                if retries > MAX_ALLOC_RETRIES {
+                    return Err(self.err(Error::RefcountStructureInconsistent));
+                }
                 continue;
             }
             // The run may have been taken by a refcount block placed meanwhile.
