@@ -307,7 +307,7 @@ const CASES: &[Case] = &[
         make: |d| {
             let b = qcow2(d, "");
             let l2 = first_l2(&b);
-            patched(d, "a.qcow2", b, &[(l2 + 8, &be64((1 << 63) | 0))])
+            patched(d, "a.qcow2", b, &[(l2 + 8, &be64(1 << 63))])
         },
         format: None,
         expect: Expect::SameAsQemu,
