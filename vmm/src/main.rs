@@ -4,19 +4,10 @@
 //! Exit codes: 0 when the guest powers off or reboots; 1 when set-up fails or the guest dies
 //! (triple fault, KVM error); 2 for bad arguments (clap's convention).
 
-mod acpi;
-mod boot;
-mod bus;
-mod cli;
-mod disk;
-mod layout;
-mod legacy;
-mod virtio;
-mod vm;
-
 use clap::Parser;
 
-use crate::legacy::VmExit;
+use vmm::legacy::VmExit;
+use vmm::{cli, vm};
 
 fn main() {
     let args = cli::Args::parse();
