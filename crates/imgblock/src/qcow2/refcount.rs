@@ -114,6 +114,10 @@ impl Qcow2 {
         if rb == 0 {
             return Err(self.err(Error::RefcountUnderflow(c << self.geo.cluster_bits)));
         }
+        if v != 0 {
+            // Whatever happens to the write below, this cluster may now count as in use.
+            st.end_hint = st.end_hint.max(c + 1);
+        }
         let order = self.geo.refcount_order;
         let i = c % self.geo.rb_entries;
         let block = self.load_refblock(st, rb)?;
