@@ -16,7 +16,7 @@ fn source(env: &Env) {
         env.write_at(
             "src.raw",
             i * 4 * MIB,
-            &noise(i, (MIB + i * 64 * KIB) as usize),
+            &noise(i, usize::try_from(MIB + i * 64 * KIB).unwrap()),
         );
     }
 }
