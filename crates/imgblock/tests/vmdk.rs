@@ -577,3 +577,27 @@ fn vmdk_fixtures_read_like_qemu() {
         assert_reads_like_qemu(&dir.join(f));
     }
 }
+
+#[test]
+fn vmdk_empty_stream_optimized_from_create_opens_in_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("empty-stream.vmdk");
+    let mut o = imgblock::CreateOptions::new(1 << 20);
+    o.parse_opts("subformat=streamOptimized").unwrap();
+    imgblock::create(&p, imgblock::Format::Vmdk, &o).unwrap();
+    let out = std::process::Command::new("qemu-img")
+        .arg("check")
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let img = imgblock::Image::open(&p, &imgblock::OpenOptions::read_only()).unwrap();
+    let mut b = vec![1u8; 1 << 20];
+    img.read_at(&mut b, 0).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+}

@@ -325,6 +325,16 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
                 sub == Subformat::StreamOptimized,
                 Some(&text),
             )?;
+            if sub == Subformat::StreamOptimized {
+                // Even an empty stream needs its grain directory, footer and end-of-stream
+                // marker: the driver writes them when it is flushed.
+                let opts = crate::OpenOptions {
+                    format: Some(crate::Format::Vmdk),
+                    writable: true,
+                    ..crate::OpenOptions::default()
+                };
+                crate::Image::open(path, &opts)?.flush()?;
+            }
         }
         _ => {
             let split = matches!(
