@@ -1119,7 +1119,7 @@ impl Driver for Vmdk {
             let lba = u64::from_le_bytes([m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7]]);
             let size = usize::try_from(u32::from_le_bytes([m[8], m[9], m[10], m[11]]))
                 .map_err(|_| bad())?;
-            if lba * SECTOR != c.guest_cluster - ext.start || size > max {
+            if lba.checked_mul(SECTOR) != c.guest_cluster.checked_sub(ext.start) || size > max {
                 return Err(bad());
             }
             let mut d = vec![0u8; size];
