@@ -1,0 +1,99 @@
+//! `img check` on images with planted leaks and planted corruptions: the same counts and exit
+//! code as `qemu-img check`, and after `img check -r all` qemu-img finds the image clean.
+
+mod common;
+
+use common::*;
+
+/// A qemu-made image with data, and the offset of its first refcount block.
+fn image(env: &Env, name: &str) -> u64 {
+    env.qemu_img(&["create", "-q", "-f", "qcow2", name, "4M"])
+        .ok();
+    env.qemu_io(
+        "qcow2",
+        name,
+        &["write -P 0x33 0 300k", "write -P 0x44 2M 64k"],
+    );
+    let h = env.read(name);
+    let reftable = u64::from_be_bytes(h[48..56].try_into().unwrap());
+    let rt = usize::try_from(reftable).unwrap();
+    u64::from_be_bytes(h[rt..rt + 8].try_into().unwrap())
+}
+
+/// Sets the 16-bit refcount of cluster `c` (64 KiB clusters).
+fn set_refcount(env: &Env, name: &str, refblock: u64, c: u64, v: u16) {
+    env.write_at(name, refblock + c * 2, &v.to_be_bytes());
+}
+
+fn counts(out: &Output) -> (i64, i64) {
+    let j = out.json();
+    let get = |k: &str| j.get(k).and_then(serde_json::Value::as_i64).unwrap_or(0);
+    (get("leaks"), get("corruptions"))
+}
+
+fn same_verdict(env: &Env, name: &str) -> Option<i32> {
+    let q = env.qemu_img(&["check", "--output=json", name]);
+    let i = env.img(&["check", "--output=json", name]).no_panic();
+    assert_eq!(
+        i.code, q.code,
+        "exit codes differ:\nimg: {i}\nqemu-img: {q}"
+    );
+    assert_eq!(
+        counts(&i),
+        counts(&q),
+        "counts differ:\nimg: {i}\nqemu-img: {q}"
+    );
+    i.code
+}
+
+#[test]
+fn planted_leak_is_reported_like_qemu_and_repaired() {
+    let env = Env::with_qemu();
+    let rb = image(&env, "l.qcow2");
+    // A cluster past the data, inside the file, claimed by nobody.
+    let end = env.len("l.qcow2");
+    env.set_len("l.qcow2", end + 2 * 65536);
+    set_refcount(&env, "l.qcow2", rb, end / 65536 + 1, 1);
+    assert_eq!(same_verdict(&env, "l.qcow2"), Some(3));
+    env.img(&["check", "-r", "leaks", "l.qcow2"]).no_panic();
+    env.qemu_img(&["check", "l.qcow2"]).ok();
+}
+
+#[test]
+fn planted_corruption_is_reported_like_qemu_and_repaired() {
+    let env = Env::with_qemu();
+    let rb = image(&env, "c.qcow2");
+    // The first data cluster in use loses its reference count.
+    let before = env
+        .qemu_img(&["map", "--output=json", "c.qcow2"])
+        .ok()
+        .json();
+    let host = before[0]["offset"]
+        .as_u64()
+        .expect("first extent has an offset");
+    set_refcount(&env, "c.qcow2", rb, host / 65536, 0);
+    assert_eq!(same_verdict(&env, "c.qcow2"), Some(2));
+    env.img(&["check", "-r", "all", "c.qcow2"]).no_panic();
+    env.qemu_img(&["check", "c.qcow2"]).ok();
+    // The data is still there.
+    env.qemu_img(&["convert", "-O", "raw", "c.qcow2", "c.raw"])
+        .ok();
+    let raw = env.read("c.raw");
+    assert!(raw[..300 * 1024].iter().all(|&b| b == 0x33));
+}
+
+#[test]
+fn planted_refcount_too_high_and_too_low_together() {
+    let env = Env::with_qemu();
+    let rb = image(&env, "b.qcow2");
+    let before = env
+        .qemu_img(&["map", "--output=json", "b.qcow2"])
+        .ok()
+        .json();
+    let host = before[0]["offset"].as_u64().unwrap();
+    set_refcount(&env, "b.qcow2", rb, host / 65536, 5);
+    set_refcount(&env, "b.qcow2", rb, 0, 0);
+    assert_eq!(same_verdict(&env, "b.qcow2"), Some(2));
+    env.img(&["check", "-r", "all", "b.qcow2"]).no_panic();
+    env.qemu_img(&["check", "b.qcow2"]).ok();
+}
