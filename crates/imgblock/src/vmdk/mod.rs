@@ -863,7 +863,7 @@ impl Vmdk {
 /// Opens a sparse extent file (KDMV or COWD).
 fn open_sparse(s: &dyn Storage, writable: bool) -> Result<(SparseInfo, SparseState)> {
     let path = s.path();
-    let file_len = s.size().ctx(path)?;
+    let mut file_len = s.size().ctx(path)?;
     if file_len < SECTOR {
         return Err(verr(path, Error::Truncated(file_len)));
     }
@@ -947,9 +947,19 @@ fn open_sparse(s: &dyn Storage, writable: bool) -> Result<(SparseInfo, SparseSta
             if fsize != 0 || ftype != sparse::MARKER_FOOTER || eos != (0, 0, sparse::MARKER_EOS) {
                 return Err(verr(path, Error::BadFooter));
             }
+            let created = h.clone();
             h = SparseHeader::parse(&tail[512..1024]).map_err(|_| verr(path, Error::BadFooter))?;
             if h.gd_offset == GD_AT_END {
                 return Err(verr(path, Error::BadFooter));
+            }
+            if writable && stream_is_empty(s, &h).map_err(|e| verr(path, e))? {
+                // A stream created empty carries its directory and footer so that it reads;
+                // writing it starts the stream afresh after the descriptor.
+                let start = created.overhead.saturating_mul(SECTOR);
+                s.set_len(start).ctx(path)?;
+                file_len = start;
+                h = created;
+                stream = Some(StreamWriter::new(start));
             }
         }
     }
@@ -1469,3 +1479,29 @@ impl Driver for Vmdk {
 
 #[cfg(test)]
 mod tests;
+
+/// Whether a finished stream holds no grain: every grain table its directory names is all zero.
+fn stream_is_empty(s: &dyn Storage, footer: &SparseHeader) -> std::result::Result<bool, Error> {
+    let geo = footer.validate()?;
+    let gd_bytes = usize::try_from(geo.gd_entries.saturating_mul(4)).unwrap_or(usize::MAX);
+    if gd_bytes as u64 > MAX_GD_BYTES {
+        return Ok(false);
+    }
+    let mut gd = vec![0u8; gd_bytes];
+    s.read_at(&mut gd, footer.gd_offset.saturating_mul(SECTOR))
+        .map_err(|_| Error::BadFooter)?;
+    let gt_bytes = usize::try_from(geo.gtes.saturating_mul(4)).unwrap_or(usize::MAX);
+    let mut gt = vec![0u8; gt_bytes.min(1 << 20)];
+    for e in gd.chunks_exact(4) {
+        let sector = u64::from(u32::from_le_bytes([e[0], e[1], e[2], e[3]]));
+        if sector == 0 {
+            continue;
+        }
+        s.read_at(&mut gt, sector.saturating_mul(SECTOR))
+            .map_err(|_| Error::BadFooter)?;
+        if gt.iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
