@@ -30,6 +30,7 @@ pub mod ova;
 pub mod probe;
 pub mod qcow2;
 pub mod raw;
+pub mod scan;
 pub mod storage;
 pub mod vdi;
 pub mod vmdk;

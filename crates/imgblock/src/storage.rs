@@ -44,12 +44,19 @@ pub trait Storage: Send + Sync + Debug {
     fn read_only(&self) -> bool;
 }
 
+/// What `O_DIRECT` needs of a buffer's address, offset and length on any Linux filesystem.
+pub const DIRECT_ALIGN: usize = 4096;
+
 /// A [`Storage`] over a regular file or block device.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
     path: PathBuf,
     read_only: bool,
+    /// A second descriptor opened with `O_DIRECT`, for I/O aligned to [`DIRECT_ALIGN`];
+    /// everything else (metadata, partial sectors) goes through `file`. The kernel keeps the
+    /// two coherent: a direct write invalidates cached pages, a direct read flushes dirty ones.
+    direct: Option<File>,
 }
 
 impl FileStorage {
@@ -63,7 +70,39 @@ impl FileStorage {
             file,
             path: path.to_owned(),
             read_only: !writable,
+            direct: None,
         })
+    }
+
+    /// Opens an existing file for I/O that bypasses the page cache (qemu's `cache=none`):
+    /// aligned reads and writes use `O_DIRECT`, the rest the page cache. On a filesystem without
+    /// `O_DIRECT` (tmpfs) every access goes through the page cache.
+    ///
+    /// # Errors
+    /// Whatever `open(2)` returns.
+    pub fn open_direct(path: &Path, writable: bool) -> io::Result<Self> {
+        let mut s = Self::open(path, writable)?;
+        s.direct = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok();
+        Ok(s)
+    }
+
+    /// The descriptor for an access of `len` bytes at `offset` from or to `addr`.
+    fn pick(&self, addr: *const u8, len: usize, offset: u64) -> &File {
+        match &self.direct {
+            Some(d)
+                if (addr as usize) % DIRECT_ALIGN == 0
+                    && len % DIRECT_ALIGN == 0
+                    && offset % DIRECT_ALIGN as u64 == 0 =>
+            {
+                d
+            }
+            _ => &self.file,
+        }
     }
 
     /// Creates (or truncates) a file for writing.
@@ -82,6 +121,7 @@ impl FileStorage {
             file,
             path: path.to_owned(),
             read_only: false,
+            direct: None,
         })
     }
 
@@ -151,15 +191,27 @@ impl Storage for FileStorage {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut file = self.pick(buf.as_ptr(), buf.len(), offset);
         let mut done = 0;
         while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+            match file.read_at(&mut buf[done..], offset + done as u64) {
                 Ok(0) => {
                     buf[done..].fill(0);
                     return Ok(());
                 }
-                Ok(n) => done += n,
+                // After a short read the rest is no longer aligned: finish through the cache.
+                Ok(n) => {
+                    done += n;
+                    file = &self.file;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // A filesystem may refuse some direct I/O (EINVAL): the page cache still works.
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EINVAL)
+                        && !std::ptr::eq(file, &self.file) =>
+                {
+                    file = &self.file;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -168,7 +220,13 @@ impl Storage for FileStorage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.check_writable()?;
-        self.file.write_all_at(buf, offset)
+        let file = self.pick(buf.as_ptr(), buf.len(), offset);
+        match file.write_all_at(buf, offset) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !std::ptr::eq(file, &self.file) => {
+                self.file.write_all_at(buf, offset)
+            }
+            r => r,
+        }
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {

@@ -40,6 +40,11 @@ pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> std::i
     }
 }
 
+/// The deflate level for zlib clusters. qemu uses zlib's default (6), but zlib-rs's level 6 is
+/// zlib-ng's faster "medium" strategy, whose output is about 4% larger; its level 9 matches
+/// zlib's level-6 size (within 0.5% on binaries and text) and still runs faster than zlib's 6.
+const ZLIB_LEVEL: u32 = 9;
+
 /// Compresses one cluster the way qemu does: raw deflate with a 4 KiB window (qemu inflates with
 /// windowBits -12, so a larger window would make images qemu cannot read), or one zstd frame.
 /// Returns `None` when the result would not be smaller than `limit` bytes; the caller then
@@ -47,8 +52,16 @@ pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> std::i
 pub fn compress(kind: CompressionType, input: &[u8], limit: usize) -> Option<Vec<u8>> {
     match kind {
         CompressionType::Zlib => {
-            let mut c =
-                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+            // Deflate spends as long failing on noise as succeeding on text: skip data that
+            // the (much faster) probe already finds incompressible.
+            if crate::scan::incompressible(input) {
+                return None;
+            }
+            let mut c = flate2::Compress::new_with_window_bits(
+                flate2::Compression::new(ZLIB_LEVEL),
+                false,
+                12,
+            );
             let mut out = Vec::with_capacity(limit);
             match c.compress_vec(input, &mut out, flate2::FlushCompress::Finish) {
                 Ok(flate2::Status::StreamEnd) if out.len() < limit => Some(out),
