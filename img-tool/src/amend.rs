@@ -8,7 +8,7 @@ use crate::cache::parse_cache;
 use crate::createopts::wants_help;
 use crate::failure::{CliResult, Failure};
 use crate::open::{open_image, parse_format, OpenRequest};
-use crate::progress::Progress;
+use crate::progress::{Progress, ProgressArgs};
 
 /// qcow2's amendable options as qemu 10's `-o help` lists them (qemu's `qcow2_amend_opts`; the
 /// encryption ones are listed there too, though `img` cannot amend them).
@@ -44,9 +44,9 @@ pub struct AmendArgs {
     /// Options to change, key=value[,key=value...]; `-o help` lists them. May be repeated.
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
-    /// Show progress.
-    #[arg(short = 'p')]
-    progress: bool,
+    /// `-p` and `--progress=json`.
+    #[command(flatten)]
+    progress: ProgressArgs,
     /// Quiet: print nothing but errors.
     #[arg(short = 'q')]
     quiet: bool,
@@ -159,7 +159,7 @@ pub fn run(args: &AmendArgs) -> CliResult<i32> {
     check_options(&opts)?;
     let is_v2 = matches!(img.driver().specific(), FormatSpecific::Qcow2(q) if q.compat == "0.10");
     let steps = steps(&opts, is_v2)?;
-    let progress = Progress::new(args.progress, args.quiet, steps.len() as u64);
+    let progress = Progress::new(&args.progress, args.quiet, steps.len() as u64);
     for step in &steps {
         img.amend(step).map_err(|e| match e {
             imgblock::Error::InvalidOption(m) => Failure::new(m),

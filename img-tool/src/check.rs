@@ -7,7 +7,7 @@ use serde_json::{json, Map, Value};
 use crate::failure::{CliResult, Failure};
 use crate::open::{open_image, parse_format, OpenRequest};
 use crate::output::OutputFormat;
-use crate::progress::Progress;
+use crate::progress::{Progress, ProgressArgs};
 use crate::qjson;
 
 /// Exit status: the check found corruptions.
@@ -35,9 +35,9 @@ pub struct CheckArgs {
     /// Quiet: print nothing but errors.
     #[arg(short = 'q')]
     quiet: bool,
-    /// Show progress.
-    #[arg(short = 'p')]
-    progress: bool,
+    /// `-p` and `--progress=json`.
+    #[command(flatten)]
+    progress: ProgressArgs,
     /// Open the image even if another process uses it (accepted for compatibility).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
@@ -74,7 +74,12 @@ pub fn run(args: &CheckArgs) -> CliResult<i32> {
         ..OpenRequest::default()
     };
     let img = open_image(&spec.path, &req)?;
-    let progress = Progress::new(args.progress, args.quiet || output == OutputFormat::Json, 1);
+    // The check is one library call: progress goes from nothing to the whole image.
+    let progress = Progress::new(
+        &args.progress,
+        args.quiet || output == OutputFormat::Json,
+        img.size(),
+    );
     let mut report = run_check(&img, repair)?;
     let fixed = (report.corruptions_fixed, report.leaks_fixed);
     if fixed != (0, 0) {
@@ -89,7 +94,6 @@ pub fn run(args: &CheckArgs) -> CliResult<i32> {
         report = run_check(&img, Repair::None)?;
         (report.corruptions_fixed, report.leaks_fixed) = fixed;
     }
-    progress.inc(1);
     progress.finish();
     let name = args.filename.as_str();
     if !args.quiet {

@@ -7,7 +7,7 @@ use clap::Args;
 use crate::cache::parse_cache;
 use crate::failure::{CliResult, Failure};
 use crate::open::{open_image, parse_format, OpenRequest};
-use crate::progress::Progress;
+use crate::progress::{Progress, ProgressArgs};
 
 /// `img commit [-f FMT] [-t CACHE] [-b BASE] [-d] [-p] [-q] FILE`
 #[derive(Debug, Args)]
@@ -24,9 +24,9 @@ pub struct CommitArgs {
     /// Keep the overlay's data (do not empty it after the commit).
     #[arg(short = 'd')]
     keep: bool,
-    /// Show progress.
-    #[arg(short = 'p')]
-    progress: bool,
+    /// `-p` and `--progress=json`.
+    #[command(flatten)]
+    progress: ProgressArgs,
     /// Quiet: print nothing but errors.
     #[arg(short = 'q')]
     quiet: bool,
@@ -43,7 +43,7 @@ pub fn run(args: &CommitArgs) -> CliResult<i32> {
     let format = parse_format(args.format.as_deref())?;
     let path = Path::new(&args.filename);
     check_chain(path, format, args.base.as_deref())?;
-    let progress = Progress::new(args.progress, args.quiet, 0);
+    let progress = Progress::new(&args.progress, args.quiet, 0);
     // qemu-img: the images between the base and the top become invalid, so -b keeps the top.
     let keep = args.keep || args.base.is_some();
     imgblock::ops::commit(

@@ -5,7 +5,7 @@ use imgblock::{BlockStatus, Image};
 
 use crate::failure::{CliResult, Failure};
 use crate::open::{open_image, parse_format, OpenRequest};
-use crate::progress::Progress;
+use crate::progress::{Progress, ProgressArgs};
 use crate::sectors::{first_difference, first_nonzero};
 
 /// qemu-img compares at most this many bytes at a time (`IO_BUF_SIZE`).
@@ -35,9 +35,9 @@ pub struct CompareArgs {
     /// Strict: fail on different sizes or allocation.
     #[arg(short = 's')]
     strict: bool,
-    /// Show progress.
-    #[arg(short = 'p')]
-    progress: bool,
+    /// `-p` and `--progress=json`.
+    #[command(flatten)]
+    progress: ProgressArgs,
     /// Quiet: print nothing but errors.
     #[arg(short = 'q')]
     quiet: bool,
@@ -87,7 +87,7 @@ pub fn run(args: &CompareArgs) -> CliResult<i32> {
         say("Strict mode: Image size mismatch!");
         return Ok(EXIT_DIFFERENT);
     }
-    let progress = Progress::new(args.progress, args.quiet, sa.max(sb));
+    let progress = Progress::new(&args.progress, args.quiet, sa.max(sb));
     let mut verdict = compare_common(&a, &b, args.strict, &progress)?;
     if verdict == Verdict::Identical && sa != sb {
         say("Warning: Image size mismatch!");

@@ -1,11 +1,7 @@
 //! `img convert`: copies one or more images (concatenated) into a new or existing one, in
 //! fixed-size chunks, reading only what block status says holds data.
 
-use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::Mutex;
 
 use clap::Args;
 use imgblock::{BlockStatus, CreateOptions, Format, Image};
@@ -14,20 +10,16 @@ use crate::cache::parse_cache;
 use crate::createopts::{help_text, wants_help};
 use crate::failure::{CliResult, Failure};
 use crate::open::{open_image, open_source, parse_format, OpenRequest};
-use crate::progress::Progress;
+use crate::pipeline::{Action, Mode, Sparse};
+use crate::progress::{Progress, ProgressArgs};
 use crate::secrets::SecretArgs;
-use crate::sectors::{data_run, is_zero, SECTOR};
 
-/// Bytes copied per step; memory use is one buffer of this size, whatever the image size.
-const CHUNK: u64 = 2 << 20;
 /// The default `-S`: zero runs shorter than this inside data are written as data.
 const DEFAULT_SPARSE: u64 = 4096;
 /// The largest `-S` qemu-img accepts.
 const MAX_SPARSE: u64 = 16 << 20;
 /// The most parallel requests (`-m`) qemu-img accepts.
 const MAX_PARALLEL: usize = 16;
-/// Bytes handed to a compression worker at a time (whole clusters, at least one).
-const COMPRESS_BATCH: u64 = 1 << 20;
 
 /// `img convert [-f FMT] [-O FMT] [-o OPTS] [-S SIZE] [-n] [-p] [-q] [-c] [-l snapshot.name=NAME]
 /// [-B BACKING [-F FMT]] [-W] [-m N] [-t CACHE] [-T SRC_CACHE] [-U] [--disk N] SRC... DST`
@@ -48,9 +40,9 @@ pub struct ConvertArgs {
     /// Do not create the target; write into the existing image.
     #[arg(short = 'n')]
     no_create: bool,
-    /// Show progress.
-    #[arg(short = 'p')]
-    progress: bool,
+    /// `-p` and `--progress=json`.
+    #[command(flatten)]
+    progress: ProgressArgs,
     /// Quiet: print nothing but errors.
     #[arg(short = 'q')]
     quiet: bool,
@@ -66,17 +58,19 @@ pub struct ConvertArgs {
     /// Format of the target's backing file.
     #[arg(short = 'F', value_name = "BACKING_FMT")]
     backing_format: Option<String>,
-    /// Allow out-of-order writes (accepted for compatibility: `img` compresses in parallel and
-    /// always writes in guest order, which streamOptimized vmdk needs anyway).
+    /// Allow out-of-order writes to formats that allocate as they go (raw targets always take
+    /// them; compressed targets are always written in guest order, whatever -W says).
     #[arg(short = 'W')]
     out_of_order: bool,
-    /// Parallelism: compression worker threads (1 to 16; default: the number of cores).
+    /// Parallelism: worker threads that read, detect zeroes and compress (1 to 16; default: the
+    /// number of cores).
     #[arg(short = 'm', value_name = "NUM")]
     parallel: Option<String>,
-    /// Cache mode for the target (accepted for compatibility; the target is flushed at the end).
+    /// Cache mode for the target: `none` and `directsync` bypass the page cache (O_DIRECT);
+    /// the target is flushed at the end whatever the mode.
     #[arg(short = 't', value_name = "CACHE")]
     cache: Option<String>,
-    /// Cache mode for the sources (accepted for compatibility).
+    /// Cache mode for the sources: `none` and `directsync` read around the page cache.
     #[arg(short = 'T', value_name = "SRC_CACHE")]
     src_cache: Option<String>,
     /// OVA sources: which disk of the appliance to convert (0-based; default the first).
@@ -91,17 +85,6 @@ pub struct ConvertArgs {
     /// Source images, then the target.
     #[arg(num_args = 0..)]
     files: Vec<String>,
-}
-
-/// What to do with one range of the source.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Action {
-    /// Leave it to the target's backing file.
-    Skip,
-    /// Make it read as zeroes.
-    Zero,
-    /// Read and copy (with zero detection).
-    Copy,
 }
 
 /// Validated convert settings.
@@ -204,11 +187,12 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
     if !args.no_create && crate::create::legacy_aes(&opts) {
         eprintln!("{}", crate::create::LEGACY_AES_WARNING);
     }
+    let direct = is_direct(args.cache.as_deref());
     let target = if args.no_create {
-        open_existing_target(Path::new(dst), out_format, total)?
+        open_existing_target(Path::new(dst), out_format, total, direct)?
     } else {
         opts.size = Some(total);
-        create_target(Path::new(dst), out_format, &opts)?
+        create_target(Path::new(dst), out_format, &opts, direct)?
     };
     let min_sparse = usize::try_from(sparse / 512).unwrap_or(8);
     let plan = Plan {
@@ -221,16 +205,37 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
             && target.driver().has_zero_init(),
         target_has_backing,
     };
-    let progress = Progress::new(args.progress, args.quiet, total);
-    if args.compress || compresses_every_cluster(&target) {
-        copy_compressed(&sources, &target, &plan, &progress, workers)?;
-    } else {
-        let mut base = 0;
-        for src in &sources {
-            copy_image(src, &target, base, &plan, &progress)?;
-            base += src.size();
+    let progress = Progress::new(&args.progress, args.quiet, total);
+    let sparse = Sparse {
+        min_sparse: plan.min_sparse,
+        alignment: plan.alignment,
+        zero_init: plan.zero_init,
+    };
+    let mode = if args.compress || compresses_every_cluster(&target) {
+        let cluster = target
+            .driver()
+            .cluster_size()
+            .ok_or_else(|| Failure::new("Compression not supported for this file format"))?;
+        Mode::Compressed {
+            cluster: usize::try_from(cluster)
+                .map_err(|_| Failure::new("Cluster size too large"))?,
         }
-    }
+    } else {
+        // A raw target's layout does not depend on the order of writes; other formats allocate
+        // in write order, so they are written in guest order unless -W allows otherwise.
+        Mode::Plain {
+            in_order: !args.out_of_order && target.format() != Format::Raw,
+        }
+    };
+    crate::pipeline::copy(
+        &sources,
+        &target,
+        sparse,
+        mode,
+        workers,
+        &progress,
+        &|src, offset, len| next_range(src, offset, len, &plan),
+    )?;
     target
         .flush()
         .map_err(|e| Failure::new(format!("Error while flushing {dst}: {e}")))?;
@@ -257,6 +262,7 @@ fn open_sources(args: &ConvertArgs, srcs: &[String]) -> CliResult<Vec<Image>> {
                 format: spec.format,
                 snapshot: snapshot.as_deref(),
                 force_share: args.force_share,
+                direct: is_direct(args.src_cache.as_deref()),
                 secrets: Some(&spec.secrets),
                 ..OpenRequest::default()
             };
@@ -266,17 +272,28 @@ fn open_sources(args: &ConvertArgs, srcs: &[String]) -> CliResult<Vec<Image>> {
 }
 
 /// Creates the target and opens it for writing (with its backing chain, for copy-on-write).
-fn create_target(path: &Path, format: Format, opts: &CreateOptions) -> CliResult<Image> {
+fn create_target(
+    path: &Path,
+    format: Format,
+    opts: &CreateOptions,
+    direct: bool,
+) -> CliResult<Image> {
     imgblock::create(path, format, opts)
         .map_err(|e| Failure::new(format!("{}: {e}", path.display())))?;
     let secrets = crate::secrets::for_new_image(opts)?;
     let req = OpenRequest {
         format: Some(format),
         writable: true,
+        direct,
         secrets: Some(&secrets),
         ..OpenRequest::default()
     };
     open_image(path, &req)
+}
+
+/// Whether a cache mode bypasses the page cache (qemu's `cache.direct=on`).
+fn is_direct(mode: Option<&str>) -> bool {
+    matches!(mode, Some("none" | "directsync"))
 }
 
 fn pow2floor(n: usize) -> usize {
@@ -288,10 +305,11 @@ fn pow2floor(n: usize) -> usize {
 }
 
 /// `-n`: the target must exist and be large enough.
-fn open_existing_target(path: &Path, format: Format, total: u64) -> CliResult<Image> {
+fn open_existing_target(path: &Path, format: Format, total: u64, direct: bool) -> CliResult<Image> {
     let req = OpenRequest {
         format: Some(format),
         writable: true,
+        direct,
         ..OpenRequest::default()
     };
     let img = open_image(path, &req)?;
@@ -332,70 +350,6 @@ fn next_range(src: &Image, offset: u64, len: u64, plan: &Plan) -> CliResult<(Act
     Ok((action_for(&st, plan), st.len.clamp(1, len)))
 }
 
-/// Copies `src` into `target` at `base`, chunk by chunk.
-fn copy_image(
-    src: &Image,
-    target: &Image,
-    base: u64,
-    plan: &Plan,
-    progress: &Progress,
-) -> CliResult<()> {
-    let size = src.size();
-    let mut buf = vec![0u8; usize::try_from(CHUNK.min(size)).unwrap_or(0)];
-    let mut offset = 0;
-    while offset < size {
-        let (action, n) = next_range(src, offset, (size - offset).min(CHUNK), plan)?;
-        let n = n.min(CHUNK);
-        match action {
-            Action::Skip => {}
-            Action::Zero => write_zeroes(target, base + offset, n, plan)?,
-            Action::Copy => {
-                let data = &mut buf[..usize::try_from(n).unwrap_or(0)];
-                src.read_at(data, offset)?;
-                write_chunk(target, base + offset, data, plan)?;
-            }
-        }
-        offset += n;
-        progress.inc(n);
-    }
-    Ok(())
-}
-
-/// Makes a target range read as zeroes, unless it already does.
-fn write_zeroes(target: &Image, offset: u64, len: u64, plan: &Plan) -> CliResult<()> {
-    if !plan.zero_init {
-        target.write_zeroes(offset, len, true)?;
-    }
-    Ok(())
-}
-
-/// Writes one chunk of data, turning zero runs of at least `-S` into holes (qemu-img's
-/// `convert_co_write`).
-fn write_chunk(target: &Image, offset: u64, data: &[u8], plan: &Plan) -> CliResult<()> {
-    if plan.min_sparse == 0 {
-        target.write_at(data, offset)?;
-        return Ok(());
-    }
-    let mut done = 0;
-    while done < data.len() {
-        let pos = offset + done as u64;
-        let (is_data, n) = data_run(
-            &data[done..],
-            pos / SECTOR as u64,
-            plan.min_sparse,
-            plan.alignment,
-        );
-        let n = n.max(1).min(data.len() - done);
-        if is_data {
-            target.write_at(&data[done..done + n], pos)?;
-        } else {
-            write_zeroes(target, pos, n as u64, plan)?;
-        }
-        done += n;
-    }
-    Ok(())
-}
-
 /// Whether the target stores every cluster compressed whatever `-c` says (streamOptimized
 /// vmdk): its data then goes through the parallel compressing copy too.
 fn compresses_every_cluster(target: &Image) -> bool {
@@ -404,200 +358,6 @@ fn compresses_every_cluster(target: &Image) -> bool {
     };
     let probe = vec![0x55u8; usize::try_from(cs).unwrap_or(0)];
     target.format() == Format::Vmdk && target.compress_cluster(&probe).is_some()
-}
-
-/// A batch of the source for a compression worker: `data` is `None` when it reads as zeroes.
-struct Job {
-    index: u64,
-    offset: u64,
-    len: u64,
-    data: Option<Vec<u8>>,
-}
-
-/// A batch with each cluster compressed (`None`: all-zero, or it did not shrink).
-struct Packed {
-    job: Job,
-    clusters: Vec<Option<Vec<u8>>>,
-}
-
-/// `-c` and streamOptimized targets: reads batches of whole clusters on this thread, compresses
-/// them on `workers` threads, and writes them on one writer thread in guest order (each cluster
-/// stored compressed when that shrinks it, plainly otherwise, as qemu does). Memory is bounded
-/// by the channels: a few batches per worker.
-fn copy_compressed(
-    sources: &[Image],
-    target: &Image,
-    plan: &Plan,
-    progress: &Progress,
-    workers: usize,
-) -> CliResult<()> {
-    let cluster = target
-        .driver()
-        .cluster_size()
-        .ok_or_else(|| Failure::new("Compression not supported for this file format"))?;
-    let cs = usize::try_from(cluster).map_err(|_| Failure::new("Cluster size too large"))?;
-    let batch = COMPRESS_BATCH.max(cluster) / cluster * cluster;
-    let total = target.size().min(sources.iter().map(Image::size).sum());
-    let workers = workers.max(1);
-    // Set when the writer stops early: workers then drain and drop jobs, the reader stops.
-    let stop = AtomicBool::new(false);
-    let (job_tx, job_rx) = sync_channel::<Job>(workers * 2);
-    let job_rx = Mutex::new(job_rx);
-    let (done_tx, done_rx) = sync_channel::<Packed>(workers * 2);
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            let done_tx = done_tx.clone();
-            let (job_rx, stop) = (&job_rx, &stop);
-            s.spawn(move || compress_worker(target, cs, job_rx, &done_tx, stop));
-        }
-        drop(done_tx);
-        let stop_ref = &stop;
-        let writer = s.spawn(move || {
-            let r = write_in_order(target, cs, plan, progress, done_rx);
-            if r.is_err() {
-                stop_ref.store(true, Ordering::SeqCst);
-            }
-            r
-        });
-        let read = read_batches(sources, total, batch, &job_tx, &stop);
-        drop(job_tx);
-        let written = writer
-            .join()
-            .map_err(|_| Failure::new("convert: writer thread failed"))?;
-        read.and(written)
-    })
-}
-
-/// Reads the source in batches and queues them; stops early when the writer has failed.
-fn read_batches(
-    sources: &[Image],
-    total: u64,
-    batch: u64,
-    jobs: &SyncSender<Job>,
-    stop: &AtomicBool,
-) -> CliResult<()> {
-    let mut offset = 0;
-    let mut index = 0;
-    while offset < total && !stop.load(Ordering::SeqCst) {
-        let len = batch.min(total - offset);
-        let mut data = vec![0u8; usize::try_from(len).unwrap_or(0)];
-        let data = read_concat(sources, offset, &mut data)?.then_some(data);
-        let job = Job {
-            index,
-            offset,
-            len,
-            data,
-        };
-        if jobs.send(job).is_err() {
-            break;
-        }
-        offset += len;
-        index += 1;
-    }
-    Ok(())
-}
-
-/// Compresses batches until the reader is done; after a failure downstream it only drains.
-fn compress_worker(
-    target: &Image,
-    cs: usize,
-    jobs: &Mutex<Receiver<Job>>,
-    done: &SyncSender<Packed>,
-    stop: &AtomicBool,
-) {
-    loop {
-        let job = {
-            let rx = jobs.lock().unwrap_or_else(|e| e.into_inner());
-            rx.recv()
-        };
-        let Ok(job) = job else { return };
-        if stop.load(Ordering::SeqCst) {
-            continue;
-        }
-        let clusters = job.data.as_deref().map_or_else(Vec::new, |d| {
-            d.chunks(cs)
-                .map(|c| {
-                    if is_zero(c) {
-                        None
-                    } else {
-                        target.compress_cluster(c)
-                    }
-                })
-                .collect()
-        });
-        if done.send(Packed { job, clusters }).is_err() {
-            stop.store(true, Ordering::SeqCst);
-        }
-    }
-}
-
-/// Writes compressed batches in guest order, holding back those that arrive early.
-fn write_in_order(
-    target: &Image,
-    cs: usize,
-    plan: &Plan,
-    progress: &Progress,
-    done: Receiver<Packed>,
-) -> CliResult<()> {
-    let mut early: BTreeMap<u64, Packed> = BTreeMap::new();
-    let mut next = 0u64;
-    for p in done {
-        early.insert(p.job.index, p);
-        while let Some(p) = early.remove(&next) {
-            write_packed(target, cs, plan, &p)?;
-            progress.inc(p.job.len);
-            next += 1;
-        }
-    }
-    Ok(())
-}
-
-fn write_packed(target: &Image, cs: usize, plan: &Plan, p: &Packed) -> CliResult<()> {
-    let Some(data) = &p.job.data else {
-        return write_zeroes(target, p.job.offset, p.job.len, plan);
-    };
-    let mut at = p.job.offset;
-    for (c, packed) in data.chunks(cs).zip(&p.clusters) {
-        if is_zero(c) {
-            write_zeroes(target, at, c.len() as u64, plan)?;
-        } else {
-            target.write_cluster(at, c, packed.as_deref())?;
-        }
-        at += c.len() as u64;
-    }
-    Ok(())
-}
-
-/// Reads the concatenation of `sources` at `offset`; returns false (and reads nothing) when
-/// block status says the whole range is zeroes.
-fn read_concat(sources: &[Image], offset: u64, buf: &mut [u8]) -> CliResult<bool> {
-    let mut base = 0u64;
-    let mut zero = true;
-    let end = offset + buf.len() as u64;
-    for src in sources {
-        let (s, e) = (offset.max(base), end.min(base + src.size()));
-        let mut pos = s;
-        while zero && pos < e {
-            let st = src.block_status(pos - base, e - pos)?;
-            zero = st.zero;
-            pos += st.len.max(1);
-        }
-        base += src.size();
-    }
-    if zero {
-        return Ok(false);
-    }
-    base = 0;
-    for src in sources {
-        let (s, e) = (offset.max(base), end.min(base + src.size()));
-        if s < e {
-            let lo = usize::try_from(s - offset).unwrap_or(0);
-            let hi = usize::try_from(e - offset).unwrap_or(0);
-            src.read_at(&mut buf[lo..hi], s - base)?;
-        }
-        base += src.size();
-    }
-    Ok(true)
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ mod map;
 mod measure;
 mod open;
 mod output;
+mod pipeline;
 mod progress;
 mod qjson;
 mod rebase;

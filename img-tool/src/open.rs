@@ -33,6 +33,8 @@ pub struct OpenRequest<'a> {
     pub secrets: Option<&'a imgblock::crypto::Secrets>,
     /// `-U`: take no locks, so that an image another process writes can still be read.
     pub force_share: bool,
+    /// Bypass the host page cache (`-t none`/`-T none`).
+    pub direct: bool,
 }
 
 /// Opens an image, reporting failures in qemu-img's words and warning, as qemu does, when a
@@ -50,7 +52,12 @@ pub fn open_image(path: &Path, req: &OpenRequest<'_>) -> CliResult<Image> {
     };
     let none = imgblock::crypto::Secrets::none();
     let secrets = req.secrets.unwrap_or(&none);
-    let img = Image::open_with_secrets(path, &opts, secrets).map_err(|e| open_failure(path, &e))?;
+    let img = if req.direct {
+        Image::open_direct(path, &opts, secrets)
+    } else {
+        Image::open_with_secrets(path, &opts, secrets)
+    }
+    .map_err(|e| open_failure(path, &e))?;
     if req.writable && img.format_was_guessed_raw() {
         eprint!("{}", guessed_raw_warning(path));
     }

@@ -9,7 +9,7 @@ use imgblock::BackingSpec;
 use crate::cache::parse_cache;
 use crate::failure::{open_failure, open_reason, CliResult, Failure};
 use crate::open::parse_format;
-use crate::progress::Progress;
+use crate::progress::{Progress, ProgressArgs};
 
 /// `img rebase [-f FMT] [-t CACHE] [-T SRC_CACHE] [-u] -b BACKING [-F FMT] [-p] [-q] [-U] FILE`
 #[derive(Debug, Args)]
@@ -32,9 +32,9 @@ pub struct RebaseArgs {
     /// Format of the new backing file.
     #[arg(short = 'F', value_name = "BACKING_FMT")]
     backing_format: Option<String>,
-    /// Show progress.
-    #[arg(short = 'p')]
-    progress: bool,
+    /// `-p` and `--progress=json`.
+    #[command(flatten)]
+    progress: ProgressArgs,
     /// Quiet: print nothing but errors.
     #[arg(short = 'q')]
     quiet: bool,
@@ -70,7 +70,7 @@ pub fn run(args: &RebaseArgs) -> CliResult<i32> {
     if let Some(b) = &new_backing {
         check_new_backing(path, b, args.unsafe_)?;
     }
-    let progress = Progress::new(args.progress, args.quiet, 0);
+    let progress = Progress::new(&args.progress, args.quiet, 0);
     imgblock::ops::rebase(
         path,
         format,

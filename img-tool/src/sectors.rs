@@ -14,9 +14,9 @@ fn sectors(buf: &[u8]) -> usize {
     buf.len().div_ceil(SECTOR)
 }
 
-/// Whether every byte is zero.
+/// Whether every byte is zero (vectorised, in the block library).
 pub fn is_zero(s: &[u8]) -> bool {
-    s.iter().all(|&b| b == 0)
+    imgblock::scan::is_zero(s)
 }
 
 /// Offset of the first 512-byte sector in which `a` and `b` differ.

@@ -1,0 +1,480 @@
+//! The parallel copy engine behind `img convert`.
+//!
+//! ```text
+//!  planner (caller's thread)      workers (N threads)                writer (1 thread)
+//!  block status → segments  ──►  take a pool buffer, then a job:  ──► in guest order:
+//!  (holes never reach a read)    read, detect zeroes, compress        write, return buffer
+//!                                 └── out of order: write here, return the buffer
+//! ```
+//!
+//! Memory is a fixed pool of aligned buffers, whatever the image size: a worker takes a buffer
+//! before it takes a job, so the job the writer waits for always has one and the pipeline cannot
+//! deadlock. Writes go in guest order where the target's layout depends on it (compressed
+//! qcow2, streamOptimized vmdk, and every allocating format unless `-W` is given, so that the
+//! output is the same whatever the number of workers), and straight from the workers otherwise.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Mutex;
+
+use imgblock::Image;
+
+use crate::failure::{CliResult, Failure};
+use crate::progress::Progress;
+use crate::sectors::{data_run, SECTOR};
+
+/// Bytes per plain copy step: large enough for the disk and the page cache to stream.
+pub const CHUNK: u64 = 2 << 20;
+/// Bytes per compression job (whole clusters, at least one).
+pub const COMPRESS_BATCH: u64 = 1 << 20;
+/// Alignment of pool buffers: what `O_DIRECT` needs on any Linux filesystem.
+const BUF_ALIGN: usize = 4096;
+/// The most buffers in the pool, whatever `-m` says: 16 × 2 MiB bounds the data in flight.
+const MAX_BUFFERS: usize = 16;
+
+/// What to do with one range of the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Leave it to the target's backing file.
+    Skip,
+    /// Make it read as zeroes.
+    Zero,
+    /// Read and copy (with zero detection).
+    Copy,
+}
+
+/// Block status as convert reads it: what to do at `offset` of a source, and for how many bytes
+/// (at most `len`).
+pub type Planner<'a> = dyn Fn(&Image, u64, u64) -> CliResult<(Action, u64)> + 'a;
+
+/// How zero runs in copied data are written.
+#[derive(Debug, Clone, Copy)]
+pub struct Sparse {
+    /// -S in sectors; 0 writes everything.
+    pub min_sparse: usize,
+    /// Writes are aligned to this many sectors.
+    pub alignment: u64,
+    /// The target reads as zeroes where nothing is written: zero runs need no write at all.
+    pub zero_init: bool,
+}
+
+/// How the target is written.
+#[derive(Debug, Clone, Copy)]
+pub enum Mode {
+    /// Plain data; `in_order` when the target's layout depends on the order of writes.
+    Plain { in_order: bool },
+    /// Each cluster compressed (`-c`, streamOptimized), always written in guest order.
+    Compressed { cluster: usize },
+}
+
+/// A 4 KiB-aligned buffer of up to `cap` bytes, so that `O_DIRECT` can use it as it is.
+struct Buf {
+    raw: Vec<u8>,
+    start: usize,
+    cap: usize,
+}
+
+impl Buf {
+    fn new(cap: usize) -> Self {
+        let raw = vec![0u8; cap + BUF_ALIGN];
+        let start = raw.as_ptr().align_offset(BUF_ALIGN).min(BUF_ALIGN);
+        Buf { raw, start, cap }
+    }
+    fn get(&mut self, len: usize) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + len.min(self.cap)]
+    }
+}
+
+/// One range of the target, in guest order.
+struct Job {
+    index: u64,
+    /// Offset in the target (and in the concatenated sources).
+    offset: u64,
+    len: u64,
+    action: Action,
+}
+
+/// A job a worker has finished, on its way to the in-order writer.
+struct Done {
+    job: Job,
+    buf: Option<Buf>,
+    /// Plain: the leading runs of data/zeroes. Compressed: nothing.
+    runs: Vec<(bool, usize)>,
+    /// Compressed: each cluster, `None` when it is all zeroes, `Some(None)` when it did not
+    /// shrink.
+    clusters: Vec<Option<Option<Vec<u8>>>>,
+    result: CliResult<()>,
+}
+
+/// Shared state of one copy.
+struct Shared<'a> {
+    sources: &'a [Image],
+    target: &'a Image,
+    sparse: Sparse,
+    progress: &'a Progress,
+    mode: Mode,
+    stop: AtomicBool,
+    error: Mutex<Option<Failure>>,
+    pool_tx: SyncSender<Buf>,
+    pool_rx: Mutex<Receiver<Buf>>,
+}
+
+impl Shared<'_> {
+    fn fail(&self, f: Failure) {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut e = self.error.lock().unwrap_or_else(|e| e.into_inner());
+        e.get_or_insert(f);
+    }
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+    fn give_back(&self, buf: Option<Buf>) {
+        if let Some(b) = buf {
+            // The pool has room for every buffer it started with.
+            let _ = self.pool_tx.try_send(b);
+        }
+    }
+}
+
+/// Copies the concatenation of `sources` into `target`: `plan` answers, for each offset, what to
+/// do and for how long (block status).
+///
+/// # Errors
+/// The first read or write error any thread met.
+pub fn copy(
+    sources: &[Image],
+    target: &Image,
+    sparse: Sparse,
+    mode: Mode,
+    workers: usize,
+    progress: &Progress,
+    plan: &Planner<'_>,
+) -> CliResult<()> {
+    let workers = workers.max(1);
+    let (buf_len, step) = match mode {
+        Mode::Plain { .. } => (CHUNK, CHUNK),
+        Mode::Compressed { cluster } => {
+            let cs = cluster as u64;
+            let batch = COMPRESS_BATCH.max(cs) / cs * cs;
+            (batch, batch)
+        }
+    };
+    let nbuf = (workers * 2 + 2).min(MAX_BUFFERS).max(workers + 1);
+    let (pool_tx, pool_rx) = sync_channel::<Buf>(nbuf);
+    let cap = usize::try_from(buf_len).map_err(|_| Failure::new("cluster size too large"))?;
+    for _ in 0..nbuf {
+        let _ = pool_tx.try_send(Buf::new(cap));
+    }
+    let shared = Shared {
+        sources,
+        target,
+        sparse,
+        progress,
+        mode,
+        stop: AtomicBool::new(false),
+        error: Mutex::new(None),
+        pool_tx,
+        pool_rx: Mutex::new(pool_rx),
+    };
+    let in_order = !matches!(mode, Mode::Plain { in_order: false });
+    let (job_tx, job_rx) = sync_channel::<Job>(workers * 2);
+    let job_rx = Mutex::new(job_rx);
+    std::thread::scope(|s| {
+        let (done_tx, done_rx) = sync_channel::<Done>(nbuf);
+        for _ in 0..workers {
+            let done_tx = in_order.then(|| done_tx.clone());
+            let (sh, rx) = (&shared, &job_rx);
+            s.spawn(move || worker(sh, rx, done_tx.as_ref()));
+        }
+        drop(done_tx);
+        let sh = &shared;
+        let writer = in_order.then(|| s.spawn(move || write_in_order(sh, done_rx)));
+        let planned = plan_jobs(&shared, step, &job_tx, plan);
+        drop(job_tx);
+        if let Err(f) = planned {
+            shared.fail(f);
+        }
+        if let Some(w) = writer {
+            if w.join().is_err() {
+                shared.fail(Failure::new("convert: writer thread failed"));
+            }
+        }
+    });
+    match shared.error.into_inner() {
+        Ok(Some(f)) => Err(f),
+        Ok(None) => Ok(()),
+        Err(poisoned) => poisoned.into_inner().map_or(Ok(()), Err),
+    }
+}
+
+/// Walks the sources with block status and queues jobs: zero and skipped ranges whole, data in
+/// `step`-aligned pieces (compressed: whole batches of clusters, which may mix data and holes).
+fn plan_jobs(
+    sh: &Shared<'_>,
+    step: u64,
+    jobs: &SyncSender<Job>,
+    plan: &Planner<'_>,
+) -> CliResult<()> {
+    let mut index = 0;
+    let mut send = |offset: u64, len: u64, action: Action| -> bool {
+        let job = Job {
+            index,
+            offset,
+            len,
+            action,
+        };
+        index += 1;
+        !sh.stopped() && jobs.send(job).is_ok()
+    };
+    if let Mode::Compressed { .. } = sh.mode {
+        let total = sh
+            .target
+            .size()
+            .min(sh.sources.iter().map(Image::size).sum());
+        let mut offset = 0;
+        while offset < total {
+            let len = step.min(total - offset);
+            if !send(offset, len, Action::Copy) {
+                break;
+            }
+            offset += len;
+        }
+        return Ok(());
+    }
+    let mut base = 0u64;
+    for src in sh.sources {
+        let size = src.size();
+        let mut offset = 0;
+        while offset < size {
+            let (action, n) = plan(src, offset, size - offset)?;
+            let n = n.clamp(1, size - offset);
+            // Data goes in aligned steps, so that every read and write but the edges is whole.
+            let n = match action {
+                Action::Copy => n.min(step - (base + offset) % step),
+                Action::Zero | Action::Skip => n,
+            };
+            if !send(base + offset, n, action) {
+                return Ok(());
+            }
+            offset += n;
+        }
+        base += size;
+    }
+    Ok(())
+}
+
+/// A worker: takes a buffer, then a job; reads, scans and compresses; writes (out of order) or
+/// hands the result to the writer.
+fn worker(sh: &Shared<'_>, jobs: &Mutex<Receiver<Job>>, done: Option<&SyncSender<Done>>) {
+    loop {
+        let buf = {
+            let rx = sh.pool_rx.lock().unwrap_or_else(|e| e.into_inner());
+            rx.recv()
+        };
+        let Ok(mut buf) = buf else { return };
+        let job = {
+            let rx = jobs.lock().unwrap_or_else(|e| e.into_inner());
+            rx.recv()
+        };
+        let Ok(job) = job else {
+            sh.give_back(Some(buf));
+            return;
+        };
+        if sh.stopped() {
+            sh.give_back(Some(buf));
+            continue;
+        }
+        let mut d = Done {
+            job,
+            buf: None,
+            runs: Vec::new(),
+            clusters: Vec::new(),
+            result: Ok(()),
+        };
+        d.result = match sh.mode {
+            Mode::Plain { .. } => prepare_plain(sh, &mut d, &mut buf),
+            Mode::Compressed { cluster } => prepare_compressed(sh, &mut d, &mut buf, cluster),
+        };
+        d.buf = Some(buf);
+        match done {
+            Some(tx) => {
+                if let Err(e) = tx.send(d) {
+                    sh.give_back(e.0.buf);
+                }
+            }
+            None => {
+                let r = d
+                    .result
+                    .and_then(|()| write_done(sh, &d.job, d.buf.as_mut(), &d.runs, &[]));
+                sh.give_back(d.buf);
+                match r {
+                    Ok(()) => sh.progress.inc(d.job.len),
+                    Err(f) => sh.fail(f),
+                }
+            }
+        }
+    }
+}
+
+/// Reads a plain job's data and splits it into data and zero runs (qemu-img's -S rules).
+fn prepare_plain(sh: &Shared<'_>, d: &mut Done, buf: &mut Buf) -> CliResult<()> {
+    if d.job.action != Action::Copy {
+        return Ok(());
+    }
+    let data = buf.get(usize::try_from(d.job.len).unwrap_or(0));
+    read_concat(sh.sources, d.job.offset, data)?;
+    let sp = &sh.sparse;
+    if sp.min_sparse == 0 {
+        d.runs.push((true, data.len()));
+        return Ok(());
+    }
+    let mut done = 0;
+    while done < data.len() {
+        let pos = d.job.offset + done as u64;
+        let (is_data, n) = data_run(
+            &data[done..],
+            pos / SECTOR as u64,
+            sp.min_sparse,
+            sp.alignment,
+        );
+        let n = n.max(1).min(data.len() - done);
+        match d.runs.last_mut() {
+            Some((last, len)) if *last == is_data => *len += n,
+            _ => d.runs.push((is_data, n)),
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// Reads a batch of whole clusters (holes are not read) and compresses each non-zero one.
+fn prepare_compressed(sh: &Shared<'_>, d: &mut Done, buf: &mut Buf, cs: usize) -> CliResult<()> {
+    let data = buf.get(usize::try_from(d.job.len).unwrap_or(0));
+    if !read_concat(sh.sources, d.job.offset, data)? {
+        d.job.action = Action::Zero;
+        return Ok(());
+    }
+    d.clusters = data
+        .chunks(cs)
+        .map(|c| {
+            if imgblock::scan::is_zero(c) {
+                None
+            } else {
+                Some(sh.target.compress_cluster(c))
+            }
+        })
+        .collect();
+    Ok(())
+}
+
+/// Writes finished jobs in guest order, holding back those that arrive early. After a failure it
+/// only hands buffers back, so that no worker waits for one forever.
+fn write_in_order(sh: &Shared<'_>, done: Receiver<Done>) {
+    let mut early: BTreeMap<u64, Done> = BTreeMap::new();
+    let mut next = 0u64;
+    for d in done {
+        if sh.stopped() {
+            sh.give_back(d.buf);
+            for (_, e) in std::mem::take(&mut early) {
+                sh.give_back(e.buf);
+            }
+            continue;
+        }
+        early.insert(d.job.index, d);
+        while let Some(mut d) = early.remove(&next) {
+            let r = std::mem::replace(&mut d.result, Ok(()))
+                .and_then(|()| write_done(sh, &d.job, d.buf.as_mut(), &d.runs, &d.clusters));
+            sh.give_back(d.buf.take());
+            match r {
+                Ok(()) => sh.progress.inc(d.job.len),
+                Err(f) => {
+                    sh.fail(f);
+                    for (_, e) in std::mem::take(&mut early) {
+                        sh.give_back(e.buf);
+                    }
+                    break;
+                }
+            }
+            next += 1;
+        }
+    }
+}
+
+/// Writes one finished job into the target.
+fn write_done(
+    sh: &Shared<'_>,
+    job: &Job,
+    buf: Option<&mut Buf>,
+    runs: &[(bool, usize)],
+    clusters: &[Option<Option<Vec<u8>>>],
+) -> CliResult<()> {
+    let t = sh.target;
+    match (job.action, buf) {
+        (Action::Skip, _) => Ok(()),
+        (Action::Zero, _) | (Action::Copy, None) => {
+            write_zeroes(t, job.offset, job.len, &sh.sparse)
+        }
+        (Action::Copy, Some(buf)) => {
+            let data = buf.get(usize::try_from(job.len).unwrap_or(0));
+            if let Mode::Compressed { cluster } = sh.mode {
+                let mut at = job.offset;
+                for (c, packed) in data.chunks(cluster).zip(clusters) {
+                    match packed {
+                        None => write_zeroes(t, at, c.len() as u64, &sh.sparse)?,
+                        Some(p) => t.write_cluster(at, c, p.as_deref())?,
+                    }
+                    at += c.len() as u64;
+                }
+                return Ok(());
+            }
+            let mut done = 0;
+            for &(is_data, n) in runs {
+                let pos = job.offset + done as u64;
+                if is_data {
+                    t.write_at(&data[done..done + n], pos)?;
+                } else {
+                    write_zeroes(t, pos, n as u64, &sh.sparse)?;
+                }
+                done += n;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Makes a target range read as zeroes, unless it already does.
+pub fn write_zeroes(target: &Image, offset: u64, len: u64, sparse: &Sparse) -> CliResult<()> {
+    if !sparse.zero_init {
+        target.write_zeroes(offset, len, true)?;
+    }
+    Ok(())
+}
+
+/// Reads the concatenation of `sources` at `offset` into `buf`, reading only what block status
+/// says holds data (the rest is filled with zeroes). Returns false when all of it reads as
+/// zeroes.
+fn read_concat(sources: &[Image], offset: u64, buf: &mut [u8]) -> CliResult<bool> {
+    let mut base = 0u64;
+    let mut any = false;
+    let end = offset + buf.len() as u64;
+    for src in sources {
+        let (s, e) = (offset.max(base), end.min(base + src.size()));
+        let mut pos = s;
+        while pos < e {
+            let st = src.block_status(pos - base, e - pos)?;
+            let n = st.len.clamp(1, e - pos);
+            let lo = usize::try_from(pos - offset).unwrap_or(0);
+            let hi = usize::try_from(pos + n - offset).unwrap_or(0);
+            if st.zero {
+                buf[lo..hi].fill(0);
+            } else {
+                src.read_at(&mut buf[lo..hi], pos - base)?;
+                any = true;
+            }
+            pos += n;
+        }
+        base += src.size();
+    }
+    Ok(any)
+}
