@@ -73,6 +73,90 @@ fn convert_killed_at_any_point_leaves_consistent_images() {
     }
 }
 
+/// Runs `img` with `args` and kills it after `delay_ms`; true when it was still running.
+fn run_and_kill(env: &Env, args: &[&str], delay_ms: u64) -> bool {
+    let mut child = Command::new(IMG)
+        .args(args)
+        .current_dir(env.path(""))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(delay_ms));
+    let running = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    child.wait().unwrap();
+    running
+}
+
+/// base.qcow2 <- top.qcow2, both with data, 4 KiB clusters so that the jobs take a while.
+fn chain(env: &Env) {
+    env.img(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "src.raw",
+        "base.qcow2",
+    ])
+    .ok();
+    env.img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+    ])
+    .ok();
+    for i in 0..6u64 {
+        env.qemu_io(
+            "qcow2",
+            "top.qcow2",
+            &[&format!("write -P {} {} 3M", i + 1, i * 7 * MIB)],
+        );
+    }
+}
+
+#[test]
+fn commit_and_rebase_killed_at_any_point_leave_consistent_images() {
+    let env = Env::with_qemu();
+    source(&env);
+    let mut killed = 0;
+    for delay_ms in [5u64, 15, 30, 60, 100, 200] {
+        chain(&env);
+        killed += u32::from(run_and_kill(&env, &["commit", "top.qcow2"], delay_ms));
+        check_consistent(
+            &env,
+            "base.qcow2",
+            &format!("commit killed after {delay_ms} ms (base)"),
+        );
+        check_consistent(
+            &env,
+            "top.qcow2",
+            &format!("commit killed after {delay_ms} ms (top)"),
+        );
+        chain(&env);
+        killed += u32::from(run_and_kill(
+            &env,
+            &["rebase", "-b", "", "top.qcow2"],
+            delay_ms,
+        ));
+        check_consistent(
+            &env,
+            "top.qcow2",
+            &format!("rebase killed after {delay_ms} ms"),
+        );
+    }
+    eprintln!("commit/rebase: {killed} of 12 runs were killed mid-way");
+}
+
 #[test]
 fn convert_onto_a_full_filesystem_fails_cleanly() {
     let env = Env::with_qemu();
