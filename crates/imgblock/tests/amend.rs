@@ -1,22 +1,13 @@
 //! amend changes images the way qemu-img amend does, and refuses what it refuses.
 
+mod fmt_common;
+
 use std::path::Path;
-use std::process::Command;
 
 use imgblock::{create, CreateOptions, Format, Image, OpenOptions};
 
 fn run(args: &[&str]) -> String {
-    let o = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{} is needed for this test and could not run: {e}", args[0]));
-    assert!(
-        o.status.success(),
-        "{args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    fmt_common::run(args[0], &args[1..])
 }
 
 fn amend(p: &Path, opts: &str) -> imgblock::Result<()> {

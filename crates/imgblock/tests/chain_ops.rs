@@ -1,23 +1,14 @@
 //! commit and rebase on backing chains, checked against qemu-img's view of the result.
 
+mod fmt_common;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use imgblock::ops::{commit, no_progress, rebase};
 use imgblock::{BackingSpec, Image, OpenOptions};
 
 fn run(args: &[&str]) -> String {
-    let o = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{} is needed for this test and could not run: {e}", args[0]));
-    assert!(
-        o.status.success(),
-        "{args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    fmt_common::run(args[0], &args[1..])
 }
 
 fn s(p: &Path) -> &str {

@@ -1,24 +1,15 @@
 //! Internal snapshots made here are read, applied and deleted by qemu-img, and the reverse.
 
+mod fmt_common;
+
 use std::path::Path;
-use std::process::Command;
 
 use imgblock::{create, CreateOptions, Format, Image, OpenOptions};
 
 const SIZE: u64 = 4 << 20;
 
 fn qemu(args: &[&str]) -> String {
-    let o = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{} is needed for this test and could not run: {e}", args[0]));
-    assert!(
-        o.status.success(),
-        "{args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    fmt_common::run(args[0], &args[1..])
 }
 
 fn content(p: &Path, snapshot: Option<&str>) -> Vec<u8> {
