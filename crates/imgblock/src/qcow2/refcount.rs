@@ -103,6 +103,43 @@ impl Qcow2 {
     }
 
     /// Sets the refcount of cluster index `c`, whose refcount block must exist.
+    /// Sets the refcounts of clusters `[c, c + n)`, whose blocks must exist, to one: one write
+    /// per refcount block rather than one per cluster.
+    fn set_refcounts_to_one(&self, st: &mut State, c: u64, n: u64) -> Result<()> {
+        let per = self.geo.rb_entries;
+        let end = c + n;
+        let mut cur = c;
+        while cur < end {
+            let bi = cur / per;
+            let run_end = ((bi + 1) * per).min(end);
+            let rb = st
+                .reftable
+                .get(usize::try_from(bi).unwrap_or(usize::MAX))
+                .copied()
+                .unwrap_or(0)
+                & OFFSET_MASK;
+            if rb == 0 {
+                return Err(self.err(Error::RefcountUnderflow(cur << self.geo.cluster_bits)));
+            }
+            // Whatever happens to the write below, these clusters may now count as in use.
+            st.end_hint = st.end_hint.max(run_end);
+            let order = self.geo.refcount_order;
+            let block = self.load_refblock(st, rb)?;
+            let (mut lo, mut hi) = (usize::MAX, 0);
+            for x in cur..run_end {
+                let r = set_entry(block, order, x % per, 1);
+                lo = lo.min(r.start);
+                hi = hi.max(r.end);
+            }
+            let bytes = block[lo..hi].to_vec();
+            self.file()
+                .write_at(&bytes, rb + lo as u64)
+                .ctx(self.file().path())?;
+            cur = run_end;
+        }
+        Ok(())
+    }
+
     pub(super) fn set_refcount(&self, st: &mut State, c: u64, v: u64) -> Result<()> {
         let bi = c / self.geo.rb_entries;
         let rb = st
@@ -271,9 +308,7 @@ impl Qcow2 {
             if !free {
                 continue;
             }
-            for i in 0..n {
-                self.set_refcount(st, c + i, 1)?;
-            }
+            self.set_refcounts_to_one(st, c, n)?;
             if st.free_hint == c {
                 st.free_hint = c + n;
             }
