@@ -66,6 +66,25 @@ fn ofd(f: &File, start: i64, ty: libc::c_int, get: bool) -> std::io::Result<libc
 /// [`Error::Locked`] when another process holds a conflicting lock; [`Error::Io`] when the
 /// file cannot be opened or locked.
 pub fn lock(path: &Path, perms: &[u32], unshared: &[u32]) -> Result<ImageLock> {
+    // A conflict can be a ghost: a file this process just closed stays locked while a child
+    // another thread is spawning still holds a copy of its descriptor (between fork and exec).
+    // Such a window is short, so a conflict is retried for a moment before it is reported.
+    let mut tries = 0;
+    loop {
+        match try_lock(path, perms, unshared) {
+            Err(Error::Locked { .. }) if tries < LOCK_RETRIES => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// How many times a conflicting lock is retried, 10 ms apart, before the conflict is reported.
+pub const LOCK_RETRIES: u32 = 20;
+
+fn try_lock(path: &Path, perms: &[u32], unshared: &[u32]) -> Result<ImageLock> {
     let io = |source| Error::Io {
         path: path.to_owned(),
         source,
