@@ -54,6 +54,15 @@ pub fn set_entry(block: &mut [u8], order: u32, i: u64, v: u64) -> std::ops::Rang
 /// at most one more for itself.
 const MAX_ALLOC_RETRIES: u32 = 64;
 
+/// Host offset of refcount block `bi` (0 where the table has no such block).
+fn block_offset(st: &State, bi: u64) -> u64 {
+    st.reftable
+        .get(usize::try_from(bi).unwrap_or(usize::MAX))
+        .copied()
+        .unwrap_or(0)
+        & OFFSET_MASK
+}
+
 impl Qcow2 {
     /// Largest refcount the width can hold.
     pub(super) fn max_refcount(&self) -> u64 {
@@ -88,12 +97,7 @@ impl Qcow2 {
     /// The refcount of cluster index `c` (0 where no refcount block covers it).
     pub(super) fn refcount(&self, st: &mut State, c: u64) -> Result<u64> {
         let bi = c / self.geo.rb_entries;
-        let rb = st
-            .reftable
-            .get(usize::try_from(bi).unwrap_or(usize::MAX))
-            .copied()
-            .unwrap_or(0)
-            & OFFSET_MASK;
+        let rb = block_offset(st, bi);
         if rb == 0 {
             return Ok(0);
         }
@@ -112,12 +116,7 @@ impl Qcow2 {
         while cur < end {
             let bi = cur / per;
             let run_end = ((bi + 1) * per).min(end);
-            let rb = st
-                .reftable
-                .get(usize::try_from(bi).unwrap_or(usize::MAX))
-                .copied()
-                .unwrap_or(0)
-                & OFFSET_MASK;
+            let rb = block_offset(st, bi);
             if rb == 0 {
                 return Err(self.err(Error::RefcountUnderflow(cur << self.geo.cluster_bits)));
             }
@@ -142,12 +141,7 @@ impl Qcow2 {
 
     pub(super) fn set_refcount(&self, st: &mut State, c: u64, v: u64) -> Result<()> {
         let bi = c / self.geo.rb_entries;
-        let rb = st
-            .reftable
-            .get(usize::try_from(bi).unwrap_or(usize::MAX))
-            .copied()
-            .unwrap_or(0)
-            & OFFSET_MASK;
+        let rb = block_offset(st, bi);
         if rb == 0 {
             return Err(self.err(Error::RefcountUnderflow(c << self.geo.cluster_bits)));
         }
@@ -371,13 +365,7 @@ impl Qcow2 {
             let area_end = start + table_clusters + new_blocks.len() as u64;
             let mut missing = Vec::new();
             for bi in (start / g.rb_entries)..=((area_end - 1) / g.rb_entries) {
-                let covered = st
-                    .reftable
-                    .get(usize::try_from(bi).unwrap_or(usize::MAX))
-                    .copied()
-                    .unwrap_or(0)
-                    & OFFSET_MASK
-                    != 0;
+                let covered = block_offset(st, bi) != 0;
                 if !covered && !new_blocks.iter().any(|&(b, _)| b == bi) {
                     missing.push(bi);
                 }
