@@ -50,7 +50,7 @@ impl SecretArgs {
     pub fn secrets(&self) -> CliResult<BTreeMap<String, Secret>> {
         let mut out = BTreeMap::new();
         for def in &self.objects {
-            let (id, secret) = parse_object(def)?;
+            let (id, secret) = imgblock::crypto::parse_secret_object(def).map_err(Failure::new)?;
             if out.insert(id.clone(), secret).is_some() {
                 return Err(Failure::new(format!(
                     "attempt to add duplicate property '{id}' to object (type 'container')"
@@ -146,116 +146,9 @@ pub fn for_new_image(opts: &CreateOptions) -> CliResult<Secrets> {
     Ok(Secrets::none())
 }
 
-/// Parses one `--object` definition into its ID and bytes.
-fn parse_object(def: &str) -> CliResult<(String, Secret)> {
-    let (kind, rest) = match def.split_once(',') {
-        Some((k, r)) => (k, r),
-        None => (def, ""),
-    };
-    let kind = kind.strip_prefix("qom-type=").unwrap_or(kind);
-    if kind != "secret" {
-        return Err(Failure::new(format!(
-            "Invalid object type '{kind}': only 'secret' objects are supported"
-        )));
-    }
-    let (mut id, mut data, mut file, mut format) = (None, None, None, "raw".to_owned());
-    for (k, v) in imgblock::options::split_opts(rest)? {
-        match k.as_str() {
-            "id" => id = Some(v),
-            "data" => data = Some(v),
-            "file" => file = Some(v),
-            "format" => format = v,
-            "keyid" | "iv" => {
-                return Err(Failure::new(
-                    "secrets encrypted with another secret (keyid=, iv=) are not supported",
-                ))
-            }
-            _ => return Err(Failure::new(format!("Invalid parameter '{k}'"))),
-        }
-    }
-    let id = id.ok_or_else(|| Failure::new("Parameter 'id' is missing"))?;
-    let raw = match (data, file) {
-        (Some(d), None) => d.into_bytes(),
-        (None, Some(f)) => std::fs::read(&f).map_err(|e| {
-            Failure::new(format!(
-                "Unable to read {f}: {}",
-                crate::failure::strerror(&e)
-            ))
-        })?,
-        (Some(_), Some(_)) => return Err(Failure::new("'data' and 'file' are mutually exclusive")),
-        (None, None) => return Err(Failure::new("Either 'data' or 'file' must be provided")),
-    };
-    let bytes = match format.as_str() {
-        "raw" => raw,
-        "base64" => base64_decode(&raw)
-            .ok_or_else(|| Failure::new(format!("Secret '{id}': invalid base64 data")))?,
-        other => {
-            return Err(Failure::new(format!(
-                "Parameter 'format' does not accept value '{other}'"
-            )))
-        }
-    };
-    Ok((id, Secret::new(bytes)))
-}
-
-/// Standard base64 (RFC 4648, with optional padding; whitespace ignored).
-fn base64_decode(input: &[u8]) -> Option<Vec<u8>> {
-    let val = |c: u8| -> Option<u32> {
-        Some(u32::from(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        }))
-    };
-    let clean: Vec<u8> = input
-        .iter()
-        .copied()
-        .filter(|c| !c.is_ascii_whitespace())
-        .collect();
-    let body = clean
-        .strip_suffix(b"==")
-        .or_else(|| clean.strip_suffix(b"="))
-        .unwrap_or(&clean);
-    if body.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(body.len() * 3 / 4);
-    for chunk in body.chunks(4) {
-        let mut acc = 0u32;
-        for &c in chunk {
-            acc = (acc << 6) | val(c)?;
-        }
-        let bytes = (acc << (6 * (4 - chunk.len()))).to_be_bytes();
-        out.extend_from_slice(&bytes[1..chunk.len()]);
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parse_object_data_and_base64() {
-        let (id, s) = parse_object("secret,id=s0,data=pw").unwrap();
-        assert_eq!((id.as_str(), s.bytes()), ("s0", &b"pw"[..]));
-        let (_, s) = parse_object("secret,id=s1,data=aGVsbG8gd29ybGQ=,format=base64").unwrap();
-        assert_eq!(s.bytes(), b"hello world");
-        assert!(parse_object("secret,id=s2").is_err());
-        assert!(parse_object("throttle-group,id=t").is_err());
-    }
-
-    #[test]
-    fn base64_decode_handles_padding() {
-        assert_eq!(base64_decode(b"YQ==").unwrap(), b"a");
-        assert_eq!(base64_decode(b"YWI=").unwrap(), b"ab");
-        assert_eq!(base64_decode(b"YWJj").unwrap(), b"abc");
-        assert!(base64_decode(b"Y").is_none());
-        assert!(base64_decode(b"Y!==").is_none());
-    }
 
     #[test]
     fn resolve_image_opts_gives_path_format_and_layer_secrets() {

@@ -27,7 +27,7 @@ pub use algo::{CipherAlg, CipherMode, HashAlg, IvGenAlg};
 pub use cipher::{CipherSpec, DataCipher};
 pub use error::Error;
 pub use luks::{LuksInfo, LuksSlotInfo};
-pub use secret::{Secret, Secrets};
+pub use secret::{parse_secret_object, Secret, Secrets};
 
 /// Encryption works on 512-byte sectors in LUKS1 and in qcow's AES.
 pub const SECTOR_SIZE: u64 = 512;

@@ -88,6 +88,101 @@ impl Secrets {
     }
 }
 
+/// Parses one qemu `--object` definition, `secret,id=ID,data=STRING` or
+/// `secret,id=ID,file=PATH`, with `format=raw` (the default) or `base64`, into its ID and bytes.
+/// The error is qemu's message for the same mistake.
+///
+/// # Errors
+/// Another object type, a missing or duplicated source, an unreadable file, bad base64.
+pub fn parse_secret_object(def: &str) -> Result<(String, Secret), String> {
+    let (kind, rest) = def.split_once(',').unwrap_or((def, ""));
+    let kind = kind.strip_prefix("qom-type=").unwrap_or(kind);
+    if kind != "secret" {
+        return Err(format!(
+            "Invalid object type '{kind}': only 'secret' objects are supported"
+        ));
+    }
+    let (mut id, mut data, mut file, mut format) = (None, None, None, "raw".to_owned());
+    for (k, v) in crate::options::split_opts(rest).map_err(|e| e.to_string())? {
+        match k.as_str() {
+            "id" => id = Some(v),
+            "data" => data = Some(v),
+            "file" => file = Some(v),
+            "format" => format = v,
+            "keyid" | "iv" => {
+                return Err(
+                    "secrets encrypted with another secret (keyid=, iv=) are not supported".into(),
+                )
+            }
+            _ => return Err(format!("Invalid parameter '{k}'")),
+        }
+    }
+    let id = id.ok_or("Parameter 'id' is missing")?;
+    let raw = match (data, file) {
+        (Some(d), None) => Zeroizing::new(d.into_bytes()),
+        (None, Some(f)) => Zeroizing::new(std::fs::read(&f).map_err(|e| {
+            // C's strerror words, as qemu prints them.
+            let msg = e.to_string();
+            let msg = msg
+                .split(" (os error ")
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            format!("Unable to read {f}: {msg}")
+        })?),
+        (Some(_), Some(_)) => return Err("'data' and 'file' are mutually exclusive".into()),
+        (None, None) => return Err("Either 'data' or 'file' must be provided".into()),
+    };
+    let bytes = match format.as_str() {
+        "raw" => raw.to_vec(),
+        "base64" => {
+            base64_decode(&raw).ok_or_else(|| format!("Secret '{id}': invalid base64 data"))?
+        }
+        other => {
+            return Err(format!(
+                "Parameter 'format' does not accept value '{other}'"
+            ))
+        }
+    };
+    Ok((id, Secret::new(bytes)))
+}
+
+/// Standard base64 (RFC 4648, with optional padding; whitespace ignored).
+fn base64_decode(input: &[u8]) -> Option<Vec<u8>> {
+    let val = |c: u8| -> Option<u32> {
+        Some(u32::from(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        }))
+    };
+    let clean: Vec<u8> = input
+        .iter()
+        .copied()
+        .filter(|c| !c.is_ascii_whitespace())
+        .collect();
+    let body = clean
+        .strip_suffix(b"==")
+        .or_else(|| clean.strip_suffix(b"="))
+        .unwrap_or(&clean);
+    if body.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(body.len() * 3 / 4);
+    for chunk in body.chunks(4) {
+        let mut acc = 0u32;
+        for &c in chunk {
+            acc = (acc << 6) | val(c)?;
+        }
+        let bytes = (acc << (6 * (4 - chunk.len()))).to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,5 +201,25 @@ mod tests {
         assert_eq!(s.for_layer(0).unwrap().bytes(), b"a");
         assert_eq!(s.for_layer(1).unwrap().bytes(), b"b");
         assert!(Secrets::none().for_layer(0).is_none());
+    }
+
+    #[test]
+    fn parse_object_data_and_base64() {
+        let (id, s) = parse_secret_object("secret,id=s0,data=pw").unwrap();
+        assert_eq!((id.as_str(), s.bytes()), ("s0", &b"pw"[..]));
+        let (_, s) =
+            parse_secret_object("secret,id=s1,data=aGVsbG8gd29ybGQ=,format=base64").unwrap();
+        assert_eq!(s.bytes(), b"hello world");
+        assert!(parse_secret_object("secret,id=s2").is_err());
+        assert!(parse_secret_object("throttle-group,id=t").is_err());
+    }
+
+    #[test]
+    fn base64_decode_handles_padding() {
+        assert_eq!(base64_decode(b"YQ==").unwrap(), b"a");
+        assert_eq!(base64_decode(b"YWI=").unwrap(), b"ab");
+        assert_eq!(base64_decode(b"YWJj").unwrap(), b"abc");
+        assert!(base64_decode(b"Y").is_none());
+        assert!(base64_decode(b"Y!==").is_none());
     }
 }
