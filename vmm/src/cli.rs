@@ -40,9 +40,16 @@ pub struct Args {
     /// A virtio-blk disk; repeat for more. Keys: path=IMG (required), format=raw|qcow2|...
     /// (probed when absent), readonly=on|off, snapshot=on|off (writes go to a temporary qcow2
     /// overlay deleted on exit), cache=writeback|none|unsafe|directsync, discard=ignore|unmap,
-    /// serial=ID (at most 20 bytes, returned by GET_ID). A comma inside a value is written ",,".
+    /// serial=ID (at most 20 bytes, returned by GET_ID), encrypt.key-secret=ID (key-secret=ID
+    /// for a luks image; backing.encrypt.key-secret=ID for the image below, and so on) naming an
+    /// --object secret. A comma inside a value is written ",,".
     #[arg(long, value_name = "path=IMG[,KEY=VALUE...]", value_parser = DiskSpec::from_str)]
     pub disk: Vec<DiskSpec>,
+    /// A secret for encrypted disks, as qemu takes it: secret,id=ID,data=STRING or
+    /// secret,id=ID,file=PATH, with format=raw (default) or base64. May be repeated. A wrong
+    /// LUKS passphrase is refused; legacy AES (encrypt.format=aes) cannot detect one.
+    #[arg(long = "object", value_name = "secret,id=ID,data=STRING|file=PATH")]
+    pub objects: Vec<String>,
     /// Where COM1 goes: stdio, file:PATH, or none.
     #[arg(long, value_name = "stdio|file:PATH|none", default_value = "stdio",
           value_parser = SerialSpec::from_str)]
@@ -68,8 +75,8 @@ pub enum CacheMode {
     /// Writes land in the host page cache; FLUSH makes them durable (qemu's default).
     #[default]
     Writeback,
-    /// As writeback for the guest (FLUSH honoured); qemu adds O_DIRECT, which the block layer
-    /// does not offer yet, so the host cache is still used.
+    /// As writeback for the guest (FLUSH honoured), with the image files opened O_DIRECT so
+    /// that aligned I/O bypasses the host page cache.
     None,
     /// FLUSH is ignored: fastest, and unsafe if the host crashes.
     Unsafe,
@@ -104,6 +111,9 @@ pub struct DiskSpec {
     pub discard: DiscardMode,
     /// GET_ID answer.
     pub serial: Option<String>,
+    /// `(depth in the chain, secret ID)` for each `[backing.]*[encrypt.]key-secret=` key; depth
+    /// 0 is the image itself.
+    pub key_secrets: Vec<(usize, String)>,
 }
 
 impl FromStr for DiskSpec {
@@ -117,9 +127,23 @@ impl FromStr for DiskSpec {
             cache: CacheMode::default(),
             discard: DiscardMode::default(),
             serial: None,
+            key_secrets: Vec::new(),
         };
         let mut have_path = false;
         for (k, v) in split_opts(s).map_err(|e| e.to_string())? {
+            let mut key = k.as_str();
+            let mut depth = 0;
+            while let Some(rest) = key.strip_prefix("backing.") {
+                key = rest;
+                depth += 1;
+            }
+            if matches!(key, "encrypt.key-secret" | "key-secret") {
+                if v.is_empty() {
+                    return Err(format!("{k}= is empty"));
+                }
+                spec.key_secrets.push((depth, v));
+                continue;
+            }
             match k.as_str() {
                 "path" | "file" => {
                     if v.is_empty() {
@@ -160,10 +184,10 @@ impl FromStr for DiskSpec {
                     }
                     spec.serial = Some(v);
                 }
-                "help" => return Err("keys: path, format, readonly, snapshot, cache, discard, serial".into()),
+                "help" => return Err("keys: path, format, readonly, snapshot, cache, discard, serial, encrypt.key-secret".into()),
                 _ => {
                     return Err(format!(
-                        "unknown disk option '{k}' (expected path, format, readonly, snapshot, cache, discard or serial)"
+                        "unknown disk option '{k}' (expected path, format, readonly, snapshot, cache, discard, serial or encrypt.key-secret)"
                     ))
                 }
             }
@@ -217,6 +241,10 @@ mod tests {
         assert_eq!(d.cache, CacheMode::Unsafe);
         assert_eq!(d.discard, DiscardMode::Unmap);
         assert_eq!(d.serial.as_deref(), Some("abc"));
+        let d: DiskSpec = "path=x,encrypt.key-secret=s0,backing.backing.key-secret=s1"
+            .parse()
+            .unwrap();
+        assert_eq!(d.key_secrets, [(0, "s0".to_owned()), (2, "s1".to_owned())]);
     }
 
     #[test]
@@ -239,6 +267,11 @@ mod tests {
             ("path=x,serial=123456789012345678901", "at most 20"),
             ("path=x,format=floppy", "floppy"),
             ("path=x,novalue", "novalue"),
+            ("path=x,encrypt.key-secret=", "encrypt.key-secret= is empty"),
+            (
+                "path=x,backing.colour=blue",
+                "unknown disk option 'backing.colour'",
+            ),
         ] {
             let e = s.parse::<DiskSpec>().unwrap_err();
             assert!(e.contains(want), "{s}: {e}");
@@ -280,11 +313,18 @@ mod tests {
             "--cpus",
             "--disk",
             "--serial",
+            "--object",
         ] {
             assert!(help.contains(flag), "{flag} missing from --help");
         }
         for key in [
-            "readonly", "snapshot", "cache=", "discard=", "serial=", "format=",
+            "readonly",
+            "snapshot",
+            "cache=",
+            "discard=",
+            "serial=",
+            "format=",
+            "key-secret=",
         ] {
             assert!(help.contains(key), "{key} missing from --help");
         }

@@ -2,11 +2,13 @@
 //! temporary overlay of `snapshot=on`. imgblock takes qemu-compatible locks on every file of the
 //! chain while the disk is open, so qemu, `img` and a second `vmm` cannot write it meanwhile.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use imgblock::crypto::{parse_secret_object, Secret, Secrets};
 use imgblock::{CreateOptions, Format, Image, OpenOptions};
 
-use crate::cli::DiskSpec;
+use crate::cli::{CacheMode, DiskSpec};
 use crate::virtio::block::{Backend, BlockConfig};
 
 /// Errors opening a disk.
@@ -31,6 +33,9 @@ pub enum Error {
         /// Cause.
         source: std::io::Error,
     },
+    /// An `--object` definition is malformed, or a disk names a secret no `--object` defines.
+    #[error("{0}")]
+    Secret(String),
     /// The image is not a whole number of sectors.
     #[error("{path}: size {size} is not a multiple of 512 bytes")]
     OddSize {
@@ -39,6 +44,44 @@ pub enum Error {
         /// Its size.
         size: u64,
     },
+}
+
+/// The secrets `--object` defines, by ID.
+///
+/// # Errors
+/// A malformed definition (qemu's message for it), or an ID defined twice.
+pub fn parse_objects(defs: &[String]) -> Result<BTreeMap<String, Secret>, Error> {
+    let mut out = BTreeMap::new();
+    for def in defs {
+        let (id, secret) = parse_secret_object(def).map_err(Error::Secret)?;
+        if out.insert(id.clone(), secret).is_some() {
+            return Err(Error::Secret(format!(
+                "--object: secret id '{id}' defined twice"
+            )));
+        }
+    }
+    Ok(out)
+}
+
+/// The passphrases of a disk's chain from its `key-secret` keys, with the image itself at
+/// `depth0` (1 below a snapshot=on overlay). As in `img`, a layer without its own secret tries
+/// the top image's.
+fn chain_secrets(
+    spec: &DiskSpec,
+    objects: &BTreeMap<String, Secret>,
+    depth0: usize,
+) -> Result<Secrets, Error> {
+    let mut out = Secrets::none();
+    for (depth, id) in &spec.key_secrets {
+        let s = objects
+            .get(id)
+            .ok_or_else(|| Error::Secret(format!("No secret with id '{id}'")))?;
+        if *depth == 0 {
+            out.set_default(s.clone());
+        }
+        out.set_layer(depth0 + depth, s.clone());
+    }
+    Ok(out)
 }
 
 /// An open disk with everything that must live as long as it.
@@ -59,22 +102,35 @@ impl std::fmt::Debug for Disk {
 }
 
 impl Disk {
-    /// Opens the disk `spec` describes.
+    /// Opens the disk `spec` describes, unlocking encrypted layers with the secrets its
+    /// `key-secret` keys name in `objects`. `cache=none` opens every file of the chain
+    /// O_DIRECT.
     ///
     /// # Errors
-    /// When the image (or its chain) cannot be opened, an overlay cannot be created, or another
-    /// process holds a conflicting lock.
-    pub fn open(spec: &DiskSpec) -> Result<Disk, Error> {
+    /// When the image (or its chain) cannot be opened (a missing or wrong passphrase
+    /// included), an overlay cannot be created, or another process holds a conflicting lock.
+    pub fn open(spec: &DiskSpec, objects: &BTreeMap<String, Secret>) -> Result<Disk, Error> {
         let ierr = |path: &Path| {
             let path = path.to_owned();
             move |source| Error::Image { path, source }
         };
         let writable = !spec.readonly;
         let use_overlay = spec.snapshot && writable;
+        let open = |path: &Path, opts: &OpenOptions, secrets: &Secrets| {
+            if spec.cache == CacheMode::None {
+                Image::open_direct(path, opts, secrets)
+            } else {
+                Image::open_with_secrets(path, opts, secrets)
+            }
+        };
         let mut overlay = None;
         let image = if use_overlay {
-            let base = Image::open(&spec.path, &OpenOptions::read_only().format(spec.format))
-                .map_err(ierr(&spec.path))?;
+            let base = Image::open_with_secrets(
+                &spec.path,
+                &OpenOptions::read_only().format(spec.format),
+                &chain_secrets(spec, objects, 0)?,
+            )
+            .map_err(ierr(&spec.path))?;
             let fmt = base.format();
             drop(base);
             let abs = std::fs::canonicalize(&spec.path).map_err(|source| Error::Path {
@@ -92,8 +148,12 @@ impl Disk {
                 ..CreateOptions::default()
             };
             imgblock::create(&ov, Format::Qcow2, &opts).map_err(ierr(&ov))?;
-            let img = Image::open(&ov, &OpenOptions::writable().format(Some(Format::Qcow2)))
-                .map_err(ierr(&ov))?;
+            let img = open(
+                &ov,
+                &OpenOptions::writable().format(Some(Format::Qcow2)),
+                &chain_secrets(spec, objects, 1)?,
+            )
+            .map_err(ierr(&ov))?;
             overlay = Some(dir);
             img
         } else {
@@ -104,7 +164,7 @@ impl Disk {
                 snapshot: None,
                 force_share: false,
             };
-            Image::open(&spec.path, &opts).map_err(ierr(&spec.path))?
+            open(&spec.path, &opts, &chain_secrets(spec, objects, 0)?).map_err(ierr(&spec.path))?
         };
         if spec.format.is_none() && image.format_was_guessed_raw() {
             eprintln!(
@@ -199,7 +259,7 @@ mod tests {
         let p = dir.path().join("x.img");
         std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
         let spec: DiskSpec = format!("path={},format=raw", p.display()).parse().unwrap();
-        let l = Disk::open(&spec).unwrap();
+        let l = Disk::open(&spec, &BTreeMap::new()).unwrap();
         // qemu-io opens read-write: it needs "write", which we do not share.
         let qemu_io = || {
             std::process::Command::new("qemu-io")

@@ -94,9 +94,10 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
         return Err(Error::TooManyDisks(args.disk.len()));
     }
     // Open the disks first: a locked or missing image should fail before anything else.
+    let objects = disk::parse_objects(&args.objects)?;
     let mut disks = Vec::new();
     for spec in &args.disk {
-        disks.push(Arc::new(Disk::open(spec)?));
+        disks.push(Arc::new(Disk::open(spec, &objects)?));
     }
 
     let kvm_sys = kvm("opening /dev/kvm", Kvm::new())?;

@@ -131,7 +131,13 @@ fn make_image(path: &Path, format: Format, from: u64, to: u64, backing: Option<&
 }
 
 fn run_vmm(disks: &[String], cmdline: &str, cpus: u8, tmp: &Path) -> Output {
+    run_vmm_with(&[], disks, cmdline, cpus, tmp)
+}
+
+/// As [`run_vmm`], with `extra` arguments (`--object` definitions) first.
+fn run_vmm_with(extra: &[&str], disks: &[String], cmdline: &str, cpus: u8, tmp: &Path) -> Output {
     let mut c = Command::new(VMM);
+    c.args(extra);
     c.args([
         "--kernel",
         GUEST,
@@ -345,6 +351,102 @@ fn snapshot_on_leaves_image_untouched_and_removes_overlay() {
         "overlay left behind"
     );
     qemu_check_clean(&q, Format::Qcow2);
+}
+
+/// qemu-img's `--image-opts` name of a LUKS-encrypted qcow2 with secret `s0`.
+fn luks_opts(img: &Path) -> String {
+    format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=s0",
+        img.display()
+    )
+}
+
+#[test]
+fn guest_writes_luks_qcow2_with_cache_none_seen_by_qemu_img() {
+    let Some(dir) = setup() else { return };
+    let img = dir.path().join("luks.qcow2");
+    let secret = "secret,id=s0,data=vmm-passphrase";
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "--object", secret, "-f", "qcow2", "-o"])
+        .arg("encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10")
+        .arg(&img)
+        .arg(SIZE.to_string())
+        .status()
+        .unwrap();
+    assert!(st.success(), "qemu-img create");
+    {
+        let secrets = imgblock::crypto::Secrets::all("vmm-passphrase".into());
+        let i = Image::open_with_secrets(&img, &OpenOptions::writable(), &secrets).unwrap();
+        for off in (0..SIZE).step_by(1 << 20) {
+            i.write_at(&pattern_bytes(1, off, 1 << 20), off).unwrap();
+        }
+        i.flush().unwrap();
+    }
+    let disk = format!(
+        "path={},format=qcow2,encrypt.key-secret=s0,cache=none",
+        img.display()
+    );
+
+    // Without the secret, and with a wrong one, the VMM refuses to start, naming the image.
+    let out = run_vmm(std::slice::from_ref(&disk), "console=ttyS0", 1, dir.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("No secret with id 's0'"), "{err}");
+    let wrong = ["--object", "secret,id=s0,data=not-it"];
+    let out = run_vmm_with(
+        &wrong,
+        std::slice::from_ref(&disk),
+        "console=ttyS0",
+        1,
+        dir.path(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains(&img.display().to_string()), "{err}");
+
+    let out = run_vmm_with(
+        &["--object", secret],
+        &[disk],
+        "console=ttyS0",
+        1,
+        dir.path(),
+    );
+    assert_guest_passed(&out);
+
+    let raw = dir.path().join("luks.raw");
+    let st = Command::new("qemu-img")
+        .args([
+            "convert",
+            "--object",
+            secret,
+            "--image-opts",
+            &luks_opts(&img),
+        ])
+        .args(["-O", "raw"])
+        .arg(&raw)
+        .status()
+        .unwrap();
+    assert!(st.success(), "qemu-img convert with the secret");
+    assert_guest_wrote(&std::fs::read(&raw).unwrap());
+    let out = Command::new("qemu-img")
+        .args([
+            "check",
+            "--object",
+            secret,
+            "--image-opts",
+            &luks_opts(&img),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img check: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // What the guest wrote is not on the disk in the clear.
+    let file = std::fs::read(&img).unwrap();
+    let probe = pattern_bytes(1, 3 << 20, 64);
+    assert!(!file.windows(64).any(|w| w == probe), "plaintext on disk");
 }
 
 #[test]
