@@ -185,3 +185,23 @@ fn crash_with_small_clusters_and_narrow_refcounts_leaves_at_most_leaks() {
     // 512-byte clusters and 2-bit refcounts: refcount blocks and table growth happen often.
     crash_everywhere("cluster_size=512,refcount_bits=2", false, 150);
 }
+
+#[test]
+fn a_run_of_new_clusters_takes_a_handful_of_writes() {
+    // 64 new 64 KiB clusters: one data write, and the L2 entries and refcounts of the run each
+    // in one write, not one write per cluster.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("w.qcow2");
+    create(&p, Format::Qcow2, &CreateOptions::new(64 << 20)).unwrap();
+    let s = Arc::new(CrashingStorage {
+        inner: FileStorage::open(&p, true).unwrap(),
+        budget: AtomicU64::new(u64::MAX),
+    });
+    let img = Image::open_storage(s.clone(), &OpenOptions::writable()).unwrap();
+    let before = s.budget.load(Ordering::SeqCst);
+    img.write_at(&vec![0x5a; 4 << 20], 1 << 20).unwrap();
+    let writes = before - s.budget.load(Ordering::SeqCst);
+    assert!(writes <= 8, "a 4 MiB allocating write took {writes} writes");
+    drop(img);
+    assert_eq!(check_status(&p).0, 0);
+}

@@ -193,6 +193,14 @@ impl Granule {
     }
 }
 
+/// Consecutive entries of one L2 table, changed in the cache and not yet written.
+#[derive(Debug, Default)]
+pub(super) struct L2Run {
+    l2off: u64,
+    first: u64,
+    bytes: Vec<u8>,
+}
+
 impl Qcow2 {
     fn load_l2<'a>(&self, st: &'a mut State, l2off: u64) -> Result<&'a mut Vec<u8>> {
         if st.l2_cache.get(l2off).is_none() {
@@ -238,21 +246,71 @@ impl Qcow2 {
         l2i: u64,
         e: Entry,
     ) -> Result<()> {
-        let ext = self.geo.extended_l2;
-        let bytes = e.to_bytes(ext);
+        let bytes = e.to_bytes(self.geo.extended_l2);
+        self.cache_l2_entry(st, l2off, l2i, &bytes)?;
+        self.file()
+            .write_at(&bytes, l2off + l2i * self.geo.l2_entry_size)
+            .ctx(self.file().path())
+    }
+
+    /// Puts the encoded entry `l2i` into the cached L2 table at `l2off`.
+    fn cache_l2_entry(&self, st: &mut State, l2off: u64, l2i: u64, bytes: &[u8]) -> Result<()> {
         let t = self.load_l2(st, l2off)?;
         let o = usize::try_from(l2i * self.geo.l2_entry_size).unwrap_or(usize::MAX);
-        t.get_mut(o..o + bytes.len())
+        t.get_mut(o..o.saturating_add(bytes.len()))
             .ok_or_else(|| {
                 self.err(Error::Misaligned {
                     what: "L2 entry",
                     offset: l2off,
                 })
             })?
-            .copy_from_slice(&bytes);
-        self.file()
-            .write_at(&bytes, l2off + l2i * self.geo.l2_entry_size)
-            .ctx(self.file().path())
+            .copy_from_slice(bytes);
+        Ok(())
+    }
+
+    /// Sets entry `l2i` of the L2 table at `l2off` in the cache and adds it to `run`; the run
+    /// is written out first when the entry does not extend it. The caller writes the last run
+    /// with [`Qcow2::write_l2_run`] before it touches another L2 table (so the cached table
+    /// cannot be evicted with unwritten entries) and before it frees anything the old
+    /// entries referenced.
+    pub(super) fn stage_l2_entry(
+        &self,
+        st: &mut State,
+        run: &mut L2Run,
+        l2off: u64,
+        l2i: u64,
+        e: Entry,
+    ) -> Result<()> {
+        let bytes = e.to_bytes(self.geo.extended_l2);
+        self.cache_l2_entry(st, l2off, l2i, &bytes)?;
+        let esize = self.geo.l2_entry_size;
+        if !run.bytes.is_empty() && run.l2off == l2off && l2i >= run.first {
+            let at = usize::try_from((l2i - run.first) * esize).unwrap_or(usize::MAX);
+            if at < run.bytes.len() {
+                run.bytes[at..at + bytes.len()].copy_from_slice(&bytes);
+                return Ok(());
+            }
+            if at == run.bytes.len() {
+                run.bytes.extend_from_slice(&bytes);
+                return Ok(());
+            }
+        }
+        self.write_l2_run(run)?;
+        run.l2off = l2off;
+        run.first = l2i;
+        run.bytes.extend_from_slice(&bytes);
+        Ok(())
+    }
+
+    /// Writes the staged entries of `run` with one write and empties it.
+    pub(super) fn write_l2_run(&self, run: &mut L2Run) -> Result<()> {
+        if run.bytes.is_empty() {
+            return Ok(());
+        }
+        let at = run.l2off + run.first * self.geo.l2_entry_size;
+        let r = self.file().write_at(&run.bytes, at);
+        run.bytes.clear();
+        r.ctx(self.file().path())
     }
 
     /// The L2 table for L1 index `l1i`, allocated or copied so that it may be written.

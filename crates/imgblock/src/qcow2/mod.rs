@@ -801,6 +801,11 @@ impl Driver for Qcow2 {
     fn commit(&self, extents: &[HostExtent]) -> Result<()> {
         let g = self.geo;
         let mut st = self.lock();
+        // The entries of a run of clusters go out in one write per L2 table; what the old
+        // entries referenced is freed only once the new ones are on disk.
+        let mut run = l2::L2Run::default();
+        let mut run_table = None;
+        let mut replaced = Vec::new();
         for ext in extents {
             let end = ext.guest + ext.len;
             let mut pos = ext.guest;
@@ -808,6 +813,10 @@ impl Driver for Qcow2 {
                 let gc = pos >> g.cluster_bits;
                 let cstart = gc << g.cluster_bits;
                 let pend = end.min(cstart + g.cluster_size);
+                if run_table.is_some_and(|t| t != gc / g.l2_entries) {
+                    self.write_l2_run(&mut run)?;
+                }
+                run_table = Some(gc / g.l2_entries);
                 // Within a cluster the host offset moves with the guest offset.
                 let host_cluster = ext.host.0 + (pos - ext.guest) - (pos - cstart);
                 let old = self.lookup(&mut st, gc)?.map(|o| o.0).unwrap_or_default();
@@ -829,16 +838,20 @@ impl Driver for Qcow2 {
                     new.bitmap = alloc | (zero << 32);
                 }
                 let l2off = self.l2_for_write(&mut st, gc / g.l2_entries)?;
-                self.set_l2_entry(&mut st, l2off, gc % g.l2_entries, new)?;
-                let replaced = match old.kind(0) {
+                self.stage_l2_entry(&mut st, &mut run, l2off, gc % g.l2_entries, new)?;
+                let frees = match old.kind(0) {
                     Kind::Compressed => true,
                     _ => old.host().is_some_and(|h| h != host_cluster),
                 };
-                if replaced {
-                    self.release(&mut st, &old, false)?;
+                if frees {
+                    replaced.push(old);
                 }
                 pos = pend;
             }
+        }
+        self.write_l2_run(&mut run)?;
+        for old in &replaced {
+            self.release(&mut st, old, false)?;
         }
         Ok(())
     }
