@@ -427,6 +427,62 @@ impl Image {
         Ok(())
     }
 
+    /// Copies `len` bytes at `offset` into `target` at `target_offset` inside the kernel,
+    /// without passing them through user space (qemu-img's copy offloading), where both ranges
+    /// are plain data in files: a raw image, say, or preallocated clusters. `Ok(false)` when
+    /// some of it is not (encrypted, compressed, unallocated, in a backing file) or the
+    /// filesystem cannot; the caller then copies through a buffer.
+    ///
+    /// # Errors
+    /// When a range is past an end, the target is read-only, or I/O fails.
+    pub fn copy_range_to(
+        &self,
+        offset: u64,
+        target: &Image,
+        target_offset: u64,
+        len: u64,
+    ) -> Result<bool> {
+        self.check_range(offset, len)?;
+        target.check_range(target_offset, len)?;
+        target.check_writable()?;
+        // A guessed-raw target's sector 0 is checked by write_at.
+        let sector0 = target.guessed_raw && target_offset < 512 && len > 0;
+        if sector0 || self.driver.data_cipher()?.is_some() || target.driver.data_cipher()?.is_some()
+        {
+            return Ok(false);
+        }
+        let mut done = 0;
+        while done < len {
+            let (m, n) = self.driver.map(offset + done, len - done)?;
+            let Mapping::Data {
+                file, offset: from, ..
+            } = m
+            else {
+                return Ok(false);
+            };
+            let n = n.clamp(1, len - done);
+            let (tm, tn) = target.driver.map(target_offset + done, n)?;
+            let Mapping::Data {
+                file: tfile,
+                offset: to,
+                writable: true,
+            } = tm
+            else {
+                return Ok(false);
+            };
+            let k = tn.clamp(1, n);
+            let src = self.driver.storage(file);
+            let dst = target.driver.storage(tfile);
+            match crate::storage::copy_range(src.as_ref(), from.0, dst.as_ref(), to.0, k) {
+                Ok(true) => {}
+                Ok(false) => return Ok(false),
+                Err(e) => target.io(Err(e), tfile)?,
+            }
+            done += k;
+        }
+        Ok(true)
+    }
+
     fn check_writable(&self) -> Result<()> {
         if self.writable {
             Ok(())

@@ -42,6 +42,73 @@ pub trait Storage: Send + Sync + Debug {
     }
     /// Whether writes are refused.
     fn read_only(&self) -> bool;
+    /// The host file behind this storage, for copies the kernel makes between files
+    /// ([`copy_range`]); `None` for storage that is not one file.
+    fn host_file(&self) -> Option<&File> {
+        None
+    }
+}
+
+/// Copies `len` bytes from `src` at `src_offset` to `dst` at `dst_offset` inside the kernel
+/// (`copy_file_range`: a reflink, a server-side copy or an in-kernel copy, whatever the
+/// filesystem offers). `Ok(false)` when it cannot: a storage that is not a file, a kernel or
+/// filesystem without the call, or a source that ends early; the caller then copies through a
+/// buffer, and whatever was copied so far is simply written again.
+///
+/// # Errors
+/// A real I/O error on either file.
+pub fn copy_range(
+    src: &dyn Storage,
+    src_offset: u64,
+    dst: &dyn Storage,
+    dst_offset: u64,
+    len: u64,
+) -> io::Result<bool> {
+    if dst.read_only() {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    let (Some(from), Some(to)) = (src.host_file(), dst.host_file()) else {
+        return Ok(false);
+    };
+    let (Ok(mut off_in), Ok(mut off_out)) = (
+        libc::loff_t::try_from(src_offset),
+        libc::loff_t::try_from(dst_offset),
+    ) else {
+        return Ok(false);
+    };
+    let mut left = len;
+    while left > 0 {
+        let chunk = usize::try_from(left.min(1 << 30)).unwrap_or(1 << 30);
+        // SAFETY: both descriptors are open for the lifetime of the borrows; the offsets are
+        // plain integers the kernel updates.
+        let n = unsafe {
+            libc::copy_file_range(
+                from.as_raw_fd(),
+                &mut off_in,
+                to.as_raw_fd(),
+                &mut off_out,
+                chunk,
+                0,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(
+                    libc::EXDEV | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL | libc::EBADF,
+                ) => Ok(false),
+                _ => Err(e),
+            };
+        }
+        if n == 0 {
+            // The source ends before the range does: its tail reads as zeroes, which a
+            // buffered copy writes.
+            return Ok(false);
+        }
+        left -= u64::try_from(n).unwrap_or(left).min(left);
+    }
+    Ok(true)
 }
 
 /// What `O_DIRECT` needs of a buffer's address, offset and length on any Linux filesystem.
@@ -188,6 +255,10 @@ pub(crate) fn write_zero_buffers(s: &dyn Storage, mut offset: u64, mut len: u64)
 impl Storage for FileStorage {
     fn path(&self) -> &Path {
         &self.path
+    }
+
+    fn host_file(&self) -> Option<&File> {
+        Some(&self.file)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -455,6 +526,27 @@ impl Storage for MemStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_range_copies_between_files_and_declines_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = FileStorage::create(&dir.path().join("a")).unwrap();
+        let b = FileStorage::create(&dir.path().join("b")).unwrap();
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+        a.write_at(&data, 0).unwrap();
+        b.set_len(300_000).unwrap();
+        assert!(copy_range(&a, 1000, &b, 5000, 150_000).unwrap());
+        let mut got = vec![0u8; 150_000];
+        b.read_at(&mut got, 5000).unwrap();
+        assert_eq!(got, data[1000..151_000]);
+        // Past the source's end the kernel copies nothing: the caller must fill zeroes.
+        assert!(!copy_range(&a, 150_000, &b, 0, 100_000).unwrap());
+        let m = MemStorage::new(vec![0; 4096], Path::new("m"), false);
+        assert!(!copy_range(&m, 0, &b, 0, 4096).unwrap());
+        assert!(!copy_range(&a, 0, &m, 0, 4096).unwrap());
+        let ro = FileStorage::open(&dir.path().join("b"), false).unwrap();
+        assert!(copy_range(&a, 0, &ro, 0, 4096).is_err());
+    }
 
     #[test]
     fn read_past_end_returns_zeroes() {
