@@ -22,7 +22,7 @@ const MAX_SPARSE: u64 = 16 << 20;
 const MAX_PARALLEL: usize = 16;
 
 /// `img convert [-f FMT] [-O FMT] [-o OPTS] [-S SIZE] [-n] [-p] [-q] [-c] [-l snapshot.name=NAME]
-/// [-B BACKING [-F FMT]] [-W] [-m N] [-t CACHE] [-T SRC_CACHE] [-U] [--disk N] SRC... DST`
+/// [-B BACKING [-F FMT]] [-W] [-C] [-m N] [-t CACHE] [-T SRC_CACHE] [-U] [--disk N] SRC... DST`
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
     /// Format of the source images (probed when not given).
@@ -62,6 +62,11 @@ pub struct ConvertArgs {
     /// them; compressed targets are always written in guest order, whatever -W says).
     #[arg(short = 'W')]
     out_of_order: bool,
+    /// Copy offloading: data goes from file to file inside the kernel (copy_file_range: a
+    /// reflink where the filesystem has them) wherever both sides are plain data in files,
+    /// raw to raw say; zeroes in the data are copied, not detected. Not with -c or -S.
+    #[arg(short = 'C', long = "copy-range-offloading")]
+    copy_range: bool,
     /// Parallelism: worker threads that read, detect zeroes and compress (1 to 16; default: the
     /// number of cores).
     #[arg(short = 'm', value_name = "NUM")]
@@ -167,7 +172,22 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         Some((dst, srcs)) if !srcs.is_empty() => (dst, srcs),
         _ => return Err(Failure::new("Must specify image file name")),
     };
-    let sparse = parse_sparse(args.sparse.as_deref())?;
+    if args.copy_range && args.compress {
+        return Err(Failure::new(
+            "Cannot enable copy offloading when -c is used",
+        ));
+    }
+    if args.copy_range && args.sparse.is_some() {
+        return Err(Failure::new(
+            "Cannot enable copy offloading when -S is used",
+        ));
+    }
+    // Copy offloading copies data as it is: no zero detection, as in qemu-img.
+    let sparse = if args.copy_range {
+        0
+    } else {
+        parse_sparse(args.sparse.as_deref())?
+    };
     let workers = parse_parallel(args.parallel.as_deref())?;
     parse_cache(args.cache.as_deref(), "cache")?;
     parse_cache(args.src_cache.as_deref(), "source cache")?;
@@ -225,6 +245,7 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         // in write order, so they are written in guest order unless -W allows otherwise.
         Mode::Plain {
             in_order: !args.out_of_order && target.format() != Format::Raw,
+            offload: args.copy_range,
         }
     };
     crate::pipeline::copy(

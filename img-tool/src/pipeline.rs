@@ -62,8 +62,9 @@ pub struct Sparse {
 /// How the target is written.
 #[derive(Debug, Clone, Copy)]
 pub enum Mode {
-    /// Plain data; `in_order` when the target's layout depends on the order of writes.
-    Plain { in_order: bool },
+    /// Plain data; `in_order` when the target's layout depends on the order of writes;
+    /// `offload` to let the kernel copy data between files where it can (`-C`).
+    Plain { in_order: bool, offload: bool },
     /// Each cluster compressed (`-c`, streamOptimized), always written in guest order.
     Compressed { cluster: usize },
 }
@@ -121,6 +122,11 @@ struct Shared<'a> {
 }
 
 impl Shared<'_> {
+    /// Whether `job` is data to try copying inside the kernel.
+    fn offloads(&self, job: &Job) -> bool {
+        job.action == Action::Copy && matches!(self.mode, Mode::Plain { offload: true, .. })
+    }
+
     fn fail(&self, f: Failure) {
         self.stop.store(true, Ordering::SeqCst);
         let mut e = self.error.lock().unwrap_or_else(|e| e.into_inner());
@@ -177,7 +183,13 @@ pub fn copy(
         pool_tx,
         pool_rx: Mutex::new(pool_rx),
     };
-    let in_order = !matches!(mode, Mode::Plain { in_order: false });
+    let in_order = !matches!(
+        mode,
+        Mode::Plain {
+            in_order: false,
+            ..
+        }
+    );
     let (job_tx, job_rx) = sync_channel::<Job>(workers * 2);
     let job_rx = Mutex::new(job_rx);
     std::thread::scope(|s| {
@@ -292,6 +304,22 @@ fn worker(sh: &Shared<'_>, jobs: &Mutex<Receiver<Job>>, done: Option<&SyncSender
             clusters: Vec::new(),
             result: Ok(()),
         };
+        // Out of order, a worker may hand a data range to the kernel and be done with it.
+        if done.is_none() && sh.offloads(&d.job) {
+            match copy_range_concat(sh.sources, d.job.offset, sh.target, d.job.len) {
+                Ok(true) => {
+                    sh.give_back(Some(buf));
+                    sh.progress.inc(d.job.len);
+                    continue;
+                }
+                Ok(false) => {}
+                Err(f) => {
+                    sh.give_back(Some(buf));
+                    sh.fail(f);
+                    continue;
+                }
+            }
+        }
         d.result = match sh.mode {
             Mode::Plain { .. } => prepare_plain(sh, &mut d, &mut buf),
             Mode::Compressed { cluster } => prepare_compressed(sh, &mut d, &mut buf, cluster),
@@ -449,6 +477,28 @@ pub fn write_zeroes(target: &Image, offset: u64, len: u64, sparse: &Sparse) -> C
         target.write_zeroes(offset, len, true)?;
     }
     Ok(())
+}
+
+/// Copies `len` bytes of the concatenation of `sources` at `offset` to the same offset of
+/// `target` inside the kernel, holes as holes; false when some part cannot be (the caller then
+/// copies the whole range through a buffer).
+fn copy_range_concat(sources: &[Image], offset: u64, target: &Image, len: u64) -> CliResult<bool> {
+    let mut base = 0u64;
+    let end = offset + len;
+    for src in sources {
+        let (s, e) = (offset.max(base), end.min(base + src.size()));
+        let mut pos = s;
+        while pos < e {
+            let st = src.block_status(pos - base, e - pos)?;
+            let n = st.len.clamp(1, e - pos);
+            if !st.zero && !src.copy_range_to(pos - base, target, pos, n)? {
+                return Ok(false);
+            }
+            pos += n;
+        }
+        base += src.size();
+    }
+    Ok(true)
 }
 
 /// Reads the concatenation of `sources` at `offset` into `buf`, reading only what block status
