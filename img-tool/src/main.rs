@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod amend;
+mod bench;
 mod cache;
 mod check;
 mod commit;
@@ -81,6 +82,9 @@ enum Command {
     Amend(amend::AmendArgs),
     /// Compute the size a new image would need.
     Measure(measure::MeasureArgs),
+    /// Run a simple I/O benchmark: COUNT reads or writes of BUFFER_SIZE bytes, DEPTH at a time.
+    #[command(args_override_self = true)]
+    Bench(bench::BenchArgs),
 }
 
 fn dispatch(cmd: &Command) -> CliResult<i32> {
@@ -97,6 +101,7 @@ fn dispatch(cmd: &Command) -> CliResult<i32> {
         Command::Commit(a) => commit::run(a),
         Command::Amend(a) => amend::run(a),
         Command::Measure(a) => measure::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 
@@ -143,6 +148,13 @@ mod tests {
     fn cli_resize_takes_negative_relative_size() {
         let cli = Cli::try_parse_from(["img", "resize", "--shrink", "x.qcow2", "-1M"]).unwrap();
         assert!(matches!(cli.command, Command::Resize(_)));
+    }
+
+    #[test]
+    fn cli_bench_takes_hyphen_values_and_repeats() {
+        let cli =
+            Cli::try_parse_from(["img", "bench", "-c", "-1", "-c", "5", "-w", "x.raw"]).unwrap();
+        assert!(matches!(cli.command, Command::Bench(_)));
     }
 
     #[test]
