@@ -162,42 +162,46 @@ struct Running {
 
 impl Running {
     fn process(&mut self) {
-        let used = serve_queue(
+        let interrupt = &self.interrupt;
+        serve_queue(
             &mut self.queue,
             &self.mem,
             self.disk.as_ref(),
             &self.cfg,
             &mut self.bounce,
+            &mut || interrupt.signal_used(),
         );
         // Keep the bounce buffer from pinning a large allocation forever.
         if self.bounce.capacity() > 4 << 20 {
             self.bounce = Vec::new();
         }
-        if used {
-            match self.queue.needs_notification(&self.mem) {
-                Ok(true) => self.interrupt.signal_used(),
-                Ok(false) => {}
-                Err(e) => eprintln!("vmm: virtio-blk: queue error: {e}"),
-            }
-        }
     }
 }
 
 /// Serves every available chain (re-checking after re-enabling notifications, as EVENT_IDX
-/// requires); returns whether any descriptor was used. A broken ring stops the pass.
+/// requires), and calls `signal` as soon as a completion crosses the index the driver asked to
+/// be interrupted at, so that a driver waiting for its first requests need not wait for the
+/// ones it queued behind them. Returns whether any descriptor was used. A broken ring stops the
+/// pass.
 pub fn serve_queue(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     disk: &dyn Backend,
     cfg: &BlockConfig,
     bounce: &mut Vec<u8>,
+    signal: &mut dyn FnMut(),
 ) -> bool {
     let mut used = false;
+    let mut notify = |queue: &mut Queue| match queue.needs_notification(mem) {
+        Ok(true) => signal(),
+        Ok(false) => {}
+        Err(e) => eprintln!("vmm: virtio-blk: queue error: {e}"),
+    };
     // Bounded: a guest that keeps adding requests cannot starve the stop event forever.
     for _ in 0..1024 {
         if let Err(e) = queue.disable_notification(mem) {
             eprintln!("vmm: virtio-blk: queue error: {e}");
-            return used;
+            break;
         }
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
@@ -208,6 +212,7 @@ pub fn serve_queue(
                 return used;
             }
             used = true;
+            notify(queue);
         }
         match queue.enable_notification(mem) {
             Ok(true) => continue,
@@ -303,7 +308,7 @@ mod tests {
             q.set_ready(true);
             prop_assume!(q.is_valid(&mem));
             let disk = MemDisk(Mutex::new(vec![0; 64 * 1024]));
-            serve_queue(&mut q, &mem, &disk, &cfg(false), &mut Vec::new());
+            serve_queue(&mut q, &mem, &disk, &cfg(false), &mut Vec::new(), &mut || {});
             let _ = q.needs_notification(&mem);
         }
     }
