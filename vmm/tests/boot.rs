@@ -514,3 +514,27 @@ fn image_locked_while_guest_runs() {
     assert!(msg.contains("lock"), "{msg}");
     let _: PathBuf = img;
 }
+
+#[test]
+fn bench_mode_reads_the_whole_disk_at_every_queue_depth() {
+    let Some(dir) = setup() else { return };
+    let img = dir.path().join("bench.raw");
+    make_image(&img, Format::Raw, 0, SIZE, None);
+    let spec = format!("path={},format=raw,readonly=on", img.display());
+    let out = run_vmm(&[spec], "console=ttyS0 tg.mode0=bench", 1, dir.path());
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "vmm exited with {:?}", out.status);
+    assert!(s.contains(" passed, 0 failed"), "guest reported failures");
+    assert!(s.contains("ok - bench: every request completed OK"));
+    for depth in [1, 8, 32, 64] {
+        let key = format!("sequential 64 KiB reads, queue depth {depth}: ");
+        let line = s.lines().find(|l| l.contains(&key)).expect("bench line");
+        let rate: u64 = line
+            .split(&key)
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .expect("a rate");
+        assert!(rate > 0, "{line}");
+    }
+}
