@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# In-guest read throughput against the host's: the VMM's test guest reads a raw image through
+# virtio-blk, and `img bench` reads the same image on the host, alternating, in the same run.
+#
+#   benches/guest-read.sh              # 1 GiB image, 3 rounds
+#   benches/guest-read.sh --size 256M --rounds 5
+#
+# Both sides do sequential 64 KiB reads of the whole image from the host page cache (the image
+# is read once first): the guest at queue depths 1, 8, 32 and 64 (`tg.mode0=bench`, a read-only
+# disk), `img bench -s 64K -t writeback` at depths 1 and 64. It prints each figure's median in
+# MiB/s and the guest's rate as a share of the host's, at the same depth and best against
+# best. Needs /dev/kvm. The machines are shared: compare ratios, not absolute rates.
+set -euo pipefail
+
+SIZE=1G
+ROUNDS=3
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --size) SIZE=$2; shift ;;
+    --rounds) ROUNDS=$2; shift ;;
+    -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+if [ ! -c /dev/kvm ]; then
+    echo "guest-read: SKIPPED: /dev/kvm is missing; the guest cannot run" >&2
+    exit 1
+fi
+cargo build --release -q -p vmm -p img-tool
+IMG=$ROOT/target/release/img
+VMM=$ROOT/target/release/vmm
+GUEST=$(ls -t "$ROOT"/target/release/build/vmm-*/out/test-guest | head -1)
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+
+BYTES=$(numfmt --from=iec "$SIZE")
+COUNT=$((BYTES / 65536))
+head -c "$BYTES" /dev/urandom >"$TMP/disk.raw"
+cat "$TMP/disk.raw" >/dev/null
+echo "image: $SIZE of random data ($COUNT 64 KiB reads per pass); load: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+host() { # depth -> MiB/s
+    local secs
+    secs=$("$IMG" bench -f raw -t writeback -s 64K -d "$1" -c "$COUNT" "$TMP/disk.raw" |
+        sed -n 's/^Run completed in \([0-9.]*\) seconds\./\1/p')
+    awk -v b="$BYTES" -v s="$secs" 'BEGIN { printf "%d\n", b / s / 1048576 }'
+}
+
+declare -A R
+for round in $(seq "$ROUNDS"); do
+    R[host1]+="$(host 1) "
+    R[host64]+="$(host 64) "
+    out=$("$VMM" --kernel "$GUEST" --memory 256M --serial stdio \
+        --disk "path=$TMP/disk.raw,format=raw,readonly=on" --cmdline "console=ttyS0 tg.mode0=bench")
+    if ! grep -q " passed, 0 failed" <<<"$out"; then
+        echo "guest-read: the guest reported failures:" >&2
+        echo "$out" >&2
+        exit 1
+    fi
+    for d in 1 8 32 64; do
+        R[guest$d]+="$(sed -n "s/.*sequential 64 KiB reads, queue depth $d: \([0-9]*\) MiB\/s.*/\1/p" <<<"$out") "
+    done
+    echo "round $round done"
+done
+
+median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+printf '%-28s %10s   %s\n' "sequential 64 KiB reads" "MiB/s" "all rounds"
+for k in host1 host64 guest1 guest8 guest32 guest64; do
+    printf '%-28s %10s   %s\n' "$k" "$(median "${R[$k]}")" "${R[$k]}"
+done
+h1=$(median "${R[host1]}") h64=$(median "${R[host64]}")
+g1=$(median "${R[guest1]}") g64=$(median "${R[guest64]}")
+best_g=$(printf '%s\n' "$g1" "$(median "${R[guest8]}")" "$(median "${R[guest32]}")" "$g64" | sort -n | tail -1)
+best_h=$(printf '%s\n' "$h1" "$h64" | sort -n | tail -1)
+awk -v a="$g1" -v b="$h1" 'BEGIN { printf "guest / host at depth 1:    %.0f%%\n", 100 * a / b }'
+awk -v a="$g64" -v b="$h64" 'BEGIN { printf "guest / host at depth 64:   %.0f%%\n", 100 * a / b }'
+awk -v a="$best_g" -v b="$best_h" 'BEGIN { printf "best guest / best host:     %.0f%%\n", 100 * a / b }'
+echo "load: $(cut -d' ' -f1-3 /proc/loadavg)"
