@@ -244,6 +244,7 @@ fn guest_writes_every_creatable_format_seen_by_qemu_img() {
         assert_guest_passed(&out);
         let s = String::from_utf8_lossy(&out.stdout);
         assert!(s.contains("MADT: 2 CPUs"), "two vCPUs in the MADT");
+        assert!(s.contains("test-guest: booted via the Linux 64-bit entry"));
         qemu_check_clean(&img, fmt);
         assert_guest_wrote(&to_raw(&img, fmt, dir.path()));
     }

@@ -1,5 +1,5 @@
-//! Checks the ACPI tables the VMM built, the way a kernel reads them: the RSDP from the zero page
-//! (`acpi_rsdp_addr` at 0x070), checksums of every table, the FADT's DSDT, a `LNRO0005` device per
+//! Checks the ACPI tables the VMM built, the way a kernel reads them: the RSDP the boot
+//! information names (the zero page's `acpi_rsdp_addr` or `hvm_start_info.rsdp_paddr`), checksums of every table, the FADT's DSDT, a `LNRO0005` device per
 //! virtio-mmio disk, `_S5_`, and the MADT's local APICs and IOAPIC.
 
 use crate::Tally;
@@ -42,8 +42,11 @@ fn count(hay: &[u8], needle: &[u8]) -> usize {
     hay.windows(needle.len()).filter(|w| *w == needle).count()
 }
 
-pub fn check(zero_page: u64, ndev: usize, tally: &mut Tally) {
-    let rsdp_addr = u64_at(bytes(zero_page + 0x70, 8), 0);
+pub fn check(rsdp_addr: u64, ndev: usize, tally: &mut Tally) {
+    if rsdp_addr == 0 || rsdp_addr >= 0x10_0000 {
+        tally.check("acpi: RSDP address below 1 MiB", false);
+        return;
+    }
     let rsdp = bytes(rsdp_addr, 36);
     let rsdp_ok =
         rsdp_addr != 0 && &rsdp[0..8] == b"RSD PTR " && sum(&rsdp[..20]) == 0 && sum(rsdp) == 0;

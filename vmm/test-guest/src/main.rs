@@ -1,5 +1,7 @@
-//! The vmm test guest: a freestanding x86-64 program that boots through the same 64-bit entry
-//! as a Linux kernel (long mode, identity-mapped, zero page in `rsi`), finds its virtio-mmio
+//! The vmm test guest: a freestanding x86-64 program that boots through the same entries as a
+//! Linux kernel (the 64-bit entry: long mode, identity-mapped, zero page in `rsi`; or, in the
+//! build with a PVH note, the PVH entry: 32-bit protected mode, `hvm_start_info` in `ebx`),
+//! reads its boot information (`bootinfo.rs`), finds its virtio-mmio
 //! block devices on the command line, checks the ACPI tables the VMM built, drives each disk the
 //! way a driver does (feature negotiation, split virtqueue, every request type, completions
 //! taken from IOAPIC interrupts) and prints `N passed, M failed` on COM1 before powering off
@@ -15,12 +17,14 @@
 
 mod acpi;
 mod blk;
+mod bootinfo;
 mod hw;
 mod irq;
 
 use core::fmt::Write;
 use core::panic::PanicInfo;
 
+// Linux 64-bit entry (the ELF entry point): long mode on the VMM's page tables, zero page in rsi.
 core::arch::global_asm!(
     r#"
     .section .text._start, "ax"
@@ -28,6 +32,10 @@ core::arch::global_asm!(
 _start:
     cli
     mov r12, rsi
+    xor r13d, r13d
+    .global boot_common
+boot_common:
+    /* r12 = boot information, r13 = protocol (0 = Linux 64-bit, 1 = PVH). */
     /* Zero .bss (linux-loader copies only the file part of each segment). */
     lea rdi, [rip + __bss_start]
     lea rcx, [rip + __bss_end]
@@ -46,6 +54,7 @@ _start:
     clts
     fninit
     mov rdi, r12
+    mov rsi, r13
     call {main}
 1:  hlt
     jmp 1b
@@ -53,6 +62,96 @@ _start:
     stack = sym STACK,
     stack_size = const STACK_SIZE,
     main = sym guest_main,
+);
+
+// PVH entry, as Linux's arch/x86/platform/pvh/head.S does it: the VMM starts here in 32-bit
+// protected mode with paging off and hvm_start_info in ebx. Load a GDT with a 64-bit code
+// segment, point CR3 at identity page tables for the first 4 GiB (assembled statically below:
+// the device windows sit near 4 GiB), set CR4.PAE, EFER.LME and CR0.PG, and far-jump into
+// 64-bit code, which joins the 64-bit entry's path. Only the note below refers to `pvh_start`,
+// so the linker drops all this from the build without it.
+core::arch::global_asm!(
+    r#"
+    .section .text.pvh_start, "ax"
+    .code32
+    .global pvh_start
+pvh_start:
+    cli
+    cld
+    mov %ebx, %esi
+    lgdt pvh_gdt_desc
+    mov %cr4, %eax
+    or $0x20, %eax
+    mov %eax, %cr4
+    mov $pvh_pml4, %eax
+    mov %eax, %cr3
+    mov $0xc0000080, %ecx
+    rdmsr
+    or $0x100, %eax
+    wrmsr
+    mov %cr0, %eax
+    or $0x80000001, %eax
+    mov %eax, %cr0
+    ljmp $0x08, $pvh_long_mode
+    .code64
+pvh_long_mode:
+    mov $0x10, %eax
+    mov %ax, %ds
+    mov %ax, %es
+    mov %ax, %ss
+    mov %ax, %fs
+    mov %ax, %gs
+    mov %esi, %r12d
+    mov $1, %r13d
+    jmp boot_common
+
+    .section .data.pvh, "aw"
+    .balign 8
+pvh_gdt:
+    .quad 0
+    .quad 0x00af9b000000ffff
+    .quad 0x00cf93000000ffff
+pvh_gdt_end:
+pvh_gdt_desc:
+    .word pvh_gdt_end - pvh_gdt - 1
+    .quad pvh_gdt
+    .balign 4096
+pvh_pml4:
+    .quad pvh_pdpt + 0x3
+    .fill 511, 8, 0
+pvh_pdpt:
+    .quad pvh_pd + 0x3
+    .quad pvh_pd + 0x1003
+    .quad pvh_pd + 0x2003
+    .quad pvh_pd + 0x3003
+    .fill 508, 8, 0
+pvh_pd:
+    .set pvh_i, 0
+    .rept 2048
+    .quad (pvh_i << 21) | 0x83
+    .set pvh_i, pvh_i + 1
+    .endr
+    .text
+    "#,
+    options(att_syntax)
+);
+
+// The PVH ELF note (XEN_ELFNOTE_PHYS32_ENTRY = 18, name "Xen", a 4-byte entry address) that
+// makes the VMM use the PVH entry; only in the VMM_TEST_GUEST_PVH build.
+#[cfg(pvh_note)]
+core::arch::global_asm!(
+    r#"
+    .pushsection .note.Xen, "a", @note
+    .balign 4
+    .long 4
+    .long 4
+    .long 18
+    .asciz "Xen"
+    .balign 4
+    .long pvh_start
+    .popsection
+    "#,
+    options(att_syntax)
 );
 
 const STACK_SIZE: usize = 256 * 1024;
@@ -104,24 +203,6 @@ impl Tally {
     }
 }
 
-/// The kernel command line, read from the zero page (`hdr.cmd_line_ptr` at 0x228).
-fn cmdline(zero_page: u64) -> &'static str {
-    // SAFETY: the VMM put the zero page at `zero_page` and the command line at the address it
-    // holds; both are identity-mapped RAM. The string is NUL-terminated and at most 4 KiB.
-    unsafe {
-        let ptr = core::ptr::read_volatile((zero_page + 0x228) as *const u32) as u64;
-        if ptr == 0 {
-            return "";
-        }
-        let base = ptr as *const u8;
-        let mut len = 0;
-        while len < 4096 && *base.add(len) != 0 {
-            len += 1;
-        }
-        core::str::from_utf8(core::slice::from_raw_parts(base, len)).unwrap_or("")
-    }
-}
-
 /// The value of `key=` on the command line.
 pub fn param<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
     cmdline
@@ -129,15 +210,22 @@ pub fn param<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|w| w.strip_prefix(key).and_then(|rest| rest.strip_prefix('=')))
 }
 
-extern "C" fn guest_main(zero_page: u64) -> ! {
+extern "C" fn guest_main(info_addr: u64, protocol: u64) -> ! {
     let t_entry = hw::rdtsc();
     println!("test-guest: started");
-    let cmd = cmdline(zero_page);
+    let protocol = if protocol == 1 {
+        bootinfo::Protocol::Pvh
+    } else {
+        bootinfo::Protocol::Linux64
+    };
+    let info = bootinfo::BootInfo::read(protocol, info_addr);
+    let cmd = info.cmdline;
     println!("test-guest: cmdline: {}", cmd);
     let mut tally = Tally {
         passed: 0,
         failed: 0,
     };
+    info.check(&mut tally);
 
     irq::init();
     println!("test-guest: IDT and LAPIC set up");
@@ -162,7 +250,7 @@ extern "C" fn guest_main(zero_page: u64) -> ! {
         .split(' ')
         .filter(|w| w.starts_with("virtio_mmio.device="))
         .count();
-    acpi::check(zero_page, ndev, &mut tally);
+    acpi::check(info.rsdp, ndev, &mut tally);
 
     let mut index = 0;
     for w in cmd.split(' ') {
