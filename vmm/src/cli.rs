@@ -17,10 +17,13 @@ pub const MAX_CPUS: u8 = 64;
 #[derive(Debug, Parser)]
 #[command(name = "vmm", version, about, long_about = None)]
 pub struct Args {
-    /// Kernel to boot: a bzImage, or an ELF vmlinux entered through its 64-bit entry point.
+    /// Kernel to boot: a bzImage, entered through its 64-bit entry (Linux boot protocol, zero
+    /// page); or an ELF vmlinux, entered through its PVH entry (32-bit, hvm_start_info) when it
+    /// has a XEN_ELFNOTE_PHYS32_ENTRY note, else through its 64-bit entry. With VMM_REPORT set
+    /// in the environment the set-up line on stderr names the entry used.
     #[arg(long, value_name = "PATH")]
     pub kernel: PathBuf,
-    /// Initramfs loaded into guest memory and announced in the zero page.
+    /// Initramfs loaded into guest memory and announced in the zero page (or as PVH module 0).
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
     /// Kernel command line; `virtio_mmio.device=` entries for each disk are appended.

@@ -1,7 +1,8 @@
 //! The guest-physical address map, shared by the boot code, ACPI tables and devices.
 //!
 //! ```text
-//! 0x0000_0500  GDT                      0x0000_7000  zero page (boot_params)
+//! 0x0000_0500  GDT                      0x0000_6000  PVH start_info, module list, memory map
+//! 0x0000_7000  zero page (boot_params)
 //! 0x0000_8ff0  initial stack top        0x0000_9000  PML4, PDPT, 4 x PD (identity map of 4 GiB)
 //! 0x0002_0000  kernel command line      0x0009_fc00  EBDA (reserved to 1 MiB)
 //! 0x000e_0000  ACPI tables (RSDP first) 0x0010_0000  kernel (bzImage) / ELF load addresses
@@ -9,8 +10,17 @@
 //! LAPIC 0xfee0_0000; RAM beyond 3 GiB continues at 4 GiB.
 //! ```
 
-/// GDT with null, 64-bit code, data and TSS descriptors.
+/// The boot GDT: null, 64-bit code, data and TSS descriptors for the 64-bit entry; Linux's boot
+/// GDT layout (32-bit code at 0x10, data at 0x18, TSS at 0x20) for the PVH entry.
 pub const GDT_START: u64 = 0x500;
+/// PVH `hvm_start_info` (56 bytes); the module list and memory map follow in the same page.
+pub const PVH_START_INFO: u64 = 0x6000;
+/// PVH module list (`hvm_modlist_entry`, 32 bytes each): the initramfs is module 0.
+pub const PVH_MODLIST_START: u64 = 0x6040;
+/// PVH memory map (`hvm_memmap_table_entry`, 24 bytes each), up to the zero page.
+pub const PVH_MEMMAP_START: u64 = 0x6080;
+/// Most PVH memory-map entries that fit between [`PVH_MEMMAP_START`] and the zero page.
+pub const PVH_MEMMAP_MAX_ENTRIES: u64 = (ZERO_PAGE_START - PVH_MEMMAP_START) / 24;
 /// The zero page.
 pub const ZERO_PAGE_START: u64 = 0x7000;
 /// Initial stack pointer for the boot CPU.

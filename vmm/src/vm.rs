@@ -208,7 +208,6 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
     devs.disks = disks;
 
     let rsdp = acpi::write_tables(&mem, args.cpus, &mmio_descs)?;
-    boot::write_boot_tables(&mem)?;
     let entry = boot::load_kernel(
         &mem,
         args.memory,
@@ -217,6 +216,7 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
         &cmdline,
         rsdp,
     )?;
+    boot::write_boot_tables(&mem, entry.protocol)?;
 
     let pio = Arc::new(pio);
     let mmio_bus = Arc::new(mmio_bus);
@@ -239,17 +239,16 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
         }
         kvm("setting CPUID", vcpu.set_cpuid2(&c))?;
         if id == 0 {
-            setup_boot_cpu(&vcpu, entry.entry)?;
+            setup_boot_cpu(&vcpu, &entry)?;
         }
         vcpus.push(vcpu);
     }
     if std::env::var_os("VMM_REPORT").is_some() {
         eprintln!(
-            "vmm: set-up took {:.1} ms; starting {} vCPU(s) at {:#x} ({})",
+            "vmm: set-up took {:.1} ms; starting {} vCPU(s) at {:#x} ({entry})",
             t0.elapsed().as_secs_f64() * 1e3,
             args.cpus,
             entry.entry,
-            if entry.bzimage { "bzImage" } else { "ELF" }
         );
     }
 
@@ -344,13 +343,13 @@ fn setup_msrs(vcpu: &VcpuFd) -> Result<(), Error> {
     Ok(())
 }
 
-fn setup_boot_cpu(vcpu: &VcpuFd, entry: u64) -> Result<(), Error> {
+/// The boot CPU's state for the kernel's entry (64-bit or PVH); the other vCPUs stay in
+/// wait-for-SIPI until the guest starts them.
+fn setup_boot_cpu(vcpu: &VcpuFd, entry: &boot::EntryPoint) -> Result<(), Error> {
     let sregs = kvm("reading sregs", vcpu.get_sregs())?;
-    kvm(
-        "setting sregs",
-        vcpu.set_sregs(&boot::long_mode_sregs(sregs)),
-    )?;
-    kvm("setting regs", vcpu.set_regs(&boot::entry_regs(entry)))?;
+    let (sregs, regs) = boot::boot_cpu_state(entry, sregs);
+    kvm("setting sregs", vcpu.set_sregs(&sregs))?;
+    kvm("setting regs", vcpu.set_regs(&regs))?;
     kvm("setting FPU", vcpu.set_fpu(&boot::initial_fpu()))?;
     setup_msrs(vcpu)?;
     // Virtual-wire mode as firmware leaves it: LINT0 takes the 8259's ExtINT, LINT1 is NMI.

@@ -9,6 +9,8 @@ use std::process::{Command, Output};
 use imgblock::{CreateOptions, Format, Image, OpenOptions};
 
 const GUEST: &str = env!("VMM_TEST_GUEST");
+/// The same guest with a PVH note: the VMM enters it through its 32-bit PVH entry.
+const GUEST_PVH: &str = env!("VMM_TEST_GUEST_PVH");
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 const SIZE: u64 = 16 << 20;
 
@@ -136,11 +138,24 @@ fn run_vmm(disks: &[String], cmdline: &str, cpus: u8, tmp: &Path) -> Output {
 
 /// As [`run_vmm`], with `extra` arguments (`--object` definitions) first.
 fn run_vmm_with(extra: &[&str], disks: &[String], cmdline: &str, cpus: u8, tmp: &Path) -> Output {
+    run_kernel(GUEST, extra, disks, cmdline, cpus, tmp)
+}
+
+/// Runs `kernel` with `extra` arguments and the disks; `VMM_REPORT` makes the VMM say on
+/// stderr which entry it used.
+fn run_kernel(
+    kernel: &str,
+    extra: &[&str],
+    disks: &[String],
+    cmdline: &str,
+    cpus: u8,
+    tmp: &Path,
+) -> Output {
     let mut c = Command::new(VMM);
     c.args(extra);
     c.args([
         "--kernel",
-        GUEST,
+        kernel,
         "--memory",
         "128M",
         "--cpus",
@@ -150,7 +165,7 @@ fn run_vmm_with(extra: &[&str], disks: &[String], cmdline: &str, cpus: u8, tmp: 
     for d in disks {
         c.args(["--disk", d]);
     }
-    c.env("TMPDIR", tmp);
+    c.env("TMPDIR", tmp).env("VMM_REPORT", "1");
     c.stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let mut child = c.spawn().unwrap();
@@ -245,6 +260,7 @@ fn guest_writes_every_creatable_format_seen_by_qemu_img() {
         let s = String::from_utf8_lossy(&out.stdout);
         assert!(s.contains("MADT: 2 CPUs"), "two vCPUs in the MADT");
         assert!(s.contains("test-guest: booted via the Linux 64-bit entry"));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("(ELF, 64-bit entry, zero page)"));
         qemu_check_clean(&img, fmt);
         assert_guest_wrote(&to_raw(&img, fmt, dir.path()));
     }
@@ -538,4 +554,83 @@ fn bench_mode_reads_the_whole_disk_at_every_queue_depth() {
             .expect("a rate");
         assert!(rate > 0, "{line}");
     }
+}
+
+/// FNV-1a, as the guest hashes the initramfs it was given.
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The guest's line starting with `prefix`.
+fn line_with<'a>(out: &'a str, prefix: &str) -> &'a str {
+    out.lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line starting with {prefix:?}"))
+}
+
+#[test]
+fn pvh_guest_boots_through_pvh_entry_and_writes_raw_and_qcow2() {
+    let Some(dir) = setup() else { return };
+    let raw = dir.path().join("pvh.raw");
+    make_image(&raw, Format::Raw, 0, SIZE, None);
+    let q = dir.path().join("pvh.qcow2");
+    make_image(&q, Format::Qcow2, 0, SIZE, None);
+    // An initramfs of an odd size: PVH hands it over as module 0.
+    let initrd = dir.path().join("initrd.img");
+    let data: Vec<u8> = (0..70_001u32)
+        .map(|i| u8::try_from(i % 253).unwrap())
+        .collect();
+    std::fs::write(&initrd, &data).unwrap();
+    let initrd_arg = initrd.to_string_lossy().into_owned();
+    let specs = [
+        format!("path={},format=raw", raw.display()),
+        format!("path={},format=qcow2", q.display()),
+    ];
+    let out = run_kernel(
+        GUEST_PVH,
+        &["--initrd", &initrd_arg],
+        &specs,
+        "console=ttyS0",
+        2,
+        dir.path(),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("(ELF, PVH entry, hvm_start_info)"),
+        "the VMM did not pick the PVH entry: {stderr}"
+    );
+    assert_guest_passed(&out);
+    assert!(stdout.contains("test-guest: booted via PVH"), "{stdout}");
+    assert!(stdout.contains("ok - boot: hvm_start_info magic and version 1"));
+    // 128 MiB less the 385 KiB from the EBDA to 1 MiB, in three entries.
+    assert!(stdout.contains("test-guest: memory map: 3 entries, 130687 KiB RAM"));
+    let want = format!("70001 bytes at 0x7fee000, fnv1a {:#018x}", fnv1a(&data));
+    let pvh_initrd = line_with(&stdout, "test-guest: initramfs: ");
+    assert!(pvh_initrd.ends_with(&want), "{pvh_initrd}");
+    for (img, fmt) in [(&raw, Format::Raw), (&q, Format::Qcow2)] {
+        qemu_check_clean(img, fmt);
+        assert_guest_wrote(&to_raw(img, fmt, dir.path()));
+    }
+
+    // The 64-bit entry hands the guest the same memory map and initramfs through the zero page.
+    let out = run_kernel(
+        GUEST,
+        &["--initrd", &initrd_arg],
+        &[],
+        "console=ttyS0",
+        1,
+        dir.path(),
+    );
+    let stdout64 = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(stdout64.contains("test-guest: booted via the Linux 64-bit entry"));
+    assert!(stdout64.contains(" passed, 0 failed"));
+    assert_eq!(line_with(&stdout64, "test-guest: initramfs: "), pvh_initrd);
+    assert_eq!(
+        line_with(&stdout64, "test-guest: memory map: "),
+        line_with(&stdout, "test-guest: memory map: ")
+    );
 }
