@@ -1,16 +1,26 @@
 //! Sector encryption: a cipher, a mode and an IV generator keyed once, applied to 512-byte
 //! sectors by number (qemu's `qcrypto_block_cipher_encrypt_helper`).
+//!
+//! Each mode is a small generic type over the RustCrypto block cipher, so every cipher × mode
+//! pair is its own monomorphised sector routine (AES keeps the `aes` crate's AES-NI backend,
+//! chosen at run time); [`DataCipher`] holds one behind a trait object, one call per sector.
 
 use std::fmt;
+use std::marker::PhantomData;
 use std::sync::OnceLock;
 
-use aes::cipher::array::Array;
-use aes::cipher::consts::U16;
+use aes::cipher::array::{Array, ArraySize};
+use aes::cipher::common::InnerInit;
+use aes::cipher::consts::{U16, U8};
 use aes::cipher::{
     BlockCipherDecrypt, BlockCipherEncrypt, BlockModeDecrypt, BlockModeEncrypt, BlockSizeUser,
-    InnerIvInit, KeyInit,
+    InnerIvInit, KeyInit, StreamCipherCore,
 };
 use aes::{Aes128, Aes192, Aes256};
+use cast5::Cast5;
+use ctr::flavors::{Ctr128BE, Ctr64BE, CtrFlavor};
+use serpent::Serpent;
+use twofish::Twofish;
 use xts_mode::Xts128;
 
 use super::{CipherAlg, CipherMode, Error, HashAlg, IvGenAlg, SECTOR_BYTES};
@@ -18,6 +28,10 @@ use super::{CipherAlg, CipherMode, Error, HashAlg, IvGenAlg, SECTOR_BYTES};
 /// Buffers at least this long are split between two threads (sector encryption is independent
 /// per sector, so the halves need no coordination).
 const PARALLEL_MIN_BYTES: usize = 256 << 10;
+
+/// The longest cipher block (AES, Twofish, Serpent); IVs are generated at this length and cut
+/// to the cipher's block (CAST5's 8 bytes).
+type MaxBlock = Array<u8, U16>;
 
 /// What a [`DataCipher`] is: algorithm, mode and IV generator (with ESSIV's hash).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,61 +51,90 @@ impl CipherSpec {
     pub fn key_len(&self) -> usize {
         self.alg.key_len() * self.mode.keys()
     }
-}
 
-/// A keyed AES of any width.
-#[derive(Clone)]
-enum Aes {
-    A128(Aes128),
-    A192(Aes192),
-    A256(Aes256),
-}
-
-/// Runs `$body` with `$c` bound to the concrete AES inside `$aes`.
-macro_rules! with_aes {
-    ($aes:expr, $c:ident => $body:expr) => {
-        match $aes {
-            Aes::A128($c) => $body,
-            Aes::A192($c) => $body,
-            Aes::A256($c) => $body,
+    /// Checks the combination as qemu does when it creates or opens a LUKS volume: the mode
+    /// must suit the cipher's block, and ESSIV must have a cipher for its hash.
+    ///
+    /// # Errors
+    /// [`Error::ModeNotForCipher`] (CAST5 with XTS), [`Error::NoEssivCipher`],
+    /// [`Error::EssivUnsupported`].
+    pub fn validate(&self) -> Result<(), Error> {
+        if !self.alg.supports(self.mode) {
+            return Err(Error::ModeNotForCipher {
+                cipher: self.alg.name(),
+                mode: self.mode.name(),
+            });
         }
-    };
+        if self.ivgen == IvGenAlg::Essiv {
+            self.alg.essiv_cipher(self.ivgen_hash)?;
+        }
+        Ok(())
+    }
 }
 
-impl Aes {
-    fn new(alg: CipherAlg, key: &[u8]) -> Result<Aes, Error> {
-        let bad = |_| Error::BadKeyLength {
-            cipher: alg.name().to_owned(),
-            key_bytes: u32::try_from(key.len()).unwrap_or(u32::MAX),
-        };
+/// Keys a RustCrypto cipher, naming the algorithm when the key does not fit.
+fn keyed<C: KeyInit>(alg: CipherAlg, key: &[u8]) -> Result<C, Error> {
+    C::new_from_slice(key).map_err(|_| Error::BadKeyLength {
+        cipher: alg.name().to_owned(),
+        key_bytes: u32::try_from(key.len()).unwrap_or(u32::MAX),
+    })
+}
+
+/// A keyed block cipher of any algorithm (ESSIV's IV cipher).
+enum Keyed {
+    Aes128(Aes128),
+    Aes192(Aes192),
+    Aes256(Aes256),
+    Twofish(Twofish),
+    Serpent(Serpent),
+    Cast5(Cast5),
+}
+
+impl Keyed {
+    fn new(alg: CipherAlg, key: &[u8]) -> Result<Keyed, Error> {
         Ok(match alg {
-            CipherAlg::Aes128 => Aes::A128(Aes128::new_from_slice(key).map_err(bad)?),
-            CipherAlg::Aes192 => Aes::A192(Aes192::new_from_slice(key).map_err(bad)?),
-            CipherAlg::Aes256 => Aes::A256(Aes256::new_from_slice(key).map_err(bad)?),
+            CipherAlg::Aes128 => Keyed::Aes128(keyed(alg, key)?),
+            CipherAlg::Aes192 => Keyed::Aes192(keyed(alg, key)?),
+            CipherAlg::Aes256 => Keyed::Aes256(keyed(alg, key)?),
+            CipherAlg::Twofish128 | CipherAlg::Twofish192 | CipherAlg::Twofish256 => {
+                Keyed::Twofish(keyed(alg, key)?)
+            }
+            CipherAlg::Serpent128 | CipherAlg::Serpent192 | CipherAlg::Serpent256 => {
+                Keyed::Serpent(keyed(alg, key)?)
+            }
+            CipherAlg::Cast5_128 => Keyed::Cast5(keyed(alg, key)?),
         })
     }
 
-    fn encrypt_block(&self, block: &mut Array<u8, U16>) {
-        with_aes!(self, c => c.encrypt_block(block));
+    /// Encrypts the first block of `iv` (all of it, or the first 8 bytes for CAST5, whose
+    /// IVs are 8 bytes long).
+    fn encrypt_iv(&self, iv: &mut MaxBlock) {
+        match self {
+            Keyed::Aes128(c) => c.encrypt_block(iv),
+            Keyed::Aes192(c) => c.encrypt_block(iv),
+            Keyed::Aes256(c) => c.encrypt_block(iv),
+            Keyed::Twofish(c) => c.encrypt_block(iv),
+            Keyed::Serpent(c) => c.encrypt_block(iv),
+            Keyed::Cast5(c) => {
+                let mut b = Array::<u8, U8>::from_fn(|i| iv[i]);
+                c.encrypt_block(&mut b);
+                iv[..8].copy_from_slice(&b);
+            }
+        }
     }
-}
-
-enum Engine {
-    Ecb(Aes),
-    Cbc(Aes),
-    Xts128(Box<Xts128<Aes128>>),
-    Xts192(Box<Xts128<Aes192>>),
-    Xts256(Box<Xts128<Aes256>>),
 }
 
 enum IvGen {
     Plain,
     Plain64,
-    Essiv(Box<Aes>),
+    Essiv(Box<Keyed>),
 }
 
 impl IvGen {
-    fn iv(&self, sector: u64) -> Array<u8, U16> {
+    /// The IV of `sector`, zero-padded to 16 bytes (qemu's ivgen-plain.c, ivgen-plain64.c,
+    /// ivgen-essiv.c: the little-endian sector number, zero-filled to the block; ESSIV
+    /// encrypts that block).
+    fn iv(&self, sector: u64) -> MaxBlock {
         let mut iv = Array([0u8; 16]);
         match self {
             // plain truncates the sector number to 32 bits, as dm-crypt and qemu do.
@@ -99,19 +142,168 @@ impl IvGen {
             IvGen::Plain64 => iv[..8].copy_from_slice(&sector.to_le_bytes()),
             IvGen::Essiv(c) => {
                 iv[..8].copy_from_slice(&sector.to_le_bytes());
-                c.encrypt_block(&mut iv);
+                c.encrypt_iv(&mut iv);
             }
         }
         iv
     }
 }
 
+/// `sector` as whole blocks of `B` bytes (sectors are 512 bytes: no remainder for 8 or 16).
+fn blocks<B: ArraySize>(sector: &mut [u8]) -> &mut [Array<u8, B>] {
+    Array::<u8, B>::slice_as_chunks_mut(sector).0
+}
+
+/// The first block of a generated IV, at the cipher's block length.
+fn iv_block<B: ArraySize>(iv: &MaxBlock) -> Array<u8, B> {
+    Array::from_fn(|i| iv.get(i).copied().unwrap_or(0))
+}
+
+/// One mode over one keyed cipher, applied sector by sector.
+trait SectorMode: Send + Sync {
+    /// Encrypts (`enc`) or decrypts one sector with its IV (the first block's worth is used).
+    fn sector(&self, iv: &MaxBlock, sector: &mut [u8], enc: bool);
+
+    /// Whether the mode uses an IV at all (ECB does not, so none is generated).
+    fn uses_iv(&self) -> bool {
+        true
+    }
+}
+
+/// Electronic codebook: every block alone, no IV.
+struct Ecb<C>(C);
+
+impl<C> SectorMode for Ecb<C>
+where
+    C: BlockCipherEncrypt + BlockCipherDecrypt + Send + Sync,
+{
+    fn sector(&self, _iv: &MaxBlock, sector: &mut [u8], enc: bool) {
+        if enc {
+            ecb::Encryptor::<&C>::inner_init(&self.0).encrypt_blocks(blocks(sector));
+        } else {
+            ecb::Decryptor::<&C>::inner_init(&self.0).decrypt_blocks(blocks(sector));
+        }
+    }
+
+    fn uses_iv(&self) -> bool {
+        false
+    }
+}
+
+/// Cipher block chaining from the sector's IV.
+struct Cbc<C>(C);
+
+impl<C> SectorMode for Cbc<C>
+where
+    C: BlockCipherEncrypt + BlockCipherDecrypt + Send + Sync,
+{
+    fn sector(&self, iv: &MaxBlock, sector: &mut [u8], enc: bool) {
+        let iv = iv_block::<C::BlockSize>(iv);
+        if enc {
+            cbc::Encryptor::<&C>::inner_iv_init(&self.0, &iv).encrypt_blocks(blocks(sector));
+        } else {
+            cbc::Decryptor::<&C>::inner_iv_init(&self.0, &iv).decrypt_blocks(blocks(sector));
+        }
+    }
+}
+
+/// Counter mode: the sector's IV is its first counter block, incremented big-endian across
+/// the whole block (`F`: [`Ctr128BE`] for 16-byte blocks, [`Ctr64BE`] for CAST5's 8), as
+/// nettle's `ctr_crypt`, which qemu uses, counts. Encryption and decryption are the same.
+struct Ctr<C, F>(C, PhantomData<fn() -> F>);
+
+impl<C, F> SectorMode for Ctr<C, F>
+where
+    C: BlockCipherEncrypt + Send + Sync,
+    F: CtrFlavor<C::BlockSize>,
+{
+    fn sector(&self, iv: &MaxBlock, sector: &mut [u8], _enc: bool) {
+        let iv = iv_block::<C::BlockSize>(iv);
+        ctr::CtrCore::<&C, F>::inner_iv_init(&self.0, &iv).apply_keystream_blocks(blocks(sector));
+    }
+}
+
+/// XTS (IEEE 1619): the key's first half keys the data cipher, the second the tweak cipher
+/// (for every 128-bit cipher, as for AES); the tweak is the sector's IV.
+struct Xts<C>(Xts128<C>);
+
+impl<C> SectorMode for Xts<C>
+where
+    C: BlockCipherEncrypt + BlockCipherDecrypt + BlockSizeUser<BlockSize = U16> + Send + Sync,
+{
+    fn sector(&self, iv: &MaxBlock, sector: &mut [u8], enc: bool) {
+        if enc {
+            self.0.encrypt_sector(sector, *iv);
+        } else {
+            self.0.decrypt_sector(sector, *iv);
+        }
+    }
+}
+
+/// A mode over a 128-bit block cipher `C`.
+fn wide<C>(spec: CipherSpec, key: &[u8]) -> Result<Box<dyn SectorMode>, Error>
+where
+    C: KeyInit
+        + BlockCipherEncrypt
+        + BlockCipherDecrypt
+        + BlockSizeUser<BlockSize = U16>
+        + Send
+        + Sync
+        + 'static,
+{
+    let alg = spec.alg;
+    Ok(match spec.mode {
+        CipherMode::Ecb => Box::new(Ecb(keyed::<C>(alg, key)?)),
+        CipherMode::Cbc => Box::new(Cbc(keyed::<C>(alg, key)?)),
+        CipherMode::Ctr => Box::new(Ctr::<C, Ctr128BE>(keyed(alg, key)?, PhantomData)),
+        CipherMode::Xts => {
+            let (data, tweak) =
+                key.split_at_checked(alg.key_len())
+                    .ok_or_else(|| Error::BadKeyLength {
+                        cipher: alg.name().to_owned(),
+                        key_bytes: u32::try_from(key.len()).unwrap_or(u32::MAX),
+                    })?;
+            Box::new(Xts(Xts128::new(
+                keyed::<C>(alg, data)?,
+                keyed::<C>(alg, tweak)?,
+            )))
+        }
+    })
+}
+
+/// A mode over a 64-bit block cipher `C` (CAST5): no XTS.
+fn narrow<C>(spec: CipherSpec, key: &[u8]) -> Result<Box<dyn SectorMode>, Error>
+where
+    C: KeyInit
+        + BlockCipherEncrypt
+        + BlockCipherDecrypt
+        + BlockSizeUser<BlockSize = U8>
+        + Send
+        + Sync
+        + 'static,
+{
+    let alg = spec.alg;
+    Ok(match spec.mode {
+        CipherMode::Ecb => Box::new(Ecb(keyed::<C>(alg, key)?)),
+        CipherMode::Cbc => Box::new(Cbc(keyed::<C>(alg, key)?)),
+        CipherMode::Ctr => Box::new(Ctr::<C, Ctr64BE>(keyed(alg, key)?, PhantomData)),
+        CipherMode::Xts => {
+            return Err(Error::ModeNotForCipher {
+                cipher: alg.name(),
+                mode: spec.mode.name(),
+            })
+        }
+    })
+}
+
 /// Encrypts and decrypts 512-byte sectors given the number of the first one. Key schedules are
-/// zeroed when it is dropped (the `aes` crate's `zeroize` feature).
+/// zeroed when it is dropped (the cipher crates' `zeroize` feature).
 pub struct DataCipher {
     spec: CipherSpec,
-    engine: Engine,
+    mode: Box<dyn SectorMode>,
     ivgen: IvGen,
+    /// Whether `mode` takes IVs (ECB does not: none are generated for it).
+    uses_iv: bool,
 }
 
 impl fmt::Debug for DataCipher {
@@ -120,26 +312,6 @@ impl fmt::Debug for DataCipher {
             .field("spec", &self.spec)
             .finish_non_exhaustive()
     }
-}
-
-fn split_blocks(sector: &mut [u8]) -> &mut [Array<u8, U16>] {
-    Array::<u8, U16>::slice_as_chunks_mut(sector).0
-}
-
-fn cbc_encrypt<C>(c: &C, iv: &Array<u8, U16>, sector: &mut [u8])
-where
-    C: BlockCipherEncrypt + BlockSizeUser<BlockSize = U16> + Clone,
-{
-    let mut m = cbc::Encryptor::<C>::inner_iv_init(c.clone(), iv);
-    m.encrypt_blocks(split_blocks(sector));
-}
-
-fn cbc_decrypt<C>(c: &C, iv: &Array<u8, U16>, sector: &mut [u8])
-where
-    C: BlockCipherDecrypt + BlockSizeUser<BlockSize = U16> + Clone,
-{
-    let mut m = cbc::Decryptor::<C>::inner_iv_init(c.clone(), iv);
-    m.decrypt_blocks(split_blocks(sector));
 }
 
 fn threads() -> usize {
@@ -151,41 +323,44 @@ impl DataCipher {
     /// Keys a cipher.
     ///
     /// # Errors
-    /// When the key length does not fit the spec, or ESSIV has no AES variant for its hash.
+    /// When the key length does not fit the spec, the mode does not suit the cipher, or ESSIV
+    /// has no cipher for its hash ([`CipherSpec::validate`]).
     pub fn new(spec: CipherSpec, key: &[u8]) -> Result<DataCipher, Error> {
+        spec.validate()?;
         if key.len() != spec.key_len() {
             return Err(Error::BadKeyLength {
                 cipher: format!("{}-{}", spec.alg.name(), spec.mode.name()),
                 key_bytes: u32::try_from(key.len()).unwrap_or(u32::MAX),
             });
         }
-        let half = spec.alg.key_len();
-        let xts = |alg| -> Result<(Aes, Aes), Error> {
-            Ok((Aes::new(alg, &key[..half])?, Aes::new(alg, &key[half..])?))
-        };
-        let engine = match spec.mode {
-            CipherMode::Ecb => Engine::Ecb(Aes::new(spec.alg, key)?),
-            CipherMode::Cbc => Engine::Cbc(Aes::new(spec.alg, key)?),
-            CipherMode::Xts => match xts(spec.alg)? {
-                (Aes::A128(a), Aes::A128(b)) => Engine::Xts128(Box::new(Xts128::new(a, b))),
-                (Aes::A192(a), Aes::A192(b)) => Engine::Xts192(Box::new(Xts128::new(a, b))),
-                (Aes::A256(a), Aes::A256(b)) => Engine::Xts256(Box::new(Xts128::new(a, b))),
-                _ => unreachable!("both halves use the same algorithm"),
-            },
+        let mode = match spec.alg {
+            CipherAlg::Aes128 => wide::<Aes128>(spec, key)?,
+            CipherAlg::Aes192 => wide::<Aes192>(spec, key)?,
+            CipherAlg::Aes256 => wide::<Aes256>(spec, key)?,
+            CipherAlg::Twofish128 | CipherAlg::Twofish192 | CipherAlg::Twofish256 => {
+                wide::<Twofish>(spec, key)?
+            }
+            CipherAlg::Serpent128 | CipherAlg::Serpent192 | CipherAlg::Serpent256 => {
+                wide::<Serpent>(spec, key)?
+            }
+            CipherAlg::Cast5_128 => narrow::<Cast5>(spec, key)?,
         };
         let ivgen = match spec.ivgen {
             IvGenAlg::Plain => IvGen::Plain,
             IvGenAlg::Plain64 => IvGen::Plain64,
             IvGenAlg::Essiv => {
+                // The ESSIV key is the hash of the whole key (both XTS halves), as in qemu.
                 let salt = zeroize::Zeroizing::new(spec.ivgen_hash.digest(&[key]));
-                let alg = essiv_cipher(spec.ivgen_hash)?;
-                IvGen::Essiv(Box::new(Aes::new(alg, &salt)?))
+                let alg = spec.alg.essiv_cipher(spec.ivgen_hash)?;
+                IvGen::Essiv(Box::new(Keyed::new(alg, &salt)?))
             }
         };
+        let uses_iv = mode.uses_iv();
         Ok(DataCipher {
             spec,
-            engine,
+            mode,
             ivgen,
+            uses_iv,
         })
     }
 
@@ -229,35 +404,16 @@ impl DataCipher {
     }
 
     fn run_serial(&self, first: u64, buf: &mut [u8], enc: bool) {
+        let no_iv = Array([0u8; 16]);
         for (i, sector) in buf.chunks_exact_mut(SECTOR_BYTES).enumerate() {
-            let iv = self.ivgen.iv(first.wrapping_add(i as u64));
-            match (&self.engine, enc) {
-                (Engine::Ecb(c), true) => {
-                    with_aes!(c, c => c.encrypt_blocks(split_blocks(sector)))
-                }
-                (Engine::Ecb(c), false) => {
-                    with_aes!(c, c => c.decrypt_blocks(split_blocks(sector)))
-                }
-                (Engine::Cbc(c), true) => with_aes!(c, c => cbc_encrypt(c, &iv, sector)),
-                (Engine::Cbc(c), false) => with_aes!(c, c => cbc_decrypt(c, &iv, sector)),
-                (Engine::Xts128(x), true) => x.encrypt_sector(sector, iv),
-                (Engine::Xts128(x), false) => x.decrypt_sector(sector, iv),
-                (Engine::Xts192(x), true) => x.encrypt_sector(sector, iv),
-                (Engine::Xts192(x), false) => x.decrypt_sector(sector, iv),
-                (Engine::Xts256(x), true) => x.encrypt_sector(sector, iv),
-                (Engine::Xts256(x), false) => x.decrypt_sector(sector, iv),
+            if self.uses_iv {
+                let iv = self.ivgen.iv(first.wrapping_add(i as u64));
+                self.mode.sector(&iv, sector, enc);
+            } else {
+                self.mode.sector(&no_iv, sector, enc);
             }
         }
     }
-}
-
-/// The AES variant ESSIV uses with `hash`: the one whose key is as long as the digest (qemu's
-/// `qcrypto_block_luks_essiv_cipher`).
-///
-/// # Errors
-/// [`Error::NoEssivCipher`] when no AES key has the digest's length (sha1, sha384, sha512).
-pub fn essiv_cipher(hash: HashAlg) -> Result<CipherAlg, Error> {
-    CipherAlg::aes_with_key_len(hash.digest_len()).ok_or(Error::NoEssivCipher(hash.digest_len()))
 }
 
 #[cfg(test)]
@@ -270,14 +426,30 @@ mod tests {
             alg,
             mode,
             ivgen,
-            ivgen_hash: HashAlg::Sha256,
+            // CAST5 takes ESSIV only with a 16-byte digest.
+            ivgen_hash: if alg == CipherAlg::Cast5_128 {
+                HashAlg::Md5
+            } else {
+                HashAlg::Sha256
+            },
         }
+    }
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
     }
 
     #[test]
     fn every_combination_round_trips_and_changes_data() {
-        for alg in [CipherAlg::Aes128, CipherAlg::Aes192, CipherAlg::Aes256] {
-            for mode in [CipherMode::Ecb, CipherMode::Cbc, CipherMode::Xts] {
+        let mut n = 0;
+        for alg in CipherAlg::ALL {
+            for mode in CipherMode::ALL {
+                if !alg.supports(mode) {
+                    continue;
+                }
                 for iv in [IvGenAlg::Plain, IvGenAlg::Plain64, IvGenAlg::Essiv] {
                     let s = spec(alg, mode, iv);
                     let key: Vec<u8> = (0..s.key_len()).map(|i| i as u8).collect();
@@ -286,22 +458,89 @@ mod tests {
                     let mut buf = plain.clone();
                     c.encrypt(7, &mut buf).unwrap();
                     assert_ne!(buf, plain, "{s:?}");
+                    // Another sector number gives another ciphertext, except in ECB.
+                    let mut other = plain.clone();
+                    c.encrypt(8, &mut other).unwrap();
+                    assert_eq!(mode == CipherMode::Ecb, other == buf, "{s:?}");
                     c.decrypt(7, &mut buf).unwrap();
                     assert_eq!(buf, plain, "{s:?}");
+                    n += 1;
                 }
             }
         }
+        // 9 ciphers with 4 modes and 1 (CAST5) with 3, each with 3 IV generators.
+        assert_eq!(n, (9 * 4 + 3) * 3);
     }
 
     #[test]
-    fn sector_number_changes_ciphertext_except_ecb() {
-        let s = spec(CipherAlg::Aes256, CipherMode::Xts, IvGenAlg::Plain64);
-        let c = DataCipher::new(s, &[3u8; 64]).unwrap();
-        let mut a = vec![0u8; 512];
-        let mut b = vec![0u8; 512];
-        c.encrypt(1, &mut a).unwrap();
-        c.encrypt(2, &mut b).unwrap();
-        assert_ne!(a, b);
+    fn cast5_xts_is_refused_with_the_mode_named() {
+        let s = spec(CipherAlg::Cast5_128, CipherMode::Xts, IvGenAlg::Plain64);
+        let e = DataCipher::new(s, &[0u8; 32]).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::ModeNotForCipher {
+                cipher: "cast5-128",
+                mode: "xts"
+            }
+        ));
+        assert!(
+            e.to_string().starts_with("Unsupported cipher mode xts"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn ctr_matches_sp800_38a_f51() {
+        // NIST SP 800-38A F.5.1 CTR-AES128.Encrypt, first two blocks: the counter's last byte
+        // wraps from 0xff into the byte before it.
+        let key = unhex("2b7e151628aed2a6abf7158809cf4f3c");
+        let iv = Array::try_from(&unhex("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff")[..]).unwrap();
+        let s = spec(CipherAlg::Aes128, CipherMode::Ctr, IvGenAlg::Plain64);
+        let m = wide::<Aes128>(s, &key).unwrap();
+        let mut sector = vec![0u8; 512];
+        sector[..32].copy_from_slice(&unhex(
+            "6bc1bee22e409f96e93d7e117393172aae2d8a571e03ac9c9eb76fac45af8e51",
+        ));
+        m.sector(&iv, &mut sector, true);
+        assert_eq!(
+            sector[..32],
+            unhex("874d6191b620e3261bef6864990db6ce9806f66b7970fdff8617187bb9fffdff")[..]
+        );
+    }
+
+    #[test]
+    fn ctr_counter_carries_across_all_128_bits() {
+        // Low 64 bits all ones: the second block's counter is 0..01 00..00 (nettle's ctr, which
+        // qemu uses), not a 64-bit counter wrapped to zero.
+        let key = [7u8; 16];
+        let c = Aes128::new_from_slice(&key).unwrap();
+        let mut iv = Array([0u8; 16]);
+        iv[8..].fill(0xff);
+        let s = spec(CipherAlg::Aes128, CipherMode::Ctr, IvGenAlg::Plain64);
+        let m = wide::<Aes128>(s, &key).unwrap();
+        let mut sector = vec![0u8; 512];
+        m.sector(&iv, &mut sector, true);
+        let mut want = Array([0u8; 16]);
+        want[7] = 1;
+        c.encrypt_block(&mut want);
+        assert_eq!(sector[16..32], want[..]);
+    }
+
+    #[test]
+    fn cast5_and_twofish_ecb_match_published_vectors() {
+        // RFC 2144 B.1, 128-bit key.
+        let s = spec(CipherAlg::Cast5_128, CipherMode::Ecb, IvGenAlg::Plain64);
+        let c = DataCipher::new(s, &unhex("0123456712345678234567893456789a")).unwrap();
+        let mut buf = unhex("0123456789abcdef").repeat(64);
+        c.encrypt(0, &mut buf).unwrap();
+        assert_eq!(buf[..8], unhex("238b4fe5847e44b2")[..]);
+        assert_eq!(buf[504..], unhex("238b4fe5847e44b2")[..]);
+        // Twofish paper, 128-bit zero key, zero plaintext.
+        let s = spec(CipherAlg::Twofish128, CipherMode::Ecb, IvGenAlg::Plain64);
+        let c = DataCipher::new(s, &[0u8; 16]).unwrap();
+        let mut buf = vec![0u8; 512];
+        c.encrypt(0, &mut buf).unwrap();
+        assert_eq!(buf[..16], unhex("9f589f5cf6122c32b6bfec2f2ae8c35a")[..]);
     }
 
     #[test]
@@ -338,24 +577,53 @@ mod tests {
     }
 
     #[test]
-    fn essiv_with_sha1_has_no_cipher() {
+    fn essiv_without_a_cipher_for_the_digest_is_refused() {
         let mut s = spec(CipherAlg::Aes128, CipherMode::Cbc, IvGenAlg::Essiv);
         s.ivgen_hash = HashAlg::Sha1;
         assert!(matches!(
             DataCipher::new(s, &[0u8; 16]),
-            Err(Error::NoEssivCipher(20))
+            Err(Error::NoEssivCipher {
+                family: "AES",
+                key_len: 20
+            })
+        ));
+        let mut s = spec(CipherAlg::Cast5_128, CipherMode::Cbc, IvGenAlg::Essiv);
+        s.ivgen_hash = HashAlg::Sha256;
+        assert!(matches!(
+            DataCipher::new(s, &[0u8; 16]),
+            Err(Error::EssivUnsupported("cast5-128"))
+        ));
+    }
+
+    #[test]
+    fn wrong_key_length_is_refused() {
+        let s = spec(CipherAlg::Serpent256, CipherMode::Xts, IvGenAlg::Plain64);
+        assert!(matches!(
+            DataCipher::new(s, &[0u8; 32]),
+            Err(Error::BadKeyLength { key_bytes: 32, .. })
         ));
     }
 
     #[test]
     fn parallel_and_serial_paths_agree() {
-        let s = spec(CipherAlg::Aes256, CipherMode::Xts, IvGenAlg::Plain64);
-        let c = DataCipher::new(s, &[9u8; 64]).unwrap();
-        let mut big = vec![0x5au8; PARALLEL_MIN_BYTES * 2];
-        c.encrypt(100, &mut big).unwrap();
-        let mut piece = vec![0x5au8; 512];
-        c.encrypt(100 + (PARALLEL_MIN_BYTES * 2 / 512 - 1) as u64, &mut piece)
-            .unwrap();
-        assert_eq!(&big[big.len() - 512..], &piece[..]);
+        for alg in [
+            CipherAlg::Aes256,
+            CipherAlg::Serpent128,
+            CipherAlg::Cast5_128,
+        ] {
+            let mode = if alg == CipherAlg::Cast5_128 {
+                CipherMode::Ctr
+            } else {
+                CipherMode::Xts
+            };
+            let s = spec(alg, mode, IvGenAlg::Essiv);
+            let c = DataCipher::new(s, &vec![9u8; s.key_len()]).unwrap();
+            let mut big = vec![0x5au8; PARALLEL_MIN_BYTES * 2];
+            c.encrypt(100, &mut big).unwrap();
+            let mut piece = vec![0x5au8; 512];
+            c.encrypt(100 + (PARALLEL_MIN_BYTES * 2 / 512 - 1) as u64, &mut piece)
+                .unwrap();
+            assert_eq!(&big[big.len() - 512..], &piece[..], "{s:?}");
+        }
     }
 }

@@ -12,25 +12,43 @@ pub enum Error {
     /// Only LUKS version 1 is implemented (qemu reads only version 1 too).
     #[error("LUKS version {0} is not supported")]
     UnsupportedVersion(u16),
-    /// A cipher algorithm no backend here provides.
+    /// A cipher algorithm qemu's LUKS does not offer (aes, twofish, serpent, cast5 are).
     #[error("Algorithm '{0}' not supported")]
     UnsupportedCipher(String),
-    /// A cipher mode no backend here provides (ctr is not implemented).
+    /// A cipher mode other than ecb, cbc, xts and ctr.
     #[error("Unsupported cipher mode {0}")]
     UnsupportedMode(String),
+    /// A mode the cipher cannot run in: XTS needs a 128-bit block, which CAST5 does not have
+    /// (qemu refuses it with "Unsupported cipher mode xts").
+    #[error("Unsupported cipher mode {mode} for {cipher}: {mode} needs a 128-bit block cipher")]
+    ModeNotForCipher {
+        /// The cipher (`cast5-128`).
+        cipher: &'static str,
+        /// The mode (`xts`).
+        mode: &'static str,
+    },
     /// An IV generator other than plain, plain64 and essiv.
     #[error("Unsupported IV generator '{0}'")]
     UnsupportedIvGen(String),
-    /// A hash other than sha1, sha224, sha256, sha384 and sha512.
+    /// A hash other than md5, sha1, sha224, sha256, sha384, sha512, ripemd160 and sm3.
     #[error("Hash algorithm '{0}' not supported")]
     UnsupportedHash(String),
     /// The cipher mode field has no `-ivgen` part.
     #[error("Unexpected cipher mode string format '{0}'")]
     BadCipherModeString(String),
-    /// ESSIV needs an AES variant whose key is as long as the hash's digest.
-    #[error("No AES cipher with key size {0} available")]
-    NoEssivCipher(usize),
-    /// key_bytes disagrees with the cipher (`aes` with 40 bytes, say).
+    /// ESSIV needs a cipher of the data cipher's family whose key is as long as the hash's
+    /// digest (qemu's message).
+    #[error("No {family} cipher with key size {key_len} available")]
+    NoEssivCipher {
+        /// The family (`AES`, `Twofish`, `Serpent`).
+        family: &'static str,
+        /// The digest length, in bytes, that no key size of the family has.
+        key_len: usize,
+    },
+    /// ESSIV with a cipher qemu only allows with a hash as long as its key (CAST5).
+    #[error("Cipher {0} not supported with essiv")]
+    EssivUnsupported(&'static str),
+    /// key_bytes disagrees with the cipher (`aes` with 40 bytes, `cast5` with 32, say).
     #[error("Invalid key length {key_bytes} for cipher '{cipher}'")]
     BadKeyLength {
         /// The cipher name from the header.

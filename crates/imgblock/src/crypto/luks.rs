@@ -50,7 +50,7 @@ const DIGEST_TIME_DIVISOR: u64 = 8;
 /// Largest header area accepted on open: eight slots of 64-byte keys need about 2 MiB; this
 /// bounds what a hostile header can make us read and hash.
 pub const MAX_HEADER_AREA: u64 = 16 << 20;
-/// Largest master key accepted (AES-256-XTS needs 64 bytes).
+/// Largest master key accepted (a 256-bit cipher in XTS needs 64 bytes).
 pub const MAX_KEY_BYTES: usize = 64;
 
 /// A master key: zeroed when dropped.
@@ -78,7 +78,7 @@ pub struct RawHeader {
     pub magic: [u8; 6],
     /// 1.
     pub version: u16,
-    /// Cipher name (`aes`).
+    /// Cipher family (`aes`, `twofish`, `serpent`, `cast5`); `key_bytes` gives the size.
     pub cipher_name: [u8; 32],
     /// Mode and IV generator (`xts-plain64`, `cbc-essiv:sha256`).
     pub cipher_mode: [u8; 32],
@@ -306,6 +306,26 @@ impl CreateParams {
         }
         Ok(true)
     }
+
+    /// Checks that the options make a volume qemu can use, before anything is written: the
+    /// cipher suits the mode, ESSIV has a cipher for its hash ([`CipherSpec::validate`]), and
+    /// the key material is whole sectors.
+    ///
+    /// # Errors
+    /// As [`CipherSpec::validate`]; [`Error::InvalidOption`] for a 192-bit key outside XTS.
+    pub fn validate(&self) -> Result<(), Error> {
+        self.spec.validate()?;
+        if (self.spec.key_len() * STRIPES as usize) % SECTOR_BYTES != 0 {
+            // A 192-bit key outside XTS: 96000 bytes of key material, half a sector short,
+            // which qemu-img cannot encrypt either (it aborts on an assertion).
+            return Err(Error::InvalidOption(format!(
+                "{}-{} key material is not a whole number of sectors; use xts or another key size",
+                self.spec.alg.name(),
+                self.spec.mode.name()
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Parses `iter-time` (milliseconds, at least 1).
@@ -365,22 +385,21 @@ impl Header {
             cipher: cipher_name.clone(),
             key_bytes: r.key_bytes,
         };
-        if cipher_name != "aes" {
+        if !CipherAlg::ALL.iter().any(|a| a.luks_name() == cipher_name) {
             return Err(Error::UnsupportedCipher(cipher_name));
         }
         if key_bytes > MAX_KEY_BYTES || key_bytes % mode.keys() != 0 {
             return Err(bad_len());
         }
-        let alg = CipherAlg::aes_with_key_len(key_bytes / mode.keys()).ok_or_else(bad_len)?;
+        let alg =
+            CipherAlg::from_luks(&cipher_name, key_bytes / mode.keys()).ok_or_else(bad_len)?;
         let spec = CipherSpec {
             alg,
             mode,
             ivgen,
             ivgen_hash,
         };
-        if ivgen == IvGenAlg::Essiv {
-            super::cipher::essiv_cipher(ivgen_hash)?;
-        }
+        spec.validate()?;
         if r.mk_digest_iterations == 0 {
             return Err(Error::ZeroIterations("the master key digest"));
         }
@@ -470,7 +489,7 @@ impl Header {
         RawHeader {
             magic: MAGIC,
             version: VERSION,
-            cipher_name: str_field("aes"),
+            cipher_name: str_field(self.spec.alg.luks_name()),
             cipher_mode: str_field(&mode_string(&self.spec)),
             hash_spec: str_field(self.hash.name()),
             payload_offset: sectors(self.payload_offset),
@@ -598,18 +617,8 @@ impl Header {
     /// # Errors
     /// When the options make no usable volume, or the random source fails.
     pub fn create(p: &CreateParams, pass: &[u8]) -> Result<(Header, MasterKey, MasterKey), Error> {
+        p.validate()?;
         let key_bytes = p.spec.key_len();
-        if (key_bytes * STRIPES as usize) % SECTOR_BYTES != 0 {
-            // aes-192 outside XTS: 96000 bytes of key material, which qemu cannot encrypt either.
-            return Err(Error::InvalidOption(format!(
-                "{}-{} key material is not a whole number of sectors; use xts or another key size",
-                p.spec.alg.name(),
-                p.spec.mode.name()
-            )));
-        }
-        if p.spec.ivgen == IvGenAlg::Essiv {
-            super::cipher::essiv_cipher(p.spec.ivgen_hash)?;
-        }
         let mut mk = Zeroizing::new(vec![0u8; key_bytes]);
         super::random_bytes(&mut mk)?;
         let mut mk_salt = [0u8; SALT_LEN];
@@ -947,6 +956,56 @@ mod tests {
     }
 
     #[test]
+    fn every_cipher_mode_and_hash_creates_and_unlocks() {
+        let mut made = 0;
+        for alg in CipherAlg::ALL {
+            for mode in CipherMode::ALL {
+                let p = CreateParams {
+                    spec: CipherSpec {
+                        alg,
+                        mode,
+                        ..fast().spec
+                    },
+                    ..fast()
+                };
+                let r = Header::create(&p, b"pw");
+                if !alg.supports(mode) {
+                    assert!(matches!(r, Err(Error::ModeNotForCipher { .. })), "{p:?}");
+                    continue;
+                }
+                if alg.key_len() == 24 && mode != CipherMode::Xts {
+                    assert!(matches!(r, Err(Error::InvalidOption(_))), "{p:?}");
+                    continue;
+                }
+                let (h, area, mk) = r.unwrap();
+                assert_eq!(field_str(&area[8..40]), alg.luks_name());
+                assert_eq!(Header::parse(&area).unwrap(), h);
+                assert_eq!(&h.unlock(&area, b"pw").unwrap().0[..], &mk[..], "{p:?}");
+                made += 1;
+            }
+        }
+        // 30 = 10 ciphers x 4 modes, less cast5-xts and the nine 192-bit non-XTS pairs.
+        assert_eq!(made, 30);
+        for hash in HashAlg::ALL {
+            let p = CreateParams { hash, ..fast() };
+            let (h, area, mk) = Header::create(&p, b"pw").unwrap();
+            assert_eq!(field_str(&area[72..104]), hash.name());
+            assert_eq!(&h.unlock(&area, b"pw").unwrap().0[..], &mk[..], "{p:?}");
+        }
+    }
+
+    #[test]
+    fn create_refuses_essiv_without_a_cipher() {
+        let mut p = fast();
+        p.spec.ivgen = IvGenAlg::Essiv;
+        p.spec.ivgen_hash = HashAlg::Sha512;
+        assert!(matches!(
+            Header::create(&p, b"pw"),
+            Err(Error::NoEssivCipher { key_len: 64, .. })
+        ));
+    }
+
+    #[test]
     fn raw_header_round_trips_bytes() {
         let (_, area, _) = Header::create(&fast(), b"pw").unwrap();
         let raw = RawHeader::parse(&area).unwrap();
@@ -973,8 +1032,28 @@ mod tests {
             Error::UnsupportedCipher(_)
         ));
         assert!(matches!(
-            flipped(|b| b[40..43].copy_from_slice(b"ctr")),
+            flipped(|b| b[40..43].copy_from_slice(b"ofb")),
             Error::UnsupportedMode(_)
+        ));
+        // cast5 has no 256-bit key (the default header is a 64-byte XTS key)...
+        assert!(matches!(
+            flipped(|b| b[8..13].copy_from_slice(b"cast5")),
+            Error::BadKeyLength { .. }
+        ));
+        // ...and with a 128-bit key, no XTS.
+        assert!(matches!(
+            flipped(|b| {
+                b[8..13].copy_from_slice(b"cast5");
+                b[108..112].copy_from_slice(&32u32.to_be_bytes());
+            }),
+            Error::ModeNotForCipher {
+                cipher: "cast5-128",
+                mode: "xts"
+            }
+        ));
+        assert!(matches!(
+            flipped(|b| b[72..75].copy_from_slice(b"xyz")),
+            Error::UnsupportedHash(_)
         ));
         assert!(matches!(
             flipped(|b| b[108..112].copy_from_slice(&40u32.to_be_bytes())),

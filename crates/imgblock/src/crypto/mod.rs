@@ -6,14 +6,15 @@
 //!  passphrase --PBKDF2(slot salt)--> slot key --decrypt--> key material --AF merge--> master key
 //!                                                                                      |
 //!                                  PBKDF2(master key, digest salt) == stored digest? <--+
-//!  master key --> DataCipher: aes-128/192/256 x ecb/cbc/xts x plain/plain64/essiv
+//!  master key --> DataCipher: aes, twofish, serpent (128/192/256), cast5-128
+//!                             x ecb/cbc/ctr/xts x plain/plain64/essiv
 //! ```
 //!
 //! Which offset numbers a sector (the host offset for LUKS inside qcow2, the guest offset for
 //! legacy AES and the `luks` format) is the format's business; see
 //! [`crate::driver::Driver::data_cipher`].
 //!
-//! Secrets and keys live in [`zeroize::Zeroizing`] buffers and AES key schedules are zeroed
+//! Secrets and keys live in [`zeroize::Zeroizing`] buffers and cipher key schedules are zeroed
 //! on drop. Legacy AES cannot tell a wrong passphrase from a right one: it decrypts to garbage.
 
 mod af;

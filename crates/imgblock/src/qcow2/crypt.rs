@@ -250,7 +250,11 @@ pub(crate) fn parse_create(o: &CreateOptions) -> Result<Option<CreateCrypt>> {
             }
             Ok(Some(CreateCrypt::Aes(secret)))
         }
-        "luks" => Ok(Some(CreateCrypt::Luks(params, secret))),
+        "luks" => {
+            // Refuse a combination qemu refuses before any file is made, as qemu-img does.
+            params.validate().map_err(|e| invalid(e.to_string()))?;
+            Ok(Some(CreateCrypt::Luks(params, secret)))
+        }
         other => Err(invalid(format!(
             "Parameter 'encrypt.format' does not accept value '{other}'"
         ))),
