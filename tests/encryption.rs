@@ -801,3 +801,77 @@ fn rebase_reads_the_encrypted_old_chain_and_refuses_an_encrypted_new_one_like_qe
     env.assert_same_bytes("p.raw", "p.qcow2.qemu.raw");
     env.qemu_img(&["check", "p.qcow2"]).ok();
 }
+
+#[test]
+fn snapshot_and_resize_take_the_secret() {
+    let env = Env::with_qemu();
+    luks_qcow2(&env, "e.qcow2", None);
+    let e = opts("qcow2", "e.qcow2");
+    qemu_io(&env, "qcow2", "e.qcow2", &["write -P 0x11 0 1M"]);
+    env.qemu_img(&[
+        "convert",
+        "--object",
+        OBJ,
+        "--image-opts",
+        &e,
+        "-O",
+        "raw",
+        "s1.raw",
+    ])
+    .ok();
+    refused(env.img(&["snapshot", "-l", "e.qcow2"]), "e.qcow2", NO_KEY);
+    refused(
+        env.img(&["snapshot", "-c", "s1", "e.qcow2"]),
+        "e.qcow2",
+        NO_KEY,
+    );
+    refused(
+        env.img(&[
+            "snapshot",
+            "--object",
+            BAD_OBJ,
+            "--image-opts",
+            &e,
+            "-c",
+            "s1",
+        ]),
+        "e.qcow2",
+        BAD_KEY,
+    );
+    env.img(&["snapshot", "--object", OBJ, "--image-opts", &e, "-c", "s1"])
+        .ok();
+    let list = env
+        .qemu_img(&["snapshot", "--object", OBJ, "--image-opts", &e, "-l"])
+        .ok();
+    assert!(list.stdout.contains(" s1 "), "{list}");
+    let ours = env
+        .img(&["snapshot", "--object", OBJ, "--image-opts", &e, "-l"])
+        .ok();
+    assert_eq!(ours.stdout, list.stdout);
+    qemu_io(&env, "qcow2", "e.qcow2", &["write -P 0x22 0 64k"]);
+    env.img(&["snapshot", "--object", OBJ, "--image-opts", &e, "-a", "s1"])
+        .ok();
+    qemu_sees(&env, "s1.raw", &e);
+    env.img(&["snapshot", "--object", OBJ, "--image-opts", &e, "-d", "s1"])
+        .ok();
+    qemu_check_clean(&env, &e);
+
+    refused(env.img(&["resize", "e.qcow2", "2M"]), "e.qcow2", NO_KEY);
+    refused(
+        env.img(&["resize", "--object", BAD_OBJ, "--image-opts", &e, "2M"]),
+        "e.qcow2",
+        BAD_KEY,
+    );
+    let out = env
+        .img(&["resize", "--object", OBJ, "--image-opts", &e, "2M"])
+        .ok();
+    assert_eq!(out.stdout, "Image resized.\n");
+    let info = env
+        .qemu_img(&["info", "--output=json", "e.qcow2"])
+        .ok()
+        .json();
+    assert_eq!(info["virtual-size"], 2 << 20);
+    env.set_len("s1.raw", 2 << 20);
+    qemu_sees(&env, "s1.raw", &e);
+    qemu_check_clean(&env, &e);
+}
