@@ -875,3 +875,67 @@ fn snapshot_and_resize_take_the_secret() {
     qemu_sees(&env, "s1.raw", &e);
     qemu_check_clean(&env, &e);
 }
+
+#[test]
+fn convert_n_writes_an_encrypted_target_named_by_target_image_opts() {
+    let env = Env::with_qemu();
+    env.sparse_file("src.raw", 1 << 20);
+    let m: Vec<u8> = MARKER.iter().copied().cycle().take(300_000).collect();
+    env.write_at("src.raw", 4096, &m);
+    luks_qcow2(&env, "t.qcow2", None);
+    let t = opts("qcow2", "t.qcow2");
+    qemu_io(&env, "qcow2", "t.qcow2", &["write -P 0x99 0 1M"]);
+    // The option mistakes qemu-img refuses before it opens anything, in its words.
+    for extra in [&[][..], &["-n", "-O", "qcow2"]] {
+        let mut args = vec!["convert", "--object", OBJ, "--target-image-opts"];
+        args.extend_from_slice(extra);
+        args.extend(["src.raw", t.as_str()]);
+        let ours = env.img(&args).no_panic().code_is(1);
+        let theirs = env.qemu_img(&args).code_is(1);
+        assert_eq!(
+            ours.stderr.strip_prefix("img: "),
+            theirs.stderr.strip_prefix("qemu-img: "),
+            "{ours}{theirs}"
+        );
+    }
+    refused(
+        env.img(&["convert", "-n", "-O", "qcow2", "src.raw", "t.qcow2"]),
+        "t.qcow2",
+        NO_KEY,
+    );
+    let no_secret = "driver=qcow2,file.filename=t.qcow2";
+    refused(
+        env.img(&["convert", "-n", "--target-image-opts", "src.raw", no_secret]),
+        "t.qcow2",
+        NO_KEY,
+    );
+    refused(
+        env.img(&[
+            "convert",
+            "-n",
+            "--object",
+            BAD_OBJ,
+            "--target-image-opts",
+            "src.raw",
+            &t,
+        ]),
+        "t.qcow2",
+        BAD_KEY,
+    );
+    env.img(&[
+        "convert",
+        "-n",
+        "--object",
+        OBJ,
+        "--target-image-opts",
+        "src.raw",
+        &t,
+    ])
+    .ok();
+    qemu_sees(&env, "src.raw", &t);
+    qemu_check_clean(&env, &t);
+    assert!(!env
+        .read("t.qcow2")
+        .windows(MARKER.len())
+        .any(|w| w == MARKER));
+}
