@@ -939,3 +939,41 @@ fn convert_n_writes_an_encrypted_target_named_by_target_image_opts() {
         .windows(MARKER.len())
         .any(|w| w == MARKER));
 }
+
+#[test]
+fn measure_counts_the_luks_header_and_reads_an_encrypted_source() {
+    let env = Env::with_qemu();
+    env.write("e.luks", qemu_made(true));
+    qemu_io(&env, "luks", "e.luks", &["write -P 0x77 0 300k"]);
+    let e = opts("luks", "e.luks");
+    // qemu-img spends a second timing its key derivation even to measure: once is enough.
+    let enc =
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.cipher-alg=aes-128,encrypt.iter-time=10";
+    for args in [
+        &["--object", OBJ, "--image-opts", &e, "-O", "qcow2"][..],
+        &[
+            "--object",
+            OBJ,
+            "--image-opts",
+            &e,
+            "-O",
+            "qcow2",
+            "-o",
+            enc,
+            "--output=json",
+        ],
+    ] {
+        let mut a = vec!["measure"];
+        a.extend_from_slice(args);
+        assert_eq!(
+            env.img(&a).ok().stdout,
+            env.qemu_img(&a).ok().stdout,
+            "{a:?}"
+        );
+    }
+    refused(
+        env.img(&["measure", "-O", "qcow2", "e.luks"]),
+        "e.luks",
+        "Parameter 'key-secret' is required for cipher",
+    );
+}
