@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::sync::OnceLock;
+
 use common::{run_timeout, Env, DEFAULT_TIMEOUT};
 
 const OBJ: &str = "secret,id=s0,data=pw";
@@ -607,4 +609,460 @@ fn create_takes_every_qemu_cipher_family_and_refuses_what_qemu_refuses() {
         .code_is(1);
     assert!(out.stderr.contains("Unsupported cipher mode xts"), "{out}");
     assert!(!env.path("bad.qcow2").exists());
+}
+
+const LUKS_OPTS: &str = "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10";
+
+/// The bytes of a 1 MiB image qemu-img made with the secret `s0`: LUKS qcow2, or the `luks`
+/// format. Made once per test binary: qemu-img spends a second or more timing its key
+/// derivation for every LUKS image it creates, whatever the iter-time.
+fn qemu_made(luks_format: bool) -> &'static [u8] {
+    static QCOW2: OnceLock<Vec<u8>> = OnceLock::new();
+    static LUKS: OnceLock<Vec<u8>> = OnceLock::new();
+    let (cell, fmt, o) = if luks_format {
+        (&LUKS, "luks", "key-secret=s0,iter-time=10")
+    } else {
+        (&QCOW2, "qcow2", LUKS_OPTS)
+    };
+    cell.get_or_init(|| {
+        let env = Env::with_qemu();
+        env.qemu_img(&[
+            "create", "-q", "-f", fmt, "--object", OBJ, "-o", o, "t", "1M",
+        ])
+        .ok();
+        env.read("t")
+    })
+}
+
+/// A qemu-made 1 MiB LUKS qcow2 image, over the qcow2 image `backing` when given.
+fn luks_qcow2(env: &Env, name: &str, backing: Option<&str>) {
+    env.write(name, qemu_made(false));
+    if let Some(b) = backing {
+        let o = opts("qcow2", name);
+        env.qemu_img(&[
+            "rebase",
+            "-u",
+            "--object",
+            OBJ,
+            "--image-opts",
+            &o,
+            "-b",
+            b,
+            "-F",
+            "qcow2",
+        ])
+        .ok();
+    }
+}
+
+/// qemu-img reads `image` (an option list) as the raw file `raw` holds.
+#[track_caller]
+fn qemu_sees(env: &Env, raw: &str, image: &str) {
+    let raw = format!("driver=raw,file.filename={raw}");
+    let out = env
+        .qemu_img(&["compare", "--object", OBJ, "--image-opts", &raw, image])
+        .ok();
+    assert!(out.stdout.contains("Images are identical"), "{out}");
+}
+
+/// qemu-img check, with the secret, finds nothing wrong.
+#[track_caller]
+fn qemu_check_clean(env: &Env, image: &str) {
+    let out = env
+        .qemu_img(&["check", "--object", OBJ, "--image-opts", image])
+        .ok();
+    assert!(out.stdout.contains("No errors were found"), "{out}");
+}
+
+/// `img` refused to open `file` (exit 1, no panic) and said why, naming the file.
+#[track_caller]
+fn refused(out: common::Output, file: &str, why: &str) {
+    let out = out.no_panic().code_is(1);
+    assert!(
+        out.stderr.contains(&format!("Could not open '{file}'")) && out.stderr.contains(why),
+        "{out}"
+    );
+}
+
+const NO_KEY: &str = "Parameter 'encrypt.key-secret' is required for cipher";
+const BAD_KEY: &str = "Invalid password, cannot unlock any keyslot";
+const BAD_OBJ: &str = "secret,id=s0,data=nope";
+
+#[test]
+fn commit_into_encrypted_bases_with_the_chain_secrets() {
+    let env = Env::with_qemu();
+    // LUKS overlay over a LUKS base.
+    luks_qcow2(&env, "base.qcow2", None);
+    qemu_io(&env, "qcow2", "base.qcow2", &["write -P 0x11 0 1M"]);
+    luks_qcow2(&env, "top.qcow2", Some("base.qcow2"));
+    let top =
+        "driver=qcow2,file.filename=top.qcow2,encrypt.key-secret=s0,backing.encrypt.key-secret=s0";
+    qemu_io_opts(&env, top, &["write -P 0x22 200k 300k", "write -z 700k 64k"]);
+    env.qemu_img(&[
+        "convert",
+        "--object",
+        OBJ,
+        "--image-opts",
+        top,
+        "-O",
+        "raw",
+        "before.raw",
+    ])
+    .ok();
+    refused(env.img(&["commit", "top.qcow2"]), "top.qcow2", NO_KEY);
+    refused(
+        env.img(&["commit", "--object", BAD_OBJ, "--image-opts", top]),
+        "top.qcow2",
+        BAD_KEY,
+    );
+    let out = env
+        .img(&["commit", "--object", OBJ, "--image-opts", top])
+        .ok();
+    assert_eq!(out.stdout, "Image committed.\n");
+    qemu_sees(&env, "before.raw", &opts("qcow2", "base.qcow2"));
+    qemu_sees(&env, "before.raw", top);
+    qemu_check_clean(&env, &opts("qcow2", "base.qcow2"));
+    qemu_check_clean(&env, top);
+
+    // A plain overlay over a LUKS-format base: only the base has a secret.
+    env.write("lbase.luks", qemu_made(true));
+    qemu_io(&env, "luks", "lbase.luks", &["write -P 0x33 0 1M"]);
+    env.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "lbase.luks",
+        "-F",
+        "luks",
+        "ptop.qcow2",
+    ])
+    .ok();
+    let ptop = "driver=qcow2,file.filename=ptop.qcow2,backing.key-secret=s0";
+    qemu_io_opts(&env, ptop, &["write -P 0x44 64k 100k", "write -z 512k 64k"]);
+    env.qemu_img(&[
+        "convert",
+        "--object",
+        OBJ,
+        "--image-opts",
+        ptop,
+        "-O",
+        "raw",
+        "pbefore.raw",
+    ])
+    .ok();
+    refused(
+        env.img(&["commit", "ptop.qcow2"]),
+        "ptop.qcow2",
+        "Could not open backing file: Parameter 'key-secret' is required for cipher",
+    );
+    env.img(&["commit", "-q", "--object", OBJ, "--image-opts", ptop])
+        .ok();
+    qemu_sees(&env, "pbefore.raw", &opts("luks", "lbase.luks"));
+    qemu_sees(&env, "pbefore.raw", ptop);
+    qemu_check_clean(&env, ptop);
+}
+
+#[test]
+fn rebase_reads_the_encrypted_old_chain_and_refuses_an_encrypted_new_one_like_qemu() {
+    let env = Env::with_qemu();
+    luks_qcow2(&env, "old.qcow2", None);
+    qemu_io(&env, "qcow2", "old.qcow2", &["write -P 0x11 0 1M"]);
+    luks_qcow2(&env, "top.qcow2", Some("old.qcow2"));
+    let top =
+        "driver=qcow2,file.filename=top.qcow2,encrypt.key-secret=s0,backing.encrypt.key-secret=s0";
+    qemu_io_opts(&env, top, &["write -P 0x22 200k 300k"]);
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "new.qcow2", "1M"])
+        .ok();
+    env.qemu_io("qcow2", "new.qcow2", &["write -P 0x11 0 128k"]);
+    luks_qcow2(&env, "enew.qcow2", None);
+    env.qemu_img(&[
+        "convert",
+        "--object",
+        OBJ,
+        "--image-opts",
+        top,
+        "-O",
+        "raw",
+        "before.raw",
+    ])
+    .ok();
+
+    refused(
+        env.img(&["rebase", "-b", "new.qcow2", "-F", "qcow2", "top.qcow2"]),
+        "top.qcow2",
+        NO_KEY,
+    );
+    // qemu-img opens the new backing file without a secret, so it cannot rebase onto an
+    // encrypted one; img says the same. (qemu wants an absolute -b with --image-opts.)
+    let enew = env.path("enew.qcow2").to_str().unwrap().to_owned();
+    let ours = env.img(&[
+        "rebase",
+        "--object",
+        OBJ,
+        "--image-opts",
+        top,
+        "-b",
+        &enew,
+        "-F",
+        "qcow2",
+    ]);
+    let theirs = env.qemu_img(&[
+        "rebase",
+        "--object",
+        OBJ,
+        "--image-opts",
+        top,
+        "-b",
+        &enew,
+        "-F",
+        "qcow2",
+    ]);
+    assert_eq!(theirs.code, Some(1), "{theirs}");
+    let ours = ours.no_panic().code_is(1);
+    assert_eq!(
+        ours.stderr.strip_prefix("img: "),
+        theirs.stderr.strip_prefix("qemu-img: "),
+        "{ours}{theirs}"
+    );
+    assert!(ours.stderr.contains(&format!(
+        "Could not open new backing file '{enew}': {NO_KEY}"
+    )));
+
+    env.img(&[
+        "rebase",
+        "--object",
+        OBJ,
+        "--image-opts",
+        top,
+        "-b",
+        "new.qcow2",
+        "-F",
+        "qcow2",
+    ])
+    .ok();
+    let info = env
+        .qemu_img(&["info", "--output=json", "top.qcow2"])
+        .ok()
+        .json();
+    assert_eq!(info["backing-filename"], "new.qcow2");
+    let top_now = opts("qcow2", "top.qcow2");
+    qemu_sees(&env, "before.raw", &top_now);
+    qemu_check_clean(&env, &top_now);
+
+    // A plain image over an encrypted backing file becomes standalone (-b "").
+    luks_qcow2(&env, "ebase.qcow2", None);
+    qemu_io(&env, "qcow2", "ebase.qcow2", &["write -P 0x55 0 1M"]);
+    env.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "ebase.qcow2",
+        "-F",
+        "qcow2",
+        "p.qcow2",
+    ])
+    .ok();
+    let p = "driver=qcow2,file.filename=p.qcow2,backing.encrypt.key-secret=s0";
+    qemu_io_opts(&env, p, &["write -P 0x66 64k 64k"]);
+    env.qemu_img(&[
+        "convert",
+        "--object",
+        OBJ,
+        "--image-opts",
+        p,
+        "-O",
+        "raw",
+        "p.raw",
+    ])
+    .ok();
+    refused(
+        env.img(&["rebase", "-b", "", "p.qcow2"]),
+        "p.qcow2",
+        &format!("Could not open backing file: {NO_KEY}"),
+    );
+    env.img(&["rebase", "--object", OBJ, "--image-opts", p, "-b", ""])
+        .ok();
+    env.assert_converts_like_qemu("p.qcow2", &[]);
+    env.assert_same_bytes("p.raw", "p.qcow2.qemu.raw");
+    env.qemu_img(&["check", "p.qcow2"]).ok();
+}
+
+#[test]
+fn snapshot_and_resize_take_the_secret() {
+    let env = Env::with_qemu();
+    luks_qcow2(&env, "e.qcow2", None);
+    let e = opts("qcow2", "e.qcow2");
+    qemu_io(&env, "qcow2", "e.qcow2", &["write -P 0x11 0 1M"]);
+    env.qemu_img(&[
+        "convert",
+        "--object",
+        OBJ,
+        "--image-opts",
+        &e,
+        "-O",
+        "raw",
+        "s1.raw",
+    ])
+    .ok();
+    refused(env.img(&["snapshot", "-l", "e.qcow2"]), "e.qcow2", NO_KEY);
+    refused(
+        env.img(&["snapshot", "-c", "s1", "e.qcow2"]),
+        "e.qcow2",
+        NO_KEY,
+    );
+    refused(
+        env.img(&[
+            "snapshot",
+            "--object",
+            BAD_OBJ,
+            "--image-opts",
+            &e,
+            "-c",
+            "s1",
+        ]),
+        "e.qcow2",
+        BAD_KEY,
+    );
+    env.img(&["snapshot", "--object", OBJ, "--image-opts", &e, "-c", "s1"])
+        .ok();
+    let list = env
+        .qemu_img(&["snapshot", "--object", OBJ, "--image-opts", &e, "-l"])
+        .ok();
+    assert!(list.stdout.contains(" s1 "), "{list}");
+    let ours = env
+        .img(&["snapshot", "--object", OBJ, "--image-opts", &e, "-l"])
+        .ok();
+    assert_eq!(ours.stdout, list.stdout);
+    qemu_io(&env, "qcow2", "e.qcow2", &["write -P 0x22 0 64k"]);
+    env.img(&["snapshot", "--object", OBJ, "--image-opts", &e, "-a", "s1"])
+        .ok();
+    qemu_sees(&env, "s1.raw", &e);
+    env.img(&["snapshot", "--object", OBJ, "--image-opts", &e, "-d", "s1"])
+        .ok();
+    qemu_check_clean(&env, &e);
+
+    refused(env.img(&["resize", "e.qcow2", "2M"]), "e.qcow2", NO_KEY);
+    refused(
+        env.img(&["resize", "--object", BAD_OBJ, "--image-opts", &e, "2M"]),
+        "e.qcow2",
+        BAD_KEY,
+    );
+    let out = env
+        .img(&["resize", "--object", OBJ, "--image-opts", &e, "2M"])
+        .ok();
+    assert_eq!(out.stdout, "Image resized.\n");
+    let info = env
+        .qemu_img(&["info", "--output=json", "e.qcow2"])
+        .ok()
+        .json();
+    assert_eq!(info["virtual-size"], 2 << 20);
+    env.set_len("s1.raw", 2 << 20);
+    qemu_sees(&env, "s1.raw", &e);
+    qemu_check_clean(&env, &e);
+}
+
+#[test]
+fn convert_n_writes_an_encrypted_target_named_by_target_image_opts() {
+    let env = Env::with_qemu();
+    env.sparse_file("src.raw", 1 << 20);
+    let m: Vec<u8> = MARKER.iter().copied().cycle().take(300_000).collect();
+    env.write_at("src.raw", 4096, &m);
+    luks_qcow2(&env, "t.qcow2", None);
+    let t = opts("qcow2", "t.qcow2");
+    qemu_io(&env, "qcow2", "t.qcow2", &["write -P 0x99 0 1M"]);
+    // The option mistakes qemu-img refuses before it opens anything, in its words.
+    for extra in [&[][..], &["-n", "-O", "qcow2"]] {
+        let mut args = vec!["convert", "--object", OBJ, "--target-image-opts"];
+        args.extend_from_slice(extra);
+        args.extend(["src.raw", t.as_str()]);
+        let ours = env.img(&args).no_panic().code_is(1);
+        let theirs = env.qemu_img(&args).code_is(1);
+        assert_eq!(
+            ours.stderr.strip_prefix("img: "),
+            theirs.stderr.strip_prefix("qemu-img: "),
+            "{ours}{theirs}"
+        );
+    }
+    refused(
+        env.img(&["convert", "-n", "-O", "qcow2", "src.raw", "t.qcow2"]),
+        "t.qcow2",
+        NO_KEY,
+    );
+    let no_secret = "driver=qcow2,file.filename=t.qcow2";
+    refused(
+        env.img(&["convert", "-n", "--target-image-opts", "src.raw", no_secret]),
+        "t.qcow2",
+        NO_KEY,
+    );
+    refused(
+        env.img(&[
+            "convert",
+            "-n",
+            "--object",
+            BAD_OBJ,
+            "--target-image-opts",
+            "src.raw",
+            &t,
+        ]),
+        "t.qcow2",
+        BAD_KEY,
+    );
+    env.img(&[
+        "convert",
+        "-n",
+        "--object",
+        OBJ,
+        "--target-image-opts",
+        "src.raw",
+        &t,
+    ])
+    .ok();
+    qemu_sees(&env, "src.raw", &t);
+    qemu_check_clean(&env, &t);
+    assert!(!env
+        .read("t.qcow2")
+        .windows(MARKER.len())
+        .any(|w| w == MARKER));
+}
+
+#[test]
+fn measure_counts_the_luks_header_and_reads_an_encrypted_source() {
+    let env = Env::with_qemu();
+    env.write("e.luks", qemu_made(true));
+    qemu_io(&env, "luks", "e.luks", &["write -P 0x77 0 300k"]);
+    let e = opts("luks", "e.luks");
+    // qemu-img spends a second timing its key derivation even to measure: once is enough.
+    let enc =
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.cipher-alg=aes-128,encrypt.iter-time=10";
+    for args in [
+        &["--object", OBJ, "--image-opts", &e, "-O", "qcow2"][..],
+        &[
+            "--object",
+            OBJ,
+            "--image-opts",
+            &e,
+            "-O",
+            "qcow2",
+            "-o",
+            enc,
+            "--output=json",
+        ],
+    ] {
+        let mut a = vec!["measure"];
+        a.extend_from_slice(args);
+        assert_eq!(
+            env.img(&a).ok().stdout,
+            env.qemu_img(&a).ok().stdout,
+            "{a:?}"
+        );
+    }
+    refused(
+        env.img(&["measure", "-O", "qcow2", "e.luks"]),
+        "e.luks",
+        "Parameter 'key-secret' is required for cipher",
+    );
 }

@@ -8,10 +8,14 @@ use crate::cache::parse_cache;
 use crate::failure::{CliResult, Failure};
 use crate::open::{open_image, parse_format, OpenRequest};
 use crate::progress::{Progress, ProgressArgs};
+use crate::secrets::{ImageSpec, SecretArgs};
 
-/// `img commit [-f FMT] [-t CACHE] [-b BASE] [-d] [-p] [-q] FILE`
+/// `img commit [-f FMT | --image-opts] [--object OBJDEF] [-t CACHE] [-b BASE] [-d] [-p] [-q] FILE`
 #[derive(Debug, Args)]
 pub struct CommitArgs {
+    /// `--object secret,...` and `--image-opts` (`backing.encrypt.key-secret=ID` for the base).
+    #[command(flatten)]
+    secret_args: SecretArgs,
     /// Image format (probed when not given).
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
@@ -40,15 +44,17 @@ pub struct CommitArgs {
 /// An image without a backing file, a base that is not in its chain, or a failed write.
 pub fn run(args: &CommitArgs) -> CliResult<i32> {
     parse_cache(args.cache.as_deref(), "cache")?;
-    let format = parse_format(args.format.as_deref())?;
-    let path = Path::new(&args.filename);
-    check_chain(path, format, args.base.as_deref())?;
+    let spec = args
+        .secret_args
+        .resolve(&args.filename, parse_format(args.format.as_deref())?)?;
+    check_chain(&spec, args.base.as_deref())?;
     let progress = Progress::new(&args.progress, args.quiet, 0);
     // qemu-img: the images between the base and the top become invalid, so -b keeps the top.
     let keep = args.keep || args.base.is_some();
     imgblock::ops::commit(
-        path,
-        format,
+        &spec.path,
+        spec.format,
+        &spec.secrets,
         args.base.as_deref().map(Path::new),
         keep,
         &|done, total| progress.set(done, total),
@@ -66,10 +72,12 @@ pub fn run(args: &CommitArgs) -> CliResult<i32> {
 }
 
 /// Refuses, in qemu-img's words and before anything is written, an image without a backing
-/// file and a base that is not below it.
-fn check_chain(path: &Path, format: Option<imgblock::Format>, base: Option<&str>) -> CliResult<()> {
+/// file, a base that is not below it, and a chain whose encrypted layers cannot be unlocked.
+fn check_chain(spec: &ImageSpec, base: Option<&str>) -> CliResult<()> {
+    let path = spec.path.as_path();
     let req = OpenRequest {
-        format,
+        format: spec.format,
+        secrets: Some(&spec.secrets),
         ..OpenRequest::default()
     };
     let top = open_image(path, &req)?;

@@ -87,6 +87,10 @@ pub struct ConvertArgs {
     /// `--object secret,...`, and `--image-opts` for the sources.
     #[command(flatten)]
     secret_args: SecretArgs,
+    /// The target name is an option list too (driver=FMT,file.filename=PATH,
+    /// encrypt.key-secret=ID): with -n, an existing encrypted image can be written. Not with -O.
+    #[arg(long = "target-image-opts")]
+    target_image_opts: bool,
     /// Source images, then the target.
     #[arg(num_args = 0..)]
     files: Vec<String>,
@@ -168,6 +172,9 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         print!("{}", help_text(out_format, !args.files.is_empty()));
         return Ok(0);
     }
+    if args.target_image_opts && !args.no_create {
+        return Err(Failure::new("--target-image-opts requires use of -n flag"));
+    }
     let (dst, srcs) = match args.files.split_last() {
         Some((dst, srcs)) if !srcs.is_empty() => (dst, srcs),
         _ => return Err(Failure::new("Must specify image file name")),
@@ -209,7 +216,7 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
     }
     let direct = is_direct(args.cache.as_deref());
     let target = if args.no_create {
-        open_existing_target(Path::new(dst), out_format, total, direct)?
+        open_existing_target(args, dst, out_format, total, direct)?
     } else {
         opts.size = Some(total);
         create_target(Path::new(dst), out_format, &opts, direct)?
@@ -325,15 +332,33 @@ fn pow2floor(n: usize) -> usize {
     }
 }
 
-/// `-n`: the target must exist and be large enough.
-fn open_existing_target(path: &Path, format: Format, total: u64, direct: bool) -> CliResult<Image> {
+/// `-n`: the target must exist and be large enough. With `--target-image-opts` its name is an
+/// option list giving the format (probed when it does not) and the secrets of its chain.
+fn open_existing_target(
+    args: &ConvertArgs,
+    dst: &str,
+    format: Format,
+    total: u64,
+    direct: bool,
+) -> CliResult<Image> {
+    let spec = if args.target_image_opts {
+        if args.output_format.is_some() {
+            return Err(Failure::new(
+                "--image-opts and --format are mutually exclusive",
+            ));
+        }
+        args.secret_args.resolve_opts(dst, None)?
+    } else {
+        args.secret_args.resolve_file(dst, Some(format))
+    };
     let req = OpenRequest {
-        format: Some(format),
+        format: spec.format,
         writable: true,
         direct,
+        secrets: Some(&spec.secrets),
         ..OpenRequest::default()
     };
-    let img = open_image(path, &req)?;
+    let img = open_image(&spec.path, &req)?;
     if img.size() < total {
         return Err(Failure::new("output file is smaller than input file"));
     }

@@ -1,7 +1,5 @@
 //! `img measure`: how large a new image would be, for a size or for an existing image's data.
 
-use std::path::Path;
-
 use clap::Args;
 use imgblock::measure::Measure;
 use imgblock::{CreateOptions, Format};
@@ -13,15 +11,21 @@ use crate::failure::{CliResult, Failure};
 use crate::open::{open_source, parse_format, OpenRequest};
 use crate::output::OutputFormat;
 use crate::qjson;
+use crate::secrets::SecretArgs;
 
 /// The largest size qemu accepts (`INT64_MAX`).
 const MAX_IMAGE_SIZE: u64 = i64::MAX as u64;
 /// File-protocol options qemu accepts for every format.
 const PROTOCOL_OPTIONS: [&str; 3] = ["nocow", "preallocation", "extent_size_hint"];
 
-/// `img measure [--output=human|json] [-f FMT] [-O FMT] [-o OPTS] [-l SNAPSHOT] (--size SIZE | FILE)`
+/// `img measure [--output=human|json] [-f FMT | --image-opts] [--object OBJDEF] [-O FMT] [-o OPTS]
+/// [-l SNAPSHOT] (--size SIZE | FILE)`
 #[derive(Debug, Args)]
 pub struct MeasureArgs {
+    /// `--object secret,...` (for an encrypted FILE, and for `-o encrypt.key-secret=ID`) and
+    /// `--image-opts`.
+    #[command(flatten)]
+    secret_args: SecretArgs,
     /// Output format: human or json.
     #[arg(long = "output", value_name = "FMT", default_value = "human")]
     output: String,
@@ -108,13 +112,17 @@ pub fn run(args: &MeasureArgs) -> CliResult<i32> {
     let snapshot = args.snapshot.as_deref().map(parse_snapshot).transpose()?;
     let source = match &args.filename {
         Some(f) => {
+            let spec = args
+                .secret_args
+                .resolve(f, parse_format(args.format.as_deref())?)?;
             let req = OpenRequest {
-                format: parse_format(args.format.as_deref())?,
+                format: spec.format,
                 snapshot: snapshot.as_deref(),
                 force_share: args.force_share,
+                secrets: Some(&spec.secrets),
                 ..OpenRequest::default()
             };
-            Some(open_source(Path::new(f), &req, None)?)
+            Some(open_source(&spec.path, &req, None)?)
         }
         None => None,
     };
@@ -125,6 +133,7 @@ pub fn run(args: &MeasureArgs) -> CliResult<i32> {
         opts.parse_opts(o)?;
     }
     validate_options(out_format, &opts)?;
+    args.secret_args.fill(&mut opts)?;
     if !matches!(out_format, Format::Raw | Format::Qcow2) {
         return Err(Failure::new(format!(
             "Block driver '{out_format}' does not support size measurement"

@@ -10,10 +10,17 @@ use crate::cache::parse_cache;
 use crate::failure::{open_failure, open_reason, CliResult, Failure};
 use crate::open::parse_format;
 use crate::progress::{Progress, ProgressArgs};
+use crate::secrets::SecretArgs;
 
-/// `img rebase [-f FMT] [-t CACHE] [-T SRC_CACHE] [-u] -b BACKING [-F FMT] [-p] [-q] [-U] FILE`
+/// `img rebase [-f FMT | --image-opts] [--object OBJDEF] [-t CACHE] [-T SRC_CACHE] [-u]
+/// -b BACKING [-F FMT] [-p] [-q] [-U] FILE`
 #[derive(Debug, Args)]
 pub struct RebaseArgs {
+    /// `--object secret,...` and `--image-opts` for the image and its current backing chain.
+    /// As in qemu-img, the new backing file is opened without a secret: a safe rebase onto an
+    /// encrypted image is refused.
+    #[command(flatten)]
+    secret_args: SecretArgs,
     /// Image format (probed when not given).
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
@@ -58,8 +65,10 @@ pub fn run(args: &RebaseArgs) -> CliResult<i32> {
             "Must specify backing file (-b) or use unsafe mode (-u)\nTry 'img rebase --help' for more info",
         ));
     }
-    let format = parse_format(args.format.as_deref())?;
-    let path = Path::new(&args.filename);
+    let spec = args
+        .secret_args
+        .resolve(&args.filename, parse_format(args.format.as_deref())?)?;
+    let path = spec.path.as_path();
     let new_backing = match args.backing.as_deref() {
         None | Some("") => None,
         Some(b) => Some(BackingSpec {
@@ -73,7 +82,8 @@ pub fn run(args: &RebaseArgs) -> CliResult<i32> {
     let progress = Progress::new(&args.progress, args.quiet, 0);
     imgblock::ops::rebase(
         path,
-        format,
+        spec.format,
+        &spec.secrets,
         new_backing.as_ref(),
         args.unsafe_,
         &|done, total| progress.set(done, total),
@@ -83,7 +93,10 @@ pub fn run(args: &RebaseArgs) -> CliResult<i32> {
             "Could not change the backing file to '{}': Operation not supported",
             args.backing.as_deref().unwrap_or("")
         )),
-        imgblock::Error::BackingOpen { .. } | imgblock::Error::Io { .. } => open_failure(path, &e),
+        imgblock::Error::BackingOpen { .. }
+        | imgblock::Error::Io { .. }
+        | imgblock::Error::KeyRequired { .. }
+        | imgblock::Error::Crypto { .. } => open_failure(path, &e),
         other => Failure::from(other),
     })?;
     progress.finish();

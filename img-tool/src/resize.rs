@@ -1,17 +1,20 @@
 //! `img resize`: grow or (with `--shrink`) shrink the virtual disk, by qemu-img's rules.
 
-use std::path::Path;
-
 use clap::Args;
 use imgblock::raw::Preallocation;
 use imgblock::Format;
 
 use crate::failure::{CliResult, Failure};
 use crate::open::{open_image, parse_format, OpenRequest};
+use crate::secrets::SecretArgs;
 
-/// `img resize [-f FMT] [--shrink] [--preallocation=MODE] [-q] FILE [+|-]SIZE`
+/// `img resize [-f FMT | --image-opts] [--object OBJDEF] [--shrink] [--preallocation=MODE] [-q]
+/// FILE [+|-]SIZE`
 #[derive(Debug, Args)]
 pub struct ResizeArgs {
+    /// `--object secret,...` and `--image-opts`: an encrypted image needs its secret.
+    #[command(flatten)]
+    secret_args: SecretArgs,
     /// Image format (probed when not given).
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
@@ -83,12 +86,16 @@ fn parse_prealloc(s: Option<&str>) -> CliResult<Preallocation> {
 pub fn run(args: &ResizeArgs) -> CliResult<i32> {
     let prealloc = parse_prealloc(args.preallocation.as_deref())?;
     let new = parse_new_size(&args.size)?;
+    let spec = args
+        .secret_args
+        .resolve(&args.filename, parse_format(args.format.as_deref())?)?;
     let req = OpenRequest {
-        format: parse_format(args.format.as_deref())?,
+        format: spec.format,
         writable: true,
+        secrets: Some(&spec.secrets),
         ..OpenRequest::default()
     };
-    let mut img = open_image(Path::new(&args.filename), &req)?;
+    let mut img = open_image(&spec.path, &req)?;
     let current = img.size();
     let total = new
         .resolve(current)

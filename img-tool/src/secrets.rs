@@ -66,13 +66,28 @@ impl SecretArgs {
     /// # Errors
     /// Bad options, an unknown format or secret ID.
     pub fn resolve(&self, name: &str, format: Option<Format>) -> CliResult<ImageSpec> {
-        if !self.image_opts {
-            return Ok(ImageSpec {
-                path: PathBuf::from(name),
-                format,
-                secrets: Secrets::none(),
-            });
+        if self.image_opts {
+            self.resolve_opts(name, format)
+        } else {
+            Ok(self.resolve_file(name, format))
         }
+    }
+
+    /// A plain file name: no secrets.
+    pub fn resolve_file(&self, name: &str, format: Option<Format>) -> ImageSpec {
+        ImageSpec {
+            path: PathBuf::from(name),
+            format,
+            secrets: Secrets::none(),
+        }
+    }
+
+    /// Resolves an option list, whether or not `--image-opts` was given (convert's
+    /// `--target-image-opts` names its own).
+    ///
+    /// # Errors
+    /// As [`SecretArgs::resolve`].
+    pub fn resolve_opts(&self, name: &str, format: Option<Format>) -> CliResult<ImageSpec> {
         let defined = self.secrets()?;
         let lookup = |id: &str| {
             defined

@@ -1,18 +1,22 @@
 //! `img snapshot`: list, create, apply and delete internal snapshots, with qemu-img's listing
 //! and messages.
 
-use std::path::Path;
-
 use clap::{ArgAction, Args};
 use imgblock::Image;
 
 use crate::failure::{CliResult, Failure};
 use crate::info::snapshot_list_text;
 use crate::open::{open_image, parse_format, OpenRequest};
+use crate::secrets::SecretArgs;
 
-/// `img snapshot [-l | -c NAME | -a NAME | -d NAME] [-f FMT] [-U] [-q] FILE`
+/// `img snapshot [-l | -c NAME | -a NAME | -d NAME] [-f FMT | --image-opts] [--object OBJDEF]
+/// [-U] [-q] FILE`
 #[derive(Debug, Args)]
 pub struct SnapshotArgs {
+    /// `--object secret,...` and `--image-opts`: an encrypted image needs its secret, even to
+    /// list its snapshots (as in qemu-img).
+    #[command(flatten)]
+    secret_args: SecretArgs,
     /// List the snapshots (the default).
     #[arg(short = 'l', action = ArgAction::Count)]
     list: u8,
@@ -86,15 +90,19 @@ fn reason(e: &imgblock::Error, unsupported: &str) -> String {
 /// Conflicting actions, an image that cannot be opened, or a failed snapshot operation.
 pub fn run(args: &SnapshotArgs) -> CliResult<i32> {
     let action = action(args)?;
+    let spec = args
+        .secret_args
+        .resolve(&args.filename, parse_format(args.format.as_deref())?)?;
     let req = OpenRequest {
-        format: parse_format(args.format.as_deref())?,
+        format: spec.format,
         writable: action != Action::List,
         // Snapshots concern this image alone; qemu-img opens the chain but never reads it.
         no_backing: true,
+        secrets: Some(&spec.secrets),
         force_share: args.force_share,
         ..OpenRequest::default()
     };
-    let img = open_image(Path::new(&args.filename), &req)?;
+    let img = open_image(&spec.path, &req)?;
     match action {
         Action::List => {
             let snaps = img.driver().snapshots()?;

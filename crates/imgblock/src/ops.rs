@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use crate::crypto::Secrets;
 use crate::driver::BackingSpec;
 use crate::{Error, Format, Image, OpenOptions, Result};
 
@@ -21,13 +22,16 @@ fn is_zero(b: &[u8]) -> bool {
 
 /// Writes the data of `top` (and of the images between it and `base_depth`) into the image at
 /// `base_depth` in its chain (default 1: the immediate backing image), then empties `top`
-/// unless `keep` (qemu-img commit's -d). The base grows if it is smaller.
+/// unless `keep` (qemu-img commit's -d). The base grows if it is smaller. `secrets` holds the
+/// passphrases of the chain's encrypted layers, by depth below `top`.
 ///
 /// # Errors
-/// When `top` has no backing image, the base cannot be opened for writing, or I/O fails.
+/// When `top` has no backing image, the base cannot be opened for writing, an encrypted layer
+/// has no secret ([`Error::KeyRequired`]) or a wrong one ([`Error::Crypto`]), or I/O fails.
 pub fn commit(
     top_path: &Path,
     format: Option<Format>,
+    secrets: &Secrets,
     base: Option<&Path>,
     keep: bool,
     progress: Progress<'_>,
@@ -39,12 +43,13 @@ pub fn commit(
         &[crate::lock::PERM_CONSISTENT_READ, crate::lock::PERM_WRITE],
         &[crate::lock::PERM_WRITE, crate::lock::PERM_RESIZE],
     )?;
-    let top = Image::open(
+    let top = Image::open_with_secrets(
         top_path,
         &OpenOptions {
             force_share: true,
             ..OpenOptions::read_only().format(format)
         },
+        secrets,
     )?;
     let chain = top.chain();
     if chain.len() < 2 {
@@ -80,9 +85,11 @@ pub fn commit(
     let base_format = base_img.format();
     let size = top.size();
     drop(chain);
-    let mut base_w = Image::open(
+    // The base opened on its own is the top of its chain: its secrets are renumbered.
+    let mut base_w = Image::open_with_secrets(
         &base_path,
         &OpenOptions::writable().format(Some(base_format)),
+        &secrets.below(depth),
     )?;
     if base_w.size() < size {
         base_w.resize(size, crate::raw::Preallocation::Off)?;
@@ -108,7 +115,7 @@ pub fn commit(
     drop(top);
     drop(top_lock);
     if !keep {
-        let top_w = Image::open(
+        let top_w = Image::open_with_secrets(
             top_path,
             &OpenOptions {
                 format,
@@ -117,6 +124,7 @@ pub fn commit(
                 snapshot: None,
                 force_share: false,
             },
+            secrets,
         )?;
         top_w.driver().make_empty()?;
         top_w.flush()?;
@@ -128,17 +136,22 @@ pub fn commit(
 /// differently through the new chain than through the old one is copied into the image first;
 /// `new_backing` of `None` flattens it. Unsafe mode only rewrites the header.
 ///
+/// `secrets` unlocks the image and its current chain, by depth. The new backing chain is
+/// opened without secrets, as qemu-img 10 opens it (its rebase has no way to name one), so a
+/// safe rebase onto an encrypted image fails with [`Error::KeyRequired`].
+///
 /// # Errors
-/// When an image cannot be opened, or I/O fails.
+/// When an image cannot be opened (an encrypted one without its secret included), or I/O fails.
 pub fn rebase(
     path: &Path,
     format: Option<Format>,
+    secrets: &Secrets,
     new_backing: Option<&BackingSpec>,
     unsafe_: bool,
     progress: Progress<'_>,
 ) -> Result<()> {
     if unsafe_ {
-        let img = Image::open(
+        let img = Image::open_with_secrets(
             path,
             &OpenOptions {
                 format,
@@ -147,11 +160,12 @@ pub fn rebase(
                 snapshot: None,
                 force_share: false,
             },
+            secrets,
         )?;
         img.driver().set_backing(new_backing)?;
         return img.flush();
     }
-    let img = Image::open(path, &OpenOptions::writable().format(format))?;
+    let img = Image::open_with_secrets(path, &OpenOptions::writable().format(format), secrets)?;
     let new_chain = match new_backing {
         Some(b) => {
             let p = crate::image::resolve_backing(path, &b.filename);

@@ -4,6 +4,7 @@ mod fmt_common;
 
 use std::path::{Path, PathBuf};
 
+use imgblock::crypto::Secrets;
 use imgblock::ops::{commit, no_progress, rebase};
 use imgblock::{BackingSpec, Image, OpenOptions};
 
@@ -79,7 +80,7 @@ fn commit_into_backing_matches_qemu() {
     let (_, mid_a, top_a) = chain(a.path());
     let (_, mid_b, top_b) = chain(b.path());
     let before = raw_of(&top_a, &a.path().join("before.raw"));
-    commit(&top_a, None, None, false, &no_progress).unwrap();
+    commit(&top_a, None, &Secrets::none(), None, false, &no_progress).unwrap();
     run(&["qemu-img", "commit", s(&top_b)]);
     run(&["qemu-img", "check", s(&mid_a)]);
     run(&["qemu-img", "check", s(&top_a)]);
@@ -99,7 +100,15 @@ fn commit_to_deeper_base_and_keep_top() {
     let a = tempfile::tempdir().unwrap();
     let (base, _, top) = chain(a.path());
     let before = raw_of(&top, &a.path().join("before.raw"));
-    commit(&top, None, Some(&base), true, &no_progress).unwrap();
+    commit(
+        &top,
+        None,
+        &Secrets::none(),
+        Some(&base),
+        true,
+        &no_progress,
+    )
+    .unwrap();
     assert_eq!(std::fs::read(&base).unwrap(), before);
 }
 
@@ -113,7 +122,15 @@ fn safe_rebase_keeps_content() {
         filename: "base.raw".into(),
         format: Some("raw".into()),
     };
-    rebase(&top, None, Some(&spec), false, &no_progress).unwrap();
+    rebase(
+        &top,
+        None,
+        &Secrets::none(),
+        Some(&spec),
+        false,
+        &no_progress,
+    )
+    .unwrap();
     run(&["qemu-img", "check", s(&top)]);
     let info = run(&["qemu-img", "info", "--output=json", s(&top)]);
     assert!(
@@ -121,7 +138,7 @@ fn safe_rebase_keeps_content() {
         "{info}"
     );
     assert_eq!(raw_of(&top, &a.path().join("r1.raw")), before);
-    rebase(&top, None, None, false, &no_progress).unwrap();
+    rebase(&top, None, &Secrets::none(), None, false, &no_progress).unwrap();
     run(&["qemu-img", "check", s(&top)]);
     let info = run(&["qemu-img", "info", "--output=json", s(&top)]);
     assert!(!info.contains("backing-filename"), "{info}");
@@ -137,7 +154,15 @@ fn unsafe_rebase_rewrites_only_the_header() {
         filename: "moved.qcow2".into(),
         format: Some("qcow2".into()),
     };
-    rebase(&top, None, Some(&spec), true, &no_progress).unwrap();
+    rebase(
+        &top,
+        None,
+        &Secrets::none(),
+        Some(&spec),
+        true,
+        &no_progress,
+    )
+    .unwrap();
     run(&["qemu-img", "check", s(&top)]);
     let info = run(&["qemu-img", "info", "--output=json", s(&top)]);
     assert!(info.contains("moved.qcow2"), "{info}");

@@ -289,6 +289,12 @@ impl Default for CreateParams {
 }
 
 impl CreateParams {
+    /// Bytes of the header area a new volume with these parameters has: the header, then eight
+    /// slots of key material (qemu's payload offset, which `measure` counts too).
+    pub fn header_area_len(&self) -> u64 {
+        KEY_SLOT_OFFSET + NUM_KEY_SLOTS as u64 * material_span(self.spec.key_len(), STRIPES)
+    }
+
     /// Applies one option (name without any `encrypt.` prefix); returns false for names that
     /// are not LUKS creation options.
     ///
@@ -643,7 +649,7 @@ impl Header {
         for (i, s) in slots.iter_mut().enumerate() {
             s.key_offset = KEY_SLOT_OFFSET + i as u64 * span;
         }
-        let payload_offset = KEY_SLOT_OFFSET + NUM_KEY_SLOTS as u64 * span;
+        let payload_offset = p.header_area_len();
         let mut h = Header {
             spec: p.spec,
             hash: p.hash,

@@ -86,6 +86,20 @@ impl Secrets {
     pub fn for_layer(&self, depth: usize) -> Option<&Secret> {
         self.layers.get(&depth).or(self.default.as_ref())
     }
+
+    /// The secrets of the chain that starts `depth` images down, for opening that image on its
+    /// own (commit's base): its layer `depth` becomes layer 0; the default stays.
+    pub fn below(&self, depth: usize) -> Secrets {
+        Secrets {
+            default: self.default.clone(),
+            layers: self
+                .layers
+                .range(depth..)
+                .map(|(d, s)| (d - depth, s.clone()))
+                .collect(),
+            metadata_only: self.metadata_only,
+        }
+    }
 }
 
 /// Parses one qemu `--object` definition, `secret,id=ID,data=STRING` or
@@ -201,6 +215,21 @@ mod tests {
         assert_eq!(s.for_layer(0).unwrap().bytes(), b"a");
         assert_eq!(s.for_layer(1).unwrap().bytes(), b"b");
         assert!(Secrets::none().for_layer(0).is_none());
+    }
+
+    #[test]
+    fn secrets_below_renumbers_layers_and_keeps_default() {
+        let mut s = Secrets::none();
+        s.set_layer(0, Secret::from("top"));
+        s.set_layer(2, Secret::from("base"));
+        let b = s.below(2);
+        assert_eq!(b.for_layer(0).unwrap().bytes(), b"base");
+        assert!(b.for_layer(1).is_none());
+        let mut s = Secrets::all(Secret::from("d"));
+        s.set_layer(1, Secret::from("mid"));
+        let b = s.below(1);
+        assert_eq!(b.for_layer(0).unwrap().bytes(), b"mid");
+        assert_eq!(b.for_layer(1).unwrap().bytes(), b"d");
     }
 
     #[test]

@@ -386,6 +386,10 @@ pub fn measure_full(size: u64, o: &CreateOptions) -> Result<(u64, u64)> {
     let nl1e = (nl2e * esize / cs).div_ceil(cs / 8) * (cs / 8);
     meta += nl1e * 8;
     meta += refcount_metadata_clusters((meta + aligned) / cs, cs, opts.refcount_order) * cs;
+    // qemu adds a LUKS header area, in whole clusters, after counting the refcounts.
+    if let Some(super::crypt::CreateCrypt::Luks(params, _)) = &opts.encrypt {
+        meta += params.header_area_len().div_ceil(cs) * cs;
+    }
     Ok((cs, meta + aligned))
 }
 
