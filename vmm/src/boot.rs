@@ -568,25 +568,30 @@ pub fn boot_cpu_state(entry: &EntryPoint, sregs: kvm_sregs) -> (kvm_sregs, kvm_r
     }
 }
 
-/// Special registers for the PVH entry (the ABI's machine state): 32-bit protected mode with
-/// paging off (CR0.PE only, CR4 clear, EFER clear), flat 32-bit code and data segments, the
-/// 32-bit TSS in `tr`.
-pub fn pvh_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
-    let gdt = pvh_gdt();
-    let code = segment_from_gdt(gdt[2], 2);
-    let data = segment_from_gdt(gdt[3], 3);
-    let tss = segment_from_gdt(gdt[4], 4);
+/// The GDT at `GDT_START` loaded, no IDT, CS from entry `code` of `gdt`, every data segment
+/// from the entry after it and TR from the one after that.
+fn flat_segments(mut sregs: kvm_sregs, gdt: &[u64], code: u8) -> kvm_sregs {
+    let entry = |i: u8| gdt.get(usize::from(i)).copied().unwrap_or(0);
+    let data = segment_from_gdt(entry(code + 1), code + 1);
     sregs.gdt.base = GDT_START;
     sregs.gdt.limit = u16::try_from(gdt.len() * 8 - 1).unwrap_or(0);
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
-    sregs.cs = code;
+    sregs.cs = segment_from_gdt(entry(code), code);
     sregs.ds = data;
     sregs.es = data;
     sregs.fs = data;
     sregs.gs = data;
     sregs.ss = data;
-    sregs.tr = tss;
+    sregs.tr = segment_from_gdt(entry(code + 2), code + 2);
+    sregs
+}
+
+/// Special registers for the PVH entry (the ABI's machine state): 32-bit protected mode with
+/// paging off (CR0.PE only, CR4 clear, EFER clear), flat 32-bit code and data segments, the
+/// 32-bit TSS in `tr`.
+pub fn pvh_sregs(sregs: kvm_sregs) -> kvm_sregs {
+    let mut sregs = flat_segments(sregs, &pvh_gdt(), 2);
     sregs.cr0 = X86_CR0_PE;
     sregs.cr3 = 0;
     sregs.cr4 = 0;
@@ -606,22 +611,8 @@ pub fn pvh_regs(entry: u64) -> kvm_regs {
 }
 
 /// Special registers for 64-bit entry, starting from the vCPU's current ones.
-pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
-    let gdt = boot_gdt();
-    let code = segment_from_gdt(gdt[1], 1);
-    let data = segment_from_gdt(gdt[2], 2);
-    let tss = segment_from_gdt(gdt[3], 3);
-    sregs.gdt.base = GDT_START;
-    sregs.gdt.limit = u16::try_from(gdt.len() * 8 - 1).unwrap_or(0);
-    sregs.idt.base = 0;
-    sregs.idt.limit = 0;
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = tss;
+pub fn long_mode_sregs(sregs: kvm_sregs) -> kvm_sregs {
+    let mut sregs = flat_segments(sregs, &boot_gdt(), 1);
     sregs.cr0 = X86_CR0_PE | X86_CR0_MP | X86_CR0_ET | X86_CR0_NE | X86_CR0_PG;
     sregs.cr3 = PML4_START;
     sregs.cr4 = X86_CR4_PAE | X86_CR4_OSFXSR | X86_CR4_OSXMMEXCPT;
