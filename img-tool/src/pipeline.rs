@@ -479,10 +479,15 @@ pub fn write_zeroes(target: &Image, offset: u64, len: u64, sparse: &Sparse) -> C
     Ok(())
 }
 
-/// Copies `len` bytes of the concatenation of `sources` at `offset` to the same offset of
-/// `target` inside the kernel, holes as holes; false when some part cannot be (the caller then
-/// copies the whole range through a buffer).
-fn copy_range_concat(sources: &[Image], offset: u64, target: &Image, len: u64) -> CliResult<bool> {
+/// Walks `len` bytes of the concatenation of `sources` from `offset` by block status: calls
+/// `f(source, offset in it, offset in the concatenation, length, reads as zeroes)` for each
+/// run, stopping early (false) when `f` says so.
+fn walk_concat(
+    sources: &[Image],
+    offset: u64,
+    len: u64,
+    mut f: impl FnMut(&Image, u64, u64, u64, bool) -> CliResult<bool>,
+) -> CliResult<bool> {
     let mut base = 0u64;
     let end = offset + len;
     for src in sources {
@@ -491,7 +496,7 @@ fn copy_range_concat(sources: &[Image], offset: u64, target: &Image, len: u64) -
         while pos < e {
             let st = src.block_status(pos - base, e - pos)?;
             let n = st.len.clamp(1, e - pos);
-            if !st.zero && !src.copy_range_to(pos - base, target, pos, n)? {
+            if !f(src, pos - base, pos, n, st.zero)? {
                 return Ok(false);
             }
             pos += n;
@@ -501,30 +506,35 @@ fn copy_range_concat(sources: &[Image], offset: u64, target: &Image, len: u64) -
     Ok(true)
 }
 
+/// Copies `len` bytes of the concatenation of `sources` at `offset` to the same offset of
+/// `target` inside the kernel, holes as holes; false when some part cannot be (the caller then
+/// copies the whole range through a buffer).
+fn copy_range_concat(sources: &[Image], offset: u64, target: &Image, len: u64) -> CliResult<bool> {
+    walk_concat(sources, offset, len, |src, at, pos, n, zero| {
+        Ok(zero || src.copy_range_to(at, target, pos, n)?)
+    })
+}
+
 /// Reads the concatenation of `sources` at `offset` into `buf`, reading only what block status
 /// says holds data (the rest is filled with zeroes). Returns false when all of it reads as
 /// zeroes.
 fn read_concat(sources: &[Image], offset: u64, buf: &mut [u8]) -> CliResult<bool> {
-    let mut base = 0u64;
     let mut any = false;
-    let end = offset + buf.len() as u64;
-    for src in sources {
-        let (s, e) = (offset.max(base), end.min(base + src.size()));
-        let mut pos = s;
-        while pos < e {
-            let st = src.block_status(pos - base, e - pos)?;
-            let n = st.len.clamp(1, e - pos);
+    walk_concat(
+        sources,
+        offset,
+        buf.len() as u64,
+        |src, at, pos, n, zero| {
             let lo = usize::try_from(pos - offset).unwrap_or(0);
             let hi = usize::try_from(pos + n - offset).unwrap_or(0);
-            if st.zero {
+            if zero {
                 buf[lo..hi].fill(0);
             } else {
-                src.read_at(&mut buf[lo..hi], pos - base)?;
+                src.read_at(&mut buf[lo..hi], at)?;
                 any = true;
             }
-            pos += n;
-        }
-        base += src.size();
-    }
+            Ok(true)
+        },
+    )?;
     Ok(any)
 }
