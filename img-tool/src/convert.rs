@@ -221,6 +221,8 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         opts.size = Some(total);
         create_target(Path::new(dst), out_format, &opts, direct)?
     };
+    // The disk writes while the copy goes on, rather than all at the final flush.
+    target.set_write_behind(true);
     let min_sparse = usize::try_from(sparse / 512).unwrap_or(8);
     let plan = Plan {
         min_sparse,

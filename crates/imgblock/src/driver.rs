@@ -197,6 +197,10 @@ pub trait Driver: Send + Sync + Debug {
     fn virtual_size(&self) -> u64;
     /// Host files the driver keeps data in; index 0 is the image file itself.
     fn storage(&self, file: usize) -> &Arc<dyn Storage>;
+    /// How many host files there are ([`Driver::storage`]'s indices).
+    fn files(&self) -> usize {
+        1
+    }
     /// Cluster size, for formats that have one.
     fn cluster_size(&self) -> Option<u64> {
         None

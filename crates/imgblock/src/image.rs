@@ -815,6 +815,15 @@ impl Image {
         Ok(())
     }
 
+    /// Has this image's own files start writing dirty data back to the disk as they go
+    /// ([`Storage::set_write_behind`]), for a long stream of writes such as a convert's. The
+    /// backing chain is left alone.
+    pub fn set_write_behind(&self, on: bool) {
+        for f in 0..self.driver.files() {
+            self.driver.storage(f).set_write_behind(on);
+        }
+    }
+
     /// Writes back metadata and flushes the host files.
     ///
     /// # Errors

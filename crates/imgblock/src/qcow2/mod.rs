@@ -534,6 +534,10 @@ impl Driver for Qcow2 {
         &self.files[file.min(self.files.len() - 1)]
     }
 
+    fn files(&self) -> usize {
+        self.files.len()
+    }
+
     fn cluster_size(&self) -> Option<u64> {
         Some(self.geo.cluster_size)
     }

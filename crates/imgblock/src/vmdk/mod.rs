@@ -1036,6 +1036,10 @@ impl Driver for Vmdk {
         &self.files[file.min(self.files.len() - 1)]
     }
 
+    fn files(&self) -> usize {
+        self.files.len()
+    }
+
     fn cluster_size(&self) -> Option<u64> {
         self.sparse.first().map(|s| s.geo.grain)
     }
