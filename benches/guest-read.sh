@@ -6,10 +6,11 @@
 #   benches/guest-read.sh --size 256M --rounds 5
 #
 # Both sides do sequential 64 KiB reads of the whole image from the host page cache (the image
-# is read once first): the guest at queue depths 1, 8, 32 and 64 (`tg.mode0=bench`, a read-only
-# disk), `img bench -s 64K -t writeback` at depths 1 and 64. It prints each figure's median in
-# MiB/s and the guest's rate as a share of the host's, at the same depth and best against
-# best. Needs /dev/kvm. The machines are shared: compare ratios, not absolute rates.
+# is read once first): the guest at queue depths 1, 8, 32 and 64 on one queue and at depths 8,
+# 32 and 64 split over two queues (`tg.mode0=bench`, a read-only disk with num_queues=2, so that
+# two I/O threads serve it), `img bench -s 64K -t writeback` at depths 1 and 64. It prints each
+# figure's median in MiB/s and the guest's rate as a share of the host's, at the same depth and
+# best against best. Needs /dev/kvm. The machines are shared: compare ratios, not absolute rates.
 set -euo pipefail
 
 SIZE=1G
@@ -55,7 +56,7 @@ for round in $(seq "$ROUNDS"); do
     R[host1]+="$(host 1) "
     R[host64]+="$(host 64) "
     out=$("$VMM" --kernel "$GUEST" --memory 256M --serial stdio \
-        --disk "path=$TMP/disk.raw,format=raw,readonly=on" --cmdline "console=ttyS0 tg.mode0=bench")
+        --disk "path=$TMP/disk.raw,format=raw,readonly=on,num_queues=2" --cmdline "console=ttyS0 tg.mode0=bench")
     if ! grep -q " passed, 0 failed" <<<"$out"; then
         echo "guest-read: the guest reported failures:" >&2
         echo "$out" >&2
@@ -64,19 +65,25 @@ for round in $(seq "$ROUNDS"); do
     for d in 1 8 32 64; do
         R[guest$d]+="$(sed -n "s/.*sequential 64 KiB reads, queue depth $d: \([0-9]*\) MiB\/s.*/\1/p" <<<"$out") "
     done
+    for d in 8 32 64; do
+        R[guest2q$d]+="$(sed -n "s/.*sequential 64 KiB reads, 2 queues, queue depth $d: \([0-9]*\) MiB\/s.*/\1/p" <<<"$out") "
+    done
     echo "round $round done"
 done
 
 median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 printf '%-28s %10s   %s\n' "sequential 64 KiB reads" "MiB/s" "all rounds"
-for k in host1 host64 guest1 guest8 guest32 guest64; do
+for k in host1 host64 guest1 guest8 guest32 guest64 guest2q8 guest2q32 guest2q64; do
     printf '%-28s %10s   %s\n' "$k" "$(median "${R[$k]}")" "${R[$k]}"
 done
 h1=$(median "${R[host1]}") h64=$(median "${R[host64]}")
 g1=$(median "${R[guest1]}") g64=$(median "${R[guest64]}")
-best_g=$(printf '%s\n' "$g1" "$(median "${R[guest8]}")" "$(median "${R[guest32]}")" "$g64" | sort -n | tail -1)
+best_g=$(for k in guest1 guest8 guest32 guest64 guest2q8 guest2q32 guest2q64; do median "${R[$k]}"; done |
+    sort -n | tail -1)
 best_h=$(printf '%s\n' "$h1" "$h64" | sort -n | tail -1)
 awk -v a="$g1" -v b="$h1" 'BEGIN { printf "guest / host at depth 1:    %.0f%%\n", 100 * a / b }'
 awk -v a="$g64" -v b="$h64" 'BEGIN { printf "guest / host at depth 64:   %.0f%%\n", 100 * a / b }'
+g2=$(median "${R[guest2q64]}")
+awk -v a="$g2" -v b="$h64" 'BEGIN { printf "guest, 2 queues / host, d64: %.0f%%\n", 100 * a / b }'
 awk -v a="$best_g" -v b="$best_h" 'BEGIN { printf "best guest / best host:     %.0f%%\n", 100 * a / b }'
 echo "load: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -7,6 +7,9 @@ use clap::Parser;
 use imgblock::options::{parse_bool, parse_size, split_opts};
 use imgblock::Format;
 
+/// Most request queues a disk may have (`num_queues=`).
+pub const MAX_QUEUES: u16 = 16;
+
 /// Longest serial the virtio-blk GET_ID request can return (VIRTIO_BLK_ID_BYTES).
 pub const MAX_SERIAL_LEN: usize = 20;
 /// Most vCPUs; the MADT and APIC IDs stay below 255.
@@ -43,7 +46,8 @@ pub struct Args {
     /// A virtio-blk disk; repeat for more. Keys: path=IMG (required), format=raw|qcow2|...
     /// (probed when absent), readonly=on|off, snapshot=on|off (writes go to a temporary qcow2
     /// overlay deleted on exit), cache=writeback|none|unsafe|directsync, discard=ignore|unmap,
-    /// serial=ID (at most 20 bytes, returned by GET_ID), encrypt.key-secret=ID (key-secret=ID
+    /// serial=ID (at most 20 bytes, returned by GET_ID), num_queues=N (request queues, each
+    /// served by its own I/O thread; 1 to 16, default 1), encrypt.key-secret=ID (key-secret=ID
     /// for a luks image; backing.encrypt.key-secret=ID for the image below, and so on) naming an
     /// --object secret. A comma inside a value is written ",,".
     #[arg(long, value_name = "path=IMG[,KEY=VALUE...]", value_parser = DiskSpec::from_str)]
@@ -114,6 +118,8 @@ pub struct DiskSpec {
     pub discard: DiscardMode,
     /// GET_ID answer.
     pub serial: Option<String>,
+    /// Request queues (VIRTIO_BLK_F_MQ above 1), each with its own I/O thread.
+    pub num_queues: u16,
     /// `(depth in the chain, secret ID)` for each `[backing.]*[encrypt.]key-secret=` key; depth
     /// 0 is the image itself.
     pub key_secrets: Vec<(usize, String)>,
@@ -130,6 +136,7 @@ impl FromStr for DiskSpec {
             cache: CacheMode::default(),
             discard: DiscardMode::default(),
             serial: None,
+            num_queues: 1,
             key_secrets: Vec::new(),
         };
         let mut have_path = false;
@@ -187,10 +194,19 @@ impl FromStr for DiskSpec {
                     }
                     spec.serial = Some(v);
                 }
-                "help" => return Err("keys: path, format, readonly, snapshot, cache, discard, serial, encrypt.key-secret".into()),
+                "num_queues" | "num-queues" => {
+                    spec.num_queues = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_QUEUES).contains(n))
+                        .ok_or_else(|| {
+                            format!("{k}={v}: expected a number of queues from 1 to {MAX_QUEUES}")
+                        })?;
+                }
+                "help" => return Err("keys: path, format, readonly, snapshot, cache, discard, serial, num_queues, encrypt.key-secret".into()),
                 _ => {
                     return Err(format!(
-                        "unknown disk option '{k}' (expected path, format, readonly, snapshot, cache, discard, serial or encrypt.key-secret)"
+                        "unknown disk option '{k}' (expected path, format, readonly, snapshot, cache, discard, serial, num_queues or encrypt.key-secret)"
                     ))
                 }
             }
@@ -235,9 +251,10 @@ mod tests {
     #[test]
     fn disk_spec_all_keys_parse() {
         let d: DiskSpec =
-            "path=/a,,b.qcow2,format=qcow2,readonly=on,snapshot=on,cache=unsafe,discard=unmap,serial=abc"
+            "path=/a,,b.qcow2,format=qcow2,readonly=on,snapshot=on,cache=unsafe,discard=unmap,serial=abc,num_queues=4"
                 .parse()
                 .unwrap();
+        assert_eq!(d.num_queues, 4);
         assert_eq!(d.path, PathBuf::from("/a,b.qcow2"));
         assert_eq!(d.format, Some(Format::Qcow2));
         assert!(d.readonly && d.snapshot);
@@ -257,6 +274,7 @@ mod tests {
         assert!(!d.readonly && !d.snapshot);
         assert_eq!(d.cache, CacheMode::Writeback);
         assert_eq!(d.discard, DiscardMode::Ignore);
+        assert_eq!(d.num_queues, 1);
     }
 
     #[test]
@@ -269,6 +287,9 @@ mod tests {
             ("path=x,colour=blue", "unknown disk option 'colour'"),
             ("path=x,serial=123456789012345678901", "at most 20"),
             ("path=x,format=floppy", "floppy"),
+            ("path=x,num_queues=0", "from 1 to 16"),
+            ("path=x,num_queues=17", "from 1 to 16"),
+            ("path=x,num-queues=two", "num-queues=two"),
             ("path=x,novalue", "novalue"),
             ("path=x,encrypt.key-secret=", "encrypt.key-secret= is empty"),
             (
@@ -326,6 +347,7 @@ mod tests {
             "cache=",
             "discard=",
             "serial=",
+            "num_queues=",
             "format=",
             "key-secret=",
         ] {

@@ -188,6 +188,7 @@ impl Disk {
                 cache: spec.cache,
                 discard: spec.discard,
                 serial,
+                num_queues: spec.num_queues,
             },
             overlay: std::sync::Mutex::new(overlay),
         })

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuExit, VcpuFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -18,7 +18,7 @@ use crate::disk::{self, Disk};
 use crate::layout::*;
 use crate::legacy::{AcpiPm, IrqTrigger, SerialDevice, VmExit, I8042};
 use crate::virtio::block::Backend;
-use crate::virtio::mmio::{self, MmioBlock};
+use crate::virtio::mmio::{self, MmioBlock, MmioQueue};
 use crate::virtio::worker::BlockWorker;
 
 /// Errors setting up or running the VM.
@@ -165,35 +165,38 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
         let gsi = VIRTIO_GSI_START + idx;
         let irqfd = io("eventfd", EventFd::new(EFD_NONBLOCK))?;
         kvm("irqfd for virtio-blk", vm.register_irqfd(&irqfd, gsi))?;
-        let notify = io("eventfd", EventFd::new(EFD_NONBLOCK))?;
-        kvm(
-            "ioeventfd for virtio-blk",
-            vm.register_ioevent(
-                &notify,
-                &IoEventAddress::Mmio(base + mmio::regs::QUEUE_NOTIFY),
-                NoDatamatch,
-            ),
-        )?;
         let interrupt = mmio::new_interrupt(irqfd);
-        let backend: Arc<dyn Backend> = d.clone();
-        let worker = io(
-            "virtio-blk worker",
-            BlockWorker::new(
-                backend,
-                d.config.clone(),
-                Arc::clone(&interrupt),
-                io("eventfd", notify.try_clone())?,
-            ),
-        )?;
+        let mut queues = Vec::new();
+        for q in 0..u32::from(d.config.num_queues.max(1)) {
+            // A QueueNotify write of the queue's index wakes that queue's I/O thread alone.
+            let notify = io("eventfd", EventFd::new(EFD_NONBLOCK))?;
+            kvm(
+                "ioeventfd for virtio-blk",
+                vm.register_ioevent(
+                    &notify,
+                    &IoEventAddress::Mmio(base + mmio::regs::QUEUE_NOTIFY),
+                    q,
+                ),
+            )?;
+            let backend: Arc<dyn Backend> = d.clone();
+            let worker = io(
+                "virtio-blk worker",
+                BlockWorker::new(
+                    backend,
+                    d.config.clone(),
+                    Arc::clone(&interrupt),
+                    io("eventfd", notify.try_clone())?,
+                ),
+            )?;
+            queues.push(MmioQueue::new(worker, notify).map_err(Error::Queue)?);
+        }
         let dev = MmioBlock::new(
             mem.clone(),
-            worker,
+            queues,
             d.config.features(),
             d.config.config_space(d.size()),
             interrupt,
-            notify,
-        )
-        .map_err(Error::Queue)?;
+        );
         let dev = Arc::new(Mutex::new(dev));
         let bus_dev: Arc<Mutex<dyn BusDevice>> = dev.clone();
         mmio_bus.insert(base, VIRTIO_MMIO_SIZE, bus_dev)?;

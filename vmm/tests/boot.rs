@@ -275,12 +275,16 @@ fn guest_writes_qcow2_overlay_over_raw_backing_chain() {
     let before = std::fs::read(&base).unwrap();
     let top = dir.path().join("top.qcow2");
     make_image(&top, Format::Qcow2, SIZE / 2, SIZE, Some(&base));
+    // Two queues: the guest reads through both and writes through the first.
     let spec = format!(
-        "path={},format=qcow2,cache=writeback,discard=unmap",
+        "path={},format=qcow2,cache=writeback,discard=unmap,num_queues=2",
         top.display()
     );
     let out = run_vmm(&[spec], "console=ttyS0", 1, dir.path());
     assert_guest_passed(&out);
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("ok - MQ: reads split over two queues return the disk's data"));
+    assert!(s.contains("ok - queue: MQ offers num_queues queues and no more"));
     qemu_check_clean(&top, Format::Qcow2);
     assert_guest_wrote(&to_raw(&top, Format::Qcow2, dir.path()));
     assert_eq!(
@@ -537,14 +541,17 @@ fn bench_mode_reads_the_whole_disk_at_every_queue_depth() {
     let Some(dir) = setup() else { return };
     let img = dir.path().join("bench.raw");
     make_image(&img, Format::Raw, 0, SIZE, None);
-    let spec = format!("path={},format=raw,readonly=on", img.display());
+    let spec = format!("path={},format=raw,readonly=on,num_queues=2", img.display());
     let out = run_vmm(&[spec], "console=ttyS0 tg.mode0=bench", 1, dir.path());
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "vmm exited with {:?}", out.status);
     assert!(s.contains(" passed, 0 failed"), "guest reported failures");
     assert!(s.contains("ok - bench: every request completed OK"));
-    for depth in [1, 8, 32, 64] {
-        let key = format!("sequential 64 KiB reads, queue depth {depth}: ");
+    let keys = [1, 8, 32, 64]
+        .map(|d| format!("reads, queue depth {d}: "))
+        .into_iter()
+        .chain([8, 32, 64].map(|d| format!("reads, 2 queues, queue depth {d}: ")));
+    for key in keys {
         let line = s.lines().find(|l| l.contains(&key)).expect("bench line");
         let rate: u64 = line
             .split(&key)

@@ -18,6 +18,8 @@ pub mod features {
     pub const RO: u64 = 1 << 5;
     /// Block size of disk is in `blk_size`.
     pub const BLK_SIZE: u64 = 1 << 6;
+    /// More than one request queue; how many is in `num_queues`.
+    pub const MQ: u64 = 1 << 12;
     /// Cache flush command support.
     pub const FLUSH: u64 = 1 << 9;
     /// The device supports DISCARD.
@@ -108,6 +110,8 @@ pub struct BlockConfig {
     pub discard: DiscardMode,
     /// GET_ID answer, at most 20 bytes.
     pub serial: Vec<u8>,
+    /// Request queues, each served by its own I/O thread (MQ when more than one).
+    pub num_queues: u16,
 }
 
 impl BlockConfig {
@@ -123,6 +127,9 @@ impl BlockConfig {
         if self.readonly {
             f |= features::RO;
         }
+        if self.num_queues > 1 {
+            f |= features::MQ;
+        }
         f
     }
 
@@ -137,7 +144,7 @@ impl BlockConfig {
         ); // size_max
         c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         c[20..24].copy_from_slice(&u32::try_from(SECTOR_SIZE).unwrap_or(512).to_le_bytes()); // blk_size
-        c[34..36].copy_from_slice(&1u16.to_le_bytes()); // num_queues
+        c[34..36].copy_from_slice(&self.num_queues.max(1).to_le_bytes()); // num_queues
         c[36..40].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes()); // max_discard_sectors
         c[40..44].copy_from_slice(&MAX_RANGE_SEGS.to_le_bytes()); // max_discard_seg
         c[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
@@ -591,6 +598,7 @@ pub(crate) mod tests {
             cache: CacheMode::Writeback,
             discard: DiscardMode::Unmap,
             serial: b"serial-1".to_vec(),
+            num_queues: 1,
         }
     }
 
@@ -882,5 +890,13 @@ pub(crate) mod tests {
         assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
         assert_ne!(cfg(true).features() & features::RO, 0);
         assert_eq!(cfg(false).features() & features::RO, 0);
+        // One queue: no MQ, num_queues 1; more: MQ and the count.
+        assert_eq!(cfg(false).features() & features::MQ, 0);
+        assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 1);
+        let mut mq = cfg(false);
+        mq.num_queues = 4;
+        assert_ne!(mq.features() & features::MQ, 0);
+        let c = mq.config_space(1 << 20);
+        assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 4);
     }
 }

@@ -1,9 +1,11 @@
-//! The virtio-mmio transport, version 2 (virtio 1.2 §4.2.2), for one block device with one queue.
+//! The virtio-mmio transport, version 2 (virtio 1.2 §4.2.2), for one block device with one or
+//! more request queues.
 //!
-//! Register accesses come from vCPU threads; the queue itself is handed to the device's I/O
-//! thread when the driver sets DRIVER_OK, so a vCPU never waits for the disk. Notifications
-//! reach the I/O thread through an ioeventfd on QueueNotify, interrupts leave it through an
-//! irqfd; InterruptStatus is an atomic both sides share.
+//! Register accesses come from vCPU threads; each queue is handed to its own I/O thread when
+//! the driver sets DRIVER_OK, so a vCPU never waits for the disk and queues are served side by
+//! side. Notifications reach a queue's thread through an ioeventfd on QueueNotify that matches
+//! the queue's index; interrupts leave through the device's one irqfd; InterruptStatus is an
+//! atomic all sides share.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -84,63 +86,84 @@ const MMIO_MAGIC: u32 = 0x7472_6976;
 const VIRTIO_ID_BLOCK: u32 = 2;
 const VENDOR: u32 = 0x1af4;
 
+/// One request queue of a device: its registers until DRIVER_OK, then its I/O thread.
+pub struct MmioQueue {
+    queue: Queue,
+    worker: BlockWorker,
+    /// QueueNotify writes for this queue that reach us as MMIO exits are forwarded here.
+    notify: EventFd,
+    /// The queue went to its I/O thread at DRIVER_OK.
+    live: bool,
+}
+
+impl MmioQueue {
+    /// A queue served by `worker`, whose ioeventfd is `notify`.
+    ///
+    /// # Errors
+    /// When the queue cannot be created.
+    pub fn new(worker: BlockWorker, notify: EventFd) -> Result<Self, virtio_queue::Error> {
+        Ok(MmioQueue {
+            queue: Queue::new(QUEUE_SIZE)?,
+            worker,
+            notify,
+            live: false,
+        })
+    }
+}
+
 /// A virtio-mmio block device.
 pub struct MmioBlock {
     mem: GuestMemoryMmap,
-    worker: BlockWorker,
     features: u64,
     config: Vec<u8>,
     device_features_sel: u32,
     driver_features_sel: u32,
     driver_features: u64,
     queue_sel: u32,
-    queue: Queue,
+    queues: Vec<MmioQueue>,
     status: u32,
-    /// The queue went to the I/O thread at DRIVER_OK.
+    /// The queues went to their I/O threads at DRIVER_OK.
     activated: bool,
     interrupt: Arc<Interrupt>,
-    /// QueueNotify writes that reach us as MMIO exits are forwarded here.
-    notify: EventFd,
 }
 
 impl MmioBlock {
-    /// A device whose I/O thread is `worker`.
-    ///
-    /// # Errors
-    /// When the queue or an eventfd cannot be created.
+    /// A device with `queues` (at least one; the configuration space says how many).
     pub fn new(
         mem: GuestMemoryMmap,
-        worker: BlockWorker,
+        queues: Vec<MmioQueue>,
         features: u64,
         config: Vec<u8>,
         interrupt: Arc<Interrupt>,
-        notify: EventFd,
-    ) -> Result<Self, virtio_queue::Error> {
-        Ok(MmioBlock {
+    ) -> Self {
+        MmioBlock {
             mem,
-            worker,
             features,
             config,
             device_features_sel: 0,
             driver_features_sel: 0,
             driver_features: 0,
             queue_sel: 0,
-            queue: Queue::new(QUEUE_SIZE)?,
+            queues,
             status: 0,
             activated: false,
             interrupt,
-            notify,
-        })
+        }
     }
 
-    /// Stops the I/O thread after the requests in flight, flushing the disk.
+    /// Stops the I/O threads after the requests in flight, flushing the disk.
     pub fn shutdown(&mut self) {
-        self.worker.stop();
+        for q in &mut self.queues {
+            q.worker.stop();
+        }
     }
 
     fn reset(&mut self) {
-        self.worker.stop();
-        self.queue.reset();
+        for q in &mut self.queues {
+            q.worker.stop();
+            q.queue.reset();
+            q.live = false;
+        }
         self.activated = false;
         self.status = 0;
         self.driver_features = 0;
@@ -166,37 +189,63 @@ impl MmioBlock {
             }
         }
         if v & status::DRIVER_OK != 0 && self.status & status::DRIVER_OK == 0 {
-            if v & status::FEATURES_OK == 0
-                || !self.queue.ready()
-                || !self.queue.is_valid(&self.mem)
-            {
+            // A driver may use fewer queues than offered (Linux uses one per vCPU at most),
+            // but at least one, and every queue it made ready must be sound.
+            let mem = &self.mem;
+            let any = self.queues.iter().any(|q| q.queue.ready());
+            let sound = self
+                .queues
+                .iter()
+                .all(|q| !q.queue.ready() || q.queue.is_valid(mem));
+            if v & status::FEATURES_OK == 0 || !any || !sound || !self.activate() {
                 v |= status::DEVICE_NEEDS_RESET;
-            } else {
-                self.queue
-                    .set_event_idx(self.driver_features & features::RING_EVENT_IDX != 0);
-                // The I/O thread owns the queue from now on; the transport keeps a blank one
-                // until the next reset.
-                match Queue::new(QUEUE_SIZE) {
-                    Ok(blank) => {
-                        let q = std::mem::replace(&mut self.queue, blank);
-                        self.activated = true;
-                        if let Err(e) = self.worker.start(self.mem.clone(), q) {
-                            eprintln!("vmm: virtio-blk: cannot start the I/O thread: {e}");
-                            v |= status::DEVICE_NEEDS_RESET;
-                        }
-                    }
-                    Err(_) => v |= status::DEVICE_NEEDS_RESET,
-                }
             }
         }
         self.status = v;
     }
 
-    fn queue_configurable(&self) -> bool {
-        self.queue_sel == 0
-            && !self.activated
-            && !self.queue.ready()
-            && self.status & status::DRIVER_OK == 0
+    /// Hands every ready queue to its I/O thread; false when one cannot start.
+    fn activate(&mut self) -> bool {
+        let event_idx = self.driver_features & features::RING_EVENT_IDX != 0;
+        self.activated = true;
+        let mut ok = true;
+        for q in self.queues.iter_mut().filter(|q| q.queue.ready()) {
+            q.queue.set_event_idx(event_idx);
+            // The I/O thread owns the queue from now on; the transport keeps a blank one
+            // until the next reset.
+            let Ok(blank) = Queue::new(QUEUE_SIZE) else {
+                ok = false;
+                continue;
+            };
+            let queue = std::mem::replace(&mut q.queue, blank);
+            q.live = true;
+            if let Err(e) = q.worker.start(self.mem.clone(), queue) {
+                eprintln!("vmm: virtio-blk: cannot start an I/O thread: {e}");
+                ok = false;
+            }
+        }
+        ok
+    }
+
+    /// The selected queue while its registers may still change.
+    fn configurable_queue(&mut self) -> Option<&mut Queue> {
+        if self.activated || self.status & status::DRIVER_OK != 0 {
+            return None;
+        }
+        let q = &mut self
+            .queues
+            .get_mut(usize::try_from(self.queue_sel).ok()?)?
+            .queue;
+        (!q.ready()).then_some(q)
+    }
+}
+
+impl MmioBlock {
+    fn selected(&self) -> Option<&MmioQueue> {
+        self.queues.get(usize::try_from(self.queue_sel).ok()?)
+    }
+    fn selected_mut(&mut self) -> Option<&mut MmioQueue> {
+        self.queues.get_mut(usize::try_from(self.queue_sel).ok()?)
     }
 }
 
@@ -231,10 +280,10 @@ impl BusDevice for MmioBlock {
                 1 => u32::try_from(self.features >> 32).unwrap_or(0),
                 _ => 0,
             },
-            regs::QUEUE_NUM_MAX if self.queue_sel == 0 => u32::from(QUEUE_SIZE),
-            regs::QUEUE_READY => {
-                u32::from(self.queue_sel == 0 && (self.activated || self.queue.ready()))
-            }
+            regs::QUEUE_NUM_MAX => self.selected().map_or(0, |_| u32::from(QUEUE_SIZE)),
+            regs::QUEUE_READY => self
+                .selected()
+                .map_or(0, |q| u32::from(q.live || q.queue.ready())),
             regs::INTERRUPT_STATUS => self.interrupt.status.load(Ordering::SeqCst),
             regs::STATUS => self.status,
             regs::CONFIG_GENERATION => 0,
@@ -266,32 +315,35 @@ impl BusDevice for MmioBlock {
                 _ => {}
             },
             regs::QUEUE_SEL => self.queue_sel = v,
-            regs::QUEUE_NUM if self.queue_configurable() => {
-                self.queue.set_size(u16::try_from(v).unwrap_or(0))
+            regs::QUEUE_READY if st & status::DRIVER_OK == 0 && !self.activated => {
+                if let Some(q) = self.selected_mut() {
+                    q.queue.set_ready(v == 1);
+                }
             }
-            regs::QUEUE_READY if self.queue_sel == 0 && st & status::DRIVER_OK == 0 => {
-                self.queue.set_ready(v == 1)
+            regs::QUEUE_NUM
+            | regs::QUEUE_DESC_LOW
+            | regs::QUEUE_DESC_HIGH
+            | regs::QUEUE_AVAIL_LOW
+            | regs::QUEUE_AVAIL_HIGH
+            | regs::QUEUE_USED_LOW
+            | regs::QUEUE_USED_HIGH => {
+                if let Some(q) = self.configurable_queue() {
+                    match offset {
+                        regs::QUEUE_NUM => q.set_size(u16::try_from(v).unwrap_or(0)),
+                        regs::QUEUE_DESC_LOW => q.set_desc_table_address(Some(v), None),
+                        regs::QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(v)),
+                        regs::QUEUE_AVAIL_LOW => q.set_avail_ring_address(Some(v), None),
+                        regs::QUEUE_AVAIL_HIGH => q.set_avail_ring_address(None, Some(v)),
+                        regs::QUEUE_USED_LOW => q.set_used_ring_address(Some(v), None),
+                        _ => q.set_used_ring_address(None, Some(v)),
+                    }
+                }
             }
-            regs::QUEUE_DESC_LOW if self.queue_configurable() => {
-                self.queue.set_desc_table_address(Some(v), None)
-            }
-            regs::QUEUE_DESC_HIGH if self.queue_configurable() => {
-                self.queue.set_desc_table_address(None, Some(v))
-            }
-            regs::QUEUE_AVAIL_LOW if self.queue_configurable() => {
-                self.queue.set_avail_ring_address(Some(v), None)
-            }
-            regs::QUEUE_AVAIL_HIGH if self.queue_configurable() => {
-                self.queue.set_avail_ring_address(None, Some(v))
-            }
-            regs::QUEUE_USED_LOW if self.queue_configurable() => {
-                self.queue.set_used_ring_address(Some(v), None)
-            }
-            regs::QUEUE_USED_HIGH if self.queue_configurable() => {
-                self.queue.set_used_ring_address(None, Some(v))
-            }
-            regs::QUEUE_NOTIFY if v == 0 => {
-                let _ = self.notify.write(1);
+            regs::QUEUE_NOTIFY => {
+                let q = usize::try_from(v).ok().and_then(|i| self.queues.get(i));
+                if let Some(q) = q {
+                    let _ = q.notify.write(1);
+                }
             }
             regs::INTERRUPT_ACK => {
                 self.interrupt.status.fetch_and(!v, Ordering::SeqCst);

@@ -37,6 +37,7 @@ const CONFIG: u64 = 0x100;
 const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
 const F_BLK_SIZE: u64 = 1 << 6;
+const F_MQ: u64 = 1 << 12;
 const F_FLUSH: u64 = 1 << 9;
 const F_DISCARD: u64 = 1 << 13;
 const F_WRITE_ZEROES: u64 = 1 << 14;
@@ -116,6 +117,8 @@ const RING0: Ring = Ring {
     },
 };
 static mut RINGS: [Ring; MAX_DISKS] = [RING0, RING0, RING0, RING0];
+/// Each disk's second queue, set up when the device offers MQ.
+static mut RINGS1: [Ring; MAX_DISKS] = [RING0, RING0, RING0, RING0];
 
 /// Request headers, one per in-flight slot, and their status bytes.
 #[repr(C, align(64))]
@@ -240,6 +243,8 @@ struct Dev {
     next_desc: u16,
     features: u64,
     poll: bool,
+    /// Queue 1 (MQ): its ring, next available index and last used index seen.
+    q1: Option<(&'static mut Ring, u16, u16)>,
 }
 
 /// One segment of a request's data.
@@ -258,6 +263,19 @@ impl Dev {
     }
     fn cfg32(&self, off: u64) -> u32 {
         self.reg(CONFIG + off)
+    }
+
+    /// Gives the selected queue a ring at `ring` (a [`Ring`]) and marks it ready.
+    fn setup_queue(&self, index: u32, ring: u64) {
+        self.set(QUEUE_SEL, index);
+        self.set(QUEUE_NUM, QSIZE as u32);
+        let avail = ring + core::mem::offset_of!(Ring, avail) as u64;
+        let used = ring + core::mem::offset_of!(Ring, used) as u64;
+        for (reg, a) in [(QUEUE_DESC, ring), (QUEUE_DRIVER, avail), (QUEUE_DEVICE, used)] {
+            self.set(reg, a as u32);
+            self.set(reg + 4, (a >> 32) as u32);
+        }
+        self.set(QUEUE_READY, 1);
     }
 
     fn push_desc(&mut self, addr: u64, len: u32, write: bool, last: bool) -> u16 {
@@ -443,6 +461,135 @@ impl Dev {
         (sector * SECTOR, ok)
     }
 
+    /// As [`Dev::seq_reads`], with the two groups on two queues (MQ): group g always goes to
+    /// queue g, so the device's two I/O threads serve them side by side while the driver checks
+    /// and refills whichever finished. Each queue's ring holds DEPTH / 2 fixed chains; slot
+    /// numbering, sectors and DMA placement are those of the single-queue path.
+    fn seq_reads_mq<const DEPTH: usize>(&mut self, size: u64) -> (u64, bool) {
+        const CHUNK: u64 = 64 << 10;
+        const PER: u64 = CHUNK / SECTOR;
+        let qsize = usize::from(self.qsize);
+        let per_group = DEPTH / 2;
+        if DEPTH < 2 || DEPTH > 64 || 3 * per_group > qsize || qsize % per_group != 0 {
+            return (0, false);
+        }
+        let Some((r1, a1, u1)) = &mut self.q1 else {
+            return (0, false);
+        };
+        let s = slots();
+        let stride = DEPTH as u64 * PER;
+        // Queue g: ring, next available index, last used index seen. Raw pointers to the
+        // rings, so that the device's registers stay reachable through `self`.
+        let mut q: [(*mut Ring, u16, u16); 2] = [
+            (core::ptr::addr_of_mut!(*self.ring), self.avail_idx, self.last_used),
+            (core::ptr::addr_of_mut!(**r1), *a1, *u1),
+        ];
+        for (g, &mut (ring, avail, _)) in q.iter_mut().enumerate() {
+            // SAFETY: the rings are this device's statics; nothing else uses them meanwhile.
+            let ring = unsafe { &mut *ring };
+            for j in 0..per_group {
+                let i = g * per_group + j;
+                s.hdr[i] = [u64::from(T_IN), (i as u64 * PER).wrapping_sub(stride)];
+                let data = dma_addr() + (i as u64 * CHUNK) % DMA_SIZE as u64;
+                let d = 3 * j as u16;
+                ring.desc[usize::from(d)] = Desc {
+                    addr: core::ptr::addr_of!(s.hdr[i]) as u64,
+                    len: 16,
+                    flags: 1,
+                    next: d + 1,
+                };
+                ring.desc[usize::from(d) + 1] = Desc {
+                    addr: data,
+                    len: CHUNK as u32,
+                    flags: 3,
+                    next: d + 2,
+                };
+                ring.desc[usize::from(d) + 2] = Desc {
+                    addr: core::ptr::addr_of!(s.status[i]) as u64,
+                    len: 1,
+                    flags: 2,
+                    next: 0,
+                };
+            }
+            let skew = usize::from(avail) % per_group;
+            for k in 0..qsize {
+                ring.avail.ring[k] = 3 * ((k + per_group - skew) % per_group) as u16;
+            }
+        }
+        let batches = size / (CHUNK * per_group as u64);
+        let hdr = core::ptr::addr_of_mut!(s.hdr) as *mut [u64; 2];
+        let status = core::ptr::addr_of_mut!(s.status) as *mut u8;
+        let mut sector = 0;
+        let mut ok = true;
+        let (mut submitted, mut completed) = (0u64, 0u64);
+        loop {
+            while submitted < batches && submitted - completed < 2 {
+                let g = submitted as usize % 2;
+                let first = g * per_group;
+                for i in first..first + per_group {
+                    // SAFETY: i < DEPTH <= 64, the length of `hdr`.
+                    unsafe {
+                        let h = &mut (*hdr.add(i))[1];
+                        *h = h.wrapping_add(stride);
+                    }
+                }
+                sector += per_group as u64 * PER;
+                // SAFETY: first + per_group <= 64, the length of the status array.
+                unsafe { core::ptr::write_bytes(status.add(first), S_UNSET, per_group) };
+                fence(Ordering::SeqCst);
+                let (ring, avail, _) = &mut q[g];
+                // SAFETY: as above.
+                let ring = unsafe { &mut **ring };
+                let old = *avail;
+                *avail = old.wrapping_add(per_group as u16);
+                // SAFETY: the driver owns avail.idx; the device owns used.avail_event.
+                let event = unsafe {
+                    core::ptr::write_volatile(&mut ring.avail.idx, *avail);
+                    fence(Ordering::SeqCst);
+                    core::ptr::read_volatile(&ring.used.avail_event)
+                };
+                if avail.wrapping_sub(event).wrapping_sub(1) < avail.wrapping_sub(old) {
+                    self.set(QUEUE_NOTIFY, g as u32);
+                }
+                submitted += 1;
+            }
+            if completed == submitted {
+                break;
+            }
+            let g = completed as usize % 2;
+            let (ring, _, last) = &mut q[g];
+            // SAFETY: as above.
+            let ring = unsafe { &mut **ring };
+            let target = last.wrapping_add(per_group as u16);
+            // SAFETY: the driver owns avail.used_event.
+            unsafe {
+                core::ptr::write_volatile(&mut ring.avail.used_event, target.wrapping_sub(1));
+            }
+            fence(Ordering::SeqCst);
+            let used = core::ptr::addr_of!(ring.used.idx);
+            let last_seen = *last;
+            let irqs = irq::count();
+            // SAFETY: the device writes the used ring; read it volatile.
+            irq::wait_until(|| unsafe { core::ptr::read_volatile(used) }.wrapping_sub(last_seen) >= per_group as u16);
+            if irq::count() != irqs {
+                let isr = self.reg(INT_STATUS);
+                self.set(INT_ACK, isr);
+            }
+            fence(Ordering::SeqCst);
+            *last = target;
+            // SAFETY: as above.
+            ok &= unsafe { all_zero(status.add(g * per_group), per_group) };
+            completed += 1;
+        }
+        let [(_, a0, u0), (_, a1, u1)] = q;
+        self.avail_idx = a0;
+        self.last_used = u0;
+        if let Some((_, a, u)) = &mut self.q1 {
+            (*a, *u) = (a1, u1);
+        }
+        (sector * SECTOR, ok)
+    }
+
     /// One request: header, data segments (device-writable when `din`), status.
     fn request(&mut self, ty: u32, sector: u64, data: &[Seg], din: bool) -> u8 {
         self.queue_request(0, ty, sector, data, din);
@@ -563,6 +710,7 @@ pub fn test_disk(index: usize, base: u64, gsi: u32, cmd: &str, hz: Option<u64>, 
         next_desc: 0,
         features: 0,
         poll,
+        q1: None,
     };
 
     let ident = d.reg(MAGIC) == 0x7472_6976 && d.reg(VERSION) == 2 && d.reg(DEVICE_ID) == 2;
@@ -586,7 +734,8 @@ pub fn test_disk(index: usize, base: u64, gsi: u32, cmd: &str, hz: Option<u64>, 
         | F_FLUSH
         | F_DISCARD
         | F_WRITE_ZEROES
-        | F_EVENT_IDX;
+        | F_EVENT_IDX
+        | F_MQ;
     let all =
         F_VERSION_1 | F_BLK_SIZE | F_SEG_MAX | F_FLUSH | F_DISCARD | F_WRITE_ZEROES | F_EVENT_IDX;
     t.check(
@@ -604,20 +753,21 @@ pub fn test_disk(index: usize, base: u64, gsi: u32, cmd: &str, hz: Option<u64>, 
     d.set(QUEUE_SEL, 0);
     let max = d.reg(QUEUE_NUM_MAX);
     t.check("queue: QueueNumMax >= 256", max as usize >= QSIZE);
-    d.set(QUEUE_NUM, QSIZE as u32);
-    let r = core::ptr::addr_of!(*d.ring) as u64;
-    let desc = r;
-    let avail = core::ptr::addr_of!(d.ring.avail) as u64;
-    let used = core::ptr::addr_of!(d.ring.used) as u64;
-    for (reg, a) in [
-        (QUEUE_DESC, desc),
-        (QUEUE_DRIVER, avail),
-        (QUEUE_DEVICE, used),
-    ] {
-        d.set(reg, a as u32);
-        d.set(reg + 4, (a >> 32) as u32);
+    d.setup_queue(0, core::ptr::addr_of!(*d.ring) as u64);
+    let queues = if d.features & F_MQ != 0 { d.cfg32(32) >> 16 } else { 1 };
+    if queues >= 2 {
+        // The second queue is made ready in every mode; only the benchmark drives it.
+        // SAFETY: each disk index gets its own ring; taken once.
+        let r1 = unsafe { &mut *core::ptr::addr_of_mut!(RINGS1[index]) };
+        d.set(QUEUE_SEL, 1);
+        d.setup_queue(1, core::ptr::addr_of!(*r1) as u64);
+        d.q1 = Some((r1, 0, 0));
+        d.set(QUEUE_SEL, queues);
+        t.check(
+            "queue: MQ offers num_queues queues and no more",
+            d.reg(QUEUE_NUM_MAX) == 0,
+        );
     }
-    d.set(QUEUE_READY, 1);
     irq::route(gsi);
     d.set(STATUS, 3 | 8 | 4);
     t.check(
@@ -711,6 +861,18 @@ pub fn test_disk(index: usize, base: u64, gsi: u32, cmd: &str, hz: Option<u64>, 
         index,
         mib_per_s(size, cycles, hz)
     );
+    // MQ: the first MiB again, split over both queues; each slot's DMA area then holds the
+    // last block it read, which must be the disk's.
+    if d.q1.is_some() && size >= 1 << 20 && !poll {
+        const CHUNK: usize = 64 << 10;
+        let (bytes, mut good) = d.seq_reads_mq::<8>(1 << 20);
+        good &= bytes == 1 << 20;
+        for i in 0..8 {
+            let off = slots().hdr[i][1] * SECTOR;
+            good &= verify(&dma()[i * CHUNK..(i + 1) * CHUNK], 1, off);
+        }
+        t.check("MQ: reads split over two queues return the disk's data", good);
+    }
     // Interrupts raised while the guest was busy stay pending in the local APIC; `sti; hlt`
     // takes them (the host test kills the VM if none ever comes).
     if !poll {
@@ -912,6 +1074,27 @@ fn bench(d: &mut Dev, index: usize, size: u64, hz: Option<u64>) -> bool {
     let start = rdtsc();
     let r = d.seq_reads::<64>(size);
     report(64, r, rdtsc() - start);
+    if d.q1.is_some() {
+        let mut report2 = |depth: usize, (bytes, ok): (u64, bool), cycles: u64| {
+            all_ok &= ok;
+            println!(
+                "test-guest: disk{} bench: sequential 64 KiB reads, 2 queues, queue depth {}: {} MiB/s{}",
+                index,
+                depth,
+                mib_per_s(bytes, cycles, hz),
+                if ok { "" } else { " (a request failed)" }
+            );
+        };
+        let start = rdtsc();
+        let r = d.seq_reads_mq::<8>(size);
+        report2(8, r, rdtsc() - start);
+        let start = rdtsc();
+        let r = d.seq_reads_mq::<32>(size);
+        report2(32, r, rdtsc() - start);
+        let start = rdtsc();
+        let r = d.seq_reads_mq::<64>(size);
+        report2(64, r, rdtsc() - start);
+    }
     // Random 4 KiB reads.
     let mut x: u64 = 0x1234_5678_9abc_def1;
     let n = 1024u64;
