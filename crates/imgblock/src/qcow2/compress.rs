@@ -69,7 +69,7 @@ pub fn compress(kind: CompressionType, input: &[u8], limit: usize) -> Option<Vec
             }
         }
         CompressionType::Zstd => {
-            let out = zstd::bulk::compress(input, zstd::DEFAULT_COMPRESSION_LEVEL).ok()?;
+            let out = crate::scan::zstd_compress(input, zstd::DEFAULT_COMPRESSION_LEVEL).ok()?;
             (out.len() < limit).then_some(out)
         }
     }
