@@ -257,6 +257,12 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
             offload: args.copy_range,
         }
     };
+    // A compressing worker also waits for its reads and for the writer: by default one more
+    // worker than there are cores keeps every core compressing meanwhile.
+    let workers = match mode {
+        Mode::Compressed { .. } if args.parallel.is_none() => workers + 1,
+        _ => workers,
+    };
     crate::pipeline::copy(
         &sources,
         &target,
