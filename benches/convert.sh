@@ -15,8 +15,8 @@
 # out-of-order writes), its fastest settings. Every img output is checked against its source
 # with `qemu-img compare` in the first round.
 #
-# The sources stay in the page cache (both tools read them from there); outputs are deleted
-# before each run. The machine's load average is printed before and after: these machines are
+# Before each run the source is read into the page cache (both tools read it from there), the
+# previous output is deleted and the disk left to settle. The machine's load average is printed before and after: these machines are
 # shared, so compare ratios, not absolute times.
 set -euo pipefail
 
@@ -94,11 +94,33 @@ JOBS=(
     "raw-stream|1|raw|-f raw -O vmdk -o subformat=streamOptimized|vmdk"
 )
 
+# The block device under $WORK, whose in-flight count settle() watches (empty if unknown).
+DEV=$(basename "$(df --output=source . | tail -1)")
+[ -r "/sys/class/block/$DEV/inflight" ] || DEV=
+
+# Lets the disk finish what the previous run left (its writeback, the discards of a deleted
+# output) before the next run starts, so that no run pays for another's I/O.
+settle() {
+    sync -f . 2>/dev/null || true
+    if [ -n "$DEV" ]; then
+        local i r w
+        for ((i = 0; i < 100; i++)); do
+            read -r r w <"/sys/class/block/$DEV/inflight"
+            [ "$r$w" = 00 ] && break
+            sleep 0.05
+        done
+    fi
+    sleep 3
+}
+
 # One timed run: tool, source, args, output. Appends "wall user rss_kib size" to $results/key.
 measure() {
     local key=$1 tool=$2 src=$3 args=$4 out=$5 extra=$6
     rm -f "$out"
-    sync -f . 2>/dev/null || true
+    # The machine's memory manager evicts page-cache pages idle for a minute or so (DAMON
+    # pageout): read the source back in, or whichever tool runs first pays for the disk reads.
+    cat "$src" >/dev/null
+    settle
     # shellcheck disable=SC2086
     if ! $TIME -f '%e %U %M' -o time.txt sh -c "\"$tool\" convert $extra $args \"$src\" \"$out\" && sync \"$out\""; then
         echo "# FAILED: $key" >&2
