@@ -372,27 +372,7 @@ impl Dev {
         // to its header in place, one instruction per request.
         let stride = DEPTH as u64 * PER;
         for i in 0..DEPTH {
-            s.hdr[i] = [u64::from(T_IN), (i as u64 * PER).wrapping_sub(stride)];
-            let data = dma_addr() + (i as u64 * CHUNK) % DMA_SIZE as u64;
-            let d = 3 * i as u16;
-            self.ring.desc[usize::from(d)] = Desc {
-                addr: core::ptr::addr_of!(s.hdr[i]) as u64,
-                len: 16,
-                flags: 1,
-                next: d + 1,
-            };
-            self.ring.desc[usize::from(d) + 1] = Desc {
-                addr: data,
-                len: CHUNK as u32,
-                flags: 3,
-                next: d + 2,
-            };
-            self.ring.desc[usize::from(d) + 2] = Desc {
-                addr: core::ptr::addr_of!(s.status[i]) as u64,
-                len: 1,
-                flags: 2,
-                next: 0,
-            };
+            bench_chain(self.ring, 3 * i as u16, i, stride);
         }
         // Submissions start at a multiple of DEPTH in the ring from here on.
         let skew = usize::from(self.avail_idx) % DEPTH;
@@ -408,29 +388,9 @@ impl Dev {
         loop {
             while submitted < batches && submitted - completed < groups as u64 {
                 let first = (submitted as usize % groups) * per_group;
-                for i in first..first + per_group {
-                    // SAFETY: i < DEPTH <= 64, the length of `hdr`.
-                    unsafe {
-                        let h = &mut (*hdr.add(i))[1];
-                        *h = h.wrapping_add(stride);
-                    }
-                }
+                refill(hdr, status, first, per_group, stride);
                 sector += per_group as u64 * PER;
-                // SAFETY: first + per_group <= 64, the length of the status array.
-                unsafe { core::ptr::write_bytes(status.add(first), S_UNSET, per_group) };
-                fence(Ordering::SeqCst);
-                let old = self.avail_idx;
-                self.avail_idx = old.wrapping_add(per_group as u16);
-                // SAFETY: the driver owns avail.idx; the device owns used.avail_event.
-                let event = unsafe {
-                    core::ptr::write_volatile(&mut self.ring.avail.idx, self.avail_idx);
-                    fence(Ordering::SeqCst);
-                    core::ptr::read_volatile(&self.ring.used.avail_event)
-                };
-                // vring_need_event: notify only if the device asked to hear about this index.
-                if self.avail_idx.wrapping_sub(event).wrapping_sub(1)
-                    < self.avail_idx.wrapping_sub(old)
-                {
+                if publish(self.ring, &mut self.avail_idx, per_group as u16) {
                     self.set(QUEUE_NOTIFY, 0);
                 }
                 submitted += 1;
@@ -488,28 +448,7 @@ impl Dev {
             // SAFETY: the rings are this device's statics; nothing else uses them meanwhile.
             let ring = unsafe { &mut *ring };
             for j in 0..per_group {
-                let i = g * per_group + j;
-                s.hdr[i] = [u64::from(T_IN), (i as u64 * PER).wrapping_sub(stride)];
-                let data = dma_addr() + (i as u64 * CHUNK) % DMA_SIZE as u64;
-                let d = 3 * j as u16;
-                ring.desc[usize::from(d)] = Desc {
-                    addr: core::ptr::addr_of!(s.hdr[i]) as u64,
-                    len: 16,
-                    flags: 1,
-                    next: d + 1,
-                };
-                ring.desc[usize::from(d) + 1] = Desc {
-                    addr: data,
-                    len: CHUNK as u32,
-                    flags: 3,
-                    next: d + 2,
-                };
-                ring.desc[usize::from(d) + 2] = Desc {
-                    addr: core::ptr::addr_of!(s.status[i]) as u64,
-                    len: 1,
-                    flags: 2,
-                    next: 0,
-                };
+                bench_chain(ring, 3 * j as u16, g * per_group + j, stride);
             }
             let skew = usize::from(avail) % per_group;
             for k in 0..qsize {
@@ -526,29 +465,12 @@ impl Dev {
             while submitted < batches && submitted - completed < 2 {
                 let g = submitted as usize % 2;
                 let first = g * per_group;
-                for i in first..first + per_group {
-                    // SAFETY: i < DEPTH <= 64, the length of `hdr`.
-                    unsafe {
-                        let h = &mut (*hdr.add(i))[1];
-                        *h = h.wrapping_add(stride);
-                    }
-                }
+                refill(hdr, status, first, per_group, stride);
                 sector += per_group as u64 * PER;
-                // SAFETY: first + per_group <= 64, the length of the status array.
-                unsafe { core::ptr::write_bytes(status.add(first), S_UNSET, per_group) };
-                fence(Ordering::SeqCst);
                 let (ring, avail, _) = &mut q[g];
                 // SAFETY: as above.
                 let ring = unsafe { &mut **ring };
-                let old = *avail;
-                *avail = old.wrapping_add(per_group as u16);
-                // SAFETY: the driver owns avail.idx; the device owns used.avail_event.
-                let event = unsafe {
-                    core::ptr::write_volatile(&mut ring.avail.idx, *avail);
-                    fence(Ordering::SeqCst);
-                    core::ptr::read_volatile(&ring.used.avail_event)
-                };
-                if avail.wrapping_sub(event).wrapping_sub(1) < avail.wrapping_sub(old) {
+                if publish(ring, avail, per_group as u16) {
                     self.set(QUEUE_NOTIFY, g as u32);
                 }
                 submitted += 1;
@@ -1048,52 +970,84 @@ pub fn test_disk(index: usize, base: u64, gsi: u32, cmd: &str, hz: Option<u64>, 
     t.check("read back: data next to writes untouched", rok);
 }
 
+/// Readies benchmark slots `first..first + n` for their next block: each header's sector moves
+/// on by `stride`, each status byte is reset.
+fn refill(hdr: *mut [u64; 2], status: *mut u8, first: usize, n: usize, stride: u64) {
+    for i in first..first + n {
+        // SAFETY: callers keep first + n <= 64, the length of `hdr` and of the status array.
+        unsafe {
+            let h = &mut (*hdr.add(i))[1];
+            *h = h.wrapping_add(stride);
+        }
+    }
+    // SAFETY: as above.
+    unsafe { core::ptr::write_bytes(status.add(first), S_UNSET, n) };
+    fence(Ordering::SeqCst);
+}
+
+/// Makes `n` more chains available in `ring` (whose ring slots already name them) and says
+/// whether the device asked to be notified of them (EVENT_IDX's vring_need_event).
+fn publish(ring: &mut Ring, avail: &mut u16, n: u16) -> bool {
+    let old = *avail;
+    *avail = old.wrapping_add(n);
+    // SAFETY: the driver owns avail.idx; the device owns used.avail_event.
+    let event = unsafe {
+        core::ptr::write_volatile(&mut ring.avail.idx, *avail);
+        fence(Ordering::SeqCst);
+        core::ptr::read_volatile(&ring.used.avail_event)
+    };
+    avail.wrapping_sub(event).wrapping_sub(1) < avail.wrapping_sub(old)
+}
+
+/// The fixed three-descriptor chain of benchmark slot `slot` at descriptor `d` of `ring`: its
+/// header (set to read one sector stride before its first block, so that the first refill's
+/// add lands on it), its 64 KiB of the DMA buffer, its status byte.
+fn bench_chain(ring: &mut Ring, d: u16, slot: usize, stride: u64) {
+    const CHUNK: u64 = 64 << 10;
+    let s = slots();
+    s.hdr[slot] = [u64::from(T_IN), (slot as u64 * (CHUNK / SECTOR)).wrapping_sub(stride)];
+    let data = dma_addr() + (slot as u64 * CHUNK) % DMA_SIZE as u64;
+    let parts = [
+        (core::ptr::addr_of!(s.hdr[slot]) as u64, 16, 1),
+        (data, CHUNK as u32, 3),
+        (core::ptr::addr_of!(s.status[slot]) as u64, 1, 2),
+    ];
+    for (k, (addr, len, flags)) in parts.into_iter().enumerate() {
+        let i = usize::from(d) + k;
+        ring.desc[i] = Desc {
+            addr,
+            len,
+            flags,
+            next: if k < 2 { d + k as u16 + 1 } else { 0 },
+        };
+    }
+}
+
 /// Sequential 64 KiB reads at several queue depths and random 4 KiB reads, printed in MiB/s;
 /// returns whether every request completed OK.
 fn bench(d: &mut Dev, index: usize, size: u64, hz: Option<u64>) -> bool {
     let mut all_ok = true;
-    let mut report = |depth: usize, (bytes, ok): (u64, bool), cycles: u64| {
+    // Arguments are evaluated in order: the start time is read before the run, the end time
+    // inside.
+    let mut report = |queues: &str, depth: usize, start: u64, (bytes, ok): (u64, bool)| {
         all_ok &= ok;
         println!(
-            "test-guest: disk{} bench: sequential 64 KiB reads, queue depth {}: {} MiB/s{}",
+            "test-guest: disk{} bench: sequential 64 KiB reads, {}queue depth {}: {} MiB/s{}",
             index,
+            queues,
             depth,
-            mib_per_s(bytes, cycles, hz),
+            mib_per_s(bytes, rdtsc() - start, hz),
             if ok { "" } else { " (a request failed)" }
         );
     };
-    let start = rdtsc();
-    let r = d.seq_reads::<1>(size);
-    report(1, r, rdtsc() - start);
-    let start = rdtsc();
-    let r = d.seq_reads::<8>(size);
-    report(8, r, rdtsc() - start);
-    let start = rdtsc();
-    let r = d.seq_reads::<32>(size);
-    report(32, r, rdtsc() - start);
-    let start = rdtsc();
-    let r = d.seq_reads::<64>(size);
-    report(64, r, rdtsc() - start);
+    report("", 1, rdtsc(), d.seq_reads::<1>(size));
+    report("", 8, rdtsc(), d.seq_reads::<8>(size));
+    report("", 32, rdtsc(), d.seq_reads::<32>(size));
+    report("", 64, rdtsc(), d.seq_reads::<64>(size));
     if d.q1.is_some() {
-        let mut report2 = |depth: usize, (bytes, ok): (u64, bool), cycles: u64| {
-            all_ok &= ok;
-            println!(
-                "test-guest: disk{} bench: sequential 64 KiB reads, 2 queues, queue depth {}: {} MiB/s{}",
-                index,
-                depth,
-                mib_per_s(bytes, cycles, hz),
-                if ok { "" } else { " (a request failed)" }
-            );
-        };
-        let start = rdtsc();
-        let r = d.seq_reads_mq::<8>(size);
-        report2(8, r, rdtsc() - start);
-        let start = rdtsc();
-        let r = d.seq_reads_mq::<32>(size);
-        report2(32, r, rdtsc() - start);
-        let start = rdtsc();
-        let r = d.seq_reads_mq::<64>(size);
-        report2(64, r, rdtsc() - start);
+        report("2 queues, ", 8, rdtsc(), d.seq_reads_mq::<8>(size));
+        report("2 queues, ", 32, rdtsc(), d.seq_reads_mq::<32>(size));
+        report("2 queues, ", 64, rdtsc(), d.seq_reads_mq::<64>(size));
     }
     // Random 4 KiB reads.
     let mut x: u64 = 0x1234_5678_9abc_def1;
