@@ -392,17 +392,7 @@ fn chains_with_an_encrypted_layer_read_correctly() {
         "ours.raw",
     ])
     .ok();
-    env.qemu_img(&[
-        "convert",
-        "--object",
-        OBJ,
-        "--image-opts",
-        chain,
-        "-O",
-        "raw",
-        "theirs.raw",
-    ])
-    .ok();
+    qemu_to_raw(&env, chain, "theirs.raw");
     env.assert_same_bytes("ours.raw", "theirs.raw");
     let info = env
         .img(&["info", "--backing-chain", "--output=json", "top.qcow2"])
@@ -665,6 +655,21 @@ fn qemu_sees(env: &Env, raw: &str, image: &str) {
     assert!(out.stdout.contains("Images are identical"), "{out}");
 }
 
+/// qemu-img's guest view of `image` (image options, with the secret) written to `raw`.
+fn qemu_to_raw(env: &Env, image: &str, raw: &str) {
+    env.qemu_img(&[
+        "convert",
+        "--object",
+        OBJ,
+        "--image-opts",
+        image,
+        "-O",
+        "raw",
+        raw,
+    ])
+    .ok();
+}
+
 /// qemu-img check, with the secret, finds nothing wrong.
 #[track_caller]
 fn qemu_check_clean(env: &Env, image: &str) {
@@ -698,17 +703,7 @@ fn commit_into_encrypted_bases_with_the_chain_secrets() {
     let top =
         "driver=qcow2,file.filename=top.qcow2,encrypt.key-secret=s0,backing.encrypt.key-secret=s0";
     qemu_io_opts(&env, top, &["write -P 0x22 200k 300k", "write -z 700k 64k"]);
-    env.qemu_img(&[
-        "convert",
-        "--object",
-        OBJ,
-        "--image-opts",
-        top,
-        "-O",
-        "raw",
-        "before.raw",
-    ])
-    .ok();
+    qemu_to_raw(&env, top, "before.raw");
     refused(env.img(&["commit", "top.qcow2"]), "top.qcow2", NO_KEY);
     refused(
         env.img(&["commit", "--object", BAD_OBJ, "--image-opts", top]),
@@ -741,17 +736,7 @@ fn commit_into_encrypted_bases_with_the_chain_secrets() {
     .ok();
     let ptop = "driver=qcow2,file.filename=ptop.qcow2,backing.key-secret=s0";
     qemu_io_opts(&env, ptop, &["write -P 0x44 64k 100k", "write -z 512k 64k"]);
-    env.qemu_img(&[
-        "convert",
-        "--object",
-        OBJ,
-        "--image-opts",
-        ptop,
-        "-O",
-        "raw",
-        "pbefore.raw",
-    ])
-    .ok();
+    qemu_to_raw(&env, ptop, "pbefore.raw");
     refused(
         env.img(&["commit", "ptop.qcow2"]),
         "ptop.qcow2",
@@ -777,17 +762,7 @@ fn rebase_reads_the_encrypted_old_chain_and_refuses_an_encrypted_new_one_like_qe
         .ok();
     env.qemu_io("qcow2", "new.qcow2", &["write -P 0x11 0 128k"]);
     luks_qcow2(&env, "enew.qcow2", None);
-    env.qemu_img(&[
-        "convert",
-        "--object",
-        OBJ,
-        "--image-opts",
-        top,
-        "-O",
-        "raw",
-        "before.raw",
-    ])
-    .ok();
+    qemu_to_raw(&env, top, "before.raw");
 
     refused(
         env.img(&["rebase", "-b", "new.qcow2", "-F", "qcow2", "top.qcow2"]),
@@ -868,17 +843,7 @@ fn rebase_reads_the_encrypted_old_chain_and_refuses_an_encrypted_new_one_like_qe
     .ok();
     let p = "driver=qcow2,file.filename=p.qcow2,backing.encrypt.key-secret=s0";
     qemu_io_opts(&env, p, &["write -P 0x66 64k 64k"]);
-    env.qemu_img(&[
-        "convert",
-        "--object",
-        OBJ,
-        "--image-opts",
-        p,
-        "-O",
-        "raw",
-        "p.raw",
-    ])
-    .ok();
+    qemu_to_raw(&env, p, "p.raw");
     refused(
         env.img(&["rebase", "-b", "", "p.qcow2"]),
         "p.qcow2",
@@ -897,17 +862,7 @@ fn snapshot_and_resize_take_the_secret() {
     luks_qcow2(&env, "e.qcow2", None);
     let e = opts("qcow2", "e.qcow2");
     qemu_io(&env, "qcow2", "e.qcow2", &["write -P 0x11 0 1M"]);
-    env.qemu_img(&[
-        "convert",
-        "--object",
-        OBJ,
-        "--image-opts",
-        &e,
-        "-O",
-        "raw",
-        "s1.raw",
-    ])
-    .ok();
+    qemu_to_raw(&env, &e, "s1.raw");
     refused(env.img(&["snapshot", "-l", "e.qcow2"]), "e.qcow2", NO_KEY);
     refused(
         env.img(&["snapshot", "-c", "s1", "e.qcow2"]),

@@ -533,16 +533,7 @@ fn metadata_only_open_shows_qemu_encrypt_block() {
         assert_eq!(info.cipher_mode, want.mode.name());
         assert_eq!(info.ivgen_alg, want.ivgen.name());
         assert_eq!(info.hash_alg, want.hash.name());
-        let q: serde_json::Value = serde_json::from_str(&ok(
-            "qemu-img",
-            &["info", "--output=json", p.to_str().unwrap()],
-        ))
-        .unwrap();
-        let e = if fmt == "luks" {
-            &q["format-specific"]["data"]
-        } else {
-            &q["format-specific"]["data"]["encrypt"]
-        };
+        let e = &qemu_encrypt_block(p, fmt);
         assert_eq!(e["cipher-alg"], info.cipher_alg, "{opts}");
         assert_eq!(e["cipher-mode"], info.cipher_mode);
         assert_eq!(e["ivgen-alg"], info.ivgen_alg);
@@ -653,19 +644,25 @@ fn lib_image_checks(p: &Path, fmt: &str, want: &[u8]) {
     assert!(read_all(&img) == want, "{} reads back", p.display());
 }
 
-/// qemu-img's view of a LUKS image's settings: (cipher-alg, cipher-mode, ivgen-alg,
-/// ivgen-hash-alg or "", hash-alg).
-fn qemu_luks_settings(p: &Path, fmt: &str) -> [String; 5] {
-    let q: serde_json::Value = serde_json::from_str(&ok(
+/// The LUKS block of `qemu-img info --output=json` (inside "encrypt" for qcow2).
+fn qemu_encrypt_block(p: &Path, fmt: &str) -> serde_json::Value {
+    let mut q: serde_json::Value = serde_json::from_str(&ok(
         "qemu-img",
         &["info", "--output=json", p.to_str().unwrap()],
     ))
     .unwrap();
-    let e = if fmt == "luks" {
-        &q["format-specific"]["data"]
+    let mut data = q["format-specific"]["data"].take();
+    if fmt == "luks" {
+        data
     } else {
-        &q["format-specific"]["data"]["encrypt"]
-    };
+        data["encrypt"].take()
+    }
+}
+
+/// qemu-img's view of a LUKS image's settings: (cipher-alg, cipher-mode, ivgen-alg,
+/// ivgen-hash-alg or "", hash-alg).
+fn qemu_luks_settings(p: &Path, fmt: &str) -> [String; 5] {
+    let e = qemu_encrypt_block(p, fmt);
     let f = |k: &str| e[k].as_str().unwrap_or_default().to_owned();
     [
         f("cipher-alg"),
