@@ -150,15 +150,19 @@ impl FileStorage {
     /// Whatever `open(2)` returns.
     pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(writable).open(path)?;
-        Ok(FileStorage {
+        Ok(Self::with_file(file, path, !writable))
+    }
+
+    fn with_file(file: File, path: &Path, read_only: bool) -> Self {
+        FileStorage {
             file,
             path: path.to_owned(),
-            read_only: !writable,
+            read_only,
             direct: None,
             write_behind: AtomicBool::new(false),
             unsubmitted: AtomicU64::new(0),
             writebacks: AtomicU64::new(0),
-        })
+        }
     }
 
     /// Opens an existing file for I/O that bypasses the page cache (qemu's `cache=none`):
@@ -204,15 +208,7 @@ impl FileStorage {
             .truncate(true)
             .mode(0o644)
             .open(path)?;
-        Ok(FileStorage {
-            file,
-            path: path.to_owned(),
-            read_only: false,
-            direct: None,
-            write_behind: AtomicBool::new(false),
-            unsubmitted: AtomicU64::new(0),
-            writebacks: AtomicU64::new(0),
-        })
+        Ok(Self::with_file(file, path, false))
     }
 
     /// The underlying file.
