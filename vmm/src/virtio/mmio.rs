@@ -232,10 +232,7 @@ impl MmioBlock {
         if self.activated || self.status & status::DRIVER_OK != 0 {
             return None;
         }
-        let q = &mut self
-            .queues
-            .get_mut(usize::try_from(self.queue_sel).ok()?)?
-            .queue;
+        let q = &mut self.selected_mut()?.queue;
         (!q.ready()).then_some(q)
     }
 }
