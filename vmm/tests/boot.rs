@@ -550,6 +550,7 @@ fn bench_mode_reads_the_whole_disk_at_every_queue_depth() {
     let keys = [1, 8, 32, 64]
         .map(|d| format!("reads, queue depth {d}: "))
         .into_iter()
+        .chain([1, 8, 32, 64].map(|d| format!("reads, polled from ring 3, queue depth {d}: ")))
         .chain([8, 32, 64].map(|d| format!("reads, 2 queues, queue depth {d}: ")));
     for key in keys {
         let line = s.lines().find(|l| l.contains(&key)).expect("bench line");
@@ -560,6 +561,17 @@ fn bench_mode_reads_the_whole_disk_at_every_queue_depth() {
             .and_then(|n| n.parse().ok())
             .expect("a rate");
         assert!(rate > 0, "{line}");
+    }
+    for polled in ["", "polled from ring 3, "] {
+        let key = format!("random 4 KiB reads, {polled}queue depth 1: ");
+        let line = s.lines().find(|l| l.contains(&key)).expect("bench line");
+        let iops: u64 = line
+            .rsplit(", ")
+            .next()
+            .and_then(|r| r.strip_suffix(" IOPS"))
+            .and_then(|n| n.parse().ok())
+            .expect("IOPS");
+        assert!(iops > 0, "{line}");
     }
 }
 

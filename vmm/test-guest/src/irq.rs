@@ -101,7 +101,7 @@ extern "C" fn exception(vector: u64, a: u64, b: u64) -> ! {
     crate::hw::power_off()
 }
 
-fn set_gate(v: usize, handler: u64, cs: u16) {
+pub fn set_gate(v: usize, handler: u64, cs: u16) {
     // SAFETY: single-threaded set-up before interrupts are enabled.
     unsafe {
         IDT.0[v] = Gate {
@@ -113,6 +113,16 @@ fn set_gate(v: usize, handler: u64, cs: u16) {
             off_hi: (handler >> 32) as u32,
             zero: 0,
         };
+    }
+}
+
+/// Points every gate at code segment `cs` (after a new GDT moved the kernel's code segment).
+pub fn set_code_selector(cs: u16) {
+    // SAFETY: single-threaded, interrupts off; each gate is a plain store.
+    unsafe {
+        for g in IDT.0.iter_mut() {
+            g.sel = cs;
+        }
     }
 }
 

@@ -20,6 +20,7 @@ mod blk;
 mod bootinfo;
 mod hw;
 mod irq;
+mod user;
 
 use core::fmt::Write;
 use core::panic::PanicInfo;
