@@ -246,9 +246,14 @@ fn delta_with_wrong_parent_cid_is_refused() {
     create(&d, &o).unwrap();
     assert!(Image::open(&d, &OpenOptions::read_only()).is_ok());
     let mut b = std::fs::read(&d).unwrap();
+    // The CID is written as qemu writes it, in hex without padding: replace the whole value.
     let t = String::from_utf8_lossy(&b[512..1024]).into_owned();
-    let i = t.find("parentCID=").unwrap() + 512 + 10;
-    b[i..i + 8].copy_from_slice(b"12345678");
+    let i = t.find("parentCID=").unwrap() + 10;
+    let end = i + t[i..].find('\n').unwrap();
+    let mut text = t[..i].to_owned() + "12345678" + &t[end..];
+    text.truncate(512);
+    let text = format!("{text:\0<512}");
+    b[512..1024].copy_from_slice(text.as_bytes());
     std::fs::write(&d, &b).unwrap();
     assert!(matches!(
         vmdk_err(Image::open(&d, &OpenOptions::read_only())),
