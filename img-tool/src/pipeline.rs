@@ -446,14 +446,23 @@ fn write_done(
         (Action::Copy, Some(buf)) => {
             let data = buf.get(usize::try_from(job.len).unwrap_or(0));
             if let Mode::Compressed { cluster } = sh.mode {
+                // Runs of compressed clusters go to the format together, in order.
+                let mut packed_run: Vec<(u64, &[u8])> = Vec::new();
                 let mut at = job.offset;
                 for (c, packed) in data.chunks(cluster).zip(clusters) {
-                    match packed {
-                        None => write_zeroes(t, at, c.len() as u64, &sh.sparse)?,
-                        Some(p) => t.write_cluster(at, c, p.as_deref())?,
+                    if let Some(Some(p)) = packed {
+                        packed_run.push((at, p));
+                    } else {
+                        t.write_compressed_clusters(&packed_run)?;
+                        packed_run.clear();
+                        match packed {
+                            None => write_zeroes(t, at, c.len() as u64, &sh.sparse)?,
+                            Some(_) => t.write_cluster(at, c, None)?,
+                        }
                     }
                     at += c.len() as u64;
                 }
+                t.write_compressed_clusters(&packed_run)?;
                 return Ok(());
             }
             let mut done = 0;

@@ -327,6 +327,17 @@ pub trait Driver: Send + Sync + Debug {
             what: "this format cannot store compressed clusters".into(),
         })
     }
+    /// Stores several compressed clusters, as [`Driver::write_compressed`] does one by one (the
+    /// default), in the order given; a format may place and record them with fewer writes.
+    ///
+    /// # Errors
+    /// As for [`Driver::write_compressed`]; clusters before the failing one may be stored.
+    fn write_compressed_batch(&self, clusters: &[(u64, &[u8])]) -> Result<()> {
+        for &(offset, compressed) in clusters {
+            self.write_compressed(offset, compressed)?;
+        }
+        Ok(())
+    }
     /// Changes the virtual size; new space is preallocated as asked.
     ///
     /// # Errors

@@ -744,6 +744,25 @@ impl Image {
         }
     }
 
+    /// Stores clusters that [`Image::compress_cluster`] compressed, each at its cluster-aligned
+    /// guest offset, in the order given, as [`Image::write_cluster`] would one by one (a format
+    /// may need fewer writes for them together).
+    ///
+    /// # Errors
+    /// As for [`Image::write_cluster`]; clusters before the failing one may be stored.
+    pub fn write_compressed_clusters(&self, clusters: &[(u64, &[u8])]) -> Result<()> {
+        if clusters.is_empty() {
+            return Ok(());
+        }
+        self.check_writable()?;
+        let cs = self.driver.cluster_size().unwrap_or(0);
+        for &(offset, _) in clusters {
+            self.check_range(offset, cs.min(self.size().saturating_sub(offset)).max(1))?;
+        }
+        let _guard = self.alloc_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.driver.write_compressed_batch(clusters)
+    }
+
     /// Makes a range read as zeroes, through metadata where the format can.
     ///
     /// # Errors

@@ -234,11 +234,34 @@ fn compressed_round_trip(opts: &str) {
             };
         }
     }
-    for (i, chunk) in model.chunks(cs).enumerate() {
-        let c = img.compress_cluster(chunk);
-        img.write_cluster((i * cs) as u64, chunk, c.as_deref())
-            .unwrap();
+    // Compressed clusters go in batches (runs of them), the others one by one.
+    let packed: Vec<Option<Vec<u8>>> = model.chunks(cs).map(|c| img.compress_cluster(c)).collect();
+    let mut batch: Vec<(u64, &[u8])> = Vec::new();
+    for (i, (chunk, c)) in model.chunks(cs).zip(&packed).enumerate() {
+        match c {
+            Some(c) => batch.push(((i * cs) as u64, c)),
+            None => {
+                img.write_compressed_clusters(&batch).unwrap();
+                batch.clear();
+                img.write_cluster((i * cs) as u64, chunk, None).unwrap();
+            }
+        }
     }
+    img.write_compressed_clusters(&batch).unwrap();
+    // A second batch over every cluster of a stretch replaces compressed, plain and zero
+    // clusters alike; what they held is freed.
+    let start = model.len() / cs / 3;
+    let mut redo = Vec::new();
+    for i in start..(start + 40).min(model.len() / cs) {
+        let chunk = &mut model[i * cs..(i + 1) * cs];
+        for (j, b) in chunk.iter_mut().enumerate() {
+            *b = b"jumps over the lazy dog "[(j + i) % 24];
+        }
+        let c = img.compress_cluster(chunk).expect("text compresses");
+        redo.push(((i * cs) as u64, c));
+    }
+    let redo: Vec<(u64, &[u8])> = redo.iter().map(|(o, c)| (*o, c.as_slice())).collect();
+    img.write_compressed_clusters(&redo).unwrap();
     // Overwrite parts of compressed clusters: they become plain clusters.
     img.write_at(&[0xee; 3000], cs as u64 / 2).unwrap();
     model[cs / 2..cs / 2 + 3000].fill(0xee);

@@ -891,42 +891,85 @@ impl Driver for Qcow2 {
     }
 
     fn write_compressed(&self, offset: u64, compressed: &[u8]) -> Result<()> {
+        self.write_compressed_batch(&[(offset, compressed)])
+    }
+
+    fn write_compressed_batch(&self, clusters: &[(u64, &[u8])]) -> Result<()> {
         if !self.writable {
             return Err(crate::Error::ReadOnly {
                 path: self.file().path().to_owned(),
             });
         }
         let g = self.geo;
-        let len = compressed.len() as u64;
-        if offset % g.cluster_size != 0
-            || len == 0
-            || len >= g.cluster_size
-            || self.data != 0
-            || self.crypt.is_encrypted()
-        {
-            return Err(crate::Error::Unsupported {
-                path: self.file().path().to_owned(),
-                what: "compressed write of a misaligned or oversized cluster".into(),
-            });
+        for &(offset, compressed) in clusters {
+            let len = compressed.len() as u64;
+            if offset % g.cluster_size != 0
+                || len == 0
+                || len >= g.cluster_size
+                || self.data != 0
+                || self.crypt.is_encrypted()
+            {
+                return Err(crate::Error::Unsupported {
+                    path: self.file().path().to_owned(),
+                    what: "compressed write of a misaligned or oversized cluster".into(),
+                });
+            }
         }
         let mut st = self.lock();
-        let host = self.alloc_compressed_bytes(&mut st, len)?;
-        self.file()
-            .write_at(compressed, host)
-            .ctx(self.file().path())?;
-        let sectors = ((host + len - 1) >> 9) - (host >> 9);
-        let word = COMPRESSED | (sectors << g.csize_shift) | host;
-        let gc = offset >> g.cluster_bits;
-        let old = self.lookup(&mut st, gc)?.map(|o| o.0).unwrap_or_default();
-        let l2off = self.l2_for_write(&mut st, gc / g.l2_entries)?;
-        self.set_l2_entry(
-            &mut st,
-            l2off,
-            gc % g.l2_entries,
-            l2::Entry { word, bitmap: 0 },
-        )?;
-        if old.host().is_some() || old.kind(0) == Kind::Compressed {
-            self.release(&mut st, &old, false)?;
+        // The data first: each cluster's bytes are counted as they are placed, and bytes placed
+        // back to back go out in one write.
+        let mut hosts = Vec::with_capacity(clusters.len());
+        let mut pending: Vec<u8> = Vec::new();
+        let mut pending_at = 0;
+        for &(_, compressed) in clusters {
+            let host = self.alloc_compressed_bytes(&mut st, compressed.len() as u64)?;
+            if !pending.is_empty() && pending_at + pending.len() as u64 != host {
+                self.file()
+                    .write_at(&pending, pending_at)
+                    .ctx(self.file().path())?;
+                pending.clear();
+            }
+            if pending.is_empty() {
+                pending_at = host;
+            }
+            pending.extend_from_slice(compressed);
+            hosts.push(host);
+        }
+        if !pending.is_empty() {
+            self.file()
+                .write_at(&pending, pending_at)
+                .ctx(self.file().path())?;
+        }
+        // Then the L2 entries, one write per run of them in a table; what they replace is freed
+        // only once they are on disk.
+        let mut run = l2::L2Run::default();
+        let mut run_table = None;
+        let mut replaced = Vec::new();
+        for (&(offset, compressed), &host) in clusters.iter().zip(&hosts) {
+            let len = compressed.len() as u64;
+            let sectors = ((host + len - 1) >> 9) - (host >> 9);
+            let word = COMPRESSED | (sectors << g.csize_shift) | host;
+            let gc = offset >> g.cluster_bits;
+            if run_table.is_some_and(|t| t != gc / g.l2_entries) {
+                self.write_l2_run(&mut run)?;
+            }
+            run_table = Some(gc / g.l2_entries);
+            let old = self.lookup(&mut st, gc)?.map(|o| o.0).unwrap_or_default();
+            let l2off = self.l2_for_write(&mut st, gc / g.l2_entries)?;
+            self.stage_l2_entry(
+                &mut st,
+                &mut run,
+                l2off,
+                gc % g.l2_entries,
+                l2::Entry { word, bitmap: 0 },
+            )?;
+            if old.host().is_some() || old.kind(0) == Kind::Compressed {
+                replaced.push(old);
+            }
+        }
+        self.write_l2_run(&mut run)?;
+        for old in &replaced {
+            self.release(&mut st, old, false)?;
         }
         Ok(())
     }
