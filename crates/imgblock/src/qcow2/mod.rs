@@ -918,11 +918,20 @@ impl Driver for Qcow2 {
         let mut st = self.lock();
         // The data first: each cluster's bytes are counted as they are placed, and bytes placed
         // back to back go out in one write.
+        let lens: Vec<u64> = clusters.iter().map(|c| c.1.len() as u64).collect();
         let mut hosts = Vec::with_capacity(clusters.len());
+        while hosts.len() < lens.len() {
+            // Packed after the previous compressed data with one refcount write where they fit,
+            // otherwise the next one placed on its own.
+            if let Some(h) = self.alloc_compressed_run(&mut st, &lens[hosts.len()..])? {
+                hosts.extend(h);
+            } else {
+                hosts.push(self.alloc_compressed_bytes(&mut st, lens[hosts.len()])?);
+            }
+        }
         let mut pending: Vec<u8> = Vec::new();
         let mut pending_at = 0;
-        for &(_, compressed) in clusters {
-            let host = self.alloc_compressed_bytes(&mut st, compressed.len() as u64)?;
+        for (&(_, compressed), &host) in clusters.iter().zip(&hosts) {
             if !pending.is_empty() && pending_at + pending.len() as u64 != host {
                 self.file()
                     .write_at(&pending, pending_at)
@@ -933,7 +942,6 @@ impl Driver for Qcow2 {
                 pending_at = host;
             }
             pending.extend_from_slice(compressed);
-            hosts.push(host);
         }
         if !pending.is_empty() {
             self.file()

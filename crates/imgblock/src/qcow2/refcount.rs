@@ -106,10 +106,21 @@ impl Qcow2 {
         Ok(get_entry(self.load_refblock(st, rb)?, order, i))
     }
 
-    /// Sets the refcount of cluster index `c`, whose refcount block must exist.
     /// Sets the refcounts of clusters `[c, c + n)`, whose blocks must exist, to one: one write
     /// per refcount block rather than one per cluster.
     fn set_refcounts_to_one(&self, st: &mut State, c: u64, n: u64) -> Result<()> {
+        self.set_refcounts(st, c, n, |_| 1)
+    }
+
+    /// Sets the refcount of each cluster `c + k` for `k` in `[0, n)` to `value(k)` (non-zero),
+    /// their blocks having to exist: one write per refcount block.
+    fn set_refcounts(
+        &self,
+        st: &mut State,
+        c: u64,
+        n: u64,
+        value: impl Fn(u64) -> u64,
+    ) -> Result<()> {
         let per = self.geo.rb_entries;
         let end = c + n;
         let mut cur = c;
@@ -126,7 +137,7 @@ impl Qcow2 {
             let block = self.load_refblock(st, rb)?;
             let (mut lo, mut hi) = (usize::MAX, 0);
             for x in cur..run_end {
-                let r = set_entry(block, order, x % per, 1);
+                let r = set_entry(block, order, x % per, value(x - c));
                 lo = lo.min(r.start);
                 hi = hi.max(r.end);
             }
@@ -139,6 +150,7 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Sets the refcount of cluster index `c`, whose refcount block must exist.
     pub(super) fn set_refcount(&self, st: &mut State, c: u64, v: u64) -> Result<()> {
         let bi = c / self.geo.rb_entries;
         let rb = block_offset(st, bi);
@@ -343,6 +355,59 @@ impl Qcow2 {
         let host = self.alloc_clusters(st, n)?;
         st.compressed_cursor = host + len;
         Ok(host)
+    }
+
+    /// Places compressed byte runs of `lens` back to back after the previous compressed data,
+    /// where [`Qcow2::alloc_compressed_bytes`] would place them one by one, and counts their
+    /// references with one refcount write per refcount block. `None`, with nothing changed, when
+    /// that is not possible (no partly used cluster to continue, a cluster in the way, a new
+    /// refcount block needed, a refcount at its maximum): the caller then places them one by one.
+    pub(super) fn alloc_compressed_run(
+        &self,
+        st: &mut State,
+        lens: &[u64],
+    ) -> Result<Option<Vec<u64>>> {
+        let g = self.geo;
+        let cur = st.compressed_cursor;
+        let total: u64 = lens.iter().sum();
+        if cur % g.cluster_size == 0 || total == 0 || lens.contains(&0) {
+            return Ok(None);
+        }
+        let first = cur >> g.cluster_bits;
+        let last = (cur + total - 1) >> g.cluster_bits;
+        for c in first + 1..=last {
+            if self.refcount(st, c)? != 0 {
+                return Ok(None);
+            }
+        }
+        if self.ensure_refblocks(st, first, last - first + 1)? {
+            return Ok(None);
+        }
+        let rc = self.refcount(st, first)?;
+        // Every host cluster a run touches gains one reference.
+        let span = usize::try_from(last - first + 1).unwrap_or(usize::MAX);
+        let mut adds = vec![0u64; span];
+        let mut hosts = Vec::with_capacity(lens.len());
+        let mut at = cur;
+        for &len in lens {
+            hosts.push(at);
+            let a = (at >> g.cluster_bits) - first;
+            let b = ((at + len - 1) >> g.cluster_bits) - first;
+            for k in a..=b {
+                if let Some(x) = adds.get_mut(usize::try_from(k).unwrap_or(usize::MAX)) {
+                    *x += 1;
+                }
+            }
+            at += len;
+        }
+        let max = self.max_refcount();
+        let new = |k: u64| adds[usize::try_from(k).unwrap_or(0)] + if k == 0 { rc } else { 0 };
+        if rc == 0 || (0..span as u64).any(|k| new(k) > max) {
+            return Ok(None);
+        }
+        self.set_refcounts(st, first, span as u64, new)?;
+        st.compressed_cursor = cur + total;
+        Ok(Some(hosts))
     }
 
     /// Replaces the refcount table with a larger one that has an entry for block `min_index`,
