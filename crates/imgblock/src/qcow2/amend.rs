@@ -248,7 +248,9 @@ impl Qcow2 {
             h.compatible = 0;
             h.autoclear = 0;
             h.compression = CompressionType::Zlib;
-        })
+        })?;
+        self.compression = CompressionType::Zlib;
+        Ok(())
     }
 
     /// Writes fresh refcount structures of width `1 << order` past the end of the file, counted

@@ -35,7 +35,7 @@ use crate::error::IoContext;
 use crate::storage::{FileStorage, Storage};
 use crate::{Format, Result};
 use cache::TableCache;
-use header::Header;
+use header::{CompressionType, Header};
 use l2::{Entry, Kind};
 
 /// Largest L1 table qemu accepts (32 MiB of entries).
@@ -136,6 +136,9 @@ pub struct Qcow2 {
     metadata_prealloc: std::sync::OnceLock<bool>,
     /// Encryption (crypt_method) and its keys.
     crypt: crypt::Crypt,
+    /// The header's compression type, here so that workers compressing or decompressing
+    /// clusters need not take the state lock for it; changed only by `amend` (`&mut self`).
+    compression: CompressionType,
 }
 
 pub(crate) fn be64_at(b: &[u8], off: usize) -> u64 {
@@ -252,6 +255,7 @@ impl Qcow2 {
         // qemu reads the snapshot table when it opens an image and refuses a malformed one.
         snapshot::read_table(storage.as_ref(), &state.h).map_err(&qerr)?;
         let size = state.h.size;
+        let compression = state.h.compression;
         let q = Qcow2 {
             files,
             geo,
@@ -261,6 +265,7 @@ impl Qcow2 {
             state: Mutex::new(state),
             metadata_prealloc: std::sync::OnceLock::new(),
             crypt,
+            compression,
         };
         if writable {
             q.open_for_writing()?;
@@ -652,6 +657,7 @@ impl Driver for Qcow2 {
             state: Mutex::new(st),
             metadata_prealloc: std::sync::OnceLock::new(),
             crypt: self.crypt.clone(),
+            compression: self.compression,
         }))
     }
 
@@ -705,7 +711,7 @@ impl Driver for Qcow2 {
     }
 
     fn read_compressed(&self, c: &CompressedRef, out: &mut [u8]) -> Result<()> {
-        let ctype = self.lock().h.compression;
+        let ctype = self.compression;
         let len =
             usize::try_from(c.len).map_err(|_| self.err(Error::BadCompressedData(c.host.0)))?;
         let mut input = vec![0u8; len];
@@ -885,7 +891,7 @@ impl Driver for Qcow2 {
         {
             return None;
         }
-        let kind = self.lock().h.compression;
+        let kind = self.compression;
         // qemu stores a cluster compressed only when it fits in cluster_size - 1 bytes.
         compress::compress(kind, data, data.len() - 1)
     }
