@@ -3,6 +3,8 @@
 //! and the problem — or, where qemu-img still reads the image, the same data qemu-img reads —
 //! never a panic, a hang or a write to a file opened read-only.
 
+mod fmt_common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc;
@@ -435,9 +437,7 @@ fn qemu_raw(path: &Path, format: Option<Format>, out: &Path) -> Option<Vec<u8>> 
         cmd.args(["-f", f.name()]);
     }
     cmd.args(["-O", "raw"]).arg(path).arg(out);
-    let o = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("qemu-img is needed for this test and could not run: {e}"));
+    let o = fmt_common::output(&mut cmd);
     o.status.success().then(|| std::fs::read(out).unwrap())
 }
 

@@ -3,6 +3,8 @@
 //! corruption — through writes, compressed writes, zero writes, discards, resize and the
 //! snapshot operations.
 
+mod fmt_common;
+
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -102,11 +104,7 @@ fn workload(img: &mut Image) -> imgblock::Result<()> {
 }
 
 fn check_status(p: &Path) -> (i32, String) {
-    let o = Command::new("qemu-img")
-        .args(["check"])
-        .arg(p)
-        .output()
-        .unwrap_or_else(|e| panic!("qemu-img is needed for this test and could not run: {e}"));
+    let o = fmt_common::output(Command::new("qemu-img").arg("check").arg(p));
     (
         o.status.code().unwrap_or(-1),
         format!(

@@ -3,6 +3,8 @@
 //! the error, the image stays one `qemu-img check` calls consistent (leaks at most), and the
 //! error reaches the caller.
 
+mod fmt_common;
+
 use std::io;
 use std::path::Path;
 use std::process::Command;
@@ -66,11 +68,7 @@ impl Storage for FullDisk {
 }
 
 fn check_code(p: &Path) -> (i32, String) {
-    let o = Command::new("qemu-img")
-        .arg("check")
-        .arg(p)
-        .output()
-        .unwrap_or_else(|e| panic!("qemu-img is needed for this test and could not run: {e}"));
+    let o = fmt_common::output(Command::new("qemu-img").arg("check").arg(p));
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),

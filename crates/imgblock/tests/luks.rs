@@ -11,6 +11,8 @@
 
 #![allow(clippy::cast_possible_truncation)] // test sizes are small constants
 
+mod fmt_common;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,25 +26,7 @@ const PW: &str = "correct horse";
 const SIZE: u64 = 4 << 20;
 
 fn run(prog: &str, args: &[&str]) -> std::process::Output {
-    // Tests run side by side, and a process another test is starting holds a copy of this
-    // test's descriptors until its exec closes them: an image just dropped here can stay
-    // locked (qemu's OFD locks) for that instant. A lock still held after a few retries is a
-    // real failure.
-    for _ in 0..5 {
-        let o = Command::new(prog)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("{prog} is needed for this test and could not run: {e}"));
-        let err = String::from_utf8_lossy(&o.stderr);
-        if o.status.success() || !err.contains("Failed to get") || !err.contains("lock") {
-            return o;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog} is needed for this test and could not run: {e}"))
+    fmt_common::output(Command::new(prog).args(args))
 }
 
 #[track_caller]

@@ -1,5 +1,7 @@
 //! measure agrees with qemu-img measure, for empty disks and for real sources.
 
+mod fmt_common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -7,12 +9,11 @@ use imgblock::measure::measure;
 use imgblock::{CreateOptions, Format, Image, OpenOptions};
 
 fn qemu_measure(args: &[&str]) -> (u64, u64) {
-    let o = Command::new("qemu-img")
-        .arg("measure")
-        .arg("--output=json")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("qemu-img is needed for this test and could not run: {e}"));
+    let o = fmt_common::output(
+        Command::new("qemu-img")
+            .args(["measure", "--output=json"])
+            .args(args),
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     let num = |key: &str| -> u64 {

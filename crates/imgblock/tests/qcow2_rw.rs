@@ -2,6 +2,8 @@
 //! in-memory model and (when installed) `qemu-img check`.
 
 #![allow(clippy::cast_possible_truncation)] // test sizes are small constants
+mod fmt_common;
+
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -12,16 +14,14 @@ use proptest::prelude::*;
 const SIZE: u64 = 3 << 20;
 
 fn qemu_check(path: &Path) {
-    match Command::new("qemu-img").arg("check").arg(path).output() {
-        Ok(o) => assert!(
-            o.status.success(),
-            "qemu-img check {} failed:\n{}{}",
-            path.display(),
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-        Err(e) => panic!("qemu-img is needed for this test and could not run: {e}"),
-    }
+    let o = fmt_common::output(Command::new("qemu-img").arg("check").arg(path));
+    assert!(
+        o.status.success(),
+        "qemu-img check {} failed:\n{}{}",
+        path.display(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 fn new_image(dir: &Path, opts: &str, backing: Option<&str>) -> Image {
@@ -274,12 +274,12 @@ fn compressed_round_trip(opts: &str) {
     qemu_check(&p);
     let raw = dir.path().join("m.raw");
     std::fs::write(&raw, &model).unwrap();
-    let o = Command::new("qemu-img")
-        .args(["compare", "-f", "qcow2", "-F", "raw"])
-        .arg(&p)
-        .arg(&raw)
-        .output()
-        .unwrap();
+    let o = fmt_common::output(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "qcow2", "-F", "raw"])
+            .arg(&p)
+            .arg(&raw),
+    );
     assert!(
         o.status.success(),
         "qemu-img compare: {}",

@@ -1,5 +1,7 @@
 //! Growing and shrinking images, judged by qemu-img check and by reading the data back.
 
+mod fmt_common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -7,11 +9,11 @@ use imgblock::raw::Preallocation;
 use imgblock::{create, CreateOptions, Format, Image, OpenOptions};
 
 fn qemu_check_json(p: &Path) -> String {
-    let o = Command::new("qemu-img")
-        .args(["check", "--output=json"])
-        .arg(p)
-        .output()
-        .unwrap_or_else(|e| panic!("qemu-img is needed for this test and could not run: {e}"));
+    let o = fmt_common::output(
+        Command::new("qemu-img")
+            .args(["check", "--output=json"])
+            .arg(p),
+    );
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(
         o.status.success(),

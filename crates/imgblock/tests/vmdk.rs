@@ -585,11 +585,7 @@ fn vmdk_empty_stream_optimized_from_create_opens_in_qemu() {
     let mut o = imgblock::CreateOptions::new(1 << 20);
     o.parse_opts("subformat=streamOptimized").unwrap();
     imgblock::create(&p, imgblock::Format::Vmdk, &o).unwrap();
-    let out = std::process::Command::new("qemu-img")
-        .arg("check")
-        .arg(&p)
-        .output()
-        .unwrap();
+    let out = fmt_common::output(std::process::Command::new("qemu-img").arg("check").arg(&p));
     assert!(
         out.status.success(),
         "{}{}",

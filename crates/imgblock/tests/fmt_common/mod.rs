@@ -1,20 +1,40 @@
-//! Helpers shared by the vmdk, vdi and ova interop tests: run qemu-img/qemu-io, read images
+//! Helpers shared by the library's interop tests: run qemu-img/qemu-io, read images
 //! whole through the library and through qemu-img, copy one image into another.
 
 #![allow(dead_code)]
 #![allow(clippy::cast_possible_truncation)] // test sizes are small
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Output};
 
 use imgblock::{create, CreateOptions, Format, Image, OpenOptions};
 
+/// Runs `cmd` to completion and returns what it printed.
+///
+/// Tests run side by side, and a process another test is starting holds a copy of this test's
+/// descriptors until its exec closes them: an image this test has just dropped can stay locked
+/// (qemu's OFD locks) for that instant. A qemu tool refused a lock is therefore run again, up to
+/// five times in all; a lock still held after that is a real failure.
+pub fn output(cmd: &mut Command) -> Output {
+    let prog = cmd.get_program().to_string_lossy().into_owned();
+    let mut tries = 0;
+    loop {
+        let o = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("{prog} is needed for this test and could not run: {e}"));
+        tries += 1;
+        let err = String::from_utf8_lossy(&o.stderr);
+        let locked = err.contains("Failed to get") && err.contains("lock");
+        if o.status.success() || !locked || tries >= 5 {
+            return o;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 /// Runs a program and panics with its output when it fails.
 pub fn run(prog: &str, args: &[&str]) -> String {
-    let o = Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog} is needed for this test and could not run: {e}"));
+    let o = output(Command::new(prog).args(args));
     assert!(
         o.status.success(),
         "{prog} {args:?} failed:\n{}{}",
