@@ -736,10 +736,7 @@ impl Image {
         self.check_writable()?;
         self.check_range(offset, data.len() as u64)?;
         match compressed {
-            Some(c) => {
-                let _guard = self.alloc_lock.lock().unwrap_or_else(|e| e.into_inner());
-                self.driver.write_compressed(offset, c)
-            }
+            Some(c) => self.store_compressed(&[(offset, c)]),
             None => self.write_at(data, offset),
         }
     }
@@ -759,6 +756,11 @@ impl Image {
         for &(offset, _) in clusters {
             self.check_range(offset, cs.min(self.size().saturating_sub(offset)).max(1))?;
         }
+        self.store_compressed(clusters)
+    }
+
+    /// Hands checked compressed clusters to the format, which allocates for them.
+    fn store_compressed(&self, clusters: &[(u64, &[u8])]) -> Result<()> {
         let _guard = self.alloc_lock.lock().unwrap_or_else(|e| e.into_inner());
         self.driver.write_compressed_batch(clusters)
     }
