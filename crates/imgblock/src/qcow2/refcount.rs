@@ -359,9 +359,10 @@ impl Qcow2 {
 
     /// Places compressed byte runs of `lens` back to back after the previous compressed data,
     /// where [`Qcow2::alloc_compressed_bytes`] would place them one by one, and counts their
-    /// references with one refcount write per refcount block. `None`, with nothing changed, when
-    /// that is not possible (no partly used cluster to continue, a cluster in the way, a new
-    /// refcount block needed, a refcount at its maximum): the caller then places them one by one.
+    /// references with one refcount write per refcount block. `None`, with no refcount changed,
+    /// when that is not possible (no partly used cluster to continue, a cluster in the way, a new
+    /// refcount block placed meanwhile, a refcount at its maximum): the caller then places them
+    /// one by one.
     pub(super) fn alloc_compressed_run(
         &self,
         st: &mut State,
@@ -384,9 +385,14 @@ impl Qcow2 {
             return Ok(None);
         }
         let rc = self.refcount(st, first)?;
-        // Every host cluster a run touches gains one reference.
-        let span = usize::try_from(last - first + 1).unwrap_or(usize::MAX);
-        let mut adds = vec![0u64; span];
+        if rc == 0 {
+            return Ok(None);
+        }
+        // The new refcounts: the first cluster's current one, plus one for every run that
+        // touches a cluster. Each run is shorter than a cluster (the caller checked), so
+        // `lens.len() + 1` clusters at most.
+        let span = last - first + 1;
+        let mut counts = vec![0u64; usize::try_from(span).unwrap_or(0)];
         let mut hosts = Vec::with_capacity(lens.len());
         let mut at = cur;
         for &len in lens {
@@ -394,18 +400,21 @@ impl Qcow2 {
             let a = (at >> g.cluster_bits) - first;
             let b = ((at + len - 1) >> g.cluster_bits) - first;
             for k in a..=b {
-                if let Some(x) = adds.get_mut(usize::try_from(k).unwrap_or(usize::MAX)) {
+                if let Some(x) = counts.get_mut(usize::try_from(k).unwrap_or(usize::MAX)) {
                     *x += 1;
                 }
             }
             at += len;
         }
-        let max = self.max_refcount();
-        let new = |k: u64| adds[usize::try_from(k).unwrap_or(0)] + if k == 0 { rc } else { 0 };
-        if rc == 0 || (0..span as u64).any(|k| new(k) > max) {
+        if let Some(x) = counts.first_mut() {
+            *x += rc;
+        }
+        if counts.len() as u64 != span || counts.iter().any(|&v| v > self.max_refcount()) {
             return Ok(None);
         }
-        self.set_refcounts(st, first, span as u64, new)?;
+        // Every k below `span` has its count (checked above).
+        let count = |k: u64| usize::try_from(k).ok().and_then(|i| counts.get(i).copied());
+        self.set_refcounts(st, first, span, |k| count(k).unwrap_or(1))?;
         st.compressed_cursor = cur + total;
         Ok(Some(hosts))
     }
