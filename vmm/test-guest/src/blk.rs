@@ -321,13 +321,7 @@ impl Dev {
     /// interrupt when the last one is used.
     fn kick_and_wait(&mut self, n: u16) {
         let target = self.last_used.wrapping_add(n);
-        // Polled: half the index space ahead, so that the device never interrupts.
-        let event = target.wrapping_add(if self.poll { 0x8000 } else { 0xffff });
-        // SAFETY: the driver owns avail.used_event.
-        unsafe {
-            core::ptr::write_volatile(&mut self.ring.avail.used_event, event);
-        }
-        fence(Ordering::SeqCst);
+        interrupt_at(self.ring, target, self.poll);
         self.set(QUEUE_NOTIFY, 0);
         let start = rdtsc();
         if self.poll {
@@ -407,27 +401,12 @@ impl Dev {
             // The oldest group, in submission order.
             let target = self.last_used.wrapping_add(per_group as u16);
             let done = |d: &Self| d.used_idx().wrapping_sub(d.last_used) >= per_group as u16;
+            interrupt_at(self.ring, target, polled);
             if polled {
-                // Half the index space ahead: the device never crosses it, so never interrupts.
-                // SAFETY: the driver owns avail.used_event.
-                unsafe {
-                    core::ptr::write_volatile(
-                        &mut self.ring.avail.used_event,
-                        target.wrapping_add(0x8000),
-                    );
-                }
                 while !done(self) {
                     core::hint::spin_loop();
                 }
             } else {
-                // SAFETY: as above.
-                unsafe {
-                    core::ptr::write_volatile(
-                        &mut self.ring.avail.used_event,
-                        target.wrapping_sub(1),
-                    );
-                }
-                fence(Ordering::SeqCst);
                 let irqs = irq::count();
                 irq::wait_until(|| done(self));
                 if irq::count() != irqs {
@@ -507,11 +486,7 @@ impl Dev {
             // SAFETY: as above.
             let ring = unsafe { &mut **ring };
             let target = last.wrapping_add(per_group as u16);
-            // SAFETY: the driver owns avail.used_event.
-            unsafe {
-                core::ptr::write_volatile(&mut ring.avail.used_event, target.wrapping_sub(1));
-            }
-            fence(Ordering::SeqCst);
+            interrupt_at(ring, target, false);
             let used = core::ptr::addr_of!(ring.used.idx);
             let last_seen = *last;
             let irqs = irq::count();
@@ -992,6 +967,16 @@ pub fn test_disk(index: usize, base: u64, gsi: u32, cmd: &str, hz: Option<u64>, 
     let (o, l, _) = w[0];
     rok = d.read(o + l, 4096) == S_OK && verify(&dma()[..4096], 1, o + l);
     t.check("read back: data next to writes untouched", rok);
+}
+
+/// Asks the device (EVENT_IDX's used_event) to interrupt once the used index reaches `target`;
+/// `polled`, never: the event then sits half the index space ahead, which the device does not
+/// cross.
+fn interrupt_at(ring: &mut Ring, target: u16, polled: bool) {
+    let event = target.wrapping_add(if polled { 0x8000 } else { 0xffff });
+    // SAFETY: the driver owns avail.used_event.
+    unsafe { core::ptr::write_volatile(&mut ring.avail.used_event, event) };
+    fence(Ordering::SeqCst);
 }
 
 /// Readies benchmark slots `first..first + n` for their next block: each header's sector moves
