@@ -200,6 +200,81 @@ fn img_convert_with_backing_equals_source() {
     assert_eq!(info["backing-filename"], "base.raw", "{info:#}");
 }
 
+/// `img convert -B` from a source without a backing file: what the source leaves unallocated
+/// reads as zeroes, so the target must hide its backing file there (past the end of a shorter
+/// backing file it reads as zeroes already). A source whose own backing file is shorter than it
+/// is left to the target's backing file wherever it leaves a range to its own, even past that
+/// file's end, as in qemu. Every result reads and maps as qemu-img's.
+#[test]
+fn img_convert_with_backing_hides_it_where_the_source_reads_zeroes() {
+    let env = Env::with_qemu();
+    // 3 MiB of 0xee behind a 4 MiB target: the last MiB lies past its end.
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "back.qcow2", "3M"])
+        .ok();
+    env.qemu_io("qcow2", "back.qcow2", &["write -P 0xee 0 3M"]);
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "short.qcow2", "2M"])
+        .ok();
+    env.qemu_io("qcow2", "short.qcow2", &["write -P 0x77 0 2M"]);
+    env.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "short.qcow2",
+        "-F",
+        "qcow2",
+        "over.qcow2",
+        "4M",
+    ])
+    .ok();
+    for (fmt, src) in [
+        ("qcow2", "src.qcow2"),
+        ("vmdk", "src.vmdk"),
+        ("vdi", "src.vdi"),
+        ("qcow2", "over.qcow2"),
+    ] {
+        if src != "over.qcow2" {
+            env.qemu_img(&["create", "-q", "-f", fmt, src, "4M"]).ok();
+        }
+        env.qemu_io(
+            fmt,
+            src,
+            &["write -P 0xab 1M 512k", "write -P 0xcd 3584k 256k"],
+        );
+        let ours = format!("img-{fmt}-{src}.qcow2");
+        let theirs = format!("qemu-{fmt}-{src}.qcow2");
+        for (tool, out) in [("img", &ours), ("qemu", &theirs)] {
+            let args = [
+                "convert",
+                "-f",
+                fmt,
+                "-O",
+                "qcow2",
+                "-B",
+                "back.qcow2",
+                "-F",
+                "qcow2",
+                src,
+                out,
+            ];
+            if tool == "img" {
+                env.img(&args).ok();
+            } else {
+                env.qemu_img(&args).ok();
+            }
+        }
+        env.qemu_img(&["check", &ours]).ok();
+        env.qemu_img(&["compare", &ours, &theirs]).ok();
+        if src != "over.qcow2" {
+            env.qemu_img(&["compare", "-f", fmt, "-F", "qcow2", src, &ours])
+                .ok();
+        }
+        let map = |f: &str| env.qemu_img(&["map", "--output=json", f]).ok().stdout;
+        assert_eq!(map(&ours), map(&theirs), "{src}");
+    }
+}
+
 /// `convert -C` (copy offloading): raw to raw copies data inside the kernel, holes stay holes
 /// and zeroes in the data are copied as data, as qemu-img does; a qcow2 target (not plain
 /// data yet) takes the buffered path with the same result; -c and -S are refused with qemu's

@@ -107,6 +107,8 @@ struct Plan {
     zero_init: bool,
     /// The target has a backing file: copy only what lies above the source's own backing.
     target_has_backing: bool,
+    /// The size of a new target's backing file: past it, the target reads as zeroes anyway.
+    target_backing_end: Option<u64>,
 }
 
 fn parse_sparse(s: Option<&str>) -> CliResult<u64> {
@@ -233,6 +235,10 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
             && min_sparse != 0
             && target.driver().has_zero_init(),
         target_has_backing,
+        target_backing_end: target
+            .backing()
+            .filter(|_| target_has_backing && !args.no_create)
+            .map(Image::size),
     };
     let progress = Progress::new(&args.progress, args.quiet, total);
     let sparse = Sparse {
@@ -270,7 +276,7 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         mode,
         workers,
         &progress,
-        &|src, offset, len| next_range(src, offset, len, &plan),
+        &|src, offset, len, at| next_range(src, offset, len, at, &plan),
     )?;
     target
         .flush()
@@ -376,12 +382,7 @@ fn open_existing_target(
 /// What to do with the range block status describes, qemu-img's `convert_iteration_sectors`.
 fn action_for(st: &BlockStatus, plan: &Plan) -> Action {
     if st.zero {
-        // With -S 0 everything is written as data, zeroes included.
-        if plan.min_sparse == 0 {
-            Action::Copy
-        } else {
-            Action::Zero
-        }
+        zero_action(plan)
     } else if st.data || !plan.target_has_backing {
         Action::Copy
     } else {
@@ -389,19 +390,58 @@ fn action_for(st: &BlockStatus, plan: &Plan) -> Action {
     }
 }
 
-/// The status of the next range of `src` at `offset`: with a target backing file, only what the
-/// source holds above its own backing counts.
-fn next_range(src: &Image, offset: u64, len: u64, plan: &Plan) -> CliResult<(Action, u64)> {
-    if plan.target_has_backing {
-        let (here, n) = src.is_allocated_here(offset, len)?;
-        if !here {
+/// What to do with a range that reads as zeroes: with -S 0 everything is written as data.
+fn zero_action(plan: &Plan) -> Action {
+    if plan.min_sparse == 0 {
+        Action::Copy
+    } else {
+        Action::Zero
+    }
+}
+
+/// The status of the next range of `src` at `offset` (`at` in the target).
+///
+/// With a target backing file only what the source holds above its own backing counts: what
+/// the source leaves to its backing file (even past that file's end, as in qemu), the target's
+/// backing file is taken to hold. Where the source has no backing file, what it leaves
+/// unallocated reads as zeroes, and those must be written over the target's backing file, except
+/// past the end of a new target's backing file, where the target reads as zeroes already.
+fn next_range(
+    src: &Image,
+    offset: u64,
+    len: u64,
+    at: u64,
+    plan: &Plan,
+) -> CliResult<(Action, u64)> {
+    if !plan.target_has_backing {
+        let st = src.block_status(offset, len)?;
+        return Ok((action_for(&st, plan), st.len.clamp(1, len)));
+    }
+    let (past_backing, len) = match plan.target_backing_end {
+        Some(end) if at >= end => (true, len),
+        Some(end) => (false, len.min(end - at)),
+        None => (false, len),
+    };
+    let (here, n) = src.is_allocated_here(offset, len)?;
+    let n = if here {
+        let st = src.block_status(offset, n)?;
+        if !st.zero {
+            return Ok((action_for(&st, plan), st.len.clamp(1, n)));
+        }
+        st.len.clamp(1, n)
+    } else {
+        if src.backing().is_some() {
             return Ok((Action::Skip, n));
         }
-        let st = src.block_status(offset, n)?;
-        return Ok((action_for(&st, plan), st.len.clamp(1, n)));
-    }
-    let st = src.block_status(offset, len)?;
-    Ok((action_for(&st, plan), st.len.clamp(1, len)))
+        n
+    };
+    // The range reads as zeroes.
+    let action = if past_backing {
+        Action::Skip
+    } else {
+        zero_action(plan)
+    };
+    Ok((action, n))
 }
 
 /// Whether the target stores every cluster compressed whatever `-c` says (streamOptimized
@@ -462,6 +502,7 @@ mod tests {
             alignment: 8,
             zero_init: !backing,
             target_has_backing: backing,
+            target_backing_end: None,
         }
     }
 

@@ -45,8 +45,8 @@ pub enum Action {
 }
 
 /// Block status as convert reads it: what to do at `offset` of a source, and for how many bytes
-/// (at most `len`).
-pub type Planner<'a> = dyn Fn(&Image, u64, u64) -> CliResult<(Action, u64)> + 'a;
+/// (at most `len`). The last argument is where `offset` lands in the target.
+pub type Planner<'a> = dyn Fn(&Image, u64, u64, u64) -> CliResult<(Action, u64)> + 'a;
 
 /// How zero runs in copied data are written.
 #[derive(Debug, Clone, Copy)]
@@ -259,7 +259,7 @@ fn plan_jobs(
         let size = src.size();
         let mut offset = 0;
         while offset < size {
-            let (action, n) = plan(src, offset, size - offset)?;
+            let (action, n) = plan(src, offset, size - offset, base + offset)?;
             let n = n.clamp(1, size - offset);
             // Data goes in aligned steps, so that every read and write but the edges is whole.
             let n = match action {
