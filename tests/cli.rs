@@ -330,3 +330,59 @@ fn convert_flags_n_q_s_behave_like_qemu() {
         "-S 0 should allocate every block"
     );
 }
+
+/// `convert` onto its own source, or onto the source's backing file, fails on the lock as in
+/// qemu-img, and leaves that file as it was: the target is emptied only once it is locked.
+#[test]
+fn convert_onto_its_own_source_is_refused_and_leaves_it_intact() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "b.qcow2", "4M"])
+        .ok();
+    env.qemu_io("qcow2", "b.qcow2", &["write -P 0x11 0 1M"]);
+    env.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "o.qcow2",
+    ])
+    .ok();
+    common::patterned_raw(&env, "r.raw");
+    for (args, victim) in [
+        (
+            &["convert", "-O", "qcow2", "b.qcow2", "b.qcow2"][..],
+            "b.qcow2",
+        ),
+        (
+            &["convert", "-O", "raw", "o.qcow2", "b.qcow2"][..],
+            "b.qcow2",
+        ),
+        (
+            &["convert", "-f", "raw", "-O", "raw", "r.raw", "r.raw"][..],
+            "r.raw",
+        ),
+    ] {
+        let before = env.read(victim);
+        let out = env.img(args).code_is(1);
+        assert!(out.stderr.contains("Failed to get \"write\" lock"), "{out}");
+        assert!(env.read(victim) == before, "{args:?} changed {victim}");
+    }
+    env.qemu_io("qcow2", "b.qcow2", &["read -P 0x11 0 1M"]);
+}
+
+/// -U shares the image with writers, so it is for reading only: commands that write refuse it
+/// with qemu-img's words and leave the image alone.
+#[test]
+fn force_share_on_a_writing_command_is_refused() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "x.qcow2", "4M"])
+        .ok();
+    let before = env.read("x.qcow2");
+    for args in [
+        &["snapshot", "-U", "-c", "s1", "x.qcow2"][..],
+        &["check", "-U", "-r", "all", "x.qcow2"][..],
+    ] {
+        let ours = env.img(args).code_is(1);
+        let theirs = env.qemu_img(args).code_is(1);
+        let msg = "Could not open 'x.qcow2': force-share=on can only be used with read-only images";
+        assert!(ours.stderr.contains(msg), "{ours}");
+        assert!(theirs.stderr.contains(msg), "{theirs}");
+    }
+    assert!(env.read("x.qcow2") == before, "x.qcow2 changed");
+}

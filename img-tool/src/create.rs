@@ -97,6 +97,8 @@ pub fn run(args: &CreateArgs) -> CliResult<i32> {
     }
     imgblock::create(Path::new(file), format, &opts).map_err(|e| match e {
         imgblock::Error::InvalidOption(m) => in_file(m),
+        // qemu names the file it could not lock.
+        e @ imgblock::Error::Locked { .. } => in_file(e.to_string()),
         other => Failure::from(other),
     })?;
     Ok(0)

@@ -94,6 +94,13 @@ pub enum Error {
         /// Whether it was refusing to share the permission that failed.
         shared: bool,
     },
+    /// A writable open was asked to share every permission (qemu's `force-share=on`): another
+    /// writer could then change the image under this one.
+    #[error("force-share=on can only be used with read-only images")]
+    ForceShareWritable {
+        /// The image.
+        path: PathBuf,
+    },
     /// Backing files refer back to an image already in the chain.
     #[error("{}: backing chain loops back to this image", path.display())]
     BackingLoop {

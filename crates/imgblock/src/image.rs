@@ -26,8 +26,8 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// Open this internal snapshot read-only instead of the active state.
     pub snapshot: Option<String>,
-    /// Take no locks, letting other processes write (qemu-img's -U / --force-share; read-only
-    /// opens only make sense with it).
+    /// Take no locks, letting other processes write (qemu-img's -U / --force-share). Only for
+    /// read-only opens: a writable one is refused ([`Error::ForceShareWritable`]).
     pub force_share: bool,
 }
 
@@ -178,6 +178,11 @@ impl Image {
         secrets: &Secrets,
         direct: bool,
     ) -> Result<Image> {
+        if opts.writable && opts.force_share {
+            return Err(Error::ForceShareWritable {
+                path: path.to_owned(),
+            });
+        }
         if depth >= MAX_CHAIN_DEPTH {
             return Err(Error::ChainTooDeep {
                 path: path.to_owned(),

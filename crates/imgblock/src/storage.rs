@@ -137,6 +137,8 @@ pub struct FileStorage {
     direct: Option<File>,
     /// Start writeback every [`WRITE_BEHIND_BYTES`] written ([`Storage::set_write_behind`]).
     write_behind: AtomicBool,
+    /// The locks [`FileStorage::create`] took, released when the storage is dropped.
+    lock: Option<crate::lock::ImageLock>,
     /// Bytes written through the page cache since writeback was last started.
     unsubmitted: AtomicU64,
     /// How many times writeback was started, for tests.
@@ -160,6 +162,7 @@ impl FileStorage {
             read_only,
             direct: None,
             write_behind: AtomicBool::new(false),
+            lock: None,
             unsubmitted: AtomicU64::new(0),
             writebacks: AtomicU64::new(0),
         }
@@ -196,19 +199,37 @@ impl FileStorage {
         }
     }
 
-    /// Creates (or truncates) a file for writing.
+    /// Creates a file for writing, or empties an existing one, as qemu's file driver does: the
+    /// file is opened without truncation and emptied only once this process holds the write and
+    /// resize permissions ([`crate::lock`]), so an image another process (a running VM, or this
+    /// command's own source) has open is refused, not destroyed. The locks are held as long as
+    /// the storage lives.
     ///
     /// # Errors
-    /// Whatever `open(2)` returns.
-    pub fn create(path: &Path) -> io::Result<Self> {
+    /// [`crate::Error::Locked`] when another process uses the file; [`crate::Error::Io`] when
+    /// it cannot be opened, locked or emptied.
+    pub fn create(path: &Path) -> crate::Result<Self> {
+        let io = |source| crate::Error::Io {
+            path: path.to_owned(),
+            source,
+        };
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .mode(0o644)
-            .open(path)?;
-        Ok(Self::with_file(file, path, false))
+            .open(path)
+            .map_err(io)?;
+        let lock = crate::lock::lock(
+            path,
+            &[crate::lock::PERM_WRITE, crate::lock::PERM_RESIZE],
+            &[crate::lock::PERM_RESIZE],
+        )?;
+        file.set_len(0).map_err(io)?;
+        let mut s = Self::with_file(file, path, false);
+        s.lock = Some(lock);
+        Ok(s)
     }
 
     /// The underlying file.

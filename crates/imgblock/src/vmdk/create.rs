@@ -129,7 +129,7 @@ fn write_sparse_extent(
             path: path.to_owned(),
             source: e,
         })?;
-    let s = FileStorage::create(path).ctx(path)?;
+    let s = FileStorage::create(path)?;
     let gd_sectors = geo.gd_bytes() / SECTOR;
     let gt_sectors = geo.gt_bytes() / SECTOR;
     let mut h = SparseHeader {
@@ -361,7 +361,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
                 };
                 let epath = dir.join(&name);
                 if flat {
-                    let s = FileStorage::create(&epath).ctx(&epath)?;
+                    let s = FileStorage::create(&epath)?;
                     s.set_len(n * SECTOR).ctx(&epath)?;
                     match prealloc {
                         Preallocation::Falloc => s.allocate(0, n * SECTOR).ctx(&epath)?,
@@ -391,7 +391,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
                     break;
                 }
             }
-            let s = FileStorage::create(path).ctx(path)?;
+            let s = FileStorage::create(path)?;
             s.write_at(desc.to_text().as_bytes(), 0).ctx(path)?;
             s.flush().ctx(path)?;
         }
