@@ -354,3 +354,61 @@ fn compressed_targets_read_back_by_qemu() {
         same_output(&env, args);
     }
 }
+
+/// An empty streamOptimized image is made in qemu's layout (directories after the descriptor,
+/// no footer), so either tool can fill it: qemu-img and qemu-io write into one made here, and
+/// `img convert -n` fills one made by either tool, in VMware's layout. Every result reads as
+/// its source through both tools.
+#[test]
+fn empty_stream_optimized_images_are_filled_by_either_tool() {
+    let env = Env::with_qemu();
+    env.sparse_file("src.raw", 4 * MIB);
+    env.write_at("src.raw", 0, &noise(3, 3 * MIB as usize));
+    let create = |tool: &str, name: &str| {
+        let args = [
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            name,
+            "4M",
+        ];
+        if tool == "img" {
+            env.img(&args).ok();
+        } else {
+            env.qemu_img(&args).ok();
+        }
+    };
+    create("img", "ours.vmdk");
+    create("qemu", "theirs.vmdk");
+    assert_eq!(env.len("ours.vmdk"), env.len("theirs.vmdk"));
+    let (a, b) = (env.read("ours.vmdk"), env.read("theirs.vmdk"));
+    assert!(a[..512] == b[..512], "headers differ");
+    for (filler, name) in [
+        ("qemu", "ours.vmdk"),
+        ("img", "ours.vmdk"),
+        ("img", "theirs.vmdk"),
+    ] {
+        let target = format!("{filler}-into-{name}");
+        std::fs::copy(env.path(name), env.path(&target)).unwrap();
+        let args = [
+            "convert", "-n", "-f", "raw", "-O", "vmdk", "src.raw", &target,
+        ];
+        if filler == "img" {
+            env.img(&args).ok();
+        } else {
+            env.qemu_img(&args).ok();
+        }
+        env.qemu_img(&["compare", "src.raw", &target]).ok();
+        env.img(&["compare", "src.raw", &target]).ok();
+    }
+    // qemu-io writes into an empty stream made here; both tools read what it wrote.
+    create("img", "io.vmdk");
+    env.qemu_io("vmdk", "io.vmdk", &["write -P 0x99 1M 64k"]);
+    env.img(&["convert", "-O", "raw", "io.vmdk", "io.raw"]).ok();
+    env.qemu_img(&["compare", "-f", "raw", "io.raw", "io.vmdk"])
+        .ok();
+    env.qemu_io("raw", "io.raw", &["read -P 0x99 1M 64k"]);
+}

@@ -52,8 +52,6 @@ pub const DEFAULT_GRAIN_SECTORS: u64 = 128;
 pub const GTES_PER_GT: u32 = 512;
 /// Sectors reserved for the embedded descriptor (qemu's DESC_SIZE).
 pub const EMBEDDED_DESC_SECTORS: u64 = 20;
-/// Sectors before the first grain of a stream (one 64 KiB grain, as ovftool writes).
-pub const STREAM_OVERHEAD_SECTORS: u64 = 128;
 
 /// The subformats qemu-img creates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,14 +158,13 @@ fn write_sparse_extent(
         s.write_at(d.as_bytes(), SECTOR).ctx(path)?;
     }
     if stream {
+        // An empty stream in qemu's layout: directories and zeroed tables after the descriptor,
+        // as in a sparse extent, so that qemu can write into it as well as read it. Writing it
+        // here starts the stream afresh, in VMware's layout (see the driver's open).
         h.version = 3;
-        h.flags = sparse::FLAG_NL_DETECT | sparse::FLAG_COMPRESS | sparse::FLAG_MARKER;
-        h.gd_offset = sparse::GD_AT_END;
-        h.overhead = STREAM_OVERHEAD_SECTORS;
+        h.flags =
+            sparse::FLAG_NL_DETECT | sparse::FLAG_RGD | sparse::FLAG_COMPRESS | sparse::FLAG_MARKER;
         h.compress = sparse::COMPRESSION_DEFLATE;
-        s.write_at(&h.to_bytes(), 0).ctx(path)?;
-        s.set_len(h.overhead * SECTOR).ctx(path)?;
-        return s.flush().ctx(path);
     }
     let tables = gt_sectors * geo.gd_entries;
     h.rgd_offset = 1 + EMBEDDED_DESC_SECTORS;
@@ -325,16 +322,6 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
                 sub == Subformat::StreamOptimized,
                 Some(&text),
             )?;
-            if sub == Subformat::StreamOptimized {
-                // Even an empty stream needs its grain directory, footer and end-of-stream
-                // marker: the driver writes them when it is flushed.
-                let opts = crate::OpenOptions {
-                    format: Some(crate::Format::Vmdk),
-                    writable: true,
-                    ..crate::OpenOptions::default()
-                };
-                crate::Image::open(path, &opts)?.flush()?;
-            }
         }
         _ => {
             let split = matches!(

@@ -953,8 +953,8 @@ fn open_sparse(s: &dyn Storage, writable: bool) -> Result<(SparseInfo, SparseSta
                 return Err(verr(path, Error::BadFooter));
             }
             if writable && stream_is_empty(s, &h).map_err(|e| verr(path, e))? {
-                // A stream created empty carries its directory and footer so that it reads;
-                // writing it starts the stream afresh after the descriptor.
+                // An empty finished stream (as ovftool, or earlier versions of this driver,
+                // make them): writing it starts the stream afresh after the descriptor.
                 let start = created.overhead.saturating_mul(SECTOR);
                 s.set_len(start).ctx(path)?;
                 file_len = start;
@@ -962,6 +962,26 @@ fn open_sparse(s: &dyn Storage, writable: bool) -> Result<(SparseInfo, SparseSta
                 stream = Some(StreamWriter::new(start));
             }
         }
+    }
+    if writable
+        && stream.is_none()
+        && h.compressed()
+        && h.flags & sparse::FLAG_MARKER != 0
+        && stream_is_empty(s, &h).map_err(|e| verr(path, e))?
+    {
+        // A stream created empty in qemu's layout (directories after the descriptor, no
+        // footer): writing it starts the stream afresh, in VMware's layout, after the tables.
+        let start = h.overhead.saturating_mul(SECTOR);
+        if start > file_len {
+            return Err(verr(path, Error::FileTruncated(start)));
+        }
+        h.gd_offset = GD_AT_END;
+        h.rgd_offset = 0;
+        h.flags &= !sparse::FLAG_RGD;
+        s.set_len(start).ctx(path)?;
+        s.write_at(&h.to_bytes(), 0).ctx(path)?;
+        file_len = start;
+        stream = Some(StreamWriter::new(start));
     }
     let geo = h.validate().map_err(|e| verr(path, e))?;
     let compressed = h.compressed();
@@ -1484,15 +1504,16 @@ impl Driver for Vmdk {
 #[cfg(test)]
 mod tests;
 
-/// Whether a finished stream holds no grain: every grain table its directory names is all zero.
-fn stream_is_empty(s: &dyn Storage, footer: &SparseHeader) -> std::result::Result<bool, Error> {
-    let geo = footer.validate()?;
+/// Whether a stream holds no grain: every grain table the directory named by `h` (a finished
+/// stream's footer, or the header of one in qemu's layout) names is all zero.
+fn stream_is_empty(s: &dyn Storage, h: &SparseHeader) -> std::result::Result<bool, Error> {
+    let geo = h.validate()?;
     let gd_bytes = usize::try_from(geo.gd_entries.saturating_mul(4)).unwrap_or(usize::MAX);
     if gd_bytes as u64 > MAX_GD_BYTES {
         return Ok(false);
     }
     let mut gd = vec![0u8; gd_bytes];
-    s.read_at(&mut gd, footer.gd_offset.saturating_mul(SECTOR))
+    s.read_at(&mut gd, h.gd_offset.saturating_mul(SECTOR))
         .map_err(|_| Error::BadFooter)?;
     let gt_bytes = usize::try_from(geo.gtes.saturating_mul(4)).unwrap_or(usize::MAX);
     let mut gt = vec![0u8; gt_bytes.min(1 << 20)];
