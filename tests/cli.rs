@@ -259,6 +259,41 @@ fn map_sparse_raw_equals_qemu() {
     assert_eq!(ours.stdout, theirs.stdout, "img:{ours}\nqemu-img:{theirs}");
 }
 
+/// A raw file whose length is not a whole number of sectors is a disk of whole sectors, its
+/// tail reading as zeroes, as in qemu: info, map and what convert writes agree with qemu-img.
+#[test]
+fn raw_file_of_partial_sector_is_sized_in_whole_sectors() {
+    let env = Env::with_qemu();
+    env.write("six.raw", b"abcdef");
+    for args in [
+        &["info", "--output=json", "six.raw"][..],
+        &["map", "--output=json", "six.raw"][..],
+    ] {
+        let theirs = env.qemu_img(args).ok().json();
+        let ours = env.img(args).ok().json();
+        assert_eq!(
+            ours, theirs,
+            "{args:?}\nimg: {ours:#}\nqemu-img: {theirs:#}"
+        );
+    }
+    env.img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "six.raw",
+        "six.qcow2",
+    ])
+    .ok();
+    let info = env
+        .qemu_img(&["info", "--output=json", "six.qcow2"])
+        .ok()
+        .json();
+    assert_eq!(info["virtual-size"], 512, "{info:#}");
+    env.qemu_img(&["compare", "six.raw", "six.qcow2"]).ok();
+}
+
 /// A raw file made by qemu-img create (qemu allocates its first 4 KiB block) and a fully
 /// sparse one: both maps as qemu-img prints them.
 #[test]

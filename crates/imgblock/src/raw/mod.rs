@@ -55,7 +55,13 @@ impl Raw {
     /// # Errors
     /// When the size cannot be read.
     pub fn open(storage: Arc<dyn Storage>) -> Result<Raw> {
-        let size = storage.size().ctx(storage.path())?;
+        // qemu sizes disks in whole sectors: a file whose length is not a multiple of 512 reads
+        // as zeroes up to the next sector boundary.
+        let size = storage
+            .size()
+            .ctx(storage.path())?
+            .div_ceil(512)
+            .saturating_mul(512);
         Ok(Raw { storage, size })
     }
 }
