@@ -597,3 +597,34 @@ fn vmdk_empty_stream_optimized_from_create_opens_in_qemu() {
     img.read_at(&mut b, 0).unwrap();
     assert!(b.iter().all(|&x| x == 0));
 }
+
+/// A disk whose size is not a whole number of grains: writing into its last, partial grain
+/// allocates that grain once, so the extent file is as long as qemu's for the same write, and
+/// the image reads as the written model.
+#[test]
+fn vmdk_write_into_partial_last_grain_allocates_one_grain() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = (1u64 << 20) + 512;
+    let ours = dir.path().join("ours.vmdk");
+    let theirs = dir.path().join("theirs.vmdk");
+    create(&ours, Format::Vmdk, &CreateOptions::new(size)).unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        theirs.to_str().unwrap(),
+        &size.to_string(),
+    ]);
+    let img = Image::open(&ours, &OpenOptions::writable()).unwrap();
+    img.write_at(b"x", (1 << 20) + 24).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    qemu_io("vmdk", &theirs, &["write -P 0x78 1048600 1"]);
+    assert_eq!(
+        std::fs::metadata(&ours).unwrap().len(),
+        std::fs::metadata(&theirs).unwrap().len()
+    );
+    qemu_check(&ours);
+    qemu_compare(&ours, &theirs);
+}

@@ -1184,7 +1184,10 @@ impl Driver for Vmdk {
                 .extent_at(pos)
                 .or_else(|| self.extents.last().filter(|e| pos >= e.start))
                 .ok_or_else(|| self.err(0, Error::NotWritable("past the last extent")))?;
-            let piece_end = if pos >= ext.start + ext.len || end <= ext.start + ext.len {
+            // Split at extent boundaries, but not at the end of the last extent: a last grain
+            // reaching past the disk's end is one grain, allocated once.
+            let last = self.extents.last().is_some_and(|l| std::ptr::eq(l, ext));
+            let piece_end = if last || end <= ext.start + ext.len {
                 end
             } else {
                 ext.start + ext.len
