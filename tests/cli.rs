@@ -421,3 +421,74 @@ fn force_share_on_a_writing_command_is_refused() {
     }
     assert!(env.read("x.qcow2") == before, "x.qcow2 changed");
 }
+
+/// Option combinations qemu-img refuses are refused with its words, before anything is made.
+#[test]
+fn option_misuse_is_refused_as_qemu_refuses_it() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "b.qcow2", "1M"])
+        .ok();
+    env.qemu_img(&["create", "-q", "-f", "raw", "r.raw", "1M"])
+        .ok();
+    let cases: &[&[&str]] = &[
+        &["create", "-f", "qcow2", "-F", "qcow2", "x.qcow2", "1M"],
+        &[
+            "convert", "-O", "qcow2", "-B", "b.qcow2", "r.raw", "x.qcow2",
+        ],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "backing_file=b.qcow2",
+            "r.raw",
+            "x.qcow2",
+        ],
+        &[
+            "convert", "-O", "qcow2", "-B", "b.qcow2", "-F", "qcow2", "r.raw", "r.raw", "x.qcow2",
+        ],
+        &[
+            "convert",
+            "-n",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "r.raw",
+            "b.qcow2",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k,",
+            "x.qcow2",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            ",cluster_size=4k",
+            "x.qcow2",
+            "1M",
+        ],
+        &["convert", "-O", "qcow2", "-o", "", "r.raw", "x.qcow2"],
+    ];
+    for args in cases {
+        let theirs = env.qemu_img(args).code_is(1);
+        let ours = env.img(args).code_is(1);
+        let words = |s: &str| {
+            s.lines()
+                .next()
+                .unwrap_or("")
+                .split_once(": ")
+                .map(|x| x.1.to_owned())
+                .unwrap_or_default()
+        };
+        assert_eq!(words(&ours.stderr), words(&theirs.stderr), "{args:?}");
+        assert!(!env.path("x.qcow2").exists(), "{args:?} made x.qcow2");
+    }
+}

@@ -125,7 +125,7 @@ pub fn run(args: &AmendArgs) -> CliResult<i32> {
     }
     let mut opts = CreateOptions::default();
     for o in &args.options {
-        opts.parse_opts(o)?;
+        crate::createopts::add_option_list(&mut opts, o)?;
     }
     let format = parse_format(args.format.as_deref())?;
     let help = wants_help(&opts.opts);

@@ -168,11 +168,16 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         parse_format(Some(args.output_format.as_deref().unwrap_or("raw")))?.unwrap_or(Format::Raw);
     let mut opts = CreateOptions::default();
     for o in &args.options {
-        opts.parse_opts(o)?;
+        crate::createopts::add_option_list(&mut opts, o)?;
     }
     if wants_help(&opts.opts) {
         print!("{}", help_text(out_format, !args.files.is_empty()));
         return Ok(0);
+    }
+    if args.no_create && !args.options.is_empty() {
+        return Err(Failure::new(
+            "-o has no effect when skipping image creation",
+        ));
     }
     if args.target_image_opts && !args.no_create {
         return Err(Failure::new("--target-image-opts requires use of -n flag"));
@@ -212,6 +217,17 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         opts.backing_fmt.clone_from(&args.backing_format);
     }
     let target_has_backing = opts.backing_file.is_some();
+    if target_has_backing && opts.backing_fmt.is_none() {
+        return Err(Failure::new(
+            "Use of backing file requires explicit backing format",
+        ));
+    }
+    if target_has_backing && srcs.len() > 1 {
+        return Err(Failure::new(
+            "Having a backing file for the target makes no sense when concatenating multiple \
+             input images",
+        ));
+    }
     args.secret_args.fill(&mut opts)?;
     if !args.no_create && crate::create::legacy_aes(&opts) {
         eprintln!("{}", crate::create::LEGACY_AES_WARNING);

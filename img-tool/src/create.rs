@@ -56,7 +56,7 @@ pub fn run(args: &CreateArgs) -> CliResult<i32> {
         .unwrap_or(Format::Raw);
     let mut opts = CreateOptions::default();
     for o in &args.options {
-        opts.parse_opts(o)?;
+        crate::createopts::add_option_list(&mut opts, o)?;
     }
     if wants_help(&opts.opts) {
         print!("{}", help_text(format, args.filename.is_some()));
@@ -80,6 +80,11 @@ pub fn run(args: &CreateArgs) -> CliResult<i32> {
         opts.backing_fmt.clone_from(&args.backing_format);
     }
     opts.unsafe_backing = args.unsafe_backing;
+    if opts.backing_fmt.is_some() && opts.backing_file.is_none() {
+        return Err(in_file(
+            "Backing format cannot be used without backing file".into(),
+        ));
+    }
     validate_keys(format, &opts).map_err(in_file)?;
     if let Some(backing) = opts.backing_file.clone() {
         let size = check_backing(Path::new(file), &backing, &opts).map_err(in_file)?;

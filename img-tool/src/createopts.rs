@@ -8,6 +8,8 @@
 
 use imgblock::{CreateOptions, Format};
 
+use crate::failure::{CliResult, Failure};
+
 /// A value type as qemu's help names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -41,6 +43,20 @@ const fn opt(name: &'static str, kind: Kind, default: Option<&'static str>) -> P
         kind,
         default,
     }
+}
+
+/// Adds one `-o` argument to `opts`, refusing what qemu's `is_valid_option_list` refuses: an
+/// empty list, a leading comma, or an unescaped trailing one.
+///
+/// # Errors
+/// A malformed list or option.
+pub fn add_option_list(opts: &mut CreateOptions, list: &str) -> CliResult<()> {
+    let trailing = list.len() - list.trim_end_matches(',').len();
+    if list.is_empty() || list.starts_with(',') || trailing % 2 == 1 {
+        return Err(Failure::new(format!("Invalid option list: {list}")));
+    }
+    opts.parse_opts(list)?;
+    Ok(())
 }
 
 /// File-protocol options qemu appends after every format's own.
@@ -240,6 +256,21 @@ pub fn formatting_line(path: &str, format: Format, opts: &CreateOptions) -> Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn add_option_list_refuses_stray_commas_as_qemu_does() {
+        for bad in ["", ",a=1", "a=1,", "a=1,,,"] {
+            let mut o = CreateOptions::default();
+            assert_eq!(
+                add_option_list(&mut o, bad).unwrap_err().message,
+                format!("Invalid option list: {bad}"),
+                "{bad:?}"
+            );
+        }
+        let mut o = CreateOptions::default();
+        add_option_list(&mut o, "backing_file=x,,").unwrap();
+        assert_eq!(o.backing_file.as_deref(), Some("x,"));
+    }
 
     #[test]
     fn formatting_line_raw_lists_size_then_protocol_options() {

@@ -130,7 +130,7 @@ pub fn run(args: &MeasureArgs) -> CliResult<i32> {
         parse_format(Some(args.output_format.as_deref().unwrap_or("raw")))?.unwrap_or(Format::Raw);
     let mut opts = CreateOptions::default();
     for o in &args.options {
-        opts.parse_opts(o)?;
+        crate::createopts::add_option_list(&mut opts, o)?;
     }
     validate_options(out_format, &opts)?;
     args.secret_args.fill(&mut opts)?;
