@@ -147,7 +147,9 @@ fn parse_image_size(s: &str) -> CliResult<u64> {
 /// Refuses options the format does not list, as qemu does before it prints anything.
 fn validate_keys(format: Format, opts: &CreateOptions) -> Result<(), String> {
     let known = library_options(format);
-    let knows = |k: &str| known.iter().any(|(n, _)| *n == k);
+    // The file protocol's options go with every format.
+    let knows =
+        |k: &str| known.iter().any(|(n, _)| *n == k) || k == "nocow" || k == "extent_size_hint";
     if let Some((k, _)) = opts.opts.iter().find(|(k, _)| !knows(k)) {
         return Err(format!("Invalid parameter '{k}'"));
     }

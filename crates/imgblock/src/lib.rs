@@ -105,6 +105,7 @@ impl FromStr for Format {
 /// # Errors
 /// When an option is invalid for the format, the backing image cannot be opened, or I/O fails.
 pub fn create(path: &Path, format: Format, opts: &CreateOptions) -> Result<()> {
+    let opts = &opts.split_file_options()?;
     match format {
         Format::Raw => raw::create(path, opts),
         Format::Qcow2 => qcow2::create(path, opts),

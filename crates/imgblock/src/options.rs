@@ -23,6 +23,9 @@ pub struct CreateOptions {
     pub secrets: BTreeMap<String, Secret>,
     /// amend: allow what qemu-img amend allows only with `--force` (erasing the last key slot).
     pub force: bool,
+    /// The file protocol's options, once [`CreateOptions::split_file_options`] took them out
+    /// of `opts`.
+    pub file: FileOptions,
 }
 
 impl CreateOptions {
@@ -49,6 +52,25 @@ impl CreateOptions {
             }
         }
         Ok(())
+    }
+
+    /// Moves the file protocol's options (`nocow`, `extent_size_hint`), which qemu accepts
+    /// beside every format's own, from `opts` to `file`, checked.
+    ///
+    /// # Errors
+    /// A value that is not a boolean or a size, or a hint over 4 GiB (qemu's words).
+    pub fn split_file_options(&self) -> Result<CreateOptions> {
+        let mut rest = self.clone();
+        rest.opts
+            .retain(|(k, _)| k != "nocow" && k != "extent_size_hint");
+        if let Some(v) = self.get("nocow") {
+            rest.file.nocow = parse_bool("nocow", v)?;
+        }
+        if let Some(v) = self.get("extent_size_hint") {
+            rest.file.extent_size_hint = u32::try_from(parse_size(v)?)
+                .map_err(|_| Error::InvalidOption("Extent size hint is too large".into()))?;
+        }
+        Ok(rest)
     }
 
     /// Sets a format-specific option, replacing an earlier value.
@@ -79,6 +101,27 @@ impl CreateOptions {
             .rev()
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
+    }
+}
+
+/// qemu's default extent size hint for new files: 1 MiB.
+pub const DEFAULT_EXTENT_SIZE_HINT: u32 = 1 << 20;
+
+/// The file protocol's creation options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileOptions {
+    /// Turn the filesystem's copy-on-write off for the new file.
+    pub nocow: bool,
+    /// Allocation unit to ask the filesystem for; 0: none.
+    pub extent_size_hint: u32,
+}
+
+impl Default for FileOptions {
+    fn default() -> Self {
+        FileOptions {
+            nocow: false,
+            extent_size_hint: DEFAULT_EXTENT_SIZE_HINT,
+        }
     }
 }
 

@@ -119,6 +119,27 @@ pub fn copy_range(
     Ok(true)
 }
 
+/// The inode flag that turns copy-on-write off (linux/fs.h).
+const FS_NOCOW_FL: libc::c_long = 0x0080_0000;
+/// `_IOR('X', 31, struct fsxattr)` (linux/fs.h).
+const FS_IOC_FSGETXATTR: libc::Ioctl = 0x801c_581f;
+/// `_IOW('X', 32, struct fsxattr)` (linux/fs.h).
+const FS_IOC_FSSETXATTR: libc::Ioctl = 0x401c_5820;
+/// `fsx_extsize` is in force (linux/fs.h).
+const FS_XFLAG_EXTSIZE: u32 = 0x0000_0800;
+
+/// Linux's `struct fsxattr`.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct FsXattr {
+    xflags: u32,
+    extsize: u32,
+    nextents: u32,
+    projid: u32,
+    cowextsize: u32,
+    pad: [u8; 8],
+}
+
 /// What `O_DIRECT` needs of a buffer's address, offset and length on any Linux filesystem.
 pub const DIRECT_ALIGN: usize = 4096;
 
@@ -230,6 +251,48 @@ impl FileStorage {
         let mut s = Self::with_file(file, path, false);
         s.lock = Some(lock);
         Ok(s)
+    }
+
+    /// [`FileStorage::create`], then the file protocol's options ([`crate::options::FileOptions`]).
+    ///
+    /// # Errors
+    /// As [`FileStorage::create`].
+    pub fn create_with(path: &Path, o: crate::options::FileOptions) -> crate::Result<Self> {
+        let s = Self::create(path)?;
+        s.apply_file_options(o);
+        Ok(s)
+    }
+
+    /// Applies the file protocol's creation options to a file just emptied, as qemu's file
+    /// driver does, best effort and silently like it: `nocow` turns copy-on-write off (btrfs;
+    /// it only takes on an empty file), and a non-zero `extent_size_hint` asks the filesystem
+    /// (XFS) to allocate that much at a time. Filesystems without either ignore them.
+    fn apply_file_options(&self, o: crate::options::FileOptions) {
+        let (nocow, extent_size_hint) = (o.nocow, o.extent_size_hint);
+        let fd = self.file.as_raw_fd();
+        if nocow {
+            let mut flags: libc::c_long = 0;
+            // SAFETY: FS_IOC_GETFLAGS writes one c_long through the pointer, which points at a
+            // live c_long; FS_IOC_SETFLAGS reads one. The descriptor is open.
+            unsafe {
+                if libc::ioctl(fd, libc::FS_IOC_GETFLAGS, &mut flags) == 0 {
+                    flags |= FS_NOCOW_FL;
+                    libc::ioctl(fd, libc::FS_IOC_SETFLAGS, &flags);
+                }
+            }
+        }
+        if extent_size_hint != 0 {
+            let mut attr = FsXattr::default();
+            // SAFETY: FS_IOC_FSGETXATTR fills a struct fsxattr, which FsXattr lays out exactly
+            // (#[repr(C)], 28 bytes); FS_IOC_FSSETXATTR reads one. The descriptor is open.
+            unsafe {
+                if libc::ioctl(fd, FS_IOC_FSGETXATTR, &mut attr) == 0 {
+                    attr.xflags |= FS_XFLAG_EXTSIZE;
+                    attr.extsize = extent_size_hint;
+                    libc::ioctl(fd, FS_IOC_FSSETXATTR, &attr);
+                }
+            }
+        }
     }
 
     /// The underlying file.

@@ -162,7 +162,7 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
         .ok_or_else(|| invalid("Parameter 'key-secret' is required for cipher"))?;
     let (h, area, _mk) =
         luks::Header::create(&params, secret.bytes()).map_err(|e| crypto_err(path, e))?;
-    let s = FileStorage::create(path)?;
+    let s = FileStorage::create_with(path, o.file)?;
     // Only the header and slot 0 hold anything; the other slots stay holes, as qemu leaves them.
     let used = usize::try_from(h.slots[1].key_offset)
         .unwrap_or(area.len())

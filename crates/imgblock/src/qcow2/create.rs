@@ -229,7 +229,7 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
     if let Some(name) = &opts.data_file {
         // Created here; the driver opens it again from the header extension.
         let dpath = crate::image::resolve_backing(path, name);
-        let ds = FileStorage::create(&dpath)?;
+        let ds = FileStorage::create_with(&dpath, o.file)?;
         ds.set_len(size).ctx(&dpath)?;
     }
 
@@ -297,7 +297,7 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
     })?;
 
     // Bootstrap: header, a one-cluster refcount table, one refcount block covering the three.
-    let file = FileStorage::create(path)?;
+    let file = FileStorage::create_with(path, o.file)?;
     let csu = usize::try_from(cs).unwrap_or(0);
     let mut first = vec![0u8; csu * 3];
     first[..hdr.len()].copy_from_slice(&hdr);

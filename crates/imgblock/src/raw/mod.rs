@@ -106,7 +106,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         .ok_or_else(|| Error::InvalidOption("Image creation needs a size parameter".into()))?;
     // qemu sizes images in whole sectors.
     let size = size.div_ceil(512).saturating_mul(512);
-    let s = FileStorage::create(path)?;
+    let s = FileStorage::create_with(path, opts.file)?;
     s.set_len(size).ctx(path)?;
     match prealloc {
         // Like qemu, allocate the first 4 KiB so that later alignment probing finds real data.

@@ -104,7 +104,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     if is_static {
         h.blocks_allocated = blocks;
     }
-    let s = FileStorage::create(path)?;
+    let s = FileStorage::create_with(path, opts.file)?;
     s.write_at(&h.to_bytes(), 0).ctx(path)?;
     s.write_at(&bmap, u64::from(h.offset_bmap)).ctx(path)?;
     let end = if is_static {

@@ -8,7 +8,7 @@ use super::descriptor::{Access, Descriptor, ExtentLine, ExtentType, NO_PARENT_CI
 use super::sparse::{self, Geometry, SparseHeader, SECTOR};
 use super::Error as VmdkError;
 use crate::error::IoContext;
-use crate::options::parse_bool;
+use crate::options::{parse_bool, FileOptions};
 use crate::raw::Preallocation;
 use crate::storage::{FileStorage, Storage};
 use crate::{CreateOptions, Error, Image, OpenOptions, Result};
@@ -121,13 +121,14 @@ fn write_sparse_extent(
     zeroed_grain: bool,
     stream: bool,
     desc: Option<&str>,
+    file: FileOptions,
 ) -> Result<()> {
     let geo =
         Geometry::new(sectors, DEFAULT_GRAIN_SECTORS, GTES_PER_GT).map_err(|e| Error::Vmdk {
             path: path.to_owned(),
             source: e,
         })?;
-    let s = FileStorage::create(path)?;
+    let s = FileStorage::create_with(path, file)?;
     let gd_sectors = geo.gd_bytes() / SECTOR;
     let gt_sectors = geo.gt_bytes() / SECTOR;
     let mut h = SparseHeader {
@@ -321,6 +322,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
                 zeroed,
                 sub == Subformat::StreamOptimized,
                 Some(&text),
+                opts.file,
             )?;
         }
         _ => {
@@ -348,7 +350,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
                 };
                 let epath = dir.join(&name);
                 if flat {
-                    let s = FileStorage::create(&epath)?;
+                    let s = FileStorage::create_with(&epath, opts.file)?;
                     s.set_len(n * SECTOR).ctx(&epath)?;
                     match prealloc {
                         Preallocation::Falloc => s.allocate(0, n * SECTOR).ctx(&epath)?,
@@ -359,7 +361,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
                     }
                     s.flush().ctx(&epath)?;
                 } else {
-                    write_sparse_extent(&epath, n, zeroed, false, None)?;
+                    write_sparse_extent(&epath, n, zeroed, false, None, opts.file)?;
                 }
                 desc.extents.push(ExtentLine {
                     access: Access::Rw,
@@ -378,7 +380,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
                     break;
                 }
             }
-            let s = FileStorage::create(path)?;
+            let s = FileStorage::create_with(path, opts.file)?;
             s.write_at(desc.to_text().as_bytes(), 0).ctx(path)?;
             s.flush().ctx(path)?;
         }
