@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use clap::Args;
-use imgblock::driver::Qcow2Specific;
+use imgblock::driver::{BitmapInfo, Qcow2Specific};
 use imgblock::storage::Storage;
 use imgblock::{FormatSpecific, Image, SnapshotInfo, VmdkSpecific};
 use serde_json::{json, Map, Value};
@@ -125,8 +125,12 @@ fn image_info(img: &Image) -> CliResult<Value> {
             let mut data = qcow2_specific(&q);
             if let (Some(e), Value::Object(dm)) = (d.encryption_info(), &mut data) {
                 // QAPI puts `encrypt` just before `compression-type`.
+                let bm = dm.remove("bitmaps");
                 let ct = dm.remove("compression-type");
                 dm.insert("encrypt".into(), encrypt_info(&e));
+                if let Some(bm) = bm {
+                    dm.insert("bitmaps".into(), bm);
+                }
                 if let Some(ct) = ct {
                     dm.insert("compression-type".into(), ct);
                 }
@@ -280,6 +284,22 @@ fn vmdk_specific(v: &VmdkSpecific) -> Value {
     })
 }
 
+/// One persistent bitmap as qemu's `Qcow2BitmapInfo` (fields in QAPI order).
+fn bitmap_info(b: &BitmapInfo) -> Value {
+    let mut flags = Vec::new();
+    if b.in_use {
+        flags.push("in-use");
+    }
+    if b.enabled {
+        flags.push("auto");
+    }
+    let mut m = Map::new();
+    m.insert("name".into(), json!(b.name));
+    m.insert("granularity".into(), json!(b.granularity));
+    m.insert("flags".into(), json!(flags));
+    Value::Object(m)
+}
+
 /// qcow2's format-specific data; the v3-only fields appear only for compat 1.1, as in qemu.
 fn qcow2_specific(q: &Qcow2Specific) -> Value {
     let v3 = q.compat != "0.10";
@@ -295,6 +315,12 @@ fn qcow2_specific(q: &Qcow2Specific) -> Value {
         m.insert("corrupt".into(), json!(q.corrupt));
     }
     m.insert("refcount-bits".into(), json!(q.refcount_bits));
+    if v3 && !q.bitmaps.is_empty() {
+        m.insert(
+            "bitmaps".into(),
+            Value::Array(q.bitmaps.iter().map(bitmap_info).collect()),
+        );
+    }
     m.insert("compression-type".into(), json!(q.compression_type));
     Value::Object(m)
 }
@@ -509,6 +535,7 @@ mod tests {
             extended_l2: false,
             data_file: None,
             data_file_raw: false,
+            bitmaps: Vec::new(),
         };
         assert_eq!(qjson::to_string(&qcow2_specific(&q)), "{\n    \"compat\": \"0.10\",\n    \"compression-type\": \"zlib\",\n    \"refcount-bits\": 16\n}");
     }

@@ -187,6 +187,21 @@ pub struct Qcow2Specific {
     pub data_file: Option<String>,
     /// Whether the external data file is raw.
     pub data_file_raw: bool,
+    /// Persistent dirty bitmaps, in directory order.
+    pub bitmaps: Vec<BitmapInfo>,
+}
+
+/// A persistent dirty bitmap, as `qemu-img info` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapInfo {
+    /// The bitmap's name.
+    pub name: String,
+    /// Bytes of guest data one bit covers.
+    pub granularity: u64,
+    /// The bitmap records writes (qemu's `auto` flag).
+    pub enabled: bool,
+    /// The bitmap was not stored back after use and cannot be trusted (qemu's `in-use`).
+    pub in_use: bool,
 }
 
 /// A format driver. Implementations are safe to call from several threads at once.

@@ -2,7 +2,7 @@
 //! with the refcounts on disk, checks the COPIED flags, and repairs what it is asked to.
 
 use super::l2::{Entry, Kind};
-use super::{be64_at, snapshot, Qcow2, State, COMPRESSED, COPIED, OFFSET_MASK};
+use super::{be64_at, bitmap, snapshot, Qcow2, State, COMPRESSED, COPIED, OFFSET_MASK};
 use crate::check::{CheckReport, Repair};
 use crate::error::IoContext;
 use crate::Result;
@@ -59,6 +59,47 @@ impl Walk<'_> {
                     .messages
                     .push(format!("ERROR reading table at {off:#x}: {e}"));
                 None
+            }
+        }
+    }
+
+    /// Counts the bitmap directory, the bitmap tables and their data clusters (qemu's
+    /// `qcow2_check_bitmaps_refcounts`).
+    fn bitmaps(&mut self, b: &bitmap::Loaded) {
+        let cs = self.cs();
+        self.inc(
+            b.ext.directory_offset,
+            b.ext.directory_size,
+            "bitmap directory",
+        );
+        for bm in &b.list {
+            let table_bytes = u64::from(bm.table_size) * 8;
+            self.inc(bm.table_offset, table_bytes, "bitmap table");
+            // The table lies inside the file (checked on open), which bounds its size.
+            let table =
+                match super::read_table(self.q.file(), bm.table_offset, u64::from(bm.table_size)) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        self.r.check_errors += 1;
+                        self.r.messages.push(format!(
+                            "ERROR reading bitmap table of '{}' at {:#x}: {e}",
+                            bm.name, bm.table_offset
+                        ));
+                        continue;
+                    }
+                };
+            for (i, &e) in table.iter().enumerate() {
+                let at = bm.table_offset + i as u64 * 8;
+                match bitmap::table_entry(e, at, cs) {
+                    Ok(Some(off)) => self.inc(off, cs, "bitmap data cluster"),
+                    Ok(None) => {}
+                    Err(err) => {
+                        self.r.corruptions += 1;
+                        self.r
+                            .messages
+                            .push(format!("ERROR bitmap '{}': {err}", bm.name));
+                    }
+                }
             }
         }
     }
@@ -231,6 +272,9 @@ pub(super) fn count_view(
     }
     if let Some((off, len)) = q.crypt.header_area() {
         w.inc(off, len, "crypto header");
+    }
+    if let Some(bitmaps) = &st.bitmaps {
+        w.bitmaps(bitmaps);
     }
     if with_refcounts {
         w.inc(

@@ -143,6 +143,28 @@ pub enum Error {
     /// A refcount would drop below zero.
     #[error("refcount of cluster at {0:#x} would drop below zero")]
     RefcountUnderflow(u64),
+    /// The bitmaps header extension is malformed or exceeds a limit.
+    #[error("invalid bitmaps extension: {0}")]
+    BadBitmapExtension(&'static str),
+    /// A bitmap directory entry is malformed.
+    #[error("invalid bitmap directory entry at offset {offset:#x}: {reason}")]
+    BadBitmapDirectory {
+        /// File offset of the entry.
+        offset: u64,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A bitmap table entry is malformed.
+    #[error("invalid bitmap table entry at offset {offset:#x}: {reason}")]
+    BadBitmapTable {
+        /// File offset of the entry.
+        offset: u64,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// qemu refuses to revert to a snapshot while the image holds dirty bitmaps.
+    #[error("Device has active dirty bitmaps")]
+    ActiveBitmaps,
     /// An invalid creation option.
     #[error("{0}")]
     InvalidOption(String),

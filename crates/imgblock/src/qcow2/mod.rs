@@ -8,6 +8,7 @@
 //! All metadata lives behind one mutex; data I/O happens outside it in [`crate::Image`].
 
 mod amend;
+pub mod bitmap;
 mod cache;
 mod check;
 mod compress;
@@ -120,6 +121,8 @@ pub(crate) struct State {
     /// Where the next compressed cluster may go, sharing a host cluster with the previous one
     /// (0: start a new cluster).
     pub compressed_cursor: u64,
+    /// Persistent dirty bitmaps, when the image has consistent ones.
+    pub bitmaps: Option<bitmap::Loaded>,
 }
 
 /// A qcow2 image.
@@ -242,6 +245,7 @@ impl Qcow2 {
             read_table(storage.as_ref(), h.refcount_table_offset, rt_entries).ctx(&path)?;
         let end_hint = file_len.div_ceil(cs);
         let crypt = crypt::open(storage.as_ref(), &h, key, metadata_only)?;
+        let bitmaps = bitmap::load(storage.as_ref(), &h, file_len)?;
         let state = State {
             h,
             l1,
@@ -251,6 +255,7 @@ impl Qcow2 {
             free_hint: 0,
             end_hint,
             compressed_cursor: 0,
+            bitmaps,
         };
         // qemu reads the snapshot table when it opens an image and refuses a malformed one.
         snapshot::read_table(storage.as_ref(), &state.h).map_err(&qerr)?;
@@ -575,6 +580,17 @@ impl Driver for Qcow2 {
                 None
             },
             data_file_raw: h.autoclear & header::AUTOCLEAR_DATA_FILE_RAW != 0,
+            bitmaps: st
+                .bitmaps
+                .iter()
+                .flat_map(|b| &b.list)
+                .map(|b| crate::driver::BitmapInfo {
+                    name: b.name.clone(),
+                    granularity: b.granularity(),
+                    enabled: b.flags & bitmap::FLAG_AUTO != 0,
+                    in_use: b.flags & bitmap::FLAG_IN_USE != 0,
+                })
+                .collect(),
         })
     }
 
@@ -647,6 +663,7 @@ impl Driver for Qcow2 {
             free_hint: 0,
             end_hint: 0,
             compressed_cursor: 0,
+            bitmaps: None,
         };
         Ok(Box::new(Qcow2 {
             files: self.files.clone(),
