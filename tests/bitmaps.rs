@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::Env;
+use common::{Env, MIB};
 
 /// `t.qcow2`, 8 MiB, with an enabled bitmap `b0`, a disabled `b1` of 128 KiB granularity and an
 /// enabled `b2` of 512-byte granularity, all made by qemu-img; qemu-io then writes 1 MiB, which
@@ -72,4 +72,195 @@ fn check_bad_bitmap_table_entry_is_corruption() {
     env.write_at("t.qcow2", table, &(entry | 2).to_be_bytes());
     let out = env.img(&["check", "t.qcow2"]).code_is(2);
     assert!(out.stderr.contains("reserved bits set"), "{out}");
+}
+
+/// One bitmap as the test reads it from the file: name, flags, and its dirty ranges in guest
+/// bytes, `[start, end)`.
+#[derive(Debug, PartialEq, Eq)]
+struct Dirty {
+    name: String,
+    flags: u32,
+    ranges: Vec<(u64, u64)>,
+}
+
+/// A small independent reader of the bitmaps extension, directory, tables and data clusters.
+fn read_bitmaps(env: &Env, file: &str) -> Vec<Dirty> {
+    let b = env.read(file);
+    let be16 = |o: usize| u64::from(u16::from_be_bytes(b[o..o + 2].try_into().unwrap()));
+    let be32 = |o: usize| u64::from(u32::from_be_bytes(b[o..o + 4].try_into().unwrap()));
+    let be64 = |o: usize| u64::from_be_bytes(b[o..o + 8].try_into().unwrap());
+    let us = |v: u64| usize::try_from(v).unwrap();
+    let cs = 1u64 << be32(20);
+    let size = be64(24);
+    let mut o = us(be32(100));
+    loop {
+        let (kind, len) = (be32(o), be32(o + 4));
+        assert_ne!(kind, 0, "no bitmaps extension");
+        if kind == 0x2385_2875 {
+            break;
+        }
+        o += 8 + us(len.div_ceil(8) * 8);
+    }
+    let n = be32(o + 8);
+    let mut p = us(be64(o + 8 + 16));
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let (table, table_size, flags) = (be64(p), be32(p + 8), be32(p + 12));
+        let (gbits, name_len, extra) = (b[p + 17], be16(p + 18), be32(p + 20));
+        let name_at = p + 24 + us(extra);
+        let name = String::from_utf8(b[name_at..name_at + us(name_len)].to_vec()).unwrap();
+        p += us((24 + extra + name_len).div_ceil(8) * 8);
+        let g = 1u64 << gbits;
+        let nbits = size.div_ceil(g);
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for i in 0..table_size {
+            let e = be64(us(table + i * 8));
+            let off = e & 0x00ff_ffff_ffff_fe00;
+            for k in 0..cs * 8 {
+                let bit = i * cs * 8 + k;
+                if bit >= nbits {
+                    break;
+                }
+                let set = if off != 0 {
+                    b[us(off + k / 8)] >> (k % 8) & 1 == 1
+                } else {
+                    e & 1 == 1
+                };
+                if set {
+                    match ranges.last_mut() {
+                        Some(r) if r.1 == bit * g => r.1 += g,
+                        _ => ranges.push((bit * g, bit * g + g)),
+                    }
+                }
+            }
+        }
+        out.push(Dirty {
+            name,
+            flags: u32::try_from(flags).unwrap(),
+            ranges,
+        });
+    }
+    out
+}
+
+/// qemu-img's verdict: the image checks clean and no bitmap is inconsistent.
+#[track_caller]
+fn assert_qemu_accepts(env: &Env, file: &str) {
+    let out = env.qemu_img(&["check", file]).ok();
+    assert!(out.stdout.contains("No errors were found"), "{out}");
+    assert!(!out.stderr.contains("inconsistent"), "{out}");
+    let info = env.qemu_img(&["info", file]).ok();
+    assert!(!info.stdout.contains("in-use"), "{info}");
+    assert!(info.stdout.contains("name: b2"), "{info}");
+}
+
+#[test]
+fn commit_into_image_with_bitmaps_dirties_enabled_bitmaps() {
+    let env = Env::with_qemu();
+    image_with_bitmaps(&env);
+    env.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "t.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+    ])
+    .ok();
+    env.qemu_io(
+        "qcow2",
+        "top.qcow2",
+        &["write -P 0x22 3M 64k", "write -P 0x33 6M 64k"],
+    );
+    env.img(&["commit", "top.qcow2"]).ok();
+    assert_qemu_accepts(&env, "t.qcow2");
+    let bms = read_bitmaps(&env, "t.qcow2");
+    let (first, second) = ((0, MIB), (3 * MIB, 3 * MIB + 65536));
+    let third = (6 * MIB, 6 * MIB + 65536);
+    assert_eq!(bms[0].name, "b0");
+    assert_eq!(bms[0].flags, 2);
+    assert_eq!(bms[0].ranges, vec![first, second, third]);
+    assert_eq!(bms[1].ranges, vec![], "the disabled bitmap stays clean");
+    assert_eq!(bms[2].ranges, vec![first, second, third]);
+    // qemu can use the bitmaps: merge one into another image, and copy them all.
+    env.qemu_img(&["create", "-f", "qcow2", "m.qcow2", "8M"])
+        .ok();
+    env.qemu_img(&["bitmap", "--add", "m.qcow2", "m"]).ok();
+    env.qemu_img(&["bitmap", "--merge", "b2", "-b", "t.qcow2", "m.qcow2", "m"])
+        .ok();
+    assert_eq!(
+        read_bitmaps(&env, "m.qcow2")[0].ranges,
+        vec![first, second, third]
+    );
+    env.qemu_img(&["convert", "--bitmaps", "-O", "qcow2", "t.qcow2", "c.qcow2"])
+        .ok();
+    assert_eq!(read_bitmaps(&env, "c.qcow2"), bms);
+}
+
+#[test]
+fn convert_into_image_with_bitmaps_leaves_them_consistent() {
+    let env = Env::with_qemu();
+    image_with_bitmaps(&env);
+    env.sparse_file("src.raw", 8 * MIB);
+    env.write_at("src.raw", 2 * MIB, &[7; 4096]);
+    env.img(&[
+        "convert", "-n", "-f", "raw", "-O", "qcow2", "src.raw", "t.qcow2",
+    ])
+    .ok();
+    assert_qemu_accepts(&env, "t.qcow2");
+    let bms = read_bitmaps(&env, "t.qcow2");
+    // convert -n writes the whole disk (data, and zeroes elsewhere): all of it is dirty.
+    assert_eq!(bms[0].ranges, vec![(0, 8 * MIB)]);
+    assert_eq!(bms[1].ranges, vec![]);
+}
+
+#[test]
+fn resize_image_with_bitmaps_equals_qemu() {
+    let env = Env::with_qemu();
+    image_with_bitmaps(&env);
+    env.qemu_io("qcow2", "t.qcow2", &["write 7M 1k"]);
+    std::fs::copy(env.path("t.qcow2"), env.path("q.qcow2")).unwrap();
+    // 300M needs a second table entry at 512-byte granularity; 5M drops it again.
+    for size in ["16M", "300M"] {
+        env.img(&["resize", "t.qcow2", size]).ok();
+        env.qemu_img(&["resize", "q.qcow2", size]).ok();
+        assert_qemu_accepts(&env, "t.qcow2");
+        assert_eq!(read_bitmaps(&env, "t.qcow2"), read_bitmaps(&env, "q.qcow2"));
+    }
+    env.img(&["resize", "--shrink", "t.qcow2", "5M"]).ok();
+    env.qemu_img(&["resize", "--shrink", "q.qcow2", "5M"]).ok();
+    assert_qemu_accepts(&env, "t.qcow2");
+    assert_eq!(read_bitmaps(&env, "t.qcow2"), read_bitmaps(&env, "q.qcow2"));
+    env.img(&["check", "t.qcow2"]).ok();
+}
+
+#[test]
+fn snapshot_apply_with_bitmaps_fails_like_qemu() {
+    let env = Env::with_qemu();
+    image_with_bitmaps(&env);
+    env.img(&["snapshot", "-c", "s1", "t.qcow2"]).ok();
+    assert_qemu_accepts(&env, "t.qcow2");
+    let theirs = env
+        .qemu_img(&["snapshot", "-a", "s1", "t.qcow2"])
+        .code_is(1);
+    let ours = env.img(&["snapshot", "-a", "s1", "t.qcow2"]).code_is(1);
+    assert_eq!(
+        ours.stderr.replacen("img:", "qemu-img:", 1),
+        theirs.stderr,
+        "{ours}"
+    );
+}
+
+#[test]
+fn check_repair_leaks_keeps_bitmap_clusters() {
+    let env = Env::with_qemu();
+    image_with_bitmaps(&env);
+    env.img(&["check", "-r", "leaks", "t.qcow2"]).ok();
+    let out = env.qemu_img(&["check", "t.qcow2"]).ok();
+    assert!(out.stdout.contains("No errors were found"), "{out}");
+    assert!(!out.stderr.contains("inconsistent"), "{out}");
+    let info = env.qemu_img(&["info", "t.qcow2"]).ok();
+    assert!(info.stdout.contains("name: b2"), "{info}");
 }

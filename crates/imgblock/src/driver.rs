@@ -427,6 +427,15 @@ pub trait Driver: Send + Sync + Debug {
             what: "This image format does not support checks".into(),
         })
     }
+    /// Records that a guest range is about to change, before its data or metadata is written
+    /// (for formats that keep dirty bitmaps).
+    ///
+    /// # Errors
+    /// When the format's bookkeeping cannot be written.
+    fn note_write(&self, offset: u64, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
     /// Writes back cached metadata and flushes the host files.
     ///
     /// # Errors

@@ -505,6 +505,7 @@ impl Image {
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
+        self.driver.note_write(offset, buf.len() as u64)?;
         if self.guessed_raw && offset < 512 && !buf.is_empty() {
             let mut sector = [0u8; 512];
             self.read_inner(&mut sector, 0)?;
@@ -761,6 +762,10 @@ impl Image {
         for &(offset, _) in clusters {
             self.check_range(offset, cs.min(self.size().saturating_sub(offset)).max(1))?;
         }
+        for &(offset, _) in clusters {
+            self.driver
+                .note_write(offset, cs.min(self.size().saturating_sub(offset)).max(1))?;
+        }
         self.store_compressed(clusters)
     }
 
@@ -777,6 +782,7 @@ impl Image {
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
+        self.driver.note_write(offset, len)?;
         let g = self.driver.cow_granularity().max(1);
         let end = offset + len;
         let a = offset.div_ceil(g) * g;
@@ -826,6 +832,7 @@ impl Image {
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
+        self.driver.note_write(offset, len)?;
         let g = self.driver.cow_granularity().max(1);
         let end = offset + len;
         let a = offset.div_ceil(g) * g;

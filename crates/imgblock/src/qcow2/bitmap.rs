@@ -8,9 +8,10 @@
 //!                        granularity, table)  bits; 0 = clean, 1 = dirty)   granule, LSB first)
 //! ```
 
-use super::{header, Error, Header};
+use super::{header, Error, Header, Qcow2};
 use crate::error::IoContext;
 use crate::storage::Storage;
+use crate::Result;
 
 /// Length of the bitmaps extension payload.
 pub const EXT_LEN: usize = 24;
@@ -46,6 +47,10 @@ pub const TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 pub const TABLE_ALL_ONES: u64 = 1;
 /// Table entry bits that must be zero.
 pub const TABLE_RESERVED_MASK: u64 = 0xff00_0000_0000_01fe;
+/// Most bits of the in-memory record of what was written while the image is open (32 MiB).
+/// Past it one bit stands for more than a bitmap granule, which only marks more as dirty than
+/// was written (allowed: a dirty bit means "may have changed").
+pub const MAX_TRACKED_BITS: u64 = 1 << 28;
 
 fn be16(b: &[u8], off: usize) -> u16 {
     u16::from_be_bytes([b[off], b[off + 1]])
@@ -264,8 +269,12 @@ pub fn parse_directory(
         if table_size > MAX_TABLE_ENTRIES {
             return Err(bad("bitmap table too large"));
         }
-        if u64::from(table_size) < table_entries(size, granularity_bits, cluster_size) {
-            return Err(bad("bitmap table too small for the disk size"));
+        // qemu reads a bitmap only when its table covers exactly the disk; one in use is not
+        // read (its bits are void), so its table may still have another size.
+        if flags & FLAG_IN_USE == 0
+            && u64::from(table_size) != table_entries(size, granularity_bits, cluster_size)
+        {
+            return Err(bad("bitmap table size does not match the disk size"));
         }
         if table_offset == 0 || table_offset % cluster_size != 0 {
             return Err(bad("bitmap table not cluster aligned"));
@@ -341,8 +350,378 @@ pub fn table_entry(e: u64, at: u64, cluster_size: u64) -> Result<Option<u64>, Er
 pub(crate) struct Loaded {
     /// The extension they were read from.
     pub ext: Extension,
-    /// The directory entries, in directory order.
+    /// The directory entries, in directory order, with their flags as they are when stored
+    /// (without the in-use flag that marks them while writes are pending).
     pub list: Vec<Bitmap>,
+    /// Whether the enabled bitmaps are marked in use on disk, with writes not yet stored.
+    pub in_use_on_disk: bool,
+    /// Guest ranges written since the bitmaps were last stored.
+    pub written: Option<Written>,
+}
+
+/// Which guest ranges were written: one bit per `1 << shift` bytes.
+#[derive(Debug, Clone)]
+pub(crate) struct Written {
+    shift: u32,
+    count: u64,
+    words: Vec<u64>,
+}
+
+impl Written {
+    /// A record for a `size`-byte disk, at `granularity_bits` or coarser (see
+    /// [`MAX_TRACKED_BITS`]).
+    fn new(size: u64, granularity_bits: u8) -> Written {
+        let mut shift = u32::from(granularity_bits);
+        while size.div_ceil(1u64 << shift) > MAX_TRACKED_BITS {
+            shift += 1;
+        }
+        let count = size.div_ceil(1u64 << shift);
+        Written {
+            shift,
+            count,
+            // At most MAX_TRACKED_BITS / 64 words.
+            words: vec![0; usize::try_from(count.div_ceil(64)).unwrap_or(0)],
+        }
+    }
+
+    fn mark(&mut self, offset: u64, len: u64) {
+        if len == 0 || self.count == 0 {
+            return;
+        }
+        let first = offset >> self.shift;
+        let last = ((offset.saturating_add(len - 1)) >> self.shift).min(self.count - 1);
+        let mut i = first;
+        while i <= last {
+            let w = usize::try_from(i / 64).unwrap_or(usize::MAX);
+            let Some(word) = self.words.get_mut(w) else {
+                return;
+            };
+            if i % 64 == 0 && last - i >= 63 {
+                *word = u64::MAX;
+                i += 64;
+            } else {
+                *word |= 1 << (i % 64);
+                i += 1;
+            }
+        }
+    }
+
+    /// The written ranges in guest bytes, in order, each `[start, end)`.
+    fn runs(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (wi, &word) in self.words.iter().enumerate() {
+            if word == 0 {
+                continue;
+            }
+            for b in 0..64u64 {
+                if word & (1 << b) == 0 {
+                    continue;
+                }
+                let i = wi as u64 * 64 + b;
+                let (s, e) = (i << self.shift, (i + 1) << self.shift);
+                match out.last_mut() {
+                    Some(last) if last.1 == s => last.1 = e,
+                    _ => out.push((s, e)),
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Qcow2 {
+    fn flags_at(b: &Loaded, bm: &Bitmap) -> u64 {
+        b.ext.directory_offset + bm.entry_offset + 12
+    }
+
+    /// Records that a guest range is about to be written. The first write marks every enabled
+    /// bitmap in use on disk (as qemu does while it has an image open), so that if the bits
+    /// never get stored the bitmaps read as inconsistent rather than silently stale.
+    ///
+    /// # Errors
+    /// When the directory cannot be written.
+    pub(super) fn note_bitmap_write(&self, offset: u64, len: u64) -> Result<()> {
+        if !self.tracks_bitmaps || !self.writable {
+            return Ok(());
+        }
+        let mut st = self.lock();
+        let Some(b) = st.bitmaps.as_mut() else {
+            return Ok(());
+        };
+        let Some(finest) = b
+            .list
+            .iter()
+            .filter(|bm| bm.tracks_writes())
+            .map(|bm| bm.granularity_bits)
+            .min()
+        else {
+            return Ok(());
+        };
+        if !b.in_use_on_disk {
+            let f = self.file();
+            for bm in b.list.iter().filter(|bm| bm.tracks_writes()) {
+                f.write_at(
+                    &(bm.flags | FLAG_IN_USE).to_be_bytes(),
+                    Self::flags_at(b, bm),
+                )
+                .ctx(f.path())?;
+            }
+            f.flush().ctx(f.path())?;
+            b.in_use_on_disk = true;
+        }
+        let size = self.size;
+        b.written
+            .get_or_insert_with(|| Written::new(size, finest))
+            .mark(offset, len);
+        Ok(())
+    }
+
+    /// Stores the bits of what was written into every enabled bitmap and clears their in-use
+    /// flags. On failure the flags stay set: qemu then treats the bitmaps as inconsistent.
+    ///
+    /// # Errors
+    /// When a bitmap table is corrupt or I/O fails.
+    pub(super) fn store_bitmaps(&self) -> Result<()> {
+        let mut st = self.lock();
+        let Some(b) = st.bitmaps.as_mut() else {
+            return Ok(());
+        };
+        if !b.in_use_on_disk {
+            return Ok(());
+        }
+        let written = b.written.take();
+        let b = b.clone();
+        if let Some(w) = &written {
+            let runs = w.runs();
+            for bm in b.list.iter().filter(|bm| bm.tracks_writes()) {
+                self.store_bits(&mut st, bm, &runs)?;
+            }
+        }
+        let f = self.file();
+        f.flush().ctx(f.path())?;
+        for bm in b.list.iter().filter(|bm| bm.tracks_writes()) {
+            f.write_at(&bm.flags.to_be_bytes(), Self::flags_at(&b, bm))
+                .ctx(f.path())?;
+        }
+        f.flush().ctx(f.path())?;
+        if let Some(l) = st.bitmaps.as_mut() {
+            l.in_use_on_disk = false;
+        }
+        Ok(())
+    }
+
+    /// Sets the bits of `runs` (guest byte ranges) in one bitmap: new data clusters are counted,
+    /// then written, then entered in the table.
+    fn store_bits(&self, st: &mut super::State, bm: &Bitmap, runs: &[(u64, u64)]) -> Result<()> {
+        let cs = self.geo.cluster_size;
+        let bits_per_cluster = cs * 8;
+        let nbits = bit_count(self.size, bm.granularity_bits);
+        let gran = bm.granularity();
+        let mut current: Option<(u64, Vec<u8>)> = None;
+        for &(s, e) in runs {
+            let first = s / gran;
+            let end = e.div_ceil(gran).min(nbits);
+            let mut i = first;
+            while i < end {
+                let entry = i / bits_per_cluster;
+                if current.as_ref().is_none_or(|c| c.0 != entry) {
+                    if let Some((ei, buf)) = current.take() {
+                        self.store_bitmap_cluster(st, bm, ei, &buf)?;
+                    }
+                    current = Some((entry, vec![0u8; usize::try_from(cs).unwrap_or(0)]));
+                }
+                let stop = end.min((entry + 1) * bits_per_cluster);
+                if let Some((_, buf)) = current.as_mut() {
+                    for bit in i..stop {
+                        let k = bit - entry * bits_per_cluster;
+                        if let Some(byte) =
+                            buf.get_mut(usize::try_from(k / 8).unwrap_or(usize::MAX))
+                        {
+                            *byte |= 1 << (k % 8);
+                        }
+                    }
+                }
+                i = stop;
+            }
+        }
+        if let Some((ei, buf)) = current.take() {
+            self.store_bitmap_cluster(st, bm, ei, &buf)?;
+        }
+        Ok(())
+    }
+
+    /// ORs `bits` into the data cluster of table entry `index`, allocating it if the entry says
+    /// "all clean".
+    fn store_bitmap_cluster(
+        &self,
+        st: &mut super::State,
+        bm: &Bitmap,
+        index: u64,
+        bits: &[u8],
+    ) -> Result<()> {
+        let f = self.file();
+        let cs = self.geo.cluster_size;
+        let at = bm.table_offset + index * 8;
+        if index >= u64::from(bm.table_size) {
+            return Err(self.err(Error::BadBitmapTable {
+                offset: at,
+                reason: "entry past the table end",
+            }));
+        }
+        let mut e = [0u8; 8];
+        f.read_at(&mut e, at).ctx(f.path())?;
+        let e = u64::from_be_bytes(e);
+        match table_entry(e, at, cs).map_err(|err| self.err(err))? {
+            Some(off) => {
+                let mut cur = vec![0u8; bits.len()];
+                f.read_at(&mut cur, off).ctx(f.path())?;
+                for (c, b) in cur.iter_mut().zip(bits) {
+                    *c |= b;
+                }
+                f.write_at(&cur, off).ctx(f.path())?;
+            }
+            None if e & TABLE_ALL_ONES != 0 => {}
+            None => {
+                let host = self.alloc_clusters(st, 1)?;
+                f.write_at(bits, host).ctx(f.path())?;
+                f.flush().ctx(f.path())?;
+                f.write_at(&host.to_be_bytes(), at).ctx(f.path())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Before a resize: stores pending bits, then marks in use every bitmap whose table must
+    /// change size, so that until [`Qcow2::resize_bitmaps`] has written their new tables they
+    /// read as inconsistent rather than as unreadable.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub(super) fn bitmaps_before_resize(&self, new_size: u64) -> Result<()> {
+        self.store_bitmaps()?;
+        let st = self.lock();
+        let Some(b) = st.bitmaps.as_ref() else {
+            return Ok(());
+        };
+        let cs = self.geo.cluster_size;
+        let f = self.file();
+        for bm in &b.list {
+            if table_entries(new_size, bm.granularity_bits, cs) != u64::from(bm.table_size) {
+                f.write_at(
+                    &(bm.flags | FLAG_IN_USE).to_be_bytes(),
+                    Self::flags_at(b, bm),
+                )
+                .ctx(f.path())?;
+            }
+        }
+        f.flush().ctx(f.path())?;
+        Ok(())
+    }
+
+    /// After a resize to `self.size`: gives every bitmap whose table no longer matches the disk
+    /// a table of the right size (entries kept, new ones clean, dropped ones freed, bits past a
+    /// new end cleared), writes a new directory, switches the header to it, and frees the old
+    /// tables and directory. As qemu does, the bitmaps survive the resize.
+    ///
+    /// # Errors
+    /// I/O errors; corrupt bitmap tables.
+    pub(super) fn resize_bitmaps(&self) -> Result<()> {
+        let cs = self.geo.cluster_size;
+        let size = self.size;
+        let f = self.file();
+        let mut st = self.lock();
+        let Some(mut b) = st.bitmaps.clone() else {
+            return Ok(());
+        };
+        let mut frees: Vec<(u64, u64)> = Vec::new();
+        let mut changed = false;
+        for bm in &mut b.list {
+            let want = table_entries(size, bm.granularity_bits, cs);
+            if want == u64::from(bm.table_size) {
+                continue;
+            }
+            changed = true;
+            let want32 = u32::try_from(want)
+                .ok()
+                .filter(|&w| w <= MAX_TABLE_ENTRIES)
+                .ok_or_else(|| {
+                    self.err(Error::BadBitmapDirectory {
+                        offset: b.ext.directory_offset + bm.entry_offset,
+                        reason: "bitmap table too large",
+                    })
+                })?;
+            let old =
+                super::read_table(f, bm.table_offset, u64::from(bm.table_size)).ctx(f.path())?;
+            let keep = old.len().min(usize::try_from(want).unwrap_or(usize::MAX));
+            let mut table = old[..keep].to_vec();
+            table.resize(usize::try_from(want).unwrap_or(0), 0);
+            for (i, &e) in old.iter().enumerate().skip(keep) {
+                let at = bm.table_offset + i as u64 * 8;
+                if let Some(off) = table_entry(e, at, cs).map_err(|err| self.err(err))? {
+                    frees.push((off, 1));
+                }
+            }
+            // Bits past the new end in the last kept cluster must read as clean.
+            let nbits = bit_count(size, bm.granularity_bits);
+            let bits_per_cluster = cs * 8;
+            if let Some(&last) = table.last() {
+                let li = want - 1;
+                let from = nbits - li * bits_per_cluster;
+                let at = bm.table_offset + li * 8;
+                if let Some(off) = table_entry(last, at, cs).map_err(|err| self.err(err))? {
+                    let mut buf = vec![0u8; usize::try_from(cs).unwrap_or(0)];
+                    f.read_at(&mut buf, off).ctx(f.path())?;
+                    for k in from..bits_per_cluster {
+                        if let Some(byte) =
+                            buf.get_mut(usize::try_from(k / 8).unwrap_or(usize::MAX))
+                        {
+                            *byte &= !(1 << (k % 8));
+                        }
+                    }
+                    f.write_at(&buf, off).ctx(f.path())?;
+                }
+            }
+            let mut bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+            let clusters = (bytes.len() as u64).div_ceil(cs).max(1);
+            bytes.resize(usize::try_from(clusters * cs).unwrap_or(0), 0);
+            let at = self.alloc_clusters(&mut st, clusters)?;
+            f.write_at(&bytes, at).ctx(f.path())?;
+            frees.push((bm.table_offset, (u64::from(bm.table_size) * 8).div_ceil(cs)));
+            bm.table_offset = at;
+            bm.table_size = want32;
+        }
+        if !changed {
+            return Ok(());
+        }
+        let mut dir: Vec<u8> = b.list.iter().flat_map(Bitmap::to_bytes).collect();
+        let dir_clusters = (dir.len() as u64).div_ceil(cs);
+        dir.resize(usize::try_from(dir_clusters * cs).unwrap_or(0), 0);
+        let dir_at = self.alloc_clusters(&mut st, dir_clusters)?;
+        f.write_at(&dir, dir_at).ctx(f.path())?;
+        f.flush().ctx(f.path())?;
+        frees.push((b.ext.directory_offset, b.ext.directory_size.div_ceil(cs)));
+        b.ext.directory_offset = dir_at;
+        let raw = RawExtension {
+            nb_bitmaps: b.ext.nb_bitmaps,
+            reserved: 0,
+            directory_size: b.ext.directory_size,
+            directory_offset: dir_at,
+        };
+        drop(st);
+        self.rewrite_header(|h| h.set_extension(header::EXT_BITMAPS, Some(raw.to_bytes())))?;
+        let mut st = self.lock();
+        b.in_use_on_disk = false;
+        b.written = None;
+        st.bitmaps = Some(b);
+        for (off, n) in frees {
+            for i in 0..n {
+                self.update_refcount(&mut st, off + i * cs, -1, false)?;
+            }
+        }
+        drop(st);
+        f.flush().ctx(f.path())?;
+        Ok(())
+    }
 }
 
 /// Reads the bitmaps of an image whose header sets the bitmaps autoclear bit and has the
@@ -351,7 +730,7 @@ pub(crate) struct Loaded {
 ///
 /// # Errors
 /// The specific [`Error`] for a bad extension or directory (wrapped with the path); I/O errors.
-pub(crate) fn load(file: &dyn Storage, h: &Header, file_len: u64) -> crate::Result<Option<Loaded>> {
+pub(crate) fn load(file: &dyn Storage, h: &Header, file_len: u64) -> Result<Option<Loaded>> {
     let qerr = |e| crate::Error::Qcow2 {
         path: file.path().to_owned(),
         source: e,
@@ -370,7 +749,12 @@ pub(crate) fn load(file: &dyn Storage, h: &Header, file_len: u64) -> crate::Resu
     file.read_at(&mut buf, ext.directory_offset)
         .ctx(file.path())?;
     let list = parse_directory(&buf, &ext, h.size, h.cluster_size(), file_len).map_err(&qerr)?;
-    Ok(Some(Loaded { ext, list }))
+    Ok(Some(Loaded {
+        ext,
+        list,
+        in_use_on_disk: false,
+        written: None,
+    }))
 }
 
 #[cfg(test)]
@@ -506,18 +890,27 @@ mod tests {
     }
 
     #[test]
-    fn directory_table_too_small_is_refused() {
+    fn directory_table_size_not_matching_disk_is_refused() {
         let mut d = qemu_directory();
         d[8..12].copy_from_slice(&0u32.to_be_bytes());
         assert_eq!(
             reason(parse(&d)).1,
-            "bitmap table too small for the disk size"
+            "bitmap table size does not match the disk size"
         );
+        d[8..12].copy_from_slice(&2u32.to_be_bytes());
+        assert_eq!(
+            reason(parse(&d)).1,
+            "bitmap table size does not match the disk size"
+        );
+        // A bitmap in use is not read, whatever its table size.
+        d[15] |= 1;
+        assert!(parse(&d).is_ok());
     }
 
     #[test]
     fn directory_huge_table_is_refused_before_reading() {
         let mut d = qemu_directory();
+        d[15] |= 1;
         d[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
         assert_eq!(reason(parse(&d)).1, "bitmap table too large");
         d[8..12].copy_from_slice(&0x0010_0000u32.to_be_bytes());
@@ -550,6 +943,25 @@ mod tests {
             })
         ));
         assert!(table_entry(0x50200, 8, 65536).is_err());
+    }
+
+    #[test]
+    fn written_marks_whole_words_and_partial_ends() {
+        let mut w = Written::new(1 << 20, 9);
+        w.mark(100, 1);
+        w.mark(512 * 60, 512 * 200);
+        w.mark((1 << 20) - 1, 1000);
+        assert_eq!(
+            w.runs(),
+            vec![(0, 512), (512 * 60, 512 * 260), ((1 << 20) - 512, 1 << 20)]
+        );
+    }
+
+    #[test]
+    fn written_huge_disk_coarsens_within_cap() {
+        let w = Written::new(1 << 50, 9);
+        assert!(w.count <= MAX_TRACKED_BITS);
+        assert!(w.shift > 9);
     }
 
     #[test]

@@ -142,6 +142,8 @@ pub struct Qcow2 {
     /// The header's compression type, here so that workers compressing or decompressing
     /// clusters need not take the state lock for it; changed only by `amend` (`&mut self`).
     compression: CompressionType,
+    /// Whether an enabled bitmap records writes: lets writes skip the state lock otherwise.
+    tracks_bitmaps: bool,
 }
 
 pub(crate) fn be64_at(b: &[u8], off: usize) -> u64 {
@@ -261,6 +263,10 @@ impl Qcow2 {
         snapshot::read_table(storage.as_ref(), &state.h).map_err(&qerr)?;
         let size = state.h.size;
         let compression = state.h.compression;
+        let tracks_bitmaps = state
+            .bitmaps
+            .as_ref()
+            .is_some_and(|b| b.list.iter().any(bitmap::Bitmap::tracks_writes));
         let q = Qcow2 {
             files,
             geo,
@@ -271,6 +277,7 @@ impl Qcow2 {
             metadata_prealloc: std::sync::OnceLock::new(),
             crypt,
             compression,
+            tracks_bitmaps,
         };
         if writable {
             q.open_for_writing()?;
@@ -336,7 +343,12 @@ impl Qcow2 {
     /// extensions we do not maintain, and rebuild refcounts of a dirty image.
     fn open_for_writing(&self) -> Result<()> {
         let mut st = self.lock();
-        let keep = header::AUTOCLEAR_DATA_FILE_RAW;
+        // Bitmaps this driver loaded it keeps up to date (see `bitmap`).
+        let keep = if st.bitmaps.is_some() {
+            header::AUTOCLEAR_DATA_FILE_RAW | header::AUTOCLEAR_BITMAPS
+        } else {
+            header::AUTOCLEAR_DATA_FILE_RAW
+        };
         if st.h.version == 3 && st.h.autoclear & !keep != 0 {
             st.h.autoclear &= keep;
             let v = st.h.autoclear.to_be_bytes();
@@ -675,6 +687,7 @@ impl Driver for Qcow2 {
             metadata_prealloc: std::sync::OnceLock::new(),
             crypt: self.crypt.clone(),
             compression: self.compression,
+            tracks_bitmaps: false,
         }))
     }
 
@@ -1032,6 +1045,7 @@ impl Driver for Qcow2 {
     }
 
     fn make_empty(&self) -> Result<()> {
+        self.note_bitmap_write(0, self.size)?;
         self.unmap_range(0, self.geo.align_up(self.size))?;
         self.flush()
     }
@@ -1052,11 +1066,27 @@ impl Driver for Qcow2 {
         check::check(self, repair)
     }
 
+    fn note_write(&self, offset: u64, len: u64) -> Result<()> {
+        self.note_bitmap_write(offset, len)
+    }
+
     fn flush(&self) -> Result<()> {
+        if self.writable {
+            self.store_bitmaps()?;
+        }
         for f in &self.files {
             f.flush().ctx(f.path())?;
         }
         Ok(())
+    }
+}
+
+impl Drop for Qcow2 {
+    fn drop(&mut self) {
+        // As qemu does on close. A failure leaves the bitmaps marked in use: inconsistent.
+        if self.writable {
+            let _ = self.store_bitmaps();
+        }
     }
 }
 

@@ -33,6 +33,7 @@ impl Qcow2 {
         if new_size > i64::MAX as u64 {
             return Err(self.err(Error::SizeTooLarge(new_size)));
         }
+        self.bitmaps_before_resize(new_size)?;
         if new_size < old_size {
             // Drop whole clusters past the new end, then L2 tables wholly past it.
             let from = g.align_up(new_size);
@@ -106,6 +107,7 @@ impl Qcow2 {
             st.h.size = new_size;
         }
         self.size = new_size;
+        self.resize_bitmaps()?;
         if new_size > old_size && prealloc != Preallocation::Off {
             let from = old_size / g.cluster_size * g.cluster_size;
             self.preallocate_range(from, g.align_up(new_size) - from, prealloc)?;

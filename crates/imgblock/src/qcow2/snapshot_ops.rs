@@ -336,6 +336,10 @@ impl Qcow2 {
     /// When there is no such snapshot, its size differs, or I/O fails.
     pub fn apply_snapshot(&self, name: &str) -> Result<()> {
         self.check_writable()?;
+        if self.lock().bitmaps.is_some() {
+            // qemu refuses: the bitmaps could not describe the jump back in time.
+            return Err(self.err(Error::ActiveBitmaps));
+        }
         let snaps = self.snapshot_list()?;
         let sn = snaps[self.find_snapshot(&snaps, name)?].clone();
         if sn.disk_size.is_some_and(|s| s != self.size) {
