@@ -264,3 +264,17 @@ fn check_repair_leaks_keeps_bitmap_clusters() {
     let info = env.qemu_img(&["info", "t.qcow2"]).ok();
     assert!(info.stdout.contains("name: b2"), "{info}");
 }
+
+#[test]
+fn measure_image_with_bitmaps_equals_qemu() {
+    let env = Env::with_qemu();
+    image_with_bitmaps(&env);
+    for extra in [&[][..], &["-o", "cluster_size=4k"], &["--output=json"]] {
+        let mut args = vec!["measure", "-O", "qcow2"];
+        args.extend_from_slice(extra);
+        args.push("t.qcow2");
+        let ours = env.img(&args).ok();
+        let theirs = env.qemu_img(&args).ok();
+        assert_eq!(ours.stdout, theirs.stdout, "{args:?}");
+    }
+}

@@ -9,7 +9,7 @@ pub struct Measure {
     pub required: u64,
     /// Bytes a fully allocated image of the same size takes.
     pub fully_allocated: u64,
-    /// Bytes for persistent bitmaps (qcow2 → qcow2 only; none are copied, so zero).
+    /// Bytes for the source's persistent bitmaps in the new image (qcow2 → qcow2 only).
     pub bitmaps: Option<u64>,
 }
 
@@ -48,7 +48,15 @@ pub fn measure(format: Format, opts: &CreateOptions, source: Option<&Image>) -> 
                     None => 0,
                 }
             };
-            let bitmaps = source.filter(|s| s.format() == Format::Qcow2).map(|_| 0);
+            // qemu counts the persistent bitmaps of the source image itself (not its backing).
+            let bitmaps = source.filter(|s| s.format() == Format::Qcow2).map(|s| {
+                match s.driver().specific() {
+                    crate::FormatSpecific::Qcow2(q) => {
+                        qcow2::bitmap::measure(s.size(), cs, &q.bitmaps)
+                    }
+                    _ => 0,
+                }
+            });
             Ok(Measure {
                 required: full - aligned + data,
                 fully_allocated: full,

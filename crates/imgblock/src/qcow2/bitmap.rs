@@ -724,6 +724,22 @@ impl Qcow2 {
     }
 }
 
+/// Bytes a new image with `cluster_size` clusters needs to hold `bitmaps` of a `size`-byte disk
+/// (qemu-img measure's "bitmaps size"): each bitmap's data and table clusters, and the
+/// directory rounded up to whole clusters.
+pub fn measure(size: u64, cluster_size: u64, bitmaps: &[crate::driver::BitmapInfo]) -> u64 {
+    let mut directory = 0u64;
+    let mut clusters = 0u64;
+    for b in bitmaps {
+        let bits = size.div_ceil(b.granularity.max(1));
+        let data = bits.div_ceil(8).div_ceil(cluster_size);
+        let table = (data * 8).div_ceil(cluster_size);
+        clusters += data + table;
+        directory += (ENTRY_FIXED_LEN as u64 + b.name.len() as u64).div_ceil(8) * 8;
+    }
+    clusters * cluster_size + directory.div_ceil(cluster_size) * cluster_size
+}
+
 /// Reads the bitmaps of an image whose header sets the bitmaps autoclear bit and has the
 /// extension; `None` otherwise (qemu then ignores any extension: a program without bitmap
 /// support wrote the image, and the bitmaps are stale).
@@ -962,6 +978,25 @@ mod tests {
         let w = Written::new(1 << 50, 9);
         assert!(w.count <= MAX_TRACKED_BITS);
         assert!(w.shift > 9);
+    }
+
+    fn info(name: &str, granularity: u64) -> crate::driver::BitmapInfo {
+        crate::driver::BitmapInfo {
+            name: name.into(),
+            granularity,
+            enabled: true,
+            in_use: false,
+        }
+    }
+
+    #[test]
+    fn measure_matches_qemu_img_measure() {
+        // qemu-img measure -O qcow2 [-o cluster_size=4k] of images with these bitmaps.
+        let two = [info("b0", 65536), info("b1", 131072)];
+        assert_eq!(measure(8 << 20, 65536, &two), 327_680);
+        let big = [info("x", 512), info("y z", 65536)];
+        assert_eq!(measure(1 << 30, 4096, &big), 278_528);
+        assert_eq!(measure(8 << 20, 65536, &[]), 0);
     }
 
     #[test]
