@@ -186,3 +186,69 @@ fn chain_map_human_equals_qemu() {
     let ours = env.img(&["map", "top.qcow2"]).ok();
     assert_eq!(ours.stdout, theirs.stdout, "img:{ours}\nqemu-img:{theirs}");
 }
+
+/// Zeroes move down the chain as zeroes, not as data: `commit` drops the base's allocation
+/// where the overlay reads as zeroes, and `rebase` records as zeroes what the image read past
+/// its old backing file's end; maps and lengths equal qemu-img's.
+#[test]
+fn commit_and_rebase_carry_zeroes_without_data() {
+    let env = Env::with_qemu();
+    for tool in ["img", "qemu"] {
+        let base = format!("{tool}-base.qcow2");
+        let top = format!("{tool}-top.qcow2");
+        env.qemu_img(&["create", "-q", "-f", "qcow2", &base, "8M"])
+            .ok();
+        env.qemu_io("qcow2", &base, &["write -P 1 0 4M"]);
+        env.qemu_img(&[
+            "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top,
+        ])
+        .ok();
+        env.qemu_io("qcow2", &top, &["write -z 0 2M", "write -P 2 4M 1M"]);
+        if tool == "img" {
+            env.img(&["commit", &top]).ok();
+        } else {
+            env.qemu_img(&["commit", &top]).ok();
+        }
+    }
+    let map = |f: &str| env.qemu_img(&["map", "--output=json", f]).ok().stdout;
+    assert_eq!(map("img-base.qcow2"), map("qemu-base.qcow2"));
+    assert_eq!(env.len("img-base.qcow2"), env.len("qemu-base.qcow2"));
+    env.qemu_img(&["check", "img-base.qcow2"]).ok();
+
+    // The old backing file is shorter than the image: past its end the image read zeroes.
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "old.qcow2", "1M"])
+        .ok();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "new.qcow2", "4M"])
+        .ok();
+    env.qemu_io("qcow2", "new.qcow2", &["write -P 7 0 4M"]);
+    for compat in ["1.1", "0.10"] {
+        let ours = format!("ours-{compat}.qcow2");
+        let theirs = format!("theirs-{compat}.qcow2");
+        for f in [&ours, &theirs] {
+            env.qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("compat={compat}"),
+                "-b",
+                "old.qcow2",
+                "-F",
+                "qcow2",
+                f,
+                "4M",
+            ])
+            .ok();
+            env.qemu_io("qcow2", f, &["write -P 3 1M 64k"]);
+        }
+        env.img(&["rebase", "-b", "new.qcow2", "-F", "qcow2", &ours])
+            .ok();
+        env.qemu_img(&["rebase", "-b", "new.qcow2", "-F", "qcow2", &theirs])
+            .ok();
+        env.qemu_img(&["check", &ours]).ok();
+        env.qemu_img(&["compare", &ours, &theirs]).ok();
+        assert_eq!(map(&ours), map(&theirs), "compat={compat}");
+        assert_eq!(env.len(&ours), env.len(&theirs), "compat={compat}");
+    }
+}

@@ -102,7 +102,8 @@ pub fn commit(
             let b = &mut buf[..usize::try_from(n).unwrap_or(0)];
             top.read_at(b, pos)?;
             if is_zero(b) {
-                base_w.write_zeroes(pos, n, false)?;
+                // As qemu's commit job: zeroes may drop the base's allocation there.
+                base_w.write_zeroes(pos, n, true)?;
             } else {
                 base_w.write_at(b, pos)?;
             }
@@ -175,6 +176,7 @@ pub fn rebase(
         None => None,
     };
     let size = img.size();
+    let old_end = img.backing().map_or(0, Image::size);
     let mut old = vec![0u8; usize::try_from(CHUNK).unwrap_or(0)];
     let mut new = vec![0u8; old.len()];
     let mut pos = 0;
@@ -202,7 +204,13 @@ pub fn rebase(
                     while j < nu && o[j..(j + 512).min(nu)] != nb[j..(j + 512).min(nu)] {
                         j = (j + 512).min(nu);
                     }
-                    img.write_at(&o[i..j], pos + i as u64)?;
+                    if pos + i as u64 >= old_end {
+                        // Past the old backing file's end the image read zeroes: as qemu, a
+                        // zero write records them without data.
+                        img.write_zeroes(pos + i as u64, (j - i) as u64, false)?;
+                    } else {
+                        img.write_at(&o[i..j], pos + i as u64)?;
+                    }
                     i = j;
                 } else {
                     i = e;
