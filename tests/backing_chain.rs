@@ -252,3 +252,180 @@ fn commit_and_rebase_carry_zeroes_without_data() {
         assert_eq!(env.len(&ours), env.len(&theirs), "compat={compat}");
     }
 }
+
+/// A 4 MiB qcow2 base filled with 0x5a.
+fn filled_base(env: &Env) {
+    env.qemu_img(&["create", "-f", "qcow2", "base.qcow2", "4M"])
+        .ok();
+    env.qemu_io("qcow2", "base.qcow2", &["write -P 0x5a 0 4M"]);
+}
+
+#[test]
+fn extended_l2_preallocated_overlay_reads_backing_like_qemu() {
+    let env = Env::with_qemu();
+    filled_base(&env);
+    for mode in ["metadata", "falloc", "full"] {
+        let opts = format!("extended_l2=on,preallocation={mode}");
+        for (tool, name) in [("img", "ours.qcow2"), ("qemu", "theirs.qcow2")] {
+            let args = [
+                "create",
+                "-f",
+                "qcow2",
+                "-o",
+                &opts,
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                name,
+            ];
+            if tool == "img" {
+                env.img(&args).ok();
+            } else {
+                env.qemu_img(&args).ok();
+            }
+        }
+        env.qemu_img(&["check", "ours.qcow2"]).ok();
+        env.qemu_img(&["compare", "ours.qcow2", "base.qcow2"]).ok();
+        let map = |tool: &str| {
+            let name = if tool == "img" {
+                "ours.qcow2"
+            } else {
+                "theirs.qcow2"
+            };
+            let args = ["map", "--output=json", name];
+            let mut out = if tool == "img" {
+                env.img(&args).ok().json()
+            } else {
+                env.qemu_img(&args).ok().json()
+            };
+            // Host offsets depend on the layout of each file; the kinds must agree.
+            for e in out.as_array_mut().into_iter().flatten() {
+                e.as_object_mut().map(|o| o.remove("offset"));
+            }
+            out
+        };
+        assert_eq!(map("img"), map("qemu"), "{mode}");
+        std::fs::remove_file(env.path("ours.qcow2")).unwrap();
+        std::fs::remove_file(env.path("theirs.qcow2")).unwrap();
+    }
+    // Without a backing file the clusters are preallocated but unallocated, as qemu maps them.
+    env.img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on,preallocation=metadata",
+        "a.qcow2",
+        "4M",
+    ])
+    .ok();
+    env.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on,preallocation=metadata",
+        "b.qcow2",
+        "4M",
+    ])
+    .ok();
+    let a = env.img(&["map", "--output=json", "a.qcow2"]).ok().stdout;
+    let b = env
+        .qemu_img(&["map", "--output=json", "b.qcow2"])
+        .ok()
+        .stdout;
+    assert_eq!(a, b);
+}
+
+#[test]
+fn extended_l2_preallocated_convert_onto_backing_reads_like_qemu() {
+    let env = Env::with_qemu();
+    filled_base(&env);
+    env.qemu_img(&["create", "-f", "qcow2", "top.qcow2", "4M"])
+        .ok();
+    env.qemu_io("qcow2", "top.qcow2", &["write -P 0x11 1M 64k"]);
+    env.img(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-o",
+        "extended_l2=on,preallocation=metadata",
+        "-B",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+        "out.qcow2",
+    ])
+    .ok();
+    env.qemu_img(&["check", "out.qcow2"]).ok();
+    env.qemu_img(&["compare", "out.qcow2", "top.qcow2"]).ok();
+}
+
+#[test]
+fn resize_past_shorter_end_with_backing_reads_zeroes_like_qemu() {
+    let env = Env::with_qemu();
+    filled_base(&env);
+    for (ext, mode) in [
+        ("off", "off"),
+        ("off", "metadata"),
+        ("off", "falloc"),
+        ("on", "off"),
+        ("on", "metadata"),
+        ("on", "falloc"),
+        ("on", "full"),
+    ] {
+        let opts = format!("extended_l2={ext}");
+        let prealloc = format!("--preallocation={mode}");
+        for name in ["ours.qcow2", "theirs.qcow2"] {
+            let _ = std::fs::remove_file(env.path(name));
+            env.qemu_img(&[
+                "create",
+                "-f",
+                "qcow2",
+                "-o",
+                &opts,
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                name,
+                "2M",
+            ])
+            .ok();
+        }
+        env.img(&["resize", &prealloc, "ours.qcow2", "6M"]).ok();
+        env.qemu_img(&["resize", &prealloc, "theirs.qcow2", "6M"])
+            .ok();
+        env.qemu_img(&["check", "ours.qcow2"]).ok();
+        let out = env.qemu_img(&["compare", "ours.qcow2", "theirs.qcow2"]);
+        assert_eq!(out.code, Some(0), "{ext} {mode}: {out}");
+    }
+    // A v2 image has no zero clusters: qemu refuses and leaves the size.
+    env.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "v2.qcow2",
+        "2M",
+    ])
+    .ok();
+    let out = env.img(&["resize", "v2.qcow2", "6M"]).code_is(1);
+    assert!(
+        out.stderr
+            .contains("Failed to zero out new clusters: Operation not supported"),
+        "{out}"
+    );
+    let info = env
+        .qemu_img(&["info", "--output=json", "v2.qcow2"])
+        .ok()
+        .json();
+    assert_eq!(info["virtual-size"], 2 * MIB);
+}

@@ -353,12 +353,19 @@ pub trait Driver: Send + Sync + Debug {
         }
         Ok(())
     }
-    /// Changes the virtual size; new space is preallocated as asked.
+    /// Changes the virtual size; new space is preallocated as asked. `zero_new` says that a
+    /// backing image reaches past the old end, so the new space must be made to read as zeroes
+    /// rather than fall through to it (qemu zero-writes it on truncate).
     ///
     /// # Errors
     /// When the format cannot resize this image, or I/O fails.
-    fn resize(&mut self, new_size: u64, prealloc: crate::raw::Preallocation) -> Result<()> {
-        let _ = (new_size, prealloc);
+    fn resize(
+        &mut self,
+        new_size: u64,
+        prealloc: crate::raw::Preallocation,
+        zero_new: bool,
+    ) -> Result<()> {
+        let _ = (new_size, prealloc, zero_new);
         Err(self.unsupported("resizing"))
     }
     /// Changes options of an existing image (`img amend -o`).

@@ -978,7 +978,9 @@ impl Image {
     pub fn resize(&mut self, new_size: u64, prealloc: crate::raw::Preallocation) -> Result<()> {
         self.check_writable()?;
         let old = self.size();
-        self.driver.resize(new_size, prealloc)?;
+        // A backing image that reaches past the old end would show through the new space.
+        let zero_new = new_size > old && self.backing.as_ref().is_some_and(|b| b.size() > old);
+        self.driver.resize(new_size, prealloc, zero_new)?;
         // What lay past the old end inside its last allocation unit (left by an earlier shrink)
         // must read as zeroes now that it is inside the disk.
         let g = self.driver.cow_granularity().max(1);

@@ -128,7 +128,7 @@ impl Qcow2 {
         }
         if let Some(s) = size {
             if s != self.size {
-                self.resize(s, Preallocation::Off)?;
+                self.resize(s, Preallocation::Off, false)?;
             }
         }
         if version == 2 && cur_version == 3 {

@@ -347,7 +347,7 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
         q.set_up_encryption(e)?;
     }
     if opts.prealloc != Preallocation::Off {
-        q.preallocate_range(0, q.geo.align_up(size), opts.prealloc)?;
+        q.preallocate_range(0, q.geo.align_up(size), opts.prealloc, false)?;
     }
     q.flush()
 }

@@ -532,6 +532,72 @@ impl Qcow2 {
         }
         Ok(true)
     }
+
+    /// Points the L2 entries of `extents` at their host clusters. With extended L2, `mark`
+    /// says whether the subclusters become allocated (a write) or keep their bitmap (qemu's
+    /// preallocation, which leaves new clusters "unallocated with a host offset" so that a
+    /// backing file still shows through).
+    fn link_extents(&self, extents: &[HostExtent], mark: bool) -> Result<()> {
+        let g = self.geo;
+        let mut st = self.lock();
+        // The entries of a run of clusters go out in one write per L2 table; what the old
+        // entries referenced is freed only once the new ones are on disk.
+        let mut run = l2::L2Run::default();
+        let mut run_table = None;
+        let mut replaced = Vec::new();
+        for ext in extents {
+            let end = ext.guest + ext.len;
+            let mut pos = ext.guest;
+            while pos < end {
+                let gc = pos >> g.cluster_bits;
+                let cstart = gc << g.cluster_bits;
+                let pend = end.min(cstart + g.cluster_size);
+                if run_table.is_some_and(|t| t != gc / g.l2_entries) {
+                    self.write_l2_run(&mut run)?;
+                }
+                run_table = Some(gc / g.l2_entries);
+                // Within a cluster the host offset moves with the guest offset.
+                let host_cluster = ext.host.0 + (pos - ext.guest) - (pos - cstart);
+                let old = self.lookup(&mut st, gc)?.map(|o| o.0).unwrap_or_default();
+                let mut new = Entry {
+                    word: host_cluster | COPIED,
+                    bitmap: 0,
+                };
+                if g.extended_l2 {
+                    let bits = l2::range_bits(&g, pos - cstart, pend - cstart);
+                    let same_host =
+                        old.host() == Some(host_cluster) && old.kind(0) != Kind::Compressed;
+                    let prev = if same_host || old.host().is_none() {
+                        old.bitmap
+                    } else {
+                        0
+                    };
+                    new.bitmap = if mark {
+                        let alloc = (prev & 0xffff_ffff) | bits;
+                        let zero = (prev >> 32) & !bits;
+                        alloc | (zero << 32)
+                    } else {
+                        prev
+                    };
+                }
+                let l2off = self.l2_for_write(&mut st, gc / g.l2_entries)?;
+                self.stage_l2_entry(&mut st, &mut run, l2off, gc % g.l2_entries, new)?;
+                let frees = match old.kind(0) {
+                    Kind::Compressed => true,
+                    _ => old.host().is_some_and(|h| h != host_cluster),
+                };
+                if frees {
+                    replaced.push(old);
+                }
+                pos = pend;
+            }
+        }
+        self.write_l2_run(&mut run)?;
+        for old in &replaced {
+            self.release(&mut st, old, false)?;
+        }
+        Ok(())
+    }
 }
 
 /// Reads a table of big-endian u64 entries.
@@ -839,61 +905,7 @@ impl Driver for Qcow2 {
     }
 
     fn commit(&self, extents: &[HostExtent]) -> Result<()> {
-        let g = self.geo;
-        let mut st = self.lock();
-        // The entries of a run of clusters go out in one write per L2 table; what the old
-        // entries referenced is freed only once the new ones are on disk.
-        let mut run = l2::L2Run::default();
-        let mut run_table = None;
-        let mut replaced = Vec::new();
-        for ext in extents {
-            let end = ext.guest + ext.len;
-            let mut pos = ext.guest;
-            while pos < end {
-                let gc = pos >> g.cluster_bits;
-                let cstart = gc << g.cluster_bits;
-                let pend = end.min(cstart + g.cluster_size);
-                if run_table.is_some_and(|t| t != gc / g.l2_entries) {
-                    self.write_l2_run(&mut run)?;
-                }
-                run_table = Some(gc / g.l2_entries);
-                // Within a cluster the host offset moves with the guest offset.
-                let host_cluster = ext.host.0 + (pos - ext.guest) - (pos - cstart);
-                let old = self.lookup(&mut st, gc)?.map(|o| o.0).unwrap_or_default();
-                let mut new = Entry {
-                    word: host_cluster | COPIED,
-                    bitmap: 0,
-                };
-                if g.extended_l2 {
-                    let bits = l2::range_bits(&g, pos - cstart, pend - cstart);
-                    let same_host =
-                        old.host() == Some(host_cluster) && old.kind(0) != Kind::Compressed;
-                    let prev = if same_host || old.host().is_none() {
-                        old.bitmap
-                    } else {
-                        0
-                    };
-                    let alloc = (prev & 0xffff_ffff) | bits;
-                    let zero = (prev >> 32) & !bits;
-                    new.bitmap = alloc | (zero << 32);
-                }
-                let l2off = self.l2_for_write(&mut st, gc / g.l2_entries)?;
-                self.stage_l2_entry(&mut st, &mut run, l2off, gc % g.l2_entries, new)?;
-                let frees = match old.kind(0) {
-                    Kind::Compressed => true,
-                    _ => old.host().is_some_and(|h| h != host_cluster),
-                };
-                if frees {
-                    replaced.push(old);
-                }
-                pos = pend;
-            }
-        }
-        self.write_l2_run(&mut run)?;
-        for old in &replaced {
-            self.release(&mut st, old, false)?;
-        }
-        Ok(())
+        self.link_extents(extents, true)
     }
 
     fn zero(&self, offset: u64, len: u64, unmap: bool) -> Result<bool> {
@@ -1018,14 +1030,19 @@ impl Driver for Qcow2 {
         Ok(())
     }
 
-    fn resize(&mut self, new_size: u64, prealloc: crate::raw::Preallocation) -> Result<()> {
+    fn resize(
+        &mut self,
+        new_size: u64,
+        prealloc: crate::raw::Preallocation,
+        zero_new: bool,
+    ) -> Result<()> {
         if self.crypt.is_encrypted() && prealloc != crate::raw::Preallocation::Off {
             // Preallocated clusters would hold plaintext zeroes that decrypt to noise.
             return Err(crate::Error::InvalidOption(
                 "Preallocation is not supported for encrypted images".into(),
             ));
         }
-        Qcow2::resize(self, new_size, prealloc)
+        Qcow2::resize(self, new_size, prealloc, zero_new)
     }
 
     fn amend(&mut self, opts: &crate::CreateOptions) -> Result<()> {

@@ -9,11 +9,13 @@ use crate::Result;
 impl Qcow2 {
     /// Changes the virtual size. Growing enlarges the L1 table when needed (a new table is
     /// written and switched in with one header write); shrinking frees every cluster past the
-    /// new end. v2 images with snapshots cannot be resized, as in qemu.
+    /// new end. v2 images with snapshots cannot be resized, as in qemu. With `zero_new` (a
+    /// backing file reaches past the old end) the new space is made to read as zeroes.
     ///
     /// # Errors
-    /// When the image is read-only, a v2 image has snapshots, or I/O fails.
-    pub fn resize(&mut self, new_size: u64, prealloc: Preallocation) -> Result<()> {
+    /// When the image is read-only, a v2 image has snapshots, `zero_new` is asked of a v2 image
+    /// (which has no zero clusters), or I/O fails.
+    pub fn resize(&mut self, new_size: u64, prealloc: Preallocation, zero_new: bool) -> Result<()> {
         if !self.writable {
             return Err(crate::Error::ReadOnly {
                 path: self.file().path().to_owned(),
@@ -29,6 +31,12 @@ impl Qcow2 {
                     what: "Can't resize a v2 image which has snapshots".into(),
                 });
             }
+        }
+        if zero_new && g.version < 3 {
+            return Err(crate::Error::Unsupported {
+                path: self.file().path().to_owned(),
+                what: "Failed to zero out new clusters: Operation not supported".into(),
+            });
         }
         if new_size > i64::MAX as u64 {
             return Err(self.err(Error::SizeTooLarge(new_size)));
@@ -108,9 +116,25 @@ impl Qcow2 {
         }
         self.size = new_size;
         self.resize_bitmaps()?;
+        // falloc and full leave the new clusters reading as zeroes: with a backing file to hide
+        // they count as allocated, as qemu marks them.
+        let zeroed = matches!(prealloc, Preallocation::Falloc | Preallocation::Full);
         if new_size > old_size && prealloc != Preallocation::Off {
             let from = old_size / g.cluster_size * g.cluster_size;
-            self.preallocate_range(from, g.align_up(new_size) - from, prealloc)?;
+            self.preallocate_range(
+                from,
+                g.align_up(new_size) - from,
+                prealloc,
+                zero_new && zeroed,
+            )?;
+        }
+        if zero_new && !zeroed {
+            // The head up to the first subcluster boundary is written by the caller.
+            let from = old_size.div_ceil(g.subcluster_size) * g.subcluster_size;
+            let to = g.align_up(new_size);
+            if to > from {
+                self.zero_or_discard(from, to - from, false, false)?;
+            }
         }
         self.flush()
     }
@@ -144,11 +168,14 @@ impl Qcow2 {
     }
 
     /// Allocates data clusters for a guest range; falloc and full also reserve or zero them.
+    /// With extended L2 the subclusters stay unallocated (a backing file shows through, as in
+    /// qemu) unless `mark` asks for them to count as allocated.
     pub(super) fn preallocate_range(
         &self,
         offset: u64,
         len: u64,
         mode: Preallocation,
+        mark: bool,
     ) -> Result<()> {
         const STEP_CLUSTERS: u64 = 4096;
         let g = self.geo;
@@ -157,7 +184,7 @@ impl Qcow2 {
         while pos < end {
             let n = (STEP_CLUSTERS * g.cluster_size).min(end - pos);
             let extents = self.allocate(pos, n)?;
-            self.commit(&extents)?;
+            self.link_extents(&extents, mark)?;
             for e in &extents {
                 let s = self.storage(e.file);
                 match mode {

@@ -181,7 +181,7 @@ impl Driver for Raw {
     fn flush(&self) -> Result<()> {
         self.storage.flush().ctx(self.storage.path())
     }
-    fn resize(&mut self, new_size: u64, prealloc: Preallocation) -> Result<()> {
+    fn resize(&mut self, new_size: u64, prealloc: Preallocation, _zero_new: bool) -> Result<()> {
         let s = &self.storage;
         let old = self.size;
         if prealloc == Preallocation::Metadata {
