@@ -583,3 +583,62 @@ fn measure_matches_qemu() {
         same_as_qemu(&env, c);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// data_file_raw
+
+/// `{t}.qcow2` over the raw data file `{t}.data`, 1 MiB of 0xab, made by qemu-img.
+fn raw_data_file_twins(env: &Env) {
+    for t in ["q", "i"] {
+        let f = format!("{t}.qcow2");
+        let opts = format!("data_file={t}.data,data_file_raw=on");
+        env.qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opts, &f, "1M"])
+            .ok();
+        env.qemu_io("qcow2", &f, &["write -P 0xab 0 1M"]);
+    }
+}
+
+/// Zero writes, a commit of zeroes, and resizes keep the raw data file equal to the disk,
+/// byte for byte as qemu-img leaves it; setting a backing file is refused as qemu-img does.
+#[test]
+fn data_file_raw_zeroes_resize_rebase_keep_raw_file_like_qemu() {
+    let env = Env::with_qemu();
+    raw_data_file_twins(&env);
+    env.write("zero.raw", &vec![0u8; 256 * 1024]);
+    same_as_qemu(
+        &env,
+        &[
+            "convert", "-n", "-f", "raw", "-O", "qcow2", "zero.raw", "{}.qcow2",
+        ],
+    );
+    env.assert_same_bytes("i.data", "q.data");
+    for t in ["q", "i"] {
+        let top = format!("{t}.top.qcow2");
+        let base = format!("{t}.qcow2");
+        env.qemu_img(&[
+            "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top,
+        ])
+        .ok();
+        env.qemu_io(
+            "qcow2",
+            &top,
+            &["write -z 512k 128k", "write -P 0x22 768k 64k"],
+        );
+    }
+    same_as_qemu(&env, &["commit", "{}.top.qcow2"]);
+    env.assert_same_bytes("i.data", "q.data");
+    for args in [
+        &["resize", "{}.qcow2", "3M"][..],
+        &["resize", "--shrink", "{}.qcow2", "512k"],
+        &["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", "{}.qcow2"],
+    ] {
+        if args[1] == "-u" {
+            env.qemu_img(&["create", "-q", "-f", "qcow2", "b.qcow2", "1M"])
+                .ok();
+        }
+        same_as_qemu(&env, args);
+        qemu_clean(&env, "i.qcow2");
+        env.assert_same_bytes("i.data", "q.data");
+    }
+    assert_eq!(env.len("i.data"), 512 * 1024);
+}

@@ -93,6 +93,13 @@ pub fn run(args: &RebaseArgs) -> CliResult<i32> {
             "Could not change the backing file to '{}': Operation not supported",
             args.backing.as_deref().unwrap_or("")
         )),
+        imgblock::Error::Qcow2 {
+            source: imgblock::qcow2::Error::BackingWithRawDataFile,
+            ..
+        } => Failure::new(format!(
+            "Could not change the backing file to '{}': Invalid argument",
+            args.backing.as_deref().unwrap_or("")
+        )),
         imgblock::Error::BackingOpen { .. }
         | imgblock::Error::Io { .. }
         | imgblock::Error::KeyRequired { .. }

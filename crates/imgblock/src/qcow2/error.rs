@@ -82,6 +82,10 @@ pub enum Error {
     /// The raw-data-file autoclear bit without an external data file.
     #[error("data-file-raw requires a data file")]
     DataFileRawWithoutDataFile,
+    /// A backing file was asked of an image whose raw data file must stay a plain copy of the
+    /// disk (what lies below could not show through it).
+    #[error("a backing file cannot be set on an image with data-file-raw")]
+    BackingWithRawDataFile,
     /// A crypt_method other than none (0), AES (1) and LUKS (2).
     #[error("Unsupported encryption method: {0}")]
     Encrypted(u32),

@@ -456,9 +456,23 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Whether the external data file must stay valid as a raw image of the disk.
+    fn data_file_raw(&self) -> bool {
+        self.data != 0 && self.lock().h.autoclear & header::AUTOCLEAR_DATA_FILE_RAW != 0
+    }
+
     /// Zeroes (v3) or unallocates (v2, or discard) whole clusters or subclusters.
     fn zero_or_discard(&self, offset: u64, len: u64, unmap: bool, discard: bool) -> Result<bool> {
         let g = &self.geo;
+        if self.data_file_raw() {
+            // The data file is the disk as raw: it gets the zeroes first, as in qemu.
+            let end = (offset + len).min(self.size);
+            if end > offset {
+                let d = &self.files[self.data];
+                d.write_zeroes(offset, end - offset, unmap || discard)
+                    .ctx(d.path())?;
+            }
+        }
         let mut st = self.lock();
         let has_backing = st.h.backing_file.is_some();
         let v3 = g.version >= 3;
@@ -1050,6 +1064,9 @@ impl Driver for Qcow2 {
     }
 
     fn set_backing(&self, backing: Option<&BackingSpec>) -> Result<()> {
+        if backing.is_some() && self.data_file_raw() {
+            return Err(self.err(Error::BackingWithRawDataFile));
+        }
         self.rewrite_header(|h| {
             h.backing_file = backing.map(|b| b.filename.clone());
             h.set_extension(

@@ -116,6 +116,11 @@ impl Qcow2 {
         }
         self.size = new_size;
         self.resize_bitmaps()?;
+        if self.data != 0 {
+            // The external data file follows the disk's size, as qemu truncates it.
+            let d = &self.files[self.data];
+            d.set_len(new_size).ctx(d.path())?;
+        }
         // falloc and full leave the new clusters reading as zeroes: with a backing file to hide
         // they count as allocated, as qemu marks them.
         let zeroed = matches!(prealloc, Preallocation::Falloc | Preallocation::Full);
