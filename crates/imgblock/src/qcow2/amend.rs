@@ -156,7 +156,9 @@ impl Qcow2 {
             h.version = 3;
             h.header_length = header::V3_HEADER_LEN;
             h.refcount_order = 4;
-            if h.extension(header::EXT_FEATURE_TABLE).is_none() {
+            if h.extension(header::EXT_FEATURE_TABLE).is_none()
+                && h.cluster_bits >= header::FEATURE_TABLE_MIN_CLUSTER_BITS
+            {
                 h.set_extension(header::EXT_FEATURE_TABLE, Some(header::feature_table()));
             }
         })

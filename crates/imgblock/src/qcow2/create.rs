@@ -277,10 +277,12 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
         }
     }
     if opts.version == 3 {
-        h.extensions.push(Extension {
-            kind: header::EXT_FEATURE_TABLE,
-            data: header::feature_table(),
-        });
+        if opts.cluster_bits >= header::FEATURE_TABLE_MIN_CLUSTER_BITS {
+            h.extensions.push(Extension {
+                kind: header::EXT_FEATURE_TABLE,
+                data: header::feature_table(),
+            });
+        }
         if opts.lazy_refcounts {
             h.compatible |= header::COMPAT_LAZY_REFCOUNTS;
         }

@@ -39,6 +39,11 @@ pub const EXT_END: u32 = 0;
 pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 /// Header extension: feature name table.
 pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
+
+/// The smallest cluster (2^13 bytes) whose header gets a feature name table. qemu leaves the
+/// table (384 bytes) out of smaller header clusters, where it would leave no room for a backing
+/// file name, a data file name or the crypto header.
+pub const FEATURE_TABLE_MIN_CLUSTER_BITS: u32 = 13;
 /// Header extension: bitmaps.
 pub const EXT_BITMAPS: u32 = 0x2385_2875;
 /// Header extension: full disk encryption header pointer.
@@ -404,7 +409,12 @@ impl Header {
             b.push(ct);
             b.resize(self.header_length as usize, 0);
         }
-        for e in &self.extensions {
+        let small = self.cluster_bits < FEATURE_TABLE_MIN_CLUSTER_BITS;
+        for e in self
+            .extensions
+            .iter()
+            .filter(|e| !(small && e.kind == EXT_FEATURE_TABLE))
+        {
             b.extend_from_slice(&e.kind.to_be_bytes());
             let len =
                 u32::try_from(e.data.len()).map_err(|_| Error::BadExtension(b.len() as u64))?;
