@@ -642,3 +642,46 @@ fn data_file_raw_zeroes_resize_rebase_keep_raw_file_like_qemu() {
     }
     assert_eq!(env.len("i.data"), 512 * 1024);
 }
+
+// ---------------------------------------------------------------------------------------------
+// snapshots with an external data file, and across a resize
+
+/// qemu-img refuses snapshots of an image whose data lives in an external file, and `check`
+/// counts a snapshot table in such an image as a corruption.
+#[test]
+fn snapshot_with_data_file_is_refused_and_checked_like_qemu() {
+    let env = Env::with_qemu();
+    for t in ["q", "i"] {
+        let opts = format!("data_file={t}.data");
+        env.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &opts,
+            &format!("{t}.qcow2"),
+            "1M",
+        ])
+        .ok();
+    }
+    same_as_qemu(&env, &["snapshot", "-c", "s1", "{}.qcow2"]);
+    same_as_qemu(&env, &["snapshot", "-l", "{}.qcow2"]);
+    // A snapshot table that got there anyway: a copy of the image with one, made without the
+    // data file.
+    for t in ["q", "i"] {
+        let f = format!("{t}.snap.qcow2");
+        env.qemu_img(&["create", "-q", "-f", "qcow2", &f, "1M"])
+            .ok();
+        env.qemu_img(&["snapshot", "-c", "s1", &f]).ok();
+    }
+    // Both are qemu-img's 1 MiB layout: the header fields from byte 72 on (features, header
+    // length, extensions) of the data file image turn the other into one with a data file.
+    let mut patched = env.read("q.snap.qcow2");
+    let plain = env.read("q.qcow2");
+    patched[72..65536].copy_from_slice(&plain[72..65536]);
+    env.write("q.snap.qcow2", &patched);
+    env.write("i.snap.qcow2", &patched);
+    same_as_qemu(&env, &["check", "{}.snap.qcow2"]);
+    same_as_qemu(&env, &["check", "--output=json", "{}.snap.qcow2"]);
+}

@@ -248,6 +248,14 @@ pub(super) fn count_view(
     w.inc(0, cs, "header");
     w.inc(view.l1_offset, view.l1.len() as u64 * 8, "L1 table");
     w.walk_l1(st, view.l1, true);
+    if q.data != 0 && !view.snapshots.is_empty() {
+        // Snapshots cannot keep data that lives in an external file.
+        w.r.corruptions += 1;
+        w.r.messages.push(format!(
+            "ERROR {} snapshots in image with data file",
+            view.snapshots.len()
+        ));
+    }
     if !view.snapshots.is_empty() {
         w.inc(
             view.snapshots_offset,

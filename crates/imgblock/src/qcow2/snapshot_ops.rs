@@ -283,9 +283,17 @@ impl Qcow2 {
     /// Creates an internal snapshot of the current state.
     ///
     /// # Errors
-    /// When the image is read-only, has too many snapshots, or I/O fails.
+    /// When the image is read-only, has an external data file (whose data no snapshot can keep),
+    /// has too many snapshots, or I/O fails.
     pub fn create_snapshot(&self, name: &str, date: (u32, u32)) -> Result<()> {
         self.check_writable()?;
+        if self.data != 0 {
+            // A snapshot cannot keep the guest data: it lives in the data file, written in place.
+            return Err(crate::Error::Unsupported {
+                path: self.file().path().to_owned(),
+                what: "Operation not supported".into(),
+            });
+        }
         let mut snaps = self.snapshot_list()?;
         // Like qemu, names need not be unique: IDs are.
         if snaps.len() as u64 >= u64::from(snapshot::MAX_SNAPSHOTS) {
