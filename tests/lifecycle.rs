@@ -685,3 +685,33 @@ fn snapshot_with_data_file_is_refused_and_checked_like_qemu() {
     same_as_qemu(&env, &["check", "{}.snap.qcow2"]);
     same_as_qemu(&env, &["check", "--output=json", "{}.snap.qcow2"]);
 }
+
+/// Reverting to a snapshot taken before a resize brings its size back, as qemu-img does.
+#[test]
+fn snapshot_apply_after_resize_reverts_size_like_qemu() {
+    let env = Env::with_qemu();
+    twins(&env, "1M", "compat=1.1");
+    for t in ["q", "i"] {
+        let f = format!("{t}.qcow2");
+        env.qemu_img(&["snapshot", "-c", "s", &f]).ok();
+    }
+    for (size, shrink) in [("3M", false), ("512k", true)] {
+        same_as_qemu(&env, &["resize", "--shrink", "{}.qcow2", size]);
+        for t in ["q", "i"] {
+            let pattern = if shrink {
+                "write -P 0x44 0 512k"
+            } else {
+                "write -P 0x33 0 3M"
+            };
+            env.qemu_io("qcow2", &format!("{t}.qcow2"), &[pattern]);
+        }
+        same_as_qemu(&env, &["snapshot", "-a", "s", "{}.qcow2"]);
+        qemu_clean(&env, "i.qcow2");
+        assert!(qemu_contents(&env, "i.qcow2") == qemu_contents(&env, "q.qcow2"));
+        let info = env
+            .qemu_img(&["info", "--output=json", "i.qcow2"])
+            .ok()
+            .json();
+        assert_eq!(info["virtual-size"], MIB);
+    }
+}

@@ -102,7 +102,7 @@ pub fn run(args: &SnapshotArgs) -> CliResult<i32> {
         force_share: args.force_share,
         ..OpenRequest::default()
     };
-    let img = open_image(&spec.path, &req)?;
+    let mut img = open_image(&spec.path, &req)?;
     match action {
         Action::List => {
             let snaps = img.driver().snapshots()?;

@@ -404,7 +404,7 @@ pub trait Driver: Send + Sync + Debug {
     ///
     /// # Errors
     /// When the format has no internal snapshots, there is no such snapshot, or I/O fails.
-    fn snapshot_apply(&self, name: &str) -> Result<()> {
+    fn snapshot_apply(&mut self, name: &str) -> Result<()> {
         let _ = name;
         Err(self.unsupported("internal snapshots"))
     }

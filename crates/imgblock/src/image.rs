@@ -1015,11 +1015,11 @@ impl Image {
             .snapshot_create(name, (secs, now.subsec_nanos()))
     }
 
-    /// Reverts the image to an internal snapshot (by ID or name).
+    /// Reverts the image to an internal snapshot (by ID or name), its disk size included.
     ///
     /// # Errors
     /// When there is no such snapshot, or I/O fails.
-    pub fn snapshot_apply(&self, name: &str) -> Result<()> {
+    pub fn snapshot_apply(&mut self, name: &str) -> Result<()> {
         self.check_writable()?;
         self.driver.snapshot_apply(name)
     }

@@ -84,7 +84,7 @@ fn snapshot_cycle(opts: &str) {
     assert!(list.contains("first") && list.contains("second"), "{list}");
 
     // Apply ours, check, then delete with qemu and ours.
-    let img = Image::open(&p, &OpenOptions::writable()).unwrap();
+    let mut img = Image::open(&p, &OpenOptions::writable()).unwrap();
     img.snapshot_apply("first").unwrap();
     drop(img);
     check_clean(&p);
@@ -119,7 +119,7 @@ fn qemu_snapshots_apply_and_delete_here() {
     qemu(&["qemu-img", "snapshot", "-c", "base", ps]);
     qemu(&["qemu-io", "-c", "write -P 0x22 512k 1M", ps]);
     let base = qemu_content(dir.path(), &p, Some("base"));
-    let img = Image::open(&p, &OpenOptions::writable()).unwrap();
+    let mut img = Image::open(&p, &OpenOptions::writable()).unwrap();
     assert_eq!(img.driver().snapshots().unwrap()[0].name, "base");
     img.snapshot_apply("base").unwrap();
     drop(img);
@@ -138,7 +138,7 @@ fn qemu_snapshots_apply_and_delete_here() {
 fn snapshot_errors_name_the_problem() {
     let dir = tempfile::tempdir().unwrap();
     let p = make(dir.path(), "");
-    let img = Image::open(&p, &OpenOptions::writable()).unwrap();
+    let mut img = Image::open(&p, &OpenOptions::writable()).unwrap();
     img.snapshot_create("a").unwrap();
     // Names may repeat, as in qemu; IDs stay unique.
     img.snapshot_create("a").unwrap();

@@ -1088,7 +1088,7 @@ impl Driver for Qcow2 {
         self.create_snapshot(name, date)
     }
 
-    fn snapshot_apply(&self, name: &str) -> Result<()> {
+    fn snapshot_apply(&mut self, name: &str) -> Result<()> {
         self.apply_snapshot(name)
     }
 

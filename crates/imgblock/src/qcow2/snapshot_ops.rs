@@ -338,34 +338,53 @@ impl Qcow2 {
         self.flush_files()
     }
 
-    /// Reverts the active state to a snapshot.
+    /// Reverts the active state to a snapshot, the disk size included.
     ///
     /// # Errors
-    /// When there is no such snapshot, its size differs, or I/O fails.
-    pub fn apply_snapshot(&self, name: &str) -> Result<()> {
+    /// When there is no such snapshot, the image has an external data file, the snapshot's L1
+    /// table is invalid, or I/O fails.
+    pub fn apply_snapshot(&mut self, name: &str) -> Result<()> {
         self.check_writable()?;
         if self.lock().bitmaps.is_some() {
             // qemu refuses: the bitmaps could not describe the jump back in time.
             return Err(self.err(Error::ActiveBitmaps));
         }
-        let snaps = self.snapshot_list()?;
-        let sn = snaps[self.find_snapshot(&snaps, name)?].clone();
-        if sn.disk_size.is_some_and(|s| s != self.size) {
+        if self.data != 0 {
             return Err(crate::Error::Unsupported {
                 path: self.file().path().to_owned(),
-                what: "applying a snapshot taken at a different disk size".into(),
+                what: "Failed to load snapshot: Operation not supported".into(),
             });
         }
+        let snaps = self.snapshot_list()?;
+        let sn = snaps[self.find_snapshot(&snaps, name)?].clone();
         let g = self.geo;
         if u64::from(sn.l1_size) * 8 > super::MAX_L1_BYTES || sn.l1_offset % g.cluster_size != 0 {
             return Err(self.err(Error::BadSnapshotTable("snapshot L1 table is invalid")));
+        }
+        // A snapshot taken at another disk size brings its size back, as qemu's revert does.
+        let new_size = sn.disk_size.unwrap_or(self.size);
+        if new_size > i64::MAX as u64
+            || new_size.div_ceil(g.l2_entries * g.cluster_size)
+                > u64::from(sn.l1_size).max(self.lock().l1.len() as u64)
+        {
+            return Err(self.err(Error::BadSnapshotTable(
+                "snapshot L1 table is too small for its disk size",
+            )));
         }
         let mut st = self.lock();
         let mut active = super::read_table(self.file(), sn.l1_offset, u64::from(sn.l1_size))
             .ctx(self.file().path())?;
         active.resize(st.l1.len().max(active.len()), 0);
         self.switch_state(&mut st, active, &snaps)?;
+        if new_size != st.h.size {
+            // After the switch, so that the L1 table on disk always covers the size.
+            self.file()
+                .write_at(&new_size.to_be_bytes(), 24)
+                .ctx(self.file().path())?;
+            st.h.size = new_size;
+        }
         drop(st);
+        self.size = new_size;
         self.flush_files()
     }
 
