@@ -542,3 +542,39 @@ fn create_takes_the_file_protocol_options_as_qemu_does() {
         "{out}"
     );
 }
+
+/// Runs `args` (one file name among them) through `img` and qemu-img on the same files and
+/// asserts equal exit codes, stdout and stderr (`qemu-img` read as `img`).
+#[track_caller]
+fn same_output_as_qemu(env: &Env, args: &[&str]) -> common::Output {
+    let q = env.qemu_img(args);
+    let i = env.img(args).no_panic();
+    assert_eq!(q.code, i.code, "exit codes differ:{q}{i}");
+    assert_eq!(q.stdout, i.stdout, "stdout differs:{q}{i}");
+    assert_eq!(
+        q.stderr.replace("qemu-img", "img"),
+        i.stderr,
+        "stderr differs:{q}{i}"
+    );
+    i
+}
+
+/// qemu counts fragmentation within each L2 table: with 512-byte clusters 64 KiB of data
+/// spans two tables laid out one after the other, and nothing is fragmented.
+#[test]
+fn check_fragmentation_across_l2_tables_counts_like_qemu() {
+    let env = Env::with_qemu();
+    env.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        "f.qcow2",
+        "1M",
+    ])
+    .ok();
+    env.qemu_io("qcow2", "f.qcow2", &["write -P 1 0 64k"]);
+    same_output_as_qemu(&env, &["check", "--output=json", "f.qcow2"]);
+    same_output_as_qemu(&env, &["check", "f.qcow2"]);
+}

@@ -120,6 +120,8 @@ impl Walk<'_> {
                 continue;
             }
             self.inc(l2off, g.cluster_size, "L2 table");
+            // Contiguity is counted within one L2 table, as qemu counts it.
+            self.next_contiguous = 0;
             let Some(table) = self.read_cluster(st, l2off) else {
                 continue;
             };
