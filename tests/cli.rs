@@ -578,3 +578,35 @@ fn check_fragmentation_across_l2_tables_counts_like_qemu() {
     same_output_as_qemu(&env, &["check", "--output=json", "f.qcow2"]);
     same_output_as_qemu(&env, &["check", "f.qcow2"]);
 }
+
+/// `info` counts the image file's own allocation, not its external data file's.
+#[test]
+fn info_actual_size_leaves_out_data_file_like_qemu() {
+    let env = Env::with_qemu();
+    env.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=d.raw",
+        "x.qcow2",
+        "4M",
+    ])
+    .ok();
+    env.qemu_io("qcow2", "x.qcow2", &["write -P 1 0 2M"]);
+    let q = env
+        .qemu_img(&["info", "--output=json", "x.qcow2"])
+        .ok()
+        .json();
+    let i = env.img(&["info", "--output=json", "x.qcow2"]).ok().json();
+    assert_eq!(i["actual-size"], q["actual-size"]);
+    let line = |s: &str| {
+        s.lines()
+            .find(|l| l.starts_with("disk size:"))
+            .map(str::to_owned)
+    };
+    let q = env.qemu_img(&["info", "x.qcow2"]).ok().stdout;
+    let i = env.img(&["info", "x.qcow2"]).ok().stdout;
+    assert_eq!(line(&i), line(&q));
+    assert!(line(&i).is_some());
+}

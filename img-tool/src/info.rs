@@ -89,8 +89,12 @@ fn image_info(img: &Image) -> CliResult<Value> {
     m.insert("filename".into(), json!(img.path().display().to_string()));
     m.insert("format".into(), json!(img.format().name()));
     m.insert("dirty-flag".into(), json!(d.dirty()));
-    // qemu's vmdk sums the descriptor and every extent file; other formats have one file.
-    let allocated: Result<u64, _> = files.iter().map(|f| f.allocated_size()).sum();
+    // The files the format counts as its own (vmdk: every extent; qcow2: not a data file).
+    let allocated: Result<u64, _> = files
+        .iter()
+        .take(d.usage_files())
+        .map(|f| f.allocated_size())
+        .sum();
     if let Ok(a) = allocated {
         m.insert("actual-size".into(), json!(a));
     }

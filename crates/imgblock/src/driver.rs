@@ -216,6 +216,12 @@ pub trait Driver: Send + Sync + Debug {
     fn files(&self) -> usize {
         1
     }
+    /// How many of the host files, from index 0, count in the image's disk usage (`info`'s
+    /// "disk size"): by default the image file alone, as in qemu (an external data file is
+    /// not counted).
+    fn usage_files(&self) -> usize {
+        1
+    }
     /// Cluster size, for formats that have one.
     fn cluster_size(&self) -> Option<u64> {
         None

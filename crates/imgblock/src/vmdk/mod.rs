@@ -1060,6 +1060,11 @@ impl Driver for Vmdk {
         self.files.len()
     }
 
+    fn usage_files(&self) -> usize {
+        // qemu sums the descriptor and every extent file.
+        self.files.len()
+    }
+
     fn cluster_size(&self) -> Option<u64> {
         self.sparse.first().map(|s| s.geo.grain)
     }
