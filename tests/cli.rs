@@ -610,3 +610,31 @@ fn info_actual_size_leaves_out_data_file_like_qemu() {
     assert_eq!(line(&i), line(&q));
     assert!(line(&i).is_some());
 }
+
+/// A snapshot without an instruction count (icount -1) lists it as "--", in `snapshot -l` and
+/// in `info`.
+#[test]
+fn snapshot_list_unknown_icount_prints_dashes_like_qemu() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-f", "qcow2", "s.qcow2", "1M"])
+        .ok();
+    env.qemu_img(&["snapshot", "-c", "snap", "s.qcow2"]).ok();
+    let mut bytes = env.read("s.qcow2");
+    let table = usize::try_from(u64::from_be_bytes(bytes[64..72].try_into().unwrap())).unwrap();
+    // Entry: 40 fixed bytes, then extra data (vm state size, disk size, icount).
+    assert_eq!(&bytes[table + 36..table + 40], &24u32.to_be_bytes());
+    bytes[table + 56..table + 64].copy_from_slice(&u64::MAX.to_be_bytes());
+    env.write("s.qcow2", &bytes);
+    let out = same_output_as_qemu(&env, &["snapshot", "-l", "s.qcow2"]);
+    assert!(out.stdout.contains(" --\n"), "{out}");
+    let q = env.qemu_img(&["info", "s.qcow2"]).ok().stdout;
+    let i = env.img(&["info", "s.qcow2"]).ok().stdout;
+    let list = |s: &str| {
+        s[s.find("Snapshot list:").unwrap()..]
+            .lines()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(list(&i), list(&q));
+}

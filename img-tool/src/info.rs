@@ -462,9 +462,8 @@ fn snapshot_table(snaps: &[Value]) -> String {
             size_to_str(get_u64(s, "vm-state-size").unwrap_or(0)),
             format_date(get_u64(s, "date-sec").unwrap_or(0)),
             format_vm_clock(clock),
-            get_u64(s, "icount")
-                .map(|i| i.to_string())
-                .unwrap_or_default(),
+            // A snapshot without an instruction count (icount -1) shows "--", as in qemu.
+            get_u64(s, "icount").map_or_else(|| "--".to_owned(), |i| i.to_string()),
         ));
     }
     out
