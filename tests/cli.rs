@@ -638,3 +638,17 @@ fn snapshot_list_unknown_icount_prints_dashes_like_qemu() {
     };
     assert_eq!(list(&i), list(&q));
 }
+
+/// A v2 target cannot hold bitmaps: qemu-img measure leaves the field out.
+#[test]
+fn measure_v2_target_omits_bitmaps_like_qemu() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-f", "qcow2", "s.qcow2", "1M"])
+        .ok();
+    for out in ["human", "json"] {
+        let o = format!("--output={out}");
+        for opts in ["compat=0.10", "compat=1.1"] {
+            same_output_as_qemu(&env, &["measure", &o, "-O", "qcow2", "-o", opts, "s.qcow2"]);
+        }
+    }
+}

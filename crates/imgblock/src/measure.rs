@@ -48,15 +48,17 @@ pub fn measure(format: Format, opts: &CreateOptions, source: Option<&Image>) -> 
                     None => 0,
                 }
             };
-            // qemu counts the persistent bitmaps of the source image itself (not its backing).
-            let bitmaps = source.filter(|s| s.format() == Format::Qcow2).map(|s| {
-                match s.driver().specific() {
+            // qemu counts the persistent bitmaps of the source image itself (not its backing);
+            // only a v3 target can hold them: qemu leaves the field out for v2.
+            let bitmaps = source
+                .filter(|s| s.format() == Format::Qcow2)
+                .filter(|_| qcow2::can_hold_bitmaps(opts).unwrap_or(false))
+                .map(|s| match s.driver().specific() {
                     crate::FormatSpecific::Qcow2(q) => {
                         qcow2::bitmap::measure(s.size(), cs, &q.bitmaps)
                     }
                     _ => 0,
-                }
-            });
+                });
             Ok(Measure {
                 required: full - aligned + data,
                 fully_allocated: full,

@@ -395,6 +395,14 @@ pub fn measure_full(size: u64, o: &CreateOptions) -> Result<(u64, u64)> {
     Ok((cs, meta + aligned))
 }
 
+/// Whether an image made with these options can hold persistent bitmaps (version 3 only).
+///
+/// # Errors
+/// When an option is invalid.
+pub fn can_hold_bitmaps(o: &CreateOptions) -> Result<bool> {
+    Ok(parse(o)?.version >= 3)
+}
+
 /// Whether creation options ask for data preallocation (falloc or full).
 ///
 /// # Errors

@@ -25,7 +25,7 @@ mod snapshot_ops;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-pub use create::{create, measure_full, preallocates_data, CREATE_OPTIONS};
+pub use create::{can_hold_bitmaps, create, measure_full, preallocates_data, CREATE_OPTIONS};
 pub use error::Error;
 
 use crate::driver::{
