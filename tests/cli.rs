@@ -652,3 +652,31 @@ fn measure_v2_target_omits_bitmaps_like_qemu() {
         }
     }
 }
+
+/// Compression and preallocation together are refused before the target is made.
+#[test]
+fn convert_compressed_with_preallocation_is_refused_like_qemu() {
+    let env = Env::with_qemu();
+    env.sparse_file("s.raw", MIB);
+    for mode in ["metadata", "falloc", "full"] {
+        let o = format!("preallocation={mode}");
+        same_output_as_qemu(
+            &env,
+            &["convert", "-c", "-O", "qcow2", "-o", &o, "s.raw", "t.qcow2"],
+        );
+        assert!(!env.path("t.qcow2").exists());
+    }
+    same_output_as_qemu(
+        &env,
+        &[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            "preallocation=off",
+            "s.raw",
+            "t.qcow2",
+        ],
+    );
+}
