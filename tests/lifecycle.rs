@@ -520,6 +520,73 @@ fn amend_refusals_match_qemu() {
     }
 }
 
+/// qemu 10 refuses to change the backing reference through amend (rebase does it): a new file,
+/// a new format, or either one alone refuse with qemu's message and leave the header as it was;
+/// repeating exactly the current pair is accepted. An image without a backing file refuses any.
+#[test]
+fn amend_backing_change_refused_like_qemu() {
+    let env = Env::with_qemu();
+    for t in ["q", "i"] {
+        env.qemu_img(&["create", "-q", "-f", "raw", &format!("{t}.raw"), "1M"])
+            .ok();
+        env.qemu_img(&["create", "-q", "-f", "raw", &format!("{t}0.raw"), "1M"])
+            .ok();
+        let b = format!("{t}.raw");
+        env.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &b,
+            "-F",
+            "raw",
+            &format!("{t}.qcow2"),
+        ])
+        .ok();
+        env.qemu_img(&["create", "-q", "-f", "qcow2", &format!("{t}0.qcow2"), "1M"])
+            .ok();
+    }
+    for args in [
+        &["amend", "-o", "backing_file={}0.raw", "{}.qcow2"][..],
+        &["amend", "-o", "backing_fmt=raw", "{}.qcow2"],
+        &["amend", "-o", "backing_fmt=qcow2", "{}.qcow2"],
+        &["amend", "-o", "backing_file={}.raw", "{}.qcow2"],
+        &[
+            "amend",
+            "-o",
+            "backing_file={}0.raw,backing_fmt=raw",
+            "{}.qcow2",
+        ],
+        &[
+            "amend",
+            "-o",
+            "backing_file={}.raw,backing_fmt=raw",
+            "{}.qcow2",
+        ],
+        &[
+            "amend",
+            "-o",
+            "backing_file={}.raw,backing_fmt=raw",
+            "{}0.qcow2",
+        ],
+        &["amend", "-o", "backing_fmt=raw", "{}0.qcow2"],
+    ] {
+        same_as_qemu(&env, args);
+    }
+    for (t, img) in [("q", "q.qcow2"), ("i", "i.qcow2")] {
+        let info = env.qemu_img(&["info", "--output=json", img]).ok().json();
+        assert_eq!(info["backing-filename"], format!("{t}.raw"), "{img}");
+        assert_eq!(info["backing-filename-format"], "raw", "{img}");
+        let info = env
+            .qemu_img(&["info", "--output=json", &format!("{t}0.qcow2")])
+            .ok()
+            .json();
+        assert!(info.get("backing-filename").is_none(), "{t}0.qcow2");
+    }
+    qemu_clean(&env, "i.qcow2");
+}
+
 // ---------------------------------------------------------------------------------------------
 // measure
 

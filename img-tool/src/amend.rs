@@ -1,5 +1,5 @@
 //! `img amend`: change options of an existing image (qcow2: compat, lazy_refcounts,
-//! refcount_bits, size, backing_file, backing_fmt).
+//! refcount_bits, size; backing_file and backing_fmt only when they repeat the current ones).
 
 use clap::Args;
 use imgblock::{CreateOptions, Format, FormatSpecific};

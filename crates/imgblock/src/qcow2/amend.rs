@@ -1,11 +1,11 @@
-//! `amend`: changing compat level, lazy refcounts, refcount width, size and backing file of an
-//! existing image, refusing what qemu-img refuses.
+//! `amend`: changing compat level, lazy refcounts, refcount width and size of an existing image
+//! (the backing file only through rebase), refusing what qemu-img refuses.
 
 use super::check::count_references;
 use super::header::{self, CompressionType};
 use super::l2::{Entry, Kind};
 use super::{Error, Geometry, Qcow2, COPIED, OFFSET_MASK, ZERO_FLAG};
-use crate::driver::{BackingSpec, Driver};
+use crate::driver::Driver;
 use crate::error::IoContext;
 use crate::options::{parse_bool, parse_size};
 use crate::raw::Preallocation;
@@ -100,6 +100,19 @@ impl Qcow2 {
         if order != self.geo.refcount_order {
             self.rebuild_refcounts(order)?;
         }
+        // qemu 10 no longer changes the backing reference here (rebase does): options that
+        // repeat the current file and format exactly are accepted, anything else refused. The
+        // check sits where qemu makes it, after the upgrade and the refcount width change.
+        if o.backing_file.is_some() || o.backing_fmt.is_some() {
+            let cur = self.backing();
+            let same = o.backing_file.as_deref() == cur.as_ref().map(|b| b.filename.as_str())
+                && o.backing_fmt.as_deref() == cur.as_ref().and_then(|b| b.format.as_deref());
+            if !same {
+                return Err(invalid(
+                    "Cannot amend the backing file\nYou can use 'img rebase' instead.",
+                ));
+            }
+        }
         let cur_lazy = self.lock().h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0;
         if lazy != cur_lazy && version == 3 {
             self.rewrite_header(|h| {
@@ -108,22 +121,6 @@ impl Qcow2 {
                 } else {
                     h.compatible &= !header::COMPAT_LAZY_REFCOUNTS;
                 }
-            })?;
-        }
-        if o.backing_file.is_some() || o.backing_fmt.is_some() {
-            let cur = self.backing();
-            let spec = BackingSpec {
-                filename: o
-                    .backing_file
-                    .clone()
-                    .or(cur.as_ref().map(|b| b.filename.clone()))
-                    .unwrap_or_default(),
-                format: o.backing_fmt.clone().or(cur.and_then(|b| b.format)),
-            };
-            self.set_backing(if spec.filename.is_empty() {
-                None
-            } else {
-                Some(&spec)
             })?;
         }
         if let Some(s) = size {
