@@ -782,3 +782,38 @@ fn snapshot_apply_after_resize_reverts_size_like_qemu() {
         assert_eq!(info["virtual-size"], MIB);
     }
 }
+
+/// With `-o backing_file=`, qemu cannot know what the new image's backing chain shares with the
+/// source and counts every cluster as written; `backing_fmt` alone and `--size` count as
+/// without it.
+#[test]
+fn measure_with_backing_file_counts_every_cluster() {
+    let env = Env::with_qemu();
+    twins(&env, "8M", "compat=1.1");
+    env.qemu_img(&["create", "-q", "-f", "raw", "b.raw", "8M"])
+        .ok();
+    for out in ["--output=human", "--output=json"] {
+        for o in [
+            "backing_file=b.raw",
+            "backing_file=b.raw,backing_fmt=raw",
+            "backing_file=missing.raw",
+            "backing_file=b.raw,preallocation=metadata",
+            "backing_fmt=raw",
+        ] {
+            same_as_qemu(&env, &["measure", out, "-O", "qcow2", "-o", o, "q.qcow2"]);
+        }
+        same_as_qemu(
+            &env,
+            &[
+                "measure",
+                out,
+                "-O",
+                "qcow2",
+                "-o",
+                "backing_file=b.raw",
+                "--size",
+                "8M",
+            ],
+        );
+    }
+}

@@ -44,6 +44,9 @@ pub fn measure(format: Format, opts: &CreateOptions, source: Option<&Image>) -> 
                 aligned
             } else {
                 match source {
+                    // A new image over a backing file may share nothing with the source's
+                    // chain: like qemu, count every cluster as written.
+                    Some(_) if opts.backing_file.is_some() => aligned,
                     Some(src) => allocated_data(src, cs)?,
                     None => 0,
                 }
