@@ -429,3 +429,41 @@ fn resize_past_shorter_end_with_backing_reads_zeroes_like_qemu() {
         .json();
     assert_eq!(info["virtual-size"], 2 * MIB);
 }
+
+/// An overlay larger than its backing image: past the backing image's end qemu reports zeroes at
+/// the overlay's depth (0, not present), in both output formats, over raw and qcow2 backings.
+#[test]
+fn map_overlay_past_backing_end_reports_depth_zero() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-q", "-f", "raw", "b.raw", "4M"])
+        .ok();
+    env.qemu_io(
+        "raw",
+        "b.raw",
+        &["write -P 1 0 64k", "write -P 2 4032k 64k"],
+    );
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "b.qcow2", "4M"])
+        .ok();
+    env.qemu_io(
+        "qcow2",
+        "b.qcow2",
+        &["write -P 1 0 64k", "write -P 2 4032k 64k"],
+    );
+    for (base, fmt) in [("b.raw", "raw"), ("b.qcow2", "qcow2")] {
+        let top = format!("top-{fmt}.qcow2");
+        env.qemu_img(&[
+            "create", "-q", "-f", "qcow2", "-b", base, "-F", fmt, &top, "6M",
+        ])
+        .ok();
+        env.qemu_io("qcow2", &top, &["write -P 3 5M 64k"]);
+        let theirs = env.qemu_img(&["map", "--output=json", &top]).ok().json();
+        let ours = env.img(&["map", "--output=json", &top]).ok().json();
+        assert_eq!(
+            ours, theirs,
+            "map of {top}\nimg: {ours:#}\nqemu-img: {theirs:#}"
+        );
+        let theirs = env.qemu_img(&["map", &top]).ok();
+        let ours = env.img(&["map", &top]).ok();
+        assert_eq!(ours.stdout, theirs.stdout, "img:{ours}\nqemu-img:{theirs}");
+    }
+}

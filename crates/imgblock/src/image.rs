@@ -934,12 +934,14 @@ impl Image {
                 file: 0,
             },
             Mapping::Unallocated | Mapping::UnallocatedAt { .. } => match &self.backing {
-                Some(b) => {
+                // Past the backing image's end the range reads as zeroes, and qemu reports them
+                // at this image's depth (it looks no further down).
+                Some(b) if offset < b.size() => {
                     let mut s = b.block_status_at(offset, n, depth + 1)?;
                     s.len = s.len.min(n);
                     s
                 }
-                None => {
+                _ => {
                     let reserved = match m {
                         Mapping::UnallocatedAt { file, offset } => Some((file, offset.0)),
                         _ => None,
