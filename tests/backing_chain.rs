@@ -467,3 +467,91 @@ fn map_overlay_past_backing_end_reports_depth_zero() {
         assert_eq!(ours.stdout, theirs.stdout, "img:{ours}\nqemu-img:{theirs}");
     }
 }
+
+/// A qemu-io holding an image open for writing until it is killed.
+struct Writer(std::process::Child);
+
+impl Writer {
+    /// Starts `qemu-io -c 'sleep 600000' FILE` in the test's directory and waits until it holds
+    /// its locks (a plain `qemu-img info` is then refused).
+    fn hold(env: &Env, file: &str) -> Writer {
+        let child = std::process::Command::new("qemu-io")
+            .args(["-c", "sleep 600000", file])
+            .current_dir(env.dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start qemu-io");
+        let w = Writer(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while env.qemu_img(&["info", file]).code == Some(0) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "qemu-io never locked {file}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        w
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// qemu reads a new overlay's backing size sharing the file with any writer, so a running
+/// writer does not stop `create -b`; a vmdk overlay, which opens its parent for the CID without
+/// sharing, is refused in both. Output and exit codes as qemu-img's.
+#[test]
+fn create_over_backing_held_by_writer_matches_qemu() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "X", "4M"])
+        .ok();
+    env.qemu_img(&["create", "-q", "-f", "vmdk", "V.vmdk", "4M"])
+        .ok();
+    let _x = Writer::hold(&env, "X");
+    let _v = Writer::hold(&env, "V.vmdk");
+    for args in [
+        &["create", "-f", "qcow2", "-b", "X", "-F", "qcow2", "@.qcow2"][..],
+        &[
+            "create", "-f", "qcow2", "-b", "X", "-F", "qcow2", "@8.qcow2", "8M",
+        ],
+        &["create", "-f", "qcow2", "-b", "X", "@nofmt.qcow2"],
+        &[
+            "create", "-f", "qcow2", "-b", "V.vmdk", "-F", "vmdk", "@v.qcow2",
+        ],
+        &[
+            "create", "-f", "vmdk", "-b", "V.vmdk", "-F", "vmdk", "@.vmdk",
+        ],
+    ] {
+        let q: Vec<String> = args.iter().map(|a| a.replace('@', "q")).collect();
+        let i: Vec<String> = args.iter().map(|a| a.replace('@', "i")).collect();
+        let qo = env.qemu_img(&q.iter().map(String::as_str).collect::<Vec<_>>());
+        let io = env
+            .img(&i.iter().map(String::as_str).collect::<Vec<_>>())
+            .no_panic();
+        let norm = |s: &str, t: &str| {
+            s.replace("qemu-img", "img")
+                .replace(&format!("'{t}"), "'@")
+                .replace(&format!("{t}."), "@.")
+                .replace(&format!("{t}8."), "@8.")
+                .replace(&format!("{t}nofmt."), "@nofmt.")
+                .replace(&format!("{t}v."), "@v.")
+        };
+        assert_eq!(qo.code, io.code, "exit codes differ:{qo}{io}");
+        assert_eq!(norm(&qo.stdout, "q"), norm(&io.stdout, "i"), "{qo}{io}");
+        assert_eq!(norm(&qo.stderr, "q"), norm(&io.stderr, "i"), "{qo}{io}");
+    }
+    for f in ["i.qcow2", "i8.qcow2", "iv.qcow2"] {
+        let info = env
+            .qemu_img(&["info", "-U", "--output=json", f])
+            .ok()
+            .json();
+        let want = if f == "i8.qcow2" { 8 * MIB } else { 4 * MIB };
+        assert_eq!(info["virtual-size"], want, "{f}: {info:#}");
+    }
+}

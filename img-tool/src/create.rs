@@ -102,7 +102,8 @@ pub fn run(args: &CreateArgs) -> CliResult<i32> {
     }
     imgblock::create(Path::new(file), format, &opts).map_err(|e| match e {
         imgblock::Error::InvalidOption(m) => in_file(m),
-        // qemu names the file it could not lock.
+        // qemu names the file it could not lock: the target itself, or a vmdk overlay's
+        // parent, whose CID it reads, held by a writer.
         e @ imgblock::Error::Locked { .. } => in_file(e.to_string()),
         other => Failure::from(other),
     })?;
@@ -180,6 +181,7 @@ fn check_backing(file: &Path, backing: &str, opts: &CreateOptions) -> Result<Opt
             &path,
             &OpenOptions {
                 no_backing: true,
+                force_share: true,
                 ..OpenOptions::default()
             },
             &Secrets::for_metadata(),
@@ -195,12 +197,15 @@ fn check_backing(file: &Path, backing: &str, opts: &CreateOptions) -> Result<Opt
         fmt.parse::<Format>()
             .map_err(|_| format!("Unknown backing file format '{fmt}'"))?,
     );
-    // Like qemu (BDRV_O_NO_IO), an encrypted backing file needs no secret to give its size.
+    // Like qemu (BDRV_O_NO_IO), an encrypted backing file needs no secret to give its size;
+    // and it is opened sharing everything (force-share), so a process writing to it does not
+    // stop an overlay from being made.
     let img = imgblock::Image::open_with_secrets(
         &path,
         &OpenOptions {
             format,
             no_backing: true,
+            force_share: true,
             ..OpenOptions::default()
         },
         &Secrets::for_metadata(),

@@ -210,9 +210,13 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
         (None, Some(b)) if !o.unsafe_backing => {
             let bpath = crate::image::resolve_backing(path, b);
             let fmt = o.backing_fmt.as_deref().map(str::parse).transpose()?;
+            // Only the size is read: like qemu, share the file with any writer.
             Image::open_with_secrets(
                 &bpath,
-                &OpenOptions::read_only().format(fmt),
+                &OpenOptions {
+                    force_share: true,
+                    ..OpenOptions::read_only().format(fmt)
+                },
                 &crate::crypto::Secrets::for_metadata(),
             )?
             .size()
