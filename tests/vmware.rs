@@ -412,3 +412,29 @@ fn empty_stream_optimized_images_are_filled_by_either_tool() {
         .ok();
     env.qemu_io("raw", "io.raw", &["read -P 0x99 1M 64k"]);
 }
+
+/// vmdk has no way to empty an overlay: qemu's commit writes the data down, skips emptying and
+/// says "Image committed." with exit 0; the overlay file is left as it was.
+#[test]
+fn commit_vmdk_overlay_skips_emptying_like_qemu() {
+    let env = Env::with_qemu();
+    for t in ["q", "i"] {
+        let (base, top) = (format!("{t}b.vmdk"), format!("{t}o.vmdk"));
+        env.qemu_img(&["create", "-q", "-f", "vmdk", &base, "4M"])
+            .ok();
+        env.qemu_io("vmdk", &base, &["write -P 1 0 1M", "write -P 3 3M 64k"]);
+        env.qemu_img(&[
+            "create", "-q", "-f", "vmdk", "-b", &base, "-F", "vmdk", &top,
+        ])
+        .ok();
+        env.qemu_io("vmdk", &top, &["write -P 2 512k 1M", "write -z 3M 4k"]);
+    }
+    let overlay = env.read("io.vmdk");
+    let q = env.qemu_img(&["commit", "qo.vmdk"]);
+    let i = env.img(&["commit", "io.vmdk"]).no_panic();
+    assert_eq!(i.code, q.code, "exit codes differ:{q}{i}");
+    assert_eq!(i.stdout, q.stdout, "stdout differs:{q}{i}");
+    assert_eq!(i.stderr, q.stderr, "stderr differs:{q}{i}");
+    env.qemu_img(&["compare", "qb.vmdk", "ib.vmdk"]).ok();
+    assert!(env.read("io.vmdk") == overlay, "the overlay changed");
+}

@@ -391,12 +391,13 @@ pub trait Driver: Send + Sync + Debug {
         Err(self.unsupported("backing files"))
     }
     /// Drops every allocation so that the whole disk reads from the backing image (qemu's
-    /// make_empty, used after commit).
+    /// make_empty, used after commit). Returns false, changing nothing, when the format has no
+    /// way to (qemu's commit then leaves the overlay as it is).
     ///
     /// # Errors
-    /// When the format cannot, or I/O fails.
-    fn make_empty(&self) -> Result<()> {
-        Err(self.unsupported("emptying"))
+    /// When I/O fails.
+    fn make_empty(&self) -> Result<bool> {
+        Ok(false)
     }
     /// Creates an internal snapshot named `name` dated `(seconds, nanoseconds)`.
     ///

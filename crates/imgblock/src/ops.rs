@@ -22,8 +22,9 @@ fn is_zero(b: &[u8]) -> bool {
 
 /// Writes the data of `top` (and of the images between it and `base_depth`) into the image at
 /// `base_depth` in its chain (default 1: the immediate backing image), then empties `top`
-/// unless `keep` (qemu-img commit's -d). The base grows if it is smaller. `secrets` holds the
-/// passphrases of the chain's encrypted layers, by depth below `top`.
+/// unless `keep` (qemu-img commit's -d) or its format cannot be emptied (vmdk, vdi: it keeps its
+/// data, as in qemu). The base grows if it is smaller. `secrets` holds the passphrases of the
+/// chain's encrypted layers, by depth below `top`.
 ///
 /// # Errors
 /// When `top` has no backing image, the base cannot be opened for writing, an encrypted layer
@@ -127,8 +128,10 @@ pub fn commit(
             },
             secrets,
         )?;
-        top_w.driver().make_empty()?;
-        top_w.flush()?;
+        // A format without emptying keeps its data, which now equals the base's: no error.
+        if top_w.driver().make_empty()? {
+            top_w.flush()?;
+        }
     }
     Ok(())
 }

@@ -249,6 +249,42 @@ fn vdi_differencing_image_opens_its_parent_by_uuid() {
     let _ = Uuid::random();
 }
 
+/// A differencing image cannot be emptied (qemu's vdi has no make_empty): commit writes its
+/// data into the parent and leaves the child as it is, without an error.
+#[test]
+fn vdi_differencing_commit_keeps_child_without_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vdi");
+    let bh = build_vbox_vdi(&base, 4 << 20, &[(0, 0x10), (1, 0x11)], ImageType::Dynamic);
+    let child = dir.path().join("child.vdi");
+    let mut ch = build_vbox_vdi(&child, 4 << 20, &[(1, 0x21), (3, 0x23)], ImageType::Diff);
+    ch.uuid_link = bh.uuid_image;
+    ch.uuid_parent = bh.uuid_last_snap;
+    let mut bytes = std::fs::read(&child).unwrap();
+    bytes[..512].copy_from_slice(&ch.to_bytes());
+    std::fs::write(&child, &bytes).unwrap();
+    let before = read_lib(&child);
+    imgblock::ops::commit(
+        &child,
+        None,
+        &imgblock::crypto::Secrets::none(),
+        None,
+        false,
+        &imgblock::ops::no_progress,
+    )
+    .unwrap();
+    assert!(
+        read_lib(&base) == before,
+        "the parent reads as the child did"
+    );
+    assert!(read_lib(&child) == before, "the child still reads the same");
+    assert_eq!(
+        std::fs::read(&child).unwrap(),
+        bytes,
+        "the child is unchanged"
+    );
+}
+
 #[test]
 fn vdi_fixtures_read_like_qemu() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");

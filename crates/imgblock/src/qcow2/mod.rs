@@ -1078,10 +1078,11 @@ impl Driver for Qcow2 {
         })
     }
 
-    fn make_empty(&self) -> Result<()> {
+    fn make_empty(&self) -> Result<bool> {
         self.note_bitmap_write(0, self.size)?;
         self.unmap_range(0, self.geo.align_up(self.size))?;
-        self.flush()
+        self.flush()?;
+        Ok(true)
     }
 
     fn snapshot_create(&self, name: &str, date: (u32, u32)) -> Result<()> {
