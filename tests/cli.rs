@@ -680,3 +680,114 @@ fn convert_compressed_with_preallocation_is_refused_like_qemu() {
         ],
     );
 }
+
+/// `convert -c` refuses what qemu-img refuses, in its words and at the same point: formats
+/// without compression, encryption or preallocation before the target exists; a qcow2 with an
+/// external data file at its first data write, flat vmdk for its missing cluster size (the
+/// target made). Sparse vmdk takes -c. The same with -n onto existing targets.
+#[test]
+fn convert_compress_refusals_match_qemu() {
+    let env = Env::with_qemu();
+    env.sparse_file("r.raw", 4 * MIB);
+    env.write_at("r.raw", MIB, &[7; 65536]);
+    let secret = "secret,id=s0,data=pw";
+    for (fmt, opts) in [
+        ("vdi", ""),
+        ("raw", ""),
+        ("luks", "key-secret=s0"),
+        ("vdi", "preallocation=metadata"),
+        ("qcow2", "data_file=@.data"),
+        ("qcow2", "encrypt.format=luks,encrypt.key-secret=s0"),
+        ("qcow2", "encryption=on,encrypt.key-secret=s0"),
+        ("qcow2", "encrypt.format=luks,preallocation=full"),
+        ("qcow2", "preallocation=metadata"),
+        ("qcow2", "preallocation=off"),
+        ("vmdk", ""),
+        ("vmdk", "subformat=twoGbMaxExtentSparse"),
+        ("vmdk", "subformat=monolithicFlat"),
+        ("vmdk", "subformat=twoGbMaxExtentFlat"),
+    ] {
+        let mut out = Vec::new();
+        for t in ["q", "i"] {
+            let target = format!("{t}.{fmt}");
+            let o = opts.replace('@', t);
+            let mut a = vec!["convert", "--object", secret, "-c", "-O", fmt];
+            if !o.is_empty() {
+                a.extend(["-o", &o]);
+            }
+            a.extend(["r.raw", &target]);
+            let r = if t == "q" {
+                env.qemu_img(&a)
+            } else {
+                env.img(&a).no_panic()
+            };
+            let made = env.path(&target).exists();
+            out.push((r, made));
+            for f in [target, format!("{t}.data")] {
+                let _ = std::fs::remove_file(env.path(&f));
+            }
+        }
+        let (q, i) = (&out[0], &out[1]);
+        let what = format!("-c -O {fmt} -o {opts}");
+        assert_eq!(
+            i.0.code, q.0.code,
+            "{what}: exit codes differ:{}{}",
+            q.0, i.0
+        );
+        assert_eq!(
+            i.0.stderr,
+            q.0.stderr.replace("qemu-img", "img"),
+            "{what}:{}{}",
+            q.0,
+            i.0
+        );
+        assert_eq!(i.1, q.1, "{what}: target made by one tool only");
+    }
+    // -n: the format given with -O decides, then the target itself.
+    for t in ["q", "i"] {
+        env.sparse_file(&format!("{t}n.raw"), 4 * MIB);
+        env.qemu_img(&["create", "-q", "-f", "vdi", &format!("{t}n.vdi"), "4M"])
+            .ok();
+        let data = format!("data_file={t}n.data");
+        env.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &data,
+            &format!("{t}n.qcow2"),
+            "4M",
+        ])
+        .ok();
+        env.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=monolithicFlat",
+            &format!("{t}nf.vmdk"),
+            "4M",
+        ])
+        .ok();
+        env.qemu_img(&["create", "-q", "-f", "vmdk", &format!("{t}ns.vmdk"), "4M"])
+            .ok();
+    }
+    for (fmt, target) in [
+        ("raw", "@n.raw"),
+        ("vdi", "@n.vdi"),
+        ("qcow2", "@n.qcow2"),
+        ("vmdk", "@nf.vmdk"),
+        ("vmdk", "@ns.vmdk"),
+    ] {
+        let (qt, it) = (target.replace('@', "q"), target.replace('@', "i"));
+        let q = env.qemu_img(&["convert", "-n", "-c", "-O", fmt, "r.raw", &qt]);
+        let i = env
+            .img(&["convert", "-n", "-c", "-O", fmt, "r.raw", &it])
+            .no_panic();
+        assert_eq!(i.code, q.code, "-n {target}: exit codes differ:{q}{i}");
+        assert_eq!(i.stderr, q.stderr.replace("qemu-img", "img"), "{q}{i}");
+    }
+    env.qemu_img(&["compare", "r.raw", "ins.vmdk"]).ok();
+}

@@ -236,6 +236,9 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         ));
     }
     args.secret_args.fill(&mut opts)?;
+    if args.compress {
+        check_compression(out_format, &opts)?;
+    }
     if !args.no_create && crate::create::legacy_aes(&opts) {
         eprintln!("{}", crate::create::LEGACY_AES_WARNING);
     }
@@ -270,10 +273,12 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         zero_init: plan.zero_init,
     };
     let mode = if args.compress || compresses_every_cluster(&target) {
+        // Like qemu, after the target is made: a format without a cluster size (flat vmdk)
+        // cannot take whole compressed clusters.
         let cluster = target
             .driver()
             .cluster_size()
-            .ok_or_else(|| Failure::new("Compression not supported for this file format"))?;
+            .ok_or_else(|| Failure::new("invalid cluster size"))?;
         Mode::Compressed {
             cluster: usize::try_from(cluster)
                 .map_err(|_| Failure::new("Cluster size too large"))?,
@@ -465,6 +470,30 @@ fn next_range(
         zero_action(plan)
     };
     Ok((action, n))
+}
+
+/// Refuses `-c` before anything is created, as qemu-img does: for a format without compressed
+/// writes, and with encryption or preallocation asked for.
+fn check_compression(format: Format, opts: &CreateOptions) -> CliResult<()> {
+    if !format.can_write_compressed() {
+        return Err(Failure::new(
+            "Compression not supported for this file format",
+        ));
+    }
+    let encryption = opts
+        .get("encryption")
+        .is_some_and(|v| imgblock::options::parse_bool("encryption", v).unwrap_or(false));
+    if encryption || opts.get("encrypt.format").is_some() {
+        return Err(Failure::new(
+            "Compression and encryption not supported at the same time",
+        ));
+    }
+    if opts.get("preallocation").is_some_and(|p| p != "off") {
+        return Err(Failure::new(
+            "Compression and preallocation not supported at the same time",
+        ));
+    }
+    Ok(())
 }
 
 /// Whether the target stores every cluster compressed whatever `-c` says (streamOptimized

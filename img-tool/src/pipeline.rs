@@ -450,6 +450,12 @@ fn write_done(
                 let mut packed_run: Vec<(u64, &[u8])> = Vec::new();
                 let mut at = job.offset;
                 for (c, packed) in data.chunks(cluster).zip(clusters) {
+                    if packed.is_some() && !t.can_write_compressed() {
+                        // qemu fails the first compressed write (ENOTSUP) in these words.
+                        return Err(Failure::new(format!(
+                            "error while writing at byte {at}: Operation not supported"
+                        )));
+                    }
                     if let Some(Some(p)) = packed {
                         packed_run.push((at, p));
                     } else {

@@ -331,6 +331,13 @@ pub trait Driver: Send + Sync + Debug {
     /// # Errors
     /// When metadata cannot be written.
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
+    /// Whether compressed writes are accepted ([`Driver::write_compressed`]; a cluster that does
+    /// not shrink is then stored plain). False for formats without compression and for images
+    /// that cannot hold compressed clusters (qcow2 with an external data file), where qemu fails
+    /// the write with ENOTSUP.
+    fn can_write_compressed(&self) -> bool {
+        false
+    }
     /// Compresses one guest cluster for [`Driver::write_compressed`]; `None` when the format
     /// cannot store compressed clusters or the data does not shrink. Pure: callable from workers.
     fn compress_cluster(&self, data: &[u8]) -> Option<Vec<u8>> {

@@ -720,6 +720,11 @@ impl Image {
         })
     }
 
+    /// Whether the image accepts compressed clusters ([`Driver::can_write_compressed`]).
+    pub fn can_write_compressed(&self) -> bool {
+        self.driver.can_write_compressed()
+    }
+
     /// Compresses one cluster for [`Image::write_compressed`] (pads a short last cluster with
     /// zeroes). Pure, so convert can run it on worker threads. `None` when it does not shrink.
     pub fn compress_cluster(&self, data: &[u8]) -> Option<Vec<u8>> {

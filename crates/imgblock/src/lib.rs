@@ -77,6 +77,21 @@ impl Format {
             Format::Qcow => "qcow",
         }
     }
+
+    /// Whether the format's driver takes compressed writes (qemu's
+    /// `block_driver_can_compress`); `img convert -c` refuses the others before it creates
+    /// anything. An open image may still refuse them ([`Image::can_write_compressed`]).
+    pub fn can_write_compressed(self) -> bool {
+        match self {
+            Format::Raw => raw::WRITES_COMPRESSED,
+            Format::Qcow2 => qcow2::WRITES_COMPRESSED,
+            Format::Vmdk => vmdk::WRITES_COMPRESSED,
+            Format::Vdi => vdi::WRITES_COMPRESSED,
+            Format::Luks => luks::WRITES_COMPRESSED,
+            // Read through its own driver only; img never writes legacy qcow.
+            Format::Qcow => false,
+        }
+    }
 }
 
 impl fmt::Display for Format {

@@ -20,6 +20,8 @@ use crate::{CreateOptions, Error, Format, Result};
 
 /// The option that names the passphrase's secret.
 pub const KEY_OPTION: &str = "key-secret";
+/// A LUKS payload has no compressed form: `convert -c` refuses it.
+pub const WRITES_COMPRESSED: bool = false;
 
 /// Options luks accepts on create, with qemu-img's help text.
 pub const CREATE_OPTIONS: &[(&str, &str)] = &[

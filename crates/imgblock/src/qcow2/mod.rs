@@ -49,6 +49,9 @@ pub const L2_CACHE_BYTES: usize = 8 << 20;
 pub const REFBLOCK_CACHE_BYTES: usize = 4 << 20;
 /// Host offsets are 56 bits wide in L1/L2 entries (bits 9..=55).
 pub const MAX_HOST_OFFSET: u64 = 1 << 56;
+/// The format stores compressed clusters (`convert -c`), unless an image keeps its data in an
+/// external file ([`Driver::can_write_compressed`]).
+pub const WRITES_COMPRESSED: bool = true;
 
 /// Offset bits of L1 and standard L2 entries.
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -938,6 +941,11 @@ impl Driver for Qcow2 {
             });
         }
         self.zero_or_discard(offset, len, true, true).map(|_| ())
+    }
+
+    fn can_write_compressed(&self) -> bool {
+        // Compressed clusters live in the image file, so an external data file cannot hold them.
+        self.data == 0
     }
 
     fn compress_cluster(&self, data: &[u8]) -> Option<Vec<u8>> {

@@ -66,6 +66,9 @@ impl Raw {
     }
 }
 
+/// A raw image has no compressed form: `convert -c` refuses it.
+pub const WRITES_COMPRESSED: bool = false;
+
 /// Options raw accepts on create, with qemu-img's help text.
 pub const CREATE_OPTIONS: &[(&str, &str)] = &[
     (

@@ -38,6 +38,8 @@ pub const BMAP_FREE: u32 = 0xffff_ffff;
 pub const BMAP_ZERO: u32 = 0xffff_fffe;
 /// How many `.vdi` files next to a differencing image are examined to find its parent.
 pub const MAX_PARENT_CANDIDATES: usize = 256;
+/// VDI has no compressed blocks: `convert -c` refuses it.
+pub const WRITES_COMPRESSED: bool = false;
 
 const BS: u64 = BLOCK_SIZE as u64;
 

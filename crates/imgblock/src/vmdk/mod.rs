@@ -52,6 +52,9 @@ pub const MAX_CAPACITY_SECTORS: u64 = 1 << 42;
 pub const MAX_GD_BYTES: u64 = 32 << 20;
 /// Grain tables kept in the cache per extent (2 KiB each with 512 entries).
 pub const GT_CACHE_TABLES: usize = 4096;
+/// The format takes compressed writes (`convert -c`): streamOptimized compresses its grains,
+/// the other sparse subformats store them plain, as qemu's driver does.
+pub const WRITES_COMPRESSED: bool = true;
 
 /// How an extent stores data.
 #[derive(Debug, Clone, Copy)]
@@ -1409,6 +1412,12 @@ impl Driver for Vmdk {
             });
         }
         Ok(())
+    }
+
+    fn can_write_compressed(&self) -> bool {
+        // A stream compresses; sparse extents store plain grains, as qemu's driver does. Flat
+        // extents have no grain size, and convert refuses them for that.
+        true
     }
 
     fn compress_cluster(&self, data: &[u8]) -> Option<Vec<u8>> {
