@@ -191,13 +191,6 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
             "Cannot enable copy offloading when -c is used",
         ));
     }
-    let prealloc = opts.opts.iter().rev().find(|(k, _)| k == "preallocation");
-    if args.compress && !args.no_create && prealloc.is_some_and(|(_, v)| v != "off") {
-        // Refused before the target is created, as qemu-img does.
-        return Err(Failure::new(
-            "Compression and preallocation not supported at the same time",
-        ));
-    }
     if args.copy_range && args.sparse.is_some() {
         return Err(Failure::new(
             "Cannot enable copy offloading when -S is used",
