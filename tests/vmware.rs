@@ -438,3 +438,27 @@ fn commit_vmdk_overlay_skips_emptying_like_qemu() {
     env.qemu_img(&["compare", "qb.vmdk", "ib.vmdk"]).ok();
     assert!(env.read("io.vmdk") == overlay, "the overlay changed");
 }
+
+/// qemu's vmdk and vdi checks only count problems: with -r they refuse ("This image format does
+/// not support checks", exit 63) whatever the output options, for every subformat.
+#[test]
+fn check_repair_refused_for_vmdk_and_vdi_like_qemu() {
+    let env = Env::with_qemu();
+    for (name, fmt, opts) in IMAGES {
+        let mut a = vec!["create", "-q", "-f", fmt];
+        if !opts.is_empty() {
+            a.extend(["-o", opts]);
+        }
+        a.extend([name, "3M"]);
+        env.qemu_img(&a).ok();
+        for args in [
+            &["check", "-r", "leaks"][..],
+            &["check", "-r", "all"],
+            &["check", "--output=json", "-r", "all"],
+            &["check", "-q", "-r", "leaks"],
+        ] {
+            same_output(&env, &[args, &[name]].concat());
+        }
+        same_output(&env, &["check", name]);
+    }
+}

@@ -417,7 +417,10 @@ impl Driver for Vdi {
     }
 
     fn check(&self, repair: Repair) -> Result<CheckReport> {
-        let _ = repair;
+        // qemu's vdi check only counts problems: asked to repair, it answers ENOTSUP.
+        if repair != Repair::None {
+            return Err(self.unsupported("checks"));
+        }
         let st = self.lock();
         let h = &st.h;
         let mut r = CheckReport {

@@ -1448,7 +1448,10 @@ impl Driver for Vmdk {
     }
 
     fn check(&self, repair: Repair) -> Result<CheckReport> {
-        let _ = repair;
+        // qemu's vmdk check only counts problems: asked to repair, it answers ENOTSUP.
+        if repair != Repair::None {
+            return Err(self.unsupported("checks"));
+        }
         let mut r = CheckReport::default();
         let mut guard = self.lock();
         for ext in &self.extents {
