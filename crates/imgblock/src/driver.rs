@@ -284,9 +284,11 @@ pub trait Driver: Send + Sync + Debug {
     fn host_holes_are_zero(&self) -> bool {
         false
     }
-    /// Whether block status should ask the host file about [`Mapping::Data`] ranges and report
-    /// holes there as zero while still data (qemu's "recurse" for metadata-preallocated qcow2).
-    fn data_holes_read_as_zero(&self) -> bool {
+    /// Whether block status should ask host file number `file` about the [`Mapping::Data`]
+    /// ranges in it and report holes there as zero while still data (qemu's "recurse":
+    /// metadata-preallocated qcow2, flat vmdk extents, static vdi).
+    fn data_holes_read_as_zero(&self, file: usize) -> bool {
+        let _ = file;
         false
     }
     /// Decompresses one cluster into `out` (exactly one cluster long).

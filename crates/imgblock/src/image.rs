@@ -913,7 +913,7 @@ impl Image {
             Mapping::Data {
                 file, offset: host, ..
             } => {
-                if self.driver.data_holes_read_as_zero() {
+                if self.driver.data_holes_read_as_zero(file) {
                     let s = self.driver.storage(file);
                     let (data, hn) = self.io(s.block_status(host.0, n), file)?;
                     st(!data, true, false, Some((file, host.0)), hn.clamp(1, n))

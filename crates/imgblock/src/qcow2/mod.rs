@@ -815,7 +815,7 @@ impl Driver for Qcow2 {
         Ok((first.mapping, n))
     }
 
-    fn data_holes_read_as_zero(&self) -> bool {
+    fn data_holes_read_as_zero(&self, _file: usize) -> bool {
         // Holes in an encrypted cluster decrypt to noise, not zeroes.
         !self.crypt.is_encrypted()
             && *self

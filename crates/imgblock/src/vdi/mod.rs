@@ -295,7 +295,10 @@ impl Driver for Vdi {
         }
         let n = reach.min(end) - offset;
         let m = match e {
-            BMAP_FREE => Mapping::Unallocated,
+            // Only a differencing image reads free blocks from its parent; qemu's vdi reports
+            // them as zeroes (present), which is what they read as without a parent.
+            BMAP_FREE if self.parent.is_some() => Mapping::Unallocated,
+            BMAP_FREE => Mapping::Zero { offset: None },
             BMAP_ZERO => Mapping::Zero { offset: None },
             _ => Mapping::Data {
                 file: 0,
@@ -306,8 +309,10 @@ impl Driver for Vdi {
         Ok((m, n))
     }
 
-    fn host_holes_are_zero(&self) -> bool {
-        false
+    fn data_holes_read_as_zero(&self, _file: usize) -> bool {
+        // Like qemu: a static image's blocks are all allocated up front, so holes in the file
+        // are blocks never written.
+        self.kind == ImageType::Static
     }
 
     fn read_compressed(&self, _c: &CompressedRef, _out: &mut [u8]) -> Result<()> {

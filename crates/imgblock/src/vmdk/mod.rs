@@ -1140,6 +1140,13 @@ impl Driver for Vmdk {
         }
     }
 
+    fn data_holes_read_as_zero(&self, file: usize) -> bool {
+        // qemu asks the file under a flat extent about holes; sparse grains are data as they are.
+        self.extents
+            .iter()
+            .any(|e| e.file == file && matches!(e.kind, Kind::Flat { .. }))
+    }
+
     fn read_compressed(&self, c: &CompressedRef, out: &mut [u8]) -> Result<()> {
         let ext = self
             .extent_at(c.guest_cluster)
