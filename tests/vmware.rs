@@ -461,3 +461,48 @@ fn check_repair_refused_for_vmdk_and_vdi_like_qemu() {
         same_output(&env, &["check", name]);
     }
 }
+
+/// Extent files are found however the descriptor's path is spelt (a subdirectory, `./`, `../`,
+/// absolute): `img info` lists them as child nodes, as qemu-img does.
+#[test]
+fn info_extent_children_for_any_descriptor_path() {
+    let env = Env::with_qemu();
+    for d in ["sub", "v", "w"] {
+        std::fs::create_dir(env.path(d)).expect("mkdir");
+    }
+    for (name, sub) in [
+        ("sub/f.vmdk", "monolithicFlat"),
+        ("v/x.vmdk", "twoGbMaxExtentFlat"),
+        ("v/s.vmdk", "twoGbMaxExtentSparse"),
+    ] {
+        env.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            &format!("subformat={sub}"),
+            name,
+            "1M",
+        ])
+        .ok();
+    }
+    let abs = env.path("sub/f.vmdk").display().to_string();
+    let w = env.path("w");
+    for (dir, name) in [
+        (env.dir.path(), "sub/f.vmdk"),
+        (env.dir.path(), "./v/x.vmdk"),
+        (env.dir.path(), "v/s.vmdk"),
+        (w.as_path(), "../sub/f.vmdk"),
+        (w.as_path(), "../v/x.vmdk"),
+        (w.as_path(), abs.as_str()),
+    ] {
+        for out in ["--output=json", "--output=human"] {
+            let args = ["info", out, name];
+            let q = common::run_timeout(dir, "qemu-img", &args, common::DEFAULT_TIMEOUT);
+            let i = common::run_timeout(dir, common::IMG, &args, common::DEFAULT_TIMEOUT);
+            assert_eq!(i.code, Some(0), "{i}");
+            assert_eq!(i.stdout, q.stdout, "info {out} {name}:{q}{i}");
+        }
+    }
+}

@@ -158,8 +158,9 @@ fn image_info(img: &Image) -> CliResult<Value> {
                 json!({"type": "vmdk", "data": vmdk_specific(&v)}),
             );
             // Extents in files of their own are child nodes, newest (last) first, as in qemu.
+            // The extent names are already resolved against the descriptor's directory.
             for (i, e) in v.extents.iter().enumerate().rev() {
-                let want = imgblock::image::resolve_backing(img.path(), &e.filename);
+                let want = std::path::Path::new(&e.filename);
                 if let Some(f) = files[1..].iter().find(|f| f.path() == want) {
                     children.push(json!({"name": format!("extents.{i}"), "info": file_info(f)?}));
                 }

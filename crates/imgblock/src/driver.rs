@@ -141,7 +141,8 @@ pub struct VmdkSpecific {
 /// One vmdk extent in `info`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmdkExtentInfo {
-    /// The extent file name as the descriptor gives it.
+    /// The extent file's path: the descriptor's name for it, resolved against the directory of
+    /// the descriptor file as it was opened (what qemu shows).
     pub filename: String,
     /// The extent type as the descriptor names it ("" for an embedded descriptor).
     pub format: String,
