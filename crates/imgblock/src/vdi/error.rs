@@ -88,6 +88,18 @@ pub enum Error {
     /// A differencing image whose parent UUID matched no file nearby.
     #[error("differencing image: parent {0} not found next to it")]
     ParentNotFound(String),
+    /// A data block to be written would start more than [`super::MAX_DATA_GAP`] past the end of
+    /// the file (the header's data offset, its count of allocated blocks or a block map entry
+    /// is inconsistent with the file).
+    #[error("data block {block} at {offset:#x} would start far past the end of the file ({file_len:#x})")]
+    DataPastEnd {
+        /// The data block index.
+        block: u32,
+        /// Where it would start in the file.
+        offset: u64,
+        /// The file's length.
+        file_len: u64,
+    },
     /// The image is full: no data block index is left.
     #[error("no free data block left")]
     Full,

@@ -36,6 +36,12 @@ pub const MAX_BLOCKS: u32 = 1 << 24;
 pub const BMAP_FREE: u32 = 0xffff_ffff;
 /// Block map entry: block reads as zeroes.
 pub const BMAP_ZERO: u32 = 0xffff_fffe;
+/// Most bytes a new data block may start past the end of the file. qemu and VirtualBox append
+/// blocks at the end of the file; only a fresh VirtualBox image leaves a gap there, its data area
+/// starting at the 1 MiB boundary after the block map. A header whose data offset or count of
+/// allocated blocks puts the next block further out is inconsistent, and writing there would grow
+/// the file (or a storage held in memory) by that much.
+pub const MAX_DATA_GAP: u64 = 16 << 20;
 /// How many `.vdi` files next to a differencing image are examined to find its parent.
 pub const MAX_PARENT_CANDIDATES: usize = 256;
 /// VDI has no compressed blocks: `convert -c` refuses it.
@@ -48,6 +54,15 @@ const BS: u64 = BLOCK_SIZE as u64;
 struct State {
     h: Header,
     bmap: Vec<u32>,
+    /// The file's length at open, grown by the blocks allocated since.
+    file_end: u64,
+}
+
+impl State {
+    /// Whether a data block starting at `start` may be written ([`MAX_DATA_GAP`]).
+    fn within_reach(&self, start: u64) -> bool {
+        start <= self.file_end.saturating_add(MAX_DATA_GAP)
+    }
 }
 
 /// An open VDI image.
@@ -118,7 +133,11 @@ impl Vdi {
             writable,
             size: h.disk_size,
             parent,
-            state: Mutex::new(State { h, bmap }),
+            state: Mutex::new(State {
+                h,
+                bmap,
+                file_end: file_len,
+            }),
         })
     }
 
@@ -276,6 +295,9 @@ impl Driver for Vdi {
                 entry: e,
             }));
         }
+        // Blocks too far past the end of the file are read but not written in place: allocate()
+        // refuses them.
+        let in_reach = |entry: u32| st.within_reach(Self::host_of(&st.h, entry));
         // Extend over following blocks of the same kind (and, for data, contiguous on disk).
         let end = offset + len;
         let mut b = block;
@@ -284,7 +306,9 @@ impl Driver for Vdi {
             b += 1;
             let Some(n) = entry_of(b) else { break };
             let same = if is_allocated(e) {
-                u64::from(n) == u64::from(e) + (b - block) && n < st.h.blocks_in_image
+                u64::from(n) == u64::from(e) + (b - block)
+                    && n < st.h.blocks_in_image
+                    && in_reach(n) == in_reach(e)
             } else {
                 n == e
             };
@@ -303,7 +327,7 @@ impl Driver for Vdi {
             _ => Mapping::Data {
                 file: 0,
                 offset: HostOffset(Self::host_of(&st.h, e) + offset % BS),
-                writable: true,
+                writable: in_reach(e),
             },
         };
         Ok((m, n))
@@ -334,16 +358,27 @@ impl Driver for Vdi {
             let bend = end.min((block + 1) * BS);
             let i = usize::try_from(block).unwrap_or(usize::MAX);
             let cur = st.bmap.get(i).copied().unwrap_or(BMAP_FREE);
-            let idx = if is_allocated(cur) {
-                cur
-            } else {
+            let fresh = !is_allocated(cur);
+            let idx = if fresh {
                 if st.h.blocks_allocated >= st.h.blocks_in_image {
                     return Err(self.err(Error::Full));
                 }
-                let idx = st.h.blocks_allocated;
-                st.h.blocks_allocated += 1;
-                idx
+                st.h.blocks_allocated
+            } else {
+                cur
             };
+            let start = Self::host_of(&st.h, idx);
+            if !st.within_reach(start) {
+                return Err(self.err(Error::DataPastEnd {
+                    block: idx,
+                    offset: start,
+                    file_len: st.file_end,
+                }));
+            }
+            st.file_end = st.file_end.max(start + BS);
+            if fresh {
+                st.h.blocks_allocated += 1;
+            }
             let host = Self::host_of(&st.h, idx) + pos % BS;
             match out.last_mut() {
                 Some(l) if l.guest + l.len == pos && l.host.0 + l.len == host => {
@@ -571,6 +606,49 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// A 3 MiB image whose data area starts 976 MiB past its 1 KiB file; `allocated` makes block
+    /// 0 already allocated there.
+    fn far_data(dir: &Path, allocated: bool) -> PathBuf {
+        let p = make(dir, 3 << 20, &[]);
+        let mut b = std::fs::read(&p).unwrap();
+        b[0x158..0x15c].copy_from_slice(&0x3d00_0400u32.to_le_bytes());
+        if allocated {
+            b[0x184..0x188].copy_from_slice(&1u32.to_le_bytes());
+            b[0x200..0x204].copy_from_slice(&0u32.to_le_bytes());
+        }
+        std::fs::write(&p, &b).unwrap();
+        p
+    }
+
+    #[test]
+    fn write_block_far_past_eof_is_refused_and_reads_stay() {
+        for allocated in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let p = far_data(dir.path(), allocated);
+            let img = Image::open(&p, &OpenOptions::writable()).unwrap();
+            let r = img.write_at(&[1; 512], 4096);
+            assert!(
+                matches!(
+                    r,
+                    Err(crate::Error::Vdi {
+                        source: Error::DataPastEnd {
+                            block: 0,
+                            offset: 0x3d00_0400,
+                            file_len: 1024
+                        },
+                        ..
+                    })
+                ),
+                "allocated={allocated}: {r:?}"
+            );
+            assert_eq!(std::fs::metadata(&p).unwrap().len(), 1024);
+            // Reads still work (past the end of the file they are zeroes), as in qemu.
+            let mut buf = [1u8; 512];
+            img.read_at(&mut buf, 4096).unwrap();
+            assert_eq!(buf, [0; 512]);
+        }
     }
 
     #[test]
