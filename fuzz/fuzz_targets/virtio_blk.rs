@@ -81,6 +81,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         cache: Default::default(),
         discard: Default::default(),
         serial: b"fuzz".to_vec(),
+        // Requests on one chain are parsed the same whatever queue they came from.
+        num_queues: 1,
     };
     let writable: u64 = descs.iter().filter(|d| d.2).map(|d| u64::from(d.1)).sum();
     let used = handle_chain(&mem, descs, &disk, &cfg, &mut Vec::new());
