@@ -347,6 +347,7 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
         st.h.l1_size = l1_size;
         st.h.l1_table_offset = l1_off;
         st.l1 = vec![0; usize::try_from(l1_entries).unwrap_or(0)];
+        st.meta_invalidate();
     }
     q.size = size;
     if let Some(e) = &opts.encrypt {

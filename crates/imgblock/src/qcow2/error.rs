@@ -126,6 +126,15 @@ pub enum Error {
     /// Too many snapshots.
     #[error("too many snapshots ({0})")]
     TooManySnapshots(u32),
+    /// A write would have landed on metadata (the refcounts call a metadata cluster free, or an
+    /// L2 entry points into a table): refused, and the image marked corrupt, as qemu does.
+    #[error("Preventing invalid write on metadata at offset {offset:#x} (overlaps with {what}); image marked corrupt")]
+    MetadataOverlap {
+        /// The first metadata cluster the write would have overwritten.
+        offset: u64,
+        /// What it holds, in qemu's words.
+        what: &'static str,
+    },
     /// The image is marked corrupt and cannot be opened for writing.
     #[error("image is marked corrupt; it can only be opened read-only (use 'img check -r all')")]
     MarkedCorrupt,

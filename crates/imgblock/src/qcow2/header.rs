@@ -13,6 +13,9 @@ pub const V3_HEADER_LEN: u32 = 112;
 /// Longest backing file name qemu accepts.
 pub const MAX_BACKING_NAME: u32 = 1023;
 
+/// Byte offset of the 64-bit incompatible_features field (version 3 headers).
+pub const INCOMPATIBLE_OFFSET: u64 = 72;
+
 /// Incompatible feature bits.
 pub const INCOMPAT_DIRTY: u64 = 1 << 0;
 /// The image is corrupt.

@@ -1,5 +1,6 @@
 //! L2 entries (standard and extended) and the L2 table walk.
 
+use super::overlap::Metadata;
 use super::{be64_at, Error, Geometry, Qcow2, State, COMPRESSED, COPIED, OFFSET_MASK, ZERO_FLAG};
 use crate::driver::{CompressedRef, HostOffset, Mapping};
 use crate::error::IoContext;
@@ -339,7 +340,9 @@ impl Qcow2 {
             .write_at(&e.to_be_bytes(), st.h.l1_table_offset + l1i * 8)
             .ctx(self.file().path())?;
         st.l1[idx] = e;
+        st.meta_add(new >> self.geo.cluster_bits, Metadata::ActiveL2);
         if old != 0 {
+            st.meta_remove(old >> self.geo.cluster_bits, Metadata::ActiveL2);
             // The old table stays with the snapshots that share it.
             self.update_refcount(st, old, -1, false)?;
         }

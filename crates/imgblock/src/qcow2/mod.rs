@@ -17,6 +17,7 @@ mod crypt;
 mod error;
 pub mod header;
 mod l2;
+mod overlap;
 mod rebuild;
 mod refcount;
 mod resize;
@@ -126,6 +127,10 @@ pub(crate) struct State {
     pub compressed_cursor: u64,
     /// Persistent dirty bitmaps, when the image has consistent ones.
     pub bitmaps: Option<bitmap::Loaded>,
+    /// Which host clusters hold metadata, for the overlap checks (built on first use).
+    pub meta: Option<overlap::MetadataMap>,
+    /// A write on metadata was prevented in this session: no further writes.
+    pub corrupt: bool,
 }
 
 /// A qcow2 image.
@@ -261,6 +266,8 @@ impl Qcow2 {
             end_hint,
             compressed_cursor: 0,
             bitmaps,
+            meta: None,
+            corrupt: false,
         };
         // qemu reads the snapshot table when it opens an image and refuses a malformed one.
         snapshot::read_table(storage.as_ref(), &state.h).map_err(&qerr)?;
@@ -368,7 +375,9 @@ impl Qcow2 {
             let mut st = self.lock();
             st.h.incompatible &= !header::INCOMPAT_DIRTY;
             let v = st.h.incompatible.to_be_bytes();
-            self.file().write_at(&v, 72).ctx(self.file().path())?;
+            self.file()
+                .write_at(&v, header::INCOMPATIBLE_OFFSET)
+                .ctx(self.file().path())?;
             self.file().flush().ctx(self.file().path())?;
         }
         Ok(())
@@ -388,6 +397,7 @@ impl Qcow2 {
         self.file().write_at(&bytes, 0).ctx(self.file().path())?;
         self.file().flush().ctx(self.file().path())?;
         st.h = h;
+        st.meta_invalidate();
         Ok(())
     }
 
@@ -477,6 +487,9 @@ impl Qcow2 {
             }
         }
         let mut st = self.lock();
+        if st.corrupt {
+            return Err(self.err(Error::MarkedCorrupt));
+        }
         let has_backing = st.h.backing_file.is_some();
         let v3 = g.version >= 3;
         if !v3 && has_backing && !discard {
@@ -759,6 +772,8 @@ impl Driver for Qcow2 {
             end_hint: 0,
             compressed_cursor: 0,
             bitmaps: None,
+            meta: None,
+            corrupt: false,
         };
         Ok(Box::new(Qcow2 {
             files: self.files.clone(),
@@ -812,7 +827,20 @@ impl Driver for Qcow2 {
             end = next.end;
         }
         let n = end.min(limit) - offset;
-        Ok((first.mapping, n))
+        let mut mapping = first.mapping;
+        if let Mapping::Data {
+            file: 0,
+            offset: host,
+            writable: writable @ true,
+        } = &mut mapping
+        {
+            // Written in place, this range would bypass the allocator's overlap check: a write
+            // then goes through `allocate`, which refuses it.
+            if self.data == 0 && self.holds_metadata(&mut st, host.0, n)? {
+                *writable = false;
+            }
+        }
+        Ok((mapping, n))
     }
 
     fn data_holes_read_as_zero(&self, _file: usize) -> bool {
@@ -918,6 +946,11 @@ impl Driver for Qcow2 {
             );
             pos = piece_end;
         }
+        // Clusters written in place were handed out long ago: an L2 entry may point into a
+        // table. New ones were checked as they were allocated; the lookup is cheap either way.
+        for e in out.iter().filter(|e| e.file == 0) {
+            self.check_overlap_bytes(&mut st, e.host.0, e.len)?;
+        }
         Ok(out)
     }
 
@@ -986,6 +1019,9 @@ impl Driver for Qcow2 {
             }
         }
         let mut st = self.lock();
+        if st.corrupt {
+            return Err(self.err(Error::MarkedCorrupt));
+        }
         // The data first: each cluster's bytes are counted as they are placed, and bytes placed
         // back to back go out in one write.
         let lens: Vec<u64> = clusters.iter().map(|c| c.1.len() as u64).collect();

@@ -23,6 +23,7 @@ impl FreshRefcounts {
         st.free_hint = 0;
         st.end_hint = st.end_hint.max(self.end);
         st.compressed_cursor = 0;
+        st.meta_invalidate();
     }
 }
 
@@ -68,6 +69,7 @@ impl Qcow2 {
         if table * cs > super::MAX_REFTABLE_BYTES {
             return Err(self.err(Error::FileTooLarge));
         }
+        self.check_overlap(st, start, table + blocks, &[])?;
         let table_offset = start * cs;
         let blocks_off = table_offset + table * cs;
         let end = start + table + blocks;

@@ -5,6 +5,7 @@
 //! refcount is dropped only after the last pointer is gone. A crash in between leaks clusters; it
 //! never leaves a pointer to a cluster whose refcount is zero.
 
+use super::overlap::Metadata;
 use super::{Error, Qcow2, State, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES, OFFSET_MASK};
 use crate::error::IoContext;
 use crate::Result;
@@ -258,6 +259,7 @@ impl Qcow2 {
                 continue;
             }
             let y = self.find_free_run(st, 1)?;
+            self.check_overlap(st, y, 1, &[])?;
             let cs = usize::try_from(self.geo.cluster_size).unwrap_or(0);
             let mut block = vec![0u8; cs];
             if y / self.geo.rb_entries == bi {
@@ -282,6 +284,7 @@ impl Qcow2 {
                 .write_at(&host.to_be_bytes(), off)
                 .ctx(self.file().path())?;
             st.reftable[idx] = host;
+            st.meta_add(y, Metadata::RefcountBlock);
             st.end_hint = st.end_hint.max(y + 1);
             return Ok(true);
         }
@@ -314,6 +317,7 @@ impl Qcow2 {
             if !free {
                 continue;
             }
+            self.check_overlap(st, c, n, &[])?;
             self.set_refcounts_to_one(st, c, n)?;
             if st.free_hint == c {
                 st.free_hint = c + n;
@@ -341,6 +345,7 @@ impl Qcow2 {
             if extra_free && !self.ensure_refblocks(st, first, last - first + 1)? {
                 let rc = self.refcount(st, first)?;
                 if rc > 0 && rc < self.max_refcount() {
+                    self.check_overlap(st, first + 1, last - first, &[])?;
                     self.set_refcount(st, first, rc + 1)?;
                     for c in first + 1..=last {
                         self.set_refcount(st, c, 1)?;
@@ -388,6 +393,7 @@ impl Qcow2 {
         if rc == 0 {
             return Ok(None);
         }
+        self.check_overlap(st, first + 1, last - first, &[])?;
         // The new refcounts: the first cluster's current one, plus one for every run that
         // touches a cluster. Each run is shorter than a cluster (the caller checked), so
         // `lens.len() + 1` clusters at most.
@@ -477,6 +483,7 @@ impl Qcow2 {
         if area_end << g.cluster_bits > MAX_HOST_OFFSET {
             return Err(self.err(Error::FileTooLarge));
         }
+        self.check_overlap(st, start, area_end - start, &[])?;
         let cs = usize::try_from(g.cluster_size).unwrap_or(0);
         let mut blocks: Vec<(u64, u64, Vec<u8>)> = new_blocks
             .iter()
@@ -521,6 +528,7 @@ impl Qcow2 {
         st.h.refcount_table_offset = new_off;
         st.h.refcount_table_clusters = u32::try_from(table_clusters).unwrap_or(u32::MAX);
         st.reftable = table;
+        st.meta_invalidate();
         for (_, cl, data) in blocks {
             st.rb_cache.insert(cl << g.cluster_bits, data);
         }

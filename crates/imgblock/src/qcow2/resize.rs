@@ -55,6 +55,7 @@ impl Qcow2 {
                 let l2 = st.l1[i] & OFFSET_MASK;
                 if l2 != 0 {
                     st.l1[i] = 0;
+                    st.meta_remove(l2 >> g.cluster_bits, super::overlap::Metadata::ActiveL2);
                     let off = st.h.l1_table_offset + i as u64 * 8;
                     self.file()
                         .write_at(&0u64.to_be_bytes(), off)
@@ -102,6 +103,7 @@ impl Qcow2 {
                 st.l1 = l1;
                 st.h.l1_size = l1_size;
                 st.h.l1_table_offset = off;
+                st.meta_invalidate();
                 if old_off != 0 {
                     for i in 0..old_clusters {
                         self.update_refcount(&mut st, old_off + i * g.cluster_size, -1, false)?;

@@ -129,6 +129,7 @@ impl Qcow2 {
         self.file().flush().ctx(self.file().path())?;
         st.h.nb_snapshots = n;
         st.h.snapshots_offset = new_off;
+        st.meta_invalidate();
         if old_off != 0 && old_len > 0 {
             for i in 0..old_len.div_ceil(g.cluster_size) {
                 self.update_refcount(st, old_off + i * g.cluster_size, -1, true)?;
