@@ -97,3 +97,69 @@ fn planted_refcount_too_high_and_too_low_together() {
     env.img(&["check", "-r", "all", "b.qcow2"]).no_panic();
     env.qemu_img(&["check", "b.qcow2"]).ok();
 }
+
+/// qemu-img info's corrupt flag.
+fn marked_corrupt(env: &Env, name: &str) -> bool {
+    env.qemu_img(&["info", "--output=json", name]).ok().json()["format-specific"]["data"]["corrupt"]
+        .as_bool()
+        .expect("a v3 image reports the corrupt flag")
+}
+
+/// Runs `check ARGS` with img on `name` and with qemu-img on a copy; returns both exit codes,
+/// and whether each image is still marked corrupt.
+fn check_both(env: &Env, name: &str, args: &[&str]) -> ((Option<i32>, bool), (Option<i32>, bool)) {
+    let copy = format!("qemu-{name}");
+    std::fs::copy(env.path(name), env.path(&copy)).unwrap();
+    let mut a = vec!["check"];
+    a.extend_from_slice(args);
+    let i = env.img(&[a.as_slice(), &[name]].concat()).no_panic();
+    let q = env.qemu_img(&[a.as_slice(), &[copy.as_str()]].concat());
+    (
+        (i.code, marked_corrupt(env, name)),
+        (q.code, marked_corrupt(env, &copy)),
+    )
+}
+
+#[test]
+fn check_repair_image_marked_corrupt_clears_flag_like_qemu() {
+    for (args, code, corrupt) in [
+        (&[][..], 0, true),
+        (&["-r", "leaks"][..], 0, false),
+        (&["-r", "all"][..], 0, false),
+    ] {
+        let env = Env::with_qemu();
+        image(&env, "m.qcow2");
+        // incompatible_features bit 1: corrupt.
+        env.write_at("m.qcow2", 79, &[2]);
+        let (ours, theirs) = check_both(&env, "m.qcow2", args);
+        assert_eq!(ours, theirs, "check {args:?}");
+        assert_eq!(ours, (Some(code), corrupt), "check {args:?}");
+    }
+}
+
+#[test]
+fn check_repair_leaks_corruption_left_keeps_corrupt_flag_like_qemu() {
+    let env = Env::with_qemu();
+    image(&env, "m.qcow2");
+    env.write_at("m.qcow2", 79, &[2]);
+    // Two guest clusters share one host cluster whose refcount is 1: only -r all fixes that.
+    let map = env
+        .qemu_img(&["map", "--output=json", "m.qcow2"])
+        .ok()
+        .json();
+    let host = map[0]["offset"].as_u64().unwrap();
+    let h = env.read("m.qcow2");
+    let l1 = u64::from_be_bytes(h[40..48].try_into().unwrap());
+    let l1 = usize::try_from(l1).unwrap();
+    let l2 = u64::from_be_bytes(h[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00;
+    env.write_at("m.qcow2", l2 + 8, &((1u64 << 63) | host).to_be_bytes());
+    let before = env.read("m.qcow2");
+    let (ours, theirs) = check_both(&env, "m.qcow2", &["-r", "leaks"]);
+    assert_eq!(ours, theirs);
+    assert_eq!(ours, (Some(2), true));
+    env.write("m.qcow2", &before);
+    let (ours, theirs) = check_both(&env, "m.qcow2", &["-r", "all"]);
+    assert_eq!(ours, theirs);
+    assert_eq!(ours, (Some(0), false));
+    env.qemu_img(&["check", "m.qcow2"]).ok();
+}

@@ -69,6 +69,7 @@ pub fn run(args: &CheckArgs) -> CliResult<i32> {
     let req = OpenRequest {
         format: spec.format,
         writable: repair != Repair::None,
+        repair: repair != Repair::None,
         secrets: Some(&spec.secrets),
         force_share: args.force_share,
         ..OpenRequest::default()

@@ -35,6 +35,8 @@ pub struct OpenRequest<'a> {
     pub force_share: bool,
     /// Bypass the host page cache (`-t none`/`-T none`).
     pub direct: bool,
+    /// Open for `check -r`: an image marked corrupt opens so that the check can repair it.
+    pub repair: bool,
 }
 
 /// Opens an image, reporting failures in qemu-img's words and warning, as qemu does, when a
@@ -49,6 +51,7 @@ pub fn open_image(path: &Path, req: &OpenRequest<'_>) -> CliResult<Image> {
         no_backing: req.no_backing,
         snapshot: req.snapshot.map(str::to_owned),
         force_share: req.force_share,
+        repair: req.repair,
     };
     let none = imgblock::crypto::Secrets::none();
     let secrets = req.secrets.unwrap_or(&none);

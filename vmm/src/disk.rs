@@ -163,6 +163,7 @@ impl Disk {
                 no_backing: false,
                 snapshot: None,
                 force_share: false,
+                repair: false,
             };
             open(&spec.path, &opts, &chain_secrets(spec, objects, 0)?).map_err(ierr(&spec.path))?
         };

@@ -34,6 +34,7 @@ pub fn exercise(format: Format, data: &[u8]) {
         no_backing: true,
         snapshot: None,
         force_share: false,
+        repair: false,
     };
     if let Ok(img) = Image::open_storage(rw, &opts) {
         let size = img.size();

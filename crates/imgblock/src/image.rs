@@ -29,6 +29,9 @@ pub struct OpenOptions {
     /// Take no locks, letting other processes write (qemu-img's -U / --force-share). Only for
     /// read-only opens: a writable one is refused ([`Error::ForceShareWritable`]).
     pub force_share: bool,
+    /// Open for `check -r` (qemu's BDRV_O_CHECK): a qcow2 image marked corrupt opens writable
+    /// so that the check can repair it, and a dirty one is left for the check to settle.
+    pub repair: bool,
 }
 
 impl OpenOptions {
@@ -241,7 +244,10 @@ impl Image {
             Format::Raw => Box::new(raw::Raw::open(storage)?),
             Format::Qcow2 => Box::new(qcow2::Qcow2::open_with_key(
                 storage,
-                opts.writable,
+                qcow2::Access {
+                    writable: opts.writable,
+                    repair: opts.repair,
+                },
                 secrets.for_layer(depth),
                 secrets.metadata_only,
             )?),
@@ -273,6 +279,7 @@ impl Image {
                     no_backing: false,
                     snapshot: None,
                     force_share: opts.force_share,
+                    repair: false,
                 };
                 let b = Self::open_inner(&bpath, &bopts, seen, depth + 1, secrets, direct)
                     .map_err(|e| match e {

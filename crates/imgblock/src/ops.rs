@@ -125,6 +125,7 @@ pub fn commit(
                 no_backing: true,
                 snapshot: None,
                 force_share: false,
+                repair: false,
             },
             secrets,
         )?;
@@ -163,6 +164,7 @@ pub fn rebase(
                 no_backing: true,
                 snapshot: None,
                 force_share: false,
+                repair: false,
             },
             secrets,
         )?;

@@ -2,7 +2,7 @@
 //! with the refcounts on disk, checks the COPIED flags, and repairs what it is asked to.
 
 use super::l2::{Entry, Kind};
-use super::{be64_at, bitmap, snapshot, Qcow2, State, COMPRESSED, COPIED, OFFSET_MASK};
+use super::{be64_at, bitmap, header, snapshot, Qcow2, State, COMPRESSED, COPIED, OFFSET_MASK};
 use crate::check::{CheckReport, Repair};
 use crate::error::IoContext;
 use crate::Result;
@@ -326,9 +326,29 @@ pub fn check(q: &Qcow2, repair: Repair) -> Result<CheckReport> {
     compare_refcounts(q, &mut st, &computed, &reftable, repair, &mut r)?;
     check_copied(q, &mut st, repair, &mut r)?;
     if repair != Repair::None {
+        if r.check_errors == 0 && r.corruptions == 0 {
+            mark_clean_and_consistent(q, &mut st)?;
+        }
         q.file().flush().ctx(&path)?;
     }
     Ok(r)
+}
+
+/// After a repair that left no corruption, clears the dirty and corrupt bits, as qemu does.
+fn mark_clean_and_consistent(q: &Qcow2, st: &mut State) -> Result<()> {
+    let bits = header::INCOMPAT_DIRTY | header::INCOMPAT_CORRUPT;
+    if st.h.incompatible & bits == 0 {
+        return Ok(());
+    }
+    // Everything the repair wrote is on disk before the header says the image is sound.
+    q.file().flush().ctx(q.file().path())?;
+    st.h.incompatible &= !bits;
+    q.file()
+        .write_at(
+            &st.h.incompatible.to_be_bytes(),
+            header::INCOMPATIBLE_OFFSET,
+        )
+        .ctx(q.file().path())
 }
 
 fn compare_refcounts(

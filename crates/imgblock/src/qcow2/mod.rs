@@ -110,6 +110,16 @@ impl Geometry {
     }
 }
 
+/// How an image is opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Access {
+    /// For writing.
+    pub writable: bool,
+    /// For `check -r` (qemu's BDRV_O_CHECK): an image marked corrupt opens for writing so that
+    /// the check can repair it, and a dirty one is not repaired on opening: the check settles it.
+    pub repair: bool,
+}
+
 /// Mutable metadata, behind the driver's mutex.
 #[derive(Debug)]
 pub(crate) struct State {
@@ -181,7 +191,11 @@ impl Qcow2 {
     /// # Errors
     /// The specific [`Error`] for a bad header or table; I/O errors.
     pub fn open(storage: Arc<dyn Storage>, writable: bool) -> Result<Qcow2> {
-        Self::open_with_key(storage, writable, None, false)
+        let access = Access {
+            writable,
+            repair: false,
+        };
+        Self::open_with_key(storage, access, None, false)
     }
 
     /// Opens a qcow2 image, unlocking its encryption with `key`. An encrypted image without a
@@ -192,10 +206,11 @@ impl Qcow2 {
     /// [`crate::Error::Crypto`] for a bad LUKS header or a wrong passphrase.
     pub fn open_with_key(
         storage: Arc<dyn Storage>,
-        writable: bool,
+        access: Access,
         key: Option<&crate::crypto::Secret>,
         metadata_only: bool,
     ) -> Result<Qcow2> {
+        let writable = access.writable;
         let path = storage.path().to_owned();
         let qerr = |e: Error| crate::Error::Qcow2 {
             path: path.clone(),
@@ -235,7 +250,7 @@ impl Qcow2 {
         let geo = Geometry::new(&h);
         Self::validate(&h, &geo, file_len).map_err(&qerr)?;
 
-        if writable && h.incompatible & header::INCOMPAT_CORRUPT != 0 {
+        if writable && !access.repair && h.incompatible & header::INCOMPAT_CORRUPT != 0 {
             return Err(qerr(Error::MarkedCorrupt));
         }
         let mut files = vec![storage.clone()];
@@ -290,7 +305,7 @@ impl Qcow2 {
             tracks_bitmaps,
         };
         if writable {
-            q.open_for_writing()?;
+            q.open_for_writing(access.repair)?;
         }
         Ok(q)
     }
@@ -350,8 +365,9 @@ impl Qcow2 {
     }
 
     /// Header updates qemu makes when an image is opened read-write: clear autoclear bits for
-    /// extensions we do not maintain, and rebuild refcounts of a dirty image.
-    fn open_for_writing(&self) -> Result<()> {
+    /// extensions we do not maintain, and rebuild refcounts of a dirty image (unless it is
+    /// opened for a repairing check, which does that itself).
+    fn open_for_writing(&self, for_repair: bool) -> Result<()> {
         let mut st = self.lock();
         // Bitmaps this driver loaded it keeps up to date (see `bitmap`).
         let keep = if st.bitmaps.is_some() {
@@ -365,7 +381,7 @@ impl Qcow2 {
             self.file().write_at(&v, 88).ctx(self.file().path())?;
             self.file().flush().ctx(self.file().path())?;
         }
-        let dirty = st.h.incompatible & header::INCOMPAT_DIRTY != 0;
+        let dirty = st.h.incompatible & header::INCOMPAT_DIRTY != 0 && !for_repair;
         drop(st);
         if dirty {
             let report = self.check(crate::Repair::All)?;
