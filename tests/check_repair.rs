@@ -163,3 +163,46 @@ fn check_repair_leaks_corruption_left_keeps_corrupt_flag_like_qemu() {
     assert_eq!(ours, (Some(0), false));
     env.qemu_img(&["check", "m.qcow2"]).ok();
 }
+
+/// (refcount table, L1 table, first L2 table) offsets of an image made by [`image`].
+fn tables(env: &Env, name: &str) -> (u64, u64, u64) {
+    let h = env.read(name);
+    let at = |o: u64| {
+        let o = usize::try_from(o).unwrap();
+        u64::from_be_bytes(h[o..o + 8].try_into().unwrap())
+    };
+    let l1 = at(40);
+    (at(48), l1, at(l1) & 0x00ff_ffff_ffff_fe00)
+}
+
+#[test]
+fn check_entries_with_reserved_bits_are_corruption_like_qemu() {
+    // (what, which entry: 0 refcount table, 1 L1, 2 L2; the reserved bit set in it)
+    let cases = [
+        ("l2", 2, 1u64 << 1),
+        ("l2-high", 2, 1 << 57),
+        ("l1", 1, 1),
+        ("reftable", 0, 1),
+    ];
+    for (what, table, bit) in cases {
+        let env = Env::with_qemu();
+        image(&env, "r.qcow2");
+        let (rt, l1, l2) = tables(&env, "r.qcow2");
+        let off = [rt, l1, l2][table];
+        let h = env.read("r.qcow2");
+        let o = usize::try_from(off).unwrap();
+        let entry = u64::from_be_bytes(h[o..o + 8].try_into().unwrap()) | bit;
+        env.write_at("r.qcow2", off, &entry.to_be_bytes());
+        assert_eq!(same_verdict(&env, "r.qcow2"), Some(2), "{what}");
+        let q = env.qemu_img(&["check", "r.qcow2"]);
+        let i = env.img(&["check", "r.qcow2"]);
+        let line = |o: &Output| {
+            o.stderr
+                .lines()
+                .find(|l| l.contains("reserved bits"))
+                .map(str::to_owned)
+        };
+        assert!(line(&q).is_some(), "{what}: {q}");
+        assert_eq!(line(&i), line(&q), "{what}");
+    }
+}

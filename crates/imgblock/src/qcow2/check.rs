@@ -11,11 +11,21 @@ use crate::Result;
 /// rather than letting a header make us allocate without bound.
 pub const MAX_TRACKED_CLUSTERS: u64 = 1 << 23;
 
+/// Bits of an L1 entry the specification reserves (must be zero): 0-8 and 56-62.
+const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+/// Bits of a standard (not compressed) L2 entry the specification reserves: 1-8 and 56-61.
+const L2_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
+/// Bits of a refcount table entry the specification reserves: 0-8.
+const REFTABLE_RESERVED: u64 = 0x1ff;
+
 struct Walk<'a> {
     q: &'a Qcow2,
     computed: Vec<u32>,
     r: CheckReport,
     next_contiguous: u64,
+    /// Report entries with reserved bits set as corruption (what `img check` does; operations
+    /// that only count references leave them to it).
+    reserved: bool,
 }
 
 impl Walk<'_> {
@@ -108,6 +118,12 @@ impl Walk<'_> {
     fn walk_l1(&mut self, st: &mut State, l1: &[u64], active: bool) {
         let g = self.q.geo;
         for (i, &e) in l1.iter().enumerate() {
+            if self.reserved && e & L1_RESERVED != 0 {
+                self.r.corruptions += 1;
+                self.r.messages.push(format!(
+                    "ERROR found L1 entry with reserved bits set: {e:x}"
+                ));
+            }
             let l2off = e & OFFSET_MASK;
             if l2off == 0 {
                 continue;
@@ -133,6 +149,12 @@ impl Walk<'_> {
                 } else {
                     0
                 };
+                if self.reserved && word & COMPRESSED == 0 && word & L2_STD_RESERVED != 0 {
+                    self.r.corruptions += 1;
+                    self.r.messages.push(format!(
+                        "ERROR found l2 entry with reserved bits set: {word:x}"
+                    ));
+                }
                 let entry = Entry::decode(word, bitmap, self.q.data != 0);
                 let guest = ((i as u64) * g.l2_entries + j) << g.cluster_bits;
                 self.l2_entry(entry, guest, active);
@@ -195,8 +217,6 @@ impl Walk<'_> {
     }
 }
 
-/// Counts the references to every cluster of the file from the metadata: the header, L1 and L2
-/// tables, snapshots and data; and the refcount structures themselves when `with_refcounts`.
 /// The metadata of an image state: the active L1 table and the snapshot table. It may describe
 /// the state on disk, or one being built that the header does not point at yet.
 pub(super) struct View<'a> {
@@ -208,10 +228,13 @@ pub(super) struct View<'a> {
     pub snapshots: &'a [snapshot::Snapshot],
 }
 
+/// Counts the references to every cluster of the file from the metadata on disk: the header, L1
+/// and L2 tables, snapshots and data; as `img check` counts them when `check` (see
+/// [`count_view`]).
 pub(super) fn count_references(
     q: &Qcow2,
     st: &mut State,
-    with_refcounts: bool,
+    check: bool,
 ) -> Result<(Vec<u32>, CheckReport)> {
     let snaps = snapshot::read_table(q.file(), &st.h).map_err(|e| q.err(e))?;
     let l1 = st.l1.clone();
@@ -221,17 +244,17 @@ pub(super) fn count_references(
         snapshots_offset: st.h.snapshots_offset,
         snapshots: &snaps,
     };
-    count_view(q, st, &view, with_refcounts)
+    count_view(q, st, &view, check)
 }
 
 /// Counts the references to every cluster of the file from a state's metadata: the header,
-/// L1 and L2 tables, snapshots, data, the crypto header; and the refcount structures on disk
-/// when `with_refcounts`.
+/// L1 and L2 tables, snapshots, data, the crypto header. When `check`, also the refcount
+/// structures on disk, and table entries with reserved bits set count as corruption.
 pub(super) fn count_view(
     q: &Qcow2,
     st: &mut State,
     view: &View<'_>,
-    with_refcounts: bool,
+    check: bool,
 ) -> Result<(Vec<u32>, CheckReport)> {
     let g = q.geo;
     let cs = g.cluster_size;
@@ -245,6 +268,7 @@ pub(super) fn count_view(
         computed: vec![0; usize::try_from(nclusters).unwrap_or(0)],
         r: CheckReport::default(),
         next_contiguous: 0,
+        reserved: check,
     };
     w.r.total_clusters = q.size.div_ceil(cs);
     w.inc(0, cs, "header");
@@ -286,13 +310,20 @@ pub(super) fn count_view(
     if let Some(bitmaps) = &st.bitmaps {
         w.bitmaps(bitmaps);
     }
-    if with_refcounts {
+    if check {
         w.inc(
             st.h.refcount_table_offset,
             u64::from(st.h.refcount_table_clusters) * cs,
             "refcount table",
         );
         for (i, &e) in st.reftable.clone().iter().enumerate() {
+            if e & REFTABLE_RESERVED != 0 {
+                w.r.corruptions += 1;
+                w.r.messages.push(format!(
+                    "ERROR refcount table entry {i} has reserved bits set"
+                ));
+                continue;
+            }
             let off = e & OFFSET_MASK;
             if off == 0 {
                 continue;
