@@ -206,3 +206,77 @@ fn check_entries_with_reserved_bits_are_corruption_like_qemu() {
         assert_eq!(line(&i), line(&q), "{what}");
     }
 }
+
+/// Runs `check ARGS` with img on `name` and with qemu-img on a copy made first, and asserts
+/// the same exit code, the same report, the same messages, the same file length and the same
+/// verdict of a plain `qemu-img check` afterwards.
+fn assert_checks_like_qemu(env: &Env, name: &str, args: &[&str], what: &str) {
+    let copy = format!("qemu-{name}");
+    std::fs::copy(env.path(name), env.path(&copy)).unwrap();
+    let mut a = vec!["check"];
+    a.extend_from_slice(args);
+    let i = env.img(&[a.as_slice(), &[name]].concat()).no_panic();
+    let q = env.qemu_img(&[a.as_slice(), &[copy.as_str()]].concat());
+    let ctx = format!("{what}, check {args:?}:\nimg: {i}\nqemu-img: {q}");
+    assert_eq!(i.code, q.code, "exit codes differ: {ctx}");
+    assert_eq!(i.stdout, q.stdout, "reports differ: {ctx}");
+    assert_eq!(
+        i.stderr.replace("img: ", "qemu-img: "),
+        q.stderr,
+        "messages differ: {ctx}"
+    );
+    assert_eq!(env.len(name), env.len(&copy), "file lengths differ: {ctx}");
+    let after = |n: &str| env.qemu_img(&["check", "--output=json", n]);
+    let (ia, qa) = (after(name), after(&copy));
+    assert_eq!(ia.code, qa.code, "verdicts afterwards differ: {ctx}");
+    assert_eq!(
+        counts(&ia),
+        counts(&qa),
+        "verdicts afterwards differ: {ctx}"
+    );
+}
+
+/// Where to plant what, given the offsets of the refcount table, the first refcount block and
+/// the first L2 table.
+type Plant = fn(u64, u64, u64) -> (u64, Vec<u8>);
+
+#[test]
+fn check_repair_broken_refcount_structures_like_qemu() {
+    let cases: [(&str, Plant); 6] = [
+        // Refcount table entry 0 past the end of the file: qemu grows the file over it.
+        ("reftable entry past the end", |rt, _, _| {
+            (rt, 0x400_0000u64.to_be_bytes().to_vec())
+        }),
+        // ... in free space just past the end.
+        ("reftable entry just past the end", |rt, _, _| {
+            (rt, 0x10_0000u64.to_be_bytes().to_vec())
+        }),
+        // ... missing.
+        ("reftable entry missing", |rt, _, _| (rt, vec![0; 8])),
+        // A data cluster in use with refcount 0.
+        ("refcount zero", |_, rb, _| (rb + 7 * 2, vec![0, 0])),
+        // OFLAG_COPIED cleared on an L2 entry whose refcount is 1.
+        ("copied flag cleared", |_, _, l2| (l2, vec![0])),
+        // A refcount too high: a leak, repaired under either mode.
+        ("refcount too high", |_, rb, _| (rb + 5 * 2, vec![0, 2])),
+    ];
+    for (what, plant) in cases {
+        for args in [&[][..], &["-r", "leaks"][..], &["-r", "all"][..]] {
+            let env = Env::with_qemu();
+            env.qemu_img(&["create", "-q", "-f", "qcow2", "x.qcow2", "4M"])
+                .ok();
+            env.qemu_io(
+                "qcow2",
+                "x.qcow2",
+                &["write -P 1 0 128k", "write -P 2 1M 64k"],
+            );
+            let (rt, _, l2) = tables(&env, "x.qcow2");
+            let h = env.read("x.qcow2");
+            let o = usize::try_from(rt).unwrap();
+            let rb = u64::from_be_bytes(h[o..o + 8].try_into().unwrap());
+            let (off, bytes) = plant(rt, rb, l2);
+            env.write_at("x.qcow2", off, &bytes);
+            assert_checks_like_qemu(&env, "x.qcow2", args, what);
+        }
+    }
+}

@@ -82,6 +82,10 @@ pub fn run(args: &CheckArgs) -> CliResult<i32> {
         img.size(),
     );
     let mut report = run_check(&img, repair)?;
+    if let Some(why) = &report.failed {
+        // qemu-img prints no report for a check that stopped short.
+        return Err(Failure::new(format!("Check failed: {why}")));
+    }
     let fixed = (report.corruptions_fixed, report.leaks_fixed);
     if fixed != (0, 0) {
         if output == OutputFormat::Human && !args.quiet {

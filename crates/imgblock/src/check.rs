@@ -37,4 +37,7 @@ pub struct CheckReport {
     pub image_end_offset: Option<u64>,
     /// One line per problem, in the words qemu-img uses.
     pub messages: Vec<String>,
+    /// Set when the check stopped short (a repair it would need but was not allowed): why, in
+    /// qemu-img's words. qemu-img then prints the messages but no report, and fails.
+    pub failed: Option<String>,
 }

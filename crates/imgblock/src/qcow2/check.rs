@@ -2,6 +2,7 @@
 //! with the refcounts on disk, checks the COPIED flags, and repairs what it is asked to.
 
 use super::l2::{Entry, Kind};
+use super::overlap::Metadata;
 use super::{be64_at, bitmap, header, snapshot, Qcow2, State, COMPRESSED, COPIED, OFFSET_MASK};
 use crate::check::{CheckReport, Repair};
 use crate::error::IoContext;
@@ -316,25 +317,6 @@ pub(super) fn count_view(
             u64::from(st.h.refcount_table_clusters) * cs,
             "refcount table",
         );
-        for (i, &e) in st.reftable.clone().iter().enumerate() {
-            if e & REFTABLE_RESERVED != 0 {
-                w.r.corruptions += 1;
-                w.r.messages.push(format!(
-                    "ERROR refcount table entry {i} has reserved bits set"
-                ));
-                continue;
-            }
-            let off = e & OFFSET_MASK;
-            if off == 0 {
-                continue;
-            }
-            if off % cs != 0 {
-                w.r.corruptions += 1;
-                w.r.messages.push(format!("ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"));
-                continue;
-            }
-            w.inc(off, cs, "refcount block");
-        }
     }
     let Walk {
         computed, mut r, ..
@@ -348,14 +330,159 @@ pub(super) fn count_view(
     Ok((computed, r))
 }
 
-/// Runs the check; see the module docs.
+/// Counts references as `img check` does: the metadata walk, then the refcount blocks, whose
+/// problems may call for new refcount structures (`rebuild`). With [`Repair::All`] a refcount
+/// block past the end of the file is repaired, as qemu repairs it, by growing the file over it.
+fn calculate(
+    q: &Qcow2,
+    st: &mut State,
+    repair: Repair,
+    rebuild: &mut bool,
+) -> Result<(Vec<u32>, CheckReport)> {
+    let (mut computed, mut r) = count_references(q, st, true)?;
+    check_refblocks(q, st, repair, &mut computed, &mut r, rebuild)?;
+    Ok((computed, r))
+}
+
+/// Counts each refcount block, after qemu's check_refblocks: a table entry with reserved bits
+/// set, a misaligned block, or a block whose cluster something else uses too leaves only new
+/// refcount structures as a repair.
+fn check_refblocks(
+    q: &Qcow2,
+    st: &mut State,
+    repair: Repair,
+    computed: &mut Vec<u32>,
+    r: &mut CheckReport,
+    rebuild: &mut bool,
+) -> Result<()> {
+    let cs = q.geo.cluster_size;
+    let bits = q.geo.cluster_bits;
+    for (i, &e) in st.reftable.clone().iter().enumerate() {
+        if e & REFTABLE_RESERVED != 0 {
+            r.corruptions += 1;
+            r.messages.push(format!(
+                "ERROR refcount table entry {i} has reserved bits set"
+            ));
+            *rebuild = true;
+            continue;
+        }
+        let off = e & OFFSET_MASK;
+        if off % cs != 0 {
+            r.corruptions += 1;
+            r.messages.push(format!(
+                "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
+            ));
+            *rebuild = true;
+            continue;
+        }
+        let c = off >> bits;
+        if c >= computed.len() as u64 {
+            r.corruptions += 1;
+            let fixing = repair == Repair::All;
+            r.messages.push(format!(
+                "{} refcount block {i} is outside image",
+                if fixing { "Repairing" } else { "ERROR" }
+            ));
+            if !fixing {
+                continue;
+            }
+            // The block then reads as zeroes, and the rebuild this calls for counts it.
+            let len = match c.checked_add(1).filter(|&n| n <= MAX_TRACKED_CLUSTERS) {
+                Some(n) => n << bits,
+                None => {
+                    r.messages
+                        .push("ERROR could not resize image: File too large".to_owned());
+                    *rebuild = true;
+                    continue;
+                }
+            };
+            q.file().set_len(len).ctx(q.file().path())?;
+            computed.resize(usize::try_from(c + 1).unwrap_or(0), 0);
+            st.end_hint = st.end_hint.max(c + 1);
+            r.corruptions -= 1;
+            r.corruptions_fixed += 1;
+            if let Some(v) = computed.get_mut(usize::try_from(c).unwrap_or(usize::MAX)) {
+                *v = v.saturating_add(1);
+            }
+            continue;
+        }
+        if off == 0 {
+            continue;
+        }
+        let Some(v) = computed.get_mut(usize::try_from(c).unwrap_or(usize::MAX)) else {
+            continue;
+        };
+        *v = v.saturating_add(1);
+        if *v != 1 {
+            r.corruptions += 1;
+            r.messages
+                .push(format!("ERROR refcount block {i} refcount={}", *v));
+            *rebuild = true;
+        }
+    }
+    Ok(())
+}
+
+/// Runs the check, repairing what `repair` allows, in qemu's order: count the references,
+/// compare them with the refcounts; when the refcount structures themselves are broken, write
+/// new ones (`-r all`) or give up (`-r leaks`); otherwise fix the refcounts that may be fixed;
+/// then check the COPIED flags.
 pub fn check(q: &Qcow2, repair: Repair) -> Result<CheckReport> {
     let path = q.file().path().to_owned();
     let mut st = q.lock();
-    let (computed, mut r) = count_references(q, &mut st, true)?;
-    let reftable = st.reftable.clone();
-    compare_refcounts(q, &mut st, &computed, &reftable, repair, &mut r)?;
+    let mut rebuild = false;
+    let (mut computed, mut r) = calculate(q, &mut st, repair, &mut rebuild)?;
+    let pre_compare = r.clone();
+    let mut highest = compare_refcounts(q, &mut st, &computed, Repair::None, &mut r, &mut rebuild)?;
+    if rebuild && repair == Repair::All {
+        let (corruptions, leaks) = (r.corruptions, r.leaks);
+        r.messages.push("Rebuilding refcount structure".to_owned());
+        q.rebuild_refcount_structure(&mut st, &mut computed)?;
+        r.corruptions = 0;
+        r.leaks = 0;
+        // The old structures are still counted as in use by the new ones: count again and free
+        // them as leaks.
+        let mut again = false;
+        let (computed, counted) = calculate(q, &mut st, Repair::None, &mut again)?;
+        r.corruptions += counted.corruptions;
+        r.check_errors += counted.check_errors;
+        r.messages.extend(counted.messages);
+        let mut fresh = CheckReport::default();
+        let mut broken = false;
+        highest = compare_refcounts(
+            q,
+            &mut st,
+            &computed,
+            Repair::Leaks,
+            &mut fresh,
+            &mut broken,
+        )?;
+        r.messages.append(&mut fresh.messages);
+        if broken {
+            r.messages
+                .push("ERROR rebuilt refcount structure is still broken".to_owned());
+        }
+        r.corruptions_fixed += corruptions.saturating_sub(r.corruptions);
+        r.leaks_fixed += leaks.saturating_sub(r.leaks);
+        r.leaks += fresh.leaks;
+    } else if repair != Repair::None {
+        if rebuild {
+            r.messages
+                .push("ERROR need to rebuild refcount structures".to_owned());
+            r.check_errors += 1;
+            r.failed = Some("Input/output error".to_owned());
+            return Ok(r);
+        }
+        if r.leaks > 0 || r.corruptions > 0 {
+            // Compare again, fixing this time; the messages so far stay.
+            let messages = std::mem::take(&mut r.messages);
+            r = pre_compare;
+            r.messages = messages;
+            highest = compare_refcounts(q, &mut st, &computed, repair, &mut r, &mut rebuild)?;
+        }
+    }
     check_copied(q, &mut st, repair, &mut r)?;
+    r.image_end_offset = Some((highest + 1) * q.geo.cluster_size);
     if repair != Repair::None {
         if r.check_errors == 0 && r.corruptions == 0 {
             mark_clean_and_consistent(q, &mut st)?;
@@ -382,144 +509,162 @@ fn mark_clean_and_consistent(q: &Qcow2, st: &mut State) -> Result<()> {
         .ctx(q.file().path())
 }
 
+/// The refcount of cluster `c` on disk; a misaligned refcount block reads as zeroes (the
+/// check has reported it and calls for new structures).
+fn disk_refcount(q: &Qcow2, st: &mut State, c: u64) -> Result<u64> {
+    let bi = usize::try_from(c / q.geo.rb_entries).unwrap_or(usize::MAX);
+    let block = st.reftable.get(bi).copied().unwrap_or(0) & OFFSET_MASK;
+    if block % q.geo.cluster_size != 0 {
+        return Ok(0);
+    }
+    q.refcount(st, c)
+}
+
+/// Compares the counted references of every cluster of the file with its refcount on disk and
+/// repairs what `fix` allows: excess refcounts with `-r leaks` and `-r all`, missing ones with
+/// `-r all`. A referenced cluster whose refcount is 0 is never fixed alone: it sets `rebuild`.
+/// Returns the highest cluster index in use by either count.
 fn compare_refcounts(
     q: &Qcow2,
     st: &mut State,
     computed: &[u32],
-    reftable: &[u64],
-    repair: Repair,
+    fix: Repair,
     r: &mut CheckReport,
-) -> Result<()> {
-    let g = q.geo;
-    // Like qemu, only clusters inside the file are compared: refcounts past its end are not leaks
-    // that anything could reuse.
-    let limit = computed.len() as u64;
-    if repair == Repair::All {
-        // Blocks allocated while repairing go past everything the walk saw in use.
-        st.free_hint = st.free_hint.max(computed.len() as u64);
-        st.end_hint = st.end_hint.max(computed.len() as u64);
-    }
-    let mut c = 0u64;
-    while c < limit {
-        let bi = c / g.rb_entries;
-        let block = reftable
-            .get(usize::try_from(bi).unwrap_or(usize::MAX))
-            .copied()
-            .unwrap_or(0)
-            & OFFSET_MASK;
-        if block == 0 && c >= computed.len() as u64 {
-            c = (bi + 1) * g.rb_entries;
+    rebuild: &mut bool,
+) -> Result<u64> {
+    let mut highest = 0;
+    for (c, &want) in (0u64..).zip(computed) {
+        let want = u64::from(want);
+        let on_disk = match disk_refcount(q, st, c) {
+            Ok(v) => v,
+            Err(e) => {
+                r.check_errors += 1;
+                r.messages
+                    .push(format!("Can't get refcount for cluster {c}: {e}"));
+                continue;
+            }
+        };
+        if on_disk > 0 || want > 0 {
+            highest = c;
+        }
+        if on_disk == want {
             continue;
         }
-        let on_disk = if block == 0 || block % g.cluster_size != 0 {
-            0
+        let fixing = if on_disk == 0 {
+            *rebuild = true;
+            false
+        } else if on_disk > want {
+            fix != Repair::None
         } else {
-            q.refcount(st, c)?
+            fix == Repair::All
         };
-        let want = u64::from(
-            computed
-                .get(usize::try_from(c).unwrap_or(usize::MAX))
-                .copied()
-                .unwrap_or(0),
-        );
-        if on_disk > 0 || want > 0 {
-            // Like qemu, the end offset counts leaked clusters too.
-            let end = (c + 1) * g.cluster_size;
-            r.image_end_offset = Some(r.image_end_offset.map_or(end, |e| e.max(end)));
-        }
-        if on_disk != want {
-            let fix = (on_disk > want && repair != Repair::None)
-                || (on_disk < want && repair == Repair::All);
-            if fix {
-                if on_disk == 0 {
-                    q.ensure_refblocks(st, c, 1)?;
-                }
-                q.set_refcount(st, c, want)?;
-                r.messages.push(format!(
-                    "Repairing cluster {c} refcount={on_disk} reference={want}"
-                ));
-                if on_disk > want {
-                    r.leaks_fixed += 1;
-                } else {
-                    r.corruptions_fixed += 1;
-                }
-            } else if on_disk < want {
-                r.corruptions += 1;
-                r.messages.push(format!(
-                    "ERROR cluster {c} refcount={on_disk} reference={want}"
-                ));
+        let word = if fixing {
+            "Repairing"
+        } else if on_disk < want {
+            "ERROR"
+        } else {
+            "Leaked"
+        };
+        r.messages.push(format!(
+            "{word} cluster {c} refcount={on_disk} reference={want}"
+        ));
+        if fixing && q.set_refcount(st, c, want).is_ok() {
+            if on_disk > want {
+                r.leaks_fixed += 1;
             } else {
-                r.leaks += 1;
-                r.messages.push(format!(
-                    "Leaked cluster {c} refcount={on_disk} reference={want}"
-                ));
+                r.corruptions_fixed += 1;
             }
+            continue;
         }
-        c += 1;
+        if on_disk < want {
+            r.corruptions += 1;
+        } else {
+            r.leaks += 1;
+        }
     }
-    Ok(())
+    Ok(highest)
 }
 
 /// The COPIED flag of each active L1 and L2 entry must say whether the refcount is exactly one.
-fn check_copied(q: &Qcow2, st: &mut State, repair: Repair, r: &mut CheckReport) -> Result<()> {
+/// `-r all` always repairs it; `-r leaks` only when the refcounts are sound by now (the flags
+/// are then derived from accurate counts), as qemu decides.
+fn check_copied(q: &Qcow2, st: &mut State, fix: Repair, r: &mut CheckReport) -> Result<()> {
     let g = q.geo;
+    let repair = match fix {
+        Repair::All => true,
+        Repair::Leaks => r.check_errors == 0 && r.corruptions == 0 && r.leaks == 0,
+        Repair::None => false,
+    };
+    let word = if repair { "Repairing" } else { "ERROR" };
     for i in 0..st.l1.len() {
         let e = st.l1[i];
         let l2off = e & OFFSET_MASK;
-        if l2off == 0 || l2off % g.cluster_size != 0 {
+        if l2off == 0 {
             continue;
         }
-        let rc = q.refcount(st, l2off >> g.cluster_bits)?;
+        let Ok(rc) = disk_refcount(q, st, l2off >> g.cluster_bits) else {
+            continue;
+        };
         if (rc == 1) != (e & COPIED != 0) {
-            if repair == Repair::All {
+            r.corruptions += 1;
+            r.messages.push(format!(
+                "{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
+            ));
+            if repair {
                 let fixed = if rc == 1 { e | COPIED } else { e & !COPIED };
                 q.file()
                     .write_at(&fixed.to_be_bytes(), st.h.l1_table_offset + i as u64 * 8)
                     .ctx(q.file().path())?;
                 st.l1[i] = fixed;
+                r.corruptions -= 1;
                 r.corruptions_fixed += 1;
-            } else {
-                r.corruptions += 1;
-                r.messages.push(format!(
-                    "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
-                ));
             }
         }
+        if l2off % g.cluster_size != 0 {
+            continue;
+        }
+        let mut dirty = Vec::new();
         for j in 0..g.l2_entries {
             let entry = q.l2_entry(st, l2off, j)?;
             let Some(host) = entry.host() else { continue };
-            if q.data != 0 || host % g.cluster_size != 0 {
-                continue;
-            }
-            let rc = q.refcount(st, host >> g.cluster_bits)?;
+            let rc = if q.data != 0 {
+                1
+            } else {
+                match disk_refcount(q, st, host >> g.cluster_bits) {
+                    Ok(v) => v,
+                    Err(_) => continue,
+                }
+            };
             if (rc == 1) != entry.copied() {
-                if repair == Repair::All {
+                r.corruptions += 1;
+                r.messages.push(format!(
+                    "{word} OFLAG_COPIED data cluster: l2_entry={:x} refcount={rc}",
+                    entry.stored_word()
+                ));
+                if repair {
                     let word = if rc == 1 {
                         entry.word | COPIED
                     } else {
                         entry.word & !COPIED
                     };
-                    // Write through the table only when this L2 table is not shared.
-                    if st.l1[i] & COPIED != 0 {
-                        q.set_l2_entry(
-                            st,
-                            l2off,
-                            j,
-                            Entry {
-                                word,
-                                bitmap: entry.bitmap,
-                            },
-                        )?;
-                        r.corruptions_fixed += 1;
-                        continue;
-                    }
+                    dirty.push((
+                        j,
+                        Entry {
+                            word,
+                            bitmap: entry.bitmap,
+                        },
+                    ));
                 }
-                r.corruptions += 1;
-                r.messages.push(format!(
-                    "ERROR OFLAG_COPIED data cluster: l2_entry={:x} refcount={rc}",
-                    entry.word
-                ));
             }
+        }
+        if !dirty.is_empty() {
+            // The table is written in place, whether or not snapshots share it, as qemu does.
+            q.check_overlap(st, l2off >> g.cluster_bits, 1, &[Metadata::ActiveL2])?;
+            for &(j, fixed) in &dirty {
+                q.set_l2_entry(st, l2off, j, fixed)?;
+            }
+            r.corruptions -= dirty.len() as u64;
+            r.corruptions_fixed += dirty.len() as u64;
         }
     }
     Ok(())

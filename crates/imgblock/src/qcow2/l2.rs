@@ -68,6 +68,15 @@ impl Entry {
             && (self.word & OFFSET_MASK != 0 || self.word & HOST_ZERO_VALID != 0)
     }
 
+    /// The descriptor as stored on disk.
+    pub fn stored_word(&self) -> u64 {
+        if self.word & COMPRESSED == 0 {
+            self.word & !HOST_ZERO_VALID
+        } else {
+            self.word
+        }
+    }
+
     /// Whether the refcount of the cluster is exactly one.
     pub fn copied(&self) -> bool {
         self.word & COPIED != 0
@@ -122,12 +131,7 @@ impl Entry {
 
     /// Encodes the entry.
     pub fn to_bytes(self, ext: bool) -> Vec<u8> {
-        let word = if self.word & COMPRESSED == 0 {
-            self.word & !HOST_ZERO_VALID
-        } else {
-            self.word
-        };
-        let mut v = word.to_be_bytes().to_vec();
+        let mut v = self.stored_word().to_be_bytes().to_vec();
         if ext {
             v.extend_from_slice(&self.bitmap.to_be_bytes());
         }
