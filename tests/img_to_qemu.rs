@@ -142,6 +142,34 @@ fn img_convert_data_file_raw_data_file_equals_source() {
         .ok();
 }
 
+/// `img create` with data_file_raw=on preallocates the metadata, as qemu-img does: the image
+/// is the same bytes as qemu-img's, maps every cluster to its own offset in the data file, and
+/// data written straight into the raw data file reads back through the qcow2 image.
+#[test]
+fn img_create_data_file_raw_maps_whole_data_file_like_qemu() {
+    let env = Env::with_qemu();
+    std::fs::create_dir(env.path("q")).unwrap();
+    let opts = "data_file=t.data,data_file_raw=on";
+    env.img(&["create", "-q", "-f", "qcow2", "-o", opts, "t.qcow2", "1M"])
+        .ok();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, "q/t.qcow2", "1M"])
+        .ok();
+    env.assert_same_bytes("t.qcow2", "q/t.qcow2");
+    let map = |f: &str| env.qemu_img(&["map", "--output=json", f]).ok().stdout;
+    assert_eq!(map("t.qcow2"), map("q/t.qcow2"));
+    let m = env
+        .qemu_img(&["map", "--output=json", "t.qcow2"])
+        .ok()
+        .json();
+    assert_eq!(m[0]["data"], true, "{m:#}");
+    assert_eq!(m[0]["offset"], 0, "{m:#}");
+    assert_eq!(m[0]["length"], 1 << 20, "{m:#}");
+    env.qemu_io("raw", "t.data", &["write -P 0x5a 64k 64k"]);
+    env.img(&["convert", "-O", "raw", "t.qcow2", "t.raw"]).ok();
+    env.assert_same_bytes("t.raw", "t.data");
+    env.qemu_img(&["check", "t.qcow2"]).ok();
+}
+
 /// `img create -b` with no size takes the backing image's size; qemu-img sees the backing file
 /// and format, the overlay is clean, and reads through to the backing data.
 #[test]

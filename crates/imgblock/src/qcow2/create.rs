@@ -185,6 +185,12 @@ fn parse(o: &CreateOptions) -> Result<Opts> {
     if r.data_file_raw && r.data_file.is_none() {
         return Err(invalid("data-file-raw requires data-file"));
     }
+    if r.data_file_raw && r.prealloc == Preallocation::Off {
+        // A raw data file is read without the metadata too: the L2 tables must map every
+        // cluster to the same offset in it, or data written straight into it would read back
+        // as unallocated through the image. qemu forces this the same way.
+        r.prealloc = Preallocation::Metadata;
+    }
     Ok(r)
 }
 
