@@ -791,3 +791,43 @@ fn convert_compress_refusals_match_qemu() {
     }
     env.qemu_img(&["compare", "r.raw", "ins.vmdk"]).ok();
 }
+
+/// An option given twice takes its last value, as in qemu-img (getopt): `-f qcow2 -f raw`,
+/// `-U -U`, `-O raw -O qcow2`, `-S 0 -S 4k`, `--output=json --output=human`.
+#[test]
+fn repeated_options_last_value_wins_like_qemu() {
+    let env = Env::with_qemu();
+    env.sparse_file("x.raw", MIB);
+    env.write_at("x.raw", 4096, &[1; 4096]);
+    for tool in ["img", "qemu-img"] {
+        let run = |args: &[&str]| {
+            if tool == "img" {
+                env.img(args)
+            } else {
+                env.qemu_img(args)
+            }
+        };
+        let info = run(&["info", "-f", "qcow2", "-f", "raw", "--output=json", "x.raw"])
+            .ok()
+            .json();
+        assert_eq!(info["format"], "raw", "{tool}: {info:#}");
+        let human = run(&[
+            "info",
+            "-U",
+            "-U",
+            "--output=json",
+            "--output=human",
+            "x.raw",
+        ])
+        .ok();
+        assert!(human.stdout.starts_with("image: x.raw\n"), "{tool}:{human}");
+        let out = format!("{tool}.out");
+        run(&[
+            "convert", "-O", "raw", "-O", "qcow2", "-S", "0", "-S", "4k", "x.raw", &out,
+        ])
+        .ok();
+        let info = env.qemu_img(&["info", "--output=json", &out]).ok().json();
+        assert_eq!(info["format"], "qcow2", "{tool}: {info:#}");
+        env.qemu_img(&["compare", "x.raw", &out]).ok();
+    }
+}

@@ -49,8 +49,18 @@ Exit status:
 Errors are printed to stderr as `img: <message>`.";
 
 /// A qemu-img compatible disk-image tool.
+///
+/// An option given twice takes its last value, as getopt-based qemu-img does
+/// (`-f qcow2 -f raw` is raw); options that qemu-img accumulates (`-o`) or counts (snapshot's
+/// actions) still do.
 #[derive(Debug, Parser)]
-#[command(name = "img", version, about, after_help = EXIT_CODES)]
+#[command(
+    name = "img",
+    version,
+    about,
+    after_help = EXIT_CODES,
+    args_override_self = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -83,7 +93,6 @@ enum Command {
     /// Compute the size a new image would need.
     Measure(measure::MeasureArgs),
     /// Run a simple I/O benchmark: COUNT reads or writes of BUFFER_SIZE bytes, DEPTH at a time.
-    #[command(args_override_self = true)]
     Bench(bench::BenchArgs),
 }
 
