@@ -831,3 +831,357 @@ fn repeated_options_last_value_wins_like_qemu() {
         env.qemu_img(&["compare", "x.raw", &out]).ok();
     }
 }
+
+/// One step of [`long_options_of_qemu_img_10_work`]: what `img` runs, what qemu-img runs
+/// beside it (the same, or short options where qemu-img 10.0 documents a long spelling its
+/// parser does not take yet), and whether their stdout must be equal.
+struct Step<'a> {
+    img: &'a [&'a str],
+    qemu: Option<&'a [&'a str]>,
+    same_stdout: bool,
+}
+
+const fn both<'a>(args: &'a [&'a str], same_stdout: bool) -> Step<'a> {
+    Step {
+        img: args,
+        qemu: None,
+        same_stdout,
+    }
+}
+
+const fn img_only<'a>(args: &'a [&'a str], short: &'a [&'a str]) -> Step<'a> {
+    Step {
+        img: args,
+        qemu: Some(short),
+        same_stdout: false,
+    }
+}
+
+/// qemu-img 10's long option names, as its per-command `--help` documents them and as its
+/// parser takes them (`--output-format`, `--left-format`...), in every subcommand: `img` runs
+/// a lifecycle with them in one directory, qemu-img the same in another, and the exit codes,
+/// outputs and resulting images agree.
+#[test]
+fn long_options_of_qemu_img_10_work() {
+    let envs = [Env::with_qemu(), Env::with_qemu()];
+    for env in &envs {
+        env.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"])
+            .ok();
+        env.qemu_io("qcow2", "base.qcow2", &["write -P 1 0 64k"]);
+        env.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "ov.qcow2",
+        ])
+        .ok();
+        env.qemu_io("qcow2", "ov.qcow2", &["write -P 2 1M 64k"]);
+        env.sparse_file("x.raw", MIB);
+        env.write_at("x.raw", 4096, &[3; 4096]);
+    }
+    let steps = [
+        both(
+            &[
+                "create",
+                "--quiet",
+                "--format=qcow2",
+                "--options=cluster_size=4k",
+                "--backing=base.qcow2",
+                "--backing-format=qcow2",
+                "new.qcow2",
+            ],
+            true,
+        ),
+        both(
+            &[
+                "create",
+                "--quiet",
+                "--format",
+                "qcow2",
+                "--backing-unsafe",
+                "--backing",
+                "missing.qcow2",
+                "--backing-format",
+                "qcow2",
+                "unsafe.qcow2",
+                "1M",
+            ],
+            true,
+        ),
+        both(
+            &[
+                "info",
+                "--format=qcow2",
+                "--backing-chain",
+                "--force-share",
+                "new.qcow2",
+            ],
+            false,
+        ),
+        both(&["info", "-b", "new.qcow2"], false),
+        both(
+            &["map", "--format=qcow2", "--output=json", "ov.qcow2"],
+            true,
+        ),
+        both(&["check", "--format=qcow2", "--quiet", "ov.qcow2"], true),
+        both(&["check", "--repair=leaks", "ov.qcow2"], true),
+        both(
+            &[
+                "compare",
+                "--a-format=qcow2",
+                "--b-format=raw",
+                "--strict",
+                "--quiet",
+                "--progress",
+                "--force-share",
+                "ov.qcow2",
+                "x.raw",
+            ],
+            true,
+        ),
+        both(
+            &[
+                "compare",
+                "--left-format=qcow2",
+                "--right-format=qcow2",
+                "ov.qcow2",
+                "ov.qcow2",
+            ],
+            true,
+        ),
+        img_only(
+            &[
+                "convert",
+                "--quiet",
+                "--progress",
+                "--source-format=qcow2",
+                "--target-format=qcow2",
+                "--target-options=cluster_size=8k",
+                "--sparse-size=8k",
+                "--parallel=2",
+                "--target-cache=unsafe",
+                "--source-cache=writeback",
+                "--oob-writes",
+                "--force-share",
+                "ov.qcow2",
+                "c1.qcow2",
+            ],
+            &[
+                "convert",
+                "-q",
+                "-p",
+                "-f",
+                "qcow2",
+                "-O",
+                "qcow2",
+                "-o",
+                "cluster_size=8k",
+                "-S",
+                "8k",
+                "-m",
+                "2",
+                "-t",
+                "unsafe",
+                "-T",
+                "writeback",
+                "-W",
+                "-U",
+                "ov.qcow2",
+                "c1.qcow2",
+            ],
+        ),
+        both(
+            &[
+                "convert",
+                "--output-format=qcow2",
+                "--options=cluster_size=8k",
+                "--output-cache=unsafe",
+                "ov.qcow2",
+                "c2.qcow2",
+            ],
+            true,
+        ),
+        img_only(
+            &[
+                "convert",
+                "--no-create",
+                "--target-format=qcow2",
+                "x.raw",
+                "c2.qcow2",
+            ],
+            &["convert", "-n", "-O", "qcow2", "x.raw", "c2.qcow2"],
+        ),
+        img_only(
+            &[
+                "convert",
+                "--compress",
+                "--target-format=qcow2",
+                "ov.qcow2",
+                "c5.qcow2",
+            ],
+            &["convert", "-c", "-O", "qcow2", "ov.qcow2", "c5.qcow2"],
+        ),
+        both(
+            &[
+                "convert",
+                "--output-format=qcow2",
+                "--backing=base.qcow2",
+                "--backing-format=qcow2",
+                "ov.qcow2",
+                "c3.qcow2",
+            ],
+            true,
+        ),
+        both(
+            &[
+                "convert",
+                "--source-image-opts",
+                "driver=qcow2,file.filename=ov.qcow2",
+                "c4.raw",
+            ],
+            true,
+        ),
+        img_only(
+            &[
+                "snapshot",
+                "--quiet",
+                "--format=qcow2",
+                "--create=s1",
+                "ov.qcow2",
+            ],
+            &["snapshot", "-q", "-f", "qcow2", "-c", "s1", "ov.qcow2"],
+        ),
+        img_only(
+            &["snapshot", "--create", "s2", "ov.qcow2"],
+            &["snapshot", "-c", "s2", "ov.qcow2"],
+        ),
+        both(&["snapshot", "--list", "--force-share", "ov.qcow2"], false),
+        both(&["convert", "--snapshot=s1", "ov.qcow2", "snap1.raw"], true),
+        img_only(
+            &[
+                "convert",
+                "--source-snapshot=snapshot.name=s2",
+                "ov.qcow2",
+                "snap2.raw",
+            ],
+            &["convert", "-l", "snapshot.name=s2", "ov.qcow2", "snap2.raw"],
+        ),
+        both(
+            &[
+                "measure",
+                "--format=qcow2",
+                "--snapshot=s1",
+                "--target-format=raw",
+                "ov.qcow2",
+            ],
+            true,
+        ),
+        img_only(
+            &["snapshot", "--apply=s1", "ov.qcow2"],
+            &["snapshot", "-a", "s1", "ov.qcow2"],
+        ),
+        img_only(
+            &["snapshot", "--delete", "s1", "ov.qcow2"],
+            &["snapshot", "-d", "s1", "ov.qcow2"],
+        ),
+        both(&["resize", "--format=raw", "--quiet", "x.raw", "2M"], true),
+        both(
+            &[
+                "rebase",
+                "--format=qcow2",
+                "--cache=writeback",
+                "--backing-cache=writeback",
+                "--backing-unsafe",
+                "--backing=x.raw",
+                "--backing-format=raw",
+                "--quiet",
+                "--force-share",
+                "--progress",
+                "unsafe.qcow2",
+            ],
+            true,
+        ),
+        both(
+            &[
+                "amend",
+                "--format=qcow2",
+                "--cache=writeback",
+                "--options=lazy_refcounts=on",
+                "--quiet",
+                "--progress",
+                "new.qcow2",
+            ],
+            true,
+        ),
+        both(
+            &[
+                "commit",
+                "--format=qcow2",
+                "--cache=writeback",
+                "--drop",
+                "--quiet",
+                "new.qcow2",
+            ],
+            true,
+        ),
+        both(
+            &[
+                "commit",
+                "--progress",
+                "--base=base.qcow2",
+                "-q",
+                "new.qcow2",
+            ],
+            true,
+        ),
+        both(
+            &[
+                "measure",
+                "--target-format=qcow2",
+                "--options=cluster_size=64k",
+                "--size=1G",
+                "--output=json",
+            ],
+            true,
+        ),
+        img_only(&["measure", "-s", "1G"], &["measure", "--size", "1G"]),
+    ];
+    for step in &steps {
+        let ours = envs[0].img(step.img).no_panic();
+        let theirs = envs[1].qemu_img(step.qemu.unwrap_or(step.img));
+        assert_eq!(ours.code, theirs.code, "img:{ours}\nqemu-img:{theirs}");
+        if step.same_stdout {
+            assert_eq!(ours.stdout, theirs.stdout, "img:{ours}\nqemu-img:{theirs}");
+        }
+    }
+    for f in [
+        "base.qcow2",
+        "ov.qcow2",
+        "x.raw",
+        "c1.qcow2",
+        "c2.qcow2",
+        "c3.qcow2",
+        "c4.raw",
+        "c5.qcow2",
+        "snap1.raw",
+        "snap2.raw",
+        "unsafe.qcow2",
+    ] {
+        let (a, b) = (envs[0].path(f), envs[1].path(f));
+        let (a, b) = (
+            a.to_str().expect("utf-8 path"),
+            b.to_str().expect("utf-8 path"),
+        );
+        envs[0].qemu_img(&["compare", "-U", a, b]).ok();
+    }
+    let a = envs[0]
+        .qemu_img(&["info", "--output=json", "c1.qcow2"])
+        .ok()
+        .json();
+    assert_eq!(a["cluster-size"], 8192, "{a:#}");
+}

@@ -36,19 +36,19 @@ pub struct AmendArgs {
     #[command(flatten)]
     secret_args: crate::secrets::SecretArgs,
     /// Image format (probed when not given).
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// Cache mode (accepted for compatibility).
-    #[arg(short = 't', value_name = "CACHE")]
+    #[arg(short = 't', long = "cache", value_name = "CACHE")]
     cache: Option<String>,
     /// Options to change, key=value[,key=value...]; `-o help` lists them. May be repeated.
-    #[arg(short = 'o', value_name = "OPTIONS")]
+    #[arg(short = 'o', long = "options", value_name = "OPTIONS")]
     options: Vec<String>,
     /// `-p` and `--progress=json`.
     #[command(flatten)]
     progress: ProgressArgs,
     /// Quiet: print nothing but errors.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// Allow changes qemu-img guards with --force (accepted for compatibility).
     #[arg(long = "force")]

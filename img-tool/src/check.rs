@@ -24,16 +24,16 @@ pub struct CheckArgs {
     #[command(flatten)]
     secret_args: crate::secrets::SecretArgs,
     /// Image format (probed when not given).
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// Output format: human or json.
     #[arg(long = "output", value_name = "FMT", default_value = "human")]
     output: String,
     /// Repair: leaks, or all.
-    #[arg(short = 'r', value_name = "leaks|all")]
+    #[arg(short = 'r', long = "repair", value_name = "leaks|all")]
     repair: Option<String>,
     /// Quiet: print nothing but errors.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// `-p` and `--progress=json`.
     #[command(flatten)]

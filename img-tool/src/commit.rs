@@ -17,22 +17,22 @@ pub struct CommitArgs {
     #[command(flatten)]
     secret_args: SecretArgs,
     /// Image format (probed when not given).
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// Cache mode for the images (accepted for compatibility; writes are flushed at the end).
-    #[arg(short = 't', value_name = "CACHE")]
+    #[arg(short = 't', long = "cache", value_name = "CACHE")]
     cache: Option<String>,
     /// The image to commit into (default: the immediate backing file). Implies -d.
-    #[arg(short = 'b', value_name = "BASE")]
+    #[arg(short = 'b', long = "base", value_name = "BASE")]
     base: Option<String>,
     /// Keep the overlay's data (do not empty it after the commit).
-    #[arg(short = 'd')]
+    #[arg(short = 'd', long = "drop")]
     keep: bool,
     /// `-p` and `--progress=json`.
     #[command(flatten)]
     progress: ProgressArgs,
     /// Quiet: print nothing but errors.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// The overlay image.
     filename: String,

@@ -27,19 +27,29 @@ pub struct CompareArgs {
     #[command(flatten)]
     secret_args: crate::secrets::SecretArgs,
     /// Format of the first image (probed when not given).
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(
+        short = 'f',
+        long = "a-format",
+        alias = "left-format",
+        value_name = "FMT"
+    )]
     format: Option<String>,
     /// Format of the second image (probed when not given).
-    #[arg(short = 'F', value_name = "FMT")]
+    #[arg(
+        short = 'F',
+        long = "b-format",
+        alias = "right-format",
+        value_name = "FMT"
+    )]
     format2: Option<String>,
     /// Strict: fail on different sizes or allocation.
-    #[arg(short = 's')]
+    #[arg(short = 's', long = "strict")]
     strict: bool,
     /// `-p` and `--progress=json`.
     #[command(flatten)]
     progress: ProgressArgs,
     /// Quiet: print nothing but errors.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// Open the images even if another process uses them (accepted for compatibility).
     #[arg(short = 'U', long = "force-share")]

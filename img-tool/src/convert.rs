@@ -26,41 +26,56 @@ const MAX_PARALLEL: usize = 16;
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
     /// Format of the source images (probed when not given).
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "source-format", value_name = "FMT")]
     format: Option<String>,
     /// Output format (default raw).
-    #[arg(short = 'O', value_name = "OUTPUT_FMT")]
+    #[arg(
+        short = 'O',
+        long = "target-format",
+        alias = "output-format",
+        value_name = "OUTPUT_FMT"
+    )]
     output_format: Option<String>,
     /// Options for the new image, key=value[,key=value...]. May be repeated.
-    #[arg(short = 'o', value_name = "OPTIONS")]
+    #[arg(
+        short = 'o',
+        long = "target-options",
+        alias = "options",
+        value_name = "OPTIONS"
+    )]
     options: Vec<String>,
     /// Zero runs at least this long become holes (default 4k; 0 writes everything).
-    #[arg(short = 'S', value_name = "SPARSE_SIZE")]
+    #[arg(short = 'S', long = "sparse-size", value_name = "SPARSE_SIZE")]
     sparse: Option<String>,
     /// Do not create the target; write into the existing image.
-    #[arg(short = 'n')]
+    #[arg(short = 'n', long = "no-create")]
     no_create: bool,
     /// `-p` and `--progress=json`.
     #[command(flatten)]
     progress: ProgressArgs,
     /// Quiet: print nothing but errors.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// Compress the target's clusters (formats with compression only).
-    #[arg(short = 'c')]
+    #[arg(short = 'c', long = "compress")]
     compress: bool,
     /// Convert this internal snapshot of the source: snapshot.name=NAME, snapshot.id=ID or NAME.
-    #[arg(short = 'l', value_name = "SNAPSHOT")]
+    #[arg(
+        short = 'l',
+        long = "source-snapshot",
+        alias = "snapshot",
+        value_name = "SNAPSHOT"
+    )]
     snapshot: Option<String>,
     /// Backing file of the target: copy only what the source holds above its own backing.
-    #[arg(short = 'B', value_name = "BACKING")]
+    #[arg(short = 'B', long = "backing", value_name = "BACKING")]
     backing: Option<String>,
     /// Format of the target's backing file.
-    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    #[arg(short = 'F', long = "backing-format", value_name = "BACKING_FMT")]
     backing_format: Option<String>,
     /// Allow out-of-order writes to formats that allocate as they go (raw targets always take
     /// them; compressed targets are always written in guest order, whatever -W says).
-    #[arg(short = 'W')]
+    #[arg(short = 'W', long = "oob-writes")]
     out_of_order: bool,
     /// Copy offloading: data goes from file to file inside the kernel (copy_file_range: a
     /// reflink where the filesystem has them) wherever both sides are plain data in files,
@@ -69,14 +84,19 @@ pub struct ConvertArgs {
     copy_range: bool,
     /// Parallelism: worker threads that read, detect zeroes and compress (1 to 16; default: the
     /// number of cores).
-    #[arg(short = 'm', value_name = "NUM")]
+    #[arg(short = 'm', long = "parallel", value_name = "NUM")]
     parallel: Option<String>,
     /// Cache mode for the target: `none` and `directsync` bypass the page cache (O_DIRECT);
     /// the target is flushed at the end whatever the mode.
-    #[arg(short = 't', value_name = "CACHE")]
+    #[arg(
+        short = 't',
+        long = "target-cache",
+        alias = "output-cache",
+        value_name = "CACHE"
+    )]
     cache: Option<String>,
     /// Cache mode for the sources: `none` and `directsync` read around the page cache.
-    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    #[arg(short = 'T', long = "source-cache", value_name = "SRC_CACHE")]
     src_cache: Option<String>,
     /// OVA sources: which disk of the appliance to convert (0-based; default the first).
     #[arg(long = "disk", value_name = "N")]
@@ -87,6 +107,9 @@ pub struct ConvertArgs {
     /// `--object secret,...`, and `--image-opts` for the sources.
     #[command(flatten)]
     secret_args: SecretArgs,
+    /// The source names are option lists, as with --image-opts (qemu-img 10's name for it).
+    #[arg(long = "source-image-opts")]
+    source_image_opts: bool,
     /// The target name is an option list too (driver=FMT,file.filename=PATH,
     /// encrypt.key-secret=ID): with -n, an existing encrypted image can be written. Not with -O.
     #[arg(long = "target-image-opts")]
@@ -318,9 +341,11 @@ fn open_sources(args: &ConvertArgs, srcs: &[String]) -> CliResult<Vec<Image>> {
     if args.disk.is_some() && srcs.len() > 1 {
         return Err(Failure::new("--disk needs a single OVA source"));
     }
+    let mut secret_args = args.secret_args.clone();
+    secret_args.image_opts |= args.source_image_opts;
     srcs.iter()
         .map(|s| {
-            let spec = args.secret_args.resolve(s, format)?;
+            let spec = secret_args.resolve(s, format)?;
             let req = OpenRequest {
                 format: spec.format,
                 snapshot: snapshot.as_deref(),

@@ -19,22 +19,22 @@ const MAX_IMAGE_SIZE: u64 = i64::MAX as u64;
 #[derive(Debug, Args)]
 pub struct CreateArgs {
     /// Image format (default raw).
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// Format options, key=value[,key=value...]; `-o help` lists them. May be repeated.
-    #[arg(short = 'o', value_name = "OPTIONS")]
+    #[arg(short = 'o', long = "options", value_name = "OPTIONS")]
     options: Vec<String>,
     /// Backing file.
-    #[arg(short = 'b', value_name = "BACKING")]
+    #[arg(short = 'b', long = "backing", value_name = "BACKING")]
     backing: Option<String>,
     /// Backing file format.
-    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    #[arg(short = 'F', long = "backing-format", value_name = "BACKING_FMT")]
     backing_format: Option<String>,
     /// Do not open the backing file (the size must then be given).
-    #[arg(short = 'u')]
+    #[arg(short = 'u', long = "backing-unsafe")]
     unsafe_backing: bool,
     /// Quiet: print nothing but errors.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// The image file.
     filename: Option<String>,

@@ -17,17 +17,17 @@ use crate::qjson;
 use crate::secrets::SecretArgs;
 use crate::units::{size_to_str, size_with_bytes};
 
-/// `img info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE`
+/// `img info [-f FMT] [--output=human|json] [-b|--backing-chain] [-U] FILE`
 #[derive(Debug, Args)]
 pub struct InfoArgs {
     /// Image format (probed when not given).
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// Output format: human or json.
     #[arg(long = "output", value_name = "FMT", default_value = "human")]
     output: String,
     /// Describe every image of the backing chain.
-    #[arg(long = "backing-chain")]
+    #[arg(short = 'b', long = "backing-chain")]
     backing_chain: bool,
     /// Open the image even if another process uses it (accepted for compatibility).
     #[arg(short = 'U', long = "force-share")]

@@ -19,7 +19,7 @@ pub struct MapArgs {
     #[command(flatten)]
     secret_args: crate::secrets::SecretArgs,
     /// Image format (probed when not given).
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// Output format: human or json.
     #[arg(long = "output", value_name = "FMT", default_value = "human")]

@@ -30,19 +30,24 @@ pub struct MeasureArgs {
     #[arg(long = "output", value_name = "FMT", default_value = "human")]
     output: String,
     /// Format of FILE (probed when not given).
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// Format of the image to measure (default raw).
-    #[arg(short = 'O', value_name = "OUTPUT_FMT")]
+    #[arg(short = 'O', long = "target-format", value_name = "OUTPUT_FMT")]
     output_format: Option<String>,
     /// Options of the image to measure, key=value[,key=value...]. May be repeated.
-    #[arg(short = 'o', value_name = "OPTIONS")]
+    #[arg(short = 'o', long = "options", value_name = "OPTIONS")]
     options: Vec<String>,
     /// Measure this internal snapshot of FILE: snapshot.name=NAME, snapshot.id=ID or NAME.
-    #[arg(short = 'l', value_name = "SNAPSHOT")]
+    #[arg(short = 'l', long = "snapshot", value_name = "SNAPSHOT")]
     snapshot: Option<String>,
     /// Measure an empty image of this size instead of FILE's data.
-    #[arg(long = "size", value_name = "SIZE", allow_hyphen_values = true)]
+    #[arg(
+        short = 's',
+        long = "size",
+        value_name = "SIZE",
+        allow_hyphen_values = true
+    )]
     size: Option<String>,
     /// Open FILE even if another process uses it (accepted for compatibility).
     #[arg(short = 'U', long = "force-share")]

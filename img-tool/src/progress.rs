@@ -1,5 +1,6 @@
-//! Progress reports: `-p` draws a bar with bytes done, rate and ETA on a terminal (nothing when
-//! stdout is not one, like qemu-img); `--progress=json` prints one JSON object per line on
+//! Progress reports: `-p` (or `--progress`, qemu-img 10's spelling) draws a bar with bytes done,
+//! rate and ETA on a terminal (nothing when stdout is not one, like qemu-img); `--progress=json`
+//! prints one JSON object per line on
 //! stderr, `{"done":BYTES,"total":BYTES,"rate":BYTES_PER_SECOND}`, for tools that drive `img`:
 //! at most four a second, and a last one when the work is done.
 
@@ -16,6 +17,9 @@ const JSON_INTERVAL: Duration = Duration::from_millis(250);
 /// Machine-readable progress formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ProgressFormat {
+    /// The bar of `-p`: what `--progress` without a value asks for.
+    #[value(hide = true)]
+    Bar,
     /// One JSON object per line on stderr.
     Json,
 }
@@ -26,8 +30,15 @@ pub struct ProgressArgs {
     /// Show progress: bytes done, rate and ETA (on a terminal only).
     #[arg(short = 'p')]
     pub progress_bar: bool,
-    /// Print machine-readable progress lines on stderr (`--progress=json`).
-    #[arg(long = "progress", value_name = "FORMAT")]
+    /// `--progress` alone is -p; `--progress=json` prints machine-readable progress lines on
+    /// stderr. The value needs the `=`, so that `--progress FILE` leaves FILE alone.
+    #[arg(
+        long = "progress",
+        value_name = "FORMAT",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "bar"
+    )]
     pub progress_format: Option<ProgressFormat>,
 }
 
@@ -73,7 +84,8 @@ impl Progress {
     /// Progress over `total` bytes as `args` ask; `quiet` (-q) hides the bar but not the JSON
     /// lines, which were asked for by name.
     pub fn new(args: &ProgressArgs, quiet: bool, total: u64) -> Self {
-        let bar = (args.progress_bar && !quiet).then(|| {
+        let wants_bar = args.progress_bar || args.progress_format == Some(ProgressFormat::Bar);
+        let bar = (wants_bar && !quiet).then(|| {
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stdout());
             let style = ProgressStyle::with_template(
                 "    {percent:>3}% [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",

@@ -22,28 +22,28 @@ pub struct RebaseArgs {
     #[command(flatten)]
     secret_args: SecretArgs,
     /// Image format (probed when not given).
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// Cache mode for the image (accepted for compatibility).
-    #[arg(short = 't', value_name = "CACHE")]
+    #[arg(short = 't', long = "cache", value_name = "CACHE")]
     cache: Option<String>,
     /// Cache mode for the backing files (accepted for compatibility).
-    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    #[arg(short = 'T', long = "backing-cache", value_name = "SRC_CACHE")]
     src_cache: Option<String>,
     /// Unsafe: rewrite the backing reference only, copying no data.
-    #[arg(short = 'u')]
+    #[arg(short = 'u', long = "backing-unsafe")]
     unsafe_: bool,
     /// The new backing file; "" removes the backing file (the image becomes standalone).
-    #[arg(short = 'b', value_name = "BACKING")]
+    #[arg(short = 'b', long = "backing", value_name = "BACKING")]
     backing: Option<String>,
     /// Format of the new backing file.
-    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    #[arg(short = 'F', long = "backing-format", value_name = "BACKING_FMT")]
     backing_format: Option<String>,
     /// `-p` and `--progress=json`.
     #[command(flatten)]
     progress: ProgressArgs,
     /// Quiet: print nothing but errors.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// Open the backing files even if another process uses them (accepted for compatibility).
     #[arg(short = 'U', long = "force-share")]

@@ -16,7 +16,7 @@ pub struct ResizeArgs {
     #[command(flatten)]
     secret_args: SecretArgs,
     /// Image format (probed when not given).
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// Allow the image to become smaller (data past the new end is lost).
     #[arg(long = "shrink")]
@@ -25,7 +25,7 @@ pub struct ResizeArgs {
     #[arg(long = "preallocation", value_name = "MODE")]
     preallocation: Option<String>,
     /// Quiet: print nothing but errors.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// The image file.
     filename: String,

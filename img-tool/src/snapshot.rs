@@ -18,22 +18,22 @@ pub struct SnapshotArgs {
     #[command(flatten)]
     secret_args: SecretArgs,
     /// List the snapshots (the default).
-    #[arg(short = 'l', action = ArgAction::Count)]
+    #[arg(short = 'l', long = "list", action = ArgAction::Count)]
     list: u8,
     /// Create a snapshot named NAME of the current state.
-    #[arg(short = 'c', value_name = "NAME")]
+    #[arg(short = 'c', long = "create", value_name = "NAME")]
     create: Vec<String>,
     /// Apply (revert the disk to) the snapshot with this name or ID.
-    #[arg(short = 'a', value_name = "NAME")]
+    #[arg(short = 'a', long = "apply", value_name = "NAME")]
     apply: Vec<String>,
     /// Delete the snapshot named NAME.
-    #[arg(short = 'd', value_name = "NAME")]
+    #[arg(short = 'd', long = "delete", value_name = "NAME")]
     delete: Vec<String>,
     /// Image format (probed when not given).
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// Quiet: print nothing but errors.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// Open the image even if another process uses it (accepted for compatibility).
     #[arg(short = 'U', long = "force-share")]
