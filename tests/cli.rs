@@ -1185,3 +1185,40 @@ fn long_options_of_qemu_img_10_work() {
         .json();
     assert_eq!(a["cluster-size"], 8192, "{a:#}");
 }
+
+/// Long options may be abbreviated to any prefix that names one option, as getopt_long lets
+/// qemu-img's be; an ambiguous prefix fails in both.
+#[test]
+fn abbreviated_long_options_work_like_qemu() {
+    let env = Env::with_qemu();
+    env.sparse_file("x.raw", MIB);
+    env.write_at("x.raw", 0, &[1; 4096]);
+    for args in [
+        &["info", "--out=json", "x.raw"][..],
+        &["info", "--back", "--form=raw", "--out", "json", "x.raw"],
+        &["map", "--out=json", "--form", "raw", "x.raw"],
+        &["measure", "--si=1G", "--target-f=qcow2", "--out=json"],
+    ] {
+        let ours = env.img(args).ok();
+        let theirs = env.qemu_img(args).ok();
+        let (o, t) = (ours.json(), theirs.json());
+        if args[0] == "info" {
+            assert_eq!(o["format"], t["format"], "img:{ours}\nqemu-img:{theirs}");
+            assert_eq!(
+                o["virtual-size"], t["virtual-size"],
+                "img:{ours}\nqemu-img:{theirs}"
+            );
+        } else {
+            assert_eq!(o, t, "img:{ours}\nqemu-img:{theirs}");
+        }
+    }
+    for args in [
+        &["info", "--fo=raw", "x.raw"][..],
+        &["map", "--o=json", "x.raw"],
+    ] {
+        let ours = env.img(args).no_panic();
+        let theirs = env.qemu_img(args);
+        assert_eq!(ours.code, Some(1), "{ours}");
+        assert_eq!(ours.code, theirs.code, "img:{ours}\nqemu-img:{theirs}");
+    }
+}

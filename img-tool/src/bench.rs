@@ -64,9 +64,12 @@ pub struct BenchArgs {
     #[arg(short = 't', long = "cache", value_name = "CACHE")]
     cache: Option<String>,
     /// Start the first request at this offset (default 0).
+    // `--o` abbreviates --offset in qemu-img, which has no bench --object; the alias keeps it
+    // from being ambiguous with img's --object.
     #[arg(
         short = 'o',
         long = "offset",
+        alias = "o",
         value_name = "OFFSET",
         allow_hyphen_values = true
     )]

@@ -52,14 +52,16 @@ Errors are printed to stderr as `img: <message>`.";
 ///
 /// An option given twice takes its last value, as getopt-based qemu-img does
 /// (`-f qcow2 -f raw` is raw); options that qemu-img accumulates (`-o`) or counts (snapshot's
-/// actions) still do.
+/// actions) still do. Like getopt_long, a long option may be shortened to any prefix that
+/// names it alone (`--out=json`, `--back`).
 #[derive(Debug, Parser)]
 #[command(
     name = "img",
     version,
     about,
     after_help = EXIT_CODES,
-    args_override_self = true
+    args_override_self = true,
+    infer_long_args = true
 )]
 struct Cli {
     #[command(subcommand)]
@@ -145,6 +147,280 @@ mod tests {
     #[test]
     fn cli_definition_is_valid() {
         Cli::command().debug_assert();
+    }
+
+    /// qemu-img 10's long option names by subcommand: the ones its parser takes and the ones its
+    /// `--help` documents (bar `--bitmaps` and `--skip-broken-bitmaps`, which img does not
+    /// have).
+    const QEMU_LONG_NAMES: &[(&str, &[&str])] = &[
+        (
+            "create",
+            &[
+                "backing",
+                "backing-format",
+                "backing-unsafe",
+                "format",
+                "help",
+                "object",
+                "options",
+                "quiet",
+            ],
+        ),
+        (
+            "info",
+            &[
+                "backing-chain",
+                "force-share",
+                "format",
+                "help",
+                "image-opts",
+                "object",
+                "output",
+            ],
+        ),
+        (
+            "convert",
+            &[
+                "backing",
+                "backing-format",
+                "compress",
+                "copy-range-offloading",
+                "force-share",
+                "help",
+                "image-opts",
+                "no-create",
+                "object",
+                "oob-writes",
+                "options",
+                "output-cache",
+                "output-format",
+                "parallel",
+                "progress",
+                "quiet",
+                "snapshot",
+                "source-cache",
+                "source-format",
+                "source-image-opts",
+                "source-snapshot",
+                "sparse-size",
+                "target-cache",
+                "target-format",
+                "target-image-opts",
+                "target-options",
+            ],
+        ),
+        (
+            "check",
+            &[
+                "force-share",
+                "format",
+                "help",
+                "image-opts",
+                "object",
+                "output",
+                "quiet",
+                "repair",
+            ],
+        ),
+        (
+            "compare",
+            &[
+                "a-format",
+                "b-format",
+                "force-share",
+                "help",
+                "image-opts",
+                "left-format",
+                "object",
+                "progress",
+                "quiet",
+                "right-format",
+                "strict",
+            ],
+        ),
+        (
+            "map",
+            &[
+                "force-share",
+                "format",
+                "help",
+                "image-opts",
+                "object",
+                "output",
+            ],
+        ),
+        (
+            "snapshot",
+            &[
+                "apply",
+                "create",
+                "delete",
+                "force-share",
+                "format",
+                "help",
+                "image-opts",
+                "list",
+                "object",
+                "quiet",
+            ],
+        ),
+        (
+            "resize",
+            &[
+                "format",
+                "help",
+                "image-opts",
+                "object",
+                "preallocation",
+                "quiet",
+                "shrink",
+            ],
+        ),
+        (
+            "rebase",
+            &[
+                "backing",
+                "backing-cache",
+                "backing-format",
+                "backing-unsafe",
+                "cache",
+                "force-share",
+                "format",
+                "help",
+                "image-opts",
+                "object",
+                "progress",
+                "quiet",
+            ],
+        ),
+        (
+            "commit",
+            &[
+                "base",
+                "cache",
+                "drop",
+                "format",
+                "help",
+                "image-opts",
+                "object",
+                "progress",
+                "quiet",
+            ],
+        ),
+        (
+            "amend",
+            &[
+                "cache",
+                "force",
+                "format",
+                "help",
+                "image-opts",
+                "object",
+                "options",
+                "progress",
+                "quiet",
+            ],
+        ),
+        (
+            "measure",
+            &[
+                "force-share",
+                "format",
+                "help",
+                "image-opts",
+                "object",
+                "options",
+                "output",
+                "size",
+                "snapshot",
+                "target-format",
+            ],
+        ),
+        (
+            "bench",
+            &[
+                "aio",
+                "buffer-size",
+                "cache",
+                "count",
+                "depth",
+                "flush-interval",
+                "force-share",
+                "format",
+                "help",
+                "image-opts",
+                "native",
+                "no-drain",
+                "offset",
+                "pattern",
+                "quiet",
+                "step-size",
+                "write",
+            ],
+        ),
+    ];
+
+    /// The id of `sub`'s argument whose long name or alias is `name`.
+    fn arg_named(sub: &clap::Command, name: &str) -> Option<String> {
+        sub.get_arguments()
+            .find(|a| {
+                a.get_long() == Some(name)
+                    || a.get_all_aliases().unwrap_or_default().contains(&name)
+            })
+            .map(|a| a.get_id().to_string())
+    }
+
+    /// Every qemu-img long name is an img option, and every prefix that getopt_long resolves
+    /// (it names one option, or is itself a name) resolves to the same option here: img's own
+    /// options (`--disk`, `--progress=json`...) make no abbreviation of qemu's ambiguous.
+    #[test]
+    fn cli_long_option_prefixes_resolve_as_in_qemu() {
+        let cli = Cli::command();
+        let mut wrong = Vec::new();
+        for (name, qemu) in QEMU_LONG_NAMES {
+            let sub = cli.find_subcommand(name).expect("subcommand");
+            for long in qemu.iter().filter(|l| **l != "help") {
+                let id =
+                    arg_named(sub, long).unwrap_or_else(|| panic!("img {name} has no --{long}"));
+                let arg = sub
+                    .get_arguments()
+                    .find(|a| a.get_id() == id.as_str())
+                    .expect("arg");
+                let takes_value = arg.get_action().takes_values()
+                    && arg.get_num_args().is_some_and(|n| n.min_values() > 0);
+                for end in 1..=long.len() {
+                    let prefix = &long[..end];
+                    let targets: std::collections::BTreeSet<Option<String>> = qemu
+                        .iter()
+                        .filter(|q| q.starts_with(prefix))
+                        .map(|q| arg_named(sub, q))
+                        .collect();
+                    // An exact name wins; otherwise the prefix must name one option.
+                    let expected = if qemu.contains(&prefix) {
+                        arg_named(sub, prefix)
+                    } else if targets.len() == 1 {
+                        targets.into_iter().next().flatten()
+                    } else {
+                        continue; // ambiguous for qemu-img too
+                    };
+                    let expected = expected.expect("qemu's names are img's");
+                    let word = if takes_value {
+                        format!("--{prefix}=1")
+                    } else {
+                        format!("--{prefix}")
+                    };
+                    let m = Cli::command()
+                        .ignore_errors(true)
+                        .try_get_matches_from(["img", name, &word])
+                        .unwrap_or_else(|e| panic!("img {name} {word}: {e}"));
+                    let sm = m.subcommand_matches(name).expect("subcommand matches");
+                    if sm.value_source(&expected) != Some(clap::parser::ValueSource::CommandLine) {
+                        wrong.push(format!("img {name} {word} does not mean {expected}"));
+                    }
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
     }
 
     #[test]
