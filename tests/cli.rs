@@ -1222,3 +1222,110 @@ fn abbreviated_long_options_work_like_qemu() {
         assert_eq!(ours.code, theirs.code, "img:{ours}\nqemu-img:{theirs}");
     }
 }
+
+/// Sizes in qemu's syntax (`qemu_strtosz`): hex without fraction or suffix, decimal fractions
+/// with a unit, blanks and `+` in front; and its two messages for text that is not a size and
+/// for one out of range. create, resize, measure and convert -S agree with qemu-img.
+#[test]
+fn sizes_in_qemu_syntax_match_qemu() {
+    let env = Env::with_qemu();
+    for (i, size) in [
+        "0x100000",
+        "0X10",
+        "0x1b",
+        " +1M",
+        "1.",
+        "1.k",
+        ".5M",
+        "12.345M",
+        "1.0009765625k",
+        "0x1E",
+        "1k",
+        "abc",
+        "1.5",
+        "0x20M",
+        "0x1.8",
+        "-1",
+        "-2M",
+        "99E",
+        "1e3",
+        "",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let ours = format!("ours{i}.qcow2");
+        let theirs = format!("theirs{i}.qcow2");
+        let o = env
+            .img(&["create", "-q", "-f", "qcow2", &ours, "--", size])
+            .no_panic();
+        let t = env.qemu_img(&["create", "-q", "-f", "qcow2", &theirs, "--", size]);
+        assert_eq!(o.code, t.code, "size {size:?}: img:{o}\nqemu-img:{t}");
+        assert_eq!(
+            o.stderr
+                .replacen("img:", "qemu-img:", 1)
+                .replace(&ours, &theirs),
+            t.stderr,
+            "size {size:?}"
+        );
+        if t.code == Some(0) {
+            let a = env.qemu_img(&["info", "--output=json", &ours]).ok().json();
+            let b = env
+                .qemu_img(&["info", "--output=json", &theirs])
+                .ok()
+                .json();
+            assert_eq!(a["virtual-size"], b["virtual-size"], "size {size:?}");
+        }
+    }
+    env.sparse_file("o.raw", MIB);
+    env.sparse_file("t.raw", MIB);
+    for args in [
+        &["resize", "-f", "raw", "R", "0x200000"][..],
+        &["resize", "-f", "raw", "R", "+0x100000"],
+        &["resize", "-f", "raw", "R", "99E"],
+        &["resize", "-f", "raw", "R", "0x"],
+        &["measure", "--size", "0x100000", "-O", "qcow2"],
+        &["measure", "--size", "99E"],
+        &["convert", "-S", "0x1000", "-O", "raw", "R", "s.raw"],
+        &["convert", "-S", "abc", "-O", "raw", "R", "s.raw"],
+        &["convert", "-S", "99E", "-O", "raw", "R", "s.raw"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=0x1000,size=0x100000",
+            "c.qcow2",
+        ],
+        &["create", "-f", "qcow2", "-o", "size=12x", "c.qcow2"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=99E",
+            "c.qcow2",
+            "1M",
+        ],
+    ] {
+        // Each tool resizes its own file.
+        let with = |name: &'static str| -> Vec<&str> {
+            args.iter()
+                .map(|a| if *a == "R" { name } else { a })
+                .collect()
+        };
+        let o = env.img(&with("o.raw")).no_panic();
+        let t = env.qemu_img(&with("t.raw"));
+        assert_eq!(o.code, t.code, "img:{o}\nqemu-img:{t}");
+        assert_eq!(
+            o.stderr.replacen("img:", "qemu-img:", 1),
+            t.stderr,
+            "img:{o}\nqemu-img:{t}"
+        );
+        if args[0] == "resize" || args[0] == "measure" {
+            assert_eq!(o.stdout, t.stdout, "img:{o}\nqemu-img:{t}");
+        }
+    }
+    assert_eq!(env.len("o.raw"), 3 * MIB);
+    assert_eq!(env.len("t.raw"), 3 * MIB);
+}

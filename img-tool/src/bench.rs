@@ -274,72 +274,12 @@ fn strtou64(s: &str) -> Result<u64, NumError> {
     Ok(if neg { v.wrapping_neg() } else { v })
 }
 
-/// qemu's `qemu_strtosz(s, NULL)`: a byte count with an optional `B`, `k`, `M`, `G`, `T`, `P`
-/// or `E` suffix (binary units), a decimal fraction when there is a suffix (rounded to the
-/// nearest byte), or a plain `0x` hex number. Negative numbers are out of range.
+/// qemu's `qemu_strtosz(s, NULL)` ([`imgblock::options::strtosz`]).
 fn strtosz(s: &str) -> Result<u64, NumError> {
-    let t = s.trim_start_matches(is_c_space);
-    if let Some(rest) = t.strip_prefix('-') {
-        return match strtosz(rest) {
-            Ok(_) | Err(NumError::Range) => Err(NumError::Range),
-            Err(NumError::Invalid) => Err(NumError::Invalid),
-        };
-    }
-    let t = t.strip_prefix('+').unwrap_or(t);
-    if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        if h.is_empty() || !h.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(NumError::Invalid);
-        }
-        return u64::from_str_radix(h, 16).map_err(|_| NumError::Range);
-    }
-    let whole_len = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (whole, rest) = t.split_at(whole_len);
-    let (frac, rest) = match rest.strip_prefix('.') {
-        Some(r) => r.split_at(r.find(|c: char| !c.is_ascii_digit()).unwrap_or(r.len())),
-        None => ("", rest),
-    };
-    if whole.is_empty() && frac.is_empty() {
-        return Err(NumError::Invalid);
-    }
-    let mut chars = rest.chars();
-    let mult: u64 = match chars.next() {
-        None => 1,
-        Some(c) => match c.to_ascii_lowercase() {
-            'b' => 1,
-            'k' => 1 << 10,
-            'm' => 1 << 20,
-            'g' => 1 << 30,
-            't' => 1 << 40,
-            'p' => 1 << 50,
-            'e' => 1 << 60,
-            _ => return Err(NumError::Invalid),
-        },
-    };
-    if chars.next().is_some() {
-        return Err(NumError::Invalid);
-    }
-    // A fraction of bytes is no size ("1.5", "1.1B"); a zero fraction is tolerated.
-    if mult == 1 && frac.bytes().any(|b| b != b'0') {
-        return Err(NumError::Invalid);
-    }
-    let w: u64 = if whole.is_empty() {
-        0
-    } else {
-        whole.parse().map_err(|_| NumError::Range)?
-    };
-    // 19 digits keep the product below 2^128 and decide the rounding of any real size.
-    let frac = &frac[..frac.len().min(19)];
-    let f: u128 = if frac.is_empty() {
-        0
-    } else {
-        frac.parse().map_err(|_| NumError::Invalid)?
-    };
-    let scale = 10u128.pow(u32::try_from(frac.len()).unwrap_or(0));
-    let part = (2 * f * u128::from(mult) + scale) / (2 * scale);
-    let part = u64::try_from(part).map_err(|_| NumError::Range)?;
-    w.checked_mul(mult)
-        .and_then(|x| x.checked_add(part))
-        .ok_or(NumError::Range)
+    imgblock::options::strtosz(s).map_err(|e| match e {
+        imgblock::options::SizeError::Invalid => NumError::Invalid,
+        imgblock::options::SizeError::OutOfRange => NumError::Range,
+    })
 }
 
 /// qemu-img's `cvtnum_full`: a size (`size`) or plain number between `min` and `max`, with

@@ -20,6 +20,8 @@ const DEFAULT_SPARSE: u64 = 4096;
 const MAX_SPARSE: u64 = 16 << 20;
 /// The most parallel requests (`-m`) qemu-img accepts.
 const MAX_PARALLEL: usize = 16;
+/// qemu's `INT64_MAX`, the bound of its size arguments.
+const INT64_MAX: u64 = i64::MAX.unsigned_abs();
 
 /// `img convert [-f FMT] [-O FMT] [-o OPTS] [-S SIZE] [-n] [-p] [-q] [-c] [-l snapshot.name=NAME]
 /// [-B BACKING [-F FMT]] [-W] [-C] [-m N] [-t CACHE] [-T SRC_CACHE] [-U] [--disk N] SRC... DST`
@@ -144,7 +146,7 @@ fn parse_sparse(s: Option<&str>) -> CliResult<u64> {
     let Some(s) = s else {
         return Ok(DEFAULT_SPARSE);
     };
-    let n = imgblock::options::parse_size(s).map_err(|_| bad())?;
+    let n = crate::units::cvtnum("buffer size for sparse output", s, INT64_MAX)?;
     if n % 512 != 0 || n > MAX_SPARSE {
         return Err(bad());
     }

@@ -9,7 +9,7 @@ use crate::createopts::{formatting_line, help_text, library_options, wants_help}
 use crate::failure::{open_failure, strerror, CliResult, Failure};
 use crate::open::parse_format;
 use crate::secrets::SecretArgs;
-use crate::units::parse_size_arg;
+use crate::units::cvtnum;
 use imgblock::crypto::Secrets;
 
 /// The largest size qemu accepts (`INT64_MAX`).
@@ -56,7 +56,9 @@ pub fn run(args: &CreateArgs) -> CliResult<i32> {
         .unwrap_or(Format::Raw);
     let mut opts = CreateOptions::default();
     for o in &args.options {
-        crate::createopts::add_option_list(&mut opts, o)?;
+        crate::createopts::check_option_list(o)?;
+        opts.parse_opts(o)
+            .map_err(|e| in_file_opt(&args.filename, e.into()))?;
     }
     if wants_help(&opts.opts) {
         print!("{}", help_text(format, args.filename.is_some()));
@@ -130,19 +132,7 @@ fn in_file_opt(file: &Option<String>, f: Failure) -> Failure {
 
 /// The SIZE argument, with qemu's two messages for text that is not a size and for one too big.
 fn parse_image_size(s: &str) -> CliResult<u64> {
-    let too_big = || {
-        Failure::new(format!(
-            "Invalid image size specified. Must be between 0 and {MAX_IMAGE_SIZE}."
-        ))
-    };
-    if s.starts_with('-') {
-        return Err(too_big());
-    }
-    let n = parse_size_arg(s, "image size")?;
-    if n > MAX_IMAGE_SIZE {
-        return Err(too_big());
-    }
-    Ok(n)
+    cvtnum("image size", s, MAX_IMAGE_SIZE)
 }
 
 /// Refuses options the format does not list, as qemu does before it prints anything.

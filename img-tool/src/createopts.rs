@@ -51,11 +51,21 @@ const fn opt(name: &'static str, kind: Kind, default: Option<&'static str>) -> P
 /// # Errors
 /// A malformed list or option.
 pub fn add_option_list(opts: &mut CreateOptions, list: &str) -> CliResult<()> {
+    check_option_list(list)?;
+    opts.parse_opts(list)?;
+    Ok(())
+}
+
+/// Refuses what qemu's `is_valid_option_list` refuses: an empty list, a leading comma, or an
+/// unescaped trailing one.
+///
+/// # Errors
+/// `Invalid option list: LIST`.
+pub fn check_option_list(list: &str) -> CliResult<()> {
     let trailing = list.len() - list.trim_end_matches(',').len();
     if list.is_empty() || list.starts_with(',') || trailing % 2 == 1 {
         return Err(Failure::new(format!("Invalid option list: {list}")));
     }
-    opts.parse_opts(list)?;
     Ok(())
 }
 

@@ -58,20 +58,7 @@ pub struct MeasureArgs {
 
 /// `--size` with qemu's two messages.
 fn parse_size(s: &str) -> CliResult<u64> {
-    let range = || {
-        Failure::new(format!(
-            "Invalid image size specified. Must be between 0 and {MAX_IMAGE_SIZE}."
-        ))
-    };
-    if s.starts_with('-') {
-        return Err(range());
-    }
-    let n = imgblock::options::parse_size(s)
-        .map_err(|_| Failure::new(format!("Invalid image size specified: '{s}'.")))?;
-    if n > MAX_IMAGE_SIZE {
-        return Err(range());
-    }
-    Ok(n)
+    crate::units::cvtnum("image size", s, MAX_IMAGE_SIZE)
 }
 
 /// Refuses options the target format does not have, with qemu's two lines.

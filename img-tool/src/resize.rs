@@ -61,13 +61,7 @@ fn parse_new_size(s: &str) -> CliResult<NewSize> {
         Some(b'-') => (NewSize::Shrink, &s[1..]),
         _ => (NewSize::Absolute, s),
     };
-    let n = imgblock::options::parse_size(num).map_err(|_| {
-        Failure::new(
-            "Parameter 'size' expects a non-negative number below 2^64\n\
-             Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
-             and exabytes, respectively.",
-        )
-    })?;
+    let n = imgblock::options::parse_size_opt("size", num)?;
     Ok(kind(n))
 }
 

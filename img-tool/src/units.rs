@@ -1,6 +1,8 @@
 //! Human-readable sizes exactly as qemu prints them (`size_to_str`: three significant digits,
 //! binary units), and qemu's size arguments.
 
+use imgblock::options::SizeError;
+
 use crate::failure::{CliResult, Failure};
 
 const SUFFIXES: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
@@ -66,13 +68,23 @@ pub fn size_with_bytes(val: u64) -> String {
     format!("{} ({val} bytes)", size_to_str(val))
 }
 
-/// Parses a size argument with qemu's suffixes; `what` names it in the error.
+/// qemu-img's `cvtnum_full` for sizes: a size argument ([`imgblock::options::strtosz`]) of at
+/// most `max` bytes; `name` says what it is in the two messages.
 ///
 /// # Errors
-/// When the text is not a size.
-pub fn parse_size_arg(s: &str, what: &str) -> CliResult<u64> {
-    imgblock::options::parse_size(s)
-        .map_err(|_| Failure::new(format!("Invalid {what} specified: '{s}'.")))
+/// `Invalid NAME specified: 'TEXT'.` for text that is not a size, `Invalid NAME specified.
+/// Must be between 0 and MAX.` for one out of range.
+pub fn cvtnum(name: &str, s: &str, max: u64) -> CliResult<u64> {
+    let range = || {
+        Failure::new(format!(
+            "Invalid {name} specified. Must be between 0 and {max}."
+        ))
+    };
+    match imgblock::options::strtosz(s) {
+        Ok(n) if n <= max => Ok(n),
+        Ok(_) | Err(SizeError::OutOfRange) => Err(range()),
+        Err(SizeError::Invalid) => Err(Failure::new(format!("Invalid {name} specified: '{s}'."))),
+    }
 }
 
 #[cfg(test)]
@@ -106,11 +118,19 @@ mod tests {
     }
 
     #[test]
-    fn parse_size_arg_bad_suffix_is_qemu_message() {
+    fn cvtnum_has_qemus_two_messages() {
+        let max = i64::MAX as u64;
         assert_eq!(
-            parse_size_arg("1X", "image size").unwrap_err().message,
+            cvtnum("image size", "1X", max).unwrap_err().message,
             "Invalid image size specified: '1X'."
         );
-        assert_eq!(parse_size_arg("1.5M", "image size").unwrap(), 1_572_864);
+        for big in ["99E", "-1", "8E"] {
+            assert_eq!(
+                cvtnum("image size", big, max).unwrap_err().message,
+                "Invalid image size specified. Must be between 0 and 9223372036854775807."
+            );
+        }
+        assert_eq!(cvtnum("image size", "1.5M", max).unwrap(), 1_572_864);
+        assert_eq!(cvtnum("image size", "0x100000", max).unwrap(), 1 << 20);
     }
 }

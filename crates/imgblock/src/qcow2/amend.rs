@@ -7,7 +7,7 @@ use super::l2::{Entry, Kind};
 use super::{Error, Geometry, Qcow2, COPIED, OFFSET_MASK, ZERO_FLAG};
 use crate::driver::Driver;
 use crate::error::IoContext;
-use crate::options::{parse_bool, parse_size};
+use crate::options::{parse_bool, parse_size_opt};
 use crate::raw::Preallocation;
 use crate::{CreateOptions, Result};
 
@@ -52,7 +52,7 @@ impl Qcow2 {
                     }
                     order = b.trailing_zeros();
                 }
-                "size" => size = Some(parse_size(v)?),
+                "size" => size = Some(parse_size_opt("size", v)?),
                 k if k.starts_with("encrypt.") => {}
                 "cluster_size" | "compression_type" | "extended_l2" | "preallocation"
                 | "encryption" => {

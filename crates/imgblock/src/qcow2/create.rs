@@ -7,7 +7,7 @@ use super::header::{self, CompressionType, Extension, Header};
 use super::Qcow2;
 use crate::driver::Driver;
 use crate::error::IoContext;
-use crate::options::{parse_bool, parse_size};
+use crate::options::{parse_bool, parse_size_opt};
 use crate::raw::Preallocation;
 use crate::storage::{FileStorage, Storage};
 use crate::{CreateOptions, Error, Image, OpenOptions, Result};
@@ -104,7 +104,7 @@ fn parse(o: &CreateOptions) -> Result<Opts> {
                 }
             }
             "cluster_size" => {
-                let cs = parse_size(v)?;
+                let cs = parse_size_opt(k, v)?;
                 if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
                     return Err(invalid(format!(
                         "Cluster size must be a power of two between 512 and 2048k (got {cs})"
