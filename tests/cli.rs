@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{Env, MIB};
+use std::process::{Command, Stdio};
+
+use common::{run_timeout, Env, DEFAULT_TIMEOUT, KIB, MIB};
 
 /// qemu-img's size syntax: plain bytes (rounded up to a whole 512-byte sector), k/M/G/T
 /// suffixes, fractions. `img create` makes files of the same virtual size.
@@ -1328,4 +1330,104 @@ fn sizes_in_qemu_syntax_match_qemu() {
     }
     assert_eq!(env.len("o.raw"), 3 * MIB);
     assert_eq!(env.len("t.raw"), 3 * MIB);
+}
+
+/// Runs `program args` in `env` with stdout going to `stdout` (nothing read back) and returns
+/// the exit code and stderr.
+fn run_to(env: &Env, program: &str, args: &[&str], stdout: Stdio) -> (Option<i32>, String) {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(env.dir.path())
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Commands that print, over images of every kind they take.
+fn printing_commands(env: &Env) -> Vec<Vec<&'static str>> {
+    env.img(&["create", "-q", "-f", "qcow2", "q.qcow2", "1M"])
+        .ok();
+    env.img(&["snapshot", "-c", "s1", "q.qcow2"]).ok();
+    // Long enough (6400 lines) to fill a pipe that nobody reads.
+    env.sparse_file("holes.raw", 400 * MIB);
+    for i in 0..6400 {
+        env.write_at("holes.raw", i * 64 * KIB, &[1; 512]);
+    }
+    [
+        &["info", "q.qcow2"][..],
+        &["info", "--output=json", "q.qcow2"],
+        &["check", "q.qcow2"],
+        &["check", "--output=json", "q.qcow2"],
+        &["snapshot", "-l", "q.qcow2"],
+        &["measure", "--size", "1G"],
+        &["compare", "q.qcow2", "q.qcow2"],
+        &["map", "holes.raw"],
+        &["map", "--output=json", "holes.raw"],
+        &["create", "-f", "raw", "new.raw", "1M"],
+    ]
+    .iter()
+    .map(|a| a.to_vec())
+    .collect()
+}
+
+/// A full stdout (`> /dev/full`) is one clear line on stderr and exit status 1, never a panic.
+/// (qemu-img ignores the error and exits 0; img does not let a script take lost output for
+/// complete output.)
+#[test]
+fn stdout_write_error_fails_with_one_line() {
+    let env = Env::new();
+    for args in printing_commands(&env) {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("open /dev/full");
+        let (code, stderr) = run_to(&env, common::IMG, &args, Stdio::from(full));
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr, "img: error writing to stdout: No space left on device\n",
+            "{args:?}"
+        );
+    }
+}
+
+/// A reader that goes away (`img map x | head -1`, `| true`) ends the output quietly: exit
+/// status 0 and nothing on stderr, as with qemu-img, which matters under `set -o pipefail`.
+#[test]
+fn stdout_reader_gone_exits_0_like_qemu() {
+    let env = Env::with_qemu();
+    for args in printing_commands(&env) {
+        for program in [common::IMG, "qemu-img"] {
+            // The read end is closed before the command starts: every write meets a broken pipe.
+            let mut child = Command::new(program)
+                .args(&args)
+                .current_dir(env.dir.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn");
+            drop(child.stdout.take());
+            let out = child.wait_with_output().expect("wait");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(0), "{program} {args:?}: {stderr}");
+            assert_eq!(stderr, "", "{program} {args:?}");
+        }
+        // Each tool created it once.
+        let _ = std::fs::remove_file(env.path("new.raw"));
+    }
+    // The same through a shell pipeline, reading one line.
+    let script = format!("set -o pipefail; '{}' map holes.raw | head -1", common::IMG);
+    let out = run_timeout(env.dir.path(), "bash", &["-c", &script], DEFAULT_TIMEOUT);
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(
+        out.stdout,
+        "Offset          Length          Mapped to       File\n"
+    );
+    assert_eq!(out.stderr, "", "{out}");
 }

@@ -5,6 +5,7 @@ use clap::Args;
 use imgblock::{CreateOptions, Format, FormatSpecific};
 
 use crate::cache::parse_cache;
+use crate::console;
 use crate::createopts::wants_help;
 use crate::failure::{CliResult, Failure};
 use crate::open::{open_image, parse_format, OpenRequest};
@@ -131,7 +132,7 @@ pub fn run(args: &AmendArgs) -> CliResult<i32> {
     let help = wants_help(&opts.opts);
     let Some(file) = args.filename.as_deref() else {
         if help && format == Some(Format::Qcow2) {
-            print!("{QCOW2_AMEND_HELP}");
+            console::print(QCOW2_AMEND_HELP);
             return Ok(0);
         }
         return Err(Failure::new("Expecting one image file name"));
@@ -153,7 +154,7 @@ pub fn run(args: &AmendArgs) -> CliResult<i32> {
         )));
     }
     if help {
-        print!("{QCOW2_AMEND_HELP}");
+        console::print(QCOW2_AMEND_HELP);
         return Ok(0);
     }
     check_options(&opts)?;

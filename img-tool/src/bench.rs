@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use imgblock::{Format, Image};
 
+use crate::console;
 use crate::failure::{strerror, CliResult, Failure};
 use crate::open::{open_image, OpenRequest};
 use crate::secrets::SecretArgs;
@@ -649,13 +650,19 @@ fn execute(img: &Image, plan: &Plan) -> CliResult<Duration> {
 pub fn run(args: &BenchArgs) -> CliResult<i32> {
     let (plan, name, native) = plan(args)?;
     let img = open(args, &name, &plan, native)?;
-    println!("{}", plan.header());
+    console::print(&format!("{}\n", plan.header()));
     if plan.flush_interval != 0 {
-        println!("Sending flush every {} requests", plan.flush_interval);
+        console::print(&format!(
+            "Sending flush every {} requests\n",
+            plan.flush_interval
+        ));
     }
     let result = execute(&img, &plan);
     if let Ok(elapsed) = &result {
-        println!("Run completed in {:.3} seconds.", elapsed.as_secs_f64());
+        console::print(&format!(
+            "Run completed in {:.3} seconds.\n",
+            elapsed.as_secs_f64()
+        ));
     }
     // Closing flushes, as qemu's does: the data of a write test and a format's metadata reach
     // the file even after a failed request. A failed request is the error to report.

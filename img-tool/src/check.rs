@@ -4,6 +4,7 @@ use clap::Args;
 use imgblock::{CheckReport, Image, Repair};
 use serde_json::{json, Map, Value};
 
+use crate::console;
 use crate::failure::{CliResult, Failure};
 use crate::open::{open_image, parse_format, OpenRequest};
 use crate::output::OutputFormat;
@@ -89,11 +90,11 @@ pub fn run(args: &CheckArgs) -> CliResult<i32> {
     let fixed = (report.corruptions_fixed, report.leaks_fixed);
     if fixed != (0, 0) {
         if output == OutputFormat::Human && !args.quiet {
-            print!(
+            console::print(&format!(
                 "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\n\
                  Double checking the fixed image now...\n",
                 fixed.1, fixed.0
-            );
+            ));
         }
         img.flush()?;
         report = run_check(&img, Repair::None)?;
@@ -103,11 +104,11 @@ pub fn run(args: &CheckArgs) -> CliResult<i32> {
     let name = args.filename.as_str();
     if !args.quiet {
         match output {
-            OutputFormat::Human => print!("{}", human_report(&report)),
-            OutputFormat::Json => println!(
-                "{}",
+            OutputFormat::Human => console::print(&human_report(&report)),
+            OutputFormat::Json => console::print(&format!(
+                "{}\n",
                 qjson::to_string(&json_report(&report, name, img.format().name()))
-            ),
+            )),
         }
     }
     if report.check_errors > 0 {
@@ -125,7 +126,7 @@ fn run_check(img: &Image, repair: Repair) -> CliResult<CheckReport> {
         other => Failure::new(format!("Check failed: {other}")),
     })?;
     for m in &report.messages {
-        eprintln!("{m}");
+        console::eprint(&format!("{m}\n"));
     }
     let mut report = report;
     if img.format() != imgblock::Format::Qcow2 {

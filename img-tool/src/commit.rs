@@ -5,6 +5,7 @@ use std::path::Path;
 use clap::Args;
 
 use crate::cache::parse_cache;
+use crate::console;
 use crate::failure::{CliResult, Failure};
 use crate::open::{open_image, parse_format, OpenRequest};
 use crate::progress::{Progress, ProgressArgs};
@@ -66,7 +67,7 @@ pub fn run(args: &CommitArgs) -> CliResult<i32> {
     })?;
     progress.finish();
     if !args.quiet {
-        println!("Image committed.");
+        console::print("Image committed.\n");
     }
     Ok(0)
 }

@@ -3,6 +3,7 @@
 use clap::Args;
 use imgblock::{BlockStatus, Image};
 
+use crate::console;
 use crate::failure::{CliResult, Failure};
 use crate::open::{open_image, parse_format, OpenRequest};
 use crate::progress::{Progress, ProgressArgs};
@@ -89,7 +90,7 @@ pub fn run(args: &CompareArgs) -> CliResult<i32> {
         open(&args.filename2, args.format2.as_deref()).map_err(|f| f.with_code(EXIT_OPEN_ERROR))?;
     let say = |s: &str| {
         if !args.quiet {
-            println!("{s}");
+            console::print(&format!("{s}\n"));
         }
     };
     let (sa, sb) = (a.size(), b.size());

@@ -7,6 +7,7 @@ use clap::Args;
 use imgblock::{BlockStatus, CreateOptions, Format, Image};
 
 use crate::cache::parse_cache;
+use crate::console;
 use crate::createopts::{help_text, wants_help};
 use crate::failure::{CliResult, Failure};
 use crate::open::{open_image, open_source, parse_format, OpenRequest};
@@ -196,7 +197,7 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         crate::createopts::add_option_list(&mut opts, o)?;
     }
     if wants_help(&opts.opts) {
-        print!("{}", help_text(out_format, !args.files.is_empty()));
+        console::print(&help_text(out_format, !args.files.is_empty()));
         return Ok(0);
     }
     if args.no_create && !args.options.is_empty() {
@@ -258,7 +259,7 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         check_compression(out_format, &opts)?;
     }
     if !args.no_create && crate::create::legacy_aes(&opts) {
-        eprintln!("{}", crate::create::LEGACY_AES_WARNING);
+        console::eprint(&format!("{}\n", crate::create::LEGACY_AES_WARNING));
     }
     let direct = is_direct(args.cache.as_deref());
     let target = if args.no_create {

@@ -5,6 +5,7 @@ use std::path::Path;
 use clap::Args;
 use imgblock::{CreateOptions, Format, OpenOptions};
 
+use crate::console;
 use crate::createopts::{formatting_line, help_text, library_options, wants_help};
 use crate::failure::{open_failure, strerror, CliResult, Failure};
 use crate::open::parse_format;
@@ -61,7 +62,7 @@ pub fn run(args: &CreateArgs) -> CliResult<i32> {
             .map_err(|e| in_file_opt(&args.filename, e.into()))?;
     }
     if wants_help(&opts.opts) {
-        print!("{}", help_text(format, args.filename.is_some()));
+        console::print(&help_text(format, args.filename.is_some()));
         return Ok(0);
     }
     let file = args
@@ -97,10 +98,10 @@ pub fn run(args: &CreateArgs) -> CliResult<i32> {
     }
     args.secret_args.fill(&mut opts)?;
     if legacy_aes(&opts) {
-        eprintln!("{}", LEGACY_AES_WARNING);
+        console::eprint(&format!("{LEGACY_AES_WARNING}\n"));
     }
     if !args.quiet {
-        println!("{}", formatting_line(file, format, &opts));
+        console::print(&format!("{}\n", formatting_line(file, format, &opts)));
     }
     imgblock::create(Path::new(file), format, &opts).map_err(|e| match e {
         imgblock::Error::InvalidOption(m) => in_file(m),

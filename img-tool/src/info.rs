@@ -10,6 +10,7 @@ use serde_json::{json, Map, Value};
 
 use imgblock::crypto::{EncryptionInfo, LuksInfo};
 
+use crate::console;
 use crate::failure::CliResult;
 use crate::open::{open_source, parse_format, OpenRequest};
 use crate::output::OutputFormat;
@@ -77,7 +78,7 @@ pub fn run(args: &InfoArgs) -> CliResult<i32> {
         }
         (OutputFormat::Human, _) => infos.iter().map(human_info).collect::<Vec<_>>().join("\n"),
     };
-    print!("{text}");
+    console::print(&text);
     Ok(0)
 }
 

@@ -10,6 +10,7 @@ mod cache;
 mod check;
 mod commit;
 mod compare;
+mod console;
 mod convert;
 mod create;
 mod createopts;
@@ -130,13 +131,14 @@ fn main() -> ExitCode {
             return exit_code(code);
         }
     };
-    match dispatch(&cli.command) {
-        Ok(status) => exit_code(status),
+    let status = match dispatch(&cli.command) {
+        Ok(status) => status,
         Err(f) => {
-            eprintln!("img: {f}");
-            exit_code(f.code)
+            console::eprint(&format!("img: {f}\n"));
+            f.code
         }
-    }
+    };
+    exit_code(console::finish(status))
 }
 
 #[cfg(test)]

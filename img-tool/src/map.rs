@@ -1,10 +1,9 @@
 //! `img map`: where the guest's data lives, merged and printed as qemu-img prints it.
 
-use std::io::Write;
-
 use clap::Args;
 use imgblock::{BlockStatus, Image};
 
+use crate::console::{self, Buffered};
 use crate::failure::{CliResult, Failure};
 use crate::open::{open_image, parse_format, storage_path, OpenRequest};
 use crate::output::OutputFormat;
@@ -177,52 +176,52 @@ pub fn human_entry(e: &MapEntry) -> CliResult<Option<String>> {
     )))
 }
 
-/// Writes entries in one of the two formats, keeping JSON's separators right.
-struct Printer<W: Write> {
-    out: W,
+/// Prints entries in one of the two formats, keeping JSON's separators right.
+struct Printer {
+    out: Buffered,
     format: OutputFormat,
     first: bool,
 }
 
-impl<W: Write> Printer<W> {
-    fn start(mut out: W, format: OutputFormat) -> CliResult<Self> {
+impl Printer {
+    fn start(format: OutputFormat) -> Self {
+        let mut out = Buffered::default();
         match format {
-            OutputFormat::Human => writeln!(
-                out,
-                "{:<16}{:<16}{:<16}File",
+            OutputFormat::Human => out.push(&format!(
+                "{:<16}{:<16}{:<16}File\n",
                 "Offset", "Length", "Mapped to"
-            )?,
-            OutputFormat::Json => write!(out, "[")?,
+            )),
+            OutputFormat::Json => out.push("["),
         }
-        Ok(Printer {
+        Printer {
             out,
             format,
             first: true,
-        })
+        }
     }
 
     fn entry(&mut self, e: &MapEntry) -> CliResult<()> {
         match self.format {
             OutputFormat::Human => {
                 if let Some(line) = human_entry(e)? {
-                    writeln!(self.out, "{line}")?;
+                    self.out.push(&line);
+                    self.out.push("\n");
                 }
             }
             OutputFormat::Json => {
                 let sep = if self.first { "" } else { ",\n" };
-                write!(self.out, "{sep}{}", json_entry(e))?;
+                self.out.push(&format!("{sep}{}", json_entry(e)));
             }
         }
         self.first = false;
         Ok(())
     }
 
-    fn end(mut self) -> CliResult<()> {
+    fn end(mut self) {
         if self.format == OutputFormat::Json {
-            writeln!(self.out, "]")?;
+            self.out.push("]\n");
         }
-        self.out.flush()?;
-        Ok(())
+        self.out.flush();
     }
 }
 
@@ -242,16 +241,19 @@ pub fn run(args: &MapArgs) -> CliResult<i32> {
         ..OpenRequest::default()
     };
     let img = open_image(&spec.path, &req)?;
-    let stdout = std::io::stdout().lock();
-    let mut printer = Printer::start(std::io::BufWriter::new(stdout), format)?;
+    let mut printer = Printer::start(format);
     let mut merger = Merger::new(format == OutputFormat::Human);
     for next in statuses(&img) {
+        if console::stdout_closed() {
+            // Nobody reads the rest (`img map | head`).
+            return Ok(0);
+        }
         if let Some(done) = merger.push(next?) {
             printer.entry(&done)?;
         }
     }
     printer.entry(&merger.finish())?;
-    printer.end()?;
+    printer.end();
     Ok(0)
 }
 

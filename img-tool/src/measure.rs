@@ -5,6 +5,7 @@ use imgblock::measure::Measure;
 use imgblock::{CreateOptions, Format};
 use serde_json::{json, Map, Value};
 
+use crate::console;
 use crate::convert::parse_snapshot;
 use crate::createopts::library_options;
 use crate::failure::{CliResult, Failure};
@@ -138,8 +139,8 @@ pub fn run(args: &MeasureArgs) -> CliResult<i32> {
             other => Failure::from(other),
         })?;
     match output {
-        OutputFormat::Human => print!("{}", human(&m)),
-        OutputFormat::Json => println!("{}", qjson::to_string(&json_value(&m))),
+        OutputFormat::Human => console::print(&human(&m)),
+        OutputFormat::Json => console::print(&format!("{}\n", qjson::to_string(&json_value(&m)))),
     }
     Ok(0)
 }

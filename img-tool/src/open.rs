@@ -4,6 +4,7 @@ use std::path::Path;
 
 use imgblock::{Format, Image, OpenOptions};
 
+use crate::console;
 use crate::failure::{open_failure, CliResult, Failure};
 
 /// Parses a `-f`/`-O`/`-F` format name.
@@ -62,7 +63,7 @@ pub fn open_image(path: &Path, req: &OpenRequest<'_>) -> CliResult<Image> {
     }
     .map_err(|e| open_failure(path, &e))?;
     if req.writable && img.format_was_guessed_raw() {
-        eprint!("{}", guessed_raw_warning(path));
+        console::eprint(&guessed_raw_warning(path));
     }
     Ok(img)
 }

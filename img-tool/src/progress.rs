@@ -73,10 +73,10 @@ impl Json {
         let total = self.total.load(Ordering::Relaxed);
         let ms = now.duration_since(self.start).as_millis().max(1);
         let rate = u64::try_from(u128::from(done) * 1000 / ms).unwrap_or(u64::MAX);
-        eprintln!(
-            "{}",
+        crate::console::eprint(&format!(
+            "{}\n",
             serde_json::json!({ "done": done, "total": total, "rate": rate })
-        );
+        ));
     }
 }
 

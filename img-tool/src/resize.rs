@@ -4,6 +4,7 @@ use clap::Args;
 use imgblock::raw::Preallocation;
 use imgblock::Format;
 
+use crate::console;
 use crate::failure::{CliResult, Failure};
 use crate::open::{open_image, parse_format, OpenRequest};
 use crate::secrets::SecretArgs;
@@ -125,7 +126,7 @@ pub fn run(args: &ResizeArgs) -> CliResult<i32> {
         other => Failure::from(other),
     })?;
     if !args.quiet {
-        println!("Image resized.");
+        console::print("Image resized.\n");
     }
     Ok(0)
 }

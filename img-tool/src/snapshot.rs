@@ -4,6 +4,7 @@
 use clap::{ArgAction, Args};
 use imgblock::Image;
 
+use crate::console;
 use crate::failure::{CliResult, Failure};
 use crate::info::snapshot_list_text;
 use crate::open::{open_image, parse_format, OpenRequest};
@@ -107,7 +108,7 @@ pub fn run(args: &SnapshotArgs) -> CliResult<i32> {
         Action::List => {
             let snaps = img.driver().snapshots()?;
             if !args.quiet {
-                print!("{}", snapshot_list_text(&snaps));
+                console::print(&snapshot_list_text(&snaps));
             }
         }
         Action::Create(name) => img.snapshot_create(&name).map_err(|e| {
