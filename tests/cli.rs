@@ -1431,3 +1431,65 @@ fn stdout_reader_gone_exits_0_like_qemu() {
     );
     assert_eq!(out.stderr, "", "{out}");
 }
+
+/// map --start-offset/-s and --max-length/-l restrict the map to a range, in both output
+/// formats, exactly as qemu-img prints it: unaligned ends, a range past the end (one empty
+/// entry at the start offset), a zero length; and qemu's messages for bad values.
+#[test]
+fn map_start_offset_and_max_length_match_qemu() {
+    let env = Env::with_qemu();
+    env.sparse_file("disk.raw", 8 * MIB);
+    env.write_at("disk.raw", MIB, &[3; 65536]);
+    env.write_at("disk.raw", 3 * MIB - 100, &[4; 300]);
+    env.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "q.qcow2",
+        "4M",
+    ])
+    .ok();
+    env.qemu_io("qcow2", "q.qcow2", common::EDITS);
+    for file in ["disk.raw", "q.qcow2"] {
+        for range in [
+            &["--start-offset=1M"][..],
+            &["--max-length=1M"],
+            &["-s", "1000", "-l", "100000"],
+            &["-s", "1048576", "-l", "4096"],
+            &["--start-offset", "0x2ff000", "--max-length", "0x2000"],
+            &["-s", "65000", "-l", "140000"],
+            &["-s", "100M"],
+            &["-l", "0"],
+            &["-s", "9223372036854775807", "-l", "9223372036854775807"],
+        ] {
+            for output in ["--output=json", "--output=human"] {
+                let mut args = vec!["map", output];
+                args.extend_from_slice(range);
+                args.push(file);
+                let ours = env.img(&args).ok();
+                let theirs = env.qemu_img(&args).ok();
+                assert_eq!(ours.stdout, theirs.stdout, "img:{ours}\nqemu-img:{theirs}");
+            }
+        }
+    }
+    for bad in [
+        &["-s", "abc"][..],
+        &["-s", "-1"],
+        &["-l", "-1"],
+        &["--max-length=99E"],
+    ] {
+        let mut args = vec!["map"];
+        args.extend_from_slice(bad);
+        args.push("disk.raw");
+        let ours = env.img(&args).code_is(1);
+        let theirs = env.qemu_img(&args).code_is(1);
+        assert_eq!(
+            ours.stderr.replacen("img:", "qemu-img:", 1),
+            theirs.stderr,
+            "img:{ours}\nqemu-img:{theirs}"
+        );
+    }
+}

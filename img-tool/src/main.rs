@@ -243,6 +243,8 @@ mod tests {
         (
             "map",
             &[
+                "max-length",
+                "start-offset",
                 "force-share",
                 "format",
                 "help",

@@ -7,11 +7,13 @@ use crate::console::{self, Buffered};
 use crate::failure::{CliResult, Failure};
 use crate::open::{open_image, parse_format, storage_path, OpenRequest};
 use crate::output::OutputFormat;
+use crate::units::cvtnum;
 
 /// qemu-img asks block status for at most this much at a time.
 const MAX_STATUS_LEN: u64 = 1 << 30;
 
-/// `img map [-f FMT] [--output=human|json] [-U] FILE`
+/// `img map [-f FMT] [--output=human|json] [-s|--start-offset OFFSET] [-l|--max-length LENGTH]
+/// [-U] FILE`
 #[derive(Debug, Args)]
 pub struct MapArgs {
     /// `--object secret,...` and `--image-opts`.
@@ -26,9 +28,28 @@ pub struct MapArgs {
     /// Open the image even if another process uses it (accepted for compatibility).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Map from this guest offset on (default 0).
+    #[arg(
+        short = 's',
+        long = "start-offset",
+        value_name = "OFFSET",
+        allow_hyphen_values = true
+    )]
+    start_offset: Option<String>,
+    /// Map at most this many bytes (default: to the end of the image).
+    #[arg(
+        short = 'l',
+        long = "max-length",
+        value_name = "LENGTH",
+        allow_hyphen_values = true
+    )]
+    max_length: Option<String>,
     /// The image file.
     filename: String,
 }
+
+/// qemu's `INT64_MAX`, the bound of the offsets.
+const INT64_MAX: u64 = i64::MAX.unsigned_abs();
 
 /// One run of the map (qemu-img's `MapEntry`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -98,10 +119,13 @@ pub struct Merger {
 }
 
 impl Merger {
-    /// A merger for the given output format.
-    pub fn new(human: bool) -> Self {
+    /// A merger for the given output format, for a map that starts at `start`.
+    pub fn new(human: bool, start: u64) -> Self {
         Merger {
-            curr: MapEntry::default(),
+            curr: MapEntry {
+                start,
+                ..MapEntry::default()
+            },
             human,
         }
     }
@@ -125,7 +149,8 @@ impl Merger {
         done
     }
 
-    /// The last entry (qemu prints it even when it is empty).
+    /// The last entry (qemu prints it even when it is empty, at the start offset when the map
+    /// covers nothing).
     pub fn finish(self) -> MapEntry {
         self.curr
     }
@@ -230,6 +255,15 @@ impl Printer {
 /// # Errors
 /// When the image cannot be opened or its metadata read.
 pub fn run(args: &MapArgs) -> CliResult<i32> {
+    let start = args
+        .start_offset
+        .as_deref()
+        .map_or(Ok(0), |s| cvtnum("start offset", s, INT64_MAX))?;
+    let max_length = args
+        .max_length
+        .as_deref()
+        .map(|s| cvtnum("max length", s, INT64_MAX))
+        .transpose()?;
     let format = OutputFormat::parse(&args.output, "map")?;
     let spec = args
         .secret_args
@@ -242,8 +276,9 @@ pub fn run(args: &MapArgs) -> CliResult<i32> {
     };
     let img = open_image(&spec.path, &req)?;
     let mut printer = Printer::start(format);
-    let mut merger = Merger::new(format == OutputFormat::Human);
-    for next in statuses(&img) {
+    let end = max_length.map_or(img.size(), |l| img.size().min(start.saturating_add(l)));
+    let mut merger = Merger::new(format == OutputFormat::Human, start);
+    for next in statuses(&img, start, end) {
         if console::stdout_closed() {
             // Nobody reads the rest (`img map | head`).
             return Ok(0);
@@ -257,11 +292,11 @@ pub fn run(args: &MapArgs) -> CliResult<i32> {
     Ok(0)
 }
 
-/// The block-status answers covering the whole disk, in order.
-fn statuses(img: &Image) -> impl Iterator<Item = CliResult<MapEntry>> + '_ {
-    let size = img.size();
+/// The block-status answers covering guest bytes `start..end`, in order.
+fn statuses(img: &Image, start: u64, end: u64) -> impl Iterator<Item = CliResult<MapEntry>> + '_ {
+    let size = end;
     let chain = img.chain();
-    let mut pos = 0u64;
+    let mut pos = start;
     std::iter::from_fn(move || {
         if pos >= size {
             return None;
@@ -301,7 +336,7 @@ mod tests {
     }
 
     fn merge_all(human: bool, v: Vec<MapEntry>) -> Vec<MapEntry> {
-        let mut m = Merger::new(human);
+        let mut m = Merger::new(human, 0);
         let mut out: Vec<MapEntry> = v.into_iter().filter_map(|e| m.push(e)).collect();
         out.push(m.finish());
         out
