@@ -1493,3 +1493,43 @@ fn map_start_offset_and_max_length_match_qemu() {
         );
     }
 }
+
+/// check -T and compare -T (--cache) take the source cache modes, validated as qemu-img does
+/// (same message, same status: 1 for check, 2 for compare); `none` and `directsync` read
+/// around the page cache and give the same results.
+#[test]
+fn check_and_compare_take_source_cache_like_qemu() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "q.qcow2", "4M"])
+        .ok();
+    env.qemu_io("qcow2", "q.qcow2", common::EDITS);
+    env.qemu_img(&["convert", "-O", "raw", "q.qcow2", "q.raw"])
+        .ok();
+    env.write_at("q.raw", 3 * MIB + 7, &[0x99]);
+    for mode in [
+        "none",
+        "writeback",
+        "writethrough",
+        "directsync",
+        "unsafe",
+        "bogus",
+        "",
+    ] {
+        for args in [
+            &["check", "-T", mode, "q.qcow2"][..],
+            &["check", "--cache", mode, "--output=json", "q.qcow2"],
+            &["compare", "-T", mode, "q.qcow2", "q.qcow2"],
+            &["compare", "--cache", mode, "q.qcow2", "q.raw"],
+        ] {
+            let ours = env.img(args).no_panic();
+            let theirs = env.qemu_img(args);
+            assert_eq!(ours.code, theirs.code, "img:{ours}\nqemu-img:{theirs}");
+            assert_eq!(ours.stdout, theirs.stdout, "img:{ours}\nqemu-img:{theirs}");
+            assert_eq!(
+                ours.stderr.replacen("img:", "qemu-img:", 1),
+                theirs.stderr,
+                "img:{ours}\nqemu-img:{theirs}"
+            );
+        }
+    }
+}

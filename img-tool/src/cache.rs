@@ -1,6 +1,7 @@
-//! qemu-img's `-t`/`-T` cache modes. `img` accepts them for compatibility: it always writes
-//! through the page cache and flushes before it reports success, which is what every mode but
-//! `unsafe` promises and more than `unsafe` asks.
+//! qemu-img's `-t`/`-T` cache modes. `img` writes through the page cache and flushes before it
+//! reports success, which is what every mode but `unsafe` promises and more than `unsafe` asks;
+//! where a command reads or writes in bulk (convert, check and compare's `-T`), `none` and
+//! `directsync` go around the page cache, as their `cache.direct=on` asks.
 
 use crate::failure::{CliResult, Failure};
 
@@ -18,6 +19,11 @@ pub fn parse_cache(mode: Option<&str>, what: &str) -> CliResult<()> {
         }
         _ => Ok(()),
     }
+}
+
+/// Whether a cache mode bypasses the page cache (qemu's `cache.direct=on`).
+pub fn is_direct(mode: Option<&str>) -> bool {
+    matches!(mode, Some("none" | "directsync"))
 }
 
 #[cfg(test)]

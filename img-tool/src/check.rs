@@ -4,6 +4,7 @@ use clap::Args;
 use imgblock::{CheckReport, Image, Repair};
 use serde_json::{json, Map, Value};
 
+use crate::cache::{is_direct, parse_cache};
 use crate::console;
 use crate::failure::{CliResult, Failure};
 use crate::open::{open_image, parse_format, OpenRequest};
@@ -18,7 +19,7 @@ pub const EXIT_LEAKS: i32 = 3;
 /// Exit status: the format has no consistency checks.
 pub const EXIT_NO_CHECKS: i32 = 63;
 
-/// `img check [-f FMT] [--output=human|json] [-r leaks|all] [-q] FILE`
+/// `img check [-f FMT] [-T CACHE] [--output=human|json] [-r leaks|all] [-q] FILE`
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     /// `--object secret,...` and `--image-opts`.
@@ -30,6 +31,9 @@ pub struct CheckArgs {
     /// Output format: human or json.
     #[arg(long = "output", value_name = "FMT", default_value = "human")]
     output: String,
+    /// Cache mode for reading the image: `none` and `directsync` read around the page cache.
+    #[arg(short = 'T', long = "cache", value_name = "CACHE")]
+    cache: Option<String>,
     /// Repair: leaks, or all.
     #[arg(short = 'r', long = "repair", value_name = "leaks|all")]
     repair: Option<String>,
@@ -62,6 +66,7 @@ fn parse_repair(s: Option<&str>) -> CliResult<Repair> {
 /// # Errors
 /// When the image cannot be opened or checked; the failure carries qemu-img's status.
 pub fn run(args: &CheckArgs) -> CliResult<i32> {
+    parse_cache(args.cache.as_deref(), "source cache")?;
     let output = OutputFormat::parse(&args.output, "check")?;
     let repair = parse_repair(args.repair.as_deref())?;
     let spec = args
@@ -71,6 +76,7 @@ pub fn run(args: &CheckArgs) -> CliResult<i32> {
         format: spec.format,
         writable: repair != Repair::None,
         repair: repair != Repair::None,
+        direct: is_direct(args.cache.as_deref()),
         secrets: Some(&spec.secrets),
         force_share: args.force_share,
         ..OpenRequest::default()

@@ -3,6 +3,7 @@
 use clap::Args;
 use imgblock::{BlockStatus, Image};
 
+use crate::cache::{is_direct, parse_cache};
 use crate::console;
 use crate::failure::{CliResult, Failure};
 use crate::open::{open_image, parse_format, OpenRequest};
@@ -21,7 +22,7 @@ pub const EXIT_STATUS_ERROR: i32 = 3;
 /// Exit status: data could not be read.
 pub const EXIT_READ_ERROR: i32 = 4;
 
-/// `img compare [-f FMT] [-F FMT] [-s] [-p] [-q] [-U] A B`
+/// `img compare [-f FMT] [-F FMT] [-T CACHE] [-s] [-p] [-q] [-U] A B`
 #[derive(Debug, Args)]
 pub struct CompareArgs {
     /// `--object secret,...` and `--image-opts`.
@@ -43,6 +44,9 @@ pub struct CompareArgs {
         value_name = "FMT"
     )]
     format2: Option<String>,
+    /// Cache mode for reading the images: `none` and `directsync` read around the page cache.
+    #[arg(short = 'T', long = "cache", value_name = "CACHE")]
+    cache: Option<String>,
     /// Strict: fail on different sizes or allocation.
     #[arg(short = 's', long = "strict")]
     strict: bool,
@@ -74,12 +78,16 @@ enum Verdict {
 /// # Errors
 /// When an image cannot be opened (status 2), its metadata (3) or data (4) cannot be read.
 pub fn run(args: &CompareArgs) -> CliResult<i32> {
+    // qemu-img compare fails with status 2 here, as for an image it cannot open.
+    parse_cache(args.cache.as_deref(), "source cache").map_err(|f| f.with_code(EXIT_OPEN_ERROR))?;
+    let direct = is_direct(args.cache.as_deref());
     let open = |name: &str, fmt: Option<&str>| -> CliResult<Image> {
         let spec = args.secret_args.resolve(name, parse_format(fmt)?)?;
         let req = OpenRequest {
             format: spec.format,
             secrets: Some(&spec.secrets),
             force_share: args.force_share,
+            direct,
             ..OpenRequest::default()
         };
         open_image(&spec.path, &req)

@@ -6,7 +6,7 @@ use std::path::Path;
 use clap::Args;
 use imgblock::{BlockStatus, CreateOptions, Format, Image};
 
-use crate::cache::parse_cache;
+use crate::cache::{is_direct, parse_cache};
 use crate::console;
 use crate::createopts::{help_text, wants_help};
 use crate::failure::{CliResult, Failure};
@@ -380,11 +380,6 @@ fn create_target(
         ..OpenRequest::default()
     };
     open_image(path, &req)
-}
-
-/// Whether a cache mode bypasses the page cache (qemu's `cache.direct=on`).
-fn is_direct(mode: Option<&str>) -> bool {
-    matches!(mode, Some("none" | "directsync"))
 }
 
 fn pow2floor(n: usize) -> usize {

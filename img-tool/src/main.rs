@@ -214,6 +214,7 @@ mod tests {
         (
             "check",
             &[
+                "cache",
                 "force-share",
                 "format",
                 "help",
@@ -227,6 +228,7 @@ mod tests {
         (
             "compare",
             &[
+                "cache",
                 "a-format",
                 "b-format",
                 "force-share",
