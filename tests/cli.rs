@@ -1533,3 +1533,146 @@ fn check_and_compare_take_source_cache_like_qemu() {
         }
     }
 }
+
+/// convert --target-is-zero: with -n, zeroes in the source are not written (the target is
+/// taken to read as zeroes), unless -S 0 asks for everything; the target's bytes are what
+/// qemu-img leaves. Without -n, with -B, or with other faults, qemu-img's messages in its
+/// order.
+#[test]
+fn convert_target_is_zero_matches_qemu() {
+    let env = Env::with_qemu();
+    env.sparse_file("src.raw", MIB);
+    env.write_at("src.raw", 4096, &[0x11; 4096]);
+    env.write_at("src.raw", 512 * KIB, &[0x22; 65536]);
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "1M"])
+        .ok();
+    for (fmt, sparse) in [("raw", "4k"), ("raw", "0"), ("qcow2", "4k")] {
+        for tool in ["img", "qemu"] {
+            // A target full of 0xff, which --target-is-zero claims is zero.
+            let t = format!("{tool}-{fmt}-{sparse}.{fmt}");
+            env.write("ff.raw", &[0xff; 1 << 20]);
+            env.qemu_img(&["convert", "-f", "raw", "-O", fmt, "ff.raw", &t])
+                .ok();
+            let args = [
+                "convert",
+                "-n",
+                "--target-is-zero",
+                "-S",
+                sparse,
+                "-f",
+                "raw",
+                "-O",
+                fmt,
+                "src.raw",
+                &t,
+            ];
+            if tool == "img" {
+                env.img(&args).ok();
+            } else {
+                env.qemu_img(&args).ok();
+            }
+        }
+        let (a, b) = (
+            format!("img-{fmt}-{sparse}.{fmt}"),
+            format!("qemu-{fmt}-{sparse}.{fmt}"),
+        );
+        env.qemu_img(&["compare", &a, &b]).ok();
+        // Where the source is zero the old 0xff stays, unless -S 0 wrote the zeroes.
+        env.qemu_img(&["convert", "-O", "raw", &a, "check.raw"])
+            .ok();
+        let expect = if sparse == "0" { 0 } else { 0xff };
+        assert_eq!(env.read("check.raw")[0], expect, "{a}");
+    }
+    for args in [
+        &["convert", "--target-is-zero", "src.raw", "t.raw"][..],
+        &["convert", "--target-is-zero"],
+        &["convert", "--target-is-zero", "-O", "qcow2", "-o", "help"],
+        &[
+            "convert",
+            "--target-is-zero",
+            "-c",
+            "-C",
+            "src.raw",
+            "t.raw",
+        ],
+        &[
+            "convert",
+            "--target-image-opts",
+            "--target-is-zero",
+            "src.raw",
+            "t.raw",
+        ],
+        &["convert", "--target-is-zero", "-n"],
+        &[
+            "convert",
+            "-n",
+            "--target-is-zero",
+            "-O",
+            "qcow2",
+            "missing.raw",
+            "t.qcow2",
+        ],
+        &["convert", "-n", "-o", "help", "-O", "qcow2"],
+        &[
+            "convert",
+            "-n",
+            "-o",
+            "cluster_size=4k",
+            "--target-image-opts",
+            "a",
+            "b",
+        ],
+        &[
+            "convert",
+            "-c",
+            "-o",
+            "preallocation=full",
+            "-O",
+            "qcow2",
+            "missing.raw",
+            "t.qcow2",
+        ],
+        &[
+            "convert",
+            "-c",
+            "-o",
+            "preallocation=full",
+            "-O",
+            "qcow2",
+            "-B",
+            "base.qcow2",
+            "src.raw",
+            "t.qcow2",
+        ],
+    ] {
+        let ours = env.img(args).code_is(1);
+        let theirs = env.qemu_img(args).code_is(1);
+        assert_eq!(
+            ours.stderr.replacen("img:", "qemu-img:", 1),
+            theirs.stderr,
+            "img:{ours}\nqemu-img:{theirs}"
+        );
+    }
+    // With a backing file: qemu-img's message, but a failure (qemu-img exits 0 there, having
+    // written nothing).
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "t.qcow2", "1M"])
+        .ok();
+    let args = [
+        "convert",
+        "-n",
+        "--target-is-zero",
+        "-B",
+        "base.qcow2",
+        "-O",
+        "qcow2",
+        "src.raw",
+        "t.qcow2",
+    ];
+    let ours = env.img(&args).code_is(1);
+    let theirs = env.qemu_img(&args);
+    assert_eq!(
+        ours.stderr.replacen("img:", "qemu-img:", 1),
+        theirs.stderr,
+        "img:{ours}\nqemu-img:{theirs}"
+    );
+}

@@ -25,7 +25,8 @@ const MAX_PARALLEL: usize = 16;
 const INT64_MAX: u64 = i64::MAX.unsigned_abs();
 
 /// `img convert [-f FMT] [-O FMT] [-o OPTS] [-S SIZE] [-n] [-p] [-q] [-c] [-l snapshot.name=NAME]
-/// [-B BACKING [-F FMT]] [-W] [-C] [-m N] [-t CACHE] [-T SRC_CACHE] [-U] [--disk N] SRC... DST`
+/// [-B BACKING [-F FMT]] [-W] [-C] [-m N] [-t CACHE] [-T SRC_CACHE] [-U] [--disk N]
+/// [--target-is-zero] SRC... DST`
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
     /// Format of the source images (probed when not given).
@@ -50,6 +51,10 @@ pub struct ConvertArgs {
     /// Zero runs at least this long become holes (default 4k; 0 writes everything).
     #[arg(short = 'S', long = "sparse-size", value_name = "SPARSE_SIZE")]
     sparse: Option<String>,
+    /// With -n: the existing target reads as zeroes already, so zeroes need not be written
+    /// (not with a backing file, -B).
+    #[arg(long = "target-is-zero")]
+    target_is_zero: bool,
     /// Do not create the target; write into the existing image.
     #[arg(short = 'n', long = "no-create")]
     no_create: bool,
@@ -196,22 +201,8 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
     for o in &args.options {
         crate::createopts::add_option_list(&mut opts, o)?;
     }
-    if wants_help(&opts.opts) {
-        console::print(&help_text(out_format, !args.files.is_empty()));
-        return Ok(0);
-    }
-    if args.no_create && !args.options.is_empty() {
-        return Err(Failure::new(
-            "-o has no effect when skipping image creation",
-        ));
-    }
-    if args.target_image_opts && !args.no_create {
-        return Err(Failure::new("--target-image-opts requires use of -n flag"));
-    }
-    let (dst, srcs) = match args.files.split_last() {
-        Some((dst, srcs)) if !srcs.is_empty() => (dst, srcs),
-        _ => return Err(Failure::new("Must specify image file name")),
-    };
+    // The checks come in qemu-img's order, so that a command line with several faults gets
+    // its message.
     if args.copy_range && args.compress {
         return Err(Failure::new(
             "Cannot enable copy offloading when -c is used",
@@ -222,6 +213,25 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
             "Cannot enable copy offloading when -S is used",
         ));
     }
+    if args.no_create && !args.options.is_empty() {
+        return Err(Failure::new(
+            "-o has no effect when skipping image creation",
+        ));
+    }
+    if args.target_image_opts && !args.no_create {
+        return Err(Failure::new("--target-image-opts requires use of -n flag"));
+    }
+    if args.target_is_zero && !args.no_create {
+        return Err(Failure::new("--target-is-zero requires use of -n flag"));
+    }
+    if wants_help(&opts.opts) {
+        console::print(&help_text(out_format, !args.files.is_empty()));
+        return Ok(0);
+    }
+    let (dst, srcs) = match args.files.split_last() {
+        Some((dst, srcs)) if !srcs.is_empty() => (dst, srcs),
+        _ => return Err(Failure::new("Must specify image file name")),
+    };
     // Copy offloading copies data as it is: no zero detection, as in qemu-img.
     let sparse = if args.copy_range {
         0
@@ -243,6 +253,12 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         opts.backing_fmt.clone_from(&args.backing_format);
     }
     let target_has_backing = opts.backing_file.is_some();
+    if args.target_is_zero && target_has_backing {
+        // qemu-img says so and then exits 0 having written nothing; img fails.
+        return Err(Failure::new(
+            "Cannot use --target-is-zero when the destination image has a backing file",
+        ));
+    }
     if target_has_backing && opts.backing_fmt.is_none() {
         return Err(Failure::new(
             "Use of backing file requires explicit backing format",
@@ -274,11 +290,11 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
     let plan = Plan {
         min_sparse,
         alignment: u64::try_from(pow2floor(min_sparse)).unwrap_or(1).max(1),
-        // A fresh luks payload decrypts to noise: its zeroes must be written.
-        zero_init: !args.no_create
-            && !target_has_backing
-            && min_sparse != 0
-            && target.driver().has_zero_init(),
+        // A fresh luks payload decrypts to noise: its zeroes must be written. With -n the
+        // target reads as zeroes only when --target-is-zero says so; -S 0 writes them anyway.
+        zero_init: min_sparse != 0
+            && (args.target_is_zero
+                || (!args.no_create && !target_has_backing && target.driver().has_zero_init())),
         target_has_backing,
         target_backing_end: target
             .backing()

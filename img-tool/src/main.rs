@@ -183,6 +183,7 @@ mod tests {
         (
             "convert",
             &[
+                "target-is-zero",
                 "backing",
                 "backing-format",
                 "compress",
