@@ -1676,3 +1676,62 @@ fn convert_target_is_zero_matches_qemu() {
         "img:{ours}\nqemu-img:{theirs}"
     );
 }
+
+/// convert -r and commit -r (--rate) cap the bytes written per second, as qemu-img's rate
+/// limit does: 2 MiB of data in a 64 MiB image at 1 MiB/s take about two seconds (holes and
+/// ranges left unallocated cost nothing) and give the same image; bad rates get qemu-img's
+/// messages.
+#[test]
+fn convert_and_commit_rate_limit_like_qemu() {
+    let env = Env::with_qemu();
+    env.sparse_file("src.raw", 64 * MIB);
+    env.write_at("src.raw", 10 * MIB, &common::noise(1, 2 << 20));
+    let timed = |args: &[&str]| {
+        let t = std::time::Instant::now();
+        env.img(args).ok();
+        t.elapsed()
+    };
+    let took = timed(&["convert", "-r", "1M", "-O", "qcow2", "src.raw", "out.qcow2"]);
+    assert!(took.as_secs_f64() > 1.5, "convert -r 1M took {took:?}");
+    assert!(took.as_secs_f64() < 30.0, "convert -r 1M took {took:?}");
+    env.qemu_img(&["compare", "src.raw", "out.qcow2"]).ok();
+    timed(&["convert", "--rate=0", "-O", "raw", "src.raw", "fast.raw"]);
+    env.assert_same_bytes("src.raw", "fast.raw");
+
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "64M"])
+        .ok();
+    env.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+    ])
+    .ok();
+    env.qemu_io("qcow2", "top.qcow2", &["write -P 7 20M 2M"]);
+    env.qemu_img(&["convert", "-O", "raw", "top.qcow2", "want.raw"])
+        .ok();
+    let took = timed(&["commit", "-q", "-r", "1M", "top.qcow2"]);
+    assert!(took.as_secs_f64() > 1.5, "commit -r 1M took {took:?}");
+    assert!(took.as_secs_f64() < 30.0, "commit -r 1M took {took:?}");
+    env.qemu_img(&["compare", "want.raw", "base.qcow2"]).ok();
+
+    for rate in ["abc", "-1", "99E", "1.5"] {
+        for args in [
+            &["convert", "-r", rate, "src.raw", "x.raw"][..],
+            &["commit", "-r", rate, "top.qcow2"],
+        ] {
+            let ours = env.img(args).code_is(1);
+            let theirs = env.qemu_img(args).code_is(1);
+            assert_eq!(
+                ours.stderr.replacen("img:", "qemu-img:", 1),
+                theirs.stderr,
+                "img:{ours}\nqemu-img:{theirs}"
+            );
+        }
+    }
+}

@@ -9,9 +9,11 @@ use crate::console;
 use crate::failure::{CliResult, Failure};
 use crate::open::{open_image, parse_format, OpenRequest};
 use crate::progress::{Progress, ProgressArgs};
+use crate::ratelimit::RateLimit;
 use crate::secrets::{ImageSpec, SecretArgs};
 
-/// `img commit [-f FMT | --image-opts] [--object OBJDEF] [-t CACHE] [-b BASE] [-d] [-p] [-q] FILE`
+/// `img commit [-f FMT | --image-opts] [--object OBJDEF] [-t CACHE] [-b BASE] [-d] [-r RATE] [-p]
+/// [-q] FILE`
 #[derive(Debug, Args)]
 pub struct CommitArgs {
     /// `--object secret,...` and `--image-opts` (`backing.encrypt.key-secret=ID` for the base).
@@ -26,6 +28,14 @@ pub struct CommitArgs {
     /// The image to commit into (default: the immediate backing file). Implies -d.
     #[arg(short = 'b', long = "base", value_name = "BASE")]
     base: Option<String>,
+    /// Rate limit: at most RATE bytes written per second (size suffixes allowed; 0 is none).
+    #[arg(
+        short = 'r',
+        long = "rate",
+        value_name = "RATE",
+        allow_hyphen_values = true
+    )]
+    rate: Option<String>,
     /// Keep the overlay's data (do not empty it after the commit).
     #[arg(short = 'd', long = "drop")]
     keep: bool,
@@ -44,6 +54,7 @@ pub struct CommitArgs {
 /// # Errors
 /// An image without a backing file, a base that is not in its chain, or a failed write.
 pub fn run(args: &CommitArgs) -> CliResult<i32> {
+    let rate = RateLimit::parse(args.rate.as_deref())?;
     parse_cache(args.cache.as_deref(), "cache")?;
     let spec = args
         .secret_args
@@ -52,13 +63,18 @@ pub fn run(args: &CommitArgs) -> CliResult<i32> {
     let progress = Progress::new(&args.progress, args.quiet, 0);
     // qemu-img: the images between the base and the top become invalid, so -b keeps the top.
     let keep = args.keep || args.base.is_some();
-    imgblock::ops::commit(
+    imgblock::ops::commit_throttled(
         &spec.path,
         spec.format,
         &spec.secrets,
         args.base.as_deref().map(Path::new),
         keep,
         &|done, total| progress.set(done, total),
+        &|n| {
+            if let Some(r) = &rate {
+                r.wrote(n);
+            }
+        },
     )
     .map_err(|e| match e {
         imgblock::Error::Unsupported { what, .. } => Failure::new(what),

@@ -13,6 +13,7 @@ use crate::failure::{CliResult, Failure};
 use crate::open::{open_image, open_source, parse_format, OpenRequest};
 use crate::pipeline::{Action, Mode, Sparse};
 use crate::progress::{Progress, ProgressArgs};
+use crate::ratelimit::RateLimit;
 use crate::secrets::SecretArgs;
 
 /// The default `-S`: zero runs shorter than this inside data are written as data.
@@ -26,7 +27,7 @@ const INT64_MAX: u64 = i64::MAX.unsigned_abs();
 
 /// `img convert [-f FMT] [-O FMT] [-o OPTS] [-S SIZE] [-n] [-p] [-q] [-c] [-l snapshot.name=NAME]
 /// [-B BACKING [-F FMT]] [-W] [-C] [-m N] [-t CACHE] [-T SRC_CACHE] [-U] [--disk N]
-/// [--target-is-zero] SRC... DST`
+/// [--target-is-zero] [-r RATE] SRC... DST`
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
     /// Format of the source images (probed when not given).
@@ -90,6 +91,14 @@ pub struct ConvertArgs {
     /// raw to raw say; zeroes in the data are copied, not detected. Not with -c or -S.
     #[arg(short = 'C', long = "copy-range-offloading")]
     copy_range: bool,
+    /// Rate limit: at most RATE bytes written per second (size suffixes allowed; 0 is none).
+    #[arg(
+        short = 'r',
+        long = "rate",
+        value_name = "RATE",
+        allow_hyphen_values = true
+    )]
+    rate: Option<String>,
     /// Parallelism: worker threads that read, detect zeroes and compress (1 to 16; default: the
     /// number of cores).
     #[arg(short = 'm', long = "parallel", value_name = "NUM")]
@@ -195,6 +204,7 @@ fn parse_parallel(s: Option<&str>) -> CliResult<usize> {
 /// # Errors
 /// Bad options, unreadable sources, or a target that cannot be created or written.
 pub fn run(args: &ConvertArgs) -> CliResult<i32> {
+    let rate = RateLimit::parse(args.rate.as_deref())?;
     let out_format =
         parse_format(Some(args.output_format.as_deref().unwrap_or("raw")))?.unwrap_or(Format::Raw);
     let mut opts = CreateOptions::default();
@@ -337,7 +347,10 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         &target,
         sparse,
         mode,
-        workers,
+        crate::pipeline::Pace {
+            workers,
+            rate: rate.as_ref(),
+        },
         &progress,
         &|src, offset, len, at| next_range(src, offset, len, at, &plan),
     )?;

@@ -24,6 +24,7 @@ mod output;
 mod pipeline;
 mod progress;
 mod qjson;
+mod ratelimit;
 mod rebase;
 mod resize;
 mod secrets;
@@ -183,6 +184,7 @@ mod tests {
         (
             "convert",
             &[
+                "rate",
                 "target-is-zero",
                 "backing",
                 "backing-format",
@@ -303,6 +305,7 @@ mod tests {
         (
             "commit",
             &[
+                "rate",
                 "base",
                 "cache",
                 "drop",

@@ -22,6 +22,7 @@ use imgblock::Image;
 
 use crate::failure::{CliResult, Failure};
 use crate::progress::Progress;
+use crate::ratelimit::RateLimit;
 use crate::sectors::{data_run, SECTOR};
 
 /// Bytes per plain copy step: large enough for the disk and the page cache to stream.
@@ -69,6 +70,15 @@ pub enum Mode {
     Compressed { cluster: usize },
 }
 
+/// How fast the copy goes: its worker threads (`-m`) and its cap on bytes written (`-r`).
+#[derive(Debug, Clone, Copy)]
+pub struct Pace<'a> {
+    /// Threads that read, detect zeroes and compress.
+    pub workers: usize,
+    /// At most so many bytes written per second.
+    pub rate: Option<&'a RateLimit>,
+}
+
 /// A 4 KiB-aligned buffer of up to `cap` bytes, so that `O_DIRECT` can use it as it is.
 struct Buf {
     raw: Vec<u8>,
@@ -114,6 +124,7 @@ struct Shared<'a> {
     target: &'a Image,
     sparse: Sparse,
     progress: &'a Progress,
+    rate: Option<&'a RateLimit>,
     mode: Mode,
     stop: AtomicBool,
     error: Mutex<Option<Failure>>,
@@ -135,6 +146,12 @@ impl Shared<'_> {
     fn stopped(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
     }
+    /// Paces the copy after `n` bytes were written (`-r`).
+    fn wrote(&self, n: u64) {
+        if let Some(r) = self.rate {
+            r.wrote(n);
+        }
+    }
     fn give_back(&self, buf: Option<Buf>) {
         if let Some(b) = buf {
             // The pool has room for every buffer it started with.
@@ -153,11 +170,11 @@ pub fn copy(
     target: &Image,
     sparse: Sparse,
     mode: Mode,
-    workers: usize,
+    pace: Pace<'_>,
     progress: &Progress,
     plan: &Planner<'_>,
 ) -> CliResult<()> {
-    let workers = workers.max(1);
+    let workers = pace.workers.max(1);
     let (buf_len, step) = match mode {
         Mode::Plain { .. } => (CHUNK, CHUNK),
         Mode::Compressed { cluster } => {
@@ -177,6 +194,7 @@ pub fn copy(
         target,
         sparse,
         progress,
+        rate: pace.rate,
         mode,
         stop: AtomicBool::new(false),
         error: Mutex::new(None),
@@ -309,6 +327,7 @@ fn worker(sh: &Shared<'_>, jobs: &Mutex<Receiver<Job>>, done: Option<&SyncSender
             match copy_range_concat(sh.sources, d.job.offset, sh.target, d.job.len) {
                 Ok(true) => {
                     sh.give_back(Some(buf));
+                    sh.wrote(d.job.len);
                     sh.progress.inc(d.job.len);
                     continue;
                 }
@@ -459,16 +478,18 @@ fn write_done(
                     if let Some(Some(p)) = packed {
                         packed_run.push((at, p));
                     } else {
-                        t.write_compressed_clusters(&packed_run)?;
-                        packed_run.clear();
+                        write_packed(sh, &mut packed_run)?;
                         match packed {
                             None => write_zeroes(t, at, c.len() as u64, &sh.sparse)?,
-                            Some(_) => t.write_cluster(at, c, None)?,
+                            Some(_) => {
+                                t.write_cluster(at, c, None)?;
+                                sh.wrote(c.len() as u64);
+                            }
                         }
                     }
                     at += c.len() as u64;
                 }
-                t.write_compressed_clusters(&packed_run)?;
+                write_packed(sh, &mut packed_run)?;
                 return Ok(());
             }
             let mut done = 0;
@@ -476,6 +497,7 @@ fn write_done(
                 let pos = job.offset + done as u64;
                 if is_data {
                     t.write_at(&data[done..done + n], pos)?;
+                    sh.wrote(n as u64);
                 } else {
                     write_zeroes(t, pos, n as u64, &sh.sparse)?;
                 }
@@ -484,6 +506,14 @@ fn write_done(
             Ok(())
         }
     }
+}
+
+/// Writes a run of compressed clusters (their compressed bytes count for `-r`) and empties it.
+fn write_packed(sh: &Shared<'_>, run: &mut Vec<(u64, &[u8])>) -> CliResult<()> {
+    sh.target.write_compressed_clusters(run)?;
+    sh.wrote(run.iter().map(|(_, p)| p.len() as u64).sum());
+    run.clear();
+    Ok(())
 }
 
 /// Makes a target range read as zeroes, unless it already does.

@@ -16,6 +16,13 @@ pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
 /// Does nothing with progress.
 pub fn no_progress(_done: u64, _total: u64) {}
 
+/// Told the bytes of guest data an operation just wrote, so that the caller can pace it (a
+/// rate limit sleeps here).
+pub type Throttle<'a> = &'a (dyn Fn(u64) + Sync);
+
+/// Does not pace anything.
+pub fn no_throttle(_written: u64) {}
+
 fn is_zero(b: &[u8]) -> bool {
     b.iter().all(|&x| x == 0)
 }
@@ -36,6 +43,31 @@ pub fn commit(
     base: Option<&Path>,
     keep: bool,
     progress: Progress<'_>,
+) -> Result<()> {
+    commit_throttled(
+        top_path,
+        format,
+        secrets,
+        base,
+        keep,
+        progress,
+        &no_throttle,
+    )
+}
+
+/// [`commit`], telling `throttle` the bytes of each range it writes into the base (ranges the
+/// overlay leaves unallocated cost nothing), as qemu-img commit's rate limit counts them.
+///
+/// # Errors
+/// As [`commit`].
+pub fn commit_throttled(
+    top_path: &Path,
+    format: Option<Format>,
+    secrets: &Secrets,
+    base: Option<&Path>,
+    keep: bool,
+    progress: Progress<'_>,
+    throttle: Throttle<'_>,
 ) -> Result<()> {
     // The top image is emptied at the end: hold its write lock throughout. The chain is read
     // without locks of its own, so that the base below can be opened for writing.
@@ -108,6 +140,7 @@ pub fn commit(
             } else {
                 base_w.write_at(b, pos)?;
             }
+            throttle(n);
         }
         pos += n;
         progress(pos, size);
