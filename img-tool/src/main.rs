@@ -288,6 +288,7 @@ mod tests {
         (
             "rebase",
             &[
+                "compress",
                 "backing",
                 "backing-cache",
                 "backing-format",

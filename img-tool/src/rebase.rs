@@ -8,12 +8,12 @@ use imgblock::BackingSpec;
 
 use crate::cache::parse_cache;
 use crate::failure::{open_failure, open_reason, CliResult, Failure};
-use crate::open::parse_format;
+use crate::open::{open_image, parse_format, OpenRequest};
 use crate::progress::{Progress, ProgressArgs};
-use crate::secrets::SecretArgs;
+use crate::secrets::{ImageSpec, SecretArgs};
 
 /// `img rebase [-f FMT | --image-opts] [--object OBJDEF] [-t CACHE] [-T SRC_CACHE] [-u]
-/// -b BACKING [-F FMT] [-p] [-q] [-U] FILE`
+/// -b BACKING [-F FMT] [-c] [-p] [-q] [-U] FILE`
 #[derive(Debug, Args)]
 pub struct RebaseArgs {
     /// `--object secret,...` and `--image-opts` for the image and its current backing chain.
@@ -45,6 +45,9 @@ pub struct RebaseArgs {
     /// Quiet: print nothing but errors.
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
+    /// Store the clusters a safe rebase copies compressed (formats with compressed clusters).
+    #[arg(short = 'c', long = "compress")]
+    compress: bool,
     /// Open the backing files even if another process uses them (accepted for compatibility).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
@@ -69,6 +72,10 @@ pub fn run(args: &RebaseArgs) -> CliResult<i32> {
         .secret_args
         .resolve(&args.filename, parse_format(args.format.as_deref())?)?;
     let path = spec.path.as_path();
+    if args.compress {
+        // qemu-img refuses a format without compressed clusters first, even with -u.
+        check_compression(path, &spec)?;
+    }
     let new_backing = match args.backing.as_deref() {
         None | Some("") => None,
         Some(b) => Some(BackingSpec {
@@ -80,14 +87,25 @@ pub fn run(args: &RebaseArgs) -> CliResult<i32> {
         check_new_backing(path, b, args.unsafe_)?;
     }
     let progress = Progress::new(&args.progress, args.quiet, 0);
-    imgblock::ops::rebase(
-        path,
-        spec.format,
-        &spec.secrets,
-        new_backing.as_ref(),
-        args.unsafe_,
-        &|done, total| progress.set(done, total),
-    )
+    let report = |done, total| progress.set(done, total);
+    if args.compress && !args.unsafe_ {
+        imgblock::ops::rebase_compressed(
+            path,
+            spec.format,
+            &spec.secrets,
+            new_backing.as_ref(),
+            &report,
+        )
+    } else {
+        imgblock::ops::rebase(
+            path,
+            spec.format,
+            &spec.secrets,
+            new_backing.as_ref(),
+            args.unsafe_,
+            &report,
+        )
+    }
     .map_err(|e| match e {
         imgblock::Error::Unsupported { .. } => Failure::new(format!(
             "Could not change the backing file to '{}': Operation not supported",
@@ -108,6 +126,26 @@ pub fn run(args: &RebaseArgs) -> CliResult<i32> {
     })?;
     progress.finish();
     Ok(0)
+}
+
+/// Refuses, as qemu-img does before anything else, `-c` for an image whose format has no
+/// compressed clusters. (The image is opened for writing, as qemu opens it, which also warns
+/// about a probed raw image.)
+fn check_compression(path: &Path, spec: &ImageSpec) -> CliResult<()> {
+    let req = OpenRequest {
+        format: spec.format,
+        writable: true,
+        no_backing: true,
+        secrets: Some(&spec.secrets),
+        ..OpenRequest::default()
+    };
+    let img = open_image(path, &req)?;
+    if img.driver().cluster_size().is_none() || img.compress_cluster(&[0]).is_none() {
+        return Err(Failure::new(
+            "Compression not supported for this file format",
+        ));
+    }
+    Ok(())
 }
 
 /// qemu-img 10 requires the new backing file's format, and in safe mode opens it first.

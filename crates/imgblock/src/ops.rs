@@ -204,6 +204,48 @@ pub fn rebase(
         img.driver().set_backing(new_backing)?;
         return img.flush();
     }
+    rebase_copying(path, format, secrets, new_backing, false, progress)
+}
+
+/// A safe [`rebase`] (unsafe mode copies nothing) that stores the clusters it copies
+/// compressed, as qemu-img rebase -c does: a cluster where the two chains differ anywhere is
+/// written whole, compressed (or plain where it does not shrink).
+///
+/// # Errors
+/// As [`rebase`]; [`Error::Unsupported`] when the format has no compressed clusters.
+pub fn rebase_compressed(
+    path: &Path,
+    format: Option<Format>,
+    secrets: &Secrets,
+    new_backing: Option<&BackingSpec>,
+    progress: Progress<'_>,
+) -> Result<()> {
+    rebase_copying(path, format, secrets, new_backing, true, progress)
+}
+
+/// Reads `buf.len()` bytes at `pos` as `chain` (no chain: zeroes) shows them.
+fn read_chain(chain: Option<&Image>, buf: &mut [u8], pos: u64) -> Result<()> {
+    match chain {
+        Some(b) if pos < b.size() => {
+            let inside = usize::try_from((b.size() - pos).min(buf.len() as u64)).unwrap_or(0);
+            b.read_at(&mut buf[..inside], pos)?;
+            buf[inside..].fill(0);
+        }
+        _ => buf.fill(0),
+    }
+    Ok(())
+}
+
+/// The safe rebase: copies what reads differently through the new chain, then rewrites the
+/// header.
+fn rebase_copying(
+    path: &Path,
+    format: Option<Format>,
+    secrets: &Secrets,
+    new_backing: Option<&BackingSpec>,
+    compress: bool,
+    progress: Progress<'_>,
+) -> Result<()> {
     let img = Image::open_with_secrets(path, &OpenOptions::writable().format(format), secrets)?;
     let new_chain = match new_backing {
         Some(b) => {
@@ -213,26 +255,48 @@ pub fn rebase(
         }
         None => None,
     };
+    // Compressed clusters, where the format has them (a cluster of zeroes always shrinks).
+    let cluster = match compress {
+        false => None,
+        true => Some(
+            img.driver()
+                .cluster_size()
+                .filter(|&cs| cs <= CHUNK && img.compress_cluster(&[0]).is_some())
+                .ok_or_else(|| Error::Unsupported {
+                    path: path.to_owned(),
+                    what: "Compression not supported for this file format".into(),
+                })?,
+        ),
+    };
     let size = img.size();
     let old_end = img.backing().map_or(0, Image::size);
     let mut old = vec![0u8; usize::try_from(CHUNK).unwrap_or(0)];
     let mut new = vec![0u8; old.len()];
     let mut pos = 0;
+    // Compressing: the clusters before this one are done.
+    let mut next_cluster = 0;
     while pos < size {
         let (here, n) = img.is_allocated_here(pos, (size - pos).min(CHUNK))?;
-        if !here {
+        if let (false, Some(cs)) = (here, cluster) {
+            let mut c = (pos / cs * cs).max(next_cluster);
+            while c < pos + n {
+                let len = usize::try_from(cs.min(size - c)).unwrap_or(0);
+                let (o, nb) = (&mut old[..len], &mut new[..len]);
+                img.read_at(o, c)?;
+                read_chain(new_chain.as_ref(), nb, c)?;
+                if o != nb {
+                    let packed = img.compress_cluster(o);
+                    img.write_cluster(c, o, packed.as_deref())?;
+                }
+                c += cs;
+            }
+            next_cluster = c;
+        } else if !here {
             let nu = usize::try_from(n).unwrap_or(0);
             let o = &mut old[..nu];
             img.read_at(o, pos)?;
             let nb = &mut new[..nu];
-            match &new_chain {
-                Some(b) if pos < b.size() => {
-                    let inside = usize::try_from((b.size() - pos).min(n)).unwrap_or(0);
-                    b.read_at(&mut nb[..inside], pos)?;
-                    nb[inside..].fill(0);
-                }
-                _ => nb.fill(0),
-            }
+            read_chain(new_chain.as_ref(), nb, pos)?;
             // Copy only the sectors that differ, so identical parts stay shared.
             let mut i = 0;
             while i < nu {
