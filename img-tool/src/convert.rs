@@ -27,7 +27,7 @@ const INT64_MAX: u64 = i64::MAX.unsigned_abs();
 
 /// `img convert [-f FMT] [-O FMT] [-o OPTS] [-S SIZE] [-n] [-p] [-q] [-c] [-l snapshot.name=NAME]
 /// [-B BACKING [-F FMT]] [-W] [-C] [-m N] [-t CACHE] [-T SRC_CACHE] [-U] [--disk N]
-/// [--target-is-zero] [-r RATE] SRC... DST`
+/// [--target-is-zero] [-r RATE] [--salvage] SRC... DST`
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
     /// Format of the source images (probed when not given).
@@ -91,6 +91,10 @@ pub struct ConvertArgs {
     /// raw to raw say; zeroes in the data are copied, not detected. Not with -c or -S.
     #[arg(short = 'C', long = "copy-range-offloading")]
     copy_range: bool,
+    /// Copy what can be read: sectors that cannot be read become zeroes in the target, with a
+    /// warning each (none with -q), instead of failing the conversion.
+    #[arg(long = "salvage")]
+    salvage: bool,
     /// Rate limit: at most RATE bytes written per second (size suffixes allowed; 0 is none).
     #[arg(
         short = 'r',
@@ -347,12 +351,24 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         &target,
         sparse,
         mode,
-        crate::pipeline::Pace {
+        crate::pipeline::Settings {
             workers,
             rate: rate.as_ref(),
+            salvage: args.salvage,
+            quiet: args.quiet,
         },
         &progress,
-        &|src, offset, len, at| next_range(src, offset, len, at, &plan),
+        &|src, offset, len, at| {
+            next_range(src, offset, len, at, &plan).or_else(|f| {
+                // qemu-img --salvage copies a range whose status is unreadable as data, a
+                // sector at a time.
+                if args.salvage {
+                    Ok((Action::Copy, len.min(512)))
+                } else {
+                    Err(f)
+                }
+            })
+        },
     )?;
     target
         .flush()

@@ -184,6 +184,7 @@ mod tests {
         (
             "convert",
             &[
+                "salvage",
                 "rate",
                 "target-is-zero",
                 "backing",

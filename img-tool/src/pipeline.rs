@@ -20,6 +20,7 @@ use std::sync::Mutex;
 
 use imgblock::Image;
 
+use crate::console;
 use crate::failure::{CliResult, Failure};
 use crate::progress::Progress;
 use crate::ratelimit::RateLimit;
@@ -70,13 +71,18 @@ pub enum Mode {
     Compressed { cluster: usize },
 }
 
-/// How fast the copy goes: its worker threads (`-m`) and its cap on bytes written (`-r`).
+/// How the copy runs: its worker threads (`-m`), its cap on bytes written (`-r`), and what it
+/// does with unreadable source data (`--salvage`).
 #[derive(Debug, Clone, Copy)]
-pub struct Pace<'a> {
+pub struct Settings<'a> {
     /// Threads that read, detect zeroes and compress.
     pub workers: usize,
     /// At most so many bytes written per second.
     pub rate: Option<&'a RateLimit>,
+    /// Sectors that cannot be read are copied as zeroes, with a warning each.
+    pub salvage: bool,
+    /// No warnings (`-q`).
+    pub quiet: bool,
 }
 
 /// A 4 KiB-aligned buffer of up to `cap` bytes, so that `O_DIRECT` can use it as it is.
@@ -124,7 +130,7 @@ struct Shared<'a> {
     target: &'a Image,
     sparse: Sparse,
     progress: &'a Progress,
-    rate: Option<&'a RateLimit>,
+    settings: Settings<'a>,
     mode: Mode,
     stop: AtomicBool,
     error: Mutex<Option<Failure>>,
@@ -148,9 +154,31 @@ impl Shared<'_> {
     }
     /// Paces the copy after `n` bytes were written (`-r`).
     fn wrote(&self, n: u64) {
-        if let Some(r) = self.rate {
+        if let Some(r) = self.settings.rate {
             r.wrote(n);
         }
+    }
+
+    /// Reads `buf.len()` bytes of the sources at `offset` (whether any was data); with
+    /// `--salvage` a failed read is retried sector by sector, and what still fails reads as
+    /// zeroes, with qemu-img's warning.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> CliResult<bool> {
+        match read_concat(self.sources, offset, buf) {
+            Err(_) if self.settings.salvage => {}
+            other => return other,
+        }
+        for (i, sector) in buf.chunks_mut(SECTOR).enumerate() {
+            let at = offset + (i * SECTOR) as u64;
+            if let Err(f) = read_concat(self.sources, at, sector) {
+                sector.fill(0);
+                if !self.settings.quiet {
+                    console::eprint(&format!(
+                        "img: warning: error while reading offset {at}: {f}\n"
+                    ));
+                }
+            }
+        }
+        Ok(true)
     }
     fn give_back(&self, buf: Option<Buf>) {
         if let Some(b) = buf {
@@ -170,11 +198,11 @@ pub fn copy(
     target: &Image,
     sparse: Sparse,
     mode: Mode,
-    pace: Pace<'_>,
+    settings: Settings<'_>,
     progress: &Progress,
     plan: &Planner<'_>,
 ) -> CliResult<()> {
-    let workers = pace.workers.max(1);
+    let workers = settings.workers.max(1);
     let (buf_len, step) = match mode {
         Mode::Plain { .. } => (CHUNK, CHUNK),
         Mode::Compressed { cluster } => {
@@ -194,7 +222,7 @@ pub fn copy(
         target,
         sparse,
         progress,
-        rate: pace.rate,
+        settings,
         mode,
         stop: AtomicBool::new(false),
         error: Mutex::new(None),
@@ -370,7 +398,7 @@ fn prepare_plain(sh: &Shared<'_>, d: &mut Done, buf: &mut Buf) -> CliResult<()> 
         return Ok(());
     }
     let data = buf.get(usize::try_from(d.job.len).unwrap_or(0));
-    read_concat(sh.sources, d.job.offset, data)?;
+    sh.read(d.job.offset, data)?;
     let sp = &sh.sparse;
     if sp.min_sparse == 0 {
         d.runs.push((true, data.len()));
@@ -398,7 +426,7 @@ fn prepare_plain(sh: &Shared<'_>, d: &mut Done, buf: &mut Buf) -> CliResult<()> 
 /// Reads a batch of whole clusters (holes are not read) and compresses each non-zero one.
 fn prepare_compressed(sh: &Shared<'_>, d: &mut Done, buf: &mut Buf, cs: usize) -> CliResult<()> {
     let data = buf.get(usize::try_from(d.job.len).unwrap_or(0));
-    if !read_concat(sh.sources, d.job.offset, data)? {
+    if !sh.read(d.job.offset, data)? {
         d.job.action = Action::Zero;
         return Ok(());
     }
