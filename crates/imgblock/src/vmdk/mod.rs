@@ -43,9 +43,11 @@ use stream::{Staging, StreamWriter};
 pub const MAX_DESCRIPTOR_BYTES: u64 = (1 << 20) - 1;
 /// Most extents a descriptor may list (each is an open file).
 pub const MAX_EXTENTS: usize = 1024;
-/// Largest grain: 64 MiB. qemu allows 1 GiB, but real images use 64 KiB and a compressed grain
-/// is inflated into a buffer of this size.
-pub const MAX_GRAIN_SECTORS: u64 = 1 << 17;
+/// Largest grain: 2 MiB (qcow2's largest cluster). qemu allows 1 GiB, but VMware's products
+/// write 64 KiB grains, and every read that touches a compressed grain inflates all of it into a
+/// buffer of this size: with grains of tens of MiB, reading a few MiB in small pieces moves
+/// gigabytes.
+pub const MAX_GRAIN_SECTORS: u64 = 1 << 12;
 /// Largest extent: 2^42 sectors (2 PiB), far beyond the 2 TiB a 32-bit GTE can address.
 pub const MAX_CAPACITY_SECTORS: u64 = 1 << 42;
 /// Largest grain directory held in memory (qemu caps its L1 the same way).

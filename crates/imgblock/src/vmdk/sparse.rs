@@ -355,6 +355,11 @@ mod tests {
             verr(|h| h.grain_size = MAX_GRAIN_SECTORS + 1),
             Error::BadGrainSize(_)
         ));
+        // A fuzzer's 32 MiB grain (not even a power of two) made each small read inflate 32 MiB.
+        assert!(matches!(
+            verr(|h| h.grain_size = 65664),
+            Error::BadGrainSize(65664)
+        ));
         assert!(matches!(
             verr(|h| h.capacity = u64::MAX),
             Error::BadCapacity(_)
