@@ -158,6 +158,21 @@ impl Vdi {
             .ctx(self.storage.path())
     }
 
+    /// Where data block `idx` starts, once it is known to be within [`MAX_DATA_GAP`] of the end
+    /// of the file; the file's known end then covers it.
+    fn claim_block(&self, st: &mut State, idx: u32) -> Result<u64> {
+        let start = Self::host_of(&st.h, idx);
+        if !st.within_reach(start) {
+            return Err(self.err(Error::DataPastEnd {
+                block: idx,
+                offset: start,
+                file_len: st.file_end,
+            }));
+        }
+        st.file_end = st.file_end.max(start + BS);
+        Ok(start)
+    }
+
     fn write_header(&self, h: &Header) -> Result<()> {
         self.storage
             .write_at(&h.to_bytes(), 0)
@@ -367,15 +382,7 @@ impl Driver for Vdi {
             } else {
                 cur
             };
-            let start = Self::host_of(&st.h, idx);
-            if !st.within_reach(start) {
-                return Err(self.err(Error::DataPastEnd {
-                    block: idx,
-                    offset: start,
-                    file_len: st.file_end,
-                }));
-            }
-            st.file_end = st.file_end.max(start + BS);
+            self.claim_block(&mut st, idx)?;
             if fresh {
                 st.h.blocks_allocated += 1;
             }
@@ -438,7 +445,7 @@ impl Driver for Vdi {
             if is_allocated(cur) {
                 // Freeing the data block would leave a hole that blocks_allocated still counts
                 // (VDI has no free list); zero it in place instead.
-                let host = Self::host_of(&st.h, cur);
+                let host = self.claim_block(&mut st, cur)?;
                 self.storage
                     .write_zeroes(host, BS, false)
                     .ctx(self.storage.path())?;
@@ -643,6 +650,19 @@ mod tests {
                 ),
                 "allocated={allocated}: {r:?}"
             );
+            if allocated {
+                let r = img.write_zeroes(0, 1 << 20, false);
+                assert!(
+                    matches!(
+                        r,
+                        Err(crate::Error::Vdi {
+                            source: Error::DataPastEnd { block: 0, .. },
+                            ..
+                        })
+                    ),
+                    "{r:?}"
+                );
+            }
             assert_eq!(std::fs::metadata(&p).unwrap().len(), 1024);
             // Reads still work (past the end of the file they are zeroes), as in qemu.
             let mut buf = [1u8; 512];
