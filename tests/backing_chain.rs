@@ -472,27 +472,34 @@ fn map_overlay_past_backing_end_reports_depth_zero() {
 struct Writer(std::process::Child);
 
 impl Writer {
-    /// Starts `qemu-io -c 'sleep 600000' FILE` in the test's directory and waits until it holds
-    /// its locks (a plain `qemu-img info` is then refused).
+    /// Starts an interactive `qemu-io FILE` in the test's directory and waits for its prompt,
+    /// which it shows once the image is open and locked. (Polling with a plain `qemu-img info`
+    /// instead would race: while info holds its shared lock, qemu-io cannot take its own.)
     fn hold(env: &Env, file: &str) -> Writer {
-        let child = std::process::Command::new("qemu-io")
-            .args(["-c", "sleep 600000", file])
+        use std::io::Read;
+        let mut child = std::process::Command::new("qemu-io")
+            .arg(file)
             .current_dir(env.dir.path())
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("start qemu-io");
-        let w = Writer(child);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while env.qemu_img(&["info", file]).code == Some(0) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "qemu-io never locked {file}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut out = child.stdout.take().expect("piped stdout");
+        let mut seen = Vec::new();
+        let mut byte = [0u8; 1];
+        while !String::from_utf8_lossy(&seen).contains("qemu-io>") {
+            if out.read(&mut byte).unwrap_or(0) == 0 {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "qemu-io exited before its prompt: {}",
+                    String::from_utf8_lossy(&seen)
+                );
+            }
+            seen.push(byte[0]);
         }
-        w
+        Writer(child)
     }
 }
 
