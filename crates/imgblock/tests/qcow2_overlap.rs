@@ -168,6 +168,49 @@ fn write_in_place_through_l2_entry_pointing_at_l1_refused_like_qemu() {
     assert!(qemu_says_corrupt(&ours) && qemu_says_corrupt(&theirs));
 }
 
+/// Offset of the persistent bitmaps' directory, from the bitmaps header extension.
+fn bitmap_directory(path: &Path) -> u64 {
+    let b = std::fs::read(path).unwrap();
+    let header_len = u64::from(u32::from_be_bytes(b[100..104].try_into().unwrap()));
+    let mut off = usize::try_from(header_len).unwrap();
+    loop {
+        let kind = u32::from_be_bytes(b[off..off + 4].try_into().unwrap());
+        let len = u32::from_be_bytes(b[off + 4..off + 8].try_into().unwrap()) as usize;
+        assert_ne!(kind, 0, "no bitmaps extension");
+        if kind == 0x2385_2875 {
+            return be64_at(&b, (off + 24) as u64);
+        }
+        off += 8 + len.div_ceil(8) * 8;
+    }
+}
+
+#[test]
+fn write_refcount_of_bitmap_directory_zero_refused_like_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let ours = image(dir.path(), "ours.qcow2");
+    qemu_img(&["bitmap", "--add", ours.to_str().unwrap(), "b0"]);
+    let (_, rb, _, _) = layout(&ours);
+    let directory = bitmap_directory(&ours);
+    // The directory's cluster looks free, and is the first free one.
+    poke(&ours, rb + (directory >> 16) * 2, &0u16.to_be_bytes());
+    let theirs = dir.path().join("theirs.qcow2");
+    std::fs::copy(&ours, &theirs).unwrap();
+
+    let img = Image::open(&ours, &OpenOptions::writable()).unwrap();
+    assert_overlap(
+        img.write_at(&[9u8; 65536], 2 << 20),
+        "bitmap directory",
+        directory,
+    );
+    drop(img);
+    assert_eq!(bitmap_directory(&ours), directory);
+
+    let msg = qemu_io_write_fails(&theirs, "write -P 9 2M 64k");
+    assert!(msg.contains("overlaps with bitmap directory"), "{msg}");
+    assert!(qemu_says_corrupt(&ours) && qemu_says_corrupt(&theirs));
+    assert_reads_like_qemu(&ours);
+}
+
 #[test]
 fn write_on_sound_image_allocates_past_metadata() {
     // The checks see the tables they must protect and nothing else.

@@ -713,6 +713,7 @@ impl Qcow2 {
         b.in_use_on_disk = false;
         b.written = None;
         st.bitmaps = Some(b);
+        st.meta_invalidate();
         for (off, n) in frees {
             for i in 0..n {
                 self.update_refcount(&mut st, off + i * cs, -1, false)?;

@@ -5,8 +5,9 @@
 //! and the data or table written there would destroy the header or a table. So every cluster
 //! the allocator hands out, and every host range a guest write lands on, is first checked
 //! against the clusters that hold the header, the active L1 table, the active L2 tables, the
-//! refcount table, the refcount blocks, the snapshot table and the snapshots' L1 tables. On an
-//! overlap the image is marked corrupt, as qemu marks it, and nothing is written.
+//! refcount table, the refcount blocks, the snapshot table, the snapshots' L1 tables and the
+//! persistent bitmaps' directory. On an overlap the image is marked corrupt, as qemu marks it,
+//! and nothing is written.
 //!
 //! The map is built from the in-memory tables the first time a write needs it, kept up to date
 //! as L2 tables and refcount blocks come and go, and rebuilt after the operations that move
@@ -35,6 +36,8 @@ pub enum Metadata {
     SnapshotTable,
     /// A snapshot's L1 table.
     InactiveL1,
+    /// The persistent bitmaps' directory.
+    BitmapDirectory,
 }
 
 impl Metadata {
@@ -48,6 +51,7 @@ impl Metadata {
             Metadata::RefcountBlock => "refcount block",
             Metadata::SnapshotTable => "snapshot table",
             Metadata::InactiveL1 => "inactive L1 table",
+            Metadata::BitmapDirectory => "bitmap directory",
         }
     }
 }
@@ -167,6 +171,10 @@ impl Qcow2 {
         for s in &snaps {
             let (f, n) = clusters(s.l1_offset, u64::from(s.l1_size) * 8, bits);
             m.add(f, n, Metadata::InactiveL1);
+        }
+        if let Some(b) = &st.bitmaps {
+            let (f, n) = clusters(b.ext.directory_offset, b.ext.directory_size, bits);
+            m.add(f, n, Metadata::BitmapDirectory);
         }
         Ok(m)
     }
