@@ -20,11 +20,10 @@ use crate::console;
 use crate::failure::{strerror, CliResult, Failure};
 use crate::open::{open_image, OpenRequest};
 use crate::secrets::SecretArgs;
+use crate::units::{cvtnum_full, INT64_MAX};
 
 /// qemu's `INT_MAX`, the bound of most of bench's numbers.
 const INT_MAX: u64 = 0x7fff_ffff;
-/// qemu's `INT64_MAX`, the bound of `-o`.
-const INT64_MAX: u64 = 0x7fff_ffff_ffff_ffff;
 /// Worker threads at most: enough to keep a page-cache or NVMe device busy from one process
 /// while memory stays at `MAX_WORKERS` buffers.
 const MAX_WORKERS: u64 = 8;
@@ -238,76 +237,6 @@ impl Plan {
     }
 }
 
-/// How a number argument failed: qemu words the two cases differently.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum NumError {
-    /// Not a number at all.
-    Invalid,
-    /// A number, but out of range.
-    Range,
-}
-
-/// C's `isspace`.
-fn is_c_space(c: char) -> bool {
-    matches!(c, ' ' | '\t' | '\n' | '\x0b' | '\x0c' | '\r')
-}
-
-/// qemu's `qemu_strtou64(s, NULL, 0)`: `strtoull` with base 0 (`0x` hex, leading-0 octal) over
-/// the whole text; leading blanks and a sign are allowed, and a negative number wraps as in C.
-fn strtou64(s: &str) -> Result<u64, NumError> {
-    let t = s.trim_start_matches(is_c_space);
-    let (neg, t) = match t.as_bytes().first() {
-        Some(b'-') => (true, &t[1..]),
-        Some(b'+') => (false, &t[1..]),
-        _ => (false, t),
-    };
-    let (radix, digits) = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        (16, h)
-    } else if t.len() > 1 && t.starts_with('0') {
-        (8, &t[1..])
-    } else {
-        (10, t)
-    };
-    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
-        return Err(NumError::Invalid);
-    }
-    let v = u64::from_str_radix(digits, radix).map_err(|_| NumError::Range)?;
-    Ok(if neg { v.wrapping_neg() } else { v })
-}
-
-/// qemu's `qemu_strtosz(s, NULL)` ([`imgblock::options::strtosz`]).
-fn strtosz(s: &str) -> Result<u64, NumError> {
-    imgblock::options::strtosz(s).map_err(|e| match e {
-        imgblock::options::SizeError::Invalid => NumError::Invalid,
-        imgblock::options::SizeError::OutOfRange => NumError::Range,
-    })
-}
-
-/// qemu-img's `cvtnum_full`: a size (`size`) or plain number between `min` and `max`, with
-/// its two messages.
-///
-/// # Errors
-/// `Invalid NAME specified: 'TEXT'.` or `Invalid NAME specified. Must be between MIN and MAX.`
-fn number(name: &str, value: &str, size: bool, min: u64, max: u64) -> CliResult<u64> {
-    let range = || {
-        Failure::new(format!(
-            "Invalid {name} specified. Must be between {min} and {max}."
-        ))
-    };
-    match if size {
-        strtosz(value)
-    } else {
-        strtou64(value)
-    } {
-        Err(NumError::Invalid) => Err(Failure::new(format!(
-            "Invalid {name} specified: '{value}'."
-        ))),
-        Err(NumError::Range) => Err(range()),
-        Ok(n) if n < min || n > max => Err(range()),
-        Ok(n) => Ok(n),
-    }
-}
-
 /// The option's number, or its default when not given.
 fn number_or(
     arg: Option<&str>,
@@ -317,7 +246,7 @@ fn number_or(
     min: u64,
     max: u64,
 ) -> CliResult<u64> {
-    arg.map_or(Ok(default), |v| number(name, v, size, min, max))
+    arg.map_or(Ok(default), |v| cvtnum_full(name, v, size, min, max))
 }
 
 /// Checks `-i` as qemu does; returns whether it asks for native AIO.
@@ -819,51 +748,6 @@ mod tests {
         assert!(CacheMode::parse("unsafe").unwrap().no_flush);
         assert!(CacheMode::parse("writethrough").unwrap().write_through);
         assert_eq!(CacheMode::parse("writeback").unwrap(), CacheMode::WRITEBACK);
-    }
-
-    #[test]
-    fn strtou64_follows_c() {
-        assert_eq!(strtou64("0x1f"), Ok(31));
-        assert_eq!(strtou64("010"), Ok(8));
-        assert_eq!(strtou64(" +5"), Ok(5));
-        assert_eq!(strtou64("-0"), Ok(0));
-        assert_eq!(strtou64("-18446744073709551615"), Ok(1));
-        assert_eq!(strtou64("08"), Err(NumError::Invalid));
-        assert_eq!(strtou64("0x"), Err(NumError::Invalid));
-        assert_eq!(strtou64("0x+1"), Err(NumError::Invalid));
-        assert_eq!(strtou64("5 "), Err(NumError::Invalid));
-        assert_eq!(strtou64(""), Err(NumError::Invalid));
-        assert_eq!(strtou64("99999999999999999999"), Err(NumError::Range));
-    }
-
-    #[test]
-    fn strtosz_follows_qemu() {
-        assert_eq!(strtosz("4096"), Ok(4096));
-        assert_eq!(strtosz("010"), Ok(10));
-        assert_eq!(strtosz("0X10"), Ok(16));
-        assert_eq!(strtosz("1k"), Ok(1024));
-        assert_eq!(strtosz("1B"), Ok(1));
-        assert_eq!(strtosz("1.0B"), Ok(1));
-        assert_eq!(strtosz("5."), Ok(5));
-        assert_eq!(strtosz(".5k"), Ok(512));
-        assert_eq!(strtosz("0.9999k"), Ok(1024));
-        assert_eq!(strtosz("0.0005k"), Ok(1));
-        assert_eq!(strtosz("1e"), Ok(1 << 60));
-        assert_eq!(strtosz(" 1k"), Ok(1024));
-        for bad in [
-            "1.5", "1.1B", "1e3", "1kB", "0x10k", "0x1.8k", ".", ".k", "", "1k ", "-x",
-        ] {
-            assert_eq!(strtosz(bad), Err(NumError::Invalid), "{bad:?}");
-        }
-        for big in [
-            "-1",
-            "-0",
-            "16E",
-            "18446744073709551616",
-            "0xffffffffffffffffff",
-        ] {
-            assert_eq!(strtosz(big), Err(NumError::Range), "{big:?}");
-        }
     }
 
     fn plan_with(count: u64, depth: u64, fi: u64, drain: bool) -> Plan {

@@ -15,6 +15,7 @@ use crate::pipeline::{Action, Mode, Sparse};
 use crate::progress::{Progress, ProgressArgs};
 use crate::ratelimit::RateLimit;
 use crate::secrets::SecretArgs;
+use crate::units::INT64_MAX;
 
 /// The default `-S`: zero runs shorter than this inside data are written as data.
 const DEFAULT_SPARSE: u64 = 4096;
@@ -22,9 +23,6 @@ const DEFAULT_SPARSE: u64 = 4096;
 const MAX_SPARSE: u64 = 16 << 20;
 /// The most parallel requests (`-m`) qemu-img accepts.
 const MAX_PARALLEL: usize = 16;
-/// qemu's `INT64_MAX`, the bound of its size arguments.
-const INT64_MAX: u64 = i64::MAX.unsigned_abs();
-
 /// `img convert [-f FMT] [-O FMT] [-o OPTS] [-S SIZE] [-n] [-p] [-q] [-c] [-l snapshot.name=NAME]
 /// [-B BACKING [-F FMT]] [-W] [-C] [-m N] [-t CACHE] [-T SRC_CACHE] [-U] [--disk N]
 /// [--target-is-zero] [-r RATE] [--salvage] SRC... DST`

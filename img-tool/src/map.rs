@@ -8,6 +8,7 @@ use crate::failure::{CliResult, Failure};
 use crate::open::{open_image, parse_format, storage_path, OpenRequest};
 use crate::output::OutputFormat;
 use crate::units::cvtnum;
+use crate::units::INT64_MAX;
 
 /// qemu-img asks block status for at most this much at a time.
 const MAX_STATUS_LEN: u64 = 1 << 30;
@@ -47,9 +48,6 @@ pub struct MapArgs {
     /// The image file.
     filename: String,
 }
-
-/// qemu's `INT64_MAX`, the bound of the offsets.
-const INT64_MAX: u64 = i64::MAX.unsigned_abs();
 
 /// One run of the map (qemu-img's `MapEntry`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

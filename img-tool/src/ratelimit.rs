@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::failure::CliResult;
 use crate::units::cvtnum;
-
-/// qemu's `INT64_MAX`, the bound of `-r`.
-const INT64_MAX: u64 = i64::MAX.unsigned_abs();
+use crate::units::INT64_MAX;
 
 /// A shared byte budget of `rate` bytes per second.
 #[derive(Debug)]
