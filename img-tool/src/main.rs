@@ -14,6 +14,7 @@ mod console;
 mod convert;
 mod create;
 mod createopts;
+mod dd;
 mod failure;
 mod info;
 mod localtime;
@@ -94,6 +95,8 @@ enum Command {
     Commit(commit::CommitArgs),
     /// Change options of an existing image.
     Amend(amend::AmendArgs),
+    /// Copy (part of) an image into a new image, dd-style: bs=, count=, skip=, if=, of=.
+    Dd(dd::DdArgs),
     /// Compute the size a new image would need.
     Measure(measure::MeasureArgs),
     /// Run a simple I/O benchmark: COUNT reads or writes of BUFFER_SIZE bytes, DEPTH at a time.
@@ -113,6 +116,7 @@ fn dispatch(cmd: &Command) -> CliResult<i32> {
         Command::Rebase(a) => rebase::run(a),
         Command::Commit(a) => commit::run(a),
         Command::Amend(a) => amend::run(a),
+        Command::Dd(a) => dd::run(a),
         Command::Measure(a) => measure::run(a),
         Command::Bench(a) => bench::run(a),
     }
