@@ -246,3 +246,22 @@ fn dd_reads_an_encrypted_input_named_with_image_opts() {
     .ok();
     env.assert_same_bytes("plain.raw", "want.raw");
 }
+
+#[test]
+fn dd_onto_its_own_input_is_refused_and_leaves_it_intact() {
+    // qemu-img truncates the input before it reads it; img cannot take the write lock that
+    // creating the output needs while the input is open, and touches nothing.
+    let env = Env::with_qemu();
+    patterned_raw(&env, "in.raw");
+    let before = env.read("in.raw");
+    let out = env
+        .img(&["dd", "-f", "raw", "if=in.raw", "of=in.raw"])
+        .code_is(1);
+    assert!(
+        out.stderr.starts_with(
+            "img: in.raw: error while creating output image: Failed to get \"write\" lock"
+        ),
+        "{out}"
+    );
+    assert!(env.read("in.raw") == before, "the input changed");
+}
