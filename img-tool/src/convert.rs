@@ -319,7 +319,7 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         alignment: plan.alignment,
         zero_init: plan.zero_init,
     };
-    let mode = if args.compress || compresses_every_cluster(&target) {
+    let mode = if args.compress || target.driver().always_compressed() {
         // Like qemu, after the target is made: a format without a cluster size (flat vmdk)
         // cannot take whole compressed clusters.
         let cluster = target
@@ -553,16 +553,6 @@ fn check_compression(format: Format, opts: &CreateOptions) -> CliResult<()> {
         ));
     }
     Ok(())
-}
-
-/// Whether the target stores every cluster compressed whatever `-c` says (streamOptimized
-/// vmdk): its data then goes through the parallel compressing copy too.
-fn compresses_every_cluster(target: &Image) -> bool {
-    let Some(cs) = target.driver().cluster_size() else {
-        return false;
-    };
-    let probe = vec![0x55u8; usize::try_from(cs).unwrap_or(0)];
-    target.format() == Format::Vmdk && target.compress_cluster(&probe).is_some()
 }
 
 #[cfg(test)]

@@ -341,6 +341,11 @@ pub trait Driver: Send + Sync + Debug {
     fn can_write_compressed(&self) -> bool {
         false
     }
+    /// Whether every cluster is stored compressed whatever the writer asks (a streamOptimized
+    /// vmdk): a copy into such an image should compress its clusters up front, in parallel.
+    fn always_compressed(&self) -> bool {
+        false
+    }
     /// Compresses one guest cluster for [`Driver::write_compressed`]; `None` when the format
     /// cannot store compressed clusters or the data does not shrink. Pure: callable from workers.
     fn compress_cluster(&self, data: &[u8]) -> Option<Vec<u8>> {

@@ -1429,6 +1429,10 @@ impl Driver for Vmdk {
         true
     }
 
+    fn always_compressed(&self) -> bool {
+        self.staging.is_some()
+    }
+
     fn compress_cluster(&self, data: &[u8]) -> Option<Vec<u8>> {
         // Every grain of a stream is compressed, whether or not it shrinks.
         self.staging.as_ref()?;

@@ -263,3 +263,17 @@ fn delta_with_wrong_parent_cid_is_refused() {
         }
     ));
 }
+
+#[test]
+fn always_compressed_only_for_a_stream_being_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = make(dir.path(), "s.vmdk", 4 << 20, "subformat=streamOptimized");
+    let sparse = make(dir.path(), "m.vmdk", 4 << 20, "");
+    let w = Image::open(&stream, &OpenOptions::writable()).unwrap();
+    assert!(w.driver().always_compressed());
+    drop(w);
+    let r = Image::open(&stream, &OpenOptions::read_only()).unwrap();
+    assert!(!r.driver().always_compressed());
+    let m = Image::open(&sparse, &OpenOptions::writable()).unwrap();
+    assert!(!m.driver().always_compressed());
+}
