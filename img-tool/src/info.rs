@@ -221,22 +221,10 @@ fn luks_info(l: &LuksInfo, with_format: bool) -> Value {
     Value::Object(m)
 }
 
-/// The driver's distinct host files, the image file first. (`Driver::storage` repeats the last
-/// one past the end; the driver says nothing else about how many it has.)
+/// The driver's host files, the image file first.
 fn host_files(d: &dyn imgblock::Driver) -> Vec<&Arc<dyn Storage>> {
-    let mut out: Vec<&Arc<dyn Storage>> = vec![d.storage(0)];
-    for i in 1..MAX_HOST_FILES {
-        let s = d.storage(i);
-        if out.last().is_some_and(|l| Arc::ptr_eq(l, s)) {
-            break;
-        }
-        out.push(s);
-    }
-    out
+    (0..d.files().max(1)).map(|i| d.storage(i)).collect()
 }
-
-/// Most host files listed for one image (vmdk's extent limit, with the descriptor).
-const MAX_HOST_FILES: usize = 1025;
 
 /// qemu measures files in whole 512-byte sectors.
 const SECTOR: u64 = 512;
