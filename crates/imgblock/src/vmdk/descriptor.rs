@@ -31,6 +31,8 @@ pub enum ExtentType {
     Vmfs,
     /// ESX sparse extent (COWD header).
     VmfsSparse,
+    /// ESXi space-efficient sparse extent (seSparse snapshots; read only).
+    SeSparse,
     /// ESX raw device map (read like flat).
     VmfsRdm,
     /// ESX raw device (read like flat).
@@ -46,6 +48,7 @@ impl ExtentType {
             ExtentType::Zero => "ZERO",
             ExtentType::Vmfs => "VMFS",
             ExtentType::VmfsSparse => "VMFSSPARSE",
+            ExtentType::SeSparse => "SESPARSE",
             ExtentType::VmfsRdm => "VMFSRDM",
             ExtentType::VmfsRaw => "VMFSRAW",
         }
@@ -57,6 +60,7 @@ impl ExtentType {
             "ZERO" => ExtentType::Zero,
             "VMFS" => ExtentType::Vmfs,
             "VMFSSPARSE" => ExtentType::VmfsSparse,
+            "SESPARSE" => ExtentType::SeSparse,
             "VMFSRDM" => ExtentType::VmfsRdm,
             "VMFSRAW" => ExtentType::VmfsRaw,
             other => return Err(Error::UnsupportedExtentType(other.to_owned())),
@@ -389,10 +393,27 @@ ddb.adapterType = \"lsilogic\"\r\nddb.uuid = \"60 00 C2 9b\"\r\nddb.longContentI
                 "{l}"
             );
         }
-        let t = QEMU.replace("RW 2097152 SPARSE", "RW 2097152 SESPARSE");
+        let t = QEMU.replace("RW 2097152 SPARSE", "RW 2097152 VSANSPARSE");
         assert!(matches!(
             Descriptor::parse(t.as_bytes()),
             Err(Error::UnsupportedExtentType(_))
         ));
+    }
+
+    #[test]
+    fn descriptor_sesparse_extent_parses_and_round_trips() {
+        let t = QEMU
+            .replace("twoGbMaxExtentSparse", "seSparse")
+            .replace("RW 2097152 SPARSE \"t-s002.vmdk\"\n", "")
+            .replace(
+                "RW 4194304 SPARSE \"t-s001.vmdk\"",
+                "RW 4194304 SESPARSE \"t-sesparse.vmdk\"",
+            );
+        let d = Descriptor::parse(t.as_bytes()).unwrap();
+        assert_eq!(d.create_type, "seSparse");
+        assert_eq!(d.extents.len(), 1);
+        assert_eq!(d.extents[0].kind, ExtentType::SeSparse);
+        assert_eq!(d.extents[0].filename.as_deref(), Some("t-sesparse.vmdk"));
+        assert_eq!(d.to_text(), t);
     }
 }

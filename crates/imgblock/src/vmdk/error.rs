@@ -118,6 +118,94 @@ pub enum Error {
     /// The extent file has grown past what 32-bit sector numbers can address.
     #[error("extent file is full (grain tables address 2 TiB)")]
     ExtentFull,
+    /// A seSparse extent's const header magic is not 0xcafebabe.
+    #[error("seSparse const header: bad magic {found:#018x} at byte {offset}")]
+    SeSparseConstMagic {
+        /// Byte offset of the field in the extent file.
+        offset: u64,
+        /// The value found.
+        found: u64,
+    },
+    /// A seSparse const header version other than 0x200000001 (the only one ESXi writes).
+    #[error("seSparse const header: unsupported version {found:#018x} at byte {offset}")]
+    SeSparseVersion {
+        /// Byte offset of the field in the extent file.
+        offset: u64,
+        /// The value found.
+        found: u64,
+    },
+    /// A seSparse grain size other than 8 sectors.
+    #[error("seSparse const header: unsupported grain size {found} at byte {offset}")]
+    SeSparseGrainSize {
+        /// Byte offset of the field in the extent file.
+        offset: u64,
+        /// The value found, in sectors.
+        found: u64,
+    },
+    /// A seSparse grain table size other than 64 sectors.
+    #[error("seSparse const header: unsupported grain table size {found} at byte {offset}")]
+    SeSparseGtSize {
+        /// Byte offset of the field in the extent file.
+        offset: u64,
+        /// The value found, in sectors.
+        found: u64,
+    },
+    /// Non-zero seSparse const header flags (none are defined).
+    #[error("seSparse const header: unsupported flags {found:#018x} at byte {offset}")]
+    SeSparseFlags {
+        /// Byte offset of the field in the extent file.
+        offset: u64,
+        /// The value found.
+        found: u64,
+    },
+    /// A reserved field or padding of a seSparse header that is not zero.
+    #[error("seSparse header: non-zero reserved field or padding at byte {offset}")]
+    SeSparseReserved {
+        /// Byte offset of the first non-zero byte in the extent file.
+        offset: u64,
+    },
+    /// A seSparse volatile header magic that is not 0xcafecafe.
+    #[error("seSparse volatile header: bad magic {found:#018x} at byte {offset}")]
+    SeSparseVolatileMagic {
+        /// Byte offset of the field in the extent file.
+        offset: u64,
+        /// The value found.
+        found: u64,
+    },
+    /// The seSparse journal must be replayed first (the extent was not closed cleanly).
+    #[error("Image is dirty, Replaying journal not supported (replay_journal at byte {offset})")]
+    SeSparseDirty {
+        /// Byte offset of the field in the extent file.
+        offset: u64,
+    },
+    /// A seSparse grain directory too short for the extent's capacity.
+    #[error("seSparse grain directory has {entries} entries, the capacity needs {needed}")]
+    SeSparseGdTooSmall {
+        /// Entries in the directory.
+        entries: u64,
+        /// Entries the capacity needs.
+        needed: u64,
+    },
+    /// A seSparse grain directory entry with an unknown type, or naming a grain table outside
+    /// the grain tables area.
+    #[error("seSparse grain directory entry {index} is invalid: {entry:#018x}")]
+    SeSparseBadGdEntry {
+        /// GD index.
+        index: u64,
+        /// The entry.
+        entry: u64,
+    },
+    /// A seSparse grain table entry with an unknown type, or an unallocated one with bits set.
+    #[error("seSparse grain table entry for guest offset {guest:#x} is invalid: {entry:#018x}")]
+    SeSparseBadGte {
+        /// Guest offset of the grain.
+        guest: u64,
+        /// The entry.
+        entry: u64,
+    },
+    /// seSparse extents are read here, never written (qemu's rule too).
+    #[error("No write support for seSparse images available")]
+    SeSparseReadOnly,
     /// An invalid creation option.
     #[error("{0}")]
     InvalidOption(String),

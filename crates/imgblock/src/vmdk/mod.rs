@@ -5,8 +5,10 @@
 //!  Vmdk (Driver) --map--> extents in guest order
 //!                           |- FLAT/VMFS: host offset in the extent file
 //!                           |- ZERO: zeroes
-//!                           '- SPARSE (KDMV) / VMFSSPARSE (COWD): grain directory (memory)
-//!                                 --> grain tables (cache) --> grains (plain or zlib + marker)
+//!                           |- SPARSE (KDMV) / VMFSSPARSE (COWD): grain directory (memory)
+//!                           |     --> grain tables (cache) --> grains (plain or zlib + marker)
+//!                           '- SESPARSE (read only): 64-bit grain directory (memory)
+//!                                 --> grain tables (cache) --> 4 KiB grains (sesparse.rs)
 //!        +--allocate/commit--> new grains appended to the extent, GT and redundant GT updated
 //!        '--streamOptimized--> stream writer: grains, GT/GD markers, footer, EOS (stream.rs)
 //! ```
@@ -17,6 +19,7 @@
 mod create;
 pub mod descriptor;
 mod error;
+pub mod sesparse;
 pub mod sparse;
 mod stream;
 
@@ -54,6 +57,8 @@ pub const MAX_CAPACITY_SECTORS: u64 = 1 << 42;
 pub const MAX_GD_BYTES: u64 = 32 << 20;
 /// Grain tables kept in the cache per extent (2 KiB each with 512 entries).
 pub const GT_CACHE_TABLES: usize = 4096;
+/// seSparse grain tables kept in the cache per extent (32 KiB each, 16 MiB of disk each).
+pub const SE_GT_CACHE_TABLES: usize = 256;
 /// The format takes compressed writes (`convert -c`): streamOptimized compresses its grains,
 /// the other sparse subformats store them plain, as qemu's driver does.
 pub const WRITES_COMPRESSED: bool = true;
@@ -67,6 +72,8 @@ enum Kind {
     Zero,
     /// Sparse: index into `Vmdk::sparse` and `State::sparse`.
     Sparse(usize),
+    /// seSparse: index into `Vmdk::se` and `State::se`.
+    SeSparse(usize),
 }
 
 #[derive(Debug)]
@@ -109,9 +116,19 @@ struct SparseState {
     stream: Option<StreamWriter>,
 }
 
+/// Grain tables of a seSparse extent, read as they are needed.
+#[derive(Debug)]
+struct SeState {
+    /// Raw grain directory entries covering the extent.
+    gd: Vec<u64>,
+    cache: HashMap<u64, Vec<u64>>,
+    file_len: u64,
+}
+
 #[derive(Debug)]
 struct State {
     sparse: Vec<SparseState>,
+    se: Vec<SeState>,
 }
 
 /// An open vmdk image.
@@ -120,6 +137,8 @@ pub struct Vmdk {
     files: Vec<Arc<dyn Storage>>,
     extents: Vec<Extent>,
     sparse: Vec<SparseInfo>,
+    /// Checked layouts of the seSparse extents.
+    se: Vec<sesparse::Layout>,
     desc: Descriptor,
     size: u64,
     writable: bool,
@@ -215,7 +234,6 @@ const DEVICE_TYPES: &[&str] = &[
     "vmfsRaw",
     "vmfsRawDeviceMap",
     "vmfsPassthroughRawDeviceMap",
-    "seSparse",
 ];
 
 impl Vmdk {
@@ -243,6 +261,8 @@ impl Vmdk {
         let mut extents = Vec::new();
         let mut infos = Vec::new();
         let mut states = Vec::new();
+        let mut se_layouts = Vec::new();
+        let mut se_states = Vec::new();
         let desc;
         if first[..4] == sparse::MAGIC || first[..4] == sparse::COWD_MAGIC {
             let (info, st) = open_sparse(storage.as_ref(), writable)?;
@@ -287,6 +307,9 @@ impl Vmdk {
             if desc.extents.is_empty() {
                 return Err(verr(&path, Error::NoExtents));
             }
+            if writable && desc.extents.iter().any(|e| e.kind == ExtentType::SeSparse) {
+                return Err(verr(&path, Error::SeSparseReadOnly));
+            }
             let mut start = 0u64;
             for line in &desc.extents {
                 let len = line
@@ -316,6 +339,15 @@ impl Vmdk {
                                 infos.push(info);
                                 states.push(st);
                                 (Kind::Sparse(infos.len() - 1), idx)
+                            }
+                            ExtentType::SeSparse => {
+                                let (layout, st) = open_sesparse(s.as_ref())?;
+                                if layout.capacity < line.sectors {
+                                    return Err(verr(&epath, Error::BadCapacity(layout.capacity)));
+                                }
+                                se_layouts.push(layout);
+                                se_states.push(st);
+                                (Kind::SeSparse(se_layouts.len() - 1), idx)
                             }
                             _ => {
                                 let base = line.offset.checked_mul(SECTOR).ok_or_else(|| {
@@ -356,11 +388,15 @@ impl Vmdk {
             files,
             extents,
             sparse: infos,
+            se: se_layouts,
             desc,
             size,
             writable,
             staging,
-            state: Mutex::new(State { sparse: states }),
+            state: Mutex::new(State {
+                sparse: states,
+                se: se_states,
+            }),
         };
         v.check_parent_cid(&path)?;
         Ok(v)
@@ -541,6 +577,125 @@ impl Vmdk {
         })
     }
 
+    /// Reads grain table `gti` of seSparse extent `si` (from the cache or the file); `None`
+    /// when the directory names none.
+    fn se_table<'a>(
+        &self,
+        st: &'a mut SeState,
+        si: usize,
+        file: usize,
+        gti: u64,
+    ) -> Result<Option<&'a Vec<u64>>> {
+        let layout = &self.se[si];
+        let entry = st
+            .gd
+            .get(usize::try_from(gti).unwrap_or(usize::MAX))
+            .copied()
+            .unwrap_or(0);
+        let bad = || self.err(file, Error::SeSparseBadGdEntry { index: gti, entry });
+        let n = match sesparse::GdEntry::decode(entry) {
+            sesparse::GdEntry::Unallocated => return Ok(None),
+            sesparse::GdEntry::Invalid => return Err(bad()),
+            sesparse::GdEntry::Table(n) => n,
+        };
+        if !st.cache.contains_key(&gti) {
+            let off = layout.table_offset(n).ok_or_else(bad)?;
+            if off.saturating_add(sesparse::GT_BYTES) > st.file_len {
+                return Err(self.err(
+                    file,
+                    Error::GtOutOfFile {
+                        index: gti,
+                        sector: off / SECTOR,
+                    },
+                ));
+            }
+            let s = self.files[file].as_ref();
+            let mut raw = vec![0u8; usize::try_from(sesparse::GT_BYTES).unwrap_or(0)];
+            s.read_at(&mut raw, off).ctx(s.path())?;
+            let t = raw
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .collect();
+            if st.cache.len() >= SE_GT_CACHE_TABLES {
+                st.cache.clear();
+            }
+            st.cache.insert(gti, t);
+        }
+        Ok(st.cache.get(&gti))
+    }
+
+    /// Maps inside a seSparse extent; `off` is relative to the extent.
+    fn map_sesparse(&self, ext: &Extent, si: usize, off: u64, len: u64) -> Result<(Mapping, u64)> {
+        /// A grain table entry, resolved.
+        #[derive(Clone, Copy, PartialEq, Eq)]
+        enum Se {
+            Unallocated,
+            Zero,
+            Data(u64),
+        }
+        let layout = &self.se[si];
+        let g = sesparse::GRAIN_BYTES;
+        let mut guard = self.lock();
+        let st = &mut guard.se[si];
+        let grain = off / g;
+        let gti = grain / sesparse::GTES;
+        let gt_end = (gti + 1) * sesparse::GTES * g;
+        let limit = (off + len).min(gt_end).min(ext.len);
+        let file_len = st.file_len;
+        let Some(t) = self.se_table(st, si, ext.file, gti)? else {
+            return Ok((Mapping::Unallocated, limit - off));
+        };
+        // The entry of grain `gr`, or the error it makes.
+        let resolve = |gr: u64| -> std::result::Result<Se, Error> {
+            let guest = ext.start + gr * g;
+            let entry = t
+                .get(usize::try_from(gr % sesparse::GTES).unwrap_or(usize::MAX))
+                .copied()
+                .unwrap_or(0);
+            match sesparse::Gte::decode(entry) {
+                sesparse::Gte::Unallocated => Ok(Se::Unallocated),
+                sesparse::Gte::Unmapped | sesparse::Gte::Zero => Ok(Se::Zero),
+                sesparse::Gte::Invalid => Err(Error::SeSparseBadGte { guest, entry }),
+                sesparse::Gte::Allocated(n) => match layout.grain_offset(n) {
+                    Some(h) if h < file_len => Ok(Se::Data(h)),
+                    h => Err(Error::GrainOutOfFile {
+                        guest,
+                        sector: h.map_or(u64::MAX, |h| h / SECTOR),
+                    }),
+                },
+            }
+        };
+        let first = resolve(grain).map_err(|e| self.err(ext.file, e))?;
+        let mut reach = (grain + 1) * g;
+        let mut k = 1;
+        while reach < limit {
+            // A bad entry ends the run; mapping it reports the error.
+            let Ok(next) = resolve(grain + k) else { break };
+            let same = match (first, next) {
+                (Se::Data(a), Se::Data(b)) => Some(b) == a.checked_add(k * g),
+                (a, b) => a == b,
+            };
+            if !same {
+                break;
+            }
+            reach += g;
+            k += 1;
+        }
+        let n = reach.min(limit) - off;
+        Ok(match first {
+            Se::Unallocated => (Mapping::Unallocated, n),
+            Se::Zero => (Mapping::Zero { offset: None }, n),
+            Se::Data(h) => (
+                Mapping::Data {
+                    file: ext.file,
+                    offset: HostOffset(h + off % g),
+                    writable: false,
+                },
+                n,
+            ),
+        })
+    }
+
     fn not_writable(&self, ext: &Extent, what: &'static str) -> crate::Error {
         self.err(ext.file, Error::NotWritable(what))
     }
@@ -563,6 +718,7 @@ impl Vmdk {
                 }
                 Ok(Some(si))
             }
+            Kind::SeSparse(_) => Err(self.not_writable(ext, "a SESPARSE extent")),
         }
     }
 
@@ -1041,6 +1197,42 @@ fn open_sparse(s: &dyn Storage, writable: bool) -> Result<(SparseInfo, SparseSta
     ))
 }
 
+/// Opens a seSparse extent file (read only): checks both headers and reads the grain
+/// directory entries that cover the capacity.
+fn open_sesparse(s: &dyn Storage) -> Result<(sesparse::Layout, SeState)> {
+    let path = s.path();
+    let file_len = s.size().ctx(path)?;
+    if file_len < SECTOR {
+        return Err(verr(path, Error::Truncated(file_len)));
+    }
+    let mut b = [0u8; sesparse::HEADER_BYTES];
+    s.read_at(&mut b, 0).ctx(path)?;
+    let layout = sesparse::ConstHeader::parse(&b)
+        .validate(file_len)
+        .map_err(|e| verr(path, e))?;
+    s.read_at(&mut b, layout.volatile_offset).ctx(path)?;
+    sesparse::VolatileHeader::parse(&b)
+        .validate(layout.volatile_offset)
+        .map_err(|e| verr(path, e))?;
+    // validate() capped the directory at MAX_GD_BYTES and checked it lies in the file.
+    let bytes = usize::try_from(layout.gd_entries * 8)
+        .map_err(|_| verr(path, Error::GdTooLarge(layout.gd_entries)))?;
+    let mut raw = vec![0u8; bytes];
+    s.read_at(&mut raw, layout.gd_offset).ctx(path)?;
+    let gd = raw
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect();
+    Ok((
+        layout,
+        SeState {
+            gd,
+            cache: HashMap::new(),
+            file_len,
+        },
+    ))
+}
+
 impl Drop for Vmdk {
     fn drop(&mut self) {
         // A stream must end with its footer; errors have nowhere to go here (flush reports them).
@@ -1071,7 +1263,10 @@ impl Driver for Vmdk {
     }
 
     fn cluster_size(&self) -> Option<u64> {
-        self.sparse.first().map(|s| s.geo.grain)
+        self.sparse
+            .first()
+            .map(|s| s.geo.grain)
+            .or_else(|| self.se.first().map(|_| sesparse::GRAIN_BYTES))
     }
 
     fn backing(&self) -> Option<BackingSpec> {
@@ -1094,6 +1289,7 @@ impl Driver for Vmdk {
                         Kind::Sparse(si) => {
                             (Some(self.sparse[si].geo.grain), self.sparse[si].compressed)
                         }
+                        Kind::SeSparse(_) => (Some(sesparse::GRAIN_BYTES), false),
                         _ => (None, false),
                     };
                     VmdkExtentInfo {
@@ -1139,6 +1335,7 @@ impl Driver for Vmdk {
                 len,
             )),
             Kind::Sparse(si) => self.map_sparse(ext, si, off, len),
+            Kind::SeSparse(si) => self.map_sesparse(ext, si, off, len),
         }
     }
 
@@ -1352,6 +1549,7 @@ impl Driver for Vmdk {
             let ok = match ext.kind {
                 Kind::Zero => true,
                 Kind::Flat { .. } => ext.access == Access::Rw,
+                Kind::SeSparse(_) => false,
                 Kind::Sparse(si) => {
                     let info = &self.sparse[si];
                     if info.zero_grain && ext.access == Access::Rw && !info.compressed {
@@ -1386,7 +1584,7 @@ impl Driver for Vmdk {
             };
             let pend = end.min(ext.start + ext.len);
             match ext.kind {
-                Kind::Zero => {}
+                Kind::Zero | Kind::SeSparse(_) => {}
                 Kind::Flat { base } => {
                     let s = self.files[ext.file].as_ref();
                     s.write_zeroes(base + pos - ext.start, pend - pos, unmap)

@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 #![allow(clippy::cast_possible_truncation)] // test sizes are small
 
+pub mod sesparse;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
