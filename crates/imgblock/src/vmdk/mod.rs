@@ -696,6 +696,34 @@ impl Vmdk {
         })
     }
 
+    /// The first problem in a seSparse extent and why the check stops there, in qemu's words
+    /// (its errno for the failure).
+    fn check_sesparse(&self, ext: &Extent, si: usize) -> Option<(String, &'static str)> {
+        let mut pos = 0;
+        while pos < ext.len {
+            let sector = (ext.start + pos) / SECTOR;
+            match self.map_sesparse(ext, si, pos, ext.len - pos) {
+                Ok((_, n)) => pos += n.max(1),
+                Err(crate::Error::Vmdk {
+                    source: Error::GrainOutOfFile { .. },
+                    ..
+                }) => {
+                    return Some((
+                        format!("ERROR: cluster offset for sector {sector} points after EOF"),
+                        "Invalid argument",
+                    ))
+                }
+                Err(_) => {
+                    return Some((
+                        format!("ERROR: could not get cluster_offset for sector {sector}"),
+                        "Operation not permitted",
+                    ))
+                }
+            }
+        }
+        None
+    }
+
     fn not_writable(&self, ext: &Extent, what: &'static str) -> crate::Error {
         self.err(ext.file, Error::NotWritable(what))
     }
@@ -1718,6 +1746,20 @@ impl Driver for Vmdk {
                     }
                     gr += 1;
                 }
+            }
+        }
+        drop(guard);
+        // seSparse extents, as qemu checks them: grain by grain, stopping short at the first
+        // grain that cannot be mapped or that points past the end of its file.
+        for ext in &self.extents {
+            let Kind::SeSparse(si) = ext.kind else {
+                continue;
+            };
+            if let Some((m, why)) = self.check_sesparse(ext, si) {
+                r.messages.push(m);
+                r.corruptions += 1;
+                r.failed = Some(why.to_owned());
+                break;
             }
         }
         Ok(r)
