@@ -109,6 +109,58 @@ fn sesparse_snapshot_without_parent_reads_like_qemu() {
     assert!(read_lib(&b.descriptor) == model(&s, None));
 }
 
+/// ESXi's own chain: a `vmfs` base (descriptor and flat file) and two seSparse snapshots.
+#[test]
+fn sesparse_two_snapshots_over_vmfs_flat_base_read_like_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let size = 20u64 << 20;
+    let flat = pattern(size as usize, 9);
+    std::fs::write(d.join("disk-flat.vmdk"), &flat).unwrap();
+    std::fs::write(
+        d.join("disk.vmdk"),
+        format!(
+            "# Disk DescriptorFile\nversion=1\nencoding=\"UTF-8\"\nCID=1a2b3c4d\n\
+parentCID=ffffffff\ncreateType=\"vmfs\"\n\n# Extent description\n\
+RW {} VMFS \"disk-flat.vmdk\"\n\n# The Disk Data Base\n#DDB\n\nddb.adapterType = \"lsilogic\"\n",
+            size / 512
+        ),
+    )
+    .unwrap();
+    let mut s1 = Spec::new(size);
+    s1.parent = Some(("disk.vmdk".into(), 0x1a2b_3c4d));
+    s1.cid = 0x0000_0001;
+    for g in 0..64 {
+        s1.grains.insert(
+            g * 3,
+            Grain::Data {
+                slot: g,
+                data: vec![g as u8 + 1; 4096],
+            },
+        );
+    }
+    s1.grains.insert(4100, Grain::Unmapped);
+    sesparse::build(d, "disk-000001", &s1);
+    let mut s2 = Spec::new(size);
+    s2.parent = Some(("disk-000001.vmdk".into(), 1));
+    s2.cid = 2;
+    s2.grains.insert(0, Grain::Zero);
+    s2.grains.insert(
+        3,
+        Grain::Data {
+            slot: 0,
+            data: vec![0xee; 4096],
+        },
+    );
+    s2.grains.insert(4099, Grain::Zero);
+    let b2 = sesparse::build(d, "disk-000002", &s2);
+    assert_reads_like_qemu(&b2.descriptor);
+    let want = model(&s2, Some(&model(&s1, Some(&flat))));
+    assert!(read_lib(&b2.descriptor) == want);
+    let img = Image::open(&b2.descriptor, &OpenOptions::read_only()).unwrap();
+    assert_eq!(img.chain().len(), 3);
+}
+
 #[test]
 fn sesparse_opened_writable_is_refused() {
     let dir = tempfile::tempdir().unwrap();
