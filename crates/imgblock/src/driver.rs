@@ -7,6 +7,7 @@
 use std::fmt::Debug;
 use std::sync::Arc;
 
+use crate::bitmaps::{BitmapError, DirtyBits};
 use crate::crypto::{DataCipher, EncryptionInfo};
 use crate::storage::Storage;
 use crate::{Format, Result};
@@ -443,6 +444,73 @@ pub trait Driver: Send + Sync + Debug {
         crate::Error::Unsupported {
             path: self.storage(0).path().to_owned(),
             what: format!("this image format does not support {what}"),
+        }
+    }
+    /// Whether the format can store persistent dirty bitmaps in this image (qemu's
+    /// `supports_persistent_dirty_bitmap`: qcow2 version 3).
+    fn supports_bitmaps(&self) -> bool {
+        false
+    }
+    /// The persistent dirty bitmaps, in the order the image stores them.
+    fn bitmap_list(&self) -> Vec<BitmapInfo> {
+        Vec::new()
+    }
+    /// Creates an all-clean persistent dirty bitmap `name` of `granularity` bytes per bit
+    /// (the format's default when `None`), recording writes when `enabled`. It is placed after
+    /// the existing ones.
+    ///
+    /// # Errors
+    /// [`crate::Error::Bitmap`] with [`BitmapError::Unsupported`] for formats without
+    /// bitmaps, or another [`BitmapError`] when the name, the granularity or the image refuse
+    /// it; I/O errors.
+    fn bitmap_add(&self, name: &str, granularity: Option<u64>, enabled: bool) -> Result<()> {
+        let _ = (name, granularity, enabled);
+        Err(self.bitmap_error(BitmapError::Unsupported))
+    }
+    /// Deletes the bitmap `name` and frees its clusters.
+    ///
+    /// # Errors
+    /// [`BitmapError::NotFound`] (every format without bitmaps says so); I/O errors.
+    fn bitmap_remove(&self, name: &str) -> Result<()> {
+        Err(self.bitmap_error(BitmapError::NotFound(name.to_owned())))
+    }
+    /// Makes every bit of the bitmap `name` clean.
+    ///
+    /// # Errors
+    /// [`BitmapError::NotFound`], [`BitmapError::Inconsistent`]; I/O errors.
+    fn bitmap_clear(&self, name: &str) -> Result<()> {
+        Err(self.bitmap_error(BitmapError::NotFound(name.to_owned())))
+    }
+    /// Starts (`true`) or stops recording writes in the bitmap `name`.
+    ///
+    /// # Errors
+    /// [`BitmapError::NotFound`], [`BitmapError::Inconsistent`]; I/O errors.
+    fn bitmap_set_enabled(&self, name: &str, enabled: bool) -> Result<()> {
+        let _ = enabled;
+        Err(self.bitmap_error(BitmapError::NotFound(name.to_owned())))
+    }
+    /// The bits of the bitmap `name`, with what was written in this session included.
+    ///
+    /// # Errors
+    /// [`BitmapError::NotFound`], [`BitmapError::Inconsistent`]; corrupt bitmap tables; I/O
+    /// errors.
+    fn bitmap_read(&self, name: &str) -> Result<DirtyBits> {
+        Err(self.bitmap_error(BitmapError::NotFound(name.to_owned())))
+    }
+    /// ORs `bits` (of any granularity, over a disk of the same size) into the bitmap `name`.
+    ///
+    /// # Errors
+    /// [`BitmapError::NotFound`], [`BitmapError::Inconsistent`],
+    /// [`BitmapError::SizeMismatch`]; corrupt bitmap tables; I/O errors.
+    fn bitmap_merge(&self, name: &str, bits: &DirtyBits) -> Result<()> {
+        let _ = bits;
+        Err(self.bitmap_error(BitmapError::NotFound(name.to_owned())))
+    }
+    /// A bitmap error about this image.
+    fn bitmap_error(&self, e: BitmapError) -> crate::Error {
+        crate::Error::Bitmap {
+            path: self.storage(0).path().to_owned(),
+            source: e,
         }
     }
     /// Checks metadata consistency and optionally repairs it.

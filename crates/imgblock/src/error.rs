@@ -151,6 +151,14 @@ pub enum Error {
         /// The name or ID asked for.
         name: String,
     },
+    /// A persistent dirty bitmap operation was refused.
+    #[error("{}: {source}", path.display())]
+    Bitmap {
+        /// The image file.
+        path: PathBuf,
+        /// Why, in qemu's words.
+        source: crate::bitmaps::BitmapError,
+    },
     /// The operation is not available for this format or image.
     #[error("{}: {what}", path.display())]
     Unsupported {

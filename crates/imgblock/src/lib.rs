@@ -14,6 +14,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod bitmaps;
 pub mod check;
 pub mod crypto;
 pub mod driver;

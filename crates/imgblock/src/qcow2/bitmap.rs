@@ -441,7 +441,11 @@ impl Qcow2 {
     /// # Errors
     /// When the directory cannot be written.
     pub(super) fn note_bitmap_write(&self, offset: u64, len: u64) -> Result<()> {
-        if !self.tracks_bitmaps || !self.writable {
+        if !self
+            .tracks_bitmaps
+            .load(std::sync::atomic::Ordering::Relaxed)
+            || !self.writable
+        {
             return Ok(());
         }
         let mut st = self.lock();

@@ -9,6 +9,7 @@
 
 mod amend;
 pub mod bitmap;
+mod bitmap_ops;
 mod cache;
 mod check;
 mod compress;
@@ -161,7 +162,8 @@ pub struct Qcow2 {
     /// clusters need not take the state lock for it; changed only by `amend` (`&mut self`).
     compression: CompressionType,
     /// Whether an enabled bitmap records writes: lets writes skip the state lock otherwise.
-    tracks_bitmaps: bool,
+    /// Changes when bitmaps are added, removed, enabled or disabled.
+    tracks_bitmaps: std::sync::atomic::AtomicBool,
 }
 
 pub(crate) fn be64_at(b: &[u8], off: usize) -> u64 {
@@ -302,7 +304,7 @@ impl Qcow2 {
             metadata_prealloc: std::sync::OnceLock::new(),
             crypt,
             compression,
-            tracks_bitmaps,
+            tracks_bitmaps: tracks_bitmaps.into(),
         };
         if writable {
             q.open_for_writing(access.repair)?;
@@ -689,6 +691,7 @@ impl Driver for Qcow2 {
     }
 
     fn specific(&self) -> FormatSpecific {
+        let bitmaps = self.bitmap_infos();
         let st = self.lock();
         let h = &st.h;
         FormatSpecific::Qcow2(Qcow2Specific {
@@ -704,17 +707,7 @@ impl Driver for Qcow2 {
                 None
             },
             data_file_raw: h.autoclear & header::AUTOCLEAR_DATA_FILE_RAW != 0,
-            bitmaps: st
-                .bitmaps
-                .iter()
-                .flat_map(|b| &b.list)
-                .map(|b| crate::driver::BitmapInfo {
-                    name: b.name.clone(),
-                    granularity: b.granularity(),
-                    enabled: b.flags & bitmap::FLAG_AUTO != 0,
-                    in_use: b.flags & bitmap::FLAG_IN_USE != 0,
-                })
-                .collect(),
+            bitmaps,
         })
     }
 
@@ -801,7 +794,7 @@ impl Driver for Qcow2 {
             metadata_prealloc: std::sync::OnceLock::new(),
             crypt: self.crypt.clone(),
             compression: self.compression,
-            tracks_bitmaps: false,
+            tracks_bitmaps: false.into(),
         }))
     }
 
@@ -1163,6 +1156,38 @@ impl Driver for Qcow2 {
 
     fn note_write(&self, offset: u64, len: u64) -> Result<()> {
         self.note_bitmap_write(offset, len)
+    }
+
+    fn supports_bitmaps(&self) -> bool {
+        self.lock().h.version >= 3
+    }
+
+    fn bitmap_list(&self) -> Vec<crate::driver::BitmapInfo> {
+        self.bitmap_infos()
+    }
+
+    fn bitmap_add(&self, name: &str, granularity: Option<u64>, enabled: bool) -> Result<()> {
+        self.add_bitmap(name, granularity, enabled)
+    }
+
+    fn bitmap_remove(&self, name: &str) -> Result<()> {
+        self.remove_bitmap(name)
+    }
+
+    fn bitmap_clear(&self, name: &str) -> Result<()> {
+        self.clear_bitmap(name)
+    }
+
+    fn bitmap_set_enabled(&self, name: &str, enabled: bool) -> Result<()> {
+        self.enable_bitmap(name, enabled)
+    }
+
+    fn bitmap_read(&self, name: &str) -> Result<crate::bitmaps::DirtyBits> {
+        self.read_bitmap(name)
+    }
+
+    fn bitmap_merge(&self, name: &str, bits: &crate::bitmaps::DirtyBits) -> Result<()> {
+        self.merge_into_bitmap(name, bits)
     }
 
     fn flush(&self) -> Result<()> {
