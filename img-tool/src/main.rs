@@ -6,6 +6,7 @@
 
 mod amend;
 mod bench;
+mod bitmap;
 mod cache;
 mod check;
 mod commit;
@@ -99,6 +100,8 @@ enum Command {
     Dd(dd::DdArgs),
     /// Compute the size a new image would need.
     Measure(measure::MeasureArgs),
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps.
+    Bitmap(bitmap::BitmapArgs),
     /// Run a simple I/O benchmark: COUNT reads or writes of BUFFER_SIZE bytes, DEPTH at a time.
     Bench(bench::BenchArgs),
 }
@@ -118,6 +121,7 @@ fn dispatch(cmd: &Command) -> CliResult<i32> {
         Command::Amend(a) => amend::run(a),
         Command::Dd(a) => dd::run(a),
         Command::Measure(a) => measure::run(a),
+        Command::Bitmap(a) => bitmap::run(a),
         Command::Bench(a) => bench::run(a),
     }
 }
@@ -350,6 +354,23 @@ mod tests {
                 "size",
                 "snapshot",
                 "target-format",
+            ],
+        ),
+        (
+            "bitmap",
+            &[
+                "add",
+                "clear",
+                "disable",
+                "enable",
+                "granularity",
+                "help",
+                "image-opts",
+                "merge",
+                "object",
+                "remove",
+                "source-file",
+                "source-format",
             ],
         ),
         (
