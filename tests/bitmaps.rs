@@ -563,3 +563,206 @@ fn bitmap_remove_last_leaves_no_extension_like_qemu() {
     assert_eq!(i[88..96], q[88..96]);
     assert!(!i.windows(4).any(|w| w == [0x23, 0x85, 0x28, 0x75]));
 }
+
+/// Runs `convert` with qemu-img into `q.*` and with img into `i.*` (the last argument's
+/// extension kept) and asserts the same status and message, and, when both made a qcow2
+/// target, the same bitmaps, bits and data.
+#[track_caller]
+fn same_convert(env: &Env, args: &[&str]) {
+    let dst = args.last().unwrap();
+    let ext = dst.rsplit('.').next().unwrap();
+    let (q, i) = (format!("q.{ext}"), format!("i.{ext}"));
+    let mut q_args: Vec<&str> = args.to_vec();
+    let mut i_args: Vec<&str> = args.to_vec();
+    *q_args.last_mut().unwrap() = &q;
+    *i_args.last_mut().unwrap() = &i;
+    let theirs = env.qemu_img(&q_args);
+    let ours = env.img(&i_args).no_panic();
+    assert_eq!(ours.code, theirs.code, "{args:?}: {ours}{theirs}");
+    assert_eq!(
+        ours.stderr,
+        theirs.stderr.replace("qemu-img", "img"),
+        "{args:?}"
+    );
+    assert_eq!(env.path(&i).exists(), env.path(&q).exists(), "{args:?}");
+    if ext == "qcow2" && env.path(&q).exists() {
+        assert_eq!(qemu_specific(env, &i), qemu_specific(env, &q), "{args:?}");
+        let check = env.qemu_img(&["check", &i]).ok();
+        assert!(check.stdout.contains("No errors were found"), "{check}");
+        assert_eq!(read_bitmaps(env, &i), read_bitmaps(env, &q), "{args:?}");
+        env.qemu_img(&["compare", &q, &i]).ok();
+    }
+}
+
+#[test]
+fn convert_bitmaps_equals_qemu() {
+    let env = Env::with_qemu();
+    image_with_bitmaps(&env);
+    for args in [
+        &["convert", "--bitmaps", "-O", "qcow2", "t.qcow2", "x.qcow2"][..],
+        &[
+            "convert",
+            "--bitmaps",
+            "-c",
+            "-O",
+            "qcow2",
+            "t.qcow2",
+            "x.qcow2",
+        ],
+        &[
+            "convert",
+            "--bitmaps",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "t.qcow2",
+            "x.qcow2",
+        ],
+        &[
+            "convert",
+            "--bitmaps",
+            "--skip-broken-bitmaps",
+            "-O",
+            "qcow2",
+            "t.qcow2",
+            "x.qcow2",
+        ],
+    ] {
+        same_convert(&env, args);
+    }
+    let bms = read_bitmaps(&env, "i.qcow2");
+    assert_eq!(bms.len(), 3);
+    assert_eq!(bms[2].ranges, vec![(0, MIB)]);
+    // img reads its own copies back into another one.
+    env.img(&[
+        "convert",
+        "--bitmaps",
+        "-O",
+        "qcow2",
+        "i.qcow2",
+        "again.qcow2",
+    ])
+    .ok();
+    assert_eq!(read_bitmaps(&env, "again.qcow2"), bms);
+}
+
+#[test]
+fn convert_bitmaps_errors_equal_qemu() {
+    let env = Env::with_qemu();
+    image_with_bitmaps(&env);
+    env.qemu_img(&["create", "-f", "raw", "r.raw", "8M"]).ok();
+    env.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "v2.qcow2",
+        "8M",
+    ])
+    .ok();
+    for args in [
+        &["convert", "--bitmaps", "-O", "raw", "t.qcow2", "x.raw"][..],
+        &["convert", "--bitmaps", "-O", "vmdk", "t.qcow2", "x.vmdk"],
+        &[
+            "convert",
+            "--bitmaps",
+            "-O",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "t.qcow2",
+            "x.qcow2",
+        ],
+        &["convert", "--bitmaps", "-O", "qcow2", "r.raw", "x.qcow2"],
+        &["convert", "--bitmaps", "-O", "qcow2", "v2.qcow2", "x.qcow2"],
+        &[
+            "convert",
+            "--bitmaps",
+            "-O",
+            "qcow2",
+            "t.qcow2",
+            "r.raw",
+            "x.qcow2",
+        ],
+        &[
+            "convert",
+            "--skip-broken-bitmaps",
+            "-O",
+            "qcow2",
+            "t.qcow2",
+            "x.qcow2",
+        ],
+    ] {
+        for f in ["q.qcow2", "i.qcow2", "q.raw", "i.raw", "q.vmdk", "i.vmdk"] {
+            let _ = std::fs::remove_file(env.path(f));
+        }
+        same_convert(&env, args);
+    }
+}
+
+#[test]
+fn convert_inconsistent_bitmaps_equal_qemu() {
+    let env = Env::with_qemu();
+    image_with_bitmaps(&env);
+    mark_in_use(&env, "t.qcow2", 0);
+    mark_in_use(&env, "t.qcow2", 1);
+    same_convert(
+        &env,
+        &["convert", "--bitmaps", "-O", "qcow2", "t.qcow2", "x.qcow2"],
+    );
+    same_convert(
+        &env,
+        &[
+            "convert",
+            "--bitmaps",
+            "--skip-broken-bitmaps",
+            "-O",
+            "qcow2",
+            "t.qcow2",
+            "x.qcow2",
+        ],
+    );
+    assert_eq!(read_bitmaps(&env, "i.qcow2").len(), 1);
+}
+
+#[test]
+fn convert_bitmaps_into_existing_target_equals_qemu() {
+    let env = Env::with_qemu();
+    image_with_bitmaps(&env);
+    for f in ["q.qcow2", "i.qcow2"] {
+        env.qemu_img(&["create", "-f", "qcow2", f, "8M"]).ok();
+        env.qemu_img(&["bitmap", "--add", f, "own"]).ok();
+    }
+    same_convert(
+        &env,
+        &[
+            "convert",
+            "-n",
+            "--bitmaps",
+            "-O",
+            "qcow2",
+            "t.qcow2",
+            "x.qcow2",
+        ],
+    );
+    // A name the target has already: qemu made the newer bitmaps before it stopped.
+    for f in ["q.qcow2", "i.qcow2"] {
+        env.qemu_img(&["create", "-f", "qcow2", f, "8M"]).ok();
+        env.qemu_img(&["bitmap", "--add", "-g", "4k", f, "b1"]).ok();
+    }
+    same_convert(
+        &env,
+        &[
+            "convert",
+            "-n",
+            "--bitmaps",
+            "-O",
+            "qcow2",
+            "t.qcow2",
+            "x.qcow2",
+        ],
+    );
+    assert_eq!(read_bitmaps(&env, "i.qcow2").len(), 2);
+}

@@ -133,6 +133,12 @@ pub struct ConvertArgs {
     /// encrypt.key-secret=ID): with -n, an existing encrypted image can be written. Not with -O.
     #[arg(long = "target-image-opts")]
     target_image_opts: bool,
+    /// Copy the source's persistent dirty bitmaps into the target (qcow2 to qcow2; one source).
+    #[arg(long = "bitmaps")]
+    bitmaps: bool,
+    /// With --bitmaps: skip inconsistent bitmaps, with a warning, rather than fail.
+    #[arg(long = "skip-broken-bitmaps")]
+    skip_broken_bitmaps: bool,
     /// Source images, then the target.
     #[arg(num_args = 0..)]
     files: Vec<String>,
@@ -215,6 +221,11 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
     }
     // The checks come in qemu-img's order, so that a command line with several faults gets
     // its message.
+    if args.skip_broken_bitmaps && !args.bitmaps {
+        return Err(Failure::new(
+            "Use of --skip-broken-bitmaps requires --bitmaps",
+        ));
+    }
     if args.copy_range && args.compress {
         return Err(Failure::new(
             "Cannot enable copy offloading when -c is used",
@@ -254,6 +265,9 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
     parse_cache(args.cache.as_deref(), "cache")?;
     parse_cache(args.src_cache.as_deref(), "source cache")?;
     let sources = open_sources(args, srcs)?;
+    if args.bitmaps {
+        check_bitmaps(&sources, args.skip_broken_bitmaps)?;
+    }
     let total = sources
         .iter()
         .try_fold(0u64, |acc, s| acc.checked_add(s.size()))
@@ -296,6 +310,12 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         opts.size = Some(total);
         create_target(Path::new(dst), out_format, &opts, direct)?
     };
+    if args.bitmaps && !target.driver().supports_bitmaps() {
+        return Err(Failure::new(format!(
+            "Format driver '{}' does not support bitmaps",
+            target.format().name()
+        )));
+    }
     // The disk writes while the copy goes on, rather than all at the final flush.
     target.set_write_behind(true);
     let min_sparse = usize::try_from(sparse / 512).unwrap_or(8);
@@ -368,11 +388,94 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
             })
         },
     )?;
+    if let (true, Some(src)) = (args.bitmaps, sources.first()) {
+        copy_bitmaps(src, &target, args.skip_broken_bitmaps)?;
+    }
     target
         .flush()
         .map_err(|e| Failure::new(format!("Error while flushing {dst}: {e}")))?;
     progress.finish();
     Ok(0)
+}
+
+/// `--bitmaps`, before anything is created: one source, able to hold bitmaps, and (unless
+/// they are to be skipped) none of them inconsistent. qemu walks the bitmaps newest first, so
+/// the last inconsistent one is named.
+fn check_bitmaps(sources: &[Image], skip_broken: bool) -> CliResult<()> {
+    let [src] = sources else {
+        return Err(Failure::new(
+            "Copying bitmaps only possible with single source",
+        ));
+    };
+    if !src.driver().supports_bitmaps() {
+        return Err(Failure::new("Source lacks bitmap support"));
+    }
+    if skip_broken {
+        return Ok(());
+    }
+    match src.driver().bitmap_list().iter().rev().find(|b| b.in_use) {
+        Some(b) => Err(Failure::new(format!(
+            "Cannot copy inconsistent bitmap '{}'\n\
+             Try --skip-broken-bitmaps, or use 'img bitmap --remove' to delete it",
+            b.name
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// `--bitmaps`, after the data: each source bitmap made in the target with its name,
+/// granularity and enabled state, and its bits merged in.
+///
+/// qemu walks the source's bitmaps newest first and stops at the first it cannot create (a
+/// name the target has already, with -n); those it made end up after the target's own, in
+/// the source's order. So here: the warnings for skipped ones and the failure come in that
+/// order, and the bitmaps are made in the source's.
+fn copy_bitmaps(src: &Image, target: &Image, skip_broken: bool) -> CliResult<()> {
+    let mut todo = Vec::new();
+    for b in src.driver().bitmap_list().into_iter().rev() {
+        if skip_broken && b.in_use {
+            console::eprint(&format!(
+                "img: warning: Skipping inconsistent bitmap '{}'\n",
+                b.name
+            ));
+            continue;
+        }
+        todo.push(b);
+    }
+    let existing = target.driver().bitmap_list();
+    let clash = todo
+        .iter()
+        .position(|b| existing.iter().any(|e| e.name == b.name));
+    let reason = |e: &imgblock::Error| match e {
+        imgblock::Error::Bitmap { source, .. } => source.to_string(),
+        imgblock::Error::Qcow2 { source, .. } => source.to_string(),
+        other => other.to_string(),
+    };
+    for b in todo[..clash.unwrap_or(todo.len())].iter().rev() {
+        let name = &b.name;
+        target
+            .driver()
+            .bitmap_add(name, Some(b.granularity), b.enabled)
+            .map_err(|e| Failure::new(format!("Failed to create bitmap {name}: {}", reason(&e))))?;
+        let merged = src
+            .driver()
+            .bitmap_read(name)
+            .and_then(|bits| target.driver().bitmap_merge(name, &bits));
+        if let Err(e) = merged {
+            let _ = target.driver().bitmap_remove(name);
+            return Err(Failure::new(format!(
+                "Failed to populate bitmap {name}: {}",
+                reason(&e)
+            )));
+        }
+    }
+    match clash.and_then(|i| todo.get(i)) {
+        Some(b) => Err(Failure::new(format!(
+            "Failed to create bitmap {0}: Bitmap already exists: {0}",
+            b.name
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Opens the sources read-only, at the `-l` snapshot if one is given.

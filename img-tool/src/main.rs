@@ -161,8 +161,7 @@ mod tests {
     }
 
     /// qemu-img 10's long option names by subcommand: the ones its parser takes and the ones its
-    /// `--help` documents (bar `--bitmaps` and `--skip-broken-bitmaps`, which img does not
-    /// have).
+    /// `--help` documents.
     const QEMU_LONG_NAMES: &[(&str, &[&str])] = &[
         (
             "create",
@@ -192,6 +191,8 @@ mod tests {
         (
             "convert",
             &[
+                "bitmaps",
+                "skip-broken-bitmaps",
                 "salvage",
                 "rate",
                 "target-is-zero",
