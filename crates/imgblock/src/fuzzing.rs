@@ -47,9 +47,35 @@ pub fn exercise(format: Format, data: &[u8]) {
         let _ = img.write_zeroes(0, size.min(1 << 20), true);
         let _ = img.discard(size / 2, size.min(1 << 20) / 2);
         let _ = img.flush();
+        edit_bitmaps(&img);
         read_around(&img);
         let _ = img.check(Repair::None);
     }
+}
+
+/// Every persistent-bitmap action on the image's own (fuzzed) bitmaps, and on a new one.
+fn edit_bitmaps(img: &Image) {
+    let d = img.driver();
+    if !d.supports_bitmaps() {
+        return;
+    }
+    let names: Vec<String> = d
+        .bitmap_list()
+        .into_iter()
+        .take(4)
+        .map(|b| b.name)
+        .collect();
+    let _ = d.bitmap_add("fuzz", None, true);
+    for n in &names {
+        if let Ok(bits) = d.bitmap_read(n) {
+            let _ = d.bitmap_merge("fuzz", &bits);
+        }
+        let _ = d.bitmap_set_enabled(n, false);
+        let _ = d.bitmap_clear(n);
+        let _ = d.bitmap_remove(n);
+    }
+    let _ = d.bitmap_clear("fuzz");
+    let _ = d.bitmap_remove("fuzz");
 }
 
 /// Runs the read-only part of the exercise on `data` as a seSparse extent file (ESXi
