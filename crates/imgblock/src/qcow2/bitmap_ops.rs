@@ -387,6 +387,19 @@ mod tests {
         }
     }
 
+    /// The byte offset of the bitmap directory in an image file's bytes (from the bitmaps
+    /// header extension).
+    fn directory_at(b: &[u8]) -> usize {
+        let ext = b
+            .windows(4)
+            .position(|w| w == [0x23, 0x85, 0x28, 0x75])
+            .unwrap();
+        usize::try_from(u64::from_be_bytes(
+            b[ext + 24..ext + 32].try_into().unwrap(),
+        ))
+        .unwrap()
+    }
+
     fn check_clean(img: &Image) {
         let r = img.driver().check(crate::Repair::None).unwrap();
         assert_eq!((r.corruptions, r.leaks), (0, 0), "{r:?}");
@@ -507,12 +520,8 @@ mod tests {
         // Set the in-use flag by hand, as a crash while the image was open would leave it.
         let p = dir.path().join("x.qcow2");
         let mut b = std::fs::read(&p).unwrap();
-        let ext = b
-            .windows(4)
-            .position(|w| w == [0x23, 0x85, 0x28, 0x75])
-            .unwrap();
-        let dir_at = u64::from_be_bytes(b[ext + 24..ext + 32].try_into().unwrap());
-        b[usize::try_from(dir_at).unwrap() + 15] |= 1;
+        let dir_at = directory_at(&b);
+        b[dir_at + 15] |= 1;
         std::fs::write(&p, &b).unwrap();
         let oo = OpenOptions {
             writable: true,
@@ -559,14 +568,7 @@ mod tests {
         drop(img);
         let p = dir.path().join("x.qcow2");
         let mut b = std::fs::read(&p).unwrap();
-        let ext = b
-            .windows(4)
-            .position(|w| w == [0x23, 0x85, 0x28, 0x75])
-            .unwrap();
-        let dir_at = usize::try_from(u64::from_be_bytes(
-            b[ext + 24..ext + 32].try_into().unwrap(),
-        ))
-        .unwrap();
+        let dir_at = directory_at(&b);
         let table = usize::try_from(u64::from_be_bytes(
             b[dir_at..dir_at + 8].try_into().unwrap(),
         ))
