@@ -648,6 +648,31 @@ fn convert_bitmaps_equals_qemu() {
 }
 
 #[test]
+fn convert_bitmaps_from_a_snapshot_copies_the_images_bitmaps_like_qemu() {
+    let env = Env::with_qemu();
+    image_with_bitmaps(&env);
+    env.qemu_img(&["snapshot", "-c", "s1", "t.qcow2"]).ok();
+    env.qemu_io("qcow2", "t.qcow2", &["write -P 0x22 4M 64k"]);
+    same_convert(
+        &env,
+        &[
+            "convert",
+            "--bitmaps",
+            "-l",
+            "s1",
+            "-O",
+            "qcow2",
+            "t.qcow2",
+            "x.qcow2",
+        ],
+    );
+    let bms = read_bitmaps(&env, "i.qcow2");
+    assert_eq!(bms.len(), 3);
+    // The bits are the image's own, the write after the snapshot included.
+    assert_eq!(bms[2].ranges, vec![(0, MIB), (4 * MIB, 4 * MIB + 65536)]);
+}
+
+#[test]
 fn convert_bitmaps_errors_equal_qemu() {
     let env = Env::with_qemu();
     image_with_bitmaps(&env);

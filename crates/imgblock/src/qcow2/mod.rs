@@ -748,6 +748,7 @@ impl Driver for Qcow2 {
             })?;
         let st = self.lock();
         let mut h = st.h.clone();
+        let bitmaps = st.bitmaps.clone();
         drop(st);
         if u64::from(sn.l1_size) * 8 > MAX_L1_BYTES {
             return Err(self.err(Error::L1TooLarge(sn.l1_size)));
@@ -780,7 +781,9 @@ impl Driver for Qcow2 {
             free_hint: 0,
             end_hint: 0,
             compressed_cursor: 0,
-            bitmaps: None,
+            // The image's bitmaps belong to the image, not to a snapshot: qemu's view of a
+            // snapshot (`convert -l`) still has them, over the same disk size.
+            bitmaps: bitmaps.filter(|_| size == self.size),
             meta: None,
             corrupt: false,
         };
