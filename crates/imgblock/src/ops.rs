@@ -23,10 +23,6 @@ pub type Throttle<'a> = &'a (dyn Fn(u64) + Sync);
 /// Does not pace anything.
 pub fn no_throttle(_written: u64) {}
 
-fn is_zero(b: &[u8]) -> bool {
-    b.iter().all(|&x| x == 0)
-}
-
 /// Writes the data of `top` (and of the images between it and `base_depth`) into the image at
 /// `base_depth` in its chain (default 1: the immediate backing image), then empties `top`
 /// unless `keep` (qemu-img commit's -d) or its format cannot be emptied (vmdk, vdi: it keeps its
@@ -134,7 +130,7 @@ pub fn commit_throttled(
         if alloc {
             let b = &mut buf[..usize::try_from(n).unwrap_or(0)];
             top.read_at(b, pos)?;
-            if is_zero(b) {
+            if crate::scan::is_zero(b) {
                 // As qemu's commit job: zeroes may drop the base's allocation there.
                 base_w.write_zeroes(pos, n, true)?;
             } else {
