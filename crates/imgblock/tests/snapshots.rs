@@ -159,3 +159,56 @@ fn snapshot_errors_name_the_problem() {
         Err(imgblock::Error::NoSuchSnapshot { .. })
     ));
 }
+
+fn refused_as_overflow(r: imgblock::Result<()>) -> bool {
+    matches!(
+        r,
+        Err(imgblock::Error::Qcow2 {
+            source: imgblock::qcow2::Error::RefcountOverflow(_),
+            ..
+        })
+    )
+}
+
+fn snapshot_names(p: &Path) -> Vec<String> {
+    let img = Image::open(p, &OpenOptions::read_only()).unwrap();
+    let list = img.driver().snapshots().unwrap();
+    list.into_iter().map(|s| s.name).collect()
+}
+
+/// With 1-bit refcounts no cluster can be shared: a snapshot of an image that holds one is
+/// refused as a refcount overflow, as qemu refuses it, before anything is written. It used to
+/// fail with amend's message about refcount widths and leave the clusters it had taken leaked.
+/// A snapshot of an empty image shares nothing and is made.
+#[test]
+fn snapshot_past_one_bit_refcounts_is_refused_and_leaks_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = make(dir.path(), "refcount_bits=1");
+    let img = Image::open(&p, &OpenOptions::writable()).unwrap();
+    img.snapshot_create("empty").unwrap();
+    img.write_at(&[0], 0).unwrap();
+    assert!(refused_as_overflow(img.snapshot_create("full")));
+    img.write_at(&[5; 4096], 8192).unwrap();
+    drop(img);
+    check_clean(&p);
+    assert_eq!(snapshot_names(&p), ["empty"]);
+    let active = content(&p, None);
+    assert!(active[8192..12288].iter().all(|&b| b == 5));
+    assert_eq!(active, qemu_content(dir.path(), &p, None));
+}
+
+/// With 2-bit refcounts a cluster can be shared by the active state and two snapshots: a third
+/// snapshot of it is refused the same way, and leaks nothing.
+#[test]
+fn third_snapshot_past_two_bit_refcounts_is_refused_and_leaks_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = make(dir.path(), "cluster_size=8k,refcount_bits=2");
+    let img = Image::open(&p, &OpenOptions::writable()).unwrap();
+    img.write_at(&[0], 0).unwrap();
+    img.snapshot_create("a").unwrap();
+    img.snapshot_create("b").unwrap();
+    assert!(refused_as_overflow(img.snapshot_create("c")));
+    drop(img);
+    check_clean(&p);
+    assert_eq!(snapshot_names(&p), ["a", "b"]);
+}

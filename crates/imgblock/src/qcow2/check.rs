@@ -227,6 +227,9 @@ pub(super) struct View<'a> {
     /// Where the snapshot table lies, and its entries.
     pub snapshots_offset: u64,
     pub snapshots: &'a [snapshot::Snapshot],
+    /// Whether the two tables have their places yet: a state being built counts what they
+    /// reference before they are placed, and then their offsets are not counted.
+    pub placed: bool,
 }
 
 /// Counts the references to every cluster of the file from the metadata on disk: the header, L1
@@ -244,6 +247,7 @@ pub(super) fn count_references(
         l1: &l1,
         snapshots_offset: st.h.snapshots_offset,
         snapshots: &snaps,
+        placed: true,
     };
     count_view(q, st, &view, check)
 }
@@ -273,7 +277,9 @@ pub(super) fn count_view(
     };
     w.r.total_clusters = q.size.div_ceil(cs);
     w.inc(0, cs, "header");
-    w.inc(view.l1_offset, view.l1.len() as u64 * 8, "L1 table");
+    if view.placed {
+        w.inc(view.l1_offset, view.l1.len() as u64 * 8, "L1 table");
+    }
     w.walk_l1(st, view.l1, true);
     if q.data != 0 && !view.snapshots.is_empty() {
         // Snapshots cannot keep data that lives in an external file.
@@ -284,11 +290,13 @@ pub(super) fn count_view(
         ));
     }
     if !view.snapshots.is_empty() {
-        w.inc(
-            view.snapshots_offset,
-            snapshot::table_len(view.snapshots),
-            "snapshot table",
-        );
+        if view.placed {
+            w.inc(
+                view.snapshots_offset,
+                snapshot::table_len(view.snapshots),
+                "snapshot table",
+            );
+        }
         for s in view.snapshots {
             if s.l1_offset % cs != 0 || u64::from(s.l1_size) * 8 > super::MAX_L1_BYTES {
                 w.r.corruptions += 1;

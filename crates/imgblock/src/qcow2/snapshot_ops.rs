@@ -164,11 +164,18 @@ impl Qcow2 {
                 l1: &active,
                 snapshots_offset: 0,
                 snapshots: snaps,
+                placed: false,
             },
             false,
         )?;
         if report.corruptions > 0 {
             return Err(self.err(Error::DirtyInconsistent));
+        }
+        // A cluster the new state shares more often than a refcount can count (a snapshot of
+        // clusters that other snapshots share already; with 1-bit refcounts, of any cluster) is
+        // refused before anything is written, as qemu refuses it.
+        if let Some(c) = pre.iter().position(|&v| u64::from(v) > self.max_refcount()) {
+            return Err(self.err(Error::RefcountOverflow(c as u64 * cs)));
         }
         let esize = usize::try_from(g.l2_entry_size).unwrap_or(8);
         let mut new_l1 = Vec::with_capacity(active.len());
@@ -239,6 +246,7 @@ impl Qcow2 {
             l1: &new_l1,
             snapshots_offset: snap_off,
             snapshots: &fresh_snaps,
+            placed: true,
         };
         let (counts, report) = count_view(self, st, &view, false)?;
         if report.corruptions > 0 {
@@ -285,7 +293,8 @@ impl Qcow2 {
     ///
     /// # Errors
     /// When the image is read-only, has an external data file (whose data no snapshot can keep),
-    /// has too many snapshots, or I/O fails.
+    /// has too many snapshots, a cluster would be shared more often than its refcount can count
+    /// ([`Error::RefcountOverflow`]; the image is left as it was), or I/O fails.
     pub fn create_snapshot(&self, name: &str, date: (u32, u32)) -> Result<()> {
         self.check_writable()?;
         if self.data != 0 {
@@ -310,11 +319,11 @@ impl Qcow2 {
         let mut st = self.lock();
         // The snapshot keeps the current L2 tables; the active state gets copies.
         let l1_bytes: Vec<u8> = st.l1.iter().flat_map(|e| e.to_be_bytes()).collect();
+        let l1_clusters = (l1_bytes.len() as u64).div_ceil(g.cluster_size);
         let l1_off = if l1_bytes.is_empty() {
             0
         } else {
-            let off =
-                self.alloc_clusters(&mut st, (l1_bytes.len() as u64).div_ceil(g.cluster_size))?;
+            let off = self.alloc_clusters(&mut st, l1_clusters)?;
             self.file()
                 .write_at(&l1_bytes, off)
                 .ctx(self.file().path())?;
@@ -334,7 +343,19 @@ impl Qcow2 {
             disk_len: 0,
         });
         let active = st.l1.clone();
-        self.switch_state(&mut st, active, &snaps)?;
+        let r = self.switch_state(&mut st, active, &snaps);
+        if let Err(crate::Error::Qcow2 {
+            source: Error::RefcountOverflow(_),
+            ..
+        }) = &r
+        {
+            // Refused before anything was written: nothing points at the L1 copy, whose
+            // clusters go back rather than leak.
+            for i in 0..l1_clusters {
+                self.update_refcount(&mut st, l1_off + i * g.cluster_size, -1, false)?;
+            }
+        }
+        r?;
         drop(st);
         self.flush_files()
     }
