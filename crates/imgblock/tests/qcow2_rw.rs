@@ -1,5 +1,6 @@
 //! Write-then-read properties of the qcow2 driver through every write path, checked against an
-//! in-memory model and (when installed) `qemu-img check`.
+//! in-memory model (`fmt_common::model`) through the library, `qemu-img check` and
+//! `qemu-img compare`.
 
 #![allow(clippy::cast_possible_truncation)] // test sizes are small constants
 mod fmt_common;
@@ -8,6 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
+use fmt_common::model::{self, Caps, Discard, Op, Subject};
 use imgblock::{create, CreateOptions, Format, Image, OpenOptions};
 use proptest::prelude::*;
 
@@ -24,118 +26,77 @@ fn qemu_check(path: &Path) {
     );
 }
 
-fn new_image(dir: &Path, opts: &str, backing: Option<&str>) -> Image {
+fn new_image(dir: &Path, opts: &str) -> Image {
     let p = dir.join("t.qcow2");
     let mut o = CreateOptions::new(SIZE);
     o.parse_opts(opts).unwrap();
-    if let Some(b) = backing {
-        o.backing_file = Some(b.to_owned());
-        o.backing_fmt = Some("raw".into());
-    }
     create(&p, Format::Qcow2, &o).unwrap();
     Image::open(&p, &OpenOptions::writable()).unwrap()
 }
 
-#[derive(Debug, Clone)]
-enum Op {
-    Write(u64, usize, u8),
-    Zero(u64, u64, bool),
-    Discard(u64, u64),
+/// The backing image's content: no zero bytes, so that it shows wherever it reads through.
+fn backing_content() -> Vec<u8> {
+    (0..SIZE).map(|i| (i % 253) as u8 | 1).collect()
 }
 
-fn op() -> impl Strategy<Value = Op> {
-    prop_oneof![
-        4 => (0..SIZE - 1, 1usize..200_000, any::<u8>()).prop_map(|(o, l, b)| Op::Write(o, l, b)),
-        1 => (0..SIZE - 1, 1u64..400_000, any::<bool>()).prop_map(|(o, l, u)| Op::Zero(o, l, u)),
-        1 => (0..SIZE - 1, 1u64..400_000).prop_map(|(o, l)| Op::Discard(o, l)),
-    ]
-}
-
-/// Applies `ops` to the image and to a model, with a raw backing file of known content below.
+/// Runs `ops` on a new image with options `opts`, over a raw backing file when `with_backing`,
+/// and checks it against the model through the library, `qemu-img check` and
+/// `qemu-img compare`.
 fn run(opts: &str, with_backing: bool, ops: &[Op]) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut model = vec![0u8; SIZE as usize];
-    let backing = if with_backing {
-        let b = dir.path().join("base.raw");
-        let content: Vec<u8> = (0..SIZE).map(|i| (i % 253) as u8 | 1).collect();
-        std::fs::write(&b, &content).unwrap();
-        model.copy_from_slice(&content);
-        Some("base.raw")
-    } else {
-        None
-    };
-    let img = new_image(dir.path(), opts, backing);
+    let backing = with_backing.then(backing_content);
+    let s = Subject::create(Format::Qcow2, opts, SIZE, caps(opts), backing.as_deref());
+    model::run(&s, ops);
+}
+
+/// Discard drops whole clusters (or subclusters): v3 makes them read as zeroes, v2 leaves
+/// them unallocated, so that the backing file shows through again. qemu resizes a v2 image
+/// only without snapshots.
+fn caps(opts: &str) -> Caps {
     let v2 = opts.contains("compat=0.10");
-    for op in ops {
-        match *op {
-            Op::Write(o, l, b) => {
-                let l = l.min((SIZE - o) as usize);
-                img.write_at(&vec![b; l], o).unwrap();
-                model[o as usize..o as usize + l].fill(b);
-            }
-            Op::Zero(o, l, unmap) => {
-                let l = l.min(SIZE - o);
-                img.write_zeroes(o, l, unmap).unwrap();
-                model[o as usize..(o + l) as usize].fill(0);
-            }
-            Op::Discard(o, l) => {
-                // Discard drops whole clusters only; v2 with a backing file then shows the backing
-                // data again, so the model cannot predict it: skip that case.
-                if v2 && with_backing {
-                    continue;
-                }
-                let l = l.min(SIZE - o);
-                img.discard(o, l).unwrap();
-                let cs = img.driver().cow_granularity();
-                let a = o.div_ceil(cs) * cs;
-                let e = if o + l == SIZE {
-                    SIZE
-                } else {
-                    (o + l) / cs * cs
-                };
-                if a < e {
-                    model[a as usize..e as usize].fill(0);
-                }
-            }
-        }
+    Caps {
+        discard: if v2 {
+            Discard::Backing
+        } else {
+            Discard::Zeroes
+        },
+        reopen: true,
+        snapshots: true,
+        grow: Some(512),
+        grow_with_snapshots: !v2,
+        refcount_max: if opts.contains("refcount_bits=2") {
+            3
+        } else {
+            u64::MAX
+        },
+        check: true,
     }
-    img.flush().unwrap();
-    let mut got = vec![0u8; SIZE as usize];
-    img.read_at(&mut got, 0).unwrap();
-    let first = got.iter().zip(&model).position(|(a, b)| a != b);
-    assert!(
-        first.is_none(),
-        "content differs at {first:?} for {opts} after {ops:?}"
-    );
-    drop(img);
-    qemu_check(&dir.path().join("t.qcow2"));
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 12, .. ProptestConfig::default() })]
 
     #[test]
-    fn v3_default_matches_model(ops in proptest::collection::vec(op(), 1..25)) {
+    fn v3_default_matches_model(ops in model::ops(caps(""), SIZE)) {
         run("", false, &ops);
     }
 
     #[test]
-    fn v2_small_clusters_match_model(ops in proptest::collection::vec(op(), 1..25)) {
+    fn v2_small_clusters_match_model(ops in model::ops(caps("compat=0.10"), SIZE)) {
         run("compat=0.10,cluster_size=4k", false, &ops);
     }
 
     #[test]
-    fn extended_l2_over_backing_matches_model(ops in proptest::collection::vec(op(), 1..25)) {
+    fn extended_l2_over_backing_matches_model(ops in model::ops(caps(""), SIZE)) {
         run("extended_l2=on,cluster_size=32k", true, &ops);
     }
 
     #[test]
-    fn backing_chain_cow_matches_model(ops in proptest::collection::vec(op(), 1..25)) {
+    fn backing_chain_cow_matches_model(ops in model::ops(caps("refcount_bits=2"), SIZE)) {
         run("cluster_size=8k,refcount_bits=2", true, &ops);
     }
 
     #[test]
-    fn v2_over_backing_matches_model(ops in proptest::collection::vec(op(), 1..25)) {
+    fn v2_over_backing_matches_model(ops in model::ops(caps("compat=0.10"), SIZE)) {
         run("compat=0.10,cluster_size=16k", true, &ops);
     }
 }
@@ -143,7 +104,7 @@ proptest! {
 #[test]
 fn parallel_writers_all_land() {
     let dir = tempfile::tempdir().unwrap();
-    let img = Arc::new(new_image(dir.path(), "cluster_size=4k", None));
+    let img = Arc::new(new_image(dir.path(), "cluster_size=4k"));
     let threads: Vec<_> = (0..4u8)
         .map(|t| {
             let img = img.clone();
@@ -194,7 +155,7 @@ fn many_clusters_grow_the_refcount_table() {
 #[test]
 fn read_past_end_is_out_of_bounds() {
     let dir = tempfile::tempdir().unwrap();
-    let img = new_image(dir.path(), "", None);
+    let img = new_image(dir.path(), "");
     let mut b = [0u8; 16];
     assert!(matches!(
         img.read_at(&mut b, SIZE - 8),
@@ -205,7 +166,7 @@ fn read_past_end_is_out_of_bounds() {
 #[test]
 fn read_only_image_refuses_writes_and_never_writes() {
     let dir = tempfile::tempdir().unwrap();
-    drop(new_image(dir.path(), "", None));
+    drop(new_image(dir.path(), ""));
     let p = dir.path().join("t.qcow2");
     let before = std::fs::read(&p).unwrap();
     let img = Image::open(&p, &OpenOptions::read_only()).unwrap();
@@ -219,7 +180,7 @@ fn read_only_image_refuses_writes_and_never_writes() {
 
 fn compressed_round_trip(opts: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let img = new_image(dir.path(), opts, None);
+    let img = new_image(dir.path(), opts);
     let cs = img.driver().cluster_size().unwrap() as usize;
     let mut model = vec![0u8; SIZE as usize];
     let mut seed = 7u32;

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 #![allow(clippy::cast_possible_truncation)] // test sizes are small
 
+pub mod model;
 pub mod sesparse;
 
 use std::path::Path;
