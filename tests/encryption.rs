@@ -1021,3 +1021,68 @@ fn measure_counts_the_luks_header_and_reads_an_encrypted_source() {
         "Parameter 'key-secret' is required for cipher",
     );
 }
+
+#[test]
+fn luks_format_resizes_like_qemu() {
+    let env = Env::with_qemu();
+    env.write("base.luks", qemu_made(true));
+    qemu_io(&env, "luks", "base.luks", &["write -P 0x3c 0 1M"]);
+    // Each step runs on two copies of the same image, one per tool: file lengths, virtual sizes
+    // and every guest byte (new space included: both decrypt the same host bytes) must agree.
+    let steps: &[&[&str]] = &[
+        &["2M"],
+        &["+100"],
+        &["--preallocation=falloc", "+1M"],
+        &["--preallocation=full", "+64k"],
+        &["--shrink", "1536k"],
+        &["--shrink", "--", "-512"],
+    ];
+    env.write("ours.luks", &env.read("base.luks"));
+    env.write("theirs.luks", &env.read("base.luks"));
+    for step in steps {
+        let mut ours = vec!["resize", "--object", OBJ, "--image-opts"];
+        let o = opts("luks", "ours.luks");
+        let t = opts("luks", "theirs.luks");
+        let mut theirs = ours.clone();
+        ours.push(&o);
+        theirs.push(&t);
+        ours.extend_from_slice(step);
+        theirs.extend_from_slice(step);
+        let a = env.img(&ours).ok();
+        env.qemu_img(&theirs).ok();
+        assert_eq!(a.stdout, "Image resized.\n", "{step:?}");
+        assert_eq!(env.len("ours.luks"), env.len("theirs.luks"), "{step:?}");
+        let size = |f: &str| {
+            env.qemu_img(&["info", "--output=json", f]).ok().json()["virtual-size"].clone()
+        };
+        assert_eq!(size("ours.luks"), size("theirs.luks"), "{step:?}");
+        let out = env.img(&["info", "--output=json", "ours.luks"]).ok().json();
+        assert_eq!(out["virtual-size"], size("theirs.luks"), "{step:?}");
+        qemu_to_raw(&env, &t, "theirs.raw");
+        qemu_sees(&env, "theirs.raw", &o);
+    }
+    // What qemu refuses, img refuses in its words, and the image is left as it was.
+    let before = env.read("ours.luks");
+    let o = opts("luks", "ours.luks");
+    for (args, why) in [
+        (
+            &["--preallocation=metadata", "+1M"][..],
+            "Unsupported preallocation mode: metadata",
+        ),
+        (&["1M"][..], "Use the --shrink option"),
+    ] {
+        let mut a = vec!["resize", "--object", OBJ, "--image-opts", &o];
+        a.extend_from_slice(args);
+        let out = env.img(&a).no_panic().code_is(1);
+        assert!(out.stderr.contains(why), "{args:?}: {out}");
+    }
+    assert!(
+        env.read("ours.luks") == before,
+        "a refused resize changed the image"
+    );
+    refused(
+        env.img(&["resize", "ours.luks", "+1M"]),
+        "ours.luks",
+        "key-secret",
+    );
+}

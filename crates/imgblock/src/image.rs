@@ -985,7 +985,8 @@ impl Image {
     }
 
     /// Changes the virtual size (shrinking drops data past the new end; the caller asks the user
-    /// first, as qemu-img's --shrink does). New space reads as zeroes.
+    /// first, as qemu-img's --shrink does). New space reads as zeroes, except in a `luks` image,
+    /// where it reads as noise, as a new one does (as in qemu).
     ///
     /// # Errors
     /// When the format cannot resize this image, or I/O fails.

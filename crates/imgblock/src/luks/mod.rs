@@ -95,7 +95,11 @@ impl Luks {
         let path = storage.path().to_owned();
         let (header, area) = read_header(storage.as_ref())?;
         let file_len = storage.size().ctx(&path)?;
-        let size = file_len.saturating_sub(header.payload_offset) / crypto::SECTOR_SIZE
+        // A payload that ends inside a sector (qemu-img resize to an odd size leaves one) counts
+        // that sector whole, as qemu counts it.
+        let size = file_len
+            .saturating_sub(header.payload_offset)
+            .div_ceil(crypto::SECTOR_SIZE)
             * crypto::SECTOR_SIZE;
         let (cipher, keys) = match key {
             Some(k) => {
@@ -261,6 +265,45 @@ impl Driver for Luks {
     fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
         // Discarding would leave host zeroes that decrypt to noise; the data stays.
         Ok(())
+    }
+
+    fn resize(
+        &mut self,
+        new_size: u64,
+        prealloc: crate::raw::Preallocation,
+        _zero_new: bool,
+    ) -> Result<()> {
+        use crate::raw::Preallocation;
+        if !self.writable {
+            return Err(Error::ReadOnly {
+                path: self.path().to_owned(),
+            });
+        }
+        if prealloc == Preallocation::Metadata {
+            return Err(invalid("Unsupported preallocation mode: metadata"));
+        }
+        let s = &self.storage;
+        let total = self
+            .header
+            .payload_offset
+            .checked_add(new_size)
+            .ok_or_else(|| invalid("Image size is too large"))?;
+        let old = s.size().ctx(s.path())?;
+        // As qemu: the payload file takes the new size exactly, and new space reads as whatever
+        // its host bytes decrypt to, as a new image's does; preallocation is of host space.
+        s.set_len(total).ctx(s.path())?;
+        if total > old {
+            match prealloc {
+                Preallocation::Falloc => s.allocate(old, total - old).ctx(s.path())?,
+                Preallocation::Full => {
+                    crate::storage::write_zero_buffers(s.as_ref(), old, total - old)
+                        .ctx(s.path())?;
+                }
+                _ => {}
+            }
+        }
+        self.size = new_size.div_ceil(crypto::SECTOR_SIZE) * crypto::SECTOR_SIZE;
+        s.flush().ctx(s.path())
     }
 
     fn amend(&mut self, o: &CreateOptions) -> Result<()> {
