@@ -738,6 +738,7 @@ const RAW_REFUSED: &[&str] = &[
     "nocow=maybe",
     "cluster_size=64k",
     "backing_file=base.raw",
+    "backing_fmt=raw",
 ];
 
 #[test]
@@ -922,6 +923,7 @@ const QCOW2_REFUSED: &[&str] = &[
     "lazy_refcounts=maybe",
     "data_file_raw=on",
     "backing_file=base.qcow2",
+    "backing_fmt=qcow2",
     "backing_file=base.qcow2,backing_fmt=qcow2,preallocation=metadata",
     "backing_file=base.qcow2,backing_fmt=qcow2,data_file={}.data,data_file_raw=on",
     "encrypt.format=luks",
@@ -1030,6 +1032,8 @@ const VMDK: &[Case] = &[
         "preallocation=falloc,nocow=on,extent_size_hint=0",
         &["create-type=monolithicSparse"],
     ),
+    // A backing format alone is taken when it is vmdk, and changes nothing.
+    case("backing_fmt=vmdk", &["create-type=monolithicSparse"]),
 ];
 
 const VMDK_COMPRESSED: &[Case] = &[
@@ -1104,6 +1108,7 @@ const VDI_REFUSED: &[&str] = &[
     "cluster_size=1M",
     "subformat=fixed",
     "backing_file=base.vdi,backing_fmt=vdi",
+    "backing_fmt=vdi",
     "extent_size_hint=5G",
 ];
 
@@ -1173,6 +1178,7 @@ const LUKS_REFUSED: &[&str] = &[
     "key-secret=s0,iter-time=10,cipher-alg=cast5-128",
     "key-secret=s0,iter-time=10,preallocation=bogus",
     "key-secret=s0,iter-time=10,backing_file=base.raw",
+    "key-secret=s0,iter-time=10,backing_fmt=raw",
     "key-secret=s0,iter-time=10,cluster_size=64k",
 ];
 

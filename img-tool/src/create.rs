@@ -83,11 +83,8 @@ pub fn run(args: &CreateArgs) -> CliResult<i32> {
         opts.backing_fmt.clone_from(&args.backing_format);
     }
     opts.unsafe_backing = args.unsafe_backing;
-    if opts.backing_fmt.is_some() && opts.backing_file.is_none() {
-        return Err(in_file(
-            "Backing format cannot be used without backing file".into(),
-        ));
-    }
+    // A backing format without a backing file is each format's to judge: qcow2 refuses it,
+    // vmdk takes `vmdk`, the formats without backing files do not know the option.
     validate_keys(format, &opts).map_err(in_file)?;
     if let Some(backing) = opts.backing_file.clone() {
         let size = check_backing(Path::new(file), &backing, &opts).map_err(in_file)?;
@@ -148,6 +145,12 @@ fn validate_keys(format: Format, opts: &CreateOptions) -> Result<(), String> {
     if opts.backing_file.is_some() && !knows("backing_file") {
         return Err(format!(
             "Backing file not supported for file format '{}'",
+            format.name()
+        ));
+    }
+    if opts.backing_fmt.is_some() && !knows("backing_fmt") {
+        return Err(format!(
+            "Backing file format not supported for file format '{}'",
             format.name()
         ));
     }

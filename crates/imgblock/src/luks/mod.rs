@@ -159,6 +159,10 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
     if o.backing_file.is_some() {
         return Err(invalid("luks images cannot have a backing file"));
     }
+    if o.backing_fmt.is_some() {
+        // Not an option of luks's: qemu refuses it by name.
+        return Err(invalid("Invalid parameter 'backing_fmt'"));
+    }
     let size = o
         .size
         .ok_or_else(|| invalid("Image creation needs a size parameter"))?;

@@ -201,6 +201,11 @@ fn parse(o: &CreateOptions) -> Result<Opts> {
 /// take its size, or I/O fails.
 pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
     let opts = parse(o)?;
+    if o.backing_fmt.is_some() && o.backing_file.is_none() {
+        return Err(invalid(
+            "Backing format cannot be used without backing file",
+        ));
+    }
     if o.backing_file.is_some() && opts.data_file_raw {
         return Err(invalid(
             "Backing file and data-file-raw cannot be used at the same time",

@@ -64,6 +64,12 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
             "vdi images cannot have a backing file".into(),
         ));
     }
+    if opts.backing_fmt.is_some() {
+        // Not an option of vdi's: qemu refuses it by name.
+        return Err(Error::InvalidOption(
+            "Invalid parameter 'backing_fmt'".into(),
+        ));
+    }
     let size = opts
         .size
         .ok_or_else(|| Error::InvalidOption("Image creation needs a size parameter".into()))?;
