@@ -1032,6 +1032,18 @@ const VMDK: &[Case] = &[
         "preallocation=falloc,nocow=on,extent_size_hint=0",
         &["create-type=monolithicSparse"],
     ),
+    case(
+        "backing_file=base.vmdk,backing_fmt=vmdk",
+        &["backing-filename=base.vmdk", "backing-filename-format=vmdk"],
+    ),
+    case(
+        "subformat=twoGbMaxExtentSparse,backing_file=base.vmdk,backing_fmt=vmdk",
+        &["backing-filename=base.vmdk"],
+    ),
+    case(
+        "subformat=streamOptimized,backing_file=base.vmdk,backing_fmt=vmdk",
+        &["backing-filename=base.vmdk"],
+    ),
     // A backing format alone is taken when it is vmdk, and changes nothing.
     case("backing_fmt=vmdk", &["create-type=monolithicSparse"]),
 ];

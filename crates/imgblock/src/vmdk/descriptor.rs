@@ -266,10 +266,13 @@ impl Descriptor {
         s.push_str(&format!("CID={:x}\n", self.cid));
         s.push_str(&format!("parentCID={:x}\n", self.parent_cid));
         s.push_str(&format!("createType=\"{}\"\n", self.create_type));
-        if let Some(p) = &self.parent_hint {
-            s.push_str(&format!("parentFileNameHint=\"{p}\"\n"));
+        // qemu (and VMware) put the extents straight after a parent hint, after a blank line
+        // otherwise.
+        match &self.parent_hint {
+            Some(p) => s.push_str(&format!("parentFileNameHint=\"{p}\"\n")),
+            None => s.push('\n'),
         }
-        s.push_str("\n# Extent description\n");
+        s.push_str("# Extent description\n");
         for e in &self.extents {
             let access = match e.access {
                 Access::Rw => "RW",
@@ -347,6 +350,22 @@ ddb.adapterType = \"lsilogic\"\r\nddb.uuid = \"60 00 C2 9b\"\r\nddb.longContentI
         );
         let d = Descriptor::parse(t.as_bytes()).unwrap();
         assert_eq!(d.parent_hint.as_deref(), Some("base.vmdk"));
+    }
+
+    /// qemu-img 10's descriptor of a twoGbMaxExtentSparse overlay: no blank line between the
+    /// parent hint and the extents.
+    const QEMU_OVERLAY: &str = "# Disk DescriptorFile\nversion=1\nCID=e79c054a\n\
+parentCID=afb368db\ncreateType=\"twoGbMaxExtentSparse\"\nparentFileNameHint=\"base.vmdk\"\n\
+# Extent description\nRW 8192 SPARSE \"p-s001.vmdk\"\n\n# The Disk Data Base\n#DDB\n\n\
+ddb.virtualHWVersion = \"4\"\nddb.geometry.cylinders = \"8\"\nddb.geometry.heads = \"16\"\n\
+ddb.geometry.sectors = \"63\"\nddb.adapterType = \"ide\"\nddb.toolsVersion = \"2147483647\"\n";
+
+    #[test]
+    fn descriptor_qemu_overlay_text_round_trips() {
+        let d = Descriptor::parse(QEMU_OVERLAY.as_bytes()).unwrap();
+        assert_eq!(d.parent_cid, 0xafb3_68db);
+        assert_eq!(d.parent_hint.as_deref(), Some("base.vmdk"));
+        assert_eq!(d.to_text(), QEMU_OVERLAY);
     }
 
     #[test]
