@@ -648,7 +648,7 @@ fn run_compressed_case(fmt: &'static str, c: &Case) {
 }
 
 /// Both tools refuse `create` with `opts` (and `convert`, and `convert -c` when `compress`)
-/// with the same exit code, and `img` says why without panicking.
+/// with the same exit code, and `img` says why without panicking, naming the image once.
 fn run_refused_case(fmt: &'static str, opts: &str, compress: bool) {
     eprintln!(
         "refused: {fmt} {}-o {opts}",
@@ -675,6 +675,16 @@ fn run_refused_case(fmt: &'static str, opts: &str, compress: bool) {
         assert_ne!(q.code, Some(0), "qemu-img accepts it: {q}");
         assert_eq!(o.code, q.code, "exit codes differ:{o}{q}");
         assert!(o.stderr.starts_with("img: "), "no message: {o}");
+        let ext = format!(".{fmt}");
+        let name = a
+            .iter()
+            .rev()
+            .find(|x| x.ends_with(&ext))
+            .expect("image name");
+        assert!(
+            !o.stderr.contains(&format!("{name}: {name}")),
+            "the image is named twice: {o}"
+        );
     }
 }
 

@@ -516,7 +516,7 @@ fn create_target(
     direct: bool,
 ) -> CliResult<Image> {
     imgblock::create(path, format, opts)
-        .map_err(|e| Failure::new(format!("{}: {e}", path.display())))?;
+        .map_err(|e| crate::create::create_failure(&path.display().to_string(), e))?;
     let secrets = crate::secrets::for_new_image(opts)?;
     let req = OpenRequest {
         format: Some(format),

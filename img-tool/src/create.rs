@@ -100,14 +100,20 @@ pub fn run(args: &CreateArgs) -> CliResult<i32> {
     if !args.quiet {
         console::print(&format!("{}\n", formatting_line(file, format, &opts)));
     }
-    imgblock::create(Path::new(file), format, &opts).map_err(|e| match e {
-        imgblock::Error::InvalidOption(m) => in_file(m),
+    imgblock::create(Path::new(file), format, &opts).map_err(|e| create_failure(file, e))?;
+    Ok(0)
+}
+
+/// A failed [`imgblock::create`] of `file`, naming the file once: before the library's words
+/// where they do not name it themselves.
+pub fn create_failure(file: &str, e: imgblock::Error) -> Failure {
+    match e {
+        imgblock::Error::InvalidOption(m) => Failure::new(format!("{file}: {m}")),
         // qemu names the file it could not lock: the target itself, or a vmdk overlay's
         // parent, whose CID it reads, held by a writer.
-        e @ imgblock::Error::Locked { .. } => in_file(e.to_string()),
+        e @ imgblock::Error::Locked { .. } => Failure::new(format!("{file}: {e}")),
         other => Failure::from(other),
-    })?;
-    Ok(0)
+    }
 }
 
 /// Printed when an image is created with legacy qcow AES encryption.

@@ -44,11 +44,11 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
             "static" => is_static = parse_bool(k, v)?,
             "preallocation" => {
                 // qemu passes these to the file layer, which preallocates only the header.
+                // The caller names the file (qemu's words follow it).
                 if Preallocation::parse(v)? == Preallocation::Metadata {
-                    return Err(Error::InvalidOption(format!(
-                        "{}: Unsupported preallocation mode: metadata",
-                        path.display()
-                    )));
+                    return Err(Error::InvalidOption(
+                        "Unsupported preallocation mode: metadata".into(),
+                    ));
                 }
             }
             "extent_size_hint" | "nocow" => {}

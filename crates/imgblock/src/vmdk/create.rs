@@ -237,16 +237,15 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
             "compat6 cannot be enabled with hwversion set".into(),
         ));
     }
-    if zeroed
-        && matches!(
-            sub,
-            Subformat::MonolithicFlat | Subformat::TwoGbMaxExtentFlat
-        )
-    {
-        return Err(Error::InvalidOption(format!(
-            "{}: Flat image can't enable zeroed grain",
-            path.display()
-        )));
+    let flat = matches!(
+        sub,
+        Subformat::MonolithicFlat | Subformat::TwoGbMaxExtentFlat
+    );
+    // The caller names the file (qemu's words follow it).
+    if zeroed && flat {
+        return Err(Error::InvalidOption(
+            "Flat image can't enable zeroed grain".into(),
+        ));
     }
     let hw = hwversion.unwrap_or_else(|| if compat6 { "6" } else { "4" }.to_owned());
     if let Some(f) = &opts.backing_fmt {
@@ -329,10 +328,6 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
             let split = matches!(
                 sub,
                 Subformat::TwoGbMaxExtentSparse | Subformat::TwoGbMaxExtentFlat
-            );
-            let flat = matches!(
-                sub,
-                Subformat::MonolithicFlat | Subformat::TwoGbMaxExtentFlat
             );
             let per = if split {
                 SPLIT_EXTENT_BYTES / SECTOR
