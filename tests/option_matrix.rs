@@ -1084,6 +1084,8 @@ const VMDK_REFUSED: &[&str] = &[
     "subformat=twoGbMaxExtentFlat,zeroed_grain=on",
     "zeroed_grain=maybe",
     "backing_file=base.vmdk",
+    "subformat=monolithicFlat,backing_file=base.vmdk,backing_fmt=vmdk",
+    "subformat=twoGbMaxExtentFlat,backing_file=base.vmdk,backing_fmt=vmdk",
     "backing_file=base.qcow2,backing_fmt=qcow2",
     "backing_fmt=qcow2",
     "extent_size_hint=5G",

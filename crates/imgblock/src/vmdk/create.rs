@@ -247,6 +247,12 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
             "Flat image can't enable zeroed grain".into(),
         ));
     }
+    if flat && opts.backing_file.is_some() {
+        // A flat extent holds every sector: nothing would ever be read from the parent.
+        return Err(Error::InvalidOption(
+            "Flat image can't have backing file".into(),
+        ));
+    }
     let hw = hwversion.unwrap_or_else(|| if compat6 { "6" } else { "4" }.to_owned());
     if let Some(f) = &opts.backing_fmt {
         if f != "vmdk" {
