@@ -1018,8 +1018,12 @@ const VMDK: &[Case] = &[
         &["create-type=streamOptimized", "compressed=true"],
     ),
     case(
-        "subformat=streamOptimized,compat6=on",
-        &["create-type=streamOptimized", "ddb.virtualHWVersion=6"],
+        "subformat=streamOptimized,compat6=on,zeroed_grain=on",
+        &[
+            "create-type=streamOptimized",
+            "ddb.virtualHWVersion=6",
+            "zeroed-grain=true",
+        ],
     ),
     case(
         "hwversion=7,toolsversion=12345",

@@ -162,9 +162,9 @@ fn write_sparse_extent(
         // An empty stream in qemu's layout: directories and zeroed tables after the descriptor,
         // as in a sparse extent, so that qemu can write into it as well as read it. Writing it
         // here starts the stream afresh, in VMware's layout (see the driver's open).
+        // zeroed_grain keeps its flag, as in qemu's streams.
         h.version = 3;
-        h.flags =
-            sparse::FLAG_NL_DETECT | sparse::FLAG_RGD | sparse::FLAG_COMPRESS | sparse::FLAG_MARKER;
+        h.flags |= sparse::FLAG_COMPRESS | sparse::FLAG_MARKER;
         h.compress = sparse::COMPRESSION_DEFLATE;
     }
     let tables = gt_sectors * geo.gd_entries;
