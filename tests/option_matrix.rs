@@ -1189,7 +1189,23 @@ const LUKS: &[Case] = &[
         Qemu::Neither,
     ),
     luks_case(
-        "key-secret=s0,iter-time=10,nocow=on,extent_size_hint=0",
+        "key-secret=s0,iter-time=10,nocow=on,extent_size_hint=0,preallocation=off",
+        &["cipher-alg=aes-256"],
+        Qemu::Neither,
+    ),
+    // Preallocation covers header and payload; the payload's plaintext zeroes read as noise.
+    luks_case(
+        "key-secret=s0,iter-time=10,preallocation=full",
+        &["allocated=all"],
+        Qemu::Create,
+    ),
+    luks_case(
+        "key-secret=s0,iter-time=10,preallocation=falloc",
+        &["allocated=all"],
+        Qemu::Neither,
+    ),
+    luks_case(
+        "key-secret=s0,iter-time=10,preallocation=metadata",
         &["cipher-alg=aes-256"],
         Qemu::Neither,
     ),

@@ -15,6 +15,7 @@ use crate::crypto::luks::{self, CreateParams, MasterKey, SlotChange};
 use crate::crypto::{self, DataCipher, EncryptionInfo, Secret};
 use crate::driver::{CompressedRef, Driver, HostExtent, HostOffset, Mapping, SectorNumbering};
 use crate::error::IoContext;
+use crate::raw::Preallocation;
 use crate::storage::{FileStorage, Storage};
 use crate::{CreateOptions, Error, Format, Result};
 
@@ -34,6 +35,10 @@ pub const CREATE_OPTIONS: &[(&str, &str)] = &[
     (
         "key-secret",
         "ID of the secret that provides the keyslot passphrase",
+    ),
+    (
+        "preallocation",
+        "Preallocation mode (allowed values: off, falloc, full)",
     ),
     ("size", "Virtual disk size"),
 ];
@@ -140,14 +145,19 @@ fn invalid(msg: impl Into<String>) -> Error {
 /// `key-secret` passphrase, then `size` bytes of payload (sparse: it reads as noise until
 /// written, as with qemu).
 ///
+/// `preallocation` applies to the whole file, header and payload, as in qemu: `falloc`
+/// allocates it, `full` writes it with zeroes first (plaintext zeroes: the payload still
+/// reads as noise), `metadata` is `off` (a LUKS image has no metadata to map).
+///
 /// # Errors
 /// When an option is invalid or missing, or I/O fails.
 pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
     let mut params = CreateParams::default();
+    let mut prealloc = Preallocation::Off;
     for (k, v) in &o.opts {
         match k.as_str() {
             KEY_OPTION => {}
-            "preallocation" if v == "off" => {}
+            "preallocation" => prealloc = Preallocation::parse(v)?,
             _ => {
                 let known = params.set(k, v).map_err(|e| crypto_err(path, e))?;
                 if !known {
@@ -172,17 +182,22 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
         .ok_or_else(|| invalid("Parameter 'key-secret' is required for cipher"))?;
     let (h, area, _mk) =
         luks::Header::create(&params, secret.bytes()).map_err(|e| crypto_err(path, e))?;
+    let total = h
+        .payload_offset
+        .checked_add(size)
+        .ok_or_else(|| invalid("Image size is too large"))?;
     let s = FileStorage::create_with(path, o.file)?;
+    s.set_len(total).ctx(path)?;
+    match prealloc {
+        Preallocation::Falloc => s.allocate(0, total).ctx(path)?,
+        Preallocation::Full => crate::storage::write_zero_buffers(&s, 0, total).ctx(path)?,
+        Preallocation::Off | Preallocation::Metadata => {}
+    }
     // Only the header and slot 0 hold anything; the other slots stay holes, as qemu leaves them.
     let used = usize::try_from(h.slots[1].key_offset)
         .unwrap_or(area.len())
         .min(area.len());
     s.write_at(&area[..used], 0).ctx(path)?;
-    let total = h
-        .payload_offset
-        .checked_add(size)
-        .ok_or_else(|| invalid("Image size is too large"))?;
-    s.set_len(total).ctx(path)?;
     s.flush().ctx(path)
 }
 
