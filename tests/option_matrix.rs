@@ -880,6 +880,11 @@ const QCOW2: &[Case] = &[
         Qemu::Neither,
     ),
     luks_case(
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=0",
+        &["encrypt.format=luks", "master-key-iters=1000", "iters=1000"],
+        Qemu::Neither,
+    ),
+    luks_case(
         "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,\
          encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,\
          encrypt.ivgen-hash-alg=md5,encrypt.hash-alg=sha512,data_file={}.data",
@@ -1204,10 +1209,11 @@ const LUKS: &[Case] = &[
         &["allocated=all"],
         Qemu::Neither,
     ),
+    // No time for PBKDF2 at all: the minimum iterations.
     luks_case(
-        "key-secret=s0,iter-time=10,preallocation=metadata",
-        &["cipher-alg=aes-256"],
-        Qemu::Neither,
+        "key-secret=s0,iter-time=0,preallocation=metadata",
+        &["master-key-iters=1000", "iters=1000"],
+        Qemu::Create,
     ),
 ];
 
@@ -1221,6 +1227,7 @@ const LUKS_REFUSED: &[&str] = &[
     "key-secret=s0,iter-time=10,ivgen-alg=benbi",
     "key-secret=s0,iter-time=10,cipher-alg=cast5-128",
     "key-secret=s0,iter-time=10,preallocation=bogus",
+    "key-secret=s0,iter-time=abc",
     "key-secret=s0,iter-time=10,backing_file=base.raw",
     "key-secret=s0,iter-time=10,backing_fmt=raw",
     "key-secret=s0,iter-time=10,cluster_size=64k",

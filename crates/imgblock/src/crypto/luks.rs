@@ -334,22 +334,25 @@ impl CreateParams {
     }
 }
 
-/// Parses `iter-time` (milliseconds, at least 1).
+/// Parses `iter-time` (milliseconds). 0, as in qemu, asks for no time at all: the key slot and
+/// the master key digest get the minimum iterations.
 ///
 /// # Errors
-/// When it is not a positive number.
+/// When it is not a number.
 pub fn parse_iter_time(value: &str) -> Result<u64, Error> {
-    match value.parse::<u64>() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => Err(Error::InvalidOption(format!(
-            "Parameter 'iter-time' expects a positive number of milliseconds, not '{value}'"
-        ))),
-    }
+    value.parse::<u64>().map_err(|_| {
+        Error::InvalidOption(format!(
+            "Parameter 'iter-time' expects a number of milliseconds, not '{value}'"
+        ))
+    })
 }
 
 /// PBKDF2 iterations that take `ms` milliseconds producing `out_len` bytes, divided by
-/// `divisor`, at least `min` (qemu's arithmetic).
+/// `divisor`, at least `min` (qemu's arithmetic; no time at all is the minimum, unmeasured).
 fn iterations_for(hash: HashAlg, out_len: usize, ms: u64, divisor: u64, min: u64) -> u32 {
+    if ms == 0 {
+        return u32::try_from(min).unwrap_or(u32::MAX);
+    }
     let per_sec = hash.pbkdf2_iterations_per_second(out_len);
     let n = u128::from(per_sec) * u128::from(ms) / 1000 / u128::from(divisor.max(1));
     u32::try_from(n.max(u128::from(min))).unwrap_or(u32::MAX)
@@ -944,6 +947,21 @@ mod tests {
         CreateParams {
             iter_time_ms: 1,
             ..CreateParams::default()
+        }
+    }
+
+    #[test]
+    fn iter_time_zero_gives_the_minimum_iterations_as_in_qemu() {
+        let p = CreateParams {
+            iter_time_ms: parse_iter_time("0").unwrap(),
+            ..CreateParams::default()
+        };
+        let (h, area, mk) = Header::create(&p, b"pw").unwrap();
+        assert_eq!(u64::from(h.mk_iterations), MIN_MASTER_KEY_ITERS);
+        assert_eq!(u64::from(h.slots[0].iterations), MIN_SLOT_ITERS);
+        assert_eq!(&h.unlock(&area, b"pw").unwrap().0[..], &mk[..]);
+        for bad in ["-1", "1.5", "abc", ""] {
+            assert!(parse_iter_time(bad).is_err(), "{bad}");
         }
     }
 
