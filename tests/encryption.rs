@@ -918,6 +918,29 @@ fn snapshot_and_resize_take_the_secret() {
     env.set_len("s1.raw", 2 << 20);
     qemu_sees(&env, "s1.raw", &e);
     qemu_check_clean(&env, &e);
+
+    // Grown with preallocation, as qemu-img allows: the new clusters hold plaintext zeroes and
+    // read as noise, the same noise for both tools; the old data stays.
+    for (prealloc, size) in [("metadata", "3M"), ("falloc", "4M"), ("full", "5M")] {
+        let arg = format!("--preallocation={prealloc}");
+        env.img(&["resize", "--object", OBJ, "--image-opts", &e, &arg, size])
+            .ok();
+        qemu_check_clean(&env, &e);
+        qemu_to_raw(&env, &e, "theirs.raw");
+        env.img(&[
+            "convert",
+            "--object",
+            OBJ,
+            "--image-opts",
+            &e,
+            "-O",
+            "raw",
+            "ours.raw",
+        ])
+        .ok();
+        env.assert_same_bytes("ours.raw", "theirs.raw");
+        assert!(env.read("theirs.raw")[..1 << 20] == env.read("s1.raw")[..1 << 20]);
+    }
 }
 
 #[test]

@@ -868,6 +868,21 @@ const QCOW2: &[Case] = &[
         "encryption=on,encrypt.key-secret=s0,compat=0.10",
         &["encrypt.format=aes", "compat=0.10"],
     ),
+    // Preallocated encrypted clusters hold plaintext zeroes: they read as noise, and convert
+    // writes the source's zeroes over them.
+    case(
+        "encrypt.format=aes,encrypt.key-secret=s0,compat=0.10,preallocation=full",
+        &["encrypt.format=aes", "compat=0.10"],
+    ),
+    case(
+        "encrypt.format=aes,encrypt.key-secret=s0,preallocation=falloc",
+        &["encrypt.format=aes"],
+    ),
+    luks_case(
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,preallocation=metadata",
+        &["encrypt.format=luks"],
+        Qemu::Create,
+    ),
     luks_case(
         "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
         &[

@@ -176,12 +176,6 @@ fn parse(o: &CreateOptions) -> Result<Opts> {
             "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
         ));
     }
-    if r.encrypt.is_some() && r.prealloc != Preallocation::Off {
-        // Preallocated clusters would hold plaintext zeroes that decrypt to noise.
-        return Err(invalid(
-            "Preallocation is not supported for encrypted images",
-        ));
-    }
     if r.data_file_raw && r.data_file.is_none() {
         return Err(invalid("data-file-raw requires data-file"));
     }

@@ -715,6 +715,12 @@ impl Driver for Qcow2 {
         self.crypt.is_encrypted()
     }
 
+    fn has_zero_init(&self) -> bool {
+        // qemu's test: an image is preallocated when its first L1 entry is set. Preallocated
+        // encrypted clusters hold plaintext zeroes, which decrypt to noise.
+        !(self.crypt.is_encrypted() && self.lock().l1.first().is_some_and(|&e| e != 0))
+    }
+
     fn encryption_info(&self) -> Option<crate::crypto::EncryptionInfo> {
         self.crypt.info()
     }
@@ -1106,12 +1112,7 @@ impl Driver for Qcow2 {
         prealloc: crate::raw::Preallocation,
         zero_new: bool,
     ) -> Result<()> {
-        if self.crypt.is_encrypted() && prealloc != crate::raw::Preallocation::Off {
-            // Preallocated clusters would hold plaintext zeroes that decrypt to noise.
-            return Err(crate::Error::InvalidOption(
-                "Preallocation is not supported for encrypted images".into(),
-            ));
-        }
+        // Preallocated encrypted clusters hold plaintext zeroes and read as noise, as in qemu.
         Qcow2::resize(self, new_size, prealloc, zero_new)
     }
 
