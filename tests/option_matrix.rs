@@ -868,6 +868,17 @@ const QCOW2: &[Case] = &[
         "encryption=on,encrypt.key-secret=s0,compat=0.10",
         &["encrypt.format=aes", "compat=0.10"],
     ),
+    // `qcow` is aes's QAPI name; `encryption` is an alias of encrypt.format: its last value
+    // counts.
+    case(
+        "encrypt.format=qcow,encrypt.key-secret=s0",
+        &["encrypt.format=aes"],
+    ),
+    case(
+        "encryption=off,encryption=on,encrypt.key-secret=s0",
+        &["encrypt.format=aes"],
+    ),
+    case("encryption=on,encryption=off", &["compat=1.1"]),
     // Preallocated encrypted clusters hold plaintext zeroes: they read as noise, and convert
     // writes the source's zeroes over them.
     case(
@@ -966,6 +977,11 @@ const QCOW2_REFUSED: &[&str] = &[
     "encrypt.format=luks,encrypt.key-secret=s0,encrypt.cipher-alg=aes-128,\
      encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha1",
     "encryption=maybe,encrypt.key-secret=s0",
+    // Only on and off mean anything, and not next to the option it is an alias of.
+    "encryption=yes,encrypt.key-secret=s0",
+    "encrypt.format=on,encrypt.key-secret=s0",
+    "encryption=on,encrypt.format=luks,encrypt.key-secret=s0",
+    "encryption=on,encrypt.format=aes,encrypt.key-secret=s0",
     "extent_size_hint=5G",
 ];
 

@@ -121,9 +121,10 @@ pub const LEGACY_AES_WARNING: &str =
     "img: warning: encrypt.format=aes (legacy qcow AES-128-CBC) is insecure and deprecated: \
      its key is the passphrase itself and its IVs are predictable; use encrypt.format=luks";
 
-/// Whether the options ask for legacy AES encryption.
+/// Whether the options ask for legacy AES encryption (`qcow` is its QAPI name).
 pub fn legacy_aes(opts: &CreateOptions) -> bool {
-    opts.get("encrypt.format") == Some("aes") || opts.get("encryption") == Some("on")
+    matches!(opts.get("encrypt.format"), Some("aes" | "qcow"))
+        || opts.get("encryption") == Some("on")
 }
 
 /// Prefixes a failure with the image's name, when there is one, as qemu's create does.

@@ -200,20 +200,23 @@ fn invalid(msg: impl Into<String>) -> crate::Error {
     crate::Error::InvalidOption(msg.into())
 }
 
-/// Parses the encryption options of `create` (`encryption=on` is qemu's old spelling of
-/// `encrypt.format=aes`).
+/// Parses the encryption options of `create`, as qemu reads them: `encryption` is an old alias
+/// of `encrypt.format` (`on` for `aes`, `off` for nothing, given together with it refused),
+/// `aes` is also called `qcow`, and the last value given for an option counts.
 ///
 /// # Errors
 /// With qemu's messages for bad or missing options.
 pub(crate) fn parse_create(o: &CreateOptions) -> Result<Option<CreateCrypt>> {
     let mut format: Option<String> = None;
+    let mut alias: Option<String> = None;
     let mut params = CreateParams::default();
     let mut luks_only: Option<&str> = None;
     for (k, v) in &o.opts {
         if k == "encryption" {
-            if crate::options::parse_bool(k, v)? {
-                format = Some("aes".into());
-            }
+            // A boolean (qemu's words otherwise), but only `on` and `off` mean anything: any
+            // other spelling goes through as a format name, which it is not.
+            crate::options::parse_bool(k, v)?;
+            alias = Some(v.clone());
             continue;
         }
         let Some(name) = k.strip_prefix("encrypt.") else {
@@ -231,7 +234,15 @@ pub(crate) fn parse_create(o: &CreateOptions) -> Result<Option<CreateCrypt>> {
             }
         }
     }
-    let Some(format) = format else {
+    let alias = alias
+        .filter(|v| v != "off")
+        .map(|v| if v == "on" { "aes".to_owned() } else { v });
+    if alias.is_some() && format.is_some() {
+        return Err(invalid(
+            "'encrypt.format' and its alias 'encryption' can't be used at the same time",
+        ));
+    }
+    let Some(format) = alias.or(format) else {
         if o.get(KEY_OPTION).is_some() || luks_only.is_some() {
             return Err(invalid("Parameter 'encrypt.format' is required"));
         }
@@ -242,7 +253,7 @@ pub(crate) fn parse_create(o: &CreateOptions) -> Result<Option<CreateCrypt>> {
         .cloned()
         .ok_or_else(|| invalid("Parameter 'encrypt.key-secret' is required for cipher"))?;
     match format.as_str() {
-        "aes" | "on" => {
+        "aes" | "qcow" => {
             if let Some(k) = luks_only {
                 return Err(invalid(format!(
                     "Invalid parameter '{k}' for encryption format 'aes'"
