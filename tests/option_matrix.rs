@@ -39,8 +39,9 @@ enum Qemu {
     /// `create` only: qemu-img spends about two seconds timing its key derivation for every
     /// LUKS image it writes, whatever the iter-time.
     Create,
-    /// Neither: the LUKS images qemu-img makes with these settings are read back by
-    /// crates/imgblock/tests/luks.rs; `img`'s own still go through qemu-img here.
+    /// Neither: qemu-img's LUKS image with these settings reads no differently from another
+    /// row's (its ciphers are all read back in crates/imgblock/tests/luks.rs); `img`'s own
+    /// still go through qemu-img here.
     Neither,
 }
 
@@ -256,10 +257,10 @@ fn guest_map(env: &Env, img: &Image) -> Vec<Value> {
 }
 
 /// Whether qemu-img map of a fresh image made with `opts` follows from the format's metadata
-/// alone. Over raw files, LUKS payloads, flat vmdk extents and fallocated clusters it also asks
-/// the host file
-/// which ranges read as zeroes, and ext4 answers for unwritten extents by what the page
-/// cache holds at that moment (qemu also writes the first block of a file it creates).
+/// alone. Over raw files, LUKS payloads, flat vmdk extents and fallocated clusters it also
+/// asks the host file which ranges read as zeroes, and ext4 answers for unwritten extents by
+/// what the page cache holds at that moment (qemu also writes the first block of a file it
+/// creates).
 fn map_is_metadata(fmt: &str, opts: &str) -> bool {
     !matches!(fmt, "raw" | "luks")
         && !opts.contains("Flat")
@@ -688,8 +689,8 @@ fn run_refused_case(fmt: &'static str, opts: &str, compress: bool) {
     }
 }
 
-/// A format's tables: every case runs (its panic is caught and printed), then the test fails
-/// naming the cases that failed.
+/// A format's tables: every case runs (a failing one is caught), then the test fails naming
+/// the cases that failed and why.
 struct Matrix {
     fmt: &'static str,
     cases: &'static [Case],
@@ -698,35 +699,58 @@ struct Matrix {
     compressed_refused: &'static [&'static str],
 }
 
+/// Cases run side by side: most of their time is spent waiting for the tools, which flush
+/// what they write.
+const WORKERS: usize = 2;
+
 impl Matrix {
     fn run(&self) {
         let fmt = self.fmt;
-        let mut failed = Vec::new();
-        let mut attempt = |name: String, f: &dyn Fn()| {
-            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
-                failed.push(name);
-            }
-        };
+        type Job<'a> = (String, Box<dyn Fn() + Sync + 'a>);
+        let mut jobs: Vec<Job<'_>> = Vec::new();
         for c in self.cases {
-            attempt(format!("-o {}", c.opts), &|| run_case(fmt, c));
+            jobs.push((format!("-o {}", c.opts), Box::new(|| run_case(fmt, c))));
         }
         for c in self.compressed {
-            attempt(format!("-c -o {}", c.opts), &|| run_compressed_case(fmt, c));
+            let job = || run_compressed_case(fmt, c);
+            jobs.push((format!("-c -o {}", c.opts), Box::new(job)));
         }
         for o in self.refused {
-            attempt(format!("refused -o {o}"), &|| {
-                run_refused_case(fmt, o, false)
-            });
+            let job = || run_refused_case(fmt, o, false);
+            jobs.push((format!("refused -o {o}"), Box::new(job)));
         }
         for o in self.compressed_refused {
-            attempt(format!("refused -c -o {o}"), &|| {
-                run_refused_case(fmt, o, true);
-            });
+            let job = || run_refused_case(fmt, o, true);
+            jobs.push((format!("refused -c -o {o}"), Box::new(job)));
         }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let failed = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for _ in 0..WORKERS {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((name, job)) = jobs.get(i) else {
+                        break;
+                    };
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                    if let Err(e) = r {
+                        let why = e
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                            .unwrap_or_default();
+                        let mut f = failed.lock().unwrap_or_else(|e| e.into_inner());
+                        f.push(format!("{fmt} {name}: {why}"));
+                    }
+                });
+            }
+        });
+        let failed = failed.into_inner().unwrap_or_else(|e| e.into_inner());
         assert!(
             failed.is_empty(),
-            "{fmt}: failed cases:\n{}",
-            failed.join("\n")
+            "{fmt}: {} failed cases:\n\n{}",
+            failed.len(),
+            failed.join("\n\n")
         );
     }
 }
