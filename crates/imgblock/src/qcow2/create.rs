@@ -333,10 +333,9 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
         let l1_off = if l1_entries > 0 {
             let l1_clusters = (l1_entries * 8).div_ceil(cs);
             let off = q.alloc_clusters(&mut st, l1_clusters)?;
-            // Only the entries are written, rounded to a sector as qemu does: the rest of the
-            // cluster lies past the end of the file and reads as zeroes.
-            let zeroes =
-                vec![0u8; usize::try_from((l1_entries * 8).div_ceil(512) * 512).unwrap_or(0)];
+            // Only the entries are written, as qemu writes them: the rest of the cluster lies
+            // past the end of the file and reads as zeroes.
+            let zeroes = vec![0u8; usize::try_from(l1_entries * 8).unwrap_or(0)];
             storage.write_at(&zeroes, off).ctx(path)?;
             off
         } else {
