@@ -501,3 +501,40 @@ fn created_qcow2_files_are_the_length_qemu_img_makes() {
         env.qemu_img(&["check", "i.qcow2"]).ok();
     }
 }
+
+/// A run of zeroes that covers clusters only in part, next to holes, over a backing file that
+/// reads as zeroes there: qemu-img makes zero clusters of them rather than data, and so does
+/// img, so both files are the same length and map the same.
+#[test]
+fn img_convert_with_backing_makes_zero_clusters_of_partial_zero_runs_like_qemu() {
+    let env = Env::with_qemu();
+    patterned_raw(&env, "src.raw");
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"])
+        .ok();
+    env.qemu_io(
+        "qcow2",
+        "base.qcow2",
+        &["write -P 0x13 0 2M", "write -P 0x14 3M 100k"],
+    );
+    for opts in [
+        "",
+        ",cluster_size=4k",
+        ",extended_l2=on",
+        ",cluster_size=128k",
+    ] {
+        let o = format!("backing_file=base.qcow2,backing_fmt=qcow2{opts}");
+        for out in ["i.qcow2", "q.qcow2"] {
+            let _ = std::fs::remove_file(env.path(out));
+        }
+        env.img(&["convert", "-O", "qcow2", "-o", &o, "src.raw", "i.qcow2"])
+            .ok();
+        env.qemu_img(&["convert", "-O", "qcow2", "-o", &o, "src.raw", "q.qcow2"])
+            .ok();
+        env.qemu_img(&["check", "i.qcow2"]).ok();
+        env.qemu_img(&["compare", "-F", "raw", "i.qcow2", "src.raw"])
+            .ok();
+        let map = |f: &str| env.qemu_img(&["map", "--output=json", f]).ok().stdout;
+        assert_eq!(map("i.qcow2"), map("q.qcow2"), "{o}");
+        assert_eq!(env.len("i.qcow2"), env.len("q.qcow2"), "{o}");
+    }
+}

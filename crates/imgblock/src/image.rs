@@ -805,23 +805,71 @@ impl Image {
         } else {
             b
         };
-        if a < b {
-            if a > offset {
-                self.write_zero_buffer(offset, a - offset)?;
+        if a >= b {
+            // Inside one granule, or across the boundary of two, with neither covered whole.
+            let mid = a.min(end);
+            self.zero_partial(offset, mid, unmap)?;
+            if end > mid {
+                self.zero_partial(mid, end, unmap)?;
             }
-            let _guard = self.alloc_lock.lock().unwrap_or_else(|e| e.into_inner());
-            let handled = self.driver.zero(a, b - a, unmap)?;
-            drop(_guard);
-            if !handled {
-                self.write_zero_buffer(a, b.min(end) - a)?;
-            }
-            if end > b {
-                self.write_zero_buffer(b, end - b)?;
-            }
-            Ok(())
-        } else {
-            self.write_zero_buffer(offset, len)
+            return Ok(());
         }
+        if a > offset {
+            self.zero_partial(offset, a, unmap)?;
+        }
+        let _guard = self.alloc_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let handled = self.driver.zero(a, b - a, unmap)?;
+        drop(_guard);
+        if !handled {
+            self.write_zero_buffer(a, b.min(end) - a)?;
+        }
+        if end > b {
+            self.zero_partial(b, end, unmap)?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes `[start, end)`, a part of one granule. As in qemu, the granule becomes a zero
+    /// granule when this image does not hold it yet (or holds it as zeroes) and the rest of it
+    /// already reads as zeroes; otherwise zeroes are written as data.
+    fn zero_partial(&self, start: u64, end: u64, unmap: bool) -> Result<()> {
+        let g = self.driver.cow_granularity().max(1);
+        if g > 1 && end > start {
+            let gs = start / g * g;
+            let _guard = self.alloc_lock.lock().unwrap_or_else(|e| e.into_inner());
+            if self.granule_can_become_zero(gs, g, start, end)? && self.driver.zero(gs, g, unmap)? {
+                return Ok(());
+            }
+        }
+        self.write_zero_buffer(start, end - start)
+    }
+
+    /// Whether the granule at `gs` is unallocated or zero here, and reads as zeroes outside
+    /// `[start, end)`. Callers hold the allocation lock, so no writer allocates it meanwhile.
+    fn granule_can_become_zero(&self, gs: u64, g: u64, start: u64, end: u64) -> Result<bool> {
+        let size = self.size();
+        let ge = (gs + g).min(size);
+        let (m, n) = self.driver.map(gs, ge - gs)?;
+        let unheld = matches!(
+            m,
+            Mapping::Unallocated | Mapping::UnallocatedAt { .. } | Mapping::Zero { .. }
+        );
+        if !unheld || n < ge - gs {
+            return Ok(false);
+        }
+        Ok(self.reads_as_zeroes(gs, start)? && self.reads_as_zeroes(end, ge)?)
+    }
+
+    /// Whether `[from, to)` reads as zeroes, by block status alone (no data is read).
+    fn reads_as_zeroes(&self, mut from: u64, to: u64) -> Result<bool> {
+        while from < to {
+            let st = self.block_status(from, to - from)?;
+            if !st.zero {
+                return Ok(false);
+            }
+            from += st.len.clamp(1, to - from);
+        }
+        Ok(true)
     }
 
     fn write_zero_buffer(&self, mut offset: u64, mut len: u64) -> Result<()> {

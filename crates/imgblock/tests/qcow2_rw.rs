@@ -261,3 +261,56 @@ fn compressed_zstd_clusters_read_back_in_qemu() {
     compressed_round_trip("compression_type=zstd,cluster_size=2M");
     compressed_round_trip("compression_type=zstd,extended_l2=on");
 }
+
+/// A zero write covering part of a cluster: the cluster becomes a zero cluster when the rest of
+/// it already reads as zeroes (as in qemu), and gets the zeroes as data when the rest holds data
+/// (here, of the backing file); either way it reads right and checks clean.
+#[test]
+fn partial_cluster_zero_write_makes_a_zero_cluster_only_where_the_rest_reads_zeroes() {
+    let dir = tempfile::tempdir().unwrap();
+    // The backing file holds data in its first MiB only, and holes after it (block status
+    // says those read as zeroes; written zero bytes would count as data, as in qemu).
+    let b = dir.path().join("base.raw");
+    let mut content = vec![0u8; SIZE as usize];
+    content[..1 << 20].fill(0x5a);
+    std::fs::write(&b, &content[..1 << 20]).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&b)
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    let p = dir.path().join("t.qcow2");
+    let mut o = CreateOptions::new(SIZE);
+    o.backing_file = Some("base.raw".into());
+    o.backing_fmt = Some("raw".into());
+    create(&p, Format::Qcow2, &o).unwrap();
+    let img = Image::open(&p, &OpenOptions::writable()).unwrap();
+    let len0 = std::fs::metadata(&p).unwrap().len();
+    // Over backing zeroes, unaligned at both ends and inside one cluster.
+    img.write_zeroes((2 << 20) + 1000, 100_000, false).unwrap();
+    img.write_zeroes((2 << 20) + 300_000, 512, false).unwrap();
+    // Over backing data: the head and tail clusters must keep the 0x5a around the zeroes.
+    img.write_zeroes(70_000, 100_000, false).unwrap();
+    content[70_000..170_000].fill(0);
+    img.flush().unwrap();
+    let zero_at = |off: u64| {
+        let st = img.block_status(off, 1).unwrap();
+        (st.depth, st.zero, st.data)
+    };
+    for off in [2 << 20, (2 << 20) + 65_536, (2 << 20) + 300_000] {
+        assert_eq!(zero_at(off), (0, true, false), "at {off}");
+    }
+    assert_eq!(zero_at(65_536), (0, false, true));
+    assert_eq!(zero_at(131_072), (0, false, true));
+    let mut got = vec![0u8; SIZE as usize];
+    img.read_at(&mut got, 0).unwrap();
+    assert!(got == content);
+    drop(img);
+    // Only an L2 table and the two data clusters were allocated, after the L1 table's cluster.
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().len(),
+        len0.div_ceil(65_536) * 65_536 + 3 * 65_536
+    );
+    qemu_check(&p);
+}
