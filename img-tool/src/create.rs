@@ -76,6 +76,9 @@ pub fn run(args: &CreateArgs) -> CliResult<i32> {
         }
         opts.size = Some(parse_image_size(s)?);
     }
+    // Given with -o, the backing options are refused by the option parser of a format without
+    // them; given with -b and -F, by qemu-img itself, in other words.
+    let in_o = (opts.backing_file.is_some(), opts.backing_fmt.is_some());
     if args.backing.is_some() {
         opts.backing_file.clone_from(&args.backing);
     }
@@ -85,7 +88,7 @@ pub fn run(args: &CreateArgs) -> CliResult<i32> {
     opts.unsafe_backing = args.unsafe_backing;
     // A backing format without a backing file is each format's to judge: qcow2 refuses it,
     // vmdk takes `vmdk`, the formats without backing files do not know the option.
-    validate_keys(format, &opts).map_err(in_file)?;
+    validate_keys(format, &opts, in_o).map_err(in_file)?;
     if let Some(backing) = opts.backing_file.clone() {
         let size = check_backing(Path::new(file), &backing, &opts).map_err(in_file)?;
         opts.size = opts.size.or(size);
@@ -141,13 +144,19 @@ fn parse_image_size(s: &str) -> CliResult<u64> {
 }
 
 /// Refuses options the format does not list, as qemu does before it prints anything.
-fn validate_keys(format: Format, opts: &CreateOptions) -> Result<(), String> {
+fn validate_keys(format: Format, opts: &CreateOptions, in_o: (bool, bool)) -> Result<(), String> {
     let known = library_options(format);
     // The file protocol's options go with every format.
     let knows =
         |k: &str| known.iter().any(|(n, _)| *n == k) || k == "nocow" || k == "extent_size_hint";
     if let Some((k, _)) = opts.opts.iter().find(|(k, _)| !knows(k)) {
         return Err(format!("Invalid parameter '{k}'"));
+    }
+    if in_o.0 && !knows("backing_file") {
+        return Err("Invalid parameter 'backing_file'".into());
+    }
+    if in_o.1 && !knows("backing_fmt") {
+        return Err("Invalid parameter 'backing_fmt'".into());
     }
     if opts.backing_file.is_some() && !knows("backing_file") {
         return Err(format!(
@@ -247,7 +256,7 @@ mod tests {
         let mut o = CreateOptions::new(1);
         o.set("foo", "bar");
         assert_eq!(
-            validate_keys(Format::Raw, &o).unwrap_err(),
+            validate_keys(Format::Raw, &o, (false, false)).unwrap_err(),
             "Invalid parameter 'foo'"
         );
     }
@@ -257,7 +266,7 @@ mod tests {
         let mut o = CreateOptions::new(1);
         o.backing_file = Some("b".into());
         assert_eq!(
-            validate_keys(Format::Raw, &o).unwrap_err(),
+            validate_keys(Format::Raw, &o, (false, false)).unwrap_err(),
             "Backing file not supported for file format 'raw'"
         );
     }

@@ -124,7 +124,7 @@ const VDI: [PrintSpec; 2] = [
 ];
 
 /// luks's list in qemu 10's order (`block_crypto_create_opts_luks`).
-const LUKS: [PrintSpec; 8] = [
+const LUKS: [PrintSpec; 9] = [
     opt("size", Kind::Size, None),
     opt("key-secret", Kind::Str, None),
     opt("cipher-alg", Kind::Str, None),
@@ -133,6 +133,7 @@ const LUKS: [PrintSpec; 8] = [
     opt("ivgen-hash-alg", Kind::Str, None),
     opt("hash-alg", Kind::Str, None),
     opt("iter-time", Kind::Num, None),
+    opt("detached-header", Kind::Bool, None),
 ];
 
 /// The format's own options, in qemu's order (without the protocol's).

@@ -301,12 +301,21 @@ impl CreateParams {
     /// # Errors
     /// When the value is not one qemu accepts for the option.
     pub fn set(&mut self, key: &str, value: &str) -> Result<bool, Error> {
+        // A name outside qemu's enumeration is refused as its option parser refuses it; a name
+        // qemu knows but this build cannot use keeps the crypto layer's own message.
+        let not_accepted =
+            |_| Error::InvalidOption(format!("Parameter '{key}' does not accept value '{value}'"));
         match key {
-            "cipher-alg" => self.spec.alg = CipherAlg::parse(value)?,
-            "cipher-mode" => self.spec.mode = CipherMode::parse(value)?,
-            "ivgen-alg" => self.spec.ivgen = IvGenAlg::parse(value)?,
-            "ivgen-hash-alg" => self.spec.ivgen_hash = HashAlg::parse(value)?,
-            "hash-alg" => self.hash = HashAlg::parse(value)?,
+            "cipher-alg" if QEMU_CIPHER_ALGS.contains(&value) => {
+                self.spec.alg = CipherAlg::parse(value)?;
+            }
+            "cipher-alg" => self.spec.alg = CipherAlg::parse(value).map_err(not_accepted)?,
+            "cipher-mode" => self.spec.mode = CipherMode::parse(value).map_err(not_accepted)?,
+            "ivgen-alg" => self.spec.ivgen = IvGenAlg::parse(value).map_err(not_accepted)?,
+            "ivgen-hash-alg" => {
+                self.spec.ivgen_hash = HashAlg::parse(value).map_err(not_accepted)?;
+            }
+            "hash-alg" => self.hash = HashAlg::parse(value).map_err(not_accepted)?,
             "iter-time" => self.iter_time_ms = parse_iter_time(value)?,
             _ => return Ok(false),
         }
@@ -333,6 +342,24 @@ impl CreateParams {
         Ok(())
     }
 }
+
+/// The cipher names qemu's `cipher-alg` option takes (QCryptoCipherAlgo), whether or not a
+/// build of it can use them.
+const QEMU_CIPHER_ALGS: &[&str] = &[
+    "aes-128",
+    "aes-192",
+    "aes-256",
+    "des",
+    "3des",
+    "cast5-128",
+    "serpent-128",
+    "serpent-192",
+    "serpent-256",
+    "twofish-128",
+    "twofish-192",
+    "twofish-256",
+    "sm4",
+];
 
 /// Parses `iter-time` (milliseconds). 0, as in qemu, asks for no time at all: the key slot and
 /// the master key digest get the minimum iterations.

@@ -28,6 +28,7 @@ pub const WRITES_COMPRESSED: bool = false;
 pub const CREATE_OPTIONS: &[(&str, &str)] = &[
     ("cipher-alg", "Name of encryption cipher algorithm"),
     ("cipher-mode", "Name of encryption cipher mode"),
+    ("detached-header", "Create a detached LUKS header"),
     ("hash-alg", "Name of encryption hash algorithm"),
     ("iter-time", "Time to spend in PBKDF in milliseconds"),
     ("ivgen-alg", "Name of IV generator algorithm"),
@@ -157,6 +158,11 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
     for (k, v) in &o.opts {
         match k.as_str() {
             KEY_OPTION => {}
+            // qemu lists it, then refuses it in create (a header without its payload is made
+            // with `--object` and blockdev-create there), in these words.
+            "detached-header" => {
+                return Err(invalid("Parameter 'detached-header' is unexpected"));
+            }
             "preallocation" => prealloc = Preallocation::parse(v)?,
             _ => {
                 let known = params.set(k, v).map_err(|e| crypto_err(path, e))?;

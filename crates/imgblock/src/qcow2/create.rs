@@ -100,15 +100,19 @@ fn parse(o: &CreateOptions) -> Result<Opts> {
                 r.version = match v.as_str() {
                     "0.10" | "v2" => 2,
                     "1.1" | "v3" => 3,
-                    _ => return Err(invalid(format!("Invalid compatibility level: '{v}'"))),
+                    _ => {
+                        return Err(invalid(format!(
+                            "Parameter 'version' does not accept value '{v}'"
+                        )))
+                    }
                 }
             }
             "cluster_size" => {
                 let cs = parse_size_opt(k, v)?;
                 if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
-                    return Err(invalid(format!(
-                        "Cluster size must be a power of two between 512 and 2048k (got {cs})"
-                    )));
+                    return Err(invalid(
+                        "Cluster size must be a power of two between 512 and 2048k",
+                    ));
                 }
                 r.cluster_bits = cs.trailing_zeros();
             }
@@ -126,7 +130,13 @@ fn parse(o: &CreateOptions) -> Result<Opts> {
             }
             "lazy_refcounts" => r.lazy_refcounts = parse_bool(k, v)?,
             "extended_l2" => r.extended_l2 = parse_bool(k, v)?,
-            "preallocation" => r.prealloc = Preallocation::parse(v)?,
+            "preallocation" => {
+                r.prealloc = Preallocation::parse(v).map_err(|_| {
+                    invalid(format!(
+                        "Parameter 'preallocation' does not accept value '{v}'"
+                    ))
+                })?;
+            }
             "data_file" => r.data_file = Some(v.clone()),
             "data_file_raw" => r.data_file_raw = parse_bool(k, v)?,
             "compression_type" => {
@@ -135,7 +145,7 @@ fn parse(o: &CreateOptions) -> Result<Opts> {
                     "zstd" => CompressionType::Zstd,
                     _ => {
                         return Err(invalid(format!(
-                            "Parameter 'compression_type' does not accept value '{v}'"
+                            "Parameter 'compression-type' does not accept value '{v}'"
                         )))
                     }
                 }
@@ -167,7 +177,7 @@ fn parse(o: &CreateOptions) -> Result<Opts> {
         }
         if r.data_file.is_some() {
             return Err(invalid(format!(
-                "Data files are only supported with compatibility level 1.1 and above {v3}"
+                "External data files are only supported with compatibility level 1.1 and above {v3}"
             )));
         }
     }

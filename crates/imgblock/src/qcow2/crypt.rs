@@ -244,7 +244,7 @@ pub(crate) fn parse_create(o: &CreateOptions) -> Result<Option<CreateCrypt>> {
     }
     let Some(format) = alias.or(format) else {
         if o.get(KEY_OPTION).is_some() || luks_only.is_some() {
-            return Err(invalid("Parameter 'encrypt.format' is required"));
+            return Err(invalid("Parameter 'encrypt.format' is missing"));
         }
         return Ok(None);
     };
@@ -255,9 +255,7 @@ pub(crate) fn parse_create(o: &CreateOptions) -> Result<Option<CreateCrypt>> {
     match format.as_str() {
         "aes" | "qcow" => {
             if let Some(k) = luks_only {
-                return Err(invalid(format!(
-                    "Invalid parameter '{k}' for encryption format 'aes'"
-                )));
+                return Err(invalid(format!("Parameter '{k}' is unexpected")));
             }
             Ok(Some(CreateCrypt::Aes(secret)))
         }
@@ -267,7 +265,7 @@ pub(crate) fn parse_create(o: &CreateOptions) -> Result<Option<CreateCrypt>> {
             Ok(Some(CreateCrypt::Luks(params, secret)))
         }
         other => Err(invalid(format!(
-            "Parameter 'encrypt.format' does not accept value '{other}'"
+            "Parameter 'format' does not accept value '{other}'"
         ))),
     }
 }

@@ -35,7 +35,7 @@ impl Preallocation {
             "full" => Preallocation::Full,
             _ => {
                 return Err(Error::InvalidOption(format!(
-                    "Invalid preallocation mode: '{s}'"
+                    "invalid parameter value: {s}"
                 )))
             }
         })
@@ -96,7 +96,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     }
     if prealloc == Preallocation::Metadata {
         return Err(Error::InvalidOption(
-            "Invalid preallocation mode: 'metadata' for format raw".into(),
+            "Unsupported preallocation mode: metadata".into(),
         ));
     }
     if opts.backing_file.is_some() {
@@ -195,7 +195,7 @@ impl Driver for Raw {
         let old = self.size;
         if prealloc == Preallocation::Metadata {
             return Err(Error::InvalidOption(
-                "Invalid preallocation mode: 'metadata' for format raw".into(),
+                "Unsupported preallocation mode: metadata".into(),
             ));
         }
         s.set_len(new_size).ctx(s.path())?;

@@ -76,7 +76,11 @@ impl Subformat {
             "twoGbMaxExtentSparse" => Subformat::TwoGbMaxExtentSparse,
             "twoGbMaxExtentFlat" => Subformat::TwoGbMaxExtentFlat,
             "streamOptimized" => Subformat::StreamOptimized,
-            _ => return Err(Error::InvalidOption(format!("Unknown subformat: '{s}'"))),
+            _ => {
+                return Err(Error::InvalidOption(format!(
+                    "invalid parameter value: {s}"
+                )))
+            }
         })
     }
     fn name(self) -> &'static str {
@@ -203,7 +207,9 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         match k.as_str() {
             "adapter_type" => {
                 if !matches!(v.as_str(), "ide" | "lsilogic" | "buslogic" | "legacyESX") {
-                    return Err(Error::InvalidOption(format!("Unknown adapter type: '{v}'")));
+                    return Err(Error::InvalidOption(format!(
+                        "invalid parameter value: {v}"
+                    )));
                 }
                 adapter = v.clone();
             }
@@ -217,7 +223,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
                 prealloc = Preallocation::parse(v)?;
                 if prealloc == Preallocation::Metadata {
                     return Err(Error::InvalidOption(format!(
-                        "Invalid preallocation mode: '{v}'"
+                        "Unsupported preallocation mode: {v}"
                     )));
                 }
             }
@@ -256,9 +262,9 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     let hw = hwversion.unwrap_or_else(|| if compat6 { "6" } else { "4" }.to_owned());
     if let Some(f) = &opts.backing_fmt {
         if f != "vmdk" {
-            return Err(Error::InvalidOption(format!(
-                "Invalid backing file format: {f}. Must be vmdk."
-            )));
+            return Err(Error::InvalidOption(
+                "backing_file must be a vmdk image".into(),
+            ));
         }
     }
     let mut parent_cid = NO_PARENT_CID;
