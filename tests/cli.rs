@@ -1950,3 +1950,52 @@ fn convert_salvage_matches_qemu() {
     assert_eq!(quiet.stderr, "", "{quiet}");
     assert!(env.read("q.raw") == want, "salvaged data differs");
 }
+
+/// Files that cannot be opened or created (missing, in a missing directory, a directory) are
+/// refused in qemu-img's words and with its exit codes; convert names the conversion that
+/// failed, as qemu-img does.
+#[test]
+fn open_and_create_failures_use_qemu_img_words() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "x.qcow2", "1M"])
+        .ok();
+    std::fs::create_dir(env.path("dir")).unwrap();
+    let cases: &[&[&str]] = &[
+        &["info", "missing.qcow2"],
+        &["info", "dir"],
+        &["convert", "-O", "raw", "dir", "o.raw"],
+        &["convert", "-O", "raw", "missing.qcow2", "o.raw"],
+        &["convert", "-O", "qcow2", "x.qcow2", "nodir/o.qcow2"],
+        &["convert", "-O", "raw", "x.qcow2", "dir"],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=3k",
+            "x.qcow2",
+            "o.qcow2",
+        ],
+        &[
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=bogus",
+            "x.qcow2",
+            "o.vmdk",
+        ],
+        &["create", "-q", "-f", "qcow2", "nodir/n.qcow2", "1M"],
+        &["create", "-q", "-f", "raw", "dir", "1M"],
+        &["compare", "dir", "x.qcow2"],
+        &["check", "missing.qcow2"],
+    ];
+    for args in cases {
+        let o = env.img(args).no_panic();
+        let q = env.qemu_img(args);
+        assert_eq!(o.code, q.code, "{args:?}: {o}{q}");
+        let ours = o.stderr.strip_prefix("img: ").unwrap_or(&o.stderr);
+        let theirs = q.stderr.strip_prefix("qemu-img: ").unwrap_or(&q.stderr);
+        assert_eq!(ours, theirs, "{args:?}");
+    }
+}

@@ -515,8 +515,19 @@ fn create_target(
     opts: &CreateOptions,
     direct: bool,
 ) -> CliResult<Image> {
-    imgblock::create(path, format, opts)
-        .map_err(|e| crate::create::create_failure(&path.display().to_string(), e))?;
+    imgblock::create(path, format, opts).map_err(|e| {
+        let file = path.display().to_string();
+        let f = crate::create::create_failure(&file, e);
+        // convert says which conversion failed, after the file's name, as qemu-img does.
+        match f.message.strip_prefix(&format!("{file}: ")) {
+            Some(why) => Failure::new(format!(
+                "{file}: error while converting {}: {why}",
+                format.name()
+            ))
+            .with_code(f.code),
+            None => f,
+        }
+    })?;
     let secrets = crate::secrets::for_new_image(opts)?;
     let req = OpenRequest {
         format: Some(format),

@@ -112,6 +112,11 @@ pub fn run(args: &CreateArgs) -> CliResult<i32> {
 pub fn create_failure(file: &str, e: imgblock::Error) -> Failure {
     match e {
         imgblock::Error::InvalidOption(m) => Failure::new(format!("{file}: {m}")),
+        // The image file itself could not be made: qemu's file driver's words.
+        imgblock::Error::Io { path, source } if path == Path::new(file) => Failure::new(format!(
+            "{file}: Could not create '{file}': {}",
+            crate::failure::strerror(&source)
+        )),
         // qemu names the file it could not lock: the target itself, or a vmdk overlay's
         // parent, whose CID it reads, held by a writer.
         e @ imgblock::Error::Locked { .. } => Failure::new(format!("{file}: {e}")),

@@ -81,6 +81,15 @@ pub fn open_failure(path: &Path, e: &imgblock::Error) -> Failure {
 pub fn open_reason(e: &imgblock::Error) -> String {
     match e {
         // qemu names the file again for its protocol layer.
+        // qemu's file driver opens only regular files (and block devices).
+        imgblock::Error::Io { path, source }
+            if source.kind() == std::io::ErrorKind::IsADirectory =>
+        {
+            format!(
+                "'file' driver requires '{}' to be a regular file",
+                path.display()
+            )
+        }
         imgblock::Error::Io { path, source } => {
             format!("Could not open '{}': {}", path.display(), strerror(source))
         }
