@@ -1999,3 +1999,25 @@ fn open_and_create_failures_use_qemu_img_words() {
         assert_eq!(ours, theirs, "{args:?}");
     }
 }
+
+/// A command line without its file names (or size) gets qemu-img's words and exit code.
+#[test]
+fn missing_file_names_use_qemu_img_words() {
+    let env = Env::with_qemu();
+    let cases: &[&[&str]] = &[
+        &["info"],
+        &["check", "-r", "all"],
+        &["map", "--output=json"],
+        &["commit"],
+        &["rebase", "-u", "-b", ""],
+        &["snapshot", "-c", "x.qcow2"],
+        &["compare", "-f", "qcow2", "x.qcow2"],
+        &["resize", "x.qcow2"],
+    ];
+    for args in cases {
+        let o = env.img(args).no_panic();
+        let q = env.qemu_img(args);
+        assert_eq!(o.code, q.code, "{args:?}: {o}{q}");
+        assert_eq!(o.stderr, q.stderr.replace("qemu-img", "img"), "{args:?}");
+    }
+}

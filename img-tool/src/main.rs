@@ -134,6 +134,14 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
+            if e.kind() == clap::error::ErrorKind::MissingRequiredArgument {
+                if let Some((cmd, msg)) = missing_operands(std::env::args().skip(1)) {
+                    console::eprint(&format!(
+                        "img: {msg}\nTry 'img {cmd} --help' for more info\n"
+                    ));
+                    return exit_code(EXIT_FAILURE);
+                }
+            }
             let code = if e.use_stderr() { EXIT_FAILURE } else { 0 };
             // clap's own text; like qemu-img, usage errors exit with status 1.
             let _ = e.print();
@@ -150,10 +158,49 @@ fn main() -> ExitCode {
     exit_code(console::finish(status))
 }
 
+/// qemu-img's words for a command line that lacks its file names (or size), by subcommand:
+/// the first argument naming one.
+fn missing_operands(args: impl Iterator<Item = String>) -> Option<(String, &'static str)> {
+    args.filter(|a| !a.starts_with('-')).find_map(|a| {
+        let msg = match a.as_str() {
+            "info" | "check" | "map" | "commit" | "rebase" | "snapshot" => {
+                "Expecting one image file name"
+            }
+            "compare" => "Expecting two image file names",
+            "resize" => "Expecting image file name and size",
+            _ => return None,
+        };
+        Some((a, msg))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn missing_operands_in_qemu_img_words() {
+        let args = |v: &[&str]| {
+            v.iter()
+                .map(|s| (*s).to_owned())
+                .collect::<Vec<_>>()
+                .into_iter()
+        };
+        assert_eq!(
+            missing_operands(args(&["snapshot", "-c", "s1"])),
+            Some(("snapshot".into(), "Expecting one image file name"))
+        );
+        assert_eq!(
+            missing_operands(args(&["compare", "a.qcow2"])),
+            Some(("compare".into(), "Expecting two image file names"))
+        );
+        assert_eq!(
+            missing_operands(args(&["resize", "x.qcow2"])),
+            Some(("resize".into(), "Expecting image file name and size"))
+        );
+        assert_eq!(missing_operands(args(&["bench"])), None);
+    }
 
     #[test]
     fn cli_definition_is_valid() {
