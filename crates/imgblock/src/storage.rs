@@ -382,6 +382,27 @@ pub(crate) fn write_zero_buffers(s: &dyn Storage, mut offset: u64, mut len: u64)
     Ok(())
 }
 
+/// Sets the file's length to `new`. Where that grows it past `old`, the new space is reserved
+/// (`falloc`) or written with zeroes (`full`), as qemu's file driver preallocates; `off` and
+/// `metadata` leave it sparse.
+pub(crate) fn set_len_preallocated(
+    s: &dyn Storage,
+    old: u64,
+    new: u64,
+    prealloc: crate::raw::Preallocation,
+) -> io::Result<()> {
+    use crate::raw::Preallocation;
+    s.set_len(new)?;
+    if new > old {
+        match prealloc {
+            Preallocation::Falloc => s.allocate(old, new - old)?,
+            Preallocation::Full => write_zero_buffers(s, old, new - old)?,
+            Preallocation::Off | Preallocation::Metadata => {}
+        }
+    }
+    Ok(())
+}
+
 impl Storage for FileStorage {
     fn path(&self) -> &Path {
         &self.path

@@ -193,12 +193,7 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
         .checked_add(size)
         .ok_or_else(|| invalid("Image size is too large"))?;
     let s = FileStorage::create_with(path, o.file)?;
-    s.set_len(total).ctx(path)?;
-    match prealloc {
-        Preallocation::Falloc => s.allocate(0, total).ctx(path)?,
-        Preallocation::Full => crate::storage::write_zero_buffers(&s, 0, total).ctx(path)?,
-        Preallocation::Off | Preallocation::Metadata => {}
-    }
+    crate::storage::set_len_preallocated(&s, 0, total, prealloc).ctx(path)?;
     // Only the header and slot 0 hold anything; the other slots stay holes, as qemu leaves them.
     let used = usize::try_from(h.slots[1].key_offset)
         .unwrap_or(area.len())
@@ -316,17 +311,7 @@ impl Driver for Luks {
         let old = s.size().ctx(s.path())?;
         // As qemu: the payload file takes the new size exactly, and new space reads as whatever
         // its host bytes decrypt to, as a new image's does; preallocation is of host space.
-        s.set_len(total).ctx(s.path())?;
-        if total > old {
-            match prealloc {
-                Preallocation::Falloc => s.allocate(old, total - old).ctx(s.path())?,
-                Preallocation::Full => {
-                    crate::storage::write_zero_buffers(s.as_ref(), old, total - old)
-                        .ctx(s.path())?;
-                }
-                _ => {}
-            }
-        }
+        crate::storage::set_len_preallocated(s.as_ref(), old, total, prealloc).ctx(s.path())?;
         self.size = new_size.div_ceil(crypto::SECTOR_SIZE) * crypto::SECTOR_SIZE;
         s.flush().ctx(s.path())
     }

@@ -116,15 +116,11 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     // qemu sizes images in whole sectors.
     let size = size.div_ceil(512).saturating_mul(512);
     let s = FileStorage::create_with(path, opts.file)?;
-    s.set_len(size).ctx(path)?;
-    match prealloc {
+    crate::storage::set_len_preallocated(&s, 0, size, prealloc).ctx(path)?;
+    if prealloc == Preallocation::Off {
         // Like qemu, allocate the first 4 KiB so that later alignment probing finds real data.
-        Preallocation::Off => s
-            .write_at(&vec![0u8; usize::try_from(size.min(4096)).unwrap_or(0)], 0)
-            .ctx(path)?,
-        Preallocation::Falloc => s.allocate(0, size).ctx(path)?,
-        Preallocation::Full => crate::storage::write_zero_buffers(&s, 0, size).ctx(path)?,
-        _ => {}
+        s.write_at(&vec![0u8; usize::try_from(size.min(4096)).unwrap_or(0)], 0)
+            .ctx(path)?;
     }
     s.flush().ctx(path)
 }
@@ -198,17 +194,7 @@ impl Driver for Raw {
                 "Unsupported preallocation mode: metadata".into(),
             ));
         }
-        s.set_len(new_size).ctx(s.path())?;
-        if new_size > old {
-            match prealloc {
-                Preallocation::Falloc => s.allocate(old, new_size - old).ctx(s.path())?,
-                Preallocation::Full => {
-                    crate::storage::write_zero_buffers(s.as_ref(), old, new_size - old)
-                        .ctx(s.path())?
-                }
-                _ => {}
-            }
-        }
+        crate::storage::set_len_preallocated(s.as_ref(), old, new_size, prealloc).ctx(s.path())?;
         self.size = new_size;
         s.flush().ctx(s.path())
     }

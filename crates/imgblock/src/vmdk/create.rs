@@ -358,14 +358,8 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
                 let epath = dir.join(&name);
                 if flat {
                     let s = FileStorage::create_with(&epath, opts.file)?;
-                    s.set_len(n * SECTOR).ctx(&epath)?;
-                    match prealloc {
-                        Preallocation::Falloc => s.allocate(0, n * SECTOR).ctx(&epath)?,
-                        Preallocation::Full => {
-                            crate::storage::write_zero_buffers(&s, 0, n * SECTOR).ctx(&epath)?
-                        }
-                        _ => {}
-                    }
+                    crate::storage::set_len_preallocated(&s, 0, n * SECTOR, prealloc)
+                        .ctx(&epath)?;
                     s.flush().ctx(&epath)?;
                 } else {
                     write_sparse_extent(&epath, n, zeroed, false, None, opts.file)?;
