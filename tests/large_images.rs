@@ -88,54 +88,11 @@ fn six_gib_qemu_qcow2_converts_like_qemu() {
     assert_eq!(info["virtual-size"], 6 * GIB, "{info:#}");
 }
 
-/// Peak resident memory (KiB) of `img args...` run in `dir`, from GNU time's "Maximum resident
-/// set size", or by sampling /proc/PID/status VmHWM if /usr/bin/time is absent.
+/// Peak resident memory (KiB) of a successful `img args...` run in `dir`.
 fn peak_rss_kib(dir: &Path, args: &[&str]) -> u64 {
-    if Path::new("/usr/bin/time").exists() {
-        let mut a = vec!["-v", common::IMG];
-        a.extend_from_slice(args);
-        let out = common::run_timeout(dir, "/usr/bin/time", &a, Duration::from_secs(300)).ok();
-        let line = out
-            .stderr
-            .lines()
-            .find(|l| l.contains("Maximum resident set size"))
-            .unwrap_or_else(|| panic!("no RSS figure from /usr/bin/time -v: {out}"));
-        line.rsplit(':')
-            .next()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("cannot parse {line:?}"))
-    } else {
-        eprintln!(
-            "!!!!! /usr/bin/time is MISSING (apt-get install time); sampling VmHWM from /proc \
-             instead, which can miss a short peak !!!!!"
-        );
-        let mut child = std::process::Command::new(common::IMG)
-            .args(args)
-            .current_dir(dir)
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn img");
-        let status_path = format!("/proc/{}/status", child.id());
-        let mut peak = 0;
-        loop {
-            if let Ok(s) = std::fs::read_to_string(&status_path) {
-                if let Some(v) = s
-                    .lines()
-                    .find(|l| l.starts_with("VmHWM:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|v| v.parse::<u64>().ok())
-                {
-                    peak = peak.max(v);
-                }
-            }
-            if let Some(st) = child.try_wait().expect("wait") {
-                assert!(st.success(), "img {args:?} failed");
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        peak
-    }
+    let (out, kib) = common::img_peak_rss(dir, args, Duration::from_secs(300));
+    out.ok();
+    kib
 }
 
 /// Converting a 4 GiB image with about 100 MiB of scattered, incompressible data peaks under

@@ -134,6 +134,11 @@ fn run_check(img: &Image, repair: Repair) -> CliResult<CheckReport> {
     for m in &report.messages {
         console::eprint(&format!("{m}\n"));
     }
+    let omitted = report.messages.omitted();
+    if omitted > 0 {
+        // The library keeps a bounded number of lines; qemu-img would print every one.
+        console::eprint(&format!("... and {omitted} more messages like these\n"));
+    }
     let mut report = report;
     if img.format() != imgblock::Format::Qcow2 {
         // qemu's vdi and vmdk checks count problems only; the cluster figures are qcow2's.

@@ -136,6 +136,85 @@ pub fn run_timeout(dir: &Path, program: &str, args: &[&str], timeout: Duration) 
     }
 }
 
+/// Runs `img args...` in `dir` (as [`run_timeout`] does) and returns what it left with its peak
+/// resident memory in KiB: GNU time's "Maximum resident set size", or, if /usr/bin/time is
+/// absent, the highest VmHWM sampled from /proc/PID/status (which can miss a short peak).
+#[track_caller]
+pub fn img_peak_rss(dir: &Path, args: &[&str], timeout: Duration) -> (Output, u64) {
+    if Path::new("/usr/bin/time").exists() {
+        let mut a = vec!["-v", IMG];
+        a.extend_from_slice(args);
+        let mut out = run_timeout(dir, "/usr/bin/time", &a, timeout);
+        // GNU time's report follows the command's own stderr (after a line on a failing
+        // command's status).
+        let at = out
+            .stderr
+            .find("\tCommand being timed:")
+            .unwrap_or_else(|| panic!("no report from /usr/bin/time -v: {out}"));
+        let at = out.stderr[..at]
+            .rfind("Command exited with non-zero status")
+            .or_else(|| out.stderr[..at].rfind("Command terminated by signal"))
+            .unwrap_or(at);
+        let report = out.stderr.split_off(at);
+        let kib = report
+            .lines()
+            .find(|l| l.contains("Maximum resident set size"))
+            .and_then(|l| l.rsplit(':').next())
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no RSS figure from /usr/bin/time -v: {report}"));
+        out.cmdline = format!("(cd {}; {IMG} {})", dir.display(), args.join(" "));
+        return (out, kib);
+    }
+    eprintln!(
+        "!!!!! /usr/bin/time is MISSING (apt-get install time); sampling VmHWM from /proc \
+         instead, which can miss a short peak !!!!!"
+    );
+    let cmdline = format!("(cd {}; {IMG} {})", dir.display(), args.join(" "));
+    let out_path = dir.join(".peak-rss.stdout");
+    let err_path = dir.join(".peak-rss.stderr");
+    let mut child = Command::new(IMG)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(File::create(&out_path).expect("stdout file"))
+        .stderr(File::create(&err_path).expect("stderr file"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {IMG}: {e} ({cmdline})"));
+    let status_path = format!("/proc/{}/status", child.id());
+    let deadline = Instant::now() + timeout;
+    let mut peak = 0;
+    let status = loop {
+        if let Ok(s) = fs::read_to_string(&status_path) {
+            if let Some(v) = s
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                peak = peak.max(v);
+            }
+        }
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("timed out (hang?) after {timeout:?}: {cmdline}");
+            }
+            Ok(None) => thread::sleep(Duration::from_millis(2)),
+            Err(e) => panic!("waiting for {cmdline}: {e}"),
+        }
+    };
+    let read = |p: &Path| String::from_utf8_lossy(&fs::read(p).unwrap_or_default()).into_owned();
+    let out = Output {
+        cmdline,
+        code: status.code(),
+        stdout: read(&out_path),
+        stderr: read(&err_path),
+    };
+    (out, peak)
+}
+
 /// Checks once per test binary that qemu-img and qemu-io are installed, and panics with a clear
 /// message if not: these tests compare against them and must not pass vacuously.
 pub fn require_qemu() {

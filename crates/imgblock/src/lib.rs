@@ -40,7 +40,7 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
-pub use check::{CheckReport, Repair};
+pub use check::{CheckReport, Messages, Repair};
 pub use driver::{
     BackingSpec, Driver, FormatSpecific, Mapping, SnapshotInfo, VdiSpecific, VmdkExtentInfo,
     VmdkSpecific,

@@ -1,0 +1,158 @@
+//! Images whose headers are valid but ask for huge amounts of memory or time: every table entry
+//! pointing at one cluster, tables at their largest, hundreds of extents naming one file. Each
+//! is built here, small or sparse, and must either be refused with a clear error naming the
+//! field, or be handled in bounded memory.
+
+use std::fs::OpenOptions as FileOptions;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use imgblock::{Image, OpenOptions, Repair};
+
+/// Most per-problem lines a check keeps (`imgblock::Messages::MAX`).
+const MAX_LINES: usize = 10_000;
+
+/// Writes `pieces` (offset, bytes) into a new file of `len` bytes (sparse where not written).
+fn write_file(path: &Path, len: u64, pieces: &[(u64, &[u8])]) {
+    let f = FileOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    f.set_len(len).unwrap();
+    for (off, data) in pieces {
+        f.write_all_at(data, *off).unwrap();
+    }
+}
+
+/// A qcow2 v3 header (no extensions) for 64 KiB clusters and 16-bit refcounts.
+struct Qcow2Header {
+    size: u64,
+    l1_size: u32,
+    l1_offset: u64,
+    refcount_table_offset: u64,
+    autoclear: u64,
+    extensions: Vec<u8>,
+}
+
+const CLUSTER: u64 = 1 << 16;
+
+impl Qcow2Header {
+    fn bytes(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&0x5146_49fb_u32.to_be_bytes());
+        b.extend_from_slice(&3u32.to_be_bytes());
+        b.extend_from_slice(&[0; 12]); // no backing file
+        b.extend_from_slice(&16u32.to_be_bytes());
+        b.extend_from_slice(&self.size.to_be_bytes());
+        b.extend_from_slice(&0u32.to_be_bytes());
+        b.extend_from_slice(&self.l1_size.to_be_bytes());
+        b.extend_from_slice(&self.l1_offset.to_be_bytes());
+        b.extend_from_slice(&self.refcount_table_offset.to_be_bytes());
+        b.extend_from_slice(&1u32.to_be_bytes());
+        b.extend_from_slice(&[0; 12]); // no snapshots
+        b.extend_from_slice(&0u64.to_be_bytes());
+        b.extend_from_slice(&0u64.to_be_bytes());
+        b.extend_from_slice(&self.autoclear.to_be_bytes());
+        b.extend_from_slice(&4u32.to_be_bytes());
+        b.extend_from_slice(&112u32.to_be_bytes());
+        b.resize(112, 0);
+        b.extend_from_slice(&self.extensions);
+        b.extend_from_slice(&[0; 8]);
+        b
+    }
+}
+
+fn be64s(v: u64, n: usize) -> Vec<u8> {
+    v.to_be_bytes().repeat(n)
+}
+
+/// A qcow2 image whose `l1_entries` L1 entries all name one L2 table, whose 8192 entries all
+/// name one data cluster without the COPIED flag, while that cluster's refcount is 1: every
+/// entry of every table is a problem `check` reports.
+fn qcow2_one_cluster_everywhere(dir: &Path, l1_entries: u32) -> PathBuf {
+    let p = dir.join("everywhere.qcow2");
+    let h = Qcow2Header {
+        size: u64::from(l1_entries) * 8192 * CLUSTER,
+        l1_size: l1_entries,
+        l1_offset: 5 * CLUSTER,
+        refcount_table_offset: CLUSTER,
+        autoclear: 0,
+        extensions: Vec::new(),
+    }
+    .bytes();
+    let reftable = (2 * CLUSTER).to_be_bytes();
+    let refblock = 1u16.to_be_bytes().repeat(5);
+    let l2 = be64s(4 * CLUSTER, 8192);
+    let data = vec![0xab; 512];
+    let l1 = be64s(3 * CLUSTER, l1_entries as usize);
+    write_file(
+        &p,
+        6 * CLUSTER,
+        &[
+            (0, &h),
+            (CLUSTER, &reftable),
+            (2 * CLUSTER, &refblock),
+            (3 * CLUSTER, &l2),
+            (4 * CLUSTER, &data),
+            (5 * CLUSTER, &l1),
+        ],
+    );
+    p
+}
+
+/// A dynamic VDI of `blocks` 1 MiB blocks whose block map is all zeroes: every block claims
+/// data block 0, and the header says none is allocated.
+fn vdi_all_blocks_at_zero(dir: &Path, blocks: u32) -> PathBuf {
+    let p = dir.join("aliased.vdi");
+    let mut h = vec![0u8; 512];
+    let text = b"<<< QEMU VM Virtual Disk Image >>>\n";
+    h[..text.len()].copy_from_slice(text);
+    let put = |h: &mut Vec<u8>, at: usize, v: &[u8]| h[at..at + v.len()].copy_from_slice(v);
+    put(&mut h, 0x40, &0xbeda_107f_u32.to_le_bytes());
+    put(&mut h, 0x44, &0x0001_0001_u32.to_le_bytes());
+    put(&mut h, 0x48, &0x180u32.to_le_bytes());
+    put(&mut h, 0x4c, &1u32.to_le_bytes()); // dynamic
+    let bmap = 0x200u32;
+    let data = bmap + (blocks * 4).div_ceil(1 << 20) * (1 << 20);
+    put(&mut h, 0x154, &bmap.to_le_bytes());
+    put(&mut h, 0x158, &data.to_le_bytes());
+    put(&mut h, 0x168, &512u32.to_le_bytes());
+    put(&mut h, 0x170, &(u64::from(blocks) << 20).to_le_bytes());
+    put(&mut h, 0x178, &(1u32 << 20).to_le_bytes());
+    put(&mut h, 0x180, &blocks.to_le_bytes());
+    put(&mut h, 0x188, &[0x11; 16]);
+    write_file(&p, u64::from(data) + (1 << 20), &[(0, &h)]);
+    p
+}
+
+/// A million blocks of a VDI claiming one data block are a million problems: the check counts
+/// them all but keeps only the first lines.
+#[test]
+fn vdi_check_of_a_million_aliased_blocks_keeps_bounded_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocks = 1 << 20;
+    let p = vdi_all_blocks_at_zero(dir.path(), blocks);
+    let img = Image::open(&p, &OpenOptions::read_only()).unwrap();
+    let r = img.check(Repair::None).unwrap();
+    // Every block but the first is shared, and the allocated count is wrong.
+    assert_eq!(r.corruptions, u64::from(blocks));
+    assert_eq!(r.messages.len(), MAX_LINES);
+    assert_eq!(
+        r.messages.iter().next().map(String::as_str),
+        Some("ERROR: block index 1 also used by 0")
+    );
+}
+
+/// 16 L1 entries naming one L2 table whose entries all name one data cluster: 131072 wrong
+/// COPIED flags, reported as a bounded number of lines.
+#[test]
+fn qcow2_check_of_one_cluster_everywhere_keeps_bounded_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = qcow2_one_cluster_everywhere(dir.path(), 16);
+    let img = Image::open(&p, &OpenOptions::read_only()).unwrap();
+    let r = img.check(Repair::None).unwrap();
+    assert!(r.corruptions > 16 * 8192, "{}", r.corruptions);
+    assert_eq!(r.messages.len(), MAX_LINES);
+}
