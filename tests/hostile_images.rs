@@ -59,3 +59,54 @@ fn check_of_four_million_aliased_vdi_blocks_keeps_memory_bounded() {
         .contains(&format!("\n{blocks} errors were found")));
     assert!(kib < 128 * 1024, "img check peaked at {kib} KiB");
 }
+
+/// A qcow2 image with one bitmap, marked in use, whose table has 128 Mi entries: 1 GiB, a hole
+/// in the sparse file. qemu-img refuses to open it (the bitmap would take more than 512 MiB);
+/// `img check` read the table whole, twice over, and took 2 GiB.
+#[test]
+fn check_of_qcow2_bitmap_with_a_gib_table_is_refused_quickly() {
+    let env = Env::new();
+    let cluster = 1u64 << 16;
+    let entries = 0x0800_0000u32;
+    let table_offset = 4 * cluster;
+    let dir_offset = table_offset + u64::from(entries) * 8;
+    let mut entry = Vec::new();
+    entry.extend_from_slice(&table_offset.to_be_bytes());
+    entry.extend_from_slice(&entries.to_be_bytes());
+    entry.extend_from_slice(&1u32.to_be_bytes()); // in use
+    entry.extend_from_slice(&[1, 16, 0, 4, 0, 0, 0, 0]);
+    entry.extend_from_slice(b"huge");
+    entry.resize(32, 0);
+    let mut h = Vec::new();
+    for v in [0x5146_49fb_u32, 3, 0, 0, 0, 16] {
+        h.extend_from_slice(&v.to_be_bytes());
+    }
+    h.extend_from_slice(&(1u64 << 30).to_be_bytes()); // size
+    h.extend_from_slice(&0u32.to_be_bytes());
+    h.extend_from_slice(&2u32.to_be_bytes()); // l1_size
+    h.extend_from_slice(&(3 * cluster).to_be_bytes());
+    h.extend_from_slice(&cluster.to_be_bytes()); // refcount table
+    h.extend_from_slice(&1u32.to_be_bytes());
+    h.extend_from_slice(&[0; 12]);
+    h.extend_from_slice(&[0; 16]);
+    h.extend_from_slice(&1u64.to_be_bytes()); // autoclear: bitmaps
+    h.extend_from_slice(&4u32.to_be_bytes());
+    h.extend_from_slice(&112u32.to_be_bytes());
+    h.resize(112, 0);
+    for v in [0x2385_2875_u32, 24, 1, 0] {
+        h.extend_from_slice(&v.to_be_bytes());
+    }
+    h.extend_from_slice(&(entry.len() as u64).to_be_bytes());
+    h.extend_from_slice(&dir_offset.to_be_bytes());
+    h.extend_from_slice(&[0; 8]);
+    env.sparse_file("bitmap.qcow2", dir_offset + cluster);
+    env.write_at("bitmap.qcow2", 0, &h);
+    env.write_at("bitmap.qcow2", cluster, &(2 * cluster).to_be_bytes());
+    env.write_at("bitmap.qcow2", dir_offset, &entry);
+    let (out, kib) = img_peak_rss(env.dir.path(), &["check", "bitmap.qcow2"], TIMEOUT);
+    eprintln!("img check peak RSS: {kib} KiB");
+    let out = out.code_is(1);
+    assert!(out.stderr.contains("bitmap.qcow2"), "{out}");
+    assert!(out.stderr.contains("bitmap table too large"), "{out}");
+    assert!(kib < 64 * 1024, "img check peaked at {kib} KiB");
+}

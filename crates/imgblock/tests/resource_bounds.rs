@@ -156,3 +156,62 @@ fn qcow2_check_of_one_cluster_everywhere_keeps_bounded_messages() {
     assert!(r.corruptions > 16 * 8192, "{}", r.corruptions);
     assert_eq!(r.messages.len(), MAX_LINES);
 }
+
+/// A qcow2 image with one bitmap, marked in use (so its table need not match the disk), whose
+/// table has `table_entries` entries: a sparse hole of up to 1 GiB.
+fn qcow2_with_bitmap_table(dir: &Path, table_entries: u32) -> PathBuf {
+    let p = dir.join("bitmap.qcow2");
+    let table_offset = 4 * CLUSTER;
+    let table_bytes = u64::from(table_entries) * 8;
+    let dir_offset = table_offset + table_bytes.div_ceil(CLUSTER) * CLUSTER;
+    let name = b"huge";
+    let mut entry = Vec::new();
+    entry.extend_from_slice(&table_offset.to_be_bytes());
+    entry.extend_from_slice(&table_entries.to_be_bytes());
+    entry.extend_from_slice(&1u32.to_be_bytes()); // in use
+    entry.extend_from_slice(&[1, 16]); // dirty tracking, 64 KiB granularity
+    entry.extend_from_slice(&4u16.to_be_bytes()); // name length
+    entry.extend_from_slice(&0u32.to_be_bytes());
+    entry.extend_from_slice(name);
+    entry.resize(entry.len().div_ceil(8) * 8, 0);
+    let mut ext = Vec::new();
+    ext.extend_from_slice(&0x2385_2875_u32.to_be_bytes());
+    ext.extend_from_slice(&24u32.to_be_bytes());
+    ext.extend_from_slice(&1u32.to_be_bytes());
+    ext.extend_from_slice(&0u32.to_be_bytes());
+    ext.extend_from_slice(&(entry.len() as u64).to_be_bytes());
+    ext.extend_from_slice(&dir_offset.to_be_bytes());
+    let h = Qcow2Header {
+        size: 1 << 30,
+        l1_size: 2,
+        l1_offset: 3 * CLUSTER,
+        refcount_table_offset: CLUSTER,
+        autoclear: 1, // bitmaps
+        extensions: ext,
+    }
+    .bytes();
+    let reftable = (2 * CLUSTER).to_be_bytes();
+    write_file(
+        &p,
+        dir_offset + CLUSTER,
+        &[(0, &h), (CLUSTER, &reftable), (dir_offset, &entry)],
+    );
+    p
+}
+
+/// A bitmap table of 128 Mi entries (1 GiB, a hole in a sparse file) is past qemu's 512 MiB
+/// bitmap limit: refused when the image opens, before `check` would read the table whole.
+#[test]
+fn qcow2_bitmap_table_past_qemus_limit_is_refused_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = qcow2_with_bitmap_table(dir.path(), 0x0800_0000);
+    let e = Image::open(&p, &OpenOptions::read_only())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bitmap.qcow2"), "{e}");
+    assert!(e.contains("bitmap table too large"), "{e}");
+    // At the limit, the image opens and checks.
+    let p = qcow2_with_bitmap_table(dir.path(), 8192);
+    let img = Image::open(&p, &OpenOptions::read_only()).unwrap();
+    img.check(Repair::None).unwrap();
+}

@@ -27,6 +27,10 @@ pub const MIN_GRANULARITY_BITS: u8 = 9;
 pub const MAX_GRANULARITY_BITS: u8 = 31;
 /// Most entries of one bitmap table (qemu's BME_MAX_TABLE_SIZE: a 1 GiB table).
 pub const MAX_TABLE_ENTRIES: u32 = 0x0800_0000;
+/// Largest bitmap qemu loads, as its table's entries times the cluster size (qemu's
+/// BME_MAX_PHYS_SIZE, which bounds the bitmap in memory): 512 MiB, so 8192 entries with
+/// 64 KiB clusters. A larger table is refused when the directory is read.
+pub const MAX_PHYS_BYTES: u64 = 0x2000_0000;
 /// Directory entry bytes before the extra data and the name.
 pub const ENTRY_FIXED_LEN: usize = 24;
 
@@ -266,7 +270,7 @@ pub fn parse_directory(
         if extra_len != 0 && flags & FLAG_EXTRA_DATA_COMPATIBLE == 0 {
             return Err(bad("incompatible extra data"));
         }
-        if table_size > MAX_TABLE_ENTRIES {
+        if table_size > MAX_TABLE_ENTRIES || u64::from(table_size) * cluster_size > MAX_PHYS_BYTES {
             return Err(bad("bitmap table too large"));
         }
         // qemu reads a bitmap only when its table covers exactly the disk; one in use is not
@@ -275,6 +279,9 @@ pub fn parse_directory(
             && u64::from(table_size) != table_entries(size, granularity_bits, cluster_size)
         {
             return Err(bad("bitmap table size does not match the disk size"));
+        }
+        if table_size == 0 {
+            return Err(bad("empty bitmap table"));
         }
         if table_offset == 0 || table_offset % cluster_size != 0 {
             return Err(bad("bitmap table not cluster aligned"));
@@ -647,7 +654,7 @@ impl Qcow2 {
             changed = true;
             let want32 = u32::try_from(want)
                 .ok()
-                .filter(|&w| w <= MAX_TABLE_ENTRIES)
+                .filter(|&w| w <= MAX_TABLE_ENTRIES && u64::from(w) * cs <= MAX_PHYS_BYTES)
                 .ok_or_else(|| {
                     self.err(Error::BadBitmapDirectory {
                         offset: b.ext.directory_offset + bm.entry_offset,
@@ -934,8 +941,21 @@ mod tests {
         d[15] |= 1;
         d[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
         assert_eq!(reason(parse(&d)).1, "bitmap table too large");
-        d[8..12].copy_from_slice(&0x0010_0000u32.to_be_bytes());
+        // qemu's limit on the bitmap in memory: 8192 entries of 64 KiB clusters, 512 MiB.
+        d[8..12].copy_from_slice(&8193u32.to_be_bytes());
+        assert_eq!(reason(parse(&d)).1, "bitmap table too large");
+        d[8..12].copy_from_slice(&8192u32.to_be_bytes());
+        assert!(parse(&d).is_ok());
+        d[0..8].copy_from_slice(&0x10_0000u64.to_be_bytes());
         assert_eq!(reason(parse(&d)).1, "bitmap table outside the image file");
+    }
+
+    #[test]
+    fn directory_empty_table_is_refused() {
+        let mut d = qemu_directory();
+        d[15] |= 1;
+        d[8..12].copy_from_slice(&0u32.to_be_bytes());
+        assert_eq!(reason(parse(&d)).1, "empty bitmap table");
     }
 
     #[test]
