@@ -110,3 +110,46 @@ fn check_of_qcow2_bitmap_with_a_gib_table_is_refused_quickly() {
     assert!(out.stderr.contains("bitmap table too large"), "{out}");
     assert!(kib < 64 * 1024, "img check peaked at {kib} KiB");
 }
+
+/// A sparse extent of 2048 grain tables, all one table at sector 40 (1-sector grains, 512
+/// entries per table): 16 KiB of directory, 2 KiB of table, 1 GiB of disk.
+fn vmdk_one_table_everywhere(env: &Env, name: &str) -> u64 {
+    let capacity: u64 = 2048 * 512;
+    let mut h = vec![0u8; 512];
+    h[..4].copy_from_slice(b"KDMV");
+    h[4..8].copy_from_slice(&1u32.to_le_bytes());
+    h[8..12].copy_from_slice(&1u32.to_le_bytes());
+    h[12..20].copy_from_slice(&capacity.to_le_bytes());
+    h[20..28].copy_from_slice(&1u64.to_le_bytes());
+    h[44..48].copy_from_slice(&512u32.to_le_bytes());
+    h[56..64].copy_from_slice(&1u64.to_le_bytes()); // directory at sector 1
+    h[64..72].copy_from_slice(&48u64.to_le_bytes());
+    h[73..77].copy_from_slice(b"\n \r\n");
+    env.sparse_file(name, 49 * 512);
+    env.write_at(name, 0, &h);
+    env.write_at(name, 512, &40u32.to_le_bytes().repeat(2048));
+    capacity
+}
+
+/// 128 extents naming that file: reading them fills a grain table cache per extent. Each
+/// extent kept up to 8 MiB of tables (1 GiB in all here, 8 GiB with 1024 extents); the
+/// extents now share 8 MiB, and each keeps at least 64 KiB.
+#[test]
+fn map_of_many_extents_of_many_tables_keeps_memory_bounded() {
+    let env = Env::new();
+    let sectors = vmdk_one_table_everywhere(&env, "tables.vmdk");
+    let mut d = String::from(
+        "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n\
+         createType=\"twoGbMaxExtentSparse\"\n\n# Extent description\n",
+    );
+    for _ in 0..128 {
+        d.push_str(&format!("RW {sectors} SPARSE \"tables.vmdk\"\n"));
+    }
+    d.push_str("\n# The Disk Data Base\n#DDB\nddb.adapterType = \"ide\"\n");
+    env.write("many.vmdk", d.as_bytes());
+    let (out, kib) = img_peak_rss(env.dir.path(), &["map", "many.vmdk"], TIMEOUT);
+    eprintln!("img map peak RSS: {kib} KiB");
+    let out = out.ok();
+    assert_eq!(out.stdout.lines().count(), 1, "{out}");
+    assert!(kib < 64 * 1024, "img map peaked at {kib} KiB");
+}

@@ -215,3 +215,72 @@ fn qcow2_bitmap_table_past_qemus_limit_is_refused_on_open() {
     let img = Image::open(&p, &OpenOptions::read_only()).unwrap();
     img.check(Repair::None).unwrap();
 }
+
+/// A hosted sparse extent header (KDMV, version 1, no embedded descriptor).
+fn vmdk_sparse_header(
+    capacity: u64,
+    grain: u64,
+    gtes: u32,
+    gd_sector: u64,
+    overhead: u64,
+) -> Vec<u8> {
+    let mut b = vec![0u8; 512];
+    b[..4].copy_from_slice(b"KDMV");
+    b[4..8].copy_from_slice(&1u32.to_le_bytes());
+    b[8..12].copy_from_slice(&1u32.to_le_bytes()); // newline detection
+    b[12..20].copy_from_slice(&capacity.to_le_bytes());
+    b[20..28].copy_from_slice(&grain.to_le_bytes());
+    b[44..48].copy_from_slice(&gtes.to_le_bytes());
+    b[56..64].copy_from_slice(&gd_sector.to_le_bytes());
+    b[64..72].copy_from_slice(&overhead.to_le_bytes());
+    b[73..77].copy_from_slice(b"\n \r\n");
+    b
+}
+
+/// A twoGbMaxExtentSparse descriptor listing `count` extents of `sectors`, all the file `name`.
+fn vmdk_descriptor(count: usize, sectors: u64, name: &str) -> String {
+    let mut d = String::from(
+        "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n\
+         createType=\"twoGbMaxExtentSparse\"\n\n# Extent description\n",
+    );
+    for _ in 0..count {
+        d.push_str(&format!("RW {sectors} SPARSE \"{name}\"\n"));
+    }
+    d.push_str("\n# The Disk Data Base\n#DDB\nddb.adapterType = \"ide\"\n");
+    d
+}
+
+/// 64 extents naming one file whose grain directory is 32 MiB (a hole): 2 GiB of directories
+/// in memory, where each alone is within the limit. Refused once they pass 64 MiB in all.
+#[test]
+fn vmdk_many_extents_with_large_directories_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 2^32 sectors of 1-sector grains, 512 per table: 8 Mi directory entries, 32 MiB.
+    let capacity = 1u64 << 32;
+    let gd_bytes = 32u64 << 20;
+    let overhead = 1 + gd_bytes / 512;
+    let h = vmdk_sparse_header(capacity, 1, 512, 1, overhead);
+    write_file(&d.join("big-gd.vmdk"), (overhead + 8) * 512, &[(0, &h)]);
+    std::fs::write(
+        d.join("one.vmdk"),
+        vmdk_descriptor(1, capacity, "big-gd.vmdk"),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("many.vmdk"),
+        vmdk_descriptor(64, capacity, "big-gd.vmdk"),
+    )
+    .unwrap();
+    // One such extent is fine.
+    Image::open(&d.join("one.vmdk"), &OpenOptions::read_only()).unwrap();
+    let e = match Image::open(&d.join("many.vmdk"), &OpenOptions::read_only()) {
+        Ok(_) => panic!("64 extents with 2 GiB of grain directories opened"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("big-gd.vmdk"), "{e}");
+    assert!(
+        e.contains("grain directories of the extents take more than 67108864 bytes in all"),
+        "{e}"
+    );
+}

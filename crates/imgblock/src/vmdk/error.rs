@@ -63,6 +63,10 @@ pub enum Error {
     /// A grain directory larger than [`super::MAX_GD_BYTES`].
     #[error("grain directory of {0} entries is too large")]
     GdTooLarge(u64),
+    /// The grain directories of all the extents would take more than
+    /// [`super::MAX_TOTAL_GD_BYTES`] of memory (many extents, or one file named many times).
+    #[error("grain directories of the extents take more than {0} bytes in all")]
+    DirectoriesTooLarge(u64),
     /// An unknown compression algorithm.
     #[error("unsupported compression algorithm {0}")]
     BadCompression(u16),

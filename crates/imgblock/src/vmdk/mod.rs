@@ -55,10 +55,16 @@ pub const MAX_GRAIN_SECTORS: u64 = 1 << 12;
 pub const MAX_CAPACITY_SECTORS: u64 = 1 << 42;
 /// Largest grain directory held in memory (qemu caps its L1 the same way).
 pub const MAX_GD_BYTES: u64 = 32 << 20;
-/// Grain tables kept in the cache per extent (2 KiB each with 512 entries).
-pub const GT_CACHE_TABLES: usize = 4096;
-/// seSparse grain tables kept in the cache per extent (32 KiB each, 16 MiB of disk each).
-pub const SE_GT_CACHE_TABLES: usize = 256;
+/// Memory for the grain directories of all the extents of one image together. One directory
+/// is at most [`MAX_GD_BYTES`], but a descriptor may list [`MAX_EXTENTS`] extents that all name
+/// one file with such a directory (qemu allows 128 MiB per extent, with no total).
+pub const MAX_TOTAL_GD_BYTES: u64 = 2 * MAX_GD_BYTES;
+/// Memory for cached grain tables, shared out among the extents of one image: 4096 tables of
+/// 512 entries for a monolithic image.
+pub const GT_CACHE_BYTES: u64 = 8 << 20;
+/// Least memory for cached grain tables of each extent, however many extents share
+/// [`GT_CACHE_BYTES`]: 32 tables of 512 entries (qemu keeps 16), and at least one table.
+pub const GT_CACHE_MIN_BYTES: u64 = 64 << 10;
 /// The format takes compressed writes (`convert -c`): streamOptimized compresses its grains,
 /// the other sparse subformats store them plain, as qemu's driver does.
 pub const WRITES_COMPRESSED: bool = true;
@@ -109,6 +115,8 @@ struct SparseState {
     gd: Vec<u32>,
     rgd: Option<Vec<u32>>,
     cache: HashMap<u64, Vec<u32>>,
+    /// Most tables `cache` holds (its share of [`GT_CACHE_BYTES`]).
+    cache_limit: usize,
     /// Next free sector for appended grains and tables.
     next_sector: u64,
     /// Length of the extent file as far as this driver knows.
@@ -122,7 +130,27 @@ struct SeState {
     /// Raw grain directory entries covering the extent.
     gd: Vec<u64>,
     cache: HashMap<u64, Vec<u64>>,
+    /// Most tables `cache` holds (its share of [`GT_CACHE_BYTES`]).
+    cache_limit: usize,
     file_len: u64,
+}
+
+/// What is left of an image's memory for grain directories ([`MAX_TOTAL_GD_BYTES`]).
+struct GdBudget(u64);
+
+impl GdBudget {
+    fn new() -> GdBudget {
+        GdBudget(MAX_TOTAL_GD_BYTES)
+    }
+
+    /// Claims `bytes` for a directory of the extent file `path`, before it is read.
+    fn take(&mut self, path: &Path, bytes: u64) -> Result<()> {
+        self.0 = self
+            .0
+            .checked_sub(bytes)
+            .ok_or_else(|| verr(path, Error::DirectoriesTooLarge(MAX_TOTAL_GD_BYTES)))?;
+        Ok(())
+    }
 }
 
 #[derive(Debug)]
@@ -264,8 +292,9 @@ impl Vmdk {
         let mut se_layouts = Vec::new();
         let mut se_states = Vec::new();
         let desc;
+        let mut budget = GdBudget::new();
         if first[..4] == sparse::MAGIC || first[..4] == sparse::COWD_MAGIC {
-            let (info, st) = open_sparse(storage.as_ref(), writable)?;
+            let (info, st) = open_sparse(storage.as_ref(), writable, &mut budget)?;
             desc = if first[..4] == sparse::MAGIC && info.header.desc_offset != 0 {
                 read_descriptor(storage.as_ref())?.0
             } else {
@@ -329,7 +358,8 @@ impl Vmdk {
                         let idx = files.len() - 1;
                         match line.kind {
                             ExtentType::Sparse | ExtentType::VmfsSparse => {
-                                let (info, st) = open_sparse(s.as_ref(), ext_writable)?;
+                                let (info, st) =
+                                    open_sparse(s.as_ref(), ext_writable, &mut budget)?;
                                 if info.geo.bytes() < len {
                                     return Err(verr(
                                         &epath,
@@ -341,7 +371,7 @@ impl Vmdk {
                                 (Kind::Sparse(infos.len() - 1), idx)
                             }
                             ExtentType::SeSparse => {
-                                let (layout, st) = open_sesparse(s.as_ref())?;
+                                let (layout, st) = open_sesparse(s.as_ref(), &mut budget)?;
                                 if layout.capacity < line.sectors {
                                     return Err(verr(&epath, Error::BadCapacity(layout.capacity)));
                                 }
@@ -376,6 +406,17 @@ impl Vmdk {
             }
         }
         let size = extents.last().map_or(0, |e| e.start + e.len);
+        // The grain table caches share one budget.
+        let share = (GT_CACHE_BYTES / (states.len() + se_states.len()).max(1) as u64)
+            .max(GT_CACHE_MIN_BYTES);
+        let tables =
+            |gt_bytes: u64| usize::try_from(share / gt_bytes.max(1)).map_or(1, |n| n.max(1));
+        for (st, info) in states.iter_mut().zip(&infos) {
+            st.cache_limit = tables(info.geo.gt_bytes());
+        }
+        for st in &mut se_states {
+            st.cache_limit = tables(sesparse::GT_BYTES);
+        }
         // A stream being written stages its grains in memory.
         let staging = if states.iter().any(|s| s.stream.is_some()) {
             let stg = Arc::new(Staging::new(&path));
@@ -475,7 +516,7 @@ impl Vmdk {
                 ));
             }
             let t = read_u32s(self.files[file].as_ref(), off, info.geo.gtes)?;
-            if st.cache.len() >= GT_CACHE_TABLES {
+            if st.cache.len() >= st.cache_limit {
                 st.cache.clear();
             }
             st.cache.insert(gti, t);
@@ -616,7 +657,7 @@ impl Vmdk {
                 .chunks_exact(8)
                 .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
                 .collect();
-            if st.cache.len() >= SE_GT_CACHE_TABLES {
+            if st.cache.len() >= st.cache_limit {
                 st.cache.clear();
             }
             st.cache.insert(gti, t);
@@ -1050,7 +1091,11 @@ impl Vmdk {
 }
 
 /// Opens a sparse extent file (KDMV or COWD).
-fn open_sparse(s: &dyn Storage, writable: bool) -> Result<(SparseInfo, SparseState)> {
+fn open_sparse(
+    s: &dyn Storage,
+    writable: bool,
+    budget: &mut GdBudget,
+) -> Result<(SparseInfo, SparseState)> {
     let path = s.path();
     let mut file_len = s.size().ctx(path)?;
     if file_len < SECTOR {
@@ -1077,6 +1122,7 @@ fn open_sparse(s: &dyn Storage, writable: bool) -> Result<(SparseInfo, SparseSta
                 },
             ));
         }
+        budget.take(path, geo.gd_entries.max(n) * 4)?;
         let mut gd = read_u32s(s, gd_off, n)?;
         gd.resize(usize::try_from(geo.gd_entries).unwrap_or(0), 0);
         let header = SparseHeader {
@@ -1107,6 +1153,7 @@ fn open_sparse(s: &dyn Storage, writable: bool) -> Result<(SparseInfo, SparseSta
                 gd,
                 rgd: None,
                 cache: HashMap::new(),
+                cache_limit: 1,
                 next_sector: file_len.div_ceil(SECTOR),
                 file_len,
                 stream: None,
@@ -1184,19 +1231,25 @@ fn open_sparse(s: &dyn Storage, writable: bool) -> Result<(SparseInfo, SparseSta
         ));
     }
     let gd_entries = geo.gd_entries;
-    let read_dir = |sector: u64, what: &'static str| -> Result<Vec<u32>> {
-        let off = sector
+    let locate = |sector: u64, what: &'static str| -> Result<u64> {
+        sector
             .checked_mul(SECTOR)
             .filter(|o| o.checked_add(gd_entries * 4).is_some_and(|e| e <= file_len))
-            .ok_or_else(|| verr(path, Error::OutOfFile { what, sector }))?;
+            .ok_or_else(|| verr(path, Error::OutOfFile { what, sector }))
+    };
+    let mut read_dir = |off: u64| -> Result<Vec<u32>> {
+        budget.take(path, gd_entries * 4)?;
         read_u32s(s, off, gd_entries)
     };
     let (gd, rgd) = if stream.is_some() {
+        budget.take(path, gd_entries * 4)?;
         (vec![0u32; usize::try_from(gd_entries).unwrap_or(0)], None)
     } else {
-        let gd = read_dir(h.gd_offset, "grain directory")?;
+        let gd = read_dir(locate(h.gd_offset, "grain directory")?)?;
         let rgd = if h.flags & sparse::FLAG_RGD != 0 && h.rgd_offset != 0 {
-            Some(read_dir(h.rgd_offset, "redundant grain directory")?)
+            let off = locate(h.rgd_offset, "redundant grain directory")?;
+            // The redundant copy is only ever written to: a reader leaves it on disk.
+            writable.then(|| read_dir(off)).transpose()?
         } else {
             None
         };
@@ -1218,6 +1271,7 @@ fn open_sparse(s: &dyn Storage, writable: bool) -> Result<(SparseInfo, SparseSta
             gd,
             rgd,
             cache: HashMap::new(),
+            cache_limit: 1,
             next_sector,
             file_len,
             stream,
@@ -1227,7 +1281,7 @@ fn open_sparse(s: &dyn Storage, writable: bool) -> Result<(SparseInfo, SparseSta
 
 /// Opens a seSparse extent file (read only): checks both headers and reads the grain
 /// directory entries that cover the capacity.
-fn open_sesparse(s: &dyn Storage) -> Result<(sesparse::Layout, SeState)> {
+fn open_sesparse(s: &dyn Storage, budget: &mut GdBudget) -> Result<(sesparse::Layout, SeState)> {
     let path = s.path();
     let file_len = s.size().ctx(path)?;
     if file_len < SECTOR {
@@ -1243,6 +1297,7 @@ fn open_sesparse(s: &dyn Storage) -> Result<(sesparse::Layout, SeState)> {
         .validate(layout.volatile_offset)
         .map_err(|e| verr(path, e))?;
     // validate() capped the directory at MAX_GD_BYTES and checked it lies in the file.
+    budget.take(path, layout.gd_entries * 8)?;
     let bytes = usize::try_from(layout.gd_entries * 8)
         .map_err(|_| verr(path, Error::GdTooLarge(layout.gd_entries)))?;
     let mut raw = vec![0u8; bytes];
@@ -1256,6 +1311,7 @@ fn open_sesparse(s: &dyn Storage) -> Result<(sesparse::Layout, SeState)> {
         SeState {
             gd,
             cache: HashMap::new(),
+            cache_limit: 1,
             file_len,
         },
     ))
