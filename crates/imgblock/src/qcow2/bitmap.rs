@@ -241,6 +241,7 @@ pub fn parse_directory(
     file_len: u64,
 ) -> Result<Vec<Bitmap>, Error> {
     let mut out = Vec::new();
+    let mut names = std::collections::HashSet::new();
     let mut pos = 0usize;
     for _ in 0..ext.nb_bitmaps {
         let at = ext.directory_offset + pos as u64;
@@ -301,12 +302,13 @@ pub fn parse_directory(
         let name_bytes = buf
             .get(extra_end..name_end)
             .ok_or(bad("name runs past the directory end"))?;
-        let name = std::str::from_utf8(name_bytes)
-            .map_err(|_| bad("name is not UTF-8"))?
-            .to_owned();
-        if out.iter().any(|b: &Bitmap| b.name == name) {
+        let name = std::str::from_utf8(name_bytes).map_err(|_| bad("name is not UTF-8"))?;
+        // A set, not a scan of the entries so far: 65535 names of 1023 bytes that differ only
+        // at their ends would take minutes to compare pairwise.
+        if !names.insert(name) {
             return Err(bad("duplicate bitmap name"));
         }
+        let name = name.to_owned();
         out.push(Bitmap {
             table_offset,
             table_size,
