@@ -339,3 +339,26 @@ fn qcow2_many_bitmaps_with_long_names_open_quickly() {
     assert_eq!(img.driver().bitmap_list().len(), 24_000);
     assert!(elapsed.as_secs() < 6, "opening took {elapsed:?}");
 }
+
+/// A reader holds only the L1 entries that cover the disk, but `check` counts what the entries
+/// past it reference (here an L2 table and a data cluster past a disk made smaller by hand).
+#[test]
+fn qcow2_check_of_a_reader_counts_l1_entries_past_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("shrunk.qcow2");
+    imgblock::create(
+        &p,
+        imgblock::Format::Qcow2,
+        &imgblock::CreateOptions::new(2 << 30),
+    )
+    .unwrap();
+    let img = Image::open(&p, &OpenOptions::writable()).unwrap();
+    img.write_at(&[7; 4096], 3 << 29).unwrap();
+    drop(img);
+    let f = FileOptions::new().write(true).open(&p).unwrap();
+    f.write_all_at(&(1u64 << 30).to_be_bytes(), 24).unwrap();
+    drop(f);
+    let img = Image::open(&p, &OpenOptions::read_only()).unwrap();
+    let r = img.check(Repair::None).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+}

@@ -438,6 +438,7 @@ fn check_refblocks(
 pub fn check(q: &Qcow2, repair: Repair) -> Result<CheckReport> {
     let path = q.file().path().to_owned();
     let mut st = q.lock();
+    q.hold_whole_tables(&mut st)?;
     let mut rebuild = false;
     let (mut computed, mut r) = calculate(q, &mut st, repair, &mut rebuild)?;
     let pre_compare = r.clone();

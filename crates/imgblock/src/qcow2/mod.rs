@@ -265,9 +265,8 @@ impl Qcow2 {
             data = 1;
         }
 
-        let l1 =
-            read_table(storage.as_ref(), h.l1_table_offset, u64::from(h.l1_size)).ctx(&path)?;
-        let rt_entries = u64::from(h.refcount_table_clusters) * cs / 8;
+        let (l1_entries, rt_entries) = held_entries(&h, &geo, file_len, writable);
+        let l1 = read_table(storage.as_ref(), h.l1_table_offset, l1_entries).ctx(&path)?;
         let reftable =
             read_table(storage.as_ref(), h.refcount_table_offset, rt_entries).ctx(&path)?;
         let end_hint = file_len.div_ceil(cs);
@@ -455,6 +454,23 @@ impl Qcow2 {
         let l2i = gc % self.geo.l2_entries;
         let e = self.l2_entry(st, l2off, l2i)?;
         Ok(Some((e, l1e)))
+    }
+
+    /// Reads the L1 and refcount table entries a reader left on disk ([`held_entries`]), for
+    /// the walks that need every entry.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub(crate) fn hold_whole_tables(&self, st: &mut State) -> Result<()> {
+        let f = self.file();
+        if (st.l1.len() as u64) < u64::from(st.h.l1_size) {
+            st.l1 = read_table(f, st.h.l1_table_offset, u64::from(st.h.l1_size)).ctx(f.path())?;
+        }
+        let rt = u64::from(st.h.refcount_table_clusters) * self.geo.cluster_size / 8;
+        if (st.reftable.len() as u64) < rt {
+            st.reftable = read_table(f, st.h.refcount_table_offset, rt).ctx(f.path())?;
+        }
+        Ok(())
     }
 
     fn snapshot_list(&self) -> Result<Vec<snapshot::Snapshot>> {
@@ -648,6 +664,22 @@ impl Qcow2 {
     }
 }
 
+/// How many entries of the L1 table and of the refcount table an open image holds in memory. A
+/// writer holds them all. A reader needs only the L1 entries that cover the disk and the
+/// refcount table entries that cover the file, while a header may ask for 32 MiB and 8 MiB of
+/// them, and a backing chain holds one image per layer; `check` reads the rest when it needs
+/// them ([`Qcow2::hold_whole_tables`]).
+fn held_entries(h: &Header, geo: &Geometry, file_len: u64, writable: bool) -> (u64, u64) {
+    let l1 = u64::from(h.l1_size);
+    let rt = u64::from(h.refcount_table_clusters) * geo.cluster_size / 8;
+    if writable {
+        return (l1, rt);
+    }
+    let disk = h.size.div_ceil(geo.l2_entries * geo.cluster_size);
+    let file = file_len.div_ceil(geo.cluster_size).div_ceil(geo.rb_entries);
+    (l1.min(disk), rt.min(file))
+}
+
 /// Reads a table of big-endian u64 entries.
 fn read_table(s: &dyn Storage, offset: u64, entries: u64) -> std::io::Result<Vec<u64>> {
     let bytes = usize::try_from(entries * 8)
@@ -773,8 +805,9 @@ impl Driver for Qcow2 {
                 size,
             }));
         }
-        let l1 =
-            read_table(self.file(), sn.l1_offset, u64::from(sn.l1_size)).ctx(self.file().path())?;
+        // The view only reads: the entries that cover its disk are enough (as `held_entries`).
+        let l1 = read_table(self.file(), sn.l1_offset, u64::from(sn.l1_size).min(needed))
+            .ctx(self.file().path())?;
         h.size = size;
         h.l1_size = sn.l1_size;
         h.l1_table_offset = sn.l1_offset;
