@@ -362,3 +362,56 @@ fn qcow2_check_of_a_reader_counts_l1_entries_past_the_disk() {
     let r = img.check(Repair::None).unwrap();
     assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
 }
+
+/// A ustar header for a regular file.
+fn tar_header(name: &str, size: u64) -> [u8; 512] {
+    let mut h = [0u8; 512];
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    h[100..107].copy_from_slice(b"0000644");
+    h[108..115].copy_from_slice(b"0000000");
+    h[116..123].copy_from_slice(b"0000000");
+    h[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
+    h[136..147].copy_from_slice(b"00000000000");
+    h[156] = b'0';
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+    h
+}
+
+/// An OVA whose 15 MiB descriptor lists 130000 files and 130000 disks, each disk naming a file
+/// listed far from it: the files are looked up by id, not searched for each disk (which took
+/// close to a minute).
+#[test]
+fn ova_descriptor_with_many_disks_parses_quickly() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("many.ova");
+    let n = 130_000;
+    let mut ovf = String::from("<?xml version=\"1.0\"?>\n<Envelope xmlns:ovf=\"x\"><References>\n");
+    for i in 0..n {
+        ovf.push_str(&format!("<File ovf:id=\"f{i}\" ovf:href=\"d{i}.vmdk\"/>\n"));
+    }
+    ovf.push_str("</References><DiskSection>\n");
+    for i in 0..n {
+        let f = n - 1 - i;
+        ovf.push_str(&format!(
+            "<Disk ovf:diskId=\"v{i}\" ovf:fileRef=\"f{f}\" ovf:capacity=\"1048576\"/>\n"
+        ));
+    }
+    ovf.push_str("</DiskSection></Envelope>\n");
+    let len = ovf.len() as u64;
+    let padded = len.div_ceil(512) * 512;
+    let h = tar_header("a.ovf", len);
+    write_file(&p, 512 + padded + 1024, &[(0, &h), (512, ovf.as_bytes())]);
+    let t = std::time::Instant::now();
+    let disks = imgblock::ova::disks(&p).unwrap();
+    let elapsed = t.elapsed();
+    assert_eq!(disks.len(), n);
+    assert_eq!(disks[0].href, format!("d{}.vmdk", n - 1));
+    assert!(
+        elapsed.as_secs() < 6,
+        "reading the descriptor took {elapsed:?}"
+    );
+}

@@ -6,6 +6,7 @@
 //!        '--Window(offset, len)--> vmdk driver --> Image
 //! ```
 
+use std::collections::HashMap;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
@@ -265,19 +266,22 @@ fn units(u: Option<&str>) -> Option<u64> {
 /// # Errors
 /// [`Error::BadOvf`].
 pub fn parse_ovf(xml: &str) -> Result<Vec<OvfDisk>, Error> {
-    let files: Vec<(String, String)> = elements(xml, "File")
-        .into_iter()
-        .filter_map(|e| Some((attr(e, "id")?, attr(e, "href")?)))
-        .collect();
+    // Looked up by id for each disk: a 16 MiB descriptor can list 100000 of each, too many to
+    // search one list for every disk. The first file with an id is the one a disk names.
+    let mut files: HashMap<String, String> = HashMap::new();
+    for e in elements(xml, "File") {
+        if let (Some(id), Some(href)) = (attr(e, "id"), attr(e, "href")) {
+            files.entry(id).or_insert(href);
+        }
+    }
     let mut disks = Vec::new();
     for d in elements(xml, "Disk") {
         let id = attr(d, "diskId").unwrap_or_default();
         let fref = attr(d, "fileRef")
             .ok_or_else(|| Error::BadOvf(format!("disk '{id}' has no fileRef")))?;
         let href = files
-            .iter()
-            .find(|(fid, _)| *fid == fref)
-            .map(|(_, h)| h.clone())
+            .get(&fref)
+            .cloned()
             .ok_or_else(|| Error::BadOvf(format!("disk '{id}' refers to unknown file '{fref}'")))?;
         let cap: u64 = attr(d, "capacity")
             .and_then(|c| c.trim().parse().ok())
