@@ -415,3 +415,40 @@ fn ova_descriptor_with_many_disks_parses_quickly() {
         "reading the descriptor took {elapsed:?}"
     );
 }
+
+/// A LUKS image whose key slot 0 asks for 2^32 - 1 PBKDF2 iterations: hours of hashing before
+/// a passphrase, right or wrong, gets an answer (qemu-img runs them). It is refused at once,
+/// naming the count, and `info` (which needs no passphrase) still reads it.
+#[test]
+fn luks_slot_with_four_billion_iterations_is_refused_at_once() {
+    use imgblock::crypto::{Secret, Secrets};
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("slow.luks");
+    let mut o = imgblock::CreateOptions::new(1 << 20);
+    o.parse_opts("key-secret=s0,iter-time=10").unwrap();
+    o.secrets.insert("s0".into(), Secret::from("pw"));
+    imgblock::create(&p, imgblock::Format::Luks, &o).unwrap();
+    // Slot 0's iteration count: the header's key slots start at byte 208, 48 bytes each.
+    let f = FileOptions::new().write(true).open(&p).unwrap();
+    f.write_all_at(&u32::MAX.to_be_bytes(), 212).unwrap();
+    drop(f);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let q = p.clone();
+    std::thread::spawn(move || {
+        let r = Image::open_with_secrets(
+            &q,
+            &OpenOptions::read_only(),
+            &Secrets::all(Secret::from("pw")),
+        );
+        let _ = tx.send(r.map(|_| ()).map_err(|e| e.to_string()));
+    });
+    let r = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("still hashing after 20 s");
+    let e = r.expect_err("the slot opened");
+    assert!(e.contains("slow.luks"), "{e}");
+    assert!(e.contains("PBKDF2 iterations"), "{e}");
+    let img =
+        Image::open_with_secrets(&p, &OpenOptions::read_only(), &Secrets::for_metadata()).unwrap();
+    assert_eq!(img.size(), 1 << 20);
+}

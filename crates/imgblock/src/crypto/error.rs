@@ -87,6 +87,13 @@ pub enum Error {
     /// The header (with its key material) is larger than [`super::luks::MAX_HEADER_AREA`].
     #[error("LUKS header area of {0} bytes is too large")]
     HeaderTooLarge(u64),
+    /// Trying the passphrase on every active key slot would run more PBKDF2 iterations than
+    /// [`super::luks::MAX_UNLOCK_ITERATIONS`].
+    #[error(
+        "key slots ask for {0} PBKDF2 iterations in all, more than the {max} allowed",
+        max = super::luks::MAX_UNLOCK_ITERATIONS
+    )]
+    TooManyIterations(u64),
     /// No active key slot opens with the passphrase (qemu's wording).
     #[error("Invalid password, cannot unlock any keyslot")]
     WrongPassphrase,

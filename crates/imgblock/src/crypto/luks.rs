@@ -50,6 +50,12 @@ const DIGEST_TIME_DIVISOR: u64 = 8;
 /// Largest header area accepted on open: eight slots of 64-byte keys need about 2 MiB; this
 /// bounds what a hostile header can make us read and hash.
 pub const MAX_HEADER_AREA: u64 = 16 << 20;
+/// Most PBKDF2 iterations one passphrase may cost: those of every active key slot and of the
+/// master-key digest checked after each. A header may ask for 2^32 - 1 iterations in each of
+/// eight slots, hours of hashing before a wrong passphrase is refused (qemu-img runs them);
+/// slots made by qemu or cryptsetup take about two seconds each, a few million iterations. At
+/// 2^28 the worst case is minutes on slow hashes.
+pub const MAX_UNLOCK_ITERATIONS: u64 = 1 << 28;
 /// Largest master key accepted (a 256-bit cipher in XTS needs 64 bytes).
 pub const MAX_KEY_BYTES: usize = 64;
 
@@ -609,12 +615,29 @@ impl Header {
         Ok(self.check_master_key(&mk).then_some(mk))
     }
 
+    /// Refuses a header whose slots would cost more than [`MAX_UNLOCK_ITERATIONS`] to try, before
+    /// any is tried.
+    fn check_unlock_cost(&self) -> Result<(), Error> {
+        let total: u64 = self
+            .slots
+            .iter()
+            .filter(|s| s.active)
+            .map(|s| u64::from(s.iterations) + u64::from(self.mk_iterations))
+            .sum();
+        if total > MAX_UNLOCK_ITERATIONS {
+            return Err(Error::TooManyIterations(total));
+        }
+        Ok(())
+    }
+
     /// Finds the slot the passphrase opens; returns the master key and the slot number.
     ///
     /// # Errors
     /// [`Error::WrongPassphrase`] when no active slot opens; [`Error::Truncated`] when `area`
-    /// ends before the key material.
+    /// ends before the key material; [`Error::TooManyIterations`] when trying the slots would
+    /// cost more than [`MAX_UNLOCK_ITERATIONS`].
     pub fn unlock(&self, area: &[u8], pass: &[u8]) -> Result<(MasterKey, usize), Error> {
+        self.check_unlock_cost()?;
         for i in 0..NUM_KEY_SLOTS {
             if let Some(mk) = self.try_slot(area, i, pass)? {
                 return Ok((mk, i));
@@ -628,6 +651,7 @@ impl Header {
     /// # Errors
     /// As [`Header::unlock`], except that no match is an empty list.
     pub fn slots_opened_by(&self, area: &[u8], pass: &[u8]) -> Result<Vec<usize>, Error> {
+        self.check_unlock_cost()?;
         let mut v = Vec::new();
         for i in 0..NUM_KEY_SLOTS {
             if self.try_slot(area, i, pass)?.is_some() {
