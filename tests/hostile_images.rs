@@ -15,6 +15,12 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 /// A dynamic VDI of `blocks` 1 MiB blocks whose block map is all zeroes: every block claims
 /// data block 0, and the header says none is allocated. Sparse: the map is a hole.
 fn vdi_all_blocks_at_zero(env: &Env, name: &str, blocks: u32) {
+    vdi_image(env, name, blocks, 1);
+}
+
+/// A VDI of `blocks` 1 MiB blocks, all mapped to data block 0, of image type `kind` (1
+/// dynamic, 4 differencing: its parent is the image whose UUID is 0x22 bytes).
+fn vdi_image(env: &Env, name: &str, blocks: u32, kind: u32) {
     let mut h = vec![0u8; 512];
     let text = b"<<< QEMU VM Virtual Disk Image >>>\n";
     h[..text.len()].copy_from_slice(text);
@@ -22,7 +28,7 @@ fn vdi_all_blocks_at_zero(env: &Env, name: &str, blocks: u32) {
     put(0x40, &0xbeda_107f_u32.to_le_bytes());
     put(0x44, &0x0001_0001_u32.to_le_bytes());
     put(0x48, &0x180u32.to_le_bytes());
-    put(0x4c, &1u32.to_le_bytes()); // dynamic
+    put(0x4c, &kind.to_le_bytes());
     let bmap = 0x200u32;
     let data = bmap + (blocks * 4).div_ceil(1 << 20) * (1 << 20);
     put(0x154, &bmap.to_le_bytes());
@@ -32,6 +38,9 @@ fn vdi_all_blocks_at_zero(env: &Env, name: &str, blocks: u32) {
     put(0x178, &(1u32 << 20).to_le_bytes());
     put(0x180, &blocks.to_le_bytes());
     put(0x188, &[0x11; 16]);
+    if kind == 4 {
+        put(0x1a8, &[0x22; 16]); // the parent's UUID
+    }
     env.sparse_file(name, u64::from(data) + MIB);
     env.write_at(name, 0, &h);
 }
@@ -234,4 +243,42 @@ fn chain_of_images_with_largest_tables_reads_in_bounded_memory() {
     let theirs = env.qemu_img(&["check", "l3.qcow2"]);
     assert_eq!(ours.code, theirs.code, "{ours}\n{theirs}");
     assert_eq!(ours.stdout, theirs.stdout, "{ours}\n{theirs}");
+}
+
+/// Files an image names (a backing file, an extent, a differencing VDI's parent candidates) may
+/// be FIFOs: opening one waited forever for a writer (qemu-img waits too). They are refused, or
+/// passed over, at once.
+#[test]
+fn fifos_named_by_images_do_not_hang() {
+    let env = Env::new();
+    let mk = common::run_timeout(env.dir.path(), "mkfifo", &["pipe", "parent.vdi"], TIMEOUT);
+    mk.ok();
+    let quick = Duration::from_secs(20);
+    // A qcow2 image backed by the FIFO.
+    env.write(
+        "top.qcow2",
+        &qcow2_header(1 << 20, 1, 3 << 16, 1, Some("pipe")),
+    );
+    env.set_len("top.qcow2", 4 << 16);
+    let out = env.img_timeout(&["map", "top.qcow2"], quick).code_is(1);
+    assert!(
+        out.stderr
+            .contains("Could not open 'pipe': not a regular file or block device"),
+        "{out}"
+    );
+    // A vmdk whose extent is the FIFO.
+    env.write(
+        "flat.vmdk",
+        b"# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n\
+          createType=\"monolithicFlat\"\n\nRW 2048 FLAT \"pipe\" 0\n",
+    );
+    let out = env.img_timeout(&["info", "flat.vmdk"], quick).code_is(1);
+    assert!(
+        out.stderr.contains("not a regular file or block device"),
+        "{out}"
+    );
+    // A differencing VDI whose directory holds a FIFO named like its parent.
+    vdi_image(&env, "child.vdi", 4, 4);
+    let out = env.img_timeout(&["info", "child.vdi"], quick).code_is(1);
+    assert!(out.stderr.contains("child.vdi"), "{out}");
 }

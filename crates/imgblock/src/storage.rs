@@ -6,7 +6,7 @@
 use std::fmt::Debug;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -167,12 +167,37 @@ pub struct FileStorage {
 }
 
 impl FileStorage {
-    /// Opens an existing file.
+    /// Opens an existing file (or block device).
+    ///
+    /// An image names other files (a backing file, extents, a data file, a parent), and a FIFO
+    /// among them would make `open(2)` wait for a writer forever: it is opened without blocking
+    /// and refused, as is a socket.
     ///
     /// # Errors
-    /// Whatever `open(2)` returns.
+    /// Whatever `open(2)` returns; `InvalidInput` for a FIFO or a socket.
     pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
-        let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)?;
+        let kind = file.metadata()?.file_type();
+        if kind.is_fifo() || kind.is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file or block device",
+            ));
+        }
+        let fd = file.as_raw_fd();
+        // SAFETY: `fd` is the open descriptor `file` owns for the duration of both calls, and
+        // F_GETFL/F_SETFL take and return plain integers.
+        let cleared = unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) == 0
+        };
+        if !cleared {
+            return Err(io::Error::last_os_error());
+        }
         Ok(Self::with_file(file, path, !writable))
     }
 

@@ -213,7 +213,10 @@ fn find_parent(child: &Path, want: &Uuid) -> Result<String, Error> {
         };
         for ent in rd.flatten() {
             let p = ent.path();
-            if p.extension().and_then(|e| e.to_str()) != Some("vdi") {
+            // Only regular files: opening a FIFO named like an image would wait forever.
+            if p.extension().and_then(|e| e.to_str()) != Some("vdi")
+                || !std::fs::metadata(&p).is_ok_and(|m| m.is_file())
+            {
                 continue;
             }
             seen += 1;
