@@ -282,3 +282,42 @@ fn fifos_named_by_images_do_not_hang() {
     let out = env.img_timeout(&["info", "child.vdi"], quick).code_is(1);
     assert!(out.stderr.contains("child.vdi"), "{out}");
 }
+
+/// A snapshot whose ID and name are 65535 bytes each (the table allows it, thousands of times
+/// over): `info` and `snapshot -l` list them cut to 127 and 255 bytes, as qemu-img does, rather
+/// than printing megabytes.
+#[test]
+fn snapshot_with_longest_id_and_name_lists_as_qemu_does() {
+    let env = Env::with_qemu();
+    let cluster = 1u64 << 16;
+    let mut h = qcow2_header(1 << 20, 1, 3 * cluster, 1, None);
+    h[60..64].copy_from_slice(&1u32.to_be_bytes()); // one snapshot
+    h[64..72].copy_from_slice(&(4 * cluster).to_be_bytes());
+    let mut e = Vec::new();
+    e.extend_from_slice(&(3 * cluster).to_be_bytes()); // its L1 table: the active one
+    e.extend_from_slice(&1u32.to_be_bytes());
+    e.extend_from_slice(&u16::MAX.to_be_bytes());
+    e.extend_from_slice(&u16::MAX.to_be_bytes());
+    e.extend_from_slice(&[0; 16]); // dates, VM clock
+    e.extend_from_slice(&0u32.to_be_bytes());
+    e.extend_from_slice(&16u32.to_be_bytes());
+    e.extend_from_slice(&0u64.to_be_bytes());
+    e.extend_from_slice(&(1u64 << 20).to_be_bytes());
+    e.extend(std::iter::repeat_n(b'i', 65535));
+    e.extend(std::iter::repeat_n(b'n', 65535));
+    env.write("long.qcow2", &h);
+    env.set_len("long.qcow2", 4 * cluster + e.len() as u64);
+    env.write_at("long.qcow2", cluster, &(2 * cluster).to_be_bytes());
+    env.write_at("long.qcow2", 2 * cluster, &1u16.to_be_bytes().repeat(5));
+    env.write_at("long.qcow2", 4 * cluster, &e);
+    for args in [
+        &["info", "long.qcow2"][..],
+        &["info", "--output=json", "long.qcow2"],
+        &["snapshot", "-l", "long.qcow2"],
+    ] {
+        let ours = env.img(args).ok();
+        let theirs = env.qemu_img(args).ok();
+        assert!(ours.stdout.len() < 4096, "{ours}");
+        assert_eq!(ours.stdout, theirs.stdout, "{args:?}");
+    }
+}

@@ -328,10 +328,25 @@ pub fn snapshot_list_text(snaps: &[SnapshotInfo]) -> String {
     snapshot_table(&v)
 }
 
+/// qemu lists a snapshot's ID and name from fixed arrays (QEMUSnapshotInfo's `id_str[128]`
+/// and `name[256]`): at most 127 and 255 bytes of them. An image may hold 65535 bytes of each
+/// in each of thousands of snapshots.
+const LISTED_ID_BYTES: usize = 127;
+const LISTED_NAME_BYTES: usize = 255;
+
+/// The first `max` bytes of `s`, cut back to a character boundary.
+fn listed(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 fn snapshot_info(s: &SnapshotInfo) -> Value {
     let mut m = Map::new();
-    m.insert("id".into(), json!(s.id));
-    m.insert("name".into(), json!(s.name));
+    m.insert("id".into(), json!(listed(&s.id, LISTED_ID_BYTES)));
+    m.insert("name".into(), json!(listed(&s.name, LISTED_NAME_BYTES)));
     m.insert("vm-state-size".into(), json!(s.vm_state_size));
     m.insert("date-sec".into(), json!(s.date_sec));
     m.insert("date-nsec".into(), json!(s.date_nsec));
