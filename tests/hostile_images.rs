@@ -321,3 +321,18 @@ fn snapshot_with_longest_id_and_name_lists_as_qemu_does() {
         assert_eq!(ours.stdout, theirs.stdout, "{args:?}");
     }
 }
+
+/// One snapshot whose table lies before 1 GiB of the file: the table is read as far as its
+/// entries go, not to qemu's 64 MiB limit, at every open.
+#[test]
+fn small_snapshot_table_in_a_large_file_is_read_in_little_memory() {
+    let env = Env::with_qemu();
+    env.img(&["create", "-f", "qcow2", "s.qcow2", "2G"]).ok();
+    env.img(&["snapshot", "-c", "s1", "s.qcow2"]).ok();
+    env.set_len("s.qcow2", 1 << 30);
+    let (out, kib) = img_peak_rss(env.dir.path(), &["info", "s.qcow2"], TIMEOUT);
+    eprintln!("img info peak RSS: {kib} KiB");
+    let out = out.ok();
+    assert_eq!(out.stdout, env.qemu_img(&["info", "s.qcow2"]).ok().stdout);
+    assert!(kib < 32 * 1024, "img info peaked at {kib} KiB");
+}

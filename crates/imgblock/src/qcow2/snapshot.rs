@@ -59,7 +59,7 @@ fn take<'a>(buf: &'a [u8], pos: &mut usize, n: usize) -> Result<&'a [u8], Error>
     let end = pos
         .checked_add(n)
         .filter(|&e| e <= buf.len())
-        .ok_or(Error::BadSnapshotTable("entry past the end"))?;
+        .ok_or(Error::BadSnapshotTable(PAST_THE_END))?;
     let s = &buf[*pos..end];
     *pos = end;
     Ok(s)
@@ -83,21 +83,45 @@ pub fn read_table(file: &dyn Storage, h: &Header) -> Result<Vec<Snapshot>, Error
     if h.nb_snapshots > MAX_SNAPSHOTS {
         return Err(Error::TooManySnapshots(h.nb_snapshots));
     }
-    let file_len = file
-        .size()
-        .map_err(|_| Error::BadSnapshotTable("cannot read the table"))?;
-    // Read in growing chunks so a lying header cannot make us allocate more than the file holds.
-    let avail = file_len
-        .saturating_sub(h.snapshots_offset)
-        .min(MAX_TABLE_BYTES);
-    let mut buf = vec![0u8; usize::try_from(avail).unwrap_or(0)];
-    file.read_at(&mut buf, h.snapshots_offset)
-        .map_err(|_| Error::BadSnapshotTable("cannot read the table"))?;
+    let cant_read = || Error::BadSnapshotTable("cannot read the table");
+    let file_len = file.size().map_err(|_| cant_read())?;
+    // The table may run to the end of the file or to qemu's limit, but is usually a few hundred
+    // bytes: read what the entries need, doubling the buffer while they run past it, so that a
+    // small table in a large file does not cost 64 MiB at every open.
+    let limit = usize::try_from(
+        file_len
+            .saturating_sub(h.snapshots_offset)
+            .min(MAX_TABLE_BYTES),
+    )
+    .unwrap_or(0);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut want = limit.min(FIRST_READ_BYTES);
+    loop {
+        let have = buf.len();
+        buf.resize(want, 0);
+        file.read_at(&mut buf[have..], h.snapshots_offset + have as u64)
+            .map_err(|_| cant_read())?;
+        match parse_table(&buf, h) {
+            Err(Error::BadSnapshotTable(PAST_THE_END)) if want < limit => {
+                want = want.saturating_mul(2).min(limit);
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The first read of a snapshot table: room for about 100 entries with short names.
+const FIRST_READ_BYTES: usize = 8 << 10;
+/// What [`take`] reports when an entry runs past the bytes read.
+const PAST_THE_END: &str = "entry past the end";
+
+/// Parses the `h.nb_snapshots` entries at the start of `buf`.
+fn parse_table(buf: &[u8], h: &Header) -> Result<Vec<Snapshot>, Error> {
     let mut pos = 0usize;
     let mut out = Vec::new();
     for _ in 0..h.nb_snapshots {
         let pos_before = pos;
-        let fixed = take(&buf, &mut pos, 40)?;
+        let fixed = take(buf, &mut pos, 40)?;
         let l1_offset = super::be64_at(fixed, 0);
         let l1_size = u32_at(&fixed[8..]);
         let id_len = usize::from(u16_at(&fixed[12..]));
@@ -117,14 +141,14 @@ pub fn read_table(file: &dyn Storage, h: &Header) -> Result<Vec<Snapshot>, Error
                 "a v3 snapshot table entry lacks its extra data",
             ));
         }
-        let extra = take(&buf, &mut pos, extra_size as usize)?;
+        let extra = take(buf, &mut pos, extra_size as usize)?;
         let field = |o: usize| (extra.len() >= o + 8).then(|| super::be64_at(extra, o));
         let vm_state_size = field(0).unwrap_or(u64::from(vm_state_size32));
         let disk_size = field(8);
         let icount = field(16).filter(|&v| v != u64::MAX);
-        let id = String::from_utf8(take(&buf, &mut pos, id_len)?.to_vec())
+        let id = String::from_utf8(take(buf, &mut pos, id_len)?.to_vec())
             .map_err(|_| Error::BadSnapshotTable("ID is not UTF-8"))?;
-        let name = String::from_utf8(take(&buf, &mut pos, name_len)?.to_vec())
+        let name = String::from_utf8(take(buf, &mut pos, name_len)?.to_vec())
             .map_err(|_| Error::BadSnapshotTable("name is not UTF-8"))?;
         let entry_start = pos_before;
         pos = pos.div_ceil(8) * 8;
