@@ -141,7 +141,7 @@ fn vdi_check_of_a_million_aliased_blocks_keeps_bounded_messages() {
     assert_eq!(r.messages.len(), MAX_LINES);
     assert_eq!(
         r.messages.iter().next().map(String::as_str),
-        Some("ERROR: block index 1 also used by 0")
+        Some("ERROR: block index 0 also used by 0")
     );
 }
 

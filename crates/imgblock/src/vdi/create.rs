@@ -79,10 +79,12 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         .ok()
         .filter(|&b| b <= MAX_BLOCKS)
         .ok_or_else(|| {
+            // qemu names the size rounded up to a sector.
+            let rounded = size.div_ceil(512).saturating_mul(512);
             invalid(
                 path,
                 VdiError::InvalidOption(format!(
-                    "Unsupported VDI image size (size is 0x{size:x}, max supported is 0x{:x})",
+                    "Unsupported VDI image size (size is 0x{rounded:x}, max supported is 0x{:x})",
                     u64::from(MAX_BLOCKS) * bs
                 )),
             )
@@ -98,21 +100,23 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     let data = (HEADER_LEN as u64 + bmap_len).div_ceil(512) * 512;
     h.offset_data = u32::try_from(data)
         .map_err(|_| invalid(path, VdiError::InvalidOption("block map too large".into())))?;
-    let bmap: Vec<u8> = (0..blocks)
-        .flat_map(|i| {
-            if is_static {
-                i.to_le_bytes()
-            } else {
-                super::BMAP_FREE.to_le_bytes()
-            }
-        })
-        .collect();
     if is_static {
         h.blocks_allocated = blocks;
     }
     let s = FileStorage::create_with(path, opts.file)?;
     s.write_at(&h.to_bytes(), 0).ctx(path)?;
-    s.write_at(&bmap, u64::from(h.offset_bmap)).ctx(path)?;
+    // The map of a large disk runs to 2 GiB: written a megabyte at a time.
+    const CHUNK: u32 = 1 << 18;
+    let mut buf = Vec::with_capacity(CHUNK as usize * 4);
+    for first in (0..blocks).step_by(CHUNK as usize) {
+        buf.clear();
+        for i in first..blocks.min(first.saturating_add(CHUNK)) {
+            let e = if is_static { i } else { super::BMAP_FREE };
+            buf.extend_from_slice(&e.to_le_bytes());
+        }
+        let at = u64::from(h.offset_bmap) + u64::from(first) * 4;
+        s.write_at(&buf, at).ctx(path)?;
+    }
     let end = if is_static {
         data + u64::from(blocks) * bs
     } else {

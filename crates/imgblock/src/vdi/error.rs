@@ -41,7 +41,10 @@ pub enum Error {
         offset: u32,
     },
     /// More blocks than [`super::MAX_BLOCKS`].
-    #[error("unsupported VDI image ({0} blocks is too many)")]
+    #[error(
+        "unsupported VDI image (too many blocks {0}, max is {max})",
+        max = super::MAX_BLOCKS
+    )]
     TooManyBlocks(u32),
     /// The disk is larger than its blocks can hold.
     #[error("unsupported VDI image (disk size {size}, max {max})")]

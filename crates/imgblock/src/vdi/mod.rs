@@ -2,7 +2,7 @@
 //! reads it: a 512-byte header, a block map of little-endian u32 entries, 1 MiB data blocks.
 //!
 //! ```text
-//!  Vdi (Driver) --map--> block map (in memory) --> data block i at offset_data + i * 1 MiB
+//!  Vdi (Driver) --map--> block map (chunks cached) --> data block i at offset_data + i * 1 MiB
 //!        |                                    \--> 0xffffffff: unallocated (parent or zeroes)
 //!        |                                    \--> 0xfffffffe: reads as zeroes
 //!        +--allocate/commit--> next data block = blocks_allocated; map entry + header rewritten
@@ -10,6 +10,7 @@
 //! Differencing images (type 4) name their parent by UUID only; the driver looks for a `.vdi`
 //! with that UUID next to the image (VirtualBox keeps the link in its media registry instead).
 
+mod bmap;
 mod create;
 mod error;
 pub mod header;
@@ -29,9 +30,9 @@ use crate::error::IoContext;
 use crate::storage::Storage;
 use crate::{CheckReport, Format, Repair, Result};
 
-/// Most blocks an image may have: 16 TiB of 1 MiB blocks, a 64 MiB block map held in memory.
-/// VirtualBox's own limit is lower in practice; the cap bounds what a header can make us allocate.
-pub const MAX_BLOCKS: u32 = 1 << 24;
+/// Most blocks an image may have, qemu's limit: a block map of just under 2 GiB, 512 TiB of
+/// 1 MiB blocks. The map is cached in chunks, never held whole.
+pub const MAX_BLOCKS: u32 = 0x1fff_ff80;
 /// Block map entry: block not allocated (read from the parent, or zeroes).
 pub const BMAP_FREE: u32 = 0xffff_ffff;
 /// Block map entry: block reads as zeroes.
@@ -53,7 +54,7 @@ const BS: u64 = BLOCK_SIZE as u64;
 #[derive(Debug)]
 struct State {
     h: Header,
-    bmap: Vec<u32>,
+    bmap: bmap::BlockMap,
     /// The file's length at open, grown by the blocks allocated since.
     file_end: u64,
 }
@@ -111,17 +112,8 @@ impl Vdi {
         storage.read_at(&mut buf, 0).ctx(&path)?;
         let h = Header::parse(&buf).map_err(&verr)?;
         let kind = h.validate(file_len).map_err(&verr)?;
-        // validate() bounds blocks_in_image by MAX_BLOCKS, so this fits in memory and usize.
-        let n = usize::try_from(h.blocks_in_image)
-            .map_err(|_| verr(Error::TooManyBlocks(h.blocks_in_image)))?;
-        let mut raw = vec![0u8; n * 4];
-        storage
-            .read_at(&mut raw, u64::from(h.offset_bmap))
-            .ctx(&path)?;
-        let bmap: Vec<u32> = raw
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        // validate() has checked that the map lies within the file; it is read as needed.
+        let bmap = bmap::BlockMap::new(h.blocks_in_image, u64::from(h.offset_bmap));
         let parent = if kind == ImageType::Diff {
             Some(find_parent(&path, &h.uuid_link).map_err(&verr)?)
         } else {
@@ -150,12 +142,12 @@ impl Vdi {
         u64::from(h.offset_data) + u64::from(entry) * BS
     }
 
-    fn write_bmap_entry(&self, st: &State, block: u64) -> Result<()> {
-        let i = usize::try_from(block).unwrap_or(usize::MAX);
-        let e = st.bmap.get(i).copied().unwrap_or(BMAP_FREE);
-        self.storage
-            .write_at(&e.to_le_bytes(), u64::from(st.h.offset_bmap) + block * 4)
-            .ctx(self.storage.path())
+    fn set_entry(&self, st: &mut State, block: u64, entry: u32) -> Result<()> {
+        st.bmap.set(&self.storage, block, entry)
+    }
+
+    fn entry(&self, st: &mut State, block: u64) -> Result<Option<u32>> {
+        st.bmap.get(&self.storage, block)
     }
 
     /// Where data block `idx` starts, once it is known to be within [`MAX_DATA_GAP`] of the end
@@ -294,20 +286,16 @@ impl Driver for Vdi {
             return Ok((Mapping::Eof, len.max(1)));
         }
         let len = len.min(self.size - offset).max(1);
-        let st = self.lock();
+        let mut st = self.lock();
         let block = offset / BS;
-        let entry_of = |b: u64| {
-            st.bmap
-                .get(usize::try_from(b).unwrap_or(usize::MAX))
-                .copied()
-        };
-        let Some(e) = entry_of(block) else {
+        let Some(e) = self.entry(&mut st, block)? else {
             return Err(self.err(Error::BadBlockMapEntry {
                 index: block,
                 entry: BMAP_FREE,
             }));
         };
-        if is_allocated(e) && e >= st.h.blocks_in_image {
+        let blocks_in_image = st.h.blocks_in_image;
+        if is_allocated(e) && e >= blocks_in_image {
             return Err(self.err(Error::BadBlockMapEntry {
                 index: block,
                 entry: e,
@@ -315,18 +303,21 @@ impl Driver for Vdi {
         }
         // Blocks too far past the end of the file are read but not written in place: allocate()
         // refuses them.
-        let in_reach = |entry: u32| st.within_reach(Self::host_of(&st.h, entry));
+        let (data, file_end) = (u64::from(st.h.offset_data), st.file_end);
+        let in_reach = |entry: u64| data + entry * BS <= file_end.saturating_add(MAX_DATA_GAP);
         // Extend over following blocks of the same kind (and, for data, contiguous on disk).
         let end = offset + len;
         let mut b = block;
         let mut reach = (block + 1) * BS;
         while reach < end {
             b += 1;
-            let Some(n) = entry_of(b) else { break };
+            let Some(n) = self.entry(&mut st, b)? else {
+                break;
+            };
             let same = if is_allocated(e) {
                 u64::from(n) == u64::from(e) + (b - block)
-                    && n < st.h.blocks_in_image
-                    && in_reach(n) == in_reach(e)
+                    && n < blocks_in_image
+                    && in_reach(u64::from(n)) == in_reach(u64::from(e))
             } else {
                 n == e
             };
@@ -345,7 +336,7 @@ impl Driver for Vdi {
             _ => Mapping::Data {
                 file: 0,
                 offset: HostOffset(Self::host_of(&st.h, e) + offset % BS),
-                writable: in_reach(e),
+                writable: in_reach(u64::from(e)),
             },
         };
         Ok((m, n))
@@ -374,8 +365,7 @@ impl Driver for Vdi {
         while pos < end {
             let block = pos / BS;
             let bend = end.min((block + 1) * BS);
-            let i = usize::try_from(block).unwrap_or(usize::MAX);
-            let cur = st.bmap.get(i).copied().unwrap_or(BMAP_FREE);
+            let cur = self.entry(&mut st, block)?.unwrap_or(BMAP_FREE);
             let fresh = !is_allocated(cur);
             let idx = if fresh {
                 if st.h.blocks_allocated >= st.h.blocks_in_image {
@@ -417,13 +407,9 @@ impl Driver for Vdi {
                 let host = e.host.0 + (pos - e.guest);
                 let rel = (host - pos % BS).saturating_sub(u64::from(st.h.offset_data)) / BS;
                 let idx = u32::try_from(rel).map_err(|_| self.err(Error::Full))?;
-                let i = usize::try_from(block).unwrap_or(usize::MAX);
-                if let Some(slot) = st.bmap.get_mut(i) {
-                    if *slot != idx {
-                        *slot = idx;
-                        self.write_bmap_entry(&st, block)?;
-                        changed = true;
-                    }
+                if self.entry(&mut st, block)?.is_some_and(|cur| cur != idx) {
+                    self.set_entry(&mut st, block, idx)?;
+                    changed = true;
                 }
                 pos = ((block + 1) * BS).min(end);
             }
@@ -441,8 +427,7 @@ impl Driver for Vdi {
         let end = offset.saturating_add(len);
         let mut block = offset / BS;
         while block * BS < end {
-            let i = usize::try_from(block).unwrap_or(usize::MAX);
-            let Some(cur) = st.bmap.get(i).copied() else {
+            let Some(cur) = self.entry(&mut st, block)? else {
                 break;
             };
             if is_allocated(cur) {
@@ -453,8 +438,7 @@ impl Driver for Vdi {
                     .write_zeroes(host, BS, false)
                     .ctx(self.storage.path())?;
             } else if cur == BMAP_FREE && self.parent.is_some() {
-                st.bmap[i] = BMAP_ZERO;
-                self.write_bmap_entry(&st, block)?;
+                self.set_entry(&mut st, block, BMAP_ZERO)?;
             }
             block += 1;
         }
@@ -471,42 +455,46 @@ impl Driver for Vdi {
         if repair != Repair::None {
             return Err(self.unsupported("checks"));
         }
-        let st = self.lock();
-        let h = &st.h;
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let total = st.h.blocks_in_image;
         let mut r = CheckReport {
-            total_clusters: u64::from(h.blocks_in_image),
+            total_clusters: u64::from(total),
             ..CheckReport::default()
         };
-        let mut owner: Vec<u32> = vec![BMAP_FREE; st.bmap.len()];
+        // One bit per data block: whether an entry named it already (qemu keeps a u32 each).
+        let mut used = vec![0u64; (total as usize).div_ceil(64)];
         let mut allocated = 0u32;
         let mut prev: Option<u32> = None;
-        for (block, &e) in st.bmap.iter().enumerate() {
+        st.bmap.for_each(&self.storage, |block, e| {
             if !is_allocated(e) {
-                continue;
+                return;
             }
-            let bi = u32::try_from(block).unwrap_or(u32::MAX);
-            match owner.get_mut(usize::try_from(e).unwrap_or(usize::MAX)) {
-                Some(o) => {
-                    allocated += 1;
-                    if *o != BMAP_FREE {
-                        r.messages
-                            .push(format!("ERROR: block index {bi} also used by {}", *o));
-                        r.corruptions += 1;
-                    } else {
-                        *o = bi;
-                    }
-                    if prev.is_some_and(|p| p.checked_add(1) != Some(e)) {
-                        r.fragmented_clusters += 1;
-                    }
-                    prev = Some(e);
-                }
-                None => {
-                    r.messages
-                        .push(format!("ERROR: block index {bi} too large, is {e}"));
-                    r.corruptions += 1;
-                }
+            let bit = used
+                .get_mut(e as usize / 64)
+                .filter(|_| e < total)
+                .map(|w| (w, 1u64 << (e % 64)));
+            let Some((word, bit)) = bit else {
+                r.messages
+                    .push(format!("ERROR: block index {block} too large, is {e}"));
+                r.corruptions += 1;
+                return;
+            };
+            allocated += 1;
+            if *word & bit != 0 {
+                // qemu's words, which name the data block twice.
+                r.messages
+                    .push(format!("ERROR: block index {e} also used by {e}"));
+                r.corruptions += 1;
+            } else {
+                *word |= bit;
             }
-        }
+            if prev.is_some_and(|p| p.checked_add(1) != Some(e)) {
+                r.fragmented_clusters += 1;
+            }
+            prev = Some(e);
+        })?;
+        let h = &st.h;
         if allocated != h.blocks_allocated {
             r.messages.push(format!(
                 "ERROR: allocated blocks mismatch, is {allocated}, should be {}",
