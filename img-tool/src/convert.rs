@@ -517,7 +517,7 @@ fn create_target(
 ) -> CliResult<Image> {
     imgblock::create(path, format, opts).map_err(|e| {
         let file = path.display().to_string();
-        let f = crate::create::create_failure(&file, e);
+        let f = crate::create::create_failure(&file, format, e);
         // convert says which conversion failed, after the file's name, as qemu-img does.
         match f.message.strip_prefix(&format!("{file}: ")) {
             Some(why) => Failure::new(format!(

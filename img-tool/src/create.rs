@@ -103,15 +103,32 @@ pub fn run(args: &CreateArgs) -> CliResult<i32> {
     if !args.quiet {
         console::print(&format!("{}\n", formatting_line(file, format, &opts)));
     }
-    imgblock::create(Path::new(file), format, &opts).map_err(|e| create_failure(file, e))?;
+    imgblock::create(Path::new(file), format, &opts)
+        .map_err(|e| create_failure(file, format, e))?;
     Ok(0)
 }
 
-/// A failed [`imgblock::create`] of `file`, naming the file once: before the library's words
-/// where they do not name it themselves.
-pub fn create_failure(file: &str, e: imgblock::Error) -> Failure {
+/// A failed [`imgblock::create`] of `file` as `format`, naming the file once: before the
+/// library's words where they do not name it themselves.
+pub fn create_failure(file: &str, format: Format, e: imgblock::Error) -> Failure {
     match e {
         imgblock::Error::InvalidOption(m) => Failure::new(format!("{file}: {m}")),
+        // A file the filesystem cannot make that long: qemu-img's words, whichever file it was.
+        imgblock::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::FileTooLarge => {
+            // qemu-img suggests larger clusters for the formats that have a cluster_size.
+            let hint = if library_options(format)
+                .iter()
+                .any(|(k, _)| *k == "cluster_size")
+            {
+                " (try using a larger cluster size)"
+            } else {
+                ""
+            };
+            Failure::new(format!(
+                "{file}: The image size is too large for file format '{}'{hint}",
+                format.name()
+            ))
+        }
         // The image file itself could not be made: qemu's file driver's words.
         imgblock::Error::Io { path, source } if path == Path::new(file) => Failure::new(format!(
             "{file}: Could not create '{file}': {}",

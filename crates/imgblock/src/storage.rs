@@ -407,6 +407,36 @@ pub(crate) fn write_zero_buffers(s: &dyn Storage, mut offset: u64, mut len: u64)
     Ok(())
 }
 
+/// A file a create has just made (or emptied), deleted again unless the create finishes:
+/// qemu's qcow2 and luks drivers leave nothing behind when they fail part way.
+#[derive(Debug)]
+pub(crate) struct Unfinished {
+    path: Option<std::path::PathBuf>,
+}
+
+impl Unfinished {
+    /// Guards `path`.
+    pub(crate) fn new(path: &Path) -> Self {
+        Unfinished {
+            path: Some(path.to_owned()),
+        }
+    }
+
+    /// The create succeeded: the file stays.
+    pub(crate) fn finish(mut self) {
+        self.path = None;
+    }
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(p) = self.path.take() {
+            // Best effort, as qemu's: the create's own error is what the user needs.
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// Sets the file's length to `new`. Where that grows it past `old`, the new space is reserved
 /// (`falloc`) or written with zeroes (`full`), as qemu's file driver preallocates; `off` and
 /// `metadata` leave it sparse.
@@ -545,6 +575,10 @@ impl Storage for FileStorage {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.check_writable()?;
+        if len > i64::MAX as u64 {
+            // What ftruncate(2) says of a length off_t cannot hold.
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
         self.file.set_len(len)
     }
 

@@ -188,18 +188,34 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
         .ok_or_else(|| invalid("Parameter 'key-secret' is required for cipher"))?;
     let (h, area, _mk) =
         luks::Header::create(&params, secret.bytes()).map_err(|e| crypto_err(path, e))?;
+    // qemu's words for a payload the file cannot hold.
+    let too_large = || invalid("The requested file size is too large");
     let total = h
         .payload_offset
         .checked_add(size)
-        .ok_or_else(|| invalid("Image size is too large"))?;
+        .filter(|&t| t <= i64::MAX as u64)
+        .ok_or_else(too_large)?;
     let s = FileStorage::create_with(path, o.file)?;
-    crate::storage::set_len_preallocated(&s, 0, total, prealloc).ctx(path)?;
+    // Deleted again if the create fails, as qemu deletes it.
+    let guard = crate::storage::Unfinished::new(path);
+    crate::storage::set_len_preallocated(&s, 0, total, prealloc).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EFBIG) {
+            too_large()
+        } else {
+            Error::Io {
+                path: path.to_owned(),
+                source: e,
+            }
+        }
+    })?;
     // Only the header and slot 0 hold anything; the other slots stay holes, as qemu leaves them.
     let used = usize::try_from(h.slots[1].key_offset)
         .unwrap_or(area.len())
         .min(area.len());
     s.write_at(&area[..used], 0).ctx(path)?;
-    s.flush().ctx(path)
+    s.flush().ctx(path)?;
+    guard.finish();
+    Ok(())
 }
 
 impl Driver for Luks {

@@ -9,7 +9,7 @@ use crate::driver::Driver;
 use crate::error::IoContext;
 use crate::options::{parse_bool, parse_size_opt};
 use crate::raw::Preallocation;
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{FileStorage, Storage, Unfinished};
 use crate::{CreateOptions, Error, Image, OpenOptions, Result};
 
 /// Options qcow2 accepts on create, with qemu-img's help text.
@@ -244,13 +244,24 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
         return Err(invalid(format!("Image size {size} is too large")));
     }
     let cs = 1u64 << opts.cluster_bits;
-
-    if let Some(name) = &opts.data_file {
-        // Created here; the driver opens it again from the header extension.
-        let dpath = crate::image::resolve_backing(path, name);
-        let ds = FileStorage::create_with(&dpath, o.file)?;
-        ds.set_len(size).ctx(&dpath)?;
+    // An L1 table past qemu's limit: refused before any file is made, in qemu-img's words.
+    let l2_entries = cs / if opts.extended_l2 { 16 } else { 8 };
+    if size.div_ceil(l2_entries * cs) * 8 > super::MAX_L1_BYTES {
+        return Err(invalid(TOO_LARGE));
     }
+
+    // Files made here are deleted again if the create fails, as qemu deletes them.
+    let data_file = match &opts.data_file {
+        Some(name) => {
+            // Created here; the driver opens it again from the header extension.
+            let dpath = crate::image::resolve_backing(path, name);
+            let ds = FileStorage::create_with(&dpath, o.file)?;
+            let guard = Unfinished::new(&dpath);
+            ds.set_len(size).ctx(&dpath)?;
+            Some(guard)
+        }
+        None => None,
+    };
 
     let mut h = Header {
         version: opts.version,
@@ -319,6 +330,7 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
 
     // Bootstrap: header, a one-cluster refcount table, one refcount block covering the three.
     let file = FileStorage::create_with(path, o.file)?;
+    let image_file = Unfinished::new(path);
     let csu = usize::try_from(cs).unwrap_or(0);
     let mut first = vec![0u8; csu * 3];
     first[..hdr.len()].copy_from_slice(&hdr);
@@ -333,10 +345,9 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
     let mut q = Qcow2::open(storage.clone(), true)?;
     let l2_cover = q.geo.l2_entries * cs;
     let l1_entries = size.div_ceil(l2_cover);
-    let l1_size = u32::try_from(l1_entries)
-        .map_err(|_| invalid("Image size is too large for this cluster size"))?;
+    let l1_size = u32::try_from(l1_entries).map_err(|_| invalid(TOO_LARGE))?;
     if l1_entries * 8 > super::MAX_L1_BYTES {
-        return Err(invalid("Image size is too large for this cluster size"));
+        return Err(invalid(TOO_LARGE));
     }
     {
         let mut st = q.lock();
@@ -370,8 +381,17 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
     if opts.prealloc != Preallocation::Off {
         q.preallocate_range(0, q.geo.align_up(size), opts.prealloc, false)?;
     }
-    q.flush()
+    q.flush()?;
+    image_file.finish();
+    if let Some(guard) = data_file {
+        guard.finish();
+    }
+    Ok(())
 }
+
+/// qemu-img's words for a disk whose L1 table would pass its limit.
+const TOO_LARGE: &str =
+    "The image size is too large for file format 'qcow2' (try using a larger cluster size)";
 
 /// Clusters of refcount table and blocks needed to count `clusters` clusters and themselves
 /// (the fixed point qemu's qcow2_refcount_metadata_size finds).
