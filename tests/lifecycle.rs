@@ -817,3 +817,54 @@ fn measure_with_backing_file_counts_every_cluster() {
         );
     }
 }
+
+/// `resize` side by side with qemu-img on copies of one written image, for sizes that grow the
+/// L1 table, shrink the disk past its data, or cannot be held: the same exit code and words,
+/// the same virtual size, the same file length (qemu-img cuts the file after its last used
+/// cluster on shrinking, and writes only the entries of a grown L1 table), and equal data.
+#[test]
+fn resize_matches_qemu_in_words_sizes_and_file_length() {
+    let env = Env::with_qemu();
+    let cases: &[(&str, &[&str], &str)] = &[
+        ("qcow2", &[], "3G"),
+        ("qcow2", &["--shrink"], "1k"),
+        ("qcow2", &["--shrink"], "32M"),
+        ("qcow2", &["--shrink"], "-24M"),
+        ("qcow2", &[], "+1E"),
+        ("raw", &[], "1P"),
+        ("vdi", &["--shrink"], "1M"),
+        ("vmdk", &[], "+1M"),
+    ];
+    for &(fmt, flags, size) in cases {
+        env.qemu_img(&["create", "-q", "-f", fmt, "base", "64M"])
+            .ok();
+        env.qemu_io(fmt, "base", &["write -P 1 0 1M", "write -P 2 40M 1M"]);
+        let run = |tool: &str, name: &str| {
+            std::fs::copy(env.path("base"), env.path(name)).unwrap();
+            let mut args = vec!["resize", "-q", "-f", fmt];
+            args.extend_from_slice(flags);
+            args.extend([name, "--", size]);
+            let out = if tool == "img" {
+                env.img(&args)
+            } else {
+                env.qemu_img(&args)
+            };
+            let said = out.stderr.trim_end().replace(name, "IMAGE");
+            let said = said
+                .strip_prefix(&format!("{tool}: "))
+                .unwrap_or(&said)
+                .to_owned();
+            let vsize =
+                env.qemu_img(&["info", "--output=json", name]).ok().json()["virtual-size"].clone();
+            (out.code, said, vsize, env.len(name))
+        };
+        let theirs = run("qemu-img", "q.img");
+        let ours = run("img", "i.img");
+        assert_eq!(ours, theirs, "{fmt} {flags:?} {size}");
+        if ours.0 == Some(0) && fmt != "raw" {
+            env.qemu_img(&["check", "i.img"]).ok();
+        }
+        env.qemu_img(&["compare", "-f", fmt, "-F", fmt, "q.img", "i.img"])
+            .ok();
+    }
+}

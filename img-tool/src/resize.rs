@@ -123,6 +123,12 @@ pub fn run(args: &ResizeArgs) -> CliResult<i32> {
         }
         imgblock::Error::Unsupported { what, .. } => Failure::new(what),
         imgblock::Error::InvalidOption(m) => Failure::new(m),
+        // qemu-img's resize says what failed without naming the image.
+        imgblock::Error::Io { source, .. } => Failure::new(format!(
+            "Could not resize file: {}",
+            crate::failure::strerror(&source)
+        )),
+        imgblock::Error::Qcow2 { source, .. } => Failure::new(source.to_string()),
         other => Failure::from(other),
     })?;
     if !args.quiet {

@@ -27,6 +27,9 @@ pub enum Error {
     /// The virtual size is larger than qcow2 can address.
     #[error("image size {0} is too large")]
     SizeTooLarge(u64),
+    /// Growing the disk would take an L1 table past qemu's limit (qemu's words).
+    #[error("Failed to grow the L1 table: File too large")]
+    L1GrowTooLarge,
     /// The L1 table cannot cover the virtual size.
     #[error("L1 table with {l1_size} entries is too small for a {size}-byte disk")]
     L1TooSmall {

@@ -70,7 +70,7 @@ impl Qcow2 {
         } else {
             let needed = new_size.div_ceil(g.l2_entries * g.cluster_size);
             if needed * 8 > super::MAX_L1_BYTES {
-                return Err(self.err(Error::SizeTooLarge(new_size)));
+                return Err(self.err(Error::L1GrowTooLarge));
             }
             let mut st = self.lock();
             if needed > st.l1.len() as u64 {
@@ -79,18 +79,11 @@ impl Qcow2 {
                 let bytes: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
                 let clusters = (bytes.len() as u64).div_ceil(g.cluster_size);
                 let off = self.alloc_clusters(&mut st, clusters)?;
+                // Only the entries are written, as qemu writes them: the rest of the last
+                // cluster is never read.
                 self.file().write_at(&bytes, off).ctx(self.file().path())?;
-                let tail = vec![
-                    0u8;
-                    usize::try_from(clusters * g.cluster_size).unwrap_or(0)
-                        - bytes.len()
-                ];
-                self.file()
-                    .write_at(&tail, off + bytes.len() as u64)
-                    .ctx(self.file().path())?;
                 self.file().flush().ctx(self.file().path())?;
-                let l1_size =
-                    u32::try_from(needed).map_err(|_| self.err(Error::SizeTooLarge(new_size)))?;
+                let l1_size = u32::try_from(needed).map_err(|_| self.err(Error::L1GrowTooLarge))?;
                 let mut hdr = [0u8; 24];
                 hdr[..8].copy_from_slice(&new_size.to_be_bytes());
                 hdr[8..12].copy_from_slice(&st.h.crypt_method.to_be_bytes());
@@ -143,7 +136,29 @@ impl Qcow2 {
                 self.zero_or_discard(from, to - from, false, false)?;
             }
         }
-        self.flush()
+        self.flush()?;
+        if new_size < old_size {
+            self.truncate_to_last_cluster()?;
+        }
+        Ok(())
+    }
+
+    /// Cuts the file after its last cluster in use, as qemu does after shrinking an image; the
+    /// metadata is on disk already (flushed), and nothing past that cluster is referenced.
+    fn truncate_to_last_cluster(&self) -> Result<()> {
+        let f = self.file();
+        let len = f.size().ctx(f.path())?;
+        let cs = self.geo.cluster_size;
+        let mut st = self.lock();
+        let mut c = len.div_ceil(cs);
+        while c > 0 && self.refcount(&mut st, c - 1)? == 0 {
+            c -= 1;
+        }
+        if c * cs < len {
+            f.set_len(c * cs).ctx(f.path())?;
+            f.flush().ctx(f.path())?;
+        }
+        Ok(())
     }
 
     /// Makes whole clusters unallocated (their old mapping freed), whatever the version.
