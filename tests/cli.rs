@@ -2073,3 +2073,39 @@ fn create_of_a_size_too_large_fails_like_qemu() {
         }
     }
 }
+
+/// `measure` of a luks target (its header area plus the payload, for a size or a source, with
+/// each cipher's key length) and of a qcow2 whose L1 table would pass qemu's limit: the same
+/// output and exit code as qemu-img, human and JSON. img said luks had no measurement, and
+/// measured the too-large qcow2. (qemu-img spends seconds on each luks measurement, timing
+/// PBKDF2 it does not need: the cases are few.)
+#[test]
+fn measure_luks_and_oversized_qcow2_like_qemu() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "src.qcow2", "1G"])
+        .ok();
+    env.qemu_io("qcow2", "src.qcow2", &["write -P 1 0 10M"]);
+    let cases: &[&str] = &[
+        "-O luks -o key-secret=s --size 513",
+        "-O luks -o key-secret=s,cipher-alg=aes-128 --size 1G",
+        "--output=json -O luks -o key-secret=s src.qcow2",
+        "-O luks --size 1M",
+        "-O luks -o key-secret=s,cipher-alg=foo --size 1M",
+        "-O qcow2 -o cluster_size=512 --size 1T",
+        "-O qcow2 -o cluster_size=512 --size 274877939200",
+        "-O qcow2 -o cluster_size=4k,extended_l2=on --size 2T",
+    ];
+    for case in cases {
+        let mut args = vec!["measure", "--object", "secret,id=s,data=x"];
+        args.extend(case.split_whitespace());
+        let ours = env.img(&args);
+        let theirs = env.qemu_img(&args);
+        assert_eq!(ours.code, theirs.code, "{case}\n{ours}\n{theirs}");
+        assert_eq!(ours.stdout, theirs.stdout, "{case}");
+        assert_eq!(
+            ours.stderr.strip_prefix("img: "),
+            theirs.stderr.strip_prefix("qemu-img: "),
+            "{case}"
+        );
+    }
+}

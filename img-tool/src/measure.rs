@@ -127,7 +127,7 @@ pub fn run(args: &MeasureArgs) -> CliResult<i32> {
     }
     validate_options(out_format, &opts)?;
     args.secret_args.fill(&mut opts)?;
-    if !matches!(out_format, Format::Raw | Format::Qcow2) {
+    if !matches!(out_format, Format::Raw | Format::Qcow2 | Format::Luks) {
         return Err(Failure::new(format!(
             "Block driver '{out_format}' does not support size measurement"
         )));

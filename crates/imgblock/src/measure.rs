@@ -68,6 +68,14 @@ pub fn measure(format: Format, opts: &CreateOptions, source: Option<&Image>) -> 
                 bitmaps,
             })
         }
+        Format::Luks => {
+            let n = crate::luks::measure(opts, size)?;
+            Ok(Measure {
+                required: n,
+                fully_allocated: n,
+                bitmaps: None,
+            })
+        }
         other => Err(Error::InvalidOption(format!(
             "measure does not support format '{other}'"
         ))),

@@ -142,17 +142,9 @@ fn invalid(msg: impl Into<String>) -> Error {
     Error::InvalidOption(msg.into())
 }
 
-/// Creates a LUKS image: a new header with a random master key in slot 0 under the
-/// `key-secret` passphrase, then `size` bytes of payload (sparse: it reads as noise until
-/// written, as with qemu).
-///
-/// `preallocation` applies to the whole file, header and payload, as in qemu: `falloc`
-/// allocates it, `full` writes it with zeroes first (plaintext zeroes: the payload still
-/// reads as noise), `metadata` is `off` (a LUKS image has no metadata to map).
-///
-/// # Errors
-/// When an option is invalid or missing, or I/O fails.
-pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
+/// The header parameters and preallocation `o` asks of a new image, refused as qemu refuses
+/// them (`path` names the image in crypto errors).
+fn create_params(path: &Path, o: &CreateOptions) -> Result<(CreateParams, Preallocation)> {
     let mut params = CreateParams::default();
     let mut prealloc = Preallocation::Off;
     for (k, v) in &o.opts {
@@ -179,6 +171,34 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
         // Not an option of luks's: qemu refuses it by name.
         return Err(invalid("Invalid parameter 'backing_fmt'"));
     }
+    Ok((params, prealloc))
+}
+
+/// What `measure` reports for a luks image holding `size` bytes: its header area and the
+/// payload, unrounded, as qemu-img measure counts them. qemu asks for the key secret here
+/// too, though nothing is encrypted.
+///
+/// # Errors
+/// When an option is invalid or the secret is missing.
+pub fn measure(o: &CreateOptions, size: u64) -> Result<u64> {
+    let (params, _) = create_params(Path::new(""), o)?;
+    o.secret(KEY_OPTION)?
+        .ok_or_else(|| invalid("Parameter 'key-secret' is required for cipher"))?;
+    Ok(params.header_area_len().saturating_add(size))
+}
+
+/// Creates a LUKS image: a new header with a random master key in slot 0 under the
+/// `key-secret` passphrase, then `size` bytes of payload (sparse: it reads as noise until
+/// written, as with qemu).
+///
+/// `preallocation` applies to the whole file, header and payload, as in qemu: `falloc`
+/// allocates it, `full` writes it with zeroes first (plaintext zeroes: the payload still
+/// reads as noise), `metadata` is `off` (a LUKS image has no metadata to map).
+///
+/// # Errors
+/// When an option is invalid or missing, or I/O fails.
+pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
+    let (params, prealloc) = create_params(path, o)?;
     let size = o
         .size
         .ok_or_else(|| invalid("Image creation needs a size parameter"))?;

@@ -420,6 +420,12 @@ pub fn measure_full(size: u64, o: &CreateOptions) -> Result<(u64, u64)> {
     let opts = parse(o)?;
     let cs = 1u64 << opts.cluster_bits;
     let esize = if opts.extended_l2 { 16 } else { 8 };
+    // qemu's check, in its words (it divides the size down, where create rounds it up).
+    if (size / cs).div_ceil(cs / esize) * 8 > super::MAX_L1_BYTES {
+        return Err(Error::InvalidOption(
+            "The image size is too large (try using a larger cluster size)".into(),
+        ));
+    }
     let aligned = size.div_ceil(cs) * cs;
     let mut meta = cs;
     let nl2e = (aligned / cs).div_ceil(cs / esize) * (cs / esize);
