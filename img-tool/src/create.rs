@@ -1,5 +1,6 @@
 //! `img create`: a new image, announced with qemu-img's `Formatting ...` line.
 
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
 use clap::Args;
@@ -128,6 +129,13 @@ pub fn create_failure(file: &str, format: Format, e: imgblock::Error) -> Failure
                 "{file}: The image size is too large for file format '{}'{hint}",
                 format.name()
             ))
+        }
+        // A block device is not made, only written: the device driver's words alone.
+        imgblock::Error::Io { path, source }
+            if path == Path::new(file)
+                && std::fs::metadata(&path).is_ok_and(|m| m.file_type().is_block_device()) =>
+        {
+            Failure::new(format!("{file}: {}", crate::failure::strerror(&source)))
         }
         // The image file itself could not be made: qemu's file driver's words.
         imgblock::Error::Io { path, source } if path == Path::new(file) => Failure::new(format!(

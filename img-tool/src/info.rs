@@ -234,7 +234,13 @@ const SECTOR: u64 = 512;
 fn file_info(file: &Arc<dyn Storage>) -> CliResult<Value> {
     let mut m = Map::new();
     m.insert("filename".into(), json!(file.path().display().to_string()));
-    m.insert("format".into(), json!("file"));
+    // qemu's protocol driver for a block device is host_device (its specific type stays file).
+    let protocol = if file.is_device() {
+        "host_device"
+    } else {
+        "file"
+    };
+    m.insert("format".into(), json!(protocol));
     m.insert("dirty-flag".into(), json!(false));
     if let Ok(a) = file.allocated_size() {
         m.insert("actual-size".into(), json!(a));

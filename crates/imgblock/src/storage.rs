@@ -55,6 +55,11 @@ pub trait Storage: Send + Sync + Debug {
     fn set_write_behind(&self, on: bool) {
         let _ = on;
     }
+    /// Whether this is a block device: its length is fixed, and what it holds before anything
+    /// is written is whatever was there (it does not read as zeroes the way a new file does).
+    fn is_device(&self) -> bool {
+        false
+    }
 }
 
 /// Copies `len` bytes from `src` at `src_offset` to `dst` at `dst_offset` inside the kernel
@@ -156,6 +161,8 @@ pub struct FileStorage {
     /// everything else (metadata, partial sectors) goes through `file`. The kernel keeps the
     /// two coherent: a direct write invalidates cached pages, a direct read flushes dirty ones.
     direct: Option<File>,
+    /// A block device ([`Storage::is_device`]).
+    device: bool,
     /// Start writeback every [`WRITE_BEHIND_BYTES`] written ([`Storage::set_write_behind`]).
     write_behind: AtomicBool,
     /// The locks [`FileStorage::create`] took, released when the storage is dropped.
@@ -202,11 +209,15 @@ impl FileStorage {
     }
 
     fn with_file(file: File, path: &Path, read_only: bool) -> Self {
+        let device = file
+            .metadata()
+            .is_ok_and(|m| m.file_type().is_block_device());
         FileStorage {
             file,
             path: path.to_owned(),
             read_only,
             direct: None,
+            device,
             write_behind: AtomicBool::new(false),
             lock: None,
             unsubmitted: AtomicU64::new(0),
@@ -249,7 +260,8 @@ impl FileStorage {
     /// file is opened without truncation and emptied only once this process holds the write and
     /// resize permissions ([`crate::lock`]), so an image another process (a running VM, or this
     /// command's own source) has open is refused, not destroyed. The locks are held as long as
-    /// the storage lives.
+    /// the storage lives. A block device is written in place, its length unchanged (qemu's
+    /// `host_device`): the caller must not count on it reading as zeroes.
     ///
     /// # Errors
     /// [`crate::Error::Locked`] when another process uses the file; [`crate::Error::Io`] when
@@ -272,8 +284,10 @@ impl FileStorage {
             &[crate::lock::PERM_WRITE, crate::lock::PERM_RESIZE],
             &[crate::lock::PERM_RESIZE],
         )?;
-        file.set_len(0).map_err(io)?;
         let mut s = Self::with_file(file, path, false);
+        if !s.device {
+            s.file.set_len(0).map_err(io)?;
+        }
         s.lock = Some(lock);
         Ok(s)
     }
@@ -407,6 +421,23 @@ pub(crate) fn write_zero_buffers(s: &dyn Storage, mut offset: u64, mut len: u64)
     Ok(())
 }
 
+/// Refuses to create a `format` image on a block device: its new tables would be whatever the
+/// device held where a new file reads as zeroes (qemu writes them there all the same).
+///
+/// # Errors
+/// [`crate::Error::Unsupported`] when `path` is a block device.
+pub(crate) fn refuse_device(path: &Path, format: &str) -> crate::Result<()> {
+    if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device()) {
+        return Err(crate::Error::Unsupported {
+            path: path.to_owned(),
+            what: format!(
+                "{format} images cannot be made on a block device (only raw, qcow2 and luks)"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// A file a create has just made (or emptied), deleted again unless the create finishes:
 /// qemu's qcow2 and luks drivers leave nothing behind when they fail part way.
 #[derive(Debug)]
@@ -431,8 +462,11 @@ impl Unfinished {
 impl Drop for Unfinished {
     fn drop(&mut self) {
         if let Some(p) = self.path.take() {
-            // Best effort, as qemu's: the create's own error is what the user needs.
-            let _ = std::fs::remove_file(p);
+            // Best effort, as qemu's: the create's own error is what the user needs. Only a
+            // regular file goes: a block device (or a link to one) stays, as qemu leaves it.
+            if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_file()) {
+                let _ = std::fs::remove_file(p);
+            }
         }
     }
 }
@@ -531,7 +565,7 @@ impl Storage for FileStorage {
                 .is_ok()
         {
             if end > size {
-                self.file.set_len(end)?;
+                self.set_len(end)?;
             }
             return Ok(());
         }
@@ -541,7 +575,7 @@ impl Storage for FileStorage {
         {
             return Ok(());
         }
-        if offset >= size {
+        if offset >= size && !self.device {
             // Past the end: extending the file is enough.
             return self.file.set_len(end);
         }
@@ -570,6 +604,10 @@ impl Storage for FileStorage {
     }
 
     fn size(&self) -> io::Result<u64> {
+        if self.device {
+            // A device node's metadata says 0; its end is where seeking to the end lands.
+            return Ok(self.seek(0, libc::SEEK_END)?.unwrap_or(0));
+        }
         Ok(self.file.metadata()?.len())
     }
 
@@ -578,6 +616,17 @@ impl Storage for FileStorage {
         if len > i64::MAX as u64 {
             // What ftruncate(2) says of a length off_t cannot hold.
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        if self.device {
+            // A device keeps its length: a smaller one is the part in use (qemu's words when
+            // more is asked).
+            if len > self.size()? {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "Cannot grow device files",
+                ));
+            }
+            return Ok(());
         }
         self.file.set_len(len)
     }
@@ -616,6 +665,10 @@ impl Storage for FileStorage {
 
     fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    fn is_device(&self) -> bool {
+        self.device
     }
 }
 

@@ -157,6 +157,10 @@ impl Driver for Raw {
     fn host_holes_are_zero(&self) -> bool {
         true
     }
+    fn has_zero_init(&self) -> bool {
+        // A block device holds whatever was written to it before: zeroes must be written.
+        !self.storage.is_device()
+    }
     fn read_compressed(&self, _c: &CompressedRef, _out: &mut [u8]) -> Result<()> {
         Err(Error::Unsupported {
             path: self.storage.path().to_owned(),
@@ -189,6 +193,12 @@ impl Driver for Raw {
     fn resize(&mut self, new_size: u64, prealloc: Preallocation, _zero_new: bool) -> Result<()> {
         let s = &self.storage;
         let old = self.size;
+        if s.is_device() && new_size != old {
+            return Err(Error::Unsupported {
+                path: s.path().to_owned(),
+                what: "Cannot resize device files".into(),
+            });
+        }
         if prealloc == Preallocation::Metadata {
             return Err(Error::InvalidOption(
                 "Unsupported preallocation mode: metadata".into(),

@@ -103,6 +103,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     if is_static {
         h.blocks_allocated = blocks;
     }
+    crate::storage::refuse_device(path, "vdi")?;
     let s = FileStorage::create_with(path, opts.file)?;
     s.write_at(&h.to_bytes(), 0).ctx(path)?;
     // The map of a large disk runs to 2 GiB: written a megabyte at a time.

@@ -196,6 +196,7 @@ fn write_sparse_extent(
 /// # Errors
 /// When an option is invalid, the backing image cannot be read, or I/O fails.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
+    crate::storage::refuse_device(path, "vmdk")?;
     let mut adapter = "ide".to_owned();
     let mut compat6 = false;
     let mut hwversion: Option<String> = None;
