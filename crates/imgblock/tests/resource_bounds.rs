@@ -174,12 +174,19 @@ fn qcow2_with_bitmap_table(dir: &Path, table_entries: u32) -> PathBuf {
     entry.extend_from_slice(&0u32.to_be_bytes());
     entry.extend_from_slice(name);
     entry.resize(entry.len().div_ceil(8) * 8, 0);
+    write_qcow2_with_bitmaps(&p, 1, &entry, dir_offset, dir_offset + CLUSTER);
+    p
+}
+
+/// Writes a 1 GiB qcow2 image at `p` whose bitmaps extension names `count` bitmaps in
+/// `directory` at `dir_offset`, the file `len` bytes long (sparse).
+fn write_qcow2_with_bitmaps(p: &Path, count: u32, directory: &[u8], dir_offset: u64, len: u64) {
     let mut ext = Vec::new();
     ext.extend_from_slice(&0x2385_2875_u32.to_be_bytes());
     ext.extend_from_slice(&24u32.to_be_bytes());
-    ext.extend_from_slice(&1u32.to_be_bytes());
+    ext.extend_from_slice(&count.to_be_bytes());
     ext.extend_from_slice(&0u32.to_be_bytes());
-    ext.extend_from_slice(&(entry.len() as u64).to_be_bytes());
+    ext.extend_from_slice(&(directory.len() as u64).to_be_bytes());
     ext.extend_from_slice(&dir_offset.to_be_bytes());
     let h = Qcow2Header {
         size: 1 << 30,
@@ -192,11 +199,10 @@ fn qcow2_with_bitmap_table(dir: &Path, table_entries: u32) -> PathBuf {
     .bytes();
     let reftable = (2 * CLUSTER).to_be_bytes();
     write_file(
-        &p,
-        dir_offset + CLUSTER,
-        &[(0, &h), (CLUSTER, &reftable), (dir_offset, &entry)],
+        p,
+        len,
+        &[(0, &h), (CLUSTER, &reftable), (dir_offset, directory)],
     );
-    p
 }
 
 /// A bitmap table of 128 Mi entries (1 GiB, a hole in a sparse file) is past qemu's 512 MiB
@@ -302,28 +308,8 @@ fn qcow2_with_many_bitmaps(dir: &Path, count: u32) -> PathBuf {
         directory.extend_from_slice(&0u32.to_be_bytes());
         directory.extend_from_slice(name.as_bytes());
     }
-    let mut ext = Vec::new();
-    ext.extend_from_slice(&0x2385_2875_u32.to_be_bytes());
-    ext.extend_from_slice(&24u32.to_be_bytes());
-    ext.extend_from_slice(&count.to_be_bytes());
-    ext.extend_from_slice(&0u32.to_be_bytes());
-    ext.extend_from_slice(&(directory.len() as u64).to_be_bytes());
-    ext.extend_from_slice(&dir_offset.to_be_bytes());
-    let h = Qcow2Header {
-        size: 1 << 30,
-        l1_size: 2,
-        l1_offset: 3 * CLUSTER,
-        refcount_table_offset: CLUSTER,
-        autoclear: 1, // bitmaps
-        extensions: ext,
-    }
-    .bytes();
-    let reftable = (2 * CLUSTER).to_be_bytes();
-    write_file(
-        &p,
-        dir_offset + directory.len() as u64,
-        &[(0, &h), (CLUSTER, &reftable), (dir_offset, &directory)],
-    );
+    let len = dir_offset + directory.len() as u64;
+    write_qcow2_with_bitmaps(&p, count, &directory, dir_offset, len);
     p
 }
 
