@@ -2109,3 +2109,33 @@ fn measure_luks_and_oversized_qcow2_like_qemu() {
         );
     }
 }
+
+/// An option's value may start with a hyphen, as getopt takes the next argument whatever it
+/// is: `snapshot -c -l F` makes a snapshot named `-l` in qemu-img, and in img (clap read `-l` as
+/// the list flag and refused the line).
+#[test]
+fn option_values_starting_with_a_hyphen_are_taken_as_qemu_takes_them() {
+    let env = Env::with_qemu();
+    for (tool, name) in [("qemu-img", "q.qcow2"), ("img", "i.qcow2")] {
+        let run = |args: &[&str]| {
+            if tool == "img" {
+                env.img(args)
+            } else {
+                env.qemu_img(args)
+            }
+        };
+        run(&["create", "-q", "-f", "qcow2", name, "1M"]).ok();
+        run(&["snapshot", "-c", "-l", name]).ok();
+        run(&["snapshot", "-c", "--x", name]).ok();
+        run(&["snapshot", "-c", "-", name]).ok();
+    }
+    let names = |name: &str| {
+        let out = env.qemu_img(&["info", "--output=json", name]).ok().json();
+        out["snapshots"]
+            .as_array()
+            .map(|v| v.iter().map(|s| s["name"].clone()).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    assert_eq!(names("i.qcow2"), names("q.qcow2"));
+    assert_eq!(names("i.qcow2").len(), 3);
+}

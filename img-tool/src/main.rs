@@ -131,7 +131,8 @@ fn exit_code(status: i32) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let args = hyphen_values_attached(std::env::args_os().collect());
+    let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
             if e.kind() == clap::error::ErrorKind::MissingRequiredArgument {
@@ -156,6 +157,95 @@ fn main() -> ExitCode {
         }
     };
     exit_code(console::finish(status))
+}
+
+/// Attaches to an option the value that follows it when that value starts with `-`, as
+/// getopt takes the next argument whatever it looks like (`snapshot -c -old F` makes a
+/// snapshot named `-old`); clap would read it as an option. `-X VALUE` becomes `-XVALUE` and
+/// `--name VALUE` `--name=VALUE`, for options that must have a value; nothing changes after a
+/// bare `--`.
+fn hyphen_values_attached(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    use clap::CommandFactory;
+    use std::ffi::OsString;
+    let cli = Cli::command();
+    let mut it = args.into_iter().peekable();
+    let mut out: Vec<OsString> = it.next().into_iter().collect();
+    // Global options come before the subcommand; its options after it.
+    let mut sub = None;
+    for a in it.by_ref() {
+        let name = a
+            .to_str()
+            .filter(|s| !s.starts_with('-'))
+            .map(str::to_owned);
+        out.push(a);
+        if let Some(n) = name {
+            sub = cli.find_subcommand(&n).cloned();
+            break;
+        }
+    }
+    let Some(sub) = sub else {
+        out.extend(it);
+        return out;
+    };
+    // Whether an option given as `a` (`-X` or `--name`, a long name possibly shortened) must
+    // have a value.
+    let needs_value = |a: &str| {
+        let takes = |arg: &&clap::Arg| {
+            arg.get_action().takes_values()
+                && !arg.is_require_equals_set()
+                && arg.get_num_args().is_none_or(|r| r.min_values() > 0)
+        };
+        if let Some(long) = a.strip_prefix("--") {
+            let matches: Vec<_> = sub
+                .get_arguments()
+                .filter(|arg| arg.get_long().is_some_and(|l| l.starts_with(long)))
+                .collect();
+            let exact = matches.iter().find(|arg| arg.get_long() == Some(long));
+            match (exact, matches.as_slice()) {
+                (Some(arg), _) | (None, [arg]) => takes(arg),
+                _ => false,
+            }
+        } else {
+            let mut c = a.chars();
+            match (c.next(), c.next(), c.next()) {
+                (Some('-'), Some(short), None) => sub
+                    .get_arguments()
+                    .filter(|arg| arg.get_short() == Some(short))
+                    .any(|arg| takes(&arg)),
+                _ => false,
+            }
+        }
+    };
+    while let Some(a) = it.next() {
+        let Some(s) = a.to_str().map(str::to_owned) else {
+            out.push(a);
+            continue;
+        };
+        if s == "--" {
+            out.push(a);
+            out.extend(it);
+            break;
+        }
+        let attach = s.starts_with('-') && !s.contains('=') && needs_value(&s);
+        let hyphen_next = it
+            .peek()
+            .and_then(|v| v.to_str())
+            .is_some_and(|v| v.starts_with('-'));
+        match it.next_if(|_| attach) {
+            Some(v) if hyphen_next => {
+                let mut joined = OsString::from(&s);
+                if s.starts_with("--") {
+                    joined.push("=");
+                }
+                joined.push(&v);
+                out.push(joined);
+            }
+            // A value clap takes as it is (and not an option of its own).
+            Some(v) => out.extend([a, v]),
+            None => out.push(a),
+        }
+    }
+    out
 }
 
 /// qemu-img's words for a command line that lacks its file names (or size), by subcommand:
@@ -200,6 +290,41 @@ mod tests {
             Some(("resize".into(), "Expecting image file name and size"))
         );
         assert_eq!(missing_operands(args(&["bench"])), None);
+    }
+
+    #[test]
+    fn values_starting_with_a_hyphen_attach_to_their_option() {
+        let run = |v: &[&str]| {
+            let args = std::iter::once("img")
+                .chain(v.iter().copied())
+                .map(std::ffi::OsString::from)
+                .collect();
+            hyphen_values_attached(args)
+                .into_iter()
+                .skip(1)
+                .map(|a| a.into_string().unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            run(&["snapshot", "-c", "-l", "a.qcow2"]),
+            ["snapshot", "-c-l", "a.qcow2"]
+        );
+        assert_eq!(
+            run(&["snapshot", "--cre", "-x", "a.qcow2"]),
+            ["snapshot", "--cre=-x", "a.qcow2"]
+        );
+        // Flags, values without a hyphen, `=` forms and everything after `--` stay as given.
+        for v in [
+            &["snapshot", "-l", "-U", "a.qcow2"][..],
+            &["convert", "-p", "-O", "raw", "a", "b"],
+            &["convert", "--progress", "-O", "raw", "a", "b"],
+            &["resize", "-f", "raw", "a", "--", "-1M"],
+            &["measure", "--size=-1"],
+            &["info"],
+        ] {
+            assert_eq!(run(v), v, "{v:?}");
+        }
+        assert_eq!(run(&["measure", "--size", "-1"]), ["measure", "--size=-1"]);
     }
 
     #[test]
