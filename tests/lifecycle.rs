@@ -449,6 +449,39 @@ fn commit_matches_qemu() {
     }
 }
 
+/// An overlay emptied by commit gives its freed clusters back to the filesystem and ends at its
+/// last cluster in use, as qemu-img's emptying truncates it (img left it at its full length:
+/// 17 MiB here, against qemu-img's 256 KiB); it stays usable.
+#[test]
+fn commit_empties_the_overlay_file() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "64M"])
+        .ok();
+    env.qemu_io("qcow2", "base.qcow2", &["write -P 1 0 8M"]);
+    env.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "ov.qcow2",
+    ])
+    .ok();
+    env.qemu_io("qcow2", "ov.qcow2", &["write -P 2 4M 16M"]);
+    env.img(&["commit", "-q", "ov.qcow2"]).ok();
+    let check = env
+        .qemu_img(&["check", "--output=json", "ov.qcow2"])
+        .ok()
+        .json();
+    assert_eq!(check["image-end-offset"], env.len("ov.qcow2"));
+    assert!(env.len("ov.qcow2") < 512 * 1024, "{}", env.len("ov.qcow2"));
+    env.qemu_io("qcow2", "ov.qcow2", &["write -P 3 1M 1M"]);
+    env.qemu_img(&["check", "ov.qcow2"]).ok();
+}
+
 // ---------------------------------------------------------------------------------------------
 // amend
 

@@ -1172,6 +1172,8 @@ impl Driver for Qcow2 {
         self.note_bitmap_write(0, self.size)?;
         self.unmap_range(0, self.geo.align_up(self.size))?;
         self.flush()?;
+        // The freed data leaves the file, as qemu's emptying truncates it.
+        self.truncate_to_last_cluster()?;
         Ok(true)
     }
 

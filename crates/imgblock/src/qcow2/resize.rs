@@ -143,9 +143,9 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Cuts the file after its last cluster in use, as qemu does after shrinking an image; the
-    /// metadata is on disk already (flushed), and nothing past that cluster is referenced.
-    fn truncate_to_last_cluster(&self) -> Result<()> {
+    /// Cuts the file after its last cluster in use, as qemu does after shrinking or emptying an
+    /// image; the caller has flushed the metadata, so nothing past that cluster is referenced.
+    pub(super) fn truncate_to_last_cluster(&self) -> Result<()> {
         let f = self.file();
         let len = f.size().ctx(f.path())?;
         let cs = self.geo.cluster_size;
