@@ -2139,3 +2139,53 @@ fn option_values_starting_with_a_hyphen_are_taken_as_qemu_takes_them() {
     assert_eq!(names("i.qcow2"), names("q.qcow2"));
     assert_eq!(names("i.qcow2").len(), 3);
 }
+
+/// Options a subcommand does not have and file names too many are refused in qemu-img's words
+/// (getopt's for options), where img printed clap's usage text; a rebase onto the image itself
+/// names the new backing file as qemu-img does.
+#[test]
+fn unknown_options_and_extra_arguments_are_refused_in_qemu_words() {
+    let env = Env::with_qemu();
+    for f in ["a.qcow2", "b.qcow2"] {
+        env.qemu_img(&["create", "-q", "-f", "qcow2", f, "1M"]).ok();
+    }
+    env.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "a.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+    ])
+    .ok();
+    let cases: &[&str] = &[
+        "rebase -o x a.qcow2",
+        "info --bogus a.qcow2",
+        "info --bogus=3 a.qcow2",
+        "check -Z a.qcow2",
+        "convert -qZ a.qcow2 b",
+        "info a.qcow2 extra",
+        "create -f qcow2 x.qcow2 1M extra",
+        "compare a.qcow2 b.qcow2 c",
+        "resize a.qcow2 1M extra",
+        "map a.qcow2 b",
+        "snapshot -l a.qcow2 b",
+        "measure a b",
+        "amend -o x a b",
+        "rebase -b top.qcow2 -F qcow2 top.qcow2",
+    ];
+    for case in cases {
+        let args: Vec<&str> = case.split_whitespace().collect();
+        let ours = env.img(&args);
+        let theirs = env.qemu_img(&args);
+        assert_eq!(ours.code, theirs.code, "{case}\n{ours}\n{theirs}");
+        assert_eq!(
+            ours.stderr.replace("img", "TOOL"),
+            theirs.stderr.replace("qemu-img", "TOOL"),
+            "{case}"
+        );
+    }
+}

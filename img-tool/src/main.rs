@@ -143,6 +143,10 @@ fn main() -> ExitCode {
                     return exit_code(EXIT_FAILURE);
                 }
             }
+            if let Some(msg) = getopt_complaint(&e) {
+                console::eprint(&msg);
+                return exit_code(EXIT_FAILURE);
+            }
             let code = if e.use_stderr() { EXIT_FAILURE } else { 0 };
             // clap's own text; like qemu-img, usage errors exit with status 1.
             let _ = e.print();
@@ -246,6 +250,53 @@ fn hyphen_values_attached(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsStri
         }
     }
     out
+}
+
+/// getopt's words for an option the subcommand does not have, as qemu-img prints them:
+/// `img SUB: invalid option -- 'x'` or `img SUB: unrecognized option '--xyz'`, then where to
+/// look. `None` for every other parse error (clap's text then).
+fn getopt_complaint(e: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let sub = std::env::args().skip(1).find(|a| !a.starts_with('-'))?;
+    let what = if arg.starts_with("--") {
+        // As given, with any `=value` clap left out.
+        let given = std::env::args()
+            .find(|a| {
+                a.strip_prefix(arg.as_str())
+                    .is_some_and(|r| r.starts_with('='))
+            })
+            .unwrap_or_else(|| arg.clone());
+        format!("unrecognized option '{given}'")
+    } else if let Some(short) = arg.strip_prefix('-') {
+        format!("invalid option -- '{}'", short.chars().next()?)
+    } else {
+        // A file name too many.
+        let alone = match sub.as_str() {
+            "measure" => Some("At most one filename argument is allowed."),
+            "amend" => Some("Expecting one image file name"),
+            _ => None,
+        };
+        if let Some(msg) = alone {
+            return Some(format!("img: {msg}\n"));
+        }
+        let msg = match sub.as_str() {
+            "create" => format!("Unexpected argument: {arg}"),
+            "resize" => "Extra argument(s) in command line".to_owned(),
+            _ => missing_operands(std::iter::once(sub.clone()))?.1.to_owned(),
+        };
+        return Some(format!(
+            "img: {msg}\nTry 'img {sub} --help' for more info\n"
+        ));
+    };
+    Some(format!(
+        "img {sub}: {what}\nTry 'img {sub} --help' for more info\n"
+    ))
 }
 
 /// qemu-img's words for a command line that lacks its file names (or size), by subcommand:

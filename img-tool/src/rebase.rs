@@ -118,6 +118,18 @@ pub fn run(args: &RebaseArgs) -> CliResult<i32> {
             "Could not change the backing file to '{}': Invalid argument",
             args.backing.as_deref().unwrap_or("")
         )),
+        // The new backing file held by a writer (the image itself, say): named as qemu names it.
+        imgblock::Error::Locked {
+            path: ref locked, ..
+        } if new_backing.as_ref().is_some_and(|b| {
+            same_file(locked, &imgblock::image::resolve_backing(path, &b.filename))
+        }) =>
+        {
+            Failure::new(format!(
+                "Could not open new backing file '{}': {e}",
+                args.backing.as_deref().unwrap_or("")
+            ))
+        }
         imgblock::Error::BackingOpen { .. }
         | imgblock::Error::Io { .. }
         | imgblock::Error::KeyRequired { .. }
@@ -126,6 +138,14 @@ pub fn run(args: &RebaseArgs) -> CliResult<i32> {
     })?;
     progress.finish();
     Ok(0)
+}
+
+/// Whether two paths name one file.
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
 }
 
 /// Refuses, as qemu-img does before anything else, `-c` for an image whose format has no
