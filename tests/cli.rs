@@ -2175,6 +2175,7 @@ fn unknown_options_and_extra_arguments_are_refused_in_qemu_words() {
         "snapshot -l a.qcow2 b",
         "measure a b",
         "amend -o x a b",
+        "amend -o encrypt.format=luks a.qcow2",
         "rebase -b top.qcow2 -F qcow2 top.qcow2",
     ];
     for case in cases {
