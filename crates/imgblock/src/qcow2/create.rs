@@ -246,9 +246,11 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
     let cs = 1u64 << opts.cluster_bits;
     // An L1 table past qemu's limit: refused before any file is made, in qemu-img's words.
     let l2_entries = cs / if opts.extended_l2 { 16 } else { 8 };
-    if size.div_ceil(l2_entries * cs) * 8 > super::MAX_L1_BYTES {
-        return Err(invalid(TOO_LARGE));
-    }
+    let l1_entries = size.div_ceil(l2_entries * cs);
+    let l1_size = u32::try_from(l1_entries)
+        .ok()
+        .filter(|_| l1_entries * 8 <= super::MAX_L1_BYTES)
+        .ok_or_else(|| invalid(TOO_LARGE))?;
 
     // Files made here are deleted again if the create fails, as qemu deletes them.
     let data_file = match &opts.data_file {
@@ -343,12 +345,6 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
     // Everything else goes through the driver's allocator, which handles any geometry.
     let storage: Arc<dyn Storage> = Arc::new(file);
     let mut q = Qcow2::open(storage.clone(), true)?;
-    let l2_cover = q.geo.l2_entries * cs;
-    let l1_entries = size.div_ceil(l2_cover);
-    let l1_size = u32::try_from(l1_entries).map_err(|_| invalid(TOO_LARGE))?;
-    if l1_entries * 8 > super::MAX_L1_BYTES {
-        return Err(invalid(TOO_LARGE));
-    }
     {
         let mut st = q.lock();
         let l1_off = if l1_entries > 0 {

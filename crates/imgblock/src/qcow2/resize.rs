@@ -147,6 +147,10 @@ impl Qcow2 {
     /// image; the caller has flushed the metadata, so nothing past that cluster is referenced.
     pub(super) fn truncate_to_last_cluster(&self) -> Result<()> {
         let f = self.file();
+        if f.is_device() {
+            // A device keeps its length.
+            return Ok(());
+        }
         let len = f.size().ctx(f.path())?;
         let cs = self.geo.cluster_size;
         let mut st = self.lock();

@@ -62,8 +62,13 @@ struct State {
 impl State {
     /// Whether a data block starting at `start` may be written ([`MAX_DATA_GAP`]).
     fn within_reach(&self, start: u64) -> bool {
-        start <= self.file_end.saturating_add(MAX_DATA_GAP)
+        within_reach(self.file_end, start)
     }
+}
+
+/// Whether a data block starting at `start` lies within [`MAX_DATA_GAP`] of `file_end`.
+fn within_reach(file_end: u64, start: u64) -> bool {
+    start <= file_end.saturating_add(MAX_DATA_GAP)
 }
 
 /// An open VDI image.
@@ -304,7 +309,7 @@ impl Driver for Vdi {
         // Blocks too far past the end of the file are read but not written in place: allocate()
         // refuses them.
         let (data, file_end) = (u64::from(st.h.offset_data), st.file_end);
-        let in_reach = |entry: u64| data + entry * BS <= file_end.saturating_add(MAX_DATA_GAP);
+        let in_reach = |entry: u64| within_reach(file_end, data + entry * BS);
         // Extend over following blocks of the same kind (and, for data, contiguous on disk).
         let end = offset + len;
         let mut b = block;
