@@ -57,7 +57,11 @@ pub struct Args {
     /// LUKS passphrase is refused; legacy AES (encrypt.format=aes) cannot detect one.
     #[arg(long = "object", value_name = "secret,id=ID,data=STRING|file=PATH")]
     pub objects: Vec<String>,
-    /// Where COM1 goes: stdio, file:PATH, or none.
+    /// Where COM1 goes: stdio, file:PATH, or none. With stdio, standard input is the guest's
+    /// keyboard; a terminal is put in raw mode (Ctrl-C goes to the guest) and restored on exit,
+    /// and Ctrl-A is the escape key as in qemu: Ctrl-A x stops the VMM (disks flushed and
+    /// closed), Ctrl-A Ctrl-A sends Ctrl-A, Ctrl-A h lists the keys. SIGTERM, SIGINT and SIGHUP
+    /// stop it the same way.
     #[arg(long, value_name = "stdio|file:PATH|none", default_value = "stdio",
           value_parser = SerialSpec::from_str)]
     pub serial: SerialSpec,

@@ -8,6 +8,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
+use crate::console::RxRoom;
 use crate::layout::{ACPI_RESET_VALUE, S5_SLEEP_TYPE};
 
 /// Why the guest stopped.
@@ -19,6 +20,10 @@ pub enum VmExit {
     Reset,
     /// Something went wrong: a triple fault, a KVM error.
     Error(String),
+    /// SIGTERM, SIGINT or SIGHUP (the number) asked the VMM to stop.
+    Signal(i32),
+    /// The user typed the console's quit keys (`Ctrl-A x`).
+    ConsoleQuit,
 }
 
 /// An irqfd as vm-superio's interrupt trigger.
@@ -32,9 +37,7 @@ impl Trigger for IrqTrigger {
 }
 
 /// COM1.
-pub struct SerialDevice(
-    pub Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
-);
+pub struct SerialDevice(pub Serial<IrqTrigger, RxRoom, Box<dyn Write + Send>>);
 
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {

@@ -1,8 +1,10 @@
 //! `vmm`: a KVM virtual machine monitor that boots a Linux kernel (or the project's test guest)
 //! and serves virtio-blk disks from any image the `imgblock` library opens.
 //!
-//! Exit codes: 0 when the guest powers off or reboots; 1 when set-up fails or the guest dies
-//! (triple fault, KVM error); 2 for bad arguments (clap's convention).
+//! Exit codes: 0 when the guest powers off or reboots, or the VMM is stopped in order (SIGTERM,
+//! SIGINT, SIGHUP, or `Ctrl-A x` on the console; its disks are flushed and closed first); 1 when
+//! set-up fails or the guest dies (triple fault, KVM error); 2 for bad arguments (clap's
+//! convention).
 
 use clap::Parser;
 
@@ -14,6 +16,15 @@ fn main() {
     let code = match vm::run(&args) {
         Ok(o) => match o.exit {
             VmExit::PowerOff | VmExit::Reset => 0,
+            // As qemu: an orderly stop asked for from outside is not a failure.
+            VmExit::Signal(sig) => {
+                eprintln!("vmm: terminating on signal {sig}");
+                0
+            }
+            VmExit::ConsoleQuit => {
+                eprintln!("vmm: terminated from the console");
+                0
+            }
             VmExit::Error(msg) => {
                 eprintln!("vmm: guest stopped: {msg}");
                 1

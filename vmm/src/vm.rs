@@ -14,6 +14,7 @@ use crate::acpi::{self, MmioDevice};
 use crate::boot;
 use crate::bus::{self, Bus, BusDevice};
 use crate::cli::{Args, SerialSpec};
+use crate::console::{self, RxRoom};
 use crate::disk::{self, Disk};
 use crate::layout::*;
 use crate::legacy::{AcpiPm, IrqTrigger, SerialDevice, VmExit, I8042};
@@ -93,6 +94,14 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
     if args.disk.len() > MAX_VIRTIO_DEVICES {
         return Err(Error::TooManyDisks(args.disk.len()));
     }
+    // Before any thread starts, so that all of them inherit the mask: a stop signal then
+    // reaches the waiter below, never a thread that would die of it.
+    io("blocking the stop signals", console::block_stop_signals())?;
+    let (exit_tx, exit_rx) = channel::<VmExit>();
+    io(
+        "starting the signal thread",
+        console::spawn_signal_waiter(exit_tx.clone()),
+    )?;
     // Open the disks first: a locked or missing image should fail before anything else.
     let objects = disk::parse_objects(&args.objects)?;
     let mut disks = Vec::new();
@@ -128,7 +137,6 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
         })?;
     }
 
-    let (exit_tx, exit_rx) = channel::<VmExit>();
     let mut pio = Bus::default();
     let mut mmio_bus = Bus::default();
 
@@ -143,8 +151,14 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
     };
     let serial_irq = io("eventfd", EventFd::new(EFD_NONBLOCK))?;
     kvm("irqfd for COM1", vm.register_irqfd(&serial_irq, SERIAL_GSI))?;
-    let serial = SerialDevice(vm_superio::Serial::new(IrqTrigger(serial_irq), out));
-    pio.insert(0x3f8, 8, Arc::new(Mutex::new(serial)))?;
+    let rx_room = io("eventfd", EventFd::new(0))?;
+    let serial = SerialDevice(vm_superio::Serial::with_events(
+        IrqTrigger(serial_irq),
+        RxRoom(io("eventfd", rx_room.try_clone())?),
+        out,
+    ));
+    let serial = Arc::new(Mutex::new(serial));
+    pio.insert(0x3f8, 8, serial.clone())?;
     pio.insert(
         u64::from(ACPI_SLEEP_CONTROL_PORT),
         4,
@@ -255,6 +269,24 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
         );
     }
 
+    // Keyboard input for COM1, in raw mode when it comes from a terminal (restored when `run`
+    // returns, whichever way).
+    let mut input = console::Input::None;
+    if args.serial == SerialSpec::Stdio {
+        input = console::Input::stdin();
+        let terminal = match input {
+            console::Input::Terminal(_) => Some(true),
+            console::Input::Stream => Some(false),
+            console::Input::None => None,
+        };
+        if let Some(terminal) = terminal {
+            io(
+                "starting the console thread",
+                console::spawn_input(serial, rx_room, terminal, exit_tx.clone()),
+            )?;
+        }
+    }
+
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let pio = Arc::clone(&pio);
         let mmio_bus = Arc::clone(&mmio_bus);
@@ -274,6 +306,7 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
     let exit = exit_rx
         .recv()
         .unwrap_or_else(|_| VmExit::Error("every vCPU thread ended".into()));
+    drop(input);
     if std::env::var_os("VMM_REPORT").is_some() {
         report_usage(&mem, t0);
     }

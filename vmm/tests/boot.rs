@@ -728,3 +728,286 @@ fn guest_writes_are_recorded_in_persistent_bitmaps_qemu_made() {
     );
     assert!(d.bitmap_read("frozen").unwrap().is_clean());
 }
+
+/// A vmm running the test guest, its standard output read line by line as the guest prints.
+struct Running {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stdout: String,
+    stderr: PathBuf,
+}
+
+impl Running {
+    /// Starts the test guest with `disks` and `cmdline`, standard input from `stdin`, stderr to
+    /// a file in `tmp`, which is also the TMPDIR.
+    fn start(disks: &[String], cmdline: &str, stdin: std::process::Stdio, tmp: &Path) -> Running {
+        let stderr = tmp.join("vmm.stderr");
+        let mut c = Command::new(VMM);
+        c.args(["--kernel", GUEST, "--memory", "128M", "--cmdline", cmdline]);
+        for d in disks {
+            c.args(["--disk", d]);
+        }
+        c.env("TMPDIR", tmp)
+            .stdin(stdin)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap());
+        let mut child = c.spawn().unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(out)
+                .split(b'\n')
+                .map_while(Result::ok)
+            {
+                if tx.send(String::from_utf8_lossy(&l).into_owned()).is_err() {
+                    return;
+                }
+            }
+        });
+        Running {
+            child,
+            lines,
+            stdout: String::new(),
+            stderr,
+        }
+    }
+
+    /// Reads the guest's output until a line holds `needle`; panics after a minute.
+    fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.stdout.push_str(&l);
+                    self.stdout.push('\n');
+                    if l.contains(needle) {
+                        return l;
+                    }
+                }
+                Err(_) => {
+                    let _ = self.child.kill();
+                    panic!(
+                        "no line with {needle:?} from the guest; it printed:\n{}",
+                        self.stdout
+                    );
+                }
+            }
+        }
+    }
+
+    /// Waits (a minute at most) for the vmm to exit: its status, all the guest printed, stderr.
+    fn finish(mut self) -> (std::process::ExitStatus, String, String) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                break self.child.wait().unwrap();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        while let Ok(l) = self.lines.recv_timeout(std::time::Duration::from_secs(5)) {
+            self.stdout.push_str(&l);
+            self.stdout.push('\n');
+        }
+        let stderr = std::fs::read_to_string(&self.stderr).unwrap();
+        eprintln!(
+            "--- vmm stdout ---\n{}\n--- vmm stderr ---\n{stderr}",
+            self.stdout
+        );
+        (status, self.stdout, stderr)
+    }
+}
+
+#[test]
+fn serial_input_from_a_pipe_reaches_the_guest_whole_and_in_order() {
+    // Several times the 64-byte receive FIFO, written at once: the console holds back what the
+    // FIFO cannot take until the guest reads, so nothing is lost or reordered.
+    let Some(dir) = setup() else { return };
+    let text: String = (0..300u16)
+        .map(|i| char::from(b'!' + u8::try_from(i % 90).unwrap()))
+        .collect();
+    let text = text.replace('\\', "/");
+    let mut vm = Running::start(
+        &[],
+        &format!("console=ttyS0 test.serial_read={}", text.len()),
+        std::process::Stdio::piped(),
+        dir.path(),
+    );
+    vm.wait_for("waiting for 300 bytes of serial input");
+    {
+        use std::io::Write;
+        let mut stdin = vm.child.stdin.take().unwrap();
+        stdin.write_all(text.as_bytes()).unwrap();
+        // End of input must not stop the VM: the guest still powers off by itself.
+    }
+    let got = vm.wait_for("test-guest: serial input: ");
+    let (status, stdout, _) = vm.finish();
+    assert!(status.success(), "vmm exited with {status:?}");
+    assert_eq!(got.trim_end(), format!("test-guest: serial input: {text}"));
+    assert!(stdout.contains("ok - serial: input arrived with an interrupt"));
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+}
+
+#[test]
+fn sigterm_stops_the_vm_in_order_disks_flushed_and_closed() {
+    // Stopped by a signal while the guest runs, the VMM still flushes and closes its disks: the
+    // guest's writes are in the image, qemu-img check is clean, no bitmap is left in use and the
+    // snapshot=on overlay is gone.
+    let Some(dir) = setup() else { return };
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let img = dir.path().join("disk.qcow2");
+    let snap = dir.path().join("snap.qcow2");
+    let specs = [
+        format!("path={},format=qcow2", img.display()),
+        format!("path={},format=qcow2,snapshot=on", snap.display()),
+    ];
+    for (signal, name) in [(libc::SIGTERM, "15"), (libc::SIGINT, "2")] {
+        for f in [&img, &snap] {
+            let _ = std::fs::remove_file(f);
+            make_image(f, Format::Qcow2, 0, SIZE, None);
+        }
+        let st = Command::new("qemu-img")
+            .args(["bitmap", "--add"])
+            .arg(&img)
+            .arg("since-backup")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let mut vm = Running::start(
+            &specs,
+            "console=ttyS0 test.hold=1",
+            std::process::Stdio::null(),
+            &tmp,
+        );
+        vm.wait_for("test-guest: holding until stopped");
+        let pid = i32::try_from(vm.child.id()).unwrap();
+        // SAFETY: kill sends a signal to our own child; no memory is involved.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+        let (status, stdout, stderr) = vm.finish();
+        assert_eq!(status.code(), Some(0), "vmm exited with {status:?}");
+        assert!(
+            stderr.contains(&format!("vmm: terminating on signal {name}")),
+            "{stderr}"
+        );
+        assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+        qemu_check_clean(&img, Format::Qcow2);
+        assert_guest_wrote(&to_raw(&img, Format::Qcow2, dir.path()));
+        let info = Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        let info = String::from_utf8_lossy(&info.stdout);
+        assert!(
+            !info.contains("in-use"),
+            "the bitmap is left in use: {info}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&tmp)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n != "vmm.stderr")
+            .collect();
+        assert!(left.is_empty(), "snapshot overlay left behind: {left:?}");
+    }
+}
+
+#[test]
+fn terminal_console_is_raw_ctrl_a_x_quits_and_the_terminal_is_restored() {
+    // On a terminal every key reaches the guest as typed (CR stays CR, Ctrl-C is a byte, no
+    // echo), Ctrl-A Ctrl-A sends one Ctrl-A, Ctrl-A x stops the VMM in order, and the terminal
+    // gets its settings back.
+    let Some(dir) = setup() else { return };
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two descriptors; the name, termios and window size are optional.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: openpty returned two open descriptors that nothing else owns.
+    let (mut master, slave) = unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            std::fs::File::from_raw_fd(master),
+            std::os::fd::OwnedFd::from_raw_fd(slave),
+        )
+    };
+    let termios = |fd: &std::os::fd::OwnedFd| {
+        use std::os::fd::AsRawFd;
+        // SAFETY: termios is plain data that tcgetattr fills.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: `fd` is an open terminal and `t` a valid termios.
+        assert_eq!(unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut t) }, 0);
+        (t.c_iflag, t.c_oflag, t.c_cflag, t.c_lflag)
+    };
+    let before = termios(&slave);
+    assert_ne!(
+        before.3 & libc::ICANON,
+        0,
+        "a new pty starts in canonical mode"
+    );
+    let keys = b"ab\r\x03\x01\x01\x01zc";
+    let typed = r"ab\x0d\x03\x01c";
+    let mut vm = Running::start(
+        &[],
+        "console=ttyS0 test.serial_read=6 test.hold=1",
+        std::process::Stdio::from(slave.try_clone().unwrap()),
+        dir.path(),
+    );
+    vm.wait_for("waiting for 6 bytes of serial input");
+    {
+        use std::io::Write;
+        master.write_all(keys).unwrap();
+    }
+    let got = vm.wait_for("test-guest: serial input: ");
+    assert_eq!(got.trim_end(), format!("test-guest: serial input: {typed}"));
+    vm.wait_for("test-guest: holding until stopped");
+    {
+        use std::io::Write;
+        master.write_all(b"\x01h").unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !std::fs::read_to_string(&vm.stderr)
+        .unwrap()
+        .contains("C-a x")
+    {
+        assert!(std::time::Instant::now() < deadline, "no help for Ctrl-A h");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    {
+        use std::io::Write;
+        master.write_all(b"\x01x").unwrap();
+    }
+    let (status, stdout, stderr) = vm.finish();
+    assert_eq!(status.code(), Some(0), "vmm exited with {status:?}");
+    assert!(
+        stderr.contains("vmm: terminated from the console"),
+        "{stderr}"
+    );
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+    assert_eq!(termios(&slave), before, "the terminal was not restored");
+    // Nothing was echoed back to the terminal.
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fcntl on an open descriptor.
+        unsafe { libc::fcntl(master.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        let mut buf = [0u8; 64];
+        let n = std::io::Read::read(&mut &master, &mut buf);
+        assert!(
+            matches!(&n, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "the terminal echoed: {n:?} {:?}",
+            &buf[..*n.as_ref().unwrap_or(&0)]
+        );
+    }
+}

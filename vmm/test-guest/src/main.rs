@@ -266,9 +266,46 @@ extern "C" fn guest_main(info_addr: u64, protocol: u64) -> ! {
     if index == 0 {
         println!("test-guest: no virtio-mmio devices on the command line");
     }
+    if let Some(n) = param(cmd, "test.serial_read").and_then(|v| v.parse::<usize>().ok()) {
+        serial_input(n, &mut tally);
+    }
     let _ = t_entry;
     println!("{} passed, {} failed", tally.passed, tally.failed);
+    if param(cmd, "test.hold").is_some() {
+        // For tests that stop the VMM from outside.
+        println!("test-guest: holding until stopped");
+        loop {
+            // SAFETY: halting with interrupts off parks the CPU for good.
+            unsafe { core::arch::asm!("cli", "hlt") }
+        }
+    }
     hw::power_off()
+}
+
+/// Reads `n` bytes from COM1 as a driver does (receive interrupt on GSI 4, then the FIFO drained
+/// while LSR says data is ready), printing each back as it comes, bytes outside printable ASCII
+/// as `\xNN`.
+fn serial_input(n: usize, tally: &mut Tally) {
+    irq::route(4);
+    // IER: received-data-available interrupt.
+    hw::outb(0x3f9, 0x01);
+    let before = irq::count();
+    println!("test-guest: waiting for {} bytes of serial input", n);
+    // The first byte raises the interrupt, whether it comes before or after the wait starts.
+    irq::wait_until(|| irq::count() > before);
+    let _ = core::fmt::Write::write_str(&mut Serial, "test-guest: serial input: ");
+    for _ in 0..n {
+        irq::wait_until(|| hw::inb(0x3fd) & 1 != 0);
+        let b = hw::inb(0x3f8);
+        if (0x20..0x7f).contains(&b) && b != b'\\' {
+            hw::serial_putc(b);
+        } else {
+            let _ = core::fmt::Write::write_fmt(&mut Serial, format_args!("\\x{:02x}", b));
+        }
+    }
+    println!("");
+    hw::outb(0x3f9, 0);
+    tally.check("serial: input arrived with an interrupt", irq::count() > before);
 }
 
 #[panic_handler]
