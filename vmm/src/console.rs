@@ -260,7 +260,7 @@ fn enqueue(serial: &Mutex<SerialDevice>, pending: &mut Vec<u8>) {
             pending.drain(..n.min(pending.len()));
         }
         Err(SerialError::FullFifo) => {}
-        Err(e) => eprintln!("vmm: serial input: {e:?}\r"),
+        Err(e) => crate::report!("vmm: serial input: {e:?}\r"),
     }
 }
 

@@ -168,7 +168,7 @@ impl Disk {
             open(&spec.path, &opts, &chain_secrets(spec, objects, 0)?).map_err(ierr(&spec.path))?
         };
         if spec.format.is_none() && image.format_was_guessed_raw() {
-            eprintln!(
+            crate::report!(
                 "vmm: WARNING: {}: image format was not specified and probed as raw; writes to \
                  sector 0 are refused. Specify format=raw to remove the restrictions.",
                 spec.path.display()

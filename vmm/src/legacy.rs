@@ -50,7 +50,7 @@ impl BusDevice for SerialDevice {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let (Ok(o), Some(&v)) = (u8::try_from(offset), data.first()) {
             if let Err(e) = self.0.write(o, v) {
-                eprintln!("vmm: serial: {e:?}");
+                crate::report!("vmm: serial: {e:?}");
             }
             // The guest's console output should appear as it is written.
             if o == 0 {

@@ -18,20 +18,20 @@ fn main() {
             VmExit::PowerOff | VmExit::Reset => 0,
             // As qemu: an orderly stop asked for from outside is not a failure.
             VmExit::Signal(sig) => {
-                eprintln!("vmm: terminating on signal {sig}");
+                vmm::report!("vmm: terminating on signal {sig}");
                 0
             }
             VmExit::ConsoleQuit => {
-                eprintln!("vmm: terminated from the console");
+                vmm::report!("vmm: terminated from the console");
                 0
             }
             VmExit::Error(msg) => {
-                eprintln!("vmm: guest stopped: {msg}");
+                vmm::report!("vmm: guest stopped: {msg}");
                 1
             }
         },
         Err(e) => {
-            eprintln!("vmm: {:#}", anyhow::Error::from(e));
+            vmm::report!("vmm: {:#}", anyhow::Error::from(e));
             1
         }
     };

@@ -261,7 +261,7 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
         vcpus.push(vcpu);
     }
     if std::env::var_os("VMM_REPORT").is_some() {
-        eprintln!(
+        crate::report!(
             "vmm: set-up took {:.1} ms; starting {} vCPU(s) at {:#x} ({entry})",
             t0.elapsed().as_secs_f64() * 1e3,
             args.cpus,
@@ -316,7 +316,7 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
     }
     for d in &devs.disks {
         if let Err(e) = d.close() {
-            eprintln!("vmm: closing {}: {e}", d.image().path().display());
+            crate::report!("vmm: closing {}: {e}", d.image().path().display());
         }
     }
     drop(devs);
@@ -371,7 +371,7 @@ fn setup_msrs(vcpu: &VcpuFd) -> Result<(), Error> {
     })?;
     let n = kvm("setting MSRs", vcpu.set_msrs(&msrs))?;
     if n != entries.len() {
-        eprintln!(
+        crate::report!(
             "vmm: warning: KVM accepted {n} of {} boot MSRs",
             entries.len()
         );
@@ -413,7 +413,7 @@ fn report_usage(mem: &GuestMemoryMmap, t0: Instant) {
         touched_pages += resident_pages(r.as_ptr(), r.len());
     }
     let touched_kib = touched_pages * 4;
-    eprintln!(
+    crate::report!(
         "vmm: ran {:.1} ms; RSS {} KiB, guest memory touched {} KiB, VMM overhead {} KiB",
         t0.elapsed().as_secs_f64() * 1e3,
         rss_kib,

@@ -917,12 +917,8 @@ fn sigterm_stops_the_vm_in_order_disks_flushed_and_closed() {
     }
 }
 
-#[test]
-fn terminal_console_is_raw_ctrl_a_x_quits_and_the_terminal_is_restored() {
-    // On a terminal every key reaches the guest as typed (CR stays CR, Ctrl-C is a byte, no
-    // echo), Ctrl-A Ctrl-A sends one Ctrl-A, Ctrl-A x stops the VMM in order, and the terminal
-    // gets its settings back.
-    let Some(dir) = setup() else { return };
+/// A new pseudo-terminal: (master, slave).
+fn openpty() -> (std::fs::File, std::os::fd::OwnedFd) {
     let (mut master, mut slave) = (-1, -1);
     // SAFETY: openpty writes two descriptors; the name, termios and window size are optional.
     let r = unsafe {
@@ -935,14 +931,30 @@ fn terminal_console_is_raw_ctrl_a_x_quits_and_the_terminal_is_restored() {
         )
     };
     assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    // Children must not inherit the master: the terminal hangs up only when its last copy
+    // closes.
+    for fd in [master, slave] {
+        // SAFETY: fcntl on a descriptor openpty just returned.
+        let r = unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        assert_eq!(r, 0);
+    }
     // SAFETY: openpty returned two open descriptors that nothing else owns.
-    let (mut master, slave) = unsafe {
+    unsafe {
         use std::os::fd::FromRawFd;
         (
             std::fs::File::from_raw_fd(master),
             std::os::fd::OwnedFd::from_raw_fd(slave),
         )
-    };
+    }
+}
+
+#[test]
+fn terminal_console_is_raw_ctrl_a_x_quits_and_the_terminal_is_restored() {
+    // On a terminal every key reaches the guest as typed (CR stays CR, Ctrl-C is a byte, no
+    // echo), Ctrl-A Ctrl-A sends one Ctrl-A, Ctrl-A x stops the VMM in order, and the terminal
+    // gets its settings back.
+    let Some(dir) = setup() else { return };
+    let (mut master, slave) = openpty();
     let termios = |fd: &std::os::fd::OwnedFd| {
         use std::os::fd::AsRawFd;
         // SAFETY: termios is plain data that tcgetattr fills.
@@ -1010,4 +1022,66 @@ fn terminal_console_is_raw_ctrl_a_x_quits_and_the_terminal_is_restored() {
             &buf[..*n.as_ref().unwrap_or(&0)]
         );
     }
+}
+
+#[test]
+fn sighup_after_the_terminal_hung_up_still_stops_in_order() {
+    // The terminal the VMM prints to goes away (an SSH session dropped) and SIGHUP follows:
+    // writes to it now fail, and the VMM must still stop in order rather than panic on them.
+    let Some(dir) = setup() else { return };
+    let img = dir.path().join("disk.qcow2");
+    make_image(&img, Format::Qcow2, 0, SIZE, None);
+    let (master, slave) = openpty();
+    let mut c = Command::new(VMM);
+    c.args(["--kernel", GUEST, "--memory", "128M"])
+        .args(["--cmdline", "console=ttyS0 test.hold=1"])
+        .arg("--disk")
+        .arg(format!("path={},format=qcow2", img.display()))
+        .env("TMPDIR", dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::from(slave.try_clone().unwrap()))
+        .stderr(std::process::Stdio::from(slave));
+    let mut child = c.spawn().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut master = master;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut master, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&seen).contains("holding until stopped") {
+                // Dropping the master hangs the terminal up.
+                let _ = tx.send(String::from_utf8_lossy(&seen).into_owned());
+                return;
+            }
+        }
+    });
+    let seen = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .unwrap_or_else(|_| {
+            let _ = child.kill();
+            panic!("the guest never reached its hold")
+        });
+    assert!(seen.contains(" passed, 0 failed"), "{seen}");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: kill sends a signal to our own child; no memory is involved.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("vmm did not stop on SIGHUP");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "vmm exited with {status:?}");
+    qemu_check_clean(&img, Format::Qcow2);
+    assert_guest_wrote(&to_raw(&img, Format::Qcow2, dir.path()));
 }

@@ -376,7 +376,7 @@ pub fn execute(
     let io = |r: Result<(), String>| match r {
         Ok(()) => VIRTIO_BLK_S_OK,
         Err(e) => {
-            eprintln!("vmm: virtio-blk: {e}");
+            crate::report!("vmm: virtio-blk: {e}");
             VIRTIO_BLK_S_IOERR
         }
     };

@@ -220,7 +220,7 @@ impl MmioBlock {
             let queue = std::mem::replace(&mut q.queue, blank);
             q.live = true;
             if let Err(e) = q.worker.start(self.mem.clone(), queue) {
-                eprintln!("vmm: virtio-blk: cannot start an I/O thread: {e}");
+                crate::report!("vmm: virtio-blk: cannot start an I/O thread: {e}");
                 ok = false;
             }
         }

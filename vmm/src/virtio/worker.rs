@@ -27,7 +27,7 @@ impl Interrupt {
     pub fn signal_used(&self) {
         self.status.fetch_or(1, Ordering::SeqCst);
         if let Err(e) = self.irqfd.write(1) {
-            eprintln!("vmm: virtio-blk: irqfd write failed: {e}");
+            crate::report!("vmm: virtio-blk: irqfd write failed: {e}");
         }
     }
 }
@@ -107,7 +107,7 @@ impl BlockWorker {
                         Ok(n) => n,
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                         Err(e) => {
-                            eprintln!("vmm: virtio-blk: epoll failed: {e}");
+                            crate::report!("vmm: virtio-blk: epoll failed: {e}");
                             break;
                         }
                     };
@@ -127,7 +127,7 @@ impl BlockWorker {
                     }
                 }
                 if let Err(e) = w.disk.flush() {
-                    eprintln!("vmm: virtio-blk: flush on stop failed: {e}");
+                    crate::report!("vmm: virtio-blk: flush on stop failed: {e}");
                 }
             })?;
         self.thread = Some(t);
@@ -139,7 +139,7 @@ impl BlockWorker {
         if let Some(t) = self.thread.take() {
             let _ = self.stop.write(1);
             if t.join().is_err() {
-                eprintln!("vmm: virtio-blk: I/O thread panicked");
+                crate::report!("vmm: virtio-blk: I/O thread panicked");
             }
         }
     }
@@ -195,12 +195,12 @@ pub fn serve_queue(
     let mut notify = |queue: &mut Queue| match queue.needs_notification(mem) {
         Ok(true) => signal(),
         Ok(false) => {}
-        Err(e) => eprintln!("vmm: virtio-blk: queue error: {e}"),
+        Err(e) => crate::report!("vmm: virtio-blk: queue error: {e}"),
     };
     // Bounded: a guest that keeps adding requests cannot starve the stop event forever.
     for _ in 0..1024 {
         if let Err(e) = queue.disable_notification(mem) {
-            eprintln!("vmm: virtio-blk: queue error: {e}");
+            crate::report!("vmm: virtio-blk: queue error: {e}");
             break;
         }
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
@@ -208,7 +208,7 @@ pub fn serve_queue(
             let descs = chain.map(|d| (d.addr().0, d.len(), d.is_write_only()));
             let len = handle_chain(mem, descs, disk, cfg, bounce);
             if let Err(e) = queue.add_used(mem, head, len) {
-                eprintln!("vmm: virtio-blk: cannot return descriptor {head}: {e}");
+                crate::report!("vmm: virtio-blk: cannot return descriptor {head}: {e}");
                 return used;
             }
             used = true;
@@ -218,7 +218,7 @@ pub fn serve_queue(
             Ok(true) => continue,
             Ok(false) => break,
             Err(e) => {
-                eprintln!("vmm: virtio-blk: queue error: {e}");
+                crate::report!("vmm: virtio-blk: queue error: {e}");
                 break;
             }
         }
