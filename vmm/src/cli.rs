@@ -27,7 +27,8 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub kernel: PathBuf,
     /// Initramfs loaded into guest memory and announced in the zero page (or as PVH module 0).
-    #[arg(long, value_name = "PATH")]
+    /// Also spelt --initramfs, as Cloud Hypervisor does.
+    #[arg(long, value_name = "PATH", alias = "initramfs")]
     pub initrd: Option<PathBuf>,
     /// Kernel command line; `virtio_mmio.device=` entries for each disk are appended.
     #[arg(
@@ -36,18 +37,19 @@ pub struct Args {
         default_value = "console=ttyS0 reboot=k panic=1"
     )]
     pub cmdline: String,
-    /// Guest memory, with qemu's suffixes (k, M, G; plain number = bytes).
+    /// Guest memory, with qemu's suffixes (k, M, G; plain number = bytes). Cloud Hypervisor's
+    /// size=SIZE is taken too.
     #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_memory)]
     pub memory: u64,
-    /// Number of vCPUs (each a host thread).
-    #[arg(long, value_name = "N", default_value_t = 1,
-          value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_CPUS)))]
+    /// Number of vCPUs (each a host thread). Cloud Hypervisor's boot=N is taken too.
+    #[arg(long, value_name = "N", default_value = "1", value_parser = parse_cpus)]
     pub cpus: u8,
     /// A virtio-blk disk; repeat for more. Keys: path=IMG (required), format=raw|qcow2|...
     /// (probed when absent), readonly=on|off, snapshot=on|off (writes go to a temporary qcow2
     /// overlay deleted on exit), cache=writeback|none|unsafe|directsync, discard=ignore|unmap,
     /// serial=ID (at most 20 bytes, returned by GET_ID), num_queues=N (request queues, each
-    /// served by its own I/O thread; 1 to 16, default 1), encrypt.key-secret=ID (key-secret=ID
+    /// served by its own I/O thread; 1 to 16, default 1), direct=on (Cloud Hypervisor's
+    /// cache=none), encrypt.key-secret=ID (key-secret=ID
     /// for a luks image; backing.encrypt.key-secret=ID for the image below, and so on) naming an
     /// --object secret. A comma inside a value is written ",,".
     #[arg(long, value_name = "path=IMG[,KEY=VALUE...]", value_parser = DiskSpec::from_str)]
@@ -67,10 +69,19 @@ pub struct Args {
     pub serial: SerialSpec,
 }
 
+fn parse_cpus(s: &str) -> Result<u8, String> {
+    s.strip_prefix("boot=")
+        .unwrap_or(s)
+        .parse::<u8>()
+        .ok()
+        .filter(|n| (1..=MAX_CPUS).contains(n))
+        .ok_or_else(|| format!("'{s}': expected a number of vCPUs from 1 to {MAX_CPUS}"))
+}
+
 fn parse_memory(s: &str) -> Result<u64, String> {
     // A bare number means MiB for qemu's -m; here it means bytes unless suffixed, like
     // qemu-img sizes. Require at least 16 MiB: the boot structures and a kernel need room.
-    let v = parse_size(s).map_err(|e| e.to_string())?;
+    let v = parse_size(s.strip_prefix("size=").unwrap_or(s)).map_err(|e| e.to_string())?;
     if v < 16 << 20 {
         return Err(format!("guest memory {s} is below the 16 MiB minimum"));
     }
@@ -198,6 +209,14 @@ impl FromStr for DiskSpec {
                     }
                     spec.serial = Some(v);
                 }
+                // Cloud Hypervisor's spelling of cache=none.
+                "direct" => {
+                    spec.cache = if parse_bool(&k, &v).map_err(|e| e.to_string())? {
+                        CacheMode::None
+                    } else {
+                        CacheMode::Writeback
+                    };
+                }
                 "num_queues" | "num-queues" => {
                     spec.num_queues = v
                         .parse()
@@ -237,9 +256,10 @@ impl FromStr for SerialSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
-            "stdio" => Ok(SerialSpec::Stdio),
-            "none" => Ok(SerialSpec::None),
-            _ => match s.strip_prefix("file:") {
+            // tty and off are Cloud Hypervisor's names, file=PATH its spelling.
+            "stdio" | "tty" => Ok(SerialSpec::Stdio),
+            "none" | "off" | "null" => Ok(SerialSpec::None),
+            _ => match s.strip_prefix("file:").or_else(|| s.strip_prefix("file=")) {
                 Some(p) if !p.is_empty() => Ok(SerialSpec::File(PathBuf::from(p))),
                 _ => Err(format!("'{s}': expected stdio, file:PATH or none")),
             },
@@ -316,6 +336,44 @@ mod tests {
         );
         assert!("file:".parse::<SerialSpec>().is_err());
         assert!("tcp:1".parse::<SerialSpec>().is_err());
+    }
+
+    #[test]
+    fn cloud_hypervisor_spellings_are_taken() {
+        let a = Args::try_parse_from([
+            "vmm",
+            "--kernel",
+            "k",
+            "--initramfs",
+            "i.img",
+            "--memory",
+            "size=1G",
+            "--cpus",
+            "boot=2",
+            "--serial",
+            "tty",
+            "--disk",
+            "path=d.raw,direct=on",
+        ])
+        .unwrap();
+        assert_eq!(a.initrd, Some(PathBuf::from("i.img")));
+        assert_eq!((a.memory, a.cpus), (1 << 30, 2));
+        assert_eq!(a.serial, SerialSpec::Stdio);
+        assert_eq!(a.disk[0].cache, CacheMode::None);
+        assert_eq!("off".parse::<SerialSpec>().unwrap(), SerialSpec::None);
+        assert_eq!(
+            "file=/tmp/x".parse::<SerialSpec>().unwrap(),
+            SerialSpec::File("/tmp/x".into())
+        );
+        let d: DiskSpec = "path=x,direct=off".parse().unwrap();
+        assert_eq!(d.cache, CacheMode::Writeback);
+        assert!("path=x,direct=maybe".parse::<DiskSpec>().is_err());
+        for bad in ["boot=0", "boot=x", "max=2", "boot=65"] {
+            assert!(
+                Args::try_parse_from(["vmm", "--kernel", "k", "--cpus", bad]).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
