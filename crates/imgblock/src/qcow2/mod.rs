@@ -142,6 +142,11 @@ pub(crate) struct State {
     pub meta: Option<overlap::MetadataMap>,
     /// A write on metadata was prevented in this session: no further writes.
     pub corrupt: bool,
+    /// While an operation frees many clusters under one hold of the lock (emptying, discarding
+    /// or zeroing a range): the host ranges to deallocate, adjacent ones merged, issued at its
+    /// end or before anything is allocated. One request per cluster costs the filesystem a
+    /// journal transaction each (16 s to empty 512 MiB on ext4, against 0.1 s merged).
+    pub discards: Option<Vec<(u64, u64)>>,
 }
 
 /// A qcow2 image.
@@ -284,6 +289,7 @@ impl Qcow2 {
             bitmaps,
             meta: None,
             corrupt: false,
+            discards: None,
         };
         // qemu reads the snapshot table when it opens an image and refuses a malformed one.
         snapshot::read_table(storage.as_ref(), &state.h).map_err(&qerr)?;
@@ -510,7 +516,6 @@ impl Qcow2 {
 
     /// Zeroes (v3) or unallocates (v2, or discard) whole clusters or subclusters.
     fn zero_or_discard(&self, offset: u64, len: u64, unmap: bool, discard: bool) -> Result<bool> {
-        let g = &self.geo;
         if self.data_file_raw() {
             // The data file is the disk as raw: it gets the zeroes first, as in qemu.
             let end = (offset + len).min(self.size);
@@ -524,6 +529,20 @@ impl Qcow2 {
         if st.corrupt {
             return Err(self.err(Error::MarkedCorrupt));
         }
+        self.batch_discards(&mut st, |st| {
+            self.zero_or_discard_locked(st, offset, len, unmap, discard)
+        })
+    }
+
+    fn zero_or_discard_locked(
+        &self,
+        st: &mut State,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        discard: bool,
+    ) -> Result<bool> {
+        let g = &self.geo;
         let has_backing = st.h.backing_file.is_some();
         let v3 = g.version >= 3;
         if !v3 && has_backing && !discard {
@@ -538,7 +557,7 @@ impl Qcow2 {
             let s = pos - cstart;
             let e = end.min(cend) - cstart;
             let full = s == 0 && e == g.cluster_size;
-            let old = self.lookup(&mut st, gc)?;
+            let old = self.lookup(st, gc)?;
             let old_entry = old.map(|o| o.0).unwrap_or_default();
             if old.is_none() && !has_backing && (discard || v3) && !g.extended_l2 {
                 // Unallocated with nothing below already reads as zeroes.
@@ -586,10 +605,10 @@ impl Qcow2 {
                 }
             }
             if new != old_entry {
-                let l2off = self.l2_for_write(&mut st, gc / g.l2_entries)?;
-                self.set_l2_entry(&mut st, l2off, gc % g.l2_entries, new)?;
+                let l2off = self.l2_for_write(st, gc / g.l2_entries)?;
+                self.set_l2_entry(st, l2off, gc % g.l2_entries, new)?;
                 if release {
-                    self.release(&mut st, &old_entry, unmap || discard)?;
+                    self.release(st, &old_entry, unmap || discard)?;
                 }
             }
             pos = cend.min(end);
@@ -825,6 +844,7 @@ impl Driver for Qcow2 {
             bitmaps: bitmaps.filter(|_| size == self.size),
             meta: None,
             corrupt: false,
+            discards: None,
         };
         Ok(Box::new(Qcow2 {
             files: self.files.clone(),
@@ -1171,6 +1191,9 @@ impl Driver for Qcow2 {
     fn make_empty(&self) -> Result<bool> {
         self.note_bitmap_write(0, self.size)?;
         self.unmap_range(0, self.geo.align_up(self.size))?;
+        // The emptied L2 tables go too, as qemu's emptying rebuilds the image without them:
+        // one left far into the file would hold the file's end there.
+        self.drop_l2_tables(&mut self.lock(), 0)?;
         self.flush()?;
         // The freed data leaves the file, as qemu's emptying truncates it.
         self.truncate_to_last_cluster()?;
@@ -1279,6 +1302,99 @@ mod tests {
         patch(&mut b);
         std::fs::write(&p, &b).unwrap();
         Image::open(&p, &OpenOptions::read_only())
+    }
+
+    /// In-memory storage that records every discard request.
+    #[derive(Debug)]
+    struct DiscardLog {
+        inner: crate::storage::MemStorage,
+        log: Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl Storage for DiscardLog {
+        fn path(&self) -> &std::path::Path {
+            self.inner.path()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.inner.write_at(buf, offset)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> std::io::Result<()> {
+            self.inner.write_zeroes(offset, len, unmap)
+        }
+        fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+            self.log.lock().unwrap().push((offset, len));
+            self.inner.discard(offset, len)
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            self.inner.flush()
+        }
+        fn size(&self) -> std::io::Result<u64> {
+            self.inner.size()
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.inner.set_len(len)
+        }
+        fn allocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
+            self.inner.allocate(offset, len)
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+    }
+
+    /// A fresh 64 MiB image (64 KiB clusters) in memory whose discards are logged.
+    fn logged_image() -> (Arc<DiscardLog>, Image) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.qcow2");
+        create(&p, Format::Qcow2, &CreateOptions::new(64 << 20)).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        let s = Arc::new(DiscardLog {
+            inner: crate::storage::MemStorage::new(bytes, &p, false),
+            log: Mutex::new(Vec::new()),
+        });
+        let img = Image::open_storage(s.clone(), &OpenOptions::writable()).unwrap();
+        (s, img)
+    }
+
+    #[test]
+    fn freed_neighbours_are_deallocated_in_one_request() {
+        // 8 MiB of data in 128 neighbouring clusters, then discarded: one request for the run,
+        // not one per cluster (each costs a filesystem transaction).
+        let (s, q) = logged_image();
+        q.write_at(&vec![7u8; 8 << 20], 0).unwrap();
+        let before = s.log.lock().unwrap().len();
+        q.discard(0, 8 << 20).unwrap();
+        let log = s.log.lock().unwrap()[before..].to_vec();
+        assert_eq!(log.len(), 1, "{log:?}");
+        assert_eq!(log[0].1, 8 << 20);
+        let mut buf = vec![1u8; 8 << 20];
+        q.read_at(&mut buf, 0).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_cluster_freed_in_a_batch_is_deallocated_before_its_reuse() {
+        // Emptying frees the data and then the L2 table; data written afterwards reuses those
+        // clusters and must survive: every deallocation came before.
+        let (s, q) = logged_image();
+        q.write_at(&vec![7u8; 1 << 20], 0).unwrap();
+        assert!(q.driver().make_empty().unwrap());
+        let n = s.log.lock().unwrap().len();
+        assert!((1..=2).contains(&n), "{:?}", s.log.lock().unwrap());
+        q.write_at(&vec![9u8; 1 << 20], 4 << 20).unwrap();
+        assert_eq!(
+            s.log.lock().unwrap().len(),
+            n,
+            "a write deallocated something"
+        );
+        let mut buf = vec![0u8; 1 << 20];
+        q.read_at(&mut buf, 4 << 20).unwrap();
+        assert!(buf.iter().all(|&b| b == 9));
+        q.read_at(&mut buf, 0).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
     }
 
     fn qcow2_err(r: crate::Result<Image>) -> Error {

@@ -122,6 +122,8 @@ impl Qcow2 {
         n: u64,
         value: impl Fn(u64) -> u64,
     ) -> Result<()> {
+        // Clusters freed earlier in a batch may be among these: deallocate them first.
+        self.issue_discards(st);
         let per = self.geo.rb_entries;
         let end = c + n;
         let mut cur = c;
@@ -159,7 +161,9 @@ impl Qcow2 {
             return Err(self.err(Error::RefcountUnderflow(c << self.geo.cluster_bits)));
         }
         if v != 0 {
-            // Whatever happens to the write below, this cluster may now count as in use.
+            // Whatever happens to the write below, this cluster may now count as in use; if a
+            // batch freed it, its deallocation must come first.
+            self.issue_discards(st);
             st.end_hint = st.end_hint.max(c + 1);
         }
         let order = self.geo.refcount_order;
@@ -207,12 +211,46 @@ impl Qcow2 {
             st.l2_cache.remove(c << self.geo.cluster_bits);
             st.rb_cache.remove(c << self.geo.cluster_bits);
             if discard {
-                let _ = self
-                    .file()
-                    .discard(c << self.geo.cluster_bits, self.geo.cluster_size);
+                let (off, len) = (c << self.geo.cluster_bits, self.geo.cluster_size);
+                match st.discards.as_mut() {
+                    Some(v) => match v.last_mut() {
+                        Some(last) if last.0 + last.1 == off => last.1 += len,
+                        _ => v.push((off, len)),
+                    },
+                    None => {
+                        let _ = self.file().discard(off, len);
+                    }
+                }
             }
         }
         Ok(())
+    }
+
+    /// Runs `f` with the host ranges it frees deallocated together at its end (see
+    /// [`State::discards`]), whether it succeeds or not.
+    pub(super) fn batch_discards<T>(
+        &self,
+        st: &mut State,
+        f: impl FnOnce(&mut State) -> Result<T>,
+    ) -> Result<T> {
+        let outer = st.discards.is_some();
+        st.discards.get_or_insert_with(Vec::new);
+        let r = f(st);
+        if !outer {
+            self.issue_discards(st);
+            st.discards = None;
+        }
+        r
+    }
+
+    /// Deallocates the host ranges freed so far in a batch. Called before any refcount becomes
+    /// non-zero, so a cluster freed in the batch is never deallocated after its reuse.
+    fn issue_discards(&self, st: &mut State) {
+        if let Some(v) = st.discards.as_mut() {
+            for (off, len) in v.drain(..) {
+                let _ = self.file().discard(off, len);
+            }
+        }
     }
 
     /// First cluster index of a run of `n` clusters whose refcounts are all zero.

@@ -1,6 +1,6 @@
 //! Growing and shrinking qcow2 images.
 
-use super::{Error, Qcow2, OFFSET_MASK};
+use super::{Error, Qcow2, State, OFFSET_MASK};
 use crate::driver::Driver;
 use crate::error::IoContext;
 use crate::raw::Preallocation;
@@ -51,18 +51,7 @@ impl Qcow2 {
             let mut st = self.lock();
             let keep = usize::try_from(new_size.div_ceil(g.l2_entries * g.cluster_size))
                 .unwrap_or(usize::MAX);
-            for i in keep..st.l1.len() {
-                let l2 = st.l1[i] & OFFSET_MASK;
-                if l2 != 0 {
-                    st.l1[i] = 0;
-                    st.meta_remove(l2 >> g.cluster_bits, super::overlap::Metadata::ActiveL2);
-                    let off = st.h.l1_table_offset + i as u64 * 8;
-                    self.file()
-                        .write_at(&0u64.to_be_bytes(), off)
-                        .ctx(self.file().path())?;
-                    self.update_refcount(&mut st, l2, -1, true)?;
-                }
-            }
+            self.drop_l2_tables(&mut st, keep)?;
             self.file()
                 .write_at(&new_size.to_be_bytes(), 24)
                 .ctx(self.file().path())?;
@@ -166,22 +155,43 @@ impl Qcow2 {
     }
 
     /// Makes whole clusters unallocated (their old mapping freed), whatever the version.
-    pub(super) fn unmap_range(&self, offset: u64, len: u64) -> Result<()> {
+    /// Frees the L2 tables of the L1 entries from index `from` on, whatever they hold: each
+    /// L1 entry is cleared on disk before its table's refcount drops, so an interruption can
+    /// leak the table but never leave the L1 pointing at a free cluster.
+    pub(super) fn drop_l2_tables(&self, st: &mut State, from: usize) -> Result<()> {
         let g = self.geo;
+        self.batch_discards(st, |st| {
+            for i in from..st.l1.len() {
+                let l2 = st.l1[i] & OFFSET_MASK;
+                if l2 != 0 {
+                    st.l1[i] = 0;
+                    st.meta_remove(l2 >> g.cluster_bits, super::overlap::Metadata::ActiveL2);
+                    let off = st.h.l1_table_offset + i as u64 * 8;
+                    self.file()
+                        .write_at(&0u64.to_be_bytes(), off)
+                        .ctx(self.file().path())?;
+                    self.update_refcount(st, l2, -1, true)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    pub(super) fn unmap_range(&self, offset: u64, len: u64) -> Result<()> {
         let mut st = self.lock();
+        self.batch_discards(&mut st, |st| self.unmap_range_locked(st, offset, len))
+    }
+
+    fn unmap_range_locked(&self, st: &mut State, offset: u64, len: u64) -> Result<()> {
+        let g = self.geo;
         let mut gc = offset >> g.cluster_bits;
         let end = (offset + len) >> g.cluster_bits;
         while gc < end {
-            if let Some((old, _)) = self.lookup(&mut st, gc)? {
+            if let Some((old, _)) = self.lookup(st, gc)? {
                 if old != super::l2::Entry::default() {
-                    let l2off = self.l2_for_write(&mut st, gc / g.l2_entries)?;
-                    self.set_l2_entry(
-                        &mut st,
-                        l2off,
-                        gc % g.l2_entries,
-                        super::l2::Entry::default(),
-                    )?;
-                    self.release(&mut st, &old, true)?;
+                    let l2off = self.l2_for_write(st, gc / g.l2_entries)?;
+                    self.set_l2_entry(st, l2off, gc % g.l2_entries, super::l2::Entry::default())?;
+                    self.release(st, &old, true)?;
                 }
             } else {
                 // No L2 table: skip to the next one.
