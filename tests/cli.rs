@@ -613,6 +613,29 @@ fn info_actual_size_leaves_out_data_file_like_qemu() {
     assert!(line(&i).is_some());
 }
 
+/// An external data file's name is taken as written, relative to the working directory and not
+/// to the image's directory (unlike a backing file): qemu-img creates `-o data_file=sub/d.data`
+/// there, records `sub/d.data`, and opens it from there again.
+#[test]
+fn data_file_in_a_subdirectory_is_named_from_the_working_directory_like_qemu() {
+    let env = Env::with_qemu();
+    std::fs::create_dir(env.path("sub")).expect("mkdir");
+    for (tool, name) in [("qemu-img", "q"), ("img", "i")] {
+        let data = format!("data_file=sub/{name}.data");
+        let file = format!("sub/{name}.qcow2");
+        let args = ["create", "-q", "-f", "qcow2", "-o", &data, &file, "1M"];
+        if tool == "img" {
+            env.img(&args).ok();
+        } else {
+            env.qemu_img(&args).ok();
+        }
+        assert!(env.path(&format!("sub/{name}.data")).exists(), "{tool}");
+        env.qemu_io("qcow2", &file, &["write -P 5 64k 64k"]);
+        same_output_as_qemu(&env, &["map", "--output=json", &file]);
+        same_output_as_qemu(&env, &["compare", "-f", "qcow2", &file, "sub/q.qcow2"]);
+    }
+}
+
 /// A snapshot without an instruction count (icount -1) lists it as "--", in `snapshot -l` and
 /// in `info`.
 #[test]

@@ -255,8 +255,9 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
     // Files made here are deleted again if the create fails, as qemu deletes them.
     let data_file = match &opts.data_file {
         Some(name) => {
-            // Created here; the driver opens it again from the header extension.
-            let dpath = crate::image::resolve_backing(path, name);
+            // Created as named, from the working directory, as qemu creates it; the driver
+            // opens it again from the header extension.
+            let dpath = std::path::PathBuf::from(name);
             let ds = FileStorage::create_with(&dpath, o.file)?;
             let guard = Unfinished::new(&dpath);
             ds.set_len(size).ctx(&dpath)?;

@@ -25,6 +25,7 @@ mod resize;
 mod snapshot;
 mod snapshot_ops;
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 pub use create::{can_hold_bitmaps, create, measure_full, preallocates_data, CREATE_OPTIONS};
@@ -264,7 +265,7 @@ impl Qcow2 {
         let mut data = 0;
         if h.incompatible & header::INCOMPAT_DATA_FILE != 0 {
             let name = h.data_file().ok_or_else(|| qerr(Error::MissingDataFile))?;
-            let dpath = crate::image::resolve_backing(&path, &name);
+            let dpath = data_file_path(&path, &name);
             let ds: Arc<dyn Storage> = Arc::new(FileStorage::open(&dpath, writable).ctx(&dpath)?);
             files.push(ds);
             data = 1;
@@ -688,6 +689,24 @@ impl Qcow2 {
 /// refcount table entries that cover the file, while a header may ask for 32 MiB and 8 MiB of
 /// them, and a backing chain holds one image per layer; `check` reads the rest when it needs
 /// them ([`Qcow2::hold_whole_tables`]).
+/// Where the external data file named `name` in the header of image `image` lives. qemu opens
+/// it as named, relative to the working directory rather than to the image's directory (unlike
+/// a backing file), and `create -o data_file=dir/x` records `dir/x`; so that name comes first.
+/// When nothing is there, a relative name is looked up beside the image, where qemu would fail
+/// to open it.
+fn data_file_path(image: &Path, name: &str) -> PathBuf {
+    let as_named = PathBuf::from(name);
+    if as_named.exists() {
+        return as_named;
+    }
+    let beside = crate::image::resolve_backing(image, name);
+    if beside.exists() {
+        beside
+    } else {
+        as_named
+    }
+}
+
 fn held_entries(h: &Header, geo: &Geometry, file_len: u64, writable: bool) -> (u64, u64) {
     let l1 = u64::from(h.l1_size);
     let rt = u64::from(h.refcount_table_clusters) * geo.cluster_size / 8;

@@ -301,8 +301,6 @@ impl Subject {
     }
 
     /// Runs `qemu-img ARGS` in the image's directory, panicking with its output when it fails.
-    /// (qemu opens a relative `data_file` name from its working directory; the library, like
-    /// backing files, from the image's.)
     fn qemu_ok(&self, args: &[String]) -> String {
         let o = super::output(Command::new("qemu-img").args(args).current_dir(&self.dir));
         let out = String::from_utf8_lossy(&o.stdout).into_owned();
@@ -319,6 +317,10 @@ impl Subject {
 fn make(dir: &Path, path: &Path, format: Format, opts: &str, size: u64, backing: Option<&[u8]>) {
     let mut o = CreateOptions::new(size);
     o.parse_opts(opts).unwrap();
+    // A relative data file name is created from the working directory, as qemu creates it.
+    if let Some(d) = o.get("data_file").map(|d| dir.join(d)) {
+        o.set("data_file", &d.display().to_string());
+    }
     o.secrets.insert("s0".into(), Secret::from(PW));
     if let Some(b) = backing {
         std::fs::write(dir.join("base.raw"), b).unwrap();
