@@ -158,6 +158,35 @@ fn dd_refuses_what_qemu_refuses_in_its_words() {
     }
 }
 
+/// Options may follow the operands, as getopt lets them in qemu-img: `-O` and `-f` after
+/// `of=` still pick the formats, and an unknown one is refused as an option, not an operand.
+#[test]
+fn dd_takes_options_after_the_operands_like_qemu() {
+    let env = Env::with_qemu();
+    patterned_raw(&env, "in.raw");
+    for tool in ["qemu", "img"] {
+        let of = format!("of=o-{tool}.qcow2");
+        let args = ["dd", "if=in.raw", &of, "bs=64k", "-O", "qcow2", "-f", "raw"];
+        if tool == "qemu" {
+            env.qemu_img(&args).ok();
+        } else {
+            env.img(&args).ok();
+        }
+        let info = env
+            .qemu_img(&["info", "--output=json", &format!("o-{tool}.qcow2")])
+            .ok()
+            .json();
+        assert_eq!(info["format"], "qcow2", "{tool}");
+    }
+    env.qemu_img(&["compare", "-q", "o-qemu.qcow2", "o-img.qcow2"])
+        .ok();
+    let bad = ["dd", "if=in.raw", "of=x.raw", "-x"];
+    let (q, i) = (env.qemu_img(&bad), env.img(&bad));
+    assert_eq!(i.code, q.code, "{q}{i}");
+    assert_eq!(i.stderr, q.stderr.replace("qemu-img", "img"), "{q}{i}");
+    assert_dd_like_qemu(&env, "y", Some("raw"), &["if=in.raw", "--", "bs=1k"]);
+}
+
 #[test]
 fn dd_output_stays_sparse_where_the_input_reads_as_zeroes() {
     let env = Env::with_qemu();

@@ -41,7 +41,7 @@ pub struct DdArgs {
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// bs=BLOCK_SIZE, count=BLOCKS, skip=BLOCKS, if=INPUT, of=OUTPUT.
-    #[arg(value_name = "OPERAND", allow_hyphen_values = true)]
+    #[arg(value_name = "OPERAND")]
     operands: Vec<String>,
 }
 
