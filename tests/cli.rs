@@ -220,6 +220,33 @@ fn compare_size_mismatch_matches_qemu() {
     env.img(&["compare", "a.raw", "b.raw"]).code_is(1);
 }
 
+/// Strict compare steps through each image as qemu's drivers answer block status: vmdk one
+/// grain at a time, vdi one 1 MiB block at a time. Fully written, such an image differs from a
+/// raw or qcow2 copy at offset 0 (only the copy's first answer reaches the end), from each other
+/// at the start of the last vdi block, and not at all from itself.
+#[test]
+fn compare_strict_steps_like_qemu_block_status() {
+    let env = Env::with_qemu();
+    let files = ["f.raw", "f.qcow2", "f.vmdk", "f.vdi", "s.vdi"];
+    for f in files {
+        let (fmt, opts) = match f {
+            "s.vdi" => ("vdi", "static=on"),
+            _ => (f.trim_start_matches(['f', '.']), ""),
+        };
+        let mut args = vec!["create", "-q", "-f", fmt, f, "2M"];
+        if !opts.is_empty() {
+            args.extend_from_slice(&["-o", opts]);
+        }
+        env.qemu_img(&args).ok();
+        env.qemu_io(fmt, f, &["write -P 7 0 2M"]);
+    }
+    for a in files {
+        for b in files {
+            same_output_as_qemu(&env, &["compare", "-s", a, b]);
+        }
+    }
+}
+
 /// check on a raw image: qemu-img says "This image format does not support checks" and exits
 /// 63.
 #[test]

@@ -179,8 +179,16 @@ fn compare_common(a: &Image, b: &Image, strict: bool, progress: &Progress) -> Cl
     let mut buf_b = chunk_buffer();
     let mut offset = 0;
     while offset < common {
-        let sa = status(a, offset, a.size() - offset)?;
-        let sb = status(b, offset, b.size() - offset)?;
+        let mut sa = status(a, offset, a.size() - offset)?;
+        let mut sb = status(b, offset, b.size() - offset)?;
+        if strict {
+            // Step as qemu's drivers answer, so that the end-of-image flag means the same.
+            for (img, st) in [(a, &mut sa), (b, &mut sb)] {
+                if let Some(end) = img.status_boundary(offset) {
+                    st.len = st.len.min(end.saturating_sub(offset)).max(1);
+                }
+            }
+        }
         let mut chunk = sa.len.min(sb.len).clamp(1, common - offset);
         if strict && strict_flags(a, offset, &sa) != strict_flags(b, offset, &sb) {
             return Ok(Verdict::Different(format!(

@@ -281,6 +281,15 @@ pub trait Driver: Send + Sync + Debug {
     /// # Errors
     /// When metadata is unreadable or corrupt.
     fn map(&self, offset: u64, len: u64) -> Result<(Mapping, u64)>;
+    /// Where qemu's block status for this format stops at the latest when asked at `offset`:
+    /// its vmdk driver answers one grain at a time (a flat extent at once), its vdi driver one
+    /// block at a time, whatever [`Driver::map`] joins. `None` where nothing short of the
+    /// mapping ends it. Strict `compare` steps by these answers (its end-of-image flag depends
+    /// on them).
+    fn status_boundary(&self, offset: u64) -> Option<u64> {
+        let _ = offset;
+        None
+    }
     /// Whether holes in the host file of a [`Mapping::Data`] range read as zeroes and should be
     /// reported so by block status (raw).
     fn host_holes_are_zero(&self) -> bool {

@@ -928,6 +928,22 @@ impl Image {
         Ok(())
     }
 
+    /// Where qemu's block status of this chain at `offset` ends at the latest, whatever the
+    /// mapping: the nearest [`Driver::status_boundary`] of the images that reach `offset`.
+    /// `None` when no driver bounds it.
+    pub fn status_boundary(&self, offset: u64) -> Option<u64> {
+        let own = self.driver.status_boundary(offset);
+        let below = self
+            .backing
+            .as_deref()
+            .filter(|b| offset < b.size())
+            .and_then(|b| b.status_boundary(offset));
+        match (own, below) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// What lives at `offset`, walking down the chain (qemu-img map's view).
     ///
     /// # Errors

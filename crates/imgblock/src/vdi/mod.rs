@@ -286,6 +286,10 @@ impl Driver for Vdi {
         })
     }
 
+    fn status_boundary(&self, offset: u64) -> Option<u64> {
+        (offset / BS).checked_add(1)?.checked_mul(BS)
+    }
+
     fn map(&self, offset: u64, len: u64) -> Result<(Mapping, u64)> {
         if offset >= self.size {
             return Ok((Mapping::Eof, len.max(1)));

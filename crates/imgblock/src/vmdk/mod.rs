@@ -1395,6 +1395,19 @@ impl Driver for Vmdk {
         })
     }
 
+    fn status_boundary(&self, offset: u64) -> Option<u64> {
+        let ext = self.extent_at(offset)?;
+        let end = ext.start.checked_add(ext.len)?;
+        let grain = match ext.kind {
+            Kind::Sparse(si) => self.sparse.get(si)?.geo.grain,
+            Kind::SeSparse(_) => sesparse::GRAIN_BYTES,
+            Kind::Flat { .. } | Kind::Zero => return Some(end),
+        };
+        let off = offset - ext.start;
+        let next = (off / grain).checked_add(1)?.checked_mul(grain)?;
+        Some(ext.start.checked_add(next)?.min(end))
+    }
+
     fn map(&self, offset: u64, len: u64) -> Result<(Mapping, u64)> {
         if offset >= self.size {
             return Ok((Mapping::Eof, len.max(1)));
