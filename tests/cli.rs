@@ -640,6 +640,35 @@ fn info_actual_size_leaves_out_data_file_like_qemu() {
     assert!(line(&i).is_some());
 }
 
+/// `info` describes a qcow2 image whose external data file is missing (it names the file it
+/// wants), alone or under an overlay; commands that read the data still fail.
+#[test]
+fn info_without_the_data_file_works_like_qemu() {
+    let env = Env::with_qemu();
+    env.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=d.data",
+        "x.qcow2",
+        "1M",
+    ])
+    .ok();
+    env.qemu_io("qcow2", "x.qcow2", &["write -P 1 0 64k"]);
+    env.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", "x.qcow2", "-F", "qcow2", "o.qcow2",
+    ])
+    .ok();
+    std::fs::remove_file(env.path("d.data")).expect("rm");
+    same_output_as_qemu(&env, &["info", "x.qcow2"]).code_is(0);
+    same_output_as_qemu(&env, &["info", "--output=json", "x.qcow2"]);
+    same_output_as_qemu(&env, &["info", "--backing-chain", "o.qcow2"]);
+    same_output_as_qemu(&env, &["map", "x.qcow2"]).code_is(1);
+    same_output_as_qemu(&env, &["map", "o.qcow2"]).code_is(1);
+}
+
 /// An external data file's name is taken as written, relative to the working directory and not
 /// to the image's directory (unlike a backing file): qemu-img creates `-o data_file=sub/d.data`
 /// there, records `sub/d.data`, and opens it from there again.

@@ -672,6 +672,70 @@ impl Storage for FileStorage {
     }
 }
 
+/// A file that could not be opened, standing in where an image names it but only its metadata
+/// is wanted (`info` on a qcow2 image whose external data file is missing, as qemu-img shows
+/// it): every access fails with the error the open met.
+#[derive(Debug)]
+pub struct Unopened {
+    path: PathBuf,
+    kind: io::ErrorKind,
+    os_error: Option<i32>,
+}
+
+impl Unopened {
+    /// Keeps `path` and what opening it failed with.
+    pub fn new(path: &Path, err: &io::Error) -> Unopened {
+        Unopened {
+            path: path.to_owned(),
+            kind: err.kind(),
+            os_error: err.raw_os_error(),
+        }
+    }
+
+    fn fail<T>(&self) -> io::Result<T> {
+        Err(match self.os_error {
+            Some(code) => io::Error::from_raw_os_error(code),
+            None => io::Error::from(self.kind),
+        })
+    }
+}
+
+impl Storage for Unopened {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn read_at(&self, _buf: &mut [u8], _offset: u64) -> io::Result<()> {
+        self.fail()
+    }
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+        self.fail()
+    }
+    fn write_zeroes(&self, _offset: u64, _len: u64, _unmap: bool) -> io::Result<()> {
+        self.fail()
+    }
+    fn discard(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        self.fail()
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn size(&self) -> io::Result<u64> {
+        self.fail()
+    }
+    fn set_len(&self, _len: u64) -> io::Result<()> {
+        self.fail()
+    }
+    fn allocate(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        self.fail()
+    }
+    fn block_status(&self, _offset: u64, _len: u64) -> io::Result<(bool, u64)> {
+        self.fail()
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+}
+
 /// Largest in-memory storage, so that a fuzzed header cannot make a write grow it without bound.
 pub const MEM_STORAGE_MAX: u64 = 1 << 30;
 

@@ -266,7 +266,14 @@ impl Qcow2 {
         if h.incompatible & header::INCOMPAT_DATA_FILE != 0 {
             let name = h.data_file().ok_or_else(|| qerr(Error::MissingDataFile))?;
             let dpath = data_file_path(&path, &name);
-            let ds: Arc<dyn Storage> = Arc::new(FileStorage::open(&dpath, writable).ctx(&dpath)?);
+            // Like qemu-img info, a look at the metadata does without the data file.
+            let ds: Arc<dyn Storage> = match FileStorage::open(&dpath, writable) {
+                Ok(ds) => Arc::new(ds),
+                Err(e) if metadata_only && !writable => {
+                    Arc::new(crate::storage::Unopened::new(&dpath, &e))
+                }
+                Err(e) => return Err(e).ctx(&dpath),
+            };
             files.push(ds);
             data = 1;
         }
