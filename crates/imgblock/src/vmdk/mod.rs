@@ -114,7 +114,7 @@ struct SparseInfo {
 struct SparseState {
     gd: Vec<u32>,
     rgd: Option<Vec<u32>>,
-    cache: HashMap<u64, Vec<u32>>,
+    cache: HashMap<u64, Vec<u32>, foldhash::fast::RandomState>,
     /// Most tables `cache` holds (its share of [`GT_CACHE_BYTES`]).
     cache_limit: usize,
     /// Next free sector for appended grains and tables.
@@ -129,7 +129,7 @@ struct SparseState {
 struct SeState {
     /// Raw grain directory entries covering the extent.
     gd: Vec<u64>,
-    cache: HashMap<u64, Vec<u64>>,
+    cache: HashMap<u64, Vec<u64>, foldhash::fast::RandomState>,
     /// Most tables `cache` holds (its share of [`GT_CACHE_BYTES`]).
     cache_limit: usize,
     file_len: u64,
@@ -1152,7 +1152,7 @@ fn open_sparse(
             SparseState {
                 gd,
                 rgd: None,
-                cache: HashMap::new(),
+                cache: HashMap::default(),
                 cache_limit: 1,
                 next_sector: file_len.div_ceil(SECTOR),
                 file_len,
@@ -1270,7 +1270,7 @@ fn open_sparse(
         SparseState {
             gd,
             rgd,
-            cache: HashMap::new(),
+            cache: HashMap::default(),
             cache_limit: 1,
             next_sector,
             file_len,
@@ -1310,7 +1310,7 @@ fn open_sesparse(s: &dyn Storage, budget: &mut GdBudget) -> Result<(sesparse::La
         layout,
         SeState {
             gd,
-            cache: HashMap::new(),
+            cache: HashMap::default(),
             cache_limit: 1,
             file_len,
         },
