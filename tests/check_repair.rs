@@ -280,3 +280,114 @@ fn check_repair_broken_refcount_structures_like_qemu() {
         }
     }
 }
+
+/// `check --output=json` with no repair, `-r leaks` and `-r all`, each with img on `name` and
+/// with qemu-img on a copy: the same exit code and the same report (the file name aside), and
+/// afterwards the same verdict from `qemu-img check` and the same guest data.
+fn assert_reports_like_qemu(env: &Env, name: &str, what: &str) {
+    let corrupted = env.read(name);
+    let report = |o: &Output| {
+        let mut j =
+            serde_json::from_str::<serde_json::Value>(&o.stdout).unwrap_or(serde_json::Value::Null);
+        if let Some(m) = j.as_object_mut() {
+            m.remove("filename");
+        }
+        j
+    };
+    for mode in [&[][..], &["-r", "leaks"][..], &["-r", "all"][..]] {
+        let copy = format!("qemu-{name}");
+        env.write(name, &corrupted);
+        env.write(&copy, &corrupted);
+        let args = [&["check", "--output=json"][..], mode].concat();
+        let i = env.img(&[args.as_slice(), &[name]].concat()).no_panic();
+        let q = env.qemu_img(&[args.as_slice(), &[copy.as_str()]].concat());
+        let ctx = format!("{what}, check {mode:?}:\nimg: {i}\nqemu-img: {q}");
+        assert_eq!(i.code, q.code, "exit codes differ: {ctx}");
+        assert_eq!(report(&i), report(&q), "reports differ: {ctx}");
+        if mode.is_empty() {
+            continue;
+        }
+        let after = |n: &str| report(&env.qemu_img(&["check", "--output=json", n]));
+        assert_eq!(
+            after(name),
+            after(&copy),
+            "verdicts afterwards differ: {ctx}"
+        );
+        let raw = |n: &str| {
+            let out = format!("{n}.raw");
+            let c = env.qemu_img(&["convert", "-O", "raw", n, &out]);
+            (
+                c.code,
+                if c.code == Some(0) {
+                    env.read(&out)
+                } else {
+                    Vec::new()
+                },
+            )
+        };
+        assert!(raw(name) == raw(&copy), "data afterwards differs: {ctx}");
+    }
+}
+
+/// A qcow2 image (64 KiB clusters, refcounts of `refcount_bits`) with data, a zero cluster
+/// and two compressed clusters sharing the last host cluster of the file.
+fn mixed_image(env: &Env, name: &str, refcount_bits: u32) {
+    env.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("refcount_bits={refcount_bits}"),
+        name,
+        "8M",
+    ])
+    .ok();
+    env.qemu_io(
+        "qcow2",
+        name,
+        &[
+            "write -P 0x33 0 300k",
+            "write -P 0x44 2M 64k",
+            "write -z 1M 64k",
+            "write -c -P 0x55 3M 64k",
+            "write -c -P 0x66 3584k 64k",
+        ],
+    );
+}
+
+/// The L2 entry `index` of the first L2 table of `name`.
+fn l2_entry(env: &Env, name: &str, index: u64) -> (u64, u64) {
+    let (_, _, l2) = tables(env, name);
+    let at = l2 + index * 8;
+    let h = env.read(name);
+    let o = usize::try_from(at).unwrap();
+    (at, u64::from_be_bytes(h[o..o + 8].try_into().unwrap()))
+}
+
+#[test]
+fn check_counts_references_near_the_end_and_overflows_like_qemu() {
+    // A compressed cluster whose length runs two clusters past the end of the file: one
+    // corruption, and nothing of it counted (its cluster leaks).
+    let env = Env::with_qemu();
+    mixed_image(&env, "c.qcow2", 16);
+    let (at, e) = l2_entry(&env, "c.qcow2", 48);
+    assert_ne!(e & (1 << 62), 0, "guest cluster 48 is compressed");
+    env.write_at("c.qcow2", at, &(e | 0x3fc0_0000_0000_0000).to_be_bytes());
+    assert_reports_like_qemu(&env, "c.qcow2", "compressed length past the end");
+
+    // The file ends inside its last cluster: what lies there still counts.
+    let env = Env::with_qemu();
+    mixed_image(&env, "t.qcow2", 1);
+    env.set_len("t.qcow2", env.len("t.qcow2") - 100);
+    assert_reports_like_qemu(&env, "t.qcow2", "last cluster cut short");
+
+    // Two guest clusters on one host cluster with 1-bit refcounts: the second reference
+    // overflows the refcount width.
+    let env = Env::with_qemu();
+    mixed_image(&env, "o.qcow2", 1);
+    let (_, first) = l2_entry(&env, "o.qcow2", 0);
+    let (at, _) = l2_entry(&env, "o.qcow2", 1);
+    env.write_at("o.qcow2", at, &first.to_be_bytes());
+    assert_reports_like_qemu(&env, "o.qcow2", "refcount overflow");
+}

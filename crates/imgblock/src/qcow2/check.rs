@@ -24,9 +24,13 @@ struct Walk<'a> {
     computed: Vec<u32>,
     r: CheckReport,
     next_contiguous: u64,
-    /// Report entries with reserved bits set as corruption (what `img check` does; operations
-    /// that only count references leave them to it).
+    /// Report entries with reserved bits set and counts past `max_refcount` as corruption (what
+    /// `img check` does; operations that only count references leave them to it).
     reserved: bool,
+    /// The length of the file when the count started.
+    file_len: u64,
+    /// The largest refcount the image can store.
+    max_refcount: u64,
 }
 
 impl Walk<'_> {
@@ -34,28 +38,48 @@ impl Walk<'_> {
         self.q.geo.cluster_size
     }
 
-    /// Counts one more reference to each cluster of `[off, off + len)`.
+    /// Counts one more reference to each cluster of `[off, off + len)`, as qemu counts them: a
+    /// range that runs a whole cluster or more past the end of the file is one corruption and
+    /// counts nothing; one that ends in the cluster just past the end (the last cluster of an
+    /// image may be partly written) is counted. In a check, a count that would pass the
+    /// largest refcount the image can store is a corruption instead.
     fn inc(&mut self, off: u64, len: u64, what: &str) {
         if len == 0 {
             return;
         }
         let cs = self.cs();
+        let end = off.saturating_add(len);
+        if end.saturating_sub(self.file_len) >= cs {
+            self.r.corruptions += 1;
+            self.r.messages.push(format!(
+                "ERROR {what} at offset {off:#x} size {len:#x} runs a cluster or more past the end of the image file"
+            ));
+            return;
+        }
         let first = off / cs;
-        let last = (off + len - 1) / cs;
+        let last = (end - 1) / cs;
         for c in first..=last {
-            match self
-                .computed
-                .get_mut(usize::try_from(c).unwrap_or(usize::MAX))
-            {
-                Some(v) => *v = v.saturating_add(1),
-                None => {
-                    self.r.corruptions += 1;
-                    self.r.messages.push(format!(
-                        "ERROR {what} at offset {:#x} is beyond the end of the image file",
-                        c * cs
-                    ));
-                }
+            let Ok(i) = usize::try_from(c) else { continue };
+            if i >= self.computed.len() {
+                // At most one cluster past the end of the file, by the test above.
+                self.computed.resize(i + 1, 0);
             }
+            let Some(v) = self.computed.get_mut(i) else {
+                continue;
+            };
+            if self.reserved && u64::from(*v) >= self.max_refcount {
+                self.r.corruptions += 1;
+                self.r
+                    .messages
+                    .push(format!("ERROR: overflow cluster offset={:#x}", c * cs));
+                self.r.messages.push(
+                    "Use img amend to increase the refcount entry width or img convert to create \
+                     a clean copy if the image cannot be opened for writing"
+                        .to_owned(),
+                );
+                continue;
+            }
+            *v = v.saturating_add(1);
         }
     }
 
@@ -274,6 +298,8 @@ pub(super) fn count_view(
         r: CheckReport::default(),
         next_contiguous: 0,
         reserved: check,
+        file_len,
+        max_refcount: q.max_refcount(),
     };
     w.r.total_clusters = q.size.div_ceil(cs);
     w.inc(0, cs, "header");
