@@ -325,7 +325,12 @@ fn assert_reports_like_qemu(env: &Env, name: &str, what: &str) {
                 },
             )
         };
-        assert!(raw(name) == raw(&copy), "data afterwards differs: {ctx}");
+        // Where qemu-img's repair leaves readable data, ours leaves the same. (It may free a
+        // cluster an entry it calls corrupt still points at, and discard its data.)
+        let theirs = raw(&copy);
+        if theirs.0 == Some(0) {
+            assert!(raw(name) == theirs, "data afterwards differs: {ctx}");
+        }
     }
 }
 
@@ -390,4 +395,70 @@ fn check_counts_references_near_the_end_and_overflows_like_qemu() {
     let (at, _) = l2_entry(&env, "o.qcow2", 1);
     env.write_at("o.qcow2", at, &first.to_be_bytes());
     assert_reports_like_qemu(&env, "o.qcow2", "refcount overflow");
+}
+
+/// How a test changes a table entry.
+type Change = fn(u64) -> u64;
+
+#[test]
+fn check_misaligned_and_flagged_entries_like_qemu() {
+    // (what, L2 index, how the entry changes) on a `mixed_image`: guest cluster 0 holds data,
+    // 16 is a zero cluster, 48 compressed.
+    let cases: [(&str, u64, Change); 4] = [
+        // Still counted, in the cluster it starts in and the next.
+        ("data entry misaligned", 0, |e| e + 0x200),
+        // -r all makes it a plain zero entry, and its cluster leaks.
+        ("preallocated zero entry misaligned", 0, |e| (e + 0x200) | 1),
+        ("compressed entry with the copied flag", 48, |e| {
+            e | (1 << 63)
+        }),
+        // The L1 entry: the table is read where it points all the same.
+        ("L1 entry misaligned", u64::MAX, |e| e + 0x200),
+    ];
+    for (what, index, change) in cases {
+        let env = Env::with_qemu();
+        mixed_image(&env, "m.qcow2", 16);
+        let (at, e) = if index == u64::MAX {
+            let (_, l1, _) = tables(&env, "m.qcow2");
+            let h = env.read("m.qcow2");
+            let o = usize::try_from(l1).unwrap();
+            (l1, u64::from_be_bytes(h[o..o + 8].try_into().unwrap()))
+        } else {
+            l2_entry(&env, "m.qcow2", index)
+        };
+        env.write_at("m.qcow2", at, &change(e).to_be_bytes());
+        assert_reports_like_qemu(&env, "m.qcow2", what);
+    }
+}
+
+#[test]
+fn check_subcluster_bitmaps_like_qemu() {
+    // (what, L2 index, the bitmap) with extended L2 entries and 128 KiB clusters: guest
+    // cluster 0 holds data, 24 is compressed.
+    let cases = [
+        ("allocated and zero at once", 0, 0xffff_ffff_ffff_ffffu64),
+        ("compressed with a bitmap", 24, 1),
+    ];
+    for (what, index, bitmap) in cases {
+        let env = Env::with_qemu();
+        env.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=128k",
+            "x.qcow2",
+            "8M",
+        ])
+        .ok();
+        env.qemu_io(
+            "qcow2",
+            "x.qcow2",
+            &["write -P 0x33 0 300k", "write -c -P 0x55 3M 128k"],
+        );
+        let (_, _, l2) = tables(&env, "x.qcow2");
+        env.write_at("x.qcow2", l2 + index * 16 + 8, &bitmap.to_be_bytes());
+        assert_reports_like_qemu(&env, "x.qcow2", what);
+    }
 }

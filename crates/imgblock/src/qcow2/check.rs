@@ -1,9 +1,11 @@
 //! `check`: rebuilds the refcounts from the L1/L2 tables, snapshots and metadata, compares them
 //! with the refcounts on disk, checks the COPIED flags, and repairs what it is asked to.
 
-use super::l2::{Entry, Kind};
+use super::l2::Entry;
 use super::overlap::Metadata;
-use super::{be64_at, bitmap, header, snapshot, Qcow2, State, COMPRESSED, COPIED, OFFSET_MASK};
+use super::{
+    be64_at, bitmap, header, snapshot, Qcow2, State, COMPRESSED, COPIED, OFFSET_MASK, ZERO_FLAG,
+};
 use crate::check::{CheckReport, Repair};
 use crate::error::IoContext;
 use crate::Result;
@@ -18,6 +20,8 @@ const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
 const L2_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 /// Bits of a refcount table entry the specification reserves: 0-8.
 const REFTABLE_RESERVED: u64 = 0x1ff;
+/// The "allocated" half of an extended L2 entry's subcluster bitmap.
+const SUBCLUSTERS_ALLOCATED: u64 = 0xffff_ffff;
 
 struct Walk<'a> {
     q: &'a Qcow2,
@@ -31,6 +35,8 @@ struct Walk<'a> {
     file_len: u64,
     /// The largest refcount the image can store.
     max_refcount: u64,
+    /// What a check may repair while it walks the tables.
+    fix: Repair,
 }
 
 impl Walk<'_> {
@@ -153,14 +159,14 @@ impl Walk<'_> {
             if l2off == 0 {
                 continue;
             }
+            self.inc(l2off, g.cluster_size, "L2 table");
             if l2off % g.cluster_size != 0 {
+                // Reported, and then read where it points all the same, as qemu reads it.
                 self.r.corruptions += 1;
                 self.r.messages.push(format!(
                     "ERROR l2_offset={l2off:#x}: Table is not cluster aligned; L1 entry corrupted"
                 ));
-                continue;
             }
-            self.inc(l2off, g.cluster_size, "L2 table");
             // Contiguity is counted within one L2 table, as qemu counts it.
             self.next_contiguous = 0;
             let Some(table) = self.read_cluster(st, l2off) else {
@@ -182,18 +188,36 @@ impl Walk<'_> {
                 }
                 let entry = Entry::decode(word, bitmap, self.q.data != 0);
                 let guest = ((i as u64) * g.l2_entries + j) << g.cluster_bits;
-                self.l2_entry(entry, guest, active);
+                self.l2_entry(st, entry, (l2off, j), guest, active);
             }
         }
     }
 
-    fn l2_entry(&mut self, e: Entry, guest: u64, active: bool) {
+    /// Checks and counts one L2 entry (entry `at.1` of the table at `at.0`), as qemu does: a
+    /// misaligned host offset is reported and still counted, except that `-r all` turns an
+    /// entry that holds no data into a plain zero entry.
+    fn l2_entry(&mut self, st: &mut State, e: Entry, at: (u64, u64), guest: u64, active: bool) {
         let g = self.q.geo;
         if e.word & COMPRESSED != 0 {
+            if self.reserved && e.word & COPIED != 0 {
+                self.r.corruptions += 1;
+                self.r.messages.push(format!(
+                    "ERROR compressed cluster at guest offset {guest:#x} has the copied flag set: {:x}",
+                    e.word
+                ));
+            }
             if self.q.data != 0 {
                 self.r.corruptions += 1;
                 self.r.messages.push(format!(
                     "ERROR compressed cluster at guest offset {guest:#x} with a data file"
+                ));
+                return;
+            }
+            if g.extended_l2 && e.bitmap != 0 {
+                self.r.corruptions += 1;
+                self.r.messages.push(format!(
+                    "ERROR compressed cluster at guest offset {guest:#x} with a subcluster bitmap: {:x}",
+                    e.bitmap
                 ));
                 return;
             }
@@ -210,24 +234,50 @@ impl Walk<'_> {
             }
             return;
         }
-        if g.extended_l2 {
-            for sub in 0..32 {
-                if e.kind_ext(sub, true) == Kind::Invalid {
-                    self.r.corruptions += 1;
-                    self.r.messages.push(format!(
-                        "ERROR invalid cluster entry found (L2 offset: {guest:#x}, L2 index: {sub:#x})"
-                    ));
-                    return;
-                }
+        let Some(host) = e.host() else {
+            if self.reserved && g.extended_l2 && e.bitmap & SUBCLUSTERS_ALLOCATED != 0 {
+                self.r.corruptions += 1;
+                self.r.messages.push(format!(
+                    "ERROR unallocated cluster at guest offset {guest:#x} has subclusters allocated: {:x}",
+                    e.bitmap
+                ));
             }
-        }
-        let Some(host) = e.host() else { return };
-        if host % g.cluster_size != 0 {
+            return;
+        };
+        if self.reserved
+            && g.extended_l2
+            && (e.bitmap >> 32) & e.bitmap & SUBCLUSTERS_ALLOCATED != 0
+        {
             self.r.corruptions += 1;
             self.r.messages.push(format!(
-                "ERROR offset={host:#x}: Cluster is not properly aligned; L2 entry corrupted"
+                "ERROR offset={host:#x}: subclusters both allocated and zero: {:x}",
+                e.bitmap
             ));
-            return;
+        }
+        if host % g.cluster_size != 0 {
+            let data = if g.extended_l2 {
+                e.bitmap & SUBCLUSTERS_ALLOCATED != 0
+            } else {
+                e.word & ZERO_FLAG == 0
+            };
+            if data {
+                self.r.corruptions += 1;
+                self.r.messages.push(format!(
+                    "ERROR offset={host:#x}: Data cluster is not properly aligned; L2 entry corrupted"
+                ));
+            } else if self.fix == Repair::All && self.zero_entry(st, e, at) {
+                // Nothing of the cluster is read: the entry now reads as zeroes, without it.
+                self.r.corruptions_fixed += 1;
+                self.r.messages.push(format!(
+                    "Repairing offset={host:#x}: Preallocated cluster is not properly aligned; L2 entry corrupted"
+                ));
+                return;
+            } else {
+                self.r.corruptions += 1;
+                self.r.messages.push(format!(
+                    "ERROR offset={host:#x}: Preallocated cluster is not properly aligned; L2 entry corrupted"
+                ));
+            }
         }
         if active {
             self.r.allocated_clusters += 1;
@@ -239,6 +289,47 @@ impl Walk<'_> {
         if self.q.data == 0 {
             self.inc(host, g.cluster_size, "data cluster");
         }
+    }
+
+    /// Rewrites an L2 entry that holds no data as a plain zero entry (its zero subclusters stay
+    /// zero); whether that was done.
+    fn zero_entry(&mut self, st: &mut State, e: Entry, (l2off, index): (u64, u64)) -> bool {
+        let g = self.q.geo;
+        let fixed = if g.extended_l2 {
+            Entry {
+                word: 0,
+                bitmap: (e.bitmap | e.bitmap << 32) & !SUBCLUSTERS_ALLOCATED,
+            }
+        } else {
+            Entry {
+                word: ZERO_FLAG,
+                bitmap: 0,
+            }
+        };
+        let at = l2off + index * g.l2_entry_size;
+        let written = self
+            .q
+            .check_overlap(st, at >> g.cluster_bits, 1, &[Metadata::ActiveL2])
+            .and_then(|()| {
+                if l2off % g.cluster_size == 0 {
+                    return self.q.set_l2_entry(st, l2off, index, fixed);
+                }
+                // A table a misaligned L1 entry points at: written where it was read, as qemu
+                // writes it; no cached table holds it, but the one it overlaps may.
+                st.l2_cache.remove(at & !(g.cluster_size - 1));
+                self.q
+                    .file()
+                    .write_at(&fixed.to_bytes(g.extended_l2), at)
+                    .ctx(self.q.file().path())
+            });
+        if let Err(err) = written {
+            self.r.check_errors += 1;
+            self.r
+                .messages
+                .push(format!("ERROR could not write the L2 entry: {err}"));
+            return false;
+        }
+        true
     }
 }
 
@@ -264,6 +355,16 @@ pub(super) fn count_references(
     st: &mut State,
     check: bool,
 ) -> Result<(Vec<u32>, CheckReport)> {
+    count_fixing(q, st, check, Repair::None)
+}
+
+/// [`count_references`], repairing as it goes what `fix` allows of the L2 entries it reads.
+fn count_fixing(
+    q: &Qcow2,
+    st: &mut State,
+    check: bool,
+    fix: Repair,
+) -> Result<(Vec<u32>, CheckReport)> {
     let snaps = snapshot::read_table(q.file(), &st.h).map_err(|e| q.err(e))?;
     let l1 = st.l1.clone();
     let view = View {
@@ -273,7 +374,7 @@ pub(super) fn count_references(
         snapshots: &snaps,
         placed: true,
     };
-    count_view(q, st, &view, check)
+    walk_view(q, st, &view, check, fix)
 }
 
 /// Counts the references to every cluster of the file from a state's metadata: the header,
@@ -284,6 +385,16 @@ pub(super) fn count_view(
     st: &mut State,
     view: &View<'_>,
     check: bool,
+) -> Result<(Vec<u32>, CheckReport)> {
+    walk_view(q, st, view, check, Repair::None)
+}
+
+fn walk_view(
+    q: &Qcow2,
+    st: &mut State,
+    view: &View<'_>,
+    check: bool,
+    fix: Repair,
 ) -> Result<(Vec<u32>, CheckReport)> {
     let g = q.geo;
     let cs = g.cluster_size;
@@ -300,6 +411,7 @@ pub(super) fn count_view(
         reserved: check,
         file_len,
         max_refcount: q.max_refcount(),
+        fix,
     };
     w.r.total_clusters = q.size.div_ceil(cs);
     w.inc(0, cs, "header");
@@ -373,7 +485,7 @@ fn calculate(
     repair: Repair,
     rebuild: &mut bool,
 ) -> Result<(Vec<u32>, CheckReport)> {
-    let (mut computed, mut r) = count_references(q, st, true)?;
+    let (mut computed, mut r) = count_fixing(q, st, true, repair)?;
     check_refblocks(q, st, repair, &mut computed, &mut r, rebuild)?;
     Ok((computed, r))
 }
