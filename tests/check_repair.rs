@@ -462,3 +462,48 @@ fn check_subcluster_bitmaps_like_qemu() {
         assert_reports_like_qemu(&env, "x.qcow2", what);
     }
 }
+
+#[test]
+fn check_vmdk_grain_past_the_end_fails_like_qemu() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-q", "-f", "vmdk", "s.vmdk", "8M"])
+        .ok();
+    env.qemu_io(
+        "vmdk",
+        "s.vmdk",
+        &["write -P 0x33 0 300k", "write -P 0x44 2M 64k"],
+    );
+    // The first grain table entry (sparse header: gd_offset at byte 56, in sectors) points a
+    // long way past the end of the file.
+    let h = env.read("s.vmdk");
+    let sector = |at: usize| {
+        usize::try_from(u64::from_le_bytes(h[at..at + 8].try_into().unwrap())).unwrap() * 512
+    };
+    let gd = sector(56);
+    let gt = usize::try_from(u32::from_le_bytes(h[gd..gd + 4].try_into().unwrap())).unwrap() * 512;
+    env.write_at(
+        "s.vmdk",
+        u64::try_from(gt).unwrap(),
+        &0x10_0000u32.to_le_bytes(),
+    );
+    for args in [
+        &["check", "s.vmdk"][..],
+        &["check", "--output=json", "s.vmdk"][..],
+    ] {
+        let i = env.img(args).no_panic();
+        let q = env.qemu_img(args);
+        assert_eq!(
+            i.code, q.code,
+            "exit codes differ:\nimg: {i}\nqemu-img: {q}"
+        );
+        assert_eq!(
+            i.stdout, q.stdout,
+            "reports differ:\nimg: {i}\nqemu-img: {q}"
+        );
+        assert_eq!(
+            i.stderr.replace("img: ", "qemu-img: "),
+            q.stderr,
+            "messages differ:\nimg: {i}\nqemu-img: {q}"
+        );
+    }
+}

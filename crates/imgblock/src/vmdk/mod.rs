@@ -1795,11 +1795,14 @@ impl Driver for Vmdk {
                     match Self::classify(info, e) {
                         Gte::Data(h) | Gte::Compressed(h) => {
                             if h >= st.file_len {
+                                // qemu stops the check here and fails it.
                                 r.messages.push(format!(
                                     "ERROR: cluster offset for sector {} points after EOF",
                                     (ext.start + gr * g) / SECTOR
                                 ));
                                 r.corruptions += 1;
+                                r.failed = Some("Invalid argument".to_owned());
+                                return Ok(r);
                             } else {
                                 r.allocated_clusters += 1;
                                 if matches!(Self::classify(info, e), Gte::Compressed(_)) {
