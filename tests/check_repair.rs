@@ -395,6 +395,16 @@ fn check_counts_references_near_the_end_and_overflows_like_qemu() {
     let (at, _) = l2_entry(&env, "o.qcow2", 1);
     env.write_at("o.qcow2", at, &first.to_be_bytes());
     assert_reports_like_qemu(&env, "o.qcow2", "refcount overflow");
+
+    // Two refcount table entries name one refcount block, with 1-bit refcounts: the second
+    // reference overflows too, and no new refcount structures are called for.
+    let env = Env::with_qemu();
+    mixed_image(&env, "r.qcow2", 1);
+    let (rt, _, _) = tables(&env, "r.qcow2");
+    let h = env.read("r.qcow2");
+    let o = usize::try_from(rt).unwrap();
+    env.write_at("r.qcow2", rt + 8, &h[o..o + 8]);
+    assert_reports_like_qemu(&env, "r.qcow2", "refcount block named twice");
 }
 
 /// How a test changes a table entry.

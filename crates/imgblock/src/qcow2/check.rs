@@ -558,7 +558,14 @@ fn check_refblocks(
         let Some(v) = computed.get_mut(usize::try_from(c).unwrap_or(usize::MAX)) else {
             continue;
         };
-        *v = v.saturating_add(1);
+        if u64::from(*v) >= q.max_refcount() {
+            // Counted as every reference is: past the width, a corruption and not counted.
+            r.corruptions += 1;
+            r.messages
+                .push(format!("ERROR: overflow cluster offset={off:#x}"));
+        } else {
+            *v += 1;
+        }
         if *v != 1 {
             r.corruptions += 1;
             r.messages
