@@ -1,8 +1,9 @@
 //! Progress reports: `-p` (or `--progress`, qemu-img 10's spelling) draws a bar with bytes done,
-//! rate and ETA on a terminal (nothing when stdout is not one, like qemu-img); `--progress=json`
-//! prints one JSON object per line on
-//! stderr, `{"done":BYTES,"total":BYTES,"rate":BYTES_PER_SECOND}`, for tools that drive `img`:
-//! at most four a second, and a last one when the work is done.
+//! rate and ETA on a terminal, and nothing when stdout is not one (qemu-img prints its
+//! `(x.xx/100%)` lines into pipes and logs too; a script that wants progress asks for it as
+//! data); `--progress=json` prints one JSON object per line on stderr,
+//! `{"done":BYTES,"total":BYTES,"rate":BYTES_PER_SECOND}`, for tools that drive `img`: at most
+//! four a second, and a last one when the work is done.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
