@@ -517,3 +517,28 @@ fn check_vmdk_grain_past_the_end_fails_like_qemu() {
         );
     }
 }
+
+#[test]
+fn check_snapshot_count_past_the_table_like_qemu() {
+    // The header claims more snapshots than the table holds: the zeroes after the one entry
+    // read as version 3 entries without their extra data, which qemu-img reports and `-r all`
+    // writes out whole.
+    for args in [&[][..], &["-r", "leaks"][..], &["-r", "all"][..]] {
+        let env = Env::with_qemu();
+        env.qemu_img(&["create", "-q", "-f", "qcow2", "s.qcow2", "4M"])
+            .ok();
+        env.qemu_io("qcow2", "s.qcow2", &["write -P 0x33 0 128k"]);
+        env.qemu_img(&["snapshot", "-c", "s1", "s.qcow2"]).ok();
+        env.qemu_io("qcow2", "s.qcow2", &["write -P 0x77 0 64k"]);
+        env.write_at("s.qcow2", 60, &3u32.to_be_bytes());
+        assert_checks_like_qemu(&env, "s.qcow2", args, "snapshot count past the table");
+        if args.len() == 2 && args[1] == "all" {
+            let list = |o: Output| o.stdout.lines().count();
+            assert_eq!(
+                list(env.img(&["snapshot", "-l", "s.qcow2"]).ok()),
+                list(env.qemu_img(&["snapshot", "-l", "qemu-s.qcow2"]).ok()),
+            );
+            env.qemu_img(&["check", "s.qcow2"]).ok();
+        }
+    }
+}

@@ -584,8 +584,17 @@ pub fn check(q: &Qcow2, repair: Repair) -> Result<CheckReport> {
     let path = q.file().path().to_owned();
     let mut st = q.lock();
     q.hold_whole_tables(&mut st)?;
+    // Snapshot table entries are checked first and written whole last, as qemu does.
+    let snaps = snapshot::read_table(q.file(), &st.h).map_err(|e| q.err(e))?;
+    let incomplete = snapshot_entries(&snaps, repair);
     let mut rebuild = false;
     let (mut computed, mut r) = calculate(q, &mut st, repair, &mut rebuild)?;
+    let mut messages = crate::check::Messages::default();
+    for line in &incomplete {
+        messages.push(line.clone());
+    }
+    messages.extend(std::mem::take(&mut r.messages));
+    r.messages = messages;
     let pre_compare = r.clone();
     let mut highest = compare_refcounts(q, &mut st, &computed, Repair::None, &mut r, &mut rebuild)?;
     if rebuild && repair == Repair::All {
@@ -637,6 +646,14 @@ pub fn check(q: &Qcow2, repair: Repair) -> Result<CheckReport> {
     }
     check_copied(q, &mut st, repair, &mut r)?;
     r.image_end_offset = Some((highest + 1) * q.geo.cluster_size);
+    let n = incomplete.len() as u64;
+    if n > 0 && repair == Repair::All {
+        // Serialising an entry gives it all its extra data.
+        q.replace_snapshot_table(&mut st, &snaps)?;
+        r.corruptions_fixed += n;
+    } else {
+        r.corruptions += n;
+    }
     if repair != Repair::None {
         if r.check_errors == 0 && r.corruptions == 0 {
             mark_clean_and_consistent(q, &mut st)?;
@@ -644,6 +661,22 @@ pub fn check(q: &Qcow2, repair: Repair) -> Result<CheckReport> {
         q.file().flush().ctx(&path)?;
     }
     Ok(r)
+}
+
+/// One message for each version 3 snapshot table entry that lacks the extra data the
+/// specification requires, which `-r all` repairs by writing the table again.
+fn snapshot_entries(snaps: &[snapshot::Snapshot], repair: Repair) -> Vec<String> {
+    let word = if repair == Repair::All {
+        "Repairing"
+    } else {
+        "ERROR"
+    };
+    snaps
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.incomplete)
+        .map(|(i, _)| format!("{word} snapshot table entry {i} is incomplete"))
+        .collect()
 }
 
 /// After a repair that left no corruption, clears the dirty and corrupt bits, as qemu does.

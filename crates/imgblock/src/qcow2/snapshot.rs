@@ -37,6 +37,10 @@ pub struct Snapshot {
     pub icount: Option<u64>,
     /// Bytes the entry takes in the table it was read from (0 for a new entry).
     pub disk_len: u64,
+    /// A version 3 entry without the 16 bytes of extra data the specification requires (the
+    /// VM state and disk sizes). It is read as qemu reads it, the image's size standing in for
+    /// the disk size, so that `check` can report it and `check -r all` write it whole.
+    pub incomplete: bool,
 }
 
 impl Snapshot {
@@ -136,15 +140,11 @@ fn parse_table(buf: &[u8], h: &Header) -> Result<Vec<Snapshot>, Error> {
                 "too much extra metadata in a snapshot table entry",
             ));
         }
-        if h.version >= 3 && extra_size < 16 {
-            return Err(Error::BadSnapshotTable(
-                "a v3 snapshot table entry lacks its extra data",
-            ));
-        }
+        let incomplete = h.version >= 3 && extra_size < 16;
         let extra = take(buf, &mut pos, extra_size as usize)?;
         let field = |o: usize| (extra.len() >= o + 8).then(|| super::be64_at(extra, o));
         let vm_state_size = field(0).unwrap_or(u64::from(vm_state_size32));
-        let disk_size = field(8);
+        let disk_size = field(8).or((h.version >= 3).then_some(h.size));
         let icount = field(16).filter(|&v| v != u64::MAX);
         let id = String::from_utf8(take(buf, &mut pos, id_len)?.to_vec())
             .map_err(|_| Error::BadSnapshotTable("ID is not UTF-8"))?;
@@ -164,6 +164,7 @@ fn parse_table(buf: &[u8], h: &Header) -> Result<Vec<Snapshot>, Error> {
             disk_size,
             icount,
             disk_len: (pos - entry_start) as u64,
+            incomplete,
         });
     }
     Ok(out)

@@ -115,11 +115,11 @@ impl Qcow2 {
         };
         self.file().flush().ctx(self.file().path())?;
         let old_off = st.h.snapshots_offset;
-        let old_len: u64 = snapshot::read_table(self.file(), &st.h)
-            .map_err(|e| self.err(e))?
-            .iter()
-            .map(|s| s.to_bytes().len() as u64)
-            .sum();
+        // The old table's length as it lies on disk, which may differ from what its entries
+        // take once serialised (extra data of another size).
+        let old_len = snapshot::table_len(
+            &snapshot::read_table(self.file(), &st.h).map_err(|e| self.err(e))?,
+        );
         let n =
             u32::try_from(snaps.len()).map_err(|_| self.err(Error::TooManySnapshots(u32::MAX)))?;
         let mut hdr = [0u8; 12];
@@ -341,6 +341,7 @@ impl Qcow2 {
             disk_size: Some(self.size),
             icount: Some(0),
             disk_len: 0,
+            incomplete: false,
         });
         let active = st.l1.clone();
         let r = self.switch_state(&mut st, active, &snaps);
