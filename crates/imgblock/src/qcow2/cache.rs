@@ -60,6 +60,12 @@ impl TableCache {
     }
 
     /// Forgets the table at `offset` (it was freed or moved).
+    /// How many lookups and insertions the cache has served.
+    #[cfg(test)]
+    pub fn accesses(&self) -> u64 {
+        self.tick
+    }
+
     pub fn remove(&mut self, offset: u64) {
         if let Some((old, _)) = self.map.remove(&offset) {
             self.used -= old.len();

@@ -207,7 +207,7 @@ pub(super) struct L2Run {
 }
 
 impl Qcow2 {
-    fn load_l2<'a>(&self, st: &'a mut State, l2off: u64) -> Result<&'a mut Vec<u8>> {
+    pub(super) fn load_l2<'a>(&self, st: &'a mut State, l2off: u64) -> Result<&'a mut Vec<u8>> {
         if st.l2_cache.get(l2off).is_none() {
             if l2off % self.geo.cluster_size != 0 || l2off >= super::MAX_HOST_OFFSET {
                 return Err(self.err(Error::Misaligned {
@@ -229,8 +229,13 @@ impl Qcow2 {
 
     /// Reads entry `l2i` of the L2 table at `l2off`.
     pub(super) fn l2_entry(&self, st: &mut State, l2off: u64, l2i: u64) -> Result<Entry> {
-        let esize = self.geo.l2_entry_size;
         let t = self.load_l2(st, l2off)?;
+        self.entry_in(t, l2off, l2i)
+    }
+
+    /// Decodes entry `l2i` of `t`, the loaded L2 table at `l2off`.
+    pub(super) fn entry_in(&self, t: &[u8], l2off: u64, l2i: u64) -> Result<Entry> {
+        let esize = self.geo.l2_entry_size;
         let o = usize::try_from(l2i * esize).unwrap_or(usize::MAX);
         if o + 8 > t.len() {
             return Err(self.err(Error::Misaligned {
@@ -357,10 +362,6 @@ impl Qcow2 {
     pub(super) fn granule(&self, st: &mut State, offset: u64, l1_copied: bool) -> Result<Granule> {
         let g = &self.geo;
         let gc = offset >> g.cluster_bits;
-        let cstart = gc << g.cluster_bits;
-        let in_cluster = offset - cstart;
-        let sub = in_cluster / g.subcluster_size;
-        let send = cstart + (sub + 1) * g.subcluster_size;
         let Some((e, _)) = self.lookup(st, gc)? else {
             let table_end = ((gc / g.l2_entries + 1) * g.l2_entries) << g.cluster_bits;
             return Ok(Granule {
@@ -368,6 +369,17 @@ impl Qcow2 {
                 end: table_end,
             });
         };
+        self.granule_of(e, offset, l1_copied)
+    }
+
+    /// The mapping of the subcluster containing `offset`, whose cluster's L2 entry is `e`.
+    pub(super) fn granule_of(&self, e: Entry, offset: u64, l1_copied: bool) -> Result<Granule> {
+        let g = &self.geo;
+        let gc = offset >> g.cluster_bits;
+        let cstart = gc << g.cluster_bits;
+        let in_cluster = offset - cstart;
+        let sub = in_cluster / g.subcluster_size;
+        let send = cstart + (sub + 1) * g.subcluster_size;
         let kind = e.kind_ext(sub, g.extended_l2);
         let bad = || {
             self.err(Error::BadL2Entry {

@@ -916,12 +916,41 @@ impl Driver for Qcow2 {
         // First granule decides the kind; following granules extend it while they match.
         let first = self.granule(&mut st, offset, l1_copied)?;
         let mut end = first.end;
-        while end < limit {
-            let next = self.granule(&mut st, end, l1_copied)?;
-            if !first.continues_with(&next, end - offset) {
-                break;
+        if end < limit {
+            // The rest lies in the same L2 table: look it up once rather than per granule (a
+            // walk down a long backing chain scans the same unallocated tables many times).
+            let t = self.load_l2(&mut st, l2off)?;
+            let mut entry = None;
+            let esize = usize::try_from(g.l2_entry_size).unwrap_or(8);
+            while end < limit {
+                let gc = end >> g.cluster_bits;
+                if first.mapping == Mapping::Unallocated {
+                    // Skip the run of empty entries at once: they are all unallocated.
+                    // `limit` stops at the table's end: its last cluster is in this table.
+                    let last = ((limit - 1) >> g.cluster_bits) % g.l2_entries;
+                    let span = |i: u64| usize::try_from(i).map_or(usize::MAX, |i| i * esize);
+                    let empty = t
+                        .get(span(gc % g.l2_entries)..span(last + 1).min(t.len()))
+                        .unwrap_or(&[])
+                        .chunks_exact(esize)
+                        .take_while(|e| e.iter().all(|&b| b == 0))
+                        .count() as u64;
+                    if empty > 0 {
+                        end = end.max((gc + empty) << g.cluster_bits);
+                        continue;
+                    }
+                }
+                let e = match entry {
+                    Some((c, e)) if c == gc => e,
+                    _ => self.entry_in(t, l2off, gc % g.l2_entries)?,
+                };
+                entry = Some((gc, e));
+                let next = self.granule_of(e, end, l1_copied)?;
+                if !first.continues_with(&next, end - offset) {
+                    break;
+                }
+                end = next.end;
             }
-            end = next.end;
         }
         let n = end.min(limit) - offset;
         let mut mapping = first.mapping;
@@ -1383,6 +1412,33 @@ mod tests {
         });
         let img = Image::open_storage(s.clone(), &OpenOptions::writable()).unwrap();
         (s, img)
+    }
+
+    #[test]
+    fn map_of_an_unallocated_table_looks_it_up_once() {
+        // One cluster written at 32 MiB: the L2 table exists and the 512 clusters before it are
+        // unallocated. Scanning them must not cost a cache lookup each (a walk down a long
+        // backing chain repeats such scans for every layer and every extent).
+        let (s, img) = logged_image();
+        img.write_at(&[5u8; 65536], 32 << 20).unwrap();
+        img.flush().unwrap();
+        let bytes = s.inner.contents();
+        let mem = crate::storage::MemStorage::new(bytes, s.inner.path(), true);
+        let q = Qcow2::open(Arc::new(mem), false).unwrap();
+        q.map(0, 64 << 20).unwrap();
+        let before = q.lock().l2_cache.accesses();
+        let (m, n) = q.map(0, 64 << 20).unwrap();
+        assert_eq!((m, n), (Mapping::Unallocated, 32 << 20));
+        let accesses = q.lock().l2_cache.accesses() - before;
+        assert!(accesses <= 8, "{accesses} cache accesses");
+        // Extents that end inside a table stop where the data starts.
+        let (m, n) = q.map(4096, 40 << 20).unwrap();
+        assert_eq!((m, n), (Mapping::Unallocated, (32 << 20) - 4096));
+        let (m, n) = q.map(0, 16 << 20).unwrap();
+        assert_eq!((m, n), (Mapping::Unallocated, 16 << 20));
+        let (m, n) = q.map(32 << 20, 32 << 20).unwrap();
+        assert!(matches!(m, Mapping::Data { .. }), "{m:?}");
+        assert_eq!(n, 65536);
     }
 
     #[test]
