@@ -21,6 +21,10 @@ pub fn is_zero(s: &[u8]) -> bool {
 
 /// Offset of the first 512-byte sector in which `a` and `b` differ.
 pub fn first_difference(a: &[u8], b: &[u8]) -> Option<u64> {
+    // One memcmp of the whole buffer settles the common case.
+    if a == b {
+        return None;
+    }
     (0..sectors(a))
         .find(|&i| sector(a, i) != sector(b, i))
         .map(|i| (i * SECTOR) as u64)
