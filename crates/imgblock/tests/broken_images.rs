@@ -214,10 +214,12 @@ const CASES: &[Case] = &[
         expect: Expect::Error("too many snapshots"),
     },
     Case {
+        // The refcount block read as three snapshot entries, each without the extra data a v3
+        // entry must have: qemu-img opens it (check reports each entry) and so does img.
         name: "qcow2 garbage snapshot table",
         make: |d| q(d, "a.qcow2", &[(60, &be32(3)), (64, &be64(0x20000))]),
         format: None,
-        expect: Expect::Error("snapshot table"),
+        expect: Expect::SameAsQemu,
     },
     Case {
         name: "qcow2 backing name past the cluster",
