@@ -564,7 +564,8 @@ fn check_refblocks(
             r.messages
                 .push(format!("ERROR: overflow cluster offset={off:#x}"));
         } else {
-            *v += 1;
+            // 64-bit refcounts pass the u32 count: it stays saturated there.
+            *v = v.saturating_add(1);
         }
         if *v != 1 {
             r.corruptions += 1;

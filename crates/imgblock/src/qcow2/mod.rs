@@ -691,11 +691,6 @@ impl Qcow2 {
     }
 }
 
-/// How many entries of the L1 table and of the refcount table an open image holds in memory. A
-/// writer holds them all. A reader needs only the L1 entries that cover the disk and the
-/// refcount table entries that cover the file, while a header may ask for 32 MiB and 8 MiB of
-/// them, and a backing chain holds one image per layer; `check` reads the rest when it needs
-/// them ([`Qcow2::hold_whole_tables`]).
 /// Where the external data file named `name` in the header of image `image` lives. qemu opens
 /// it as named, relative to the working directory rather than to the image's directory (unlike
 /// a backing file), and `create -o data_file=dir/x` records `dir/x`; so that name comes first.
@@ -714,6 +709,11 @@ fn data_file_path(image: &Path, name: &str) -> PathBuf {
     }
 }
 
+/// How many entries of the L1 table and of the refcount table an open image holds in memory. A
+/// writer holds them all. A reader needs only the L1 entries that cover the disk and the
+/// refcount table entries that cover the file, while a header may ask for 32 MiB and 8 MiB of
+/// them, and a backing chain holds one image per layer; `check` reads the rest when it needs
+/// them ([`Qcow2::hold_whole_tables`]).
 fn held_entries(h: &Header, geo: &Geometry, file_len: u64, writable: bool) -> (u64, u64) {
     let l1 = u64::from(h.l1_size);
     let rt = u64::from(h.refcount_table_clusters) * geo.cluster_size / 8;
