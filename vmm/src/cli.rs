@@ -67,6 +67,12 @@ pub struct Args {
     #[arg(long, value_name = "stdio|file:PATH|none", default_value = "stdio",
           value_parser = SerialSpec::from_str)]
     pub serial: SerialSpec,
+    /// Seccomp filters, as Cloud Hypervisor's flag: true (default) confines every thread to
+    /// the system calls its work needs and stops the VMM with a message on any other; log lets
+    /// other calls through and has the kernel log them; false installs no filter.
+    #[arg(long, value_name = "true|false|log", default_value = "true",
+          value_parser = crate::seccomp::Mode::from_str)]
+    pub seccomp: crate::seccomp::Mode,
 }
 
 fn parse_cpus(s: &str) -> Result<u8, String> {

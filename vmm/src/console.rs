@@ -21,6 +21,7 @@ use vm_superio::serial::{Error as SerialError, SerialEvents};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::legacy::{SerialDevice, VmExit};
+use crate::seccomp::{self, Filters, Kind};
 
 /// The escape character: Ctrl-A.
 pub const ESCAPE: u8 = 0x01;
@@ -212,22 +213,20 @@ pub fn block_stop_signals() -> std::io::Result<()> {
 ///
 /// # Errors
 /// The thread could not be started.
-pub fn spawn_signal_waiter(exit: Sender<VmExit>) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let set = stop_signal_set();
-            loop {
-                let mut sig: libc::c_int = 0;
-                // SAFETY: `set` and `sig` are valid for the call; the signals in `set` are
-                // blocked in every thread, so sigwait is the only taker.
-                if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                    let _ = exit.send(VmExit::Signal(sig));
-                    return;
-                }
+pub fn spawn_signal_waiter(exit: Sender<VmExit>, filters: &Arc<Filters>) -> std::io::Result<()> {
+    seccomp::spawn("signals", filters, Kind::Signals, move || {
+        let set = stop_signal_set();
+        loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` and `sig` are valid for the call; the signals in `set` are
+            // blocked in every thread, so sigwait is the only taker.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                let _ = exit.send(VmExit::Signal(sig));
+                return;
             }
-        })
-        .map(|_| ())
+        }
+    })
+    .map(|_| ())
 }
 
 /// Starts the thread that feeds standard input to COM1. With `terminal`, the escape keys are
@@ -240,11 +239,12 @@ pub fn spawn_input(
     room: EventFd,
     terminal: bool,
     exit: Sender<VmExit>,
+    filters: &Arc<Filters>,
 ) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("console".into())
-        .spawn(move || feed_stdin(&serial, &room, terminal, &exit))
-        .map(|_| ())
+    seccomp::spawn("console", filters, Kind::Console, move || {
+        feed_stdin(&serial, &room, terminal, &exit);
+    })
+    .map(|_| ())
 }
 
 /// Moves as much of `pending` into the FIFO as it takes.

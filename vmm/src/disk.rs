@@ -25,6 +25,9 @@ pub enum Error {
     /// The temporary directory for snapshot=on could not be made.
     #[error("cannot create a temporary directory for snapshot=on: {0}")]
     TempDir(std::io::Error),
+    /// The snapshot=on overlay, once open, could not be unlinked.
+    #[error("cannot remove the snapshot=on overlay's directory: {0}")]
+    TempDirRemove(std::io::Error),
     /// The image path could not be made absolute for the snapshot=on overlay.
     #[error("{path}: {source}")]
     Path {
@@ -89,8 +92,6 @@ pub struct Disk {
     image: Image,
     /// The device's request policy.
     pub config: BlockConfig,
-    /// The snapshot=on overlay's directory, deleted by [`Disk::close`] or on drop.
-    overlay: std::sync::Mutex<Option<tempfile::TempDir>>,
 }
 
 impl std::fmt::Debug for Disk {
@@ -123,7 +124,6 @@ impl Disk {
                 Image::open_with_secrets(path, opts, secrets)
             }
         };
-        let mut overlay = None;
         let image = if use_overlay {
             let base = Image::open_with_secrets(
                 &spec.path,
@@ -154,7 +154,10 @@ impl Disk {
                 &chain_secrets(spec, objects, 1)?,
             )
             .map_err(ierr(&ov))?;
-            overlay = Some(dir);
+            // Unlinked as soon as it is open: it lives as long as the process holds it, and
+            // nothing is left behind however the VMM ends (SIGKILL included), nor need the
+            // main thread's seccomp filter allow removing files.
+            dir.close().map_err(Error::TempDirRemove)?;
             img
         } else {
             let opts = OpenOptions {
@@ -191,27 +194,16 @@ impl Disk {
                 serial,
                 num_queues: spec.num_queues,
             },
-            overlay: std::sync::Mutex::new(overlay),
         })
     }
 
-    /// Flushes and deletes a snapshot=on overlay. Devices may still hold the disk (the process
-    /// is about to exit), so this cannot wait for the drop; the open overlay file is unlinked.
+    /// Flushes the disk before the process exits. Devices may still hold it, so this cannot
+    /// wait for the drop.
     ///
     /// # Errors
-    /// When the flush or the removal fails.
+    /// When the flush fails.
     pub fn close(&self) -> Result<(), String> {
-        let r = self.image.flush().map_err(|e| e.to_string());
-        let dir = self
-            .overlay
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(d) = dir {
-            d.close()
-                .map_err(|e| format!("removing the snapshot overlay: {e}"))?;
-        }
-        r
+        self.image.flush().map_err(|e| e.to_string())
     }
 
     /// The top image (the overlay for snapshot=on).

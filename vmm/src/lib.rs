@@ -20,5 +20,6 @@ pub mod console;
 pub mod disk;
 pub mod layout;
 pub mod legacy;
+pub mod seccomp;
 pub mod virtio;
 pub mod vm;

@@ -18,6 +18,7 @@ use crate::console::{self, RxRoom};
 use crate::disk::{self, Disk};
 use crate::layout::*;
 use crate::legacy::{AcpiPm, IrqTrigger, SerialDevice, VmExit, I8042};
+use crate::seccomp::{self, Filters, Kind};
 use crate::virtio::block::Backend;
 use crate::virtio::mmio::{self, MmioBlock, MmioQueue};
 use crate::virtio::worker::BlockWorker;
@@ -59,6 +60,9 @@ pub enum Error {
     /// virtio-queue refused the queue size.
     #[error("virtio queue: {0}")]
     Queue(virtio_queue::Error),
+    /// The seccomp filters could not be built or installed.
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::Error),
 }
 
 fn kvm<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, Error> {
@@ -97,10 +101,12 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
     // Before any thread starts, so that all of them inherit the mask: a stop signal then
     // reaches the waiter below, never a thread that would die of it.
     io("blocking the stop signals", console::block_stop_signals())?;
+    // Every thread enters its seccomp filter as it starts; the main thread once they all run.
+    let filters = Filters::new(args.seccomp)?;
     let (exit_tx, exit_rx) = channel::<VmExit>();
     io(
         "starting the signal thread",
-        console::spawn_signal_waiter(exit_tx.clone()),
+        console::spawn_signal_waiter(exit_tx.clone(), &filters),
     )?;
     // Open the disks first: a locked or missing image should fail before anything else.
     let objects = disk::parse_objects(&args.objects)?;
@@ -200,6 +206,7 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
                     d.config.clone(),
                     Arc::clone(&interrupt),
                     io("eventfd", notify.try_clone())?,
+                    &filters,
                 ),
             )?;
             queues.push(MmioQueue::new(worker, notify).map_err(Error::Queue)?);
@@ -282,7 +289,7 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
         if let Some(terminal) = terminal {
             io(
                 "starting the console thread",
-                console::spawn_input(serial, rx_room, terminal, exit_tx.clone()),
+                console::spawn_input(serial, rx_room, terminal, exit_tx.clone(), &filters),
             )?;
         }
     }
@@ -293,22 +300,24 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
         let tx = exit_tx.clone();
         io(
             "starting a vCPU thread",
-            std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || {
-                    let e = vcpu_loop(id, vcpu, &pio, &mmio_bus);
-                    let _ = tx.send(e);
-                }),
+            seccomp::spawn(&format!("vcpu{id}"), &filters, Kind::Vcpu, move || {
+                let e = vcpu_loop(id, vcpu, &pio, &mmio_bus);
+                let _ = tx.send(e);
+            }),
         )?;
     }
     drop(exit_tx);
+    // Read again at the end for the report; the main thread's filter opens nothing.
+    let status_file =
+        std::env::var_os("VMM_REPORT").and_then(|_| std::fs::File::open("/proc/self/status").ok());
+    seccomp::enter(&filters, Kind::Main)?;
 
     let exit = exit_rx
         .recv()
         .unwrap_or_else(|_| VmExit::Error("every vCPU thread ended".into()));
     drop(input);
     if std::env::var_os("VMM_REPORT").is_some() {
-        report_usage(&mem, t0);
+        report_usage(&mem, t0, status_file);
     }
     // Stop the I/O threads (each flushes its disk), then the disks (locks, overlays) drop.
     for b in &devs.blocks {
@@ -397,9 +406,14 @@ fn setup_boot_cpu(vcpu: &VcpuFd, entry: &boot::EntryPoint) -> Result<(), Error> 
 }
 
 /// Prints VMM memory overhead: RSS minus the guest memory the guest actually touched.
-fn report_usage(mem: &GuestMemoryMmap, t0: Instant) {
-    let rss_kib = std::fs::read_to_string("/proc/self/status")
-        .ok()
+fn report_usage(mem: &GuestMemoryMmap, t0: Instant, status: Option<std::fs::File>) {
+    let rss_kib = status
+        .and_then(|mut f| {
+            use std::io::{Read, Seek};
+            let mut s = String::new();
+            f.rewind().and_then(|_| f.read_to_string(&mut s)).ok()?;
+            Some(s)
+        })
         .and_then(|s| {
             s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
                 l.split_whitespace()

@@ -741,8 +741,20 @@ impl Running {
     /// Starts the test guest with `disks` and `cmdline`, standard input from `stdin`, stderr to
     /// a file in `tmp`, which is also the TMPDIR.
     fn start(disks: &[String], cmdline: &str, stdin: std::process::Stdio, tmp: &Path) -> Running {
+        Running::start_with(&[], disks, cmdline, stdin, tmp)
+    }
+
+    /// As [`Running::start`], with `extra` arguments first.
+    fn start_with(
+        extra: &[&str],
+        disks: &[String],
+        cmdline: &str,
+        stdin: std::process::Stdio,
+        tmp: &Path,
+    ) -> Running {
         let stderr = tmp.join("vmm.stderr");
         let mut c = Command::new(VMM);
+        c.args(extra);
         c.args(["--kernel", GUEST, "--memory", "128M", "--cmdline", cmdline]);
         for d in disks {
             c.args(["--disk", d]);
@@ -1084,4 +1096,72 @@ fn sighup_after_the_terminal_hung_up_still_stops_in_order() {
     assert_eq!(status.code(), Some(0), "vmm exited with {status:?}");
     qemu_check_clean(&img, Format::Qcow2);
     assert_guest_wrote(&to_raw(&img, Format::Qcow2, dir.path()));
+}
+
+/// (thread name, seccomp mode) of every thread of process `pid`, from /proc.
+fn thread_seccomp(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_default()
+        };
+        out.push((field("Name:"), field("Seccomp:")));
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn every_thread_runs_under_a_seccomp_filter_while_the_guest_runs() {
+    // While the guest works, every thread of the VMM (main, vCPUs, each queue's I/O thread,
+    // the signal and console threads) is in seccomp filter mode (2); with --seccomp false none
+    // is (0). Either way the guest's requests all succeed and SIGTERM stops it in order.
+    let Some(dir) = setup() else { return };
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let img = dir.path().join("disk.qcow2");
+    let spec = [format!(
+        "path={},format=qcow2,discard=unmap,num_queues=2",
+        img.display()
+    )];
+    for (mode, want) in [("true", "2"), ("log", "2"), ("false", "0")] {
+        let _ = std::fs::remove_file(&img);
+        make_image(&img, Format::Qcow2, 0, SIZE, None);
+        let mut vm = Running::start_with(
+            &["--seccomp", mode, "--cpus", "2"],
+            &spec,
+            "console=ttyS0 test.hold=1",
+            std::process::Stdio::piped(),
+            &tmp,
+        );
+        vm.wait_for("test-guest: holding until stopped");
+        let threads = thread_seccomp(vm.child.id());
+        eprintln!("--seccomp {mode}: {threads:?}");
+        for name in ["vmm", "vcpu0", "vcpu1", "signals", "console"] {
+            assert!(
+                threads.iter().any(|(n, _)| n == name),
+                "no {name} thread: {threads:?}"
+            );
+        }
+        let io = threads.iter().filter(|(n, _)| n == "virtio-blk").count();
+        assert_eq!(io, 2, "one I/O thread per queue: {threads:?}");
+        assert!(
+            threads.iter().all(|(_, m)| m == want),
+            "--seccomp {mode}: {threads:?}"
+        );
+        let pid = i32::try_from(vm.child.id()).unwrap();
+        // SAFETY: kill sends a signal to our own child; no memory is involved.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let (status, stdout, stderr) = vm.finish();
+        assert_eq!(status.code(), Some(0), "{mode}: {status:?}: {stderr}");
+        assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+        assert!(!stderr.contains("seccomp"), "{stderr}");
+        qemu_check_clean(&img, Format::Qcow2);
+        assert_guest_wrote(&to_raw(&img, Format::Qcow2, dir.path()));
+    }
 }

@@ -154,7 +154,7 @@ impl MmioBlock {
     /// Stops the I/O threads after the requests in flight, flushing the disk.
     pub fn shutdown(&mut self) {
         for q in &mut self.queues {
-            q.worker.stop();
+            q.worker.shutdown();
         }
     }
 
@@ -219,10 +219,7 @@ impl MmioBlock {
             };
             let queue = std::mem::replace(&mut q.queue, blank);
             q.live = true;
-            if let Err(e) = q.worker.start(self.mem.clone(), queue) {
-                crate::report!("vmm: virtio-blk: cannot start an I/O thread: {e}");
-                ok = false;
-            }
+            q.worker.start(self.mem.clone(), queue);
         }
         ok
     }

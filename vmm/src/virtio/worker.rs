@@ -3,8 +3,9 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -12,6 +13,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::block::{handle_chain, Backend, BlockConfig};
+use crate::seccomp::{self, Filters, Kind};
 
 /// The device's interrupt: InterruptStatus bits and the irqfd behind them.
 #[derive(Debug)]
@@ -32,51 +34,61 @@ impl Interrupt {
     }
 }
 
-/// Owns the I/O thread of one block device.
+/// What the device asks of its I/O thread.
+enum Order {
+    /// Serve this queue (the driver set DRIVER_OK).
+    Serve(GuestMemoryMmap, Queue),
+    /// Drop the queue after the chain in progress and flush the disk (device reset).
+    Idle,
+    /// As `Idle`, then end the thread (the VMM is stopping).
+    Exit,
+}
+
+/// The one-order mailbox between the device and its I/O thread: the device posts an order,
+/// writes `wake`, and waits until the thread has carried it out.
+struct Mailbox {
+    slot: Mutex<Slot>,
+    done: Condvar,
+    wake: EventFd,
+}
+
+#[derive(Default)]
+struct Slot {
+    order: Option<Order>,
+    posted: u64,
+    carried_out: u64,
+}
+
+/// Owns the I/O thread of one queue. The thread is started with the device, before any vCPU
+/// runs, and lives until the VMM stops: a driver's DRIVER_OK or reset only hands it a queue or
+/// takes it back, so a vCPU never starts threads (nor needs the system calls for it, which its
+/// seccomp filter does not allow).
 pub struct BlockWorker {
-    disk: Arc<dyn Backend>,
-    cfg: BlockConfig,
-    interrupt: Arc<Interrupt>,
-    notify: EventFd,
-    stop: EventFd,
-    thread: Option<JoinHandle<()>>,
+    mailbox: Arc<Mailbox>,
+    thread: Option<JoinHandle<Option<()>>>,
 }
 
 const NOTIFY: u64 = 1;
-const STOP: u64 = 2;
+const ORDER: u64 = 2;
 
 impl BlockWorker {
-    /// A worker serving `disk`; `notify` is the queue's ioeventfd.
+    /// Starts the I/O thread serving `disk` under the I/O filter; `notify` is the queue's
+    /// ioeventfd.
     ///
     /// # Errors
-    /// When the stop eventfd cannot be created.
+    /// When the eventfd or epoll cannot be created, or the thread cannot start.
     pub fn new(
         disk: Arc<dyn Backend>,
         cfg: BlockConfig,
         interrupt: Arc<Interrupt>,
         notify: EventFd,
+        filters: &Arc<Filters>,
     ) -> std::io::Result<Self> {
-        Ok(BlockWorker {
-            disk,
-            cfg,
-            interrupt,
-            notify,
-            stop: EventFd::new(EFD_NONBLOCK)?,
-            thread: None,
-        })
-    }
-
-    /// Starts serving `queue`.
-    ///
-    /// # Errors
-    /// When eventfds cannot be duplicated or the thread cannot start.
-    pub fn start(&mut self, mem: GuestMemoryMmap, queue: Queue) -> std::io::Result<()> {
-        self.stop();
-        let notify = self.notify.try_clone()?;
-        let stop = self.stop.try_clone()?;
-        let disk = Arc::clone(&self.disk);
-        let cfg = self.cfg.clone();
-        let interrupt = Arc::clone(&self.interrupt);
+        let mailbox = Arc::new(Mailbox {
+            slot: Mutex::new(Slot::default()),
+            done: Condvar::new(),
+            wake: EventFd::new(EFD_NONBLOCK)?,
+        });
         let epoll = Epoll::new()?;
         epoll.ctl(
             ControlOperation::Add,
@@ -85,59 +97,64 @@ impl BlockWorker {
         )?;
         epoll.ctl(
             ControlOperation::Add,
-            stop.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, STOP),
+            mailbox.wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, ORDER),
         )?;
-        let t = std::thread::Builder::new()
-            .name("virtio-blk".into())
-            .spawn(move || {
-                let mut w = Running {
-                    mem,
-                    queue,
-                    disk,
-                    cfg,
-                    interrupt,
-                    bounce: Vec::new(),
-                };
-                // A driver may have queued requests before DRIVER_OK.
-                w.process();
-                let mut events = [EpollEvent::default(); 4];
-                loop {
-                    let n = match epoll.wait(-1, &mut events) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            crate::report!("vmm: virtio-blk: epoll failed: {e}");
-                            break;
-                        }
-                    };
-                    let mut stop_now = false;
-                    for ev in &events[..n] {
-                        match ev.data() {
-                            NOTIFY => {
-                                let _ = notify.read();
-                                w.process();
-                            }
-                            _ => stop_now = true,
-                        }
-                    }
-                    if stop_now {
-                        let _ = stop.read();
-                        break;
-                    }
-                }
-                if let Err(e) = w.disk.flush() {
-                    crate::report!("vmm: virtio-blk: flush on stop failed: {e}");
-                }
-            })?;
-        self.thread = Some(t);
-        Ok(())
+        let mb = Arc::clone(&mailbox);
+        let thread = seccomp::spawn("virtio-blk", filters, Kind::Io, move || {
+            let mut t = IoThread {
+                disk,
+                cfg,
+                interrupt,
+                running: None,
+                bounce: Vec::new(),
+            };
+            t.run(&epoll, &notify, &mb);
+        })?;
+        Ok(BlockWorker {
+            mailbox,
+            thread: Some(thread),
+        })
     }
 
-    /// Stops the thread (after the chain in progress) and waits for it.
+    /// Posts `order` and waits until the thread has carried it out (or has ended).
+    fn order(&mut self, order: Order) {
+        let Some(thread) = &self.thread else {
+            return;
+        };
+        let mb = &self.mailbox;
+        let mut slot = mb.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        slot.order = Some(order);
+        slot.posted += 1;
+        let ticket = slot.posted;
+        if let Err(e) = mb.wake.write(1) {
+            crate::report!("vmm: virtio-blk: cannot wake the I/O thread: {e}");
+            slot.order = None;
+            return;
+        }
+        while slot.carried_out < ticket && !thread.is_finished() {
+            slot = mb
+                .done
+                .wait_timeout(slot, Duration::from_millis(100))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Hands `queue` to the thread, which serves what the driver queued already.
+    pub fn start(&mut self, mem: GuestMemoryMmap, queue: Queue) {
+        self.order(Order::Serve(mem, queue));
+    }
+
+    /// Takes the queue back after the chain in progress; the disk is flushed.
     pub fn stop(&mut self) {
+        self.order(Order::Idle);
+    }
+
+    /// Stops the thread (after the chain in progress, disk flushed) and waits for it.
+    pub fn shutdown(&mut self) {
+        self.order(Order::Exit);
         if let Some(t) = self.thread.take() {
-            let _ = self.stop.write(1);
             if t.join().is_err() {
                 crate::report!("vmm: virtio-blk: I/O thread panicked");
             }
@@ -147,25 +164,90 @@ impl BlockWorker {
 
 impl Drop for BlockWorker {
     fn drop(&mut self) {
-        self.stop();
+        self.shutdown();
     }
 }
 
-struct Running {
-    mem: GuestMemoryMmap,
-    queue: Queue,
+/// The I/O thread's state.
+struct IoThread {
     disk: Arc<dyn Backend>,
     cfg: BlockConfig,
     interrupt: Arc<Interrupt>,
+    running: Option<(GuestMemoryMmap, Queue)>,
     bounce: Vec<u8>,
 }
 
-impl Running {
+impl IoThread {
+    fn run(&mut self, epoll: &Epoll, notify: &EventFd, mb: &Mailbox) {
+        let mut events = [EpollEvent::default(); 4];
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    crate::report!("vmm: virtio-blk: epoll failed: {e}");
+                    self.idle();
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                if ev.data() == NOTIFY {
+                    let _ = notify.read();
+                    self.process();
+                    continue;
+                }
+                let _ = mb.wake.read();
+                let order = mb
+                    .slot
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .order
+                    .take();
+                let exit = matches!(order, Some(Order::Exit));
+                let serve = match order {
+                    Some(Order::Serve(mem, queue)) => {
+                        self.idle();
+                        self.running = Some((mem, queue));
+                        true
+                    }
+                    Some(Order::Idle | Order::Exit) => {
+                        self.idle();
+                        false
+                    }
+                    None => false,
+                };
+                let mut slot = mb.slot.lock().unwrap_or_else(PoisonError::into_inner);
+                slot.carried_out = slot.posted;
+                mb.done.notify_all();
+                drop(slot);
+                if exit {
+                    return;
+                }
+                if serve {
+                    // A driver may have queued requests before DRIVER_OK.
+                    self.process();
+                }
+            }
+        }
+    }
+
+    /// Drops the queue, if any, and flushes what it wrote.
+    fn idle(&mut self) {
+        if self.running.take().is_some() {
+            if let Err(e) = self.disk.flush() {
+                crate::report!("vmm: virtio-blk: flush on stop failed: {e}");
+            }
+        }
+    }
+
     fn process(&mut self) {
+        let Some((mem, queue)) = &mut self.running else {
+            return;
+        };
         let interrupt = &self.interrupt;
         serve_queue(
-            &mut self.queue,
-            &self.mem,
+            queue,
+            mem,
             self.disk.as_ref(),
             &self.cfg,
             &mut self.bounce,
