@@ -7,6 +7,8 @@ use clap::Parser;
 use imgblock::options::{parse_bool, parse_size, split_opts};
 use imgblock::Format;
 
+use crate::virtio::throttle::{Limit, Limits};
+
 /// Most request queues a disk may have (`num_queues=`).
 pub const MAX_QUEUES: u16 = 16;
 
@@ -51,7 +53,11 @@ pub struct Args {
     /// served by its own I/O thread; 1 to 16, default 1), direct=on (Cloud Hypervisor's
     /// cache=none), encrypt.key-secret=ID (key-secret=ID
     /// for a luks image; backing.encrypt.key-secret=ID for the image below, and so on) naming an
-    /// --object secret. A comma inside a value is written ",,".
+    /// --object secret. I/O limits for all the disk's queues together, as qemu spells them:
+    /// throttling.bps-total=BYTES and throttling.iops-total=N a second, bursts of a tenth of
+    /// that or throttling.bps-total-max= / throttling.iops-total-max=; or as Cloud Hypervisor
+    /// does: bw_size=BYTES,bw_refill_time=MS and ops_size=N,ops_refill_time=MS. A comma inside
+    /// a value is written ",,".
     #[arg(long, value_name = "path=IMG[,KEY=VALUE...]", value_parser = DiskSpec::from_str)]
     pub disk: Vec<DiskSpec>,
     /// A secret for encrypted disks, as qemu takes it: secret,id=ID,data=STRING or
@@ -123,7 +129,7 @@ pub enum DiscardMode {
 }
 
 /// One `--disk`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DiskSpec {
     /// The image.
     pub path: PathBuf,
@@ -144,6 +150,9 @@ pub struct DiskSpec {
     /// `(depth in the chain, secret ID)` for each `[backing.]*[encrypt.]key-secret=` key; depth
     /// 0 is the image itself.
     pub key_secrets: Vec<(usize, String)>,
+    /// I/O limits (`throttling.bps-total=`, `throttling.iops-total=`, or Cloud Hypervisor's
+    /// `bw_size=`/`ops_size=` with their refill times).
+    pub throttle: Limits,
 }
 
 impl FromStr for DiskSpec {
@@ -159,8 +168,12 @@ impl FromStr for DiskSpec {
             serial: None,
             num_queues: 1,
             key_secrets: Vec::new(),
+            throttle: Limits::default(),
         };
         let mut have_path = false;
+        // throttling.bps-total, -max, iops-total, -max, bw_size, bw_refill_time, ops_size,
+        // ops_refill_time.
+        let mut limits = [None::<u64>; 8];
         for (k, v) in split_opts(s).map_err(|e| e.to_string())? {
             let mut key = k.as_str();
             let mut depth = 0;
@@ -232,19 +245,80 @@ impl FromStr for DiskSpec {
                             format!("{k}={v}: expected a number of queues from 1 to {MAX_QUEUES}")
                         })?;
                 }
-                "help" => return Err("keys: path, format, readonly, snapshot, cache, discard, serial, num_queues, encrypt.key-secret".into()),
+                "help" => return Err(format!("keys: path, format, readonly, snapshot, cache, discard, serial, num_queues, encrypt.key-secret, {}", THROTTLE_KEYS.join(", "))),
                 _ => {
-                    return Err(format!(
-                        "unknown disk option '{k}' (expected path, format, readonly, snapshot, cache, discard, serial, num_queues or encrypt.key-secret)"
-                    ))
+                    let Some(i) = THROTTLE_KEYS.iter().position(|t| *t == k) else {
+                        return Err(format!(
+                            "unknown disk option '{k}' (expected path, format, readonly, snapshot, cache, discard, serial, num_queues, encrypt.key-secret or {})",
+                            THROTTLE_KEYS.join(", ")
+                        ));
+                    };
+                    let n = parse_size(&v)
+                        .map_err(|e| format!("{k}={v}: {e}"))?;
+                    limits[i] = Some(n);
                 }
             }
         }
         if !have_path {
             return Err("path=IMG is required".into());
         }
+        spec.throttle = throttle_limits(&limits)?;
         Ok(spec)
     }
+}
+
+/// The throttling keys, qemu's then Cloud Hypervisor's, in the order `throttle_limits` reads
+/// them.
+const THROTTLE_KEYS: [&str; 8] = [
+    "throttling.bps-total",
+    "throttling.bps-total-max",
+    "throttling.iops-total",
+    "throttling.iops-total-max",
+    "bw_size",
+    "bw_refill_time",
+    "ops_size",
+    "ops_refill_time",
+];
+
+/// The limits the throttling keys give, refusing a half-given or doubly-given one.
+fn throttle_limits(v: &[Option<u64>; 8]) -> Result<Limits, String> {
+    let one = |qemu: (Option<u64>, Option<u64>), ch: (Option<u64>, Option<u64>), what: &str| {
+        let (rate, max) = qemu;
+        let (size, refill) = ch;
+        match (rate, size) {
+            (Some(_), Some(_)) => Err(format!(
+                "{what}: give throttling.* or Cloud Hypervisor's *_size/*_refill_time, not both"
+            )),
+            (Some(r), None) => {
+                if refill.is_some() {
+                    return Err(format!("{what}: a refill time needs its size"));
+                }
+                if r == 0 {
+                    return Err(format!("{what}: a rate of 0 is no limit; leave it out"));
+                }
+                Ok(Limit::per_second(r, max))
+            }
+            (None, Some(s)) => {
+                if max.is_some() {
+                    return Err(format!("{what}: a -max needs its rate"));
+                }
+                let Some(ms) = refill else {
+                    return Err(format!("{what}: a size needs its refill time (ms)"));
+                };
+                Limit::refilled(s, ms)
+                    .map(Some)
+                    .ok_or_else(|| format!("{what}: size and refill time must be above 0"))
+            }
+            (None, None) if max.is_some() || refill.is_some() => Err(format!(
+                "{what}: a -max or refill time needs a rate or size"
+            )),
+            (None, None) => Ok(None),
+        }
+    };
+    Ok(Limits {
+        bytes: one((v[0], v[1]), (v[4], v[5]), "bytes limit")?,
+        ops: one((v[2], v[3]), (v[6], v[7]), "requests limit")?,
+    })
 }
 
 /// Where the serial console goes.
@@ -295,6 +369,43 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(d.key_secrets, [(0, "s0".to_owned()), (2, "s1".to_owned())]);
+    }
+
+    #[test]
+    fn disk_throttling_in_qemu_and_cloud_hypervisor_spellings() {
+        let d: DiskSpec = "path=a,throttling.bps-total=10M,throttling.iops-total=500"
+            .parse()
+            .unwrap();
+        let b = d.throttle.bytes.unwrap();
+        assert_eq!(b.rate, 10.0 * 1024.0 * 1024.0);
+        assert_eq!(b.burst, b.rate / 10.0);
+        let o = d.throttle.ops.unwrap();
+        assert_eq!((o.rate, o.burst), (500.0, 50.0));
+        let d: DiskSpec = "path=a,throttling.bps-total=1000,throttling.bps-total-max=4000"
+            .parse()
+            .unwrap();
+        assert_eq!(d.throttle.bytes.unwrap().burst, 4000.0);
+        assert!(d.throttle.ops.is_none());
+        let d: DiskSpec = "path=a,bw_size=1M,bw_refill_time=500,ops_size=100,ops_refill_time=10"
+            .parse()
+            .unwrap();
+        let b = d.throttle.bytes.unwrap();
+        assert_eq!((b.rate, b.burst), (2.0 * 1024.0 * 1024.0, 1024.0 * 1024.0));
+        let o = d.throttle.ops.unwrap();
+        assert_eq!((o.rate, o.burst), (10000.0, 100.0));
+        assert!(!"path=a".parse::<DiskSpec>().unwrap().throttle.any());
+        for bad in [
+            "path=a,bw_size=1M",
+            "path=a,bw_refill_time=10",
+            "path=a,throttling.bps-total-max=10",
+            "path=a,throttling.bps-total=0",
+            "path=a,throttling.bps-total=1M,bw_size=1M,bw_refill_time=1",
+            "path=a,ops_size=0,ops_refill_time=10",
+            "path=a,throttling.iops-total=x",
+            "path=a,throttling.bps-total=1M,bw_refill_time=5",
+        ] {
+            assert!(bad.parse::<DiskSpec>().is_err(), "{bad}");
+        }
     }
 
     #[test]

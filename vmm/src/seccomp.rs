@@ -195,7 +195,12 @@ fn allowed(kind: Kind) -> (Vec<i64>, Vec<u64>) {
         }
         Kind::Io => {
             calls.extend_from_slice(FILE_IO);
-            calls.extend_from_slice(&[libc::SYS_epoll_wait, libc::SYS_epoll_pwait]);
+            calls.extend_from_slice(&[
+                libc::SYS_epoll_wait,
+                libc::SYS_epoll_pwait,
+                // Arming the throttling timer.
+                libc::SYS_timerfd_settime,
+            ]);
         }
         Kind::Console => {
             calls.extend_from_slice(&[libc::SYS_read, libc::SYS_poll, libc::SYS_ppoll]);

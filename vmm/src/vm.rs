@@ -21,6 +21,7 @@ use crate::legacy::{AcpiPm, IrqTrigger, SerialDevice, VmExit, I8042};
 use crate::seccomp::{self, Filters, Kind};
 use crate::virtio::block::Backend;
 use crate::virtio::mmio::{self, MmioBlock, MmioQueue};
+use crate::virtio::throttle::Throttle;
 use crate::virtio::worker::BlockWorker;
 
 /// Errors setting up or running the VM.
@@ -179,8 +180,12 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
     };
     let mut mmio_descs = Vec::new();
     let mut cmdline = args.cmdline.clone();
-    for (i, d) in disks.iter().enumerate() {
+    let mut throttles = Vec::new();
+    for (i, (d, spec)) in disks.iter().zip(&args.disk).enumerate() {
         let idx = u32::try_from(i).unwrap_or(0);
+        // One set of buckets for all the disk's queues.
+        let throttle = Throttle::new(spec.throttle).map(Arc::new);
+        throttles.push(throttle.clone());
         let base = VIRTIO_MMIO_START + u64::from(idx) * VIRTIO_MMIO_SIZE;
         let gsi = VIRTIO_GSI_START + idx;
         let irqfd = io("eventfd", EventFd::new(EFD_NONBLOCK))?;
@@ -206,6 +211,7 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
                     d.config.clone(),
                     Arc::clone(&interrupt),
                     io("eventfd", notify.try_clone())?,
+                    throttle.clone(),
                     &filters,
                 ),
             )?;
@@ -318,6 +324,16 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
     drop(input);
     if std::env::var_os("VMM_REPORT").is_some() {
         report_usage(&mem, t0, status_file);
+        for (i, t) in throttles.iter().enumerate() {
+            if let Some(t) = t {
+                let (requests, bytes, held) = t.totals();
+                crate::report!(
+                    "vmm: disk {i}: {requests} requests, {bytes} bytes; held back by throttling \
+                     for {:.1} ms",
+                    held.as_secs_f64() * 1e3
+                );
+            }
+        }
     }
     // Stop the I/O threads (each flushes its disk), then the disks (locks, overlays) drop.
     for b in &devs.blocks {

@@ -5,14 +5,16 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::block::{handle_chain, Backend, BlockConfig};
+use super::throttle::Throttle;
 use crate::seccomp::{self, Filters, Kind};
 
 /// The device's interrupt: InterruptStatus bits and the irqfd behind them.
@@ -70,6 +72,7 @@ pub struct BlockWorker {
 
 const NOTIFY: u64 = 1;
 const ORDER: u64 = 2;
+const TIMER: u64 = 3;
 
 impl BlockWorker {
     /// Starts the I/O thread serving `disk` under the I/O filter; `notify` is the queue's
@@ -82,6 +85,7 @@ impl BlockWorker {
         cfg: BlockConfig,
         interrupt: Arc<Interrupt>,
         notify: EventFd,
+        throttle: Option<Arc<Throttle>>,
         filters: &Arc<Filters>,
     ) -> std::io::Result<Self> {
         let mailbox = Arc::new(Mailbox {
@@ -100,6 +104,13 @@ impl BlockWorker {
             mailbox.wake.as_raw_fd(),
             EpollEvent::new(EventSet::IN, ORDER),
         )?;
+        // Fires when a throttled queue may go on.
+        let timer = TimerFd::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            timer.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TIMER),
+        )?;
         let mb = Arc::clone(&mailbox);
         let thread = seccomp::spawn("virtio-blk", filters, Kind::Io, move || {
             let mut t = IoThread {
@@ -108,6 +119,9 @@ impl BlockWorker {
                 interrupt,
                 running: None,
                 bounce: Vec::new(),
+                throttle,
+                timer,
+                held_since: None,
             };
             t.run(&epoll, &notify, &mb);
         })?;
@@ -175,6 +189,12 @@ struct IoThread {
     interrupt: Arc<Interrupt>,
     running: Option<(GuestMemoryMmap, Queue)>,
     bounce: Vec<u8>,
+    /// The disk's throttling buckets, shared with its other queues.
+    throttle: Option<Arc<Throttle>>,
+    /// Armed while the throttle holds the queue back.
+    timer: TimerFd,
+    /// Since when the queue has been held back.
+    held_since: Option<Instant>,
 }
 
 impl IoThread {
@@ -193,6 +213,11 @@ impl IoThread {
             for ev in &events[..n] {
                 if ev.data() == NOTIFY {
                     let _ = notify.read();
+                    self.process();
+                    continue;
+                }
+                if ev.data() == TIMER {
+                    let _ = self.timer.wait();
                     self.process();
                     continue;
                 }
@@ -245,14 +270,25 @@ impl IoThread {
             return;
         };
         let interrupt = &self.interrupt;
-        serve_queue(
+        let served = serve_queue(
             queue,
             mem,
             self.disk.as_ref(),
             &self.cfg,
             &mut self.bounce,
             &mut || interrupt.signal_used(),
+            self.throttle.as_deref(),
         );
+        if let Some(d) = served.held {
+            // Back when the buckets have drained enough; the driver's notifications stay
+            // off meanwhile.
+            if let Err(e) = self.timer.reset(d, None) {
+                crate::report!("vmm: virtio-blk: cannot arm the throttling timer: {e}");
+            }
+            self.held_since.get_or_insert_with(Instant::now);
+        } else if let (Some(t0), Some(t)) = (self.held_since.take(), &self.throttle) {
+            t.held(t0.elapsed());
+        }
         // Keep the bounce buffer from pinning a large allocation forever.
         if self.bounce.capacity() > 4 << 20 {
             self.bounce = Vec::new();
@@ -260,10 +296,23 @@ impl IoThread {
     }
 }
 
+/// What a pass over the queue did.
+#[derive(Debug, Default)]
+pub struct Served {
+    /// Whether any descriptor was used.
+    pub used: bool,
+    /// Set when the throttle stopped the pass: how long until the next request may start.
+    pub held: Option<Duration>,
+}
+
+/// Header and status bytes of a request chain, not counted as data by the throttle.
+const REQUEST_OVERHEAD: u64 = 17;
+
 /// Serves every available chain (re-checking after re-enabling notifications, as EVENT_IDX
 /// requires), and calls `signal` as soon as a completion crosses the index the driver asked to
 /// be interrupted at, so that a driver waiting for its first requests need not wait for the
-/// ones it queued behind them. Returns whether any descriptor was used. A broken ring stops the
+/// ones it queued behind them. With a `throttle`, a chain starts only when its buckets allow,
+/// else the pass stops and says for how long (notifications left off). A broken ring stops the
 /// pass.
 pub fn serve_queue(
     queue: &mut Queue,
@@ -272,8 +321,9 @@ pub fn serve_queue(
     cfg: &BlockConfig,
     bounce: &mut Vec<u8>,
     signal: &mut dyn FnMut(),
-) -> bool {
-    let mut used = false;
+    throttle: Option<&Throttle>,
+) -> Served {
+    let mut served = Served::default();
     let mut notify = |queue: &mut Queue| match queue.needs_notification(mem) {
         Ok(true) => signal(),
         Ok(false) => {}
@@ -285,15 +335,29 @@ pub fn serve_queue(
             crate::report!("vmm: virtio-blk: queue error: {e}");
             break;
         }
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        loop {
+            if let Some(wait) = throttle.and_then(Throttle::wait) {
+                served.held = Some(wait);
+                return served;
+            }
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
-            let descs = chain.map(|d| (d.addr().0, d.len(), d.is_write_only()));
+            let mut bytes = 0u64;
+            let descs = chain.map(|d| {
+                bytes = bytes.saturating_add(u64::from(d.len()));
+                (d.addr().0, d.len(), d.is_write_only())
+            });
             let len = handle_chain(mem, descs, disk, cfg, bounce);
+            if let Some(t) = throttle {
+                t.charge(bytes.saturating_sub(REQUEST_OVERHEAD));
+            }
             if let Err(e) = queue.add_used(mem, head, len) {
                 crate::report!("vmm: virtio-blk: cannot return descriptor {head}: {e}");
-                return used;
+                return served;
             }
-            used = true;
+            served.used = true;
             notify(queue);
         }
         match queue.enable_notification(mem) {
@@ -305,7 +369,7 @@ pub fn serve_queue(
             }
         }
     }
-    used
+    served
 }
 
 #[cfg(test)]
@@ -390,7 +454,7 @@ mod tests {
             q.set_ready(true);
             prop_assume!(q.is_valid(&mem));
             let disk = MemDisk(Mutex::new(vec![0; 64 * 1024]));
-            serve_queue(&mut q, &mem, &disk, &cfg(false), &mut Vec::new(), &mut || {});
+            serve_queue(&mut q, &mem, &disk, &cfg(false), &mut Vec::new(), &mut || {}, None);
             let _ = q.needs_notification(&mem);
         }
     }
