@@ -51,7 +51,8 @@ impl Backend for MemDisk {
 }
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    // Layout of the input: a flags byte, up to 8 descriptors of 13 bytes (address, length,
+    // Layout of the input: a flags byte (descriptor count - 1, read-only, detect-zeroes=unmap),
+    // up to 8 descriptors of 13 bytes (address, length,
     // device-writable), then guest memory contents.
     let Some((&flags, rest)) = data.split_first() else { return };
     let n = usize::from(flags & 7) + 1;
@@ -80,6 +81,11 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         readonly: flags & 8 != 0,
         cache: Default::default(),
         discard: Default::default(),
+        detect_zeroes: if flags & 16 != 0 {
+            vmm::cli::DetectZeroes::Unmap
+        } else {
+            Default::default()
+        },
         serial: b"fuzz".to_vec(),
         // Requests on one chain are parsed the same whatever queue they came from.
         num_queues: 1,

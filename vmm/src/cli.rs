@@ -49,6 +49,8 @@ pub struct Args {
     /// A virtio-blk disk; repeat for more. Keys: path=IMG (required), format=raw|qcow2|...
     /// (probed when absent), readonly=on|off, snapshot=on|off (writes go to a temporary qcow2
     /// overlay deleted on exit), cache=writeback|none|unsafe|directsync, discard=ignore|unmap,
+    /// detect-zeroes=off|on|unmap (as qemu: writes of zeroes become write-zeroes requests, with
+    /// unmap also freeing the space when discard=unmap),
     /// serial=ID (at most 20 bytes, returned by GET_ID), num_queues=N (request queues, each
     /// served by its own I/O thread; 1 to 16, default 1), direct=on (Cloud Hypervisor's
     /// cache=none), encrypt.key-secret=ID (key-secret=ID
@@ -128,6 +130,18 @@ pub enum DiscardMode {
     Unmap,
 }
 
+/// qemu's `detect-zeroes`: what a write of nothing but zeroes becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DetectZeroes {
+    /// Written as given (qemu's default).
+    #[default]
+    Off,
+    /// A write-zeroes request: the image may record zeroes without storing them.
+    On,
+    /// As `On`, and the space may be freed when discard=unmap (else as `On`).
+    Unmap,
+}
+
 /// One `--disk`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DiskSpec {
@@ -143,6 +157,8 @@ pub struct DiskSpec {
     pub cache: CacheMode,
     /// Discard mode.
     pub discard: DiscardMode,
+    /// Zero-write detection.
+    pub detect_zeroes: DetectZeroes,
     /// GET_ID answer.
     pub serial: Option<String>,
     /// Request queues (VIRTIO_BLK_F_MQ above 1), each with its own I/O thread.
@@ -165,6 +181,7 @@ impl FromStr for DiskSpec {
             snapshot: false,
             cache: CacheMode::default(),
             discard: DiscardMode::default(),
+            detect_zeroes: DetectZeroes::default(),
             serial: None,
             num_queues: 1,
             key_secrets: Vec::new(),
@@ -219,6 +236,14 @@ impl FromStr for DiskSpec {
                         _ => return Err(format!("discard={v}: expected ignore or unmap")),
                     }
                 }
+                "detect-zeroes" | "detect_zeroes" => {
+                    spec.detect_zeroes = match v.as_str() {
+                        "off" => DetectZeroes::Off,
+                        "on" => DetectZeroes::On,
+                        "unmap" => DetectZeroes::Unmap,
+                        _ => return Err(format!("{k}={v}: expected off, on or unmap")),
+                    }
+                }
                 "serial" => {
                     if v.len() > MAX_SERIAL_LEN {
                         return Err(format!(
@@ -245,11 +270,11 @@ impl FromStr for DiskSpec {
                             format!("{k}={v}: expected a number of queues from 1 to {MAX_QUEUES}")
                         })?;
                 }
-                "help" => return Err(format!("keys: path, format, readonly, snapshot, cache, discard, serial, num_queues, encrypt.key-secret, {}", THROTTLE_KEYS.join(", "))),
+                "help" => return Err(format!("keys: path, format, readonly, snapshot, cache, discard, detect-zeroes, serial, num_queues, encrypt.key-secret, {}", THROTTLE_KEYS.join(", "))),
                 _ => {
                     let Some(i) = THROTTLE_KEYS.iter().position(|t| *t == k) else {
                         return Err(format!(
-                            "unknown disk option '{k}' (expected path, format, readonly, snapshot, cache, discard, serial, num_queues, encrypt.key-secret or {})",
+                            "unknown disk option '{k}' (expected path, format, readonly, snapshot, cache, discard, detect-zeroes, serial, num_queues, encrypt.key-secret or {})",
                             THROTTLE_KEYS.join(", ")
                         ));
                     };
@@ -406,6 +431,21 @@ mod tests {
         ] {
             assert!(bad.parse::<DiskSpec>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn disk_detect_zeroes_as_qemu() {
+        for (v, want) in [
+            ("off", DetectZeroes::Off),
+            ("on", DetectZeroes::On),
+            ("unmap", DetectZeroes::Unmap),
+        ] {
+            let d: DiskSpec = format!("path=a,detect-zeroes={v}").parse().unwrap();
+            assert_eq!(d.detect_zeroes, want);
+        }
+        let d: DiskSpec = "path=a".parse().unwrap();
+        assert_eq!(d.detect_zeroes, DetectZeroes::Off);
+        assert!("path=a,detect-zeroes=yes".parse::<DiskSpec>().is_err());
     }
 
     #[test]

@@ -191,6 +191,7 @@ impl Disk {
                 readonly: spec.readonly,
                 cache: spec.cache,
                 discard: spec.discard,
+                detect_zeroes: spec.detect_zeroes,
                 serial,
                 num_queues: spec.num_queues,
             },

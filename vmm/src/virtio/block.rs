@@ -8,7 +8,7 @@
 
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::cli::{CacheMode, DiscardMode};
+use crate::cli::{CacheMode, DetectZeroes, DiscardMode};
 
 /// Feature bits (virtio 1.2 §5.2.3 and §6).
 pub mod features {
@@ -108,6 +108,8 @@ pub struct BlockConfig {
     pub cache: CacheMode,
     /// What DISCARD does.
     pub discard: DiscardMode,
+    /// Whether writes of zeroes become write-zeroes requests.
+    pub detect_zeroes: DetectZeroes,
     /// GET_ID answer, at most 20 bytes.
     pub serial: Vec<u8>,
     /// Request queues, each served by its own I/O thread (MQ when more than one).
@@ -356,6 +358,24 @@ pub fn parse(mem: &GuestMemoryMmap, descs: impl IntoIterator<Item = (u64, u32, b
     })
 }
 
+/// Copies the `n` bytes of `segs` into `bounce`; `None` when guest memory cannot be read.
+fn gather<'a>(
+    mem: &GuestMemoryMmap,
+    segs: &[Segment],
+    bounce: &'a mut Vec<u8>,
+    n: usize,
+) -> Option<&'a [u8]> {
+    bounce.resize(n, 0);
+    let mut at = 0usize;
+    for s in segs {
+        let l = usize::try_from(s.len).ok()?;
+        let end = at.checked_add(l).filter(|&e| e <= n)?;
+        mem.read_slice(&mut bounce[at..end], s.addr).ok()?;
+        at = end;
+    }
+    Some(&bounce[..n])
+}
+
 /// Checks `[sector * 512, + len)` against the disk; returns the byte offset.
 fn disk_range(sector: u64, len: u64, size: u64) -> Option<u64> {
     let off = sector.checked_mul(SECTOR_SIZE)?;
@@ -433,19 +453,31 @@ pub fn execute(
             let Ok(n) = usize::try_from(len) else {
                 return (VIRTIO_BLK_S_IOERR, 0);
             };
+            if cfg.detect_zeroes != DetectZeroes::Off {
+                // Scanned in place where the buffers are plain guest memory, else copied.
+                let zero = match direct(mem, &req.out, off, |buf, _| {
+                    if imgblock::scan::is_zero(buf) {
+                        Ok(())
+                    } else {
+                        Err(String::new())
+                    }
+                }) {
+                    Some(r) => r.is_ok(),
+                    None => gather(mem, &req.out, bounce, n).is_some_and(imgblock::scan::is_zero),
+                };
+                if zero {
+                    let unmap = cfg.detect_zeroes == DetectZeroes::Unmap
+                        && cfg.discard == DiscardMode::Unmap;
+                    return (flush_after_write(io(disk.write_zeroes(off, len, unmap))), 0);
+                }
+            }
             if let Some(st) = direct(mem, &req.out, off, |buf, at| disk.write_at(buf, at)) {
                 return (flush_after_write(io(st)), 0);
             }
-            bounce.resize(n, 0);
-            let mut at = 0usize;
-            for s in &req.out {
-                let l = usize::try_from(s.len).unwrap_or(0);
-                if mem.read_slice(&mut bounce[at..at + l], s.addr).is_err() {
-                    return (VIRTIO_BLK_S_IOERR, 0);
-                }
-                at += l;
-            }
-            (flush_after_write(io(disk.write_at(&bounce[..n], off))), 0)
+            let Some(buf) = gather(mem, &req.out, bounce, n) else {
+                return (VIRTIO_BLK_S_IOERR, 0);
+            };
+            (flush_after_write(io(disk.write_at(buf, off))), 0)
         }
         VIRTIO_BLK_T_FLUSH => {
             if cfg.cache == CacheMode::Unsafe {
@@ -597,6 +629,7 @@ pub(crate) mod tests {
             readonly,
             cache: CacheMode::Writeback,
             discard: DiscardMode::Unmap,
+            detect_zeroes: DetectZeroes::Off,
             serial: b"serial-1".to_vec(),
             num_queues: 1,
         }
@@ -678,6 +711,79 @@ pub(crate) mod tests {
             disk.0.lock().unwrap()[40 * 512..41 * 512 + 512],
             pattern[..]
         );
+    }
+
+    /// A MemDisk that records each write-zeroes request's unmap flag.
+    struct ZeroLog(MemDisk, Mutex<Vec<(u64, u64, bool)>>);
+
+    impl Backend for ZeroLog {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn read_at(&self, buf: &mut [u8], off: u64) -> Result<(), String> {
+            self.0.read_at(buf, off)
+        }
+        fn write_at(&self, buf: &[u8], off: u64) -> Result<(), String> {
+            self.0.write_at(buf, off)
+        }
+        fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> Result<(), String> {
+            self.1.lock().unwrap().push((off, len, unmap));
+            self.0.write_zeroes(off, len, unmap)
+        }
+        fn discard(&self, off: u64, len: u64) -> Result<(), String> {
+            self.0.discard(off, len)
+        }
+        fn flush(&self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn detect_zeroes_turns_writes_of_zeroes_into_write_zeroes_as_qemu() {
+        // Two regions, so that one case needs the bounce buffer as well.
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x10000),
+            (GuestAddress(0x10000), 0x10000),
+        ])
+        .unwrap();
+        mem.write_slice(&[0u8; 2048], GuestAddress(0xff00)).unwrap();
+        mem.write_slice(&[0u8; 2048], GuestAddress(0x8000)).unwrap();
+        let cases = [
+            (DetectZeroes::Off, DiscardMode::Unmap, None),
+            (DetectZeroes::On, DiscardMode::Unmap, Some(false)),
+            (DetectZeroes::Unmap, DiscardMode::Unmap, Some(true)),
+            // qemu: unmap without discard=unmap acts as on.
+            (DetectZeroes::Unmap, DiscardMode::Ignore, Some(false)),
+        ];
+        for (detect, discard, want) in cases {
+            for data in [0x8000u64, 0xff00] {
+                let (_, md) = setup();
+                let disk = ZeroLog(md, Mutex::new(Vec::new()));
+                let cfg = BlockConfig {
+                    detect_zeroes: detect,
+                    discard,
+                    ..cfg(false)
+                };
+                hdr(&mem, 0x1000, VIRTIO_BLK_T_OUT, 8);
+                let d = [(0x1000, 16, false), (data, 1024, false), (0x2000, 1, true)];
+                handle_chain(&mem, d, &disk, &cfg, &mut Vec::new());
+                assert_eq!(status(&mem, 0x2000), VIRTIO_BLK_S_OK);
+                let log = disk.1.lock().unwrap().clone();
+                match want {
+                    None => assert!(log.is_empty(), "{detect:?}: {log:?}"),
+                    Some(unmap) => assert_eq!(log, [(4096, 1024, unmap)], "{detect:?}"),
+                }
+                assert!(disk.0 .0.lock().unwrap()[4096..5120]
+                    .iter()
+                    .all(|&b| b == 0));
+                // A buffer with one byte set is written as it is.
+                mem.write_obj(1u8, GuestAddress(data + 1000)).unwrap();
+                handle_chain(&mem, d, &disk, &cfg, &mut Vec::new());
+                mem.write_obj(0u8, GuestAddress(data + 1000)).unwrap();
+                assert_eq!(disk.1.lock().unwrap().len(), log.len());
+                assert_eq!(disk.0 .0.lock().unwrap()[4096 + 1000], 1);
+            }
+        }
     }
 
     #[test]
