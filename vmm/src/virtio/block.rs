@@ -713,10 +713,21 @@ pub(crate) mod tests {
         );
     }
 
-    /// A MemDisk that records each write-zeroes request's unmap flag.
-    struct ZeroLog(MemDisk, Mutex<Vec<(u64, u64, bool)>>);
+    /// A MemDisk that records its write-zeroes requests (with their unmap flag) and counts
+    /// its flushes.
+    pub struct Logged(
+        pub MemDisk,
+        pub Mutex<Vec<(u64, u64, bool)>>,
+        pub std::sync::atomic::AtomicU32,
+    );
 
-    impl Backend for ZeroLog {
+    impl Logged {
+        pub fn new(disk: MemDisk) -> Self {
+            Logged(disk, Mutex::new(Vec::new()), Default::default())
+        }
+    }
+
+    impl Backend for Logged {
         fn size(&self) -> u64 {
             self.0.size()
         }
@@ -734,6 +745,7 @@ pub(crate) mod tests {
             self.0.discard(off, len)
         }
         fn flush(&self) -> Result<(), String> {
+            self.2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Ok(())
         }
     }
@@ -758,7 +770,7 @@ pub(crate) mod tests {
         for (detect, discard, want) in cases {
             for data in [0x8000u64, 0xff00] {
                 let (_, md) = setup();
-                let disk = ZeroLog(md, Mutex::new(Vec::new()));
+                let disk = Logged::new(md);
                 let cfg = BlockConfig {
                     detect_zeroes: detect,
                     discard,

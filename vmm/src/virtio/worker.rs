@@ -375,7 +375,7 @@ pub fn serve_queue(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::block::tests::{cfg, MemDisk};
+    use crate::virtio::block::tests::{cfg, Logged, MemDisk};
     use proptest::prelude::*;
     use std::sync::Mutex;
     use vm_memory::{Bytes, GuestAddress};
@@ -392,31 +392,6 @@ mod tests {
 
     fn len() -> impl Strategy<Value = u32> {
         prop_oneof![4 => 0u32..2048, 1 => any::<u32>(), 1 => Just(16u32), 1 => Just(1u32)]
-    }
-
-    /// MemDisk counting its flushes.
-    struct Counting(MemDisk, std::sync::atomic::AtomicU32);
-
-    impl Backend for Counting {
-        fn size(&self) -> u64 {
-            self.0.size()
-        }
-        fn read_at(&self, buf: &mut [u8], off: u64) -> Result<(), String> {
-            self.0.read_at(buf, off)
-        }
-        fn write_at(&self, buf: &[u8], off: u64) -> Result<(), String> {
-            self.0.write_at(buf, off)
-        }
-        fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> Result<(), String> {
-            self.0.write_zeroes(off, len, unmap)
-        }
-        fn discard(&self, off: u64, len: u64) -> Result<(), String> {
-            self.0.discard(off, len)
-        }
-        fn flush(&self) -> Result<(), String> {
-            self.1.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
     }
 
     /// A 16-entry ring at `base` (table, avail +0x100, used +0x200) whose first `n` chains
@@ -476,7 +451,7 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         // Sector i holds i + 1.
         let img: Vec<u8> = (1..=128u8).flat_map(|s| [s; 512]).collect();
-        let disk = Arc::new(Counting(MemDisk(Mutex::new(img)), AtomicU32::new(0)));
+        let disk = Arc::new(Logged::new(MemDisk(Mutex::new(img))));
         let notify = EventFd::new(EFD_NONBLOCK).unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let interrupt = crate::virtio::mmio::new_interrupt(irq.try_clone().unwrap());
@@ -505,7 +480,7 @@ mod tests {
         }
         // Reset: the queue is taken back after a flush; a notification then does nothing.
         w.stop();
-        assert_eq!(disk.1.load(Ordering::SeqCst), 1);
+        assert_eq!(disk.2.load(Ordering::SeqCst), 1);
         mem.write_obj(3u16, GuestAddress(0x102)).unwrap();
         mem.write_obj(0u16, GuestAddress(0x108)).unwrap();
         notify.write(1).unwrap();
@@ -535,7 +510,7 @@ mod tests {
         assert_eq!(used_idx(&mem, 0x0), 2);
         w.shutdown();
         assert!(w.thread.is_none());
-        assert_eq!(disk.1.load(Ordering::SeqCst), 2);
+        assert_eq!(disk.2.load(Ordering::SeqCst), 2);
         // Orders after shutdown are no-ops, and so is the drop.
         w.stop();
         drop(w);
