@@ -81,6 +81,19 @@ pub struct Args {
     #[arg(long, value_name = "true|false|log", default_value = "true",
           value_parser = crate::seccomp::Mode::from_str)]
     pub seccomp: crate::seccomp::Mode,
+    /// A control socket speaking Cloud Hypervisor's HTTP API (vmm.ping, vm.info, vm.counters,
+    /// vm.pause, vm.resume, vm.shutdown, vmm.shutdown), so `ch-remote --api-socket PATH` works.
+    /// Written PATH or path=PATH; a stale socket left there is replaced.
+    #[arg(long, value_name = "PATH", value_parser = parse_api_socket)]
+    pub api_socket: Option<PathBuf>,
+}
+
+fn parse_api_socket(s: &str) -> Result<PathBuf, String> {
+    let p = s.strip_prefix("path=").unwrap_or(s);
+    if p.is_empty() {
+        return Err("an empty socket path".into());
+    }
+    Ok(PathBuf::from(p))
 }
 
 fn parse_cpus(s: &str) -> Result<u8, String> {

@@ -24,6 +24,8 @@ pub enum VmExit {
     Signal(i32),
     /// The user typed the console's quit keys (`Ctrl-A x`).
     ConsoleQuit,
+    /// `vm.shutdown` or `vmm.shutdown` on the API socket.
+    ApiShutdown,
 }
 
 /// An irqfd as vm-superio's interrupt trigger.

@@ -13,6 +13,7 @@ macro_rules! report {
 }
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod bus;
 pub mod cli;

@@ -25,6 +25,10 @@ fn main() {
                 vmm::report!("vmm: terminated from the console");
                 0
             }
+            VmExit::ApiShutdown => {
+                vmm::report!("vmm: shut down through the API socket");
+                0
+            }
             VmExit::Error(msg) => {
                 vmm::report!("vmm: guest stopped: {msg}");
                 1

@@ -61,15 +61,18 @@ pub enum Kind {
     Console,
     /// The thread that takes the stop signals.
     Signals,
+    /// The API socket's thread: accepts, reads, writes, and signals vCPUs to pause them.
+    Api,
 }
 
 impl Kind {
-    const ALL: [Kind; 5] = [
+    const ALL: [Kind; 6] = [
         Kind::Main,
         Kind::Vcpu,
         Kind::Io,
         Kind::Console,
         Kind::Signals,
+        Kind::Api,
     ];
 
     fn name(self) -> &'static str {
@@ -79,6 +82,7 @@ impl Kind {
             Kind::Io => "virtio-blk I/O",
             Kind::Console => "console",
             Kind::Signals => "signal",
+            Kind::Api => "API",
         }
     }
 
@@ -89,6 +93,7 @@ impl Kind {
             Kind::Io => 2,
             Kind::Console => 3,
             Kind::Signals => 4,
+            Kind::Api => 5,
         }
     }
 }
@@ -206,6 +211,17 @@ fn allowed(kind: Kind) -> (Vec<i64>, Vec<u64>) {
             calls.extend_from_slice(&[libc::SYS_read, libc::SYS_poll, libc::SYS_ppoll]);
         }
         Kind::Signals => calls.push(libc::SYS_rt_sigtimedwait),
+        Kind::Api => calls.extend_from_slice(&[
+            libc::SYS_accept,
+            libc::SYS_accept4,
+            libc::SYS_read,
+            libc::SYS_recvfrom,
+            libc::SYS_sendto,
+            libc::SYS_poll,
+            libc::SYS_ppoll,
+            // pthread_kill, to interrupt KVM_RUN for a pause.
+            libc::SYS_tgkill,
+        ]),
     }
     (calls, ioctls)
 }

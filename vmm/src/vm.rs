@@ -1,6 +1,8 @@
 //! The virtual machine: KVM set-up, devices on the buses, vCPU threads, and the exit path.
 
 use std::io::Write;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -11,6 +13,7 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion}
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::acpi::{self, MmioDevice};
+use crate::api::{self, Pause};
 use crate::boot;
 use crate::bus::{self, Bus, BusDevice};
 use crate::cli::{Args, SerialSpec};
@@ -22,7 +25,7 @@ use crate::seccomp::{self, Filters, Kind};
 use crate::virtio::block::Backend;
 use crate::virtio::mmio::{self, MmioBlock, MmioQueue};
 use crate::virtio::throttle::Throttle;
-use crate::virtio::worker::BlockWorker;
+use crate::virtio::worker::{Accounting, BlockWorker};
 
 /// Errors setting up or running the VM.
 #[derive(Debug, thiserror::Error)]
@@ -180,12 +183,15 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
     };
     let mut mmio_descs = Vec::new();
     let mut cmdline = args.cmdline.clone();
-    let mut throttles = Vec::new();
+    let mut accounts = Vec::new();
     for (i, (d, spec)) in disks.iter().zip(&args.disk).enumerate() {
         let idx = u32::try_from(i).unwrap_or(0);
-        // One set of buckets for all the disk's queues.
-        let throttle = Throttle::new(spec.throttle).map(Arc::new);
-        throttles.push(throttle.clone());
+        // One set of counters and buckets for all the disk's queues.
+        let accounting = Accounting {
+            stats: Arc::default(),
+            throttle: Throttle::new(spec.throttle).map(Arc::new),
+        };
+        accounts.push(accounting.clone());
         let base = VIRTIO_MMIO_START + u64::from(idx) * VIRTIO_MMIO_SIZE;
         let gsi = VIRTIO_GSI_START + idx;
         let irqfd = io("eventfd", EventFd::new(EFD_NONBLOCK))?;
@@ -211,7 +217,7 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
                     d.config.clone(),
                     Arc::clone(&interrupt),
                     io("eventfd", notify.try_clone())?,
-                    throttle.clone(),
+                    accounting.clone(),
                     &filters,
                 ),
             )?;
@@ -300,15 +306,52 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
         }
     }
 
+    // The control socket, bound before any filter goes on.
+    let api = match &args.api_socket {
+        Some(p) => {
+            io(
+                "installing the vCPU kick handler",
+                api::install_kick_handler(),
+            )?;
+            Some(io(
+                format!("{}: binding the API socket", p.display()),
+                api::bind(p),
+            )?)
+        }
+        None => None,
+    };
+    let pause = Arc::new(Pause::default());
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let pio = Arc::clone(&pio);
         let mmio_bus = Arc::clone(&mmio_bus);
         let tx = exit_tx.clone();
-        io(
+        let p = Arc::clone(&pause);
+        let t = io(
             "starting a vCPU thread",
             seccomp::spawn(&format!("vcpu{id}"), &filters, Kind::Vcpu, move || {
-                let e = vcpu_loop(id, vcpu, &pio, &mmio_bus);
+                let e = vcpu_loop(id, vcpu, &pio, &mmio_bus, &p);
                 let _ = tx.send(e);
+            }),
+        )?;
+        pause.add_thread(t.as_pthread_t());
+    }
+    if let Some(listener) = api {
+        let control = api::Control {
+            exit: exit_tx.clone(),
+            pause: Arc::clone(&pause),
+            disks: devs
+                .disks
+                .iter()
+                .zip(&accounts)
+                .map(|(d, a)| (d.image().path().to_owned(), Arc::clone(&a.stats)))
+                .collect(),
+            config: info_config(args),
+            memory: args.memory,
+        };
+        io(
+            "starting the API thread",
+            seccomp::spawn("api", &filters, Kind::Api, move || {
+                api::serve(&listener, &control);
             }),
         )?;
     }
@@ -324,15 +367,21 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
     drop(input);
     if std::env::var_os("VMM_REPORT").is_some() {
         report_usage(&mem, t0, status_file);
-        for (i, t) in throttles.iter().enumerate() {
-            if let Some(t) = t {
-                let (requests, bytes, held) = t.totals();
-                crate::report!(
-                    "vmm: disk {i}: {requests} requests, {bytes} bytes; held back by throttling \
-                     for {:.1} ms",
-                    held.as_secs_f64() * 1e3
-                );
-            }
+        for (i, a) in accounts.iter().enumerate() {
+            let s = &a.stats;
+            let held = a.throttle.as_ref().map_or(String::new(), |t| {
+                format!(
+                    "; held back by throttling for {:.1} ms",
+                    t.held_total().as_secs_f64() * 1e3
+                )
+            });
+            crate::report!(
+                "vmm: disk {i}: {} reads of {} bytes, {} writes of {} bytes{held}",
+                s.read_ops.load(Ordering::Relaxed),
+                s.read_bytes.load(Ordering::Relaxed),
+                s.write_ops.load(Ordering::Relaxed),
+                s.write_bytes.load(Ordering::Relaxed),
+            );
         }
     }
     // Stop the I/O threads (each flushes its disk), then the disks (locks, overlays) drop.
@@ -347,6 +396,34 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
     drop(devs);
     let _ = vm;
     Ok(Outcome { exit })
+}
+
+/// `vm.info`'s `config`, in Cloud Hypervisor's field names.
+fn info_config(args: &Args) -> String {
+    let path = |p: &std::path::Path| api::json_string(&p.to_string_lossy());
+    let disks: Vec<String> = args
+        .disk
+        .iter()
+        .map(|d| {
+            format!(
+                "{{\"path\":{},\"readonly\":{},\"direct\":{},\"num_queues\":{}}}",
+                path(&d.path),
+                d.readonly,
+                d.cache == crate::cli::CacheMode::None,
+                d.num_queues
+            )
+        })
+        .collect();
+    format!(
+        "{{\"cpus\":{{\"boot_vcpus\":{c},\"max_vcpus\":{c}}},\"memory\":{{\"size\":{}}},\
+         \"payload\":{{\"kernel\":{},\"cmdline\":{},\"initramfs\":{}}},\"disks\":[{}]}}",
+        args.memory,
+        path(&args.kernel),
+        api::json_string(&args.cmdline),
+        args.initrd.as_deref().map_or("null".into(), path),
+        disks.join(","),
+        c = args.cpus,
+    )
 }
 
 const APIC_LVT0: usize = 0x350;
@@ -468,8 +545,11 @@ fn resident_pages(ptr: *mut u8, len: u64) -> u64 {
     vec.iter().filter(|b| **b & 1 != 0).count() as u64
 }
 
-fn vcpu_loop(id: usize, mut vcpu: VcpuFd, pio: &Bus, mmio_bus: &Bus) -> VmExit {
+fn vcpu_loop(id: usize, mut vcpu: VcpuFd, pio: &Bus, mmio_bus: &Bus, pause: &Pause) -> VmExit {
     loop {
+        if pause.requested() {
+            pause.park();
+        }
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 pio.read(u64::from(port), data);

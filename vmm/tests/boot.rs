@@ -1240,3 +1240,105 @@ fn throttled_disks_keep_to_their_rate_across_queues() {
         assert!(*r <= most, "{r} IOPS over the limit ({most:.0}): {iops:?}");
     }
 }
+
+/// One HTTP request on the API socket at `sock`: (status code, body).
+fn api(sock: &Path, method: &str, endpoint: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    write!(
+        s,
+        "{method} /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    (code, body)
+}
+
+/// The number after `"key":` in a JSON text.
+fn json_number(body: &str, key: &str) -> u64 {
+    body.split(&format!("\"{key}\":"))
+        .nth(1)
+        .and_then(|r| r.split([',', '}']).next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {body}"))
+}
+
+#[test]
+fn api_socket_pauses_resumes_counts_and_shuts_down() {
+    // Cloud Hypervisor's API on --api-socket: ping names the process; a paused guest does not
+    // run (it cannot read the console input sent meanwhile) until resumed; the counters hold
+    // the guest's reads and writes; vmm.shutdown stops the VMM in order.
+    let Some(dir) = setup() else { return };
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let img = dir.path().join("disk.qcow2");
+    make_image(&img, Format::Qcow2, 0, SIZE, None);
+    let sock = dir.path().join("api.sock");
+    let spec = [format!("path={},format=qcow2", img.display())];
+    let sock_arg = format!("path={}", sock.display());
+    let mut vm = Running::start_with(
+        &["--api-socket", &sock_arg, "--cpus", "2"],
+        &spec,
+        "console=ttyS0 test.serial_read=6 test.hold=1",
+        std::process::Stdio::piped(),
+        &tmp,
+    );
+    vm.wait_for("waiting for 6 bytes of serial input");
+
+    let (code, body) = api(&sock, "GET", "vmm.ping");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json_number(&body, "pid"), u64::from(vm.child.id()));
+    let (code, body) = api(&sock, "GET", "vm.info");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"state\":\"Running\""), "{body}");
+    assert!(body.contains("\"boot_vcpus\":2"), "{body}");
+
+    let (code, body) = api(&sock, "PUT", "vm.pause");
+    assert_eq!(code, 204, "{body}");
+    assert!(api(&sock, "GET", "vm.info")
+        .1
+        .contains("\"state\":\"Paused\""));
+    {
+        use std::io::Write;
+        let stdin = vm.child.stdin.as_mut().unwrap();
+        stdin.write_all(b"abcdef").unwrap();
+        stdin.flush().unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    while let Ok(l) = vm.lines.try_recv() {
+        assert!(!l.contains("serial input: "), "a paused guest ran: {l}");
+        vm.stdout.push_str(&l);
+    }
+    let (code, body) = api(&sock, "PUT", "vm.resume");
+    assert_eq!(code, 204, "{body}");
+    let got = vm.wait_for("test-guest: serial input: ");
+    assert!(got.contains("abcdef"), "{got}");
+    vm.wait_for("test-guest: holding until stopped");
+
+    let (code, body) = api(&sock, "GET", "vm.counters");
+    assert_eq!(code, 200, "{body}");
+    for key in ["read_ops", "read_bytes", "write_ops", "write_bytes"] {
+        assert!(json_number(&body, key) > 0, "{key}: {body}");
+    }
+    assert_eq!(api(&sock, "GET", "vm.nothing").0, 404);
+    assert_eq!(api(&sock, "PUT", "vm.info").0, 405);
+
+    let (code, body) = api(&sock, "PUT", "vmm.shutdown");
+    assert_eq!(code, 204, "{body}");
+    let (status, stdout, stderr) = vm.finish();
+    assert_eq!(status.code(), Some(0), "{status:?}: {stderr}");
+    assert!(
+        stderr.contains("shut down through the API socket"),
+        "{stderr}"
+    );
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+    qemu_check_clean(&img, Format::Qcow2);
+    assert_guest_wrote(&to_raw(&img, Format::Qcow2, dir.path()));
+}

@@ -42,6 +42,7 @@ fn a_refused_call_stops_the_process_naming_thread_and_call() {
             Some("main") => Kind::Main,
             Some("console") => Kind::Console,
             Some("signals") => Kind::Signals,
+            Some("api") => Kind::Api,
             _ => panic!("unknown case {case}"),
         };
         let mode = if parts.next() == Some("log") {
@@ -66,6 +67,7 @@ fn a_refused_call_stops_the_process_naming_thread_and_call() {
         ("main", "main"),
         ("console", "console"),
         ("signals", "signal"),
+        ("api", "API"),
     ] {
         let (code, err) = child(me, &format!("{kind}-enforce-socket"));
         assert_eq!(code, Some(1), "{kind}: {err}");
@@ -96,6 +98,7 @@ fn no_thread_may_start_a_program() {
             "io" => Kind::Io,
             "console" => Kind::Console,
             "signals" => Kind::Signals,
+            "api" => Kind::Api,
             _ => Kind::Vcpu,
         };
         let filters = Filters::new(Mode::Enforce).unwrap();
@@ -103,7 +106,7 @@ fn no_thread_may_start_a_program() {
         let r = Command::new("/bin/true").status();
         std::process::exit(if r.is_ok() { 42 } else { 43 });
     }
-    for case in ["main", "io", "console", "signals", "vcpu"] {
+    for case in ["main", "io", "console", "signals", "api", "vcpu"] {
         let (status, err) = child_status("no_thread_may_start_a_program", case);
         // glibc blocks every signal around its clone, so the kernel may deliver the SIGSYS
         // with the default action (killed) rather than to the handler (message, exit 1).

@@ -6,6 +6,8 @@
 //! framing it forbids can make us touch memory outside the guest or the disk. Every address goes
 //! through vm-memory's checked accessors; every length and sector through checked arithmetic.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::cli::{CacheMode, DetectZeroes, DiscardMode};
@@ -568,13 +570,50 @@ pub fn handle_chain(
     cfg: &BlockConfig,
     bounce: &mut Vec<u8>,
 ) -> u32 {
+    handle_chain_counted(mem, descs, disk, cfg, bounce, None)
+}
+
+/// A disk's request counters, as Cloud Hypervisor's `vm.counters` names them: completed reads
+/// and writes and their bytes.
+#[derive(Debug, Default)]
+pub struct DiskStats {
+    /// Bytes read by completed read requests.
+    pub read_bytes: AtomicU64,
+    /// Completed read requests.
+    pub read_ops: AtomicU64,
+    /// Bytes written by completed write requests.
+    pub write_bytes: AtomicU64,
+    /// Completed write requests.
+    pub write_ops: AtomicU64,
+}
+
+/// As [`handle_chain`], counting completed reads and writes in `stats`.
+pub fn handle_chain_counted(
+    mem: &GuestMemoryMmap,
+    descs: impl IntoIterator<Item = (u64, u32, bool)>,
+    disk: &dyn Backend,
+    cfg: &BlockConfig,
+    bounce: &mut Vec<u8>,
+    stats: Option<&DiskStats>,
+) -> u32 {
     match parse(mem, descs) {
         Ok(req) => {
             let (status, n) = execute(mem, &req, disk, cfg, bounce);
-            if mem.write_obj(status, req.status).is_err() {
-                return 0;
+            if let Some(st) = stats.filter(|_| status == VIRTIO_BLK_S_OK) {
+                let (bytes, ops) = match req.ty {
+                    VIRTIO_BLK_T_IN => (&st.read_bytes, &st.read_ops),
+                    VIRTIO_BLK_T_OUT => (&st.write_bytes, &st.write_ops),
+                    _ => return finish(mem, &req, status, n),
+                };
+                let len = if req.ty == VIRTIO_BLK_T_IN {
+                    total(&req.inp)
+                } else {
+                    total(&req.out)
+                };
+                bytes.fetch_add(len, Ordering::Relaxed);
+                ops.fetch_add(1, Ordering::Relaxed);
             }
-            n.saturating_add(1)
+            finish(mem, &req, status, n)
         }
         Err((_, Some(status))) => {
             if mem.write_obj(VIRTIO_BLK_S_IOERR, status).is_err() {
@@ -584,6 +623,14 @@ pub fn handle_chain(
         }
         Err((_, None)) => 0,
     }
+}
+
+/// Writes the request's status; returns the used length.
+fn finish(mem: &GuestMemoryMmap, req: &Request, status: u8, n: u32) -> u32 {
+    if mem.write_obj(status, req.status).is_err() {
+        return 0;
+    }
+    n.saturating_add(1)
 }
 
 #[cfg(test)]

@@ -81,10 +81,8 @@ struct State {
     bytes: Option<Bucket>,
     ops: Option<Bucket>,
     last: Instant,
-    /// Time requests were held back, requests and bytes served, for the report.
+    /// Time requests were held back, for the report.
     held: Duration,
-    requests: u64,
-    bytes_served: u64,
 }
 
 /// A disk's buckets, shared by its I/O threads.
@@ -102,8 +100,6 @@ impl Throttle {
                 ops: limits.ops.map(|limit| Bucket { limit, level: 0.0 }),
                 last: Instant::now(),
                 held: Duration::ZERO,
-                requests: 0,
-                bytes_served: 0,
             }),
         })
     }
@@ -138,8 +134,6 @@ impl Throttle {
     /// Accounts a request of `bytes` that has been served.
     pub fn charge(&self, bytes: u64) {
         let mut s = self.state();
-        s.requests = s.requests.saturating_add(1);
-        s.bytes_served = s.bytes_served.saturating_add(bytes);
         if let Some(b) = &mut s.bytes {
             b.level += bytes as f64;
         }
@@ -154,10 +148,9 @@ impl Throttle {
         s.held = s.held.saturating_add(d);
     }
 
-    /// (requests served, their bytes, time requests were held back).
-    pub fn totals(&self) -> (u64, u64, Duration) {
-        let s = self.state();
-        (s.requests, s.bytes_served, s.held)
+    /// Total time requests were held back.
+    pub fn held_total(&self) -> Duration {
+        self.state().held
     }
 }
 

@@ -13,7 +13,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::block::{handle_chain, Backend, BlockConfig};
+use super::block::{handle_chain_counted, Backend, BlockConfig, DiskStats};
 use super::throttle::Throttle;
 use crate::seccomp::{self, Filters, Kind};
 
@@ -85,7 +85,7 @@ impl BlockWorker {
         cfg: BlockConfig,
         interrupt: Arc<Interrupt>,
         notify: EventFd,
-        throttle: Option<Arc<Throttle>>,
+        accounting: Accounting,
         filters: &Arc<Filters>,
     ) -> std::io::Result<Self> {
         let mailbox = Arc::new(Mailbox {
@@ -119,7 +119,7 @@ impl BlockWorker {
                 interrupt,
                 running: None,
                 bounce: Vec::new(),
-                throttle,
+                accounting,
                 timer,
                 held_since: None,
             };
@@ -189,8 +189,8 @@ struct IoThread {
     interrupt: Arc<Interrupt>,
     running: Option<(GuestMemoryMmap, Queue)>,
     bounce: Vec<u8>,
-    /// The disk's throttling buckets, shared with its other queues.
-    throttle: Option<Arc<Throttle>>,
+    /// The disk's counters and throttling buckets, shared with its other queues.
+    accounting: Accounting,
     /// Armed while the throttle holds the queue back.
     timer: TimerFd,
     /// Since when the queue has been held back.
@@ -277,7 +277,7 @@ impl IoThread {
             &self.cfg,
             &mut self.bounce,
             &mut || interrupt.signal_used(),
-            self.throttle.as_deref(),
+            &self.accounting,
         );
         if let Some(d) = served.held {
             // Back when the buckets have drained enough; the driver's notifications stay
@@ -286,7 +286,7 @@ impl IoThread {
                 crate::report!("vmm: virtio-blk: cannot arm the throttling timer: {e}");
             }
             self.held_since.get_or_insert_with(Instant::now);
-        } else if let (Some(t0), Some(t)) = (self.held_since.take(), &self.throttle) {
+        } else if let (Some(t0), Some(t)) = (self.held_since.take(), &self.accounting.throttle) {
             t.held(t0.elapsed());
         }
         // Keep the bounce buffer from pinning a large allocation forever.
@@ -294,6 +294,15 @@ impl IoThread {
             self.bounce = Vec::new();
         }
     }
+}
+
+/// What a disk's queues share: its request counters and its throttling buckets.
+#[derive(Clone, Debug, Default)]
+pub struct Accounting {
+    /// Completed reads and writes.
+    pub stats: Arc<DiskStats>,
+    /// The disk's limits, if any.
+    pub throttle: Option<Arc<Throttle>>,
 }
 
 /// What a pass over the queue did.
@@ -321,8 +330,9 @@ pub fn serve_queue(
     cfg: &BlockConfig,
     bounce: &mut Vec<u8>,
     signal: &mut dyn FnMut(),
-    throttle: Option<&Throttle>,
+    accounting: &Accounting,
 ) -> Served {
+    let throttle = accounting.throttle.as_deref();
     let mut served = Served::default();
     let mut notify = |queue: &mut Queue| match queue.needs_notification(mem) {
         Ok(true) => signal(),
@@ -349,7 +359,7 @@ pub fn serve_queue(
                 bytes = bytes.saturating_add(u64::from(d.len()));
                 (d.addr().0, d.len(), d.is_write_only())
             });
-            let len = handle_chain(mem, descs, disk, cfg, bounce);
+            let len = handle_chain_counted(mem, descs, disk, cfg, bounce, Some(&accounting.stats));
             if let Some(t) = throttle {
                 t.charge(bytes.saturating_sub(REQUEST_OVERHEAD));
             }
@@ -375,6 +385,7 @@ pub fn serve_queue(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::block::handle_chain;
     use crate::virtio::block::tests::{cfg, Logged, MemDisk};
     use proptest::prelude::*;
     use std::sync::Mutex;
@@ -456,12 +467,13 @@ mod tests {
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let interrupt = crate::virtio::mmio::new_interrupt(irq.try_clone().unwrap());
         let backend: Arc<dyn Backend> = disk.clone();
+        let acc = Accounting::default();
         let mut w = BlockWorker::new(
             backend,
             cfg(false),
             interrupt,
             notify.try_clone().unwrap(),
-            None,
+            acc.clone(),
             &Filters::none(),
         )
         .unwrap();
@@ -510,6 +522,10 @@ mod tests {
         assert_eq!(used_idx(&mem, 0x0), 2);
         w.shutdown();
         assert!(w.thread.is_none());
+        // Six reads of a sector each, over both queues.
+        assert_eq!(acc.stats.read_ops.load(Ordering::Relaxed), 6);
+        assert_eq!(acc.stats.read_bytes.load(Ordering::Relaxed), 6 * 512);
+        assert_eq!(acc.stats.write_ops.load(Ordering::Relaxed), 0);
         assert_eq!(disk.2.load(Ordering::SeqCst), 2);
         // Orders after shutdown are no-ops, and so is the drop.
         w.stop();
@@ -576,7 +592,7 @@ mod tests {
             q.set_ready(true);
             prop_assume!(q.is_valid(&mem));
             let disk = MemDisk(Mutex::new(vec![0; 64 * 1024]));
-            serve_queue(&mut q, &mem, &disk, &cfg(false), &mut Vec::new(), &mut || {}, None);
+            serve_queue(&mut q, &mem, &disk, &cfg(false), &mut Vec::new(), &mut || {}, &Accounting::default());
             let _ = q.needs_notification(&mem);
         }
     }
