@@ -67,12 +67,13 @@ pub struct Args {
     /// LUKS passphrase is refused; legacy AES (encrypt.format=aes) cannot detect one.
     #[arg(long = "object", value_name = "secret,id=ID,data=STRING|file=PATH")]
     pub objects: Vec<String>,
-    /// Where COM1 goes: stdio, file:PATH, or none. With stdio, standard input is the guest's
+    /// Where COM1 goes: stdio, pty, file:PATH, or none. With stdio, standard input is the guest's
     /// keyboard; a terminal is put in raw mode (Ctrl-C goes to the guest) and restored on exit,
     /// and Ctrl-A is the escape key as in qemu: Ctrl-A x stops the VMM (disks flushed and
     /// closed), Ctrl-A Ctrl-A sends Ctrl-A, Ctrl-A h lists the keys. SIGTERM, SIGINT and SIGHUP
-    /// stop it the same way.
-    #[arg(long, value_name = "stdio|file:PATH|none", default_value = "stdio",
+    /// stop it the same way. With pty, a new pseudo-terminal is the console (raw, no escape
+    /// keys), its path printed on stderr and given by vm.info; attach with `screen PATH`.
+    #[arg(long, value_name = "stdio|pty|file:PATH|none", default_value = "stdio",
           value_parser = SerialSpec::from_str)]
     pub serial: SerialSpec,
     /// Seccomp filters, as Cloud Hypervisor's flag: true (default) confines every thread to
@@ -366,6 +367,8 @@ pub enum SerialSpec {
     Stdio,
     /// A file, created or truncated.
     File(PathBuf),
+    /// A new pseudo-terminal, its path printed on stderr and in `vm.info`.
+    Pty,
     /// Discarded.
     None,
 }
@@ -377,9 +380,10 @@ impl FromStr for SerialSpec {
             // tty and off are Cloud Hypervisor's names, file=PATH its spelling.
             "stdio" | "tty" => Ok(SerialSpec::Stdio),
             "none" | "off" | "null" => Ok(SerialSpec::None),
+            "pty" => Ok(SerialSpec::Pty),
             _ => match s.strip_prefix("file:").or_else(|| s.strip_prefix("file=")) {
                 Some(p) if !p.is_empty() => Ok(SerialSpec::File(PathBuf::from(p))),
-                _ => Err(format!("'{s}': expected stdio, file:PATH or none")),
+                _ => Err(format!("'{s}': expected stdio, pty, file:PATH or none")),
             },
         }
     }
@@ -506,6 +510,7 @@ mod tests {
         );
         assert!("file:".parse::<SerialSpec>().is_err());
         assert!("tcp:1".parse::<SerialSpec>().is_err());
+        assert_eq!("pty".parse::<SerialSpec>().unwrap(), SerialSpec::Pty);
     }
 
     #[test]

@@ -125,6 +125,90 @@ impl Input {
     }
 }
 
+/// A pseudo-terminal for `--serial pty`: the guest's console on the slave side, which a user
+/// attaches to (`screen /dev/pts/N`), the VMM on the master side.
+pub struct Pty {
+    master: std::os::fd::OwnedFd,
+    /// Held open, so that reading the master waits for a user rather than failing with EIO
+    /// while none is attached.
+    _slave: std::os::fd::OwnedFd,
+    /// The slave's path.
+    pub path: String,
+}
+
+impl Pty {
+    /// A new pseudo-terminal in raw mode (no echo, no line editing), its master non-blocking so
+    /// that guest output is dropped, not waited on, while nobody reads it.
+    ///
+    /// # Errors
+    /// openpty's, ttyname's or the settings' error.
+    pub fn open() -> std::io::Result<Pty> {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let (mut m, mut s) = (-1, -1);
+        // SAFETY: openpty writes two descriptors; name, termios and window size are optional.
+        let r = unsafe {
+            libc::openpty(
+                &mut m,
+                &mut s,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: openpty succeeded: both are open descriptors that nothing else owns.
+        let (master, slave) = unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(s)) };
+        let mut name = [0 as libc::c_char; 128];
+        // SAFETY: `name` is valid for its length.
+        let r = unsafe { libc::ttyname_r(s, name.as_mut_ptr(), name.len()) };
+        if r != 0 {
+            return Err(std::io::Error::from_raw_os_error(r));
+        }
+        // SAFETY: ttyname_r wrote a NUL-terminated string into `name`.
+        let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        // SAFETY: termios is plain data, filled by tcgetattr before use.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: `t` is a valid termios; `s` is the open slave.
+        let ok = unsafe {
+            libc::tcgetattr(s, &mut t) == 0 && {
+                libc::cfmakeraw(&mut t);
+                libc::tcsetattr(s, libc::TCSANOW, &t) == 0
+            }
+        };
+        // SAFETY: fcntl on the open master.
+        let ok = ok
+            && unsafe {
+                let fl = libc::fcntl(m, libc::F_GETFL);
+                fl >= 0 && libc::fcntl(m, libc::F_SETFL, fl | libc::O_NONBLOCK) == 0
+            };
+        if !ok {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Pty {
+            master,
+            _slave: slave,
+            path,
+        })
+    }
+
+    /// The master, where the guest's output goes.
+    ///
+    /// # Errors
+    /// dup's error.
+    pub fn writer(&self) -> std::io::Result<std::fs::File> {
+        Ok(std::fs::File::from(self.master.try_clone()?))
+    }
+
+    /// The master's descriptor, for the input thread.
+    pub fn fd(&self) -> RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.master)
+    }
+}
+
 /// A terminal in raw mode, restored when dropped.
 pub struct RawTerminal {
     fd: RawFd,
@@ -229,12 +313,14 @@ pub fn spawn_signal_waiter(exit: Sender<VmExit>, filters: &Arc<Filters>) -> std:
     .map(|_| ())
 }
 
-/// Starts the thread that feeds standard input to COM1. With `terminal`, the escape keys are
-/// read; otherwise every byte goes to the guest. End of input ends the thread, not the VM.
+/// Starts the thread that feeds `input_fd` (standard input, or a pseudo-terminal's master) to
+/// COM1. With `terminal`, the escape keys are read; otherwise every byte goes to the guest. End
+/// of input ends the thread, not the VM.
 ///
 /// # Errors
 /// The thread could not be started.
 pub fn spawn_input(
+    input_fd: RawFd,
     serial: Arc<Mutex<SerialDevice>>,
     room: EventFd,
     terminal: bool,
@@ -242,7 +328,7 @@ pub fn spawn_input(
     filters: &Arc<Filters>,
 ) -> std::io::Result<()> {
     seccomp::spawn("console", filters, Kind::Console, move || {
-        feed_stdin(&serial, &room, terminal, &exit);
+        feed_input(input_fd, &serial, &room, terminal, &exit);
     })
     .map(|_| ())
 }
@@ -264,8 +350,13 @@ fn enqueue(serial: &Mutex<SerialDevice>, pending: &mut Vec<u8>) {
     }
 }
 
-fn feed_stdin(serial: &Mutex<SerialDevice>, room: &EventFd, terminal: bool, exit: &Sender<VmExit>) {
-    const STDIN: RawFd = 0;
+fn feed_input(
+    input_fd: RawFd,
+    serial: &Mutex<SerialDevice>,
+    room: &EventFd,
+    terminal: bool,
+    exit: &Sender<VmExit>,
+) {
     let mut escapes = Escapes::default();
     let mut pending: Vec<u8> = Vec::new();
     let mut buf = [0u8; 1024];
@@ -278,7 +369,7 @@ fn feed_stdin(serial: &Mutex<SerialDevice>, room: &EventFd, terminal: bool, exit
         }
         let mut fds = [
             libc::pollfd {
-                fd: if read_input { STDIN } else { -1 },
+                fd: if read_input { input_fd } else { -1 },
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -307,9 +398,13 @@ fn feed_stdin(serial: &Mutex<SerialDevice>, room: &EventFd, terminal: bool, exit
             continue;
         }
         // SAFETY: `buf` is valid for `buf.len()` bytes of writing.
-        let n = unsafe { libc::read(STDIN, buf.as_mut_ptr().cast(), buf.len()) };
+        let n = unsafe { libc::read(input_fd, buf.as_mut_ptr().cast(), buf.len()) };
         let Ok(n) = usize::try_from(n) else {
-            if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            // A pseudo-terminal's master is non-blocking.
+            if !matches!(
+                std::io::Error::last_os_error().kind(),
+                std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+            ) {
                 input_open = false;
             }
             continue;
@@ -345,6 +440,33 @@ fn feed_stdin(serial: &Mutex<SerialDevice>, room: &EventFd, terminal: bool, exit
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pty_nobody_reads_refuses_output_instead_of_blocking() {
+        let p = Pty::open().unwrap();
+        assert!(p.path.starts_with("/dev/pts/"), "{}", p.path);
+        let mut w = p.writer().unwrap();
+        let chunk = [b'x'; 1024];
+        let mut written = 0usize;
+        let err = loop {
+            match w.write(&chunk) {
+                Ok(n) => written += n,
+                Err(e) => break e,
+            }
+            assert!(written < 64 << 20, "the pty never filled");
+        };
+        assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock);
+        assert!(written > 0);
+        // Raw: what is written comes out unchanged on the slave side.
+        let mut slave = std::fs::OpenOptions::new()
+            .read(true)
+            .open(&p.path)
+            .unwrap();
+        let mut b = [0u8; 16];
+        use std::io::Read;
+        assert_eq!(slave.read(&mut b).unwrap(), 16);
+        assert_eq!(b, [b'x'; 16]);
+    }
 
     fn run(chunks: &[&[u8]]) -> (Vec<u8>, Vec<Command>) {
         let mut e = Escapes::default();

@@ -151,8 +151,16 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
     let mut mmio_bus = Bus::default();
 
     // COM1.
+    let mut pty = None;
     let out: Box<dyn Write + Send> = match &args.serial {
         SerialSpec::Stdio => Box::new(std::io::stdout()),
+        SerialSpec::Pty => {
+            let p = io("creating the serial pseudo-terminal", console::Pty::open())?;
+            let w = io("creating the serial pseudo-terminal", p.writer())?;
+            crate::report!("vmm: serial console on {}", p.path);
+            pty = Some(p);
+            Box::new(w)
+        }
         SerialSpec::None => Box::new(std::io::sink()),
         SerialSpec::File(p) => Box::new(io(
             format!("{}: creating the serial log", p.display()),
@@ -301,9 +309,15 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
         if let Some(terminal) = terminal {
             io(
                 "starting the console thread",
-                console::spawn_input(serial, rx_room, terminal, exit_tx.clone(), &filters),
+                console::spawn_input(0, serial, rx_room, terminal, exit_tx.clone(), &filters),
             )?;
         }
+    } else if let Some(p) = &pty {
+        // What the user types on the pseudo-terminal, passed through as it is.
+        io(
+            "starting the console thread",
+            console::spawn_input(p.fd(), serial, rx_room, false, exit_tx.clone(), &filters),
+        )?;
     }
 
     // The control socket, bound before any filter goes on.
@@ -345,7 +359,7 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
                 .zip(&accounts)
                 .map(|(d, a)| (d.image().path().to_owned(), Arc::clone(&a.stats)))
                 .collect(),
-            config: info_config(args),
+            config: info_config(args, pty.as_ref().map(|p| p.path.as_str())),
             memory: args.memory,
         };
         io(
@@ -399,7 +413,7 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
 }
 
 /// `vm.info`'s `config`, in Cloud Hypervisor's field names.
-fn info_config(args: &Args) -> String {
+fn info_config(args: &Args, pty: Option<&str>) -> String {
     let path = |p: &std::path::Path| api::json_string(&p.to_string_lossy());
     let disks: Vec<String> = args
         .disk
@@ -416,12 +430,24 @@ fn info_config(args: &Args) -> String {
         .collect();
     format!(
         "{{\"cpus\":{{\"boot_vcpus\":{c},\"max_vcpus\":{c}}},\"memory\":{{\"size\":{}}},\
-         \"payload\":{{\"kernel\":{},\"cmdline\":{},\"initramfs\":{}}},\"disks\":[{}]}}",
+         \"payload\":{{\"kernel\":{},\"cmdline\":{},\"initramfs\":{}}},\"disks\":[{}],\
+         \"serial\":{{\"mode\":\"{}\",\"file\":{}}}}}",
         args.memory,
         path(&args.kernel),
         api::json_string(&args.cmdline),
         args.initrd.as_deref().map_or("null".into(), path),
         disks.join(","),
+        match &args.serial {
+            SerialSpec::Stdio => "Tty",
+            SerialSpec::Pty => "Pty",
+            SerialSpec::File(_) => "File",
+            SerialSpec::None => "Off",
+        },
+        match (&args.serial, pty) {
+            (SerialSpec::File(p), _) => path(p),
+            (_, Some(p)) => api::json_string(p),
+            _ => "null".into(),
+        },
         c = args.cpus,
     )
 }
