@@ -121,8 +121,9 @@ impl Pause {
                 return false;
             }
             for &t in &threads {
-                // SAFETY: `t` is a vCPU thread of this process, alive until the process exits
-                // (they are never joined); the signal's handler does nothing.
+                // SAFETY: `t` is a vCPU thread's handle, kept valid for the process's life
+                // (its JoinHandle is forgotten: never joined nor detached, so an ended thread
+                // answers ESRCH); the signal's handler does nothing.
                 unsafe { libc::pthread_kill(t, kick_signal()) };
             }
             std::thread::sleep(Duration::from_millis(2));

@@ -348,6 +348,9 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
             }),
         )?;
         pause.add_thread(t.as_pthread_t());
+        // Never joined nor detached, so that its pthread_t stays valid for a pause's signal
+        // even after the thread ends (pthread_kill then answers ESRCH).
+        std::mem::forget(t);
     }
     if let Some(listener) = api {
         let control = api::Control {
