@@ -101,7 +101,27 @@ pub fn dsdt(devices: &[MmioDevice]) -> Sdt {
             )
         })
         .collect();
-    let mut children: Vec<&dyn Aml> = vec![&com1];
+    // The power button (PNP0C0C), pressed through the Generic Event Device (ACPI0013): its
+    // interrupt makes the OS call _EVT with the GSI, which notifies the button (0x80: pressed),
+    // and the OS shuts down as on a real machine's button.
+    let pwrb_hid = aml::EISAName::new("PNP0C0C");
+    let pwrb_hid_name = aml::Name::new("_HID".into(), &pwrb_hid);
+    let pwrb_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let pwrb = aml::Device::new("PWRB".into(), vec![&pwrb_hid_name, &pwrb_uid]);
+    let ged_hid = aml::Name::new("_HID".into(), &"ACPI0013");
+    let ged_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let ged_irq = aml::Interrupt::new(true, true, false, false, GED_GSI);
+    let ged_crs = aml::ResourceTemplate::new(vec![&ged_irq]);
+    let ged_crs_name = aml::Name::new("_CRS".into(), &ged_crs);
+    let pwrb_path: aml::Path = "\\_SB_.PWRB".into();
+    let pressed: u8 = 0x80;
+    let notify = aml::Notify::new(&pwrb_path, &pressed);
+    let arg0 = aml::Arg(0);
+    let is_ged = aml::Equal::new(&arg0, &GED_GSI);
+    let when = aml::If::new(&is_ged, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&when]);
+    let ged = aml::Device::new("GED_".into(), vec![&ged_hid, &ged_uid, &ged_crs_name, &evt]);
+    let mut children: Vec<&dyn Aml> = vec![&com1, &pwrb, &ged];
     for d in &devs {
         children.push(d);
     }
@@ -231,6 +251,50 @@ mod tests {
             count(&u32::try_from(VIRTIO_MMIO_START).unwrap().to_le_bytes()),
             1
         );
+    }
+
+    #[test]
+    fn iasl_disassembles_the_dsdt_with_its_devices_and_power_button() {
+        // ACPICA's own disassembler is the check that the AML is well formed: it must parse the
+        // whole table and find every device and the _EVT method that presses the button.
+        if std::process::Command::new("iasl")
+            .arg("-v")
+            .output()
+            .is_err()
+        {
+            eprintln!("SKIPPED: iasl (acpica-tools) not installed; the DSDT is not disassembled");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let aml = dir.path().join("dsdt.aml");
+        std::fs::write(&aml, dsdt(&devs()).as_slice()).unwrap();
+        let out = std::process::Command::new("iasl")
+            .arg("-d")
+            .arg(&aml)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{log}");
+        let dsl = std::fs::read_to_string(dir.path().join("dsdt.dsl")).unwrap();
+        for want in [
+            "Device (COM1)",
+            "EisaId (\"PNP0501\")",
+            "Device (VR02)",
+            "\"LNRO0005\"",
+            "Device (PWRB)",
+            "EisaId (\"PNP0C0C\")",
+            "Device (GED)",
+            "\"ACPI0013\"",
+            "Method (_EVT, 1, Serialized)",
+            "Notify (\\_SB.PWRB, 0x80)",
+            &format!("If ((Arg0 == 0x{GED_GSI:02X}))"),
+            &format!("0x{GED_GSI:08X},"),
+        ] {
+            assert!(dsl.contains(want), "no {want:?} in:\n{dsl}");
+        }
+        assert!(!log.contains("Error"), "{log}");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! | `GET /api/v1/vm.counters`  | 200, each disk's reads and writes (`_disk0`, ...)    |
 //! | `PUT /api/v1/vm.pause`     | 204 once every vCPU has stopped                      |
 //! | `PUT /api/v1/vm.resume`    | 204                                                  |
+//! | `PUT /api/v1/vm.power-button` | 204; the guest sees its ACPI power button pressed |
 //! | `PUT /api/v1/vm.shutdown`, `PUT /api/v1/vmm.shutdown` | 204, then the VMM stops in order, as on SIGTERM |
 //!
 //! One connection is served at a time, one request each (`Connection: close`). Requests are
@@ -151,6 +152,8 @@ pub struct Control {
     pub config: String,
     /// Guest memory in bytes.
     pub memory: u64,
+    /// The irqfd of the ACPI Generic Event Device, whose event is the power button.
+    pub power_button: vmm_sys_util::eventfd::EventFd,
 }
 
 /// Binds the socket at `path`, replacing a stale socket left there (never another kind of
@@ -374,6 +377,13 @@ fn route(method: &str, path: &str, c: &Control) -> String {
             c.pause.resume();
             response(204, "No Content", None)
         }
+        ("vm.power-button", _, true) => match c.power_button.write(1) {
+            Ok(()) => response(204, "No Content", None),
+            Err(e) => error(
+                500,
+                &format!("cannot raise the power button's interrupt: {e}"),
+            ),
+        },
         ("vm.shutdown" | "vmm.shutdown", _, true) => {
             // A paused guest must run again for the stop to flush in order.
             c.pause.resume();
@@ -381,9 +391,11 @@ fn route(method: &str, path: &str, c: &Control) -> String {
             response(204, "No Content", None)
         }
         ("vmm.ping" | "vm.info" | "vm.counters", false, _)
-        | ("vm.pause" | "vm.resume" | "vm.shutdown" | "vmm.shutdown", _, false) => {
-            error(405, &format!("{method} is not allowed on {endpoint}"))
-        }
+        | (
+            "vm.pause" | "vm.resume" | "vm.power-button" | "vm.shutdown" | "vmm.shutdown",
+            _,
+            false,
+        ) => error(405, &format!("{method} is not allowed on {endpoint}")),
         _ => error(404, &format!("no such endpoint: {endpoint}")),
     }
 }
@@ -404,6 +416,7 @@ mod tests {
                 disks: vec![(PathBuf::from("a \"b\".qcow2"), stats)],
                 config: "{}".into(),
                 memory: 1 << 20,
+                power_button: vmm_sys_util::eventfd::EventFd::new(0).unwrap(),
             },
             rx,
         )
@@ -463,6 +476,9 @@ mod tests {
         let r = request(&l, &c, b"PUT /api/v1/vm.resume HTTP/1.1\r\n\r\n");
         assert!(r.starts_with("HTTP/1.1 204 "), "{r}");
         assert!(!c.pause.paused());
+        let r = request(&l, &c, b"PUT /api/v1/vm.power-button HTTP/1.1\r\n\r\n");
+        assert!(r.starts_with("HTTP/1.1 204 "), "{r}");
+        assert_eq!(c.power_button.read().unwrap(), 1);
         // A body is read and ignored.
         let r = request(
             &l,

@@ -83,7 +83,8 @@ pub struct Args {
           value_parser = crate::seccomp::Mode::from_str)]
     pub seccomp: crate::seccomp::Mode,
     /// A control socket speaking Cloud Hypervisor's HTTP API (vmm.ping, vm.info, vm.counters,
-    /// vm.pause, vm.resume, vm.shutdown, vmm.shutdown), so `ch-remote --api-socket PATH` works.
+    /// vm.pause, vm.resume, vm.power-button, vm.shutdown, vmm.shutdown), so
+    /// `ch-remote --api-socket PATH` works.
     /// Written PATH or path=PATH; a stale socket left there is replaced.
     #[arg(long, value_name = "PATH", value_parser = parse_api_socket)]
     pub api_socket: Option<PathBuf>,

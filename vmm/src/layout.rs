@@ -55,8 +55,10 @@ pub const LAPIC_START: u64 = 0xfee0_0000;
 pub const SERIAL_GSI: u32 = 4;
 /// GSI of the first virtio-mmio device; the IOAPIC has 24 pins.
 pub const VIRTIO_GSI_START: u32 = 5;
-/// Most virtio-mmio devices (GSIs 5..=23, skipping none).
-pub const MAX_VIRTIO_DEVICES: usize = 19;
+/// Most virtio-mmio devices (GSIs 5..=22).
+pub const MAX_VIRTIO_DEVICES: usize = 18;
+/// GSI of the ACPI Generic Event Device, whose event is the power button.
+pub const GED_GSI: u32 = 23;
 /// ACPI sleep control register (I/O port): SLP_TYP in bits 2..4, SLP_EN bit 5.
 pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
 /// ACPI sleep status register.

@@ -167,6 +167,12 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
             std::fs::File::create(p),
         )?),
     };
+    // The power button's interrupt (the ACPI Generic Event Device), pressed through the API.
+    let power_button = io("eventfd", EventFd::new(EFD_NONBLOCK))?;
+    kvm(
+        "irqfd for the power button",
+        vm.register_irqfd(&power_button, GED_GSI),
+    )?;
     let serial_irq = io("eventfd", EventFd::new(EFD_NONBLOCK))?;
     kvm("irqfd for COM1", vm.register_irqfd(&serial_irq, SERIAL_GSI))?;
     let rx_room = io("eventfd", EventFd::new(0))?;
@@ -363,6 +369,7 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
                 .map(|(d, a)| (d.image().path().to_owned(), Arc::clone(&a.stats)))
                 .collect(),
             config: info_config(args, pty.as_ref().map(|p| p.path.as_str())),
+            power_button,
             memory: args.memory,
         };
         io(

@@ -1440,3 +1440,37 @@ fn serial_pty_carries_the_console_both_ways() {
     assert_eq!(status.code(), Some(0), "{status:?}: {stderr}");
     assert_guest_wrote(&std::fs::read(&img).unwrap());
 }
+
+#[test]
+fn the_power_button_reaches_the_guest_through_the_api() {
+    // vm.power-button raises the ACPI Generic Event Device's interrupt (the DSDT's _EVT then
+    // notifies the power button, which iasl checks in the unit tests); the test guest, as an
+    // OS would, powers off on it, and the VMM exits 0 with the image clean.
+    let Some(dir) = setup() else { return };
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let img = dir.path().join("disk.qcow2");
+    make_image(&img, Format::Qcow2, 0, SIZE, None);
+    let sock = dir.path().join("api.sock");
+    let mut vm = Running::start_with(
+        &["--api-socket", sock.to_str().unwrap()],
+        &[format!("path={},format=qcow2", img.display())],
+        &format!("console=ttyS0 test.power_button={}", vmm::layout::GED_GSI),
+        std::process::Stdio::null(),
+        &tmp,
+    );
+    vm.wait_for("test-guest: waiting for the power button");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        vm.child.try_wait().unwrap().is_none(),
+        "the guest did not wait"
+    );
+    let (code, body) = api(&sock, "PUT", "vm.power-button");
+    assert_eq!(code, 204, "{body}");
+    vm.wait_for("test-guest: power button pressed");
+    let (status, stdout, stderr) = vm.finish();
+    assert_eq!(status.code(), Some(0), "{status:?}: {stderr}");
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+    qemu_check_clean(&img, Format::Qcow2);
+    assert_guest_wrote(&to_raw(&img, Format::Qcow2, dir.path()));
+}

@@ -177,6 +177,26 @@ pub fn route(gsi: u32) {
     crate::hw::mmio_write32(IOAPIC + 0x10, 0);
 }
 
+/// Masks every IOAPIC pin but `gsi`, which is routed as by [`route`], and takes any interrupt
+/// already pending at the local APIC (a late completion that arrived with interrupts off): the
+/// next interrupt counted is then `gsi`'s.
+pub fn route_only(gsi: u32) {
+    for pin in 0..24u32 {
+        if pin != gsi {
+            crate::hw::mmio_write32(IOAPIC, 0x10 + 2 * pin);
+            crate::hw::mmio_write32(IOAPIC + 0x10, 1 << 16);
+        }
+    }
+    // Interrupts the local APIC holds (its IRR) are taken one by one; they only arrive at the
+    // next exit, so `hlt` for each.
+    let pending = || (0..8u64).any(|i| crate::hw::mmio_read32(LAPIC + 0x200 + 0x10 * i) != 0);
+    while pending() {
+        let c = count();
+        wait_until(|| count() > c);
+    }
+    route(gsi);
+}
+
 pub fn count() -> u64 {
     IRQ_COUNT.load(Ordering::SeqCst)
 }

@@ -269,6 +269,14 @@ extern "C" fn guest_main(info_addr: u64, protocol: u64) -> ! {
     if let Some(n) = param(cmd, "test.serial_read").and_then(|v| v.parse::<usize>().ok()) {
         serial_input(n, &mut tally);
     }
+    if let Some(gsi) = param(cmd, "test.power_button").and_then(|v| v.parse::<u32>().ok()) {
+        // As an OS would: the ACPI Generic Event Device's interrupt, then power off.
+        irq::route_only(gsi);
+        let before = irq::count();
+        println!("test-guest: waiting for the power button");
+        irq::wait_until(|| irq::count() > before);
+        println!("test-guest: power button pressed");
+    }
     let _ = t_entry;
     println!("{} passed, {} failed", tally.passed, tally.failed);
     if param(cmd, "test.hold").is_some() {
