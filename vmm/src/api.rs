@@ -19,7 +19,7 @@
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -146,8 +146,8 @@ pub struct Control {
     pub exit: Sender<VmExit>,
     /// The vCPUs' pause state.
     pub pause: Arc<Pause>,
-    /// Each disk's path and counters.
-    pub disks: Vec<(PathBuf, Arc<DiskStats>)>,
+    /// Each disk's name (`id=`, or `_diskN`) and counters.
+    pub disks: Vec<(String, Arc<DiskStats>)>,
     /// `vm.info`'s `config`, as JSON.
     pub config: String,
     /// Guest memory in bytes.
@@ -351,12 +351,13 @@ fn route(method: &str, path: &str, c: &Control) -> String {
         }
         ("vm.counters", true, _) => {
             let mut body = String::from("{");
-            for (i, (_, s)) in c.disks.iter().enumerate() {
+            for (i, (id, s)) in c.disks.iter().enumerate() {
                 if i > 0 {
                     body.push(',');
                 }
                 body.push_str(&format!(
-                    "\"_disk{i}\":{{\"read_bytes\":{},\"read_ops\":{},\"write_bytes\":{},\"write_ops\":{}}}",
+                    "{}:{{\"read_bytes\":{},\"read_ops\":{},\"write_bytes\":{},\"write_ops\":{}}}",
+                    json_string(id),
                     s.read_bytes.load(Ordering::Relaxed),
                     s.read_ops.load(Ordering::Relaxed),
                     s.write_bytes.load(Ordering::Relaxed),
@@ -413,7 +414,7 @@ mod tests {
             Control {
                 exit: tx,
                 pause: Arc::default(),
-                disks: vec![(PathBuf::from("a \"b\".qcow2"), stats)],
+                disks: vec![("_disk0".into(), stats)],
                 config: "{}".into(),
                 memory: 1 << 20,
                 power_button: vmm_sys_util::eventfd::EventFd::new(0).unwrap(),

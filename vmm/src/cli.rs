@@ -51,7 +51,8 @@ pub struct Args {
     /// overlay deleted on exit), cache=writeback|none|unsafe|directsync, discard=ignore|unmap,
     /// detect-zeroes=off|on|unmap (as qemu: writes of zeroes become write-zeroes requests, with
     /// unmap also freeing the space when discard=unmap),
-    /// serial=ID (at most 20 bytes, returned by GET_ID), num_queues=N (request queues, each
+    /// serial=ID (at most 20 bytes, returned by GET_ID), id=NAME (the disk's name in the API's
+    /// vm.counters and vm.info; _diskN by default), num_queues=N (request queues, each
     /// served by its own I/O thread; 1 to 16, default 1), direct=on (Cloud Hypervisor's
     /// cache=none), encrypt.key-secret=ID (key-secret=ID
     /// for a luks image; backing.encrypt.key-secret=ID for the image below, and so on) naming an
@@ -176,6 +177,9 @@ pub struct DiskSpec {
     pub detect_zeroes: DetectZeroes,
     /// GET_ID answer.
     pub serial: Option<String>,
+    /// The name `vm.counters` and `vm.info` give the disk (Cloud Hypervisor's `id=`); `_diskN`
+    /// when absent.
+    pub id: Option<String>,
     /// Request queues (VIRTIO_BLK_F_MQ above 1), each with its own I/O thread.
     pub num_queues: u16,
     /// `(depth in the chain, secret ID)` for each `[backing.]*[encrypt.]key-secret=` key; depth
@@ -198,6 +202,7 @@ impl FromStr for DiskSpec {
             discard: DiscardMode::default(),
             detect_zeroes: DetectZeroes::default(),
             serial: None,
+            id: None,
             num_queues: 1,
             key_secrets: Vec::new(),
             throttle: Limits::default(),
@@ -268,6 +273,14 @@ impl FromStr for DiskSpec {
                     }
                     spec.serial = Some(v);
                 }
+                "id" => {
+                    if v.is_empty() || v.len() > 64 || !v.chars().all(|c| c.is_ascii_graphic()) {
+                        return Err(format!(
+                            "id={v}: expected 1 to 64 printable characters, no spaces"
+                        ));
+                    }
+                    spec.id = Some(v);
+                }
                 // Cloud Hypervisor's spelling of cache=none.
                 "direct" => {
                     spec.cache = if parse_bool(&k, &v).map_err(|e| e.to_string())? {
@@ -285,11 +298,11 @@ impl FromStr for DiskSpec {
                             format!("{k}={v}: expected a number of queues from 1 to {MAX_QUEUES}")
                         })?;
                 }
-                "help" => return Err(format!("keys: path, format, readonly, snapshot, cache, discard, detect-zeroes, serial, num_queues, encrypt.key-secret, {}", THROTTLE_KEYS.join(", "))),
+                "help" => return Err(format!("keys: path, format, readonly, snapshot, cache, discard, detect-zeroes, serial, id, num_queues, encrypt.key-secret, {}", THROTTLE_KEYS.join(", "))),
                 _ => {
                     let Some(i) = THROTTLE_KEYS.iter().position(|t| *t == k) else {
                         return Err(format!(
-                            "unknown disk option '{k}' (expected path, format, readonly, snapshot, cache, discard, detect-zeroes, serial, num_queues, encrypt.key-secret or {})",
+                            "unknown disk option '{k}' (expected path, format, readonly, snapshot, cache, discard, detect-zeroes, serial, id, num_queues, encrypt.key-secret or {})",
                             THROTTLE_KEYS.join(", ")
                         ));
                     };
@@ -446,6 +459,20 @@ mod tests {
             "path=a,ops_size=0,ops_refill_time=10",
             "path=a,throttling.iops-total=x",
             "path=a,throttling.bps-total=1M,bw_refill_time=5",
+        ] {
+            assert!(bad.parse::<DiskSpec>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn disk_id_names_the_disk() {
+        let d: DiskSpec = "path=a,id=data0".parse().unwrap();
+        assert_eq!(d.id.as_deref(), Some("data0"));
+        assert_eq!("path=a".parse::<DiskSpec>().unwrap().id, None);
+        for bad in [
+            "path=a,id=",
+            "path=a,id=a b",
+            &format!("path=a,id={}", "x".repeat(65)),
         ] {
             assert!(bad.parse::<DiskSpec>().is_err(), "{bad}");
         }

@@ -362,11 +362,12 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
         let control = api::Control {
             exit: exit_tx.clone(),
             pause: Arc::clone(&pause),
-            disks: devs
-                .disks
+            disks: args
+                .disk
                 .iter()
                 .zip(&accounts)
-                .map(|(d, a)| (d.image().path().to_owned(), Arc::clone(&a.stats)))
+                .enumerate()
+                .map(|(i, (d, a))| (disk_id(d, i), Arc::clone(&a.stats)))
                 .collect(),
             config: info_config(args, pty.as_ref().map(|p| p.path.as_str())),
             power_button,
@@ -422,15 +423,22 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
     Ok(Outcome { exit })
 }
 
+/// A disk's name in the API: its `id=`, else `_diskN` as Cloud Hypervisor names it.
+fn disk_id(d: &crate::cli::DiskSpec, i: usize) -> String {
+    d.id.clone().unwrap_or_else(|| format!("_disk{i}"))
+}
+
 /// `vm.info`'s `config`, in Cloud Hypervisor's field names.
 fn info_config(args: &Args, pty: Option<&str>) -> String {
     let path = |p: &std::path::Path| api::json_string(&p.to_string_lossy());
     let disks: Vec<String> = args
         .disk
         .iter()
-        .map(|d| {
+        .enumerate()
+        .map(|(i, d)| {
             format!(
-                "{{\"path\":{},\"readonly\":{},\"direct\":{},\"num_queues\":{}}}",
+                "{{\"id\":{},\"path\":{},\"readonly\":{},\"direct\":{},\"num_queues\":{}}}",
+                api::json_string(&disk_id(d, i)),
                 path(&d.path),
                 d.readonly,
                 d.cache == crate::cli::CacheMode::None,

@@ -1281,7 +1281,7 @@ fn api_socket_pauses_resumes_counts_and_shuts_down() {
     let img = dir.path().join("disk.qcow2");
     make_image(&img, Format::Qcow2, 0, SIZE, None);
     let sock = dir.path().join("api.sock");
-    let spec = [format!("path={},format=qcow2", img.display())];
+    let spec = [format!("path={},format=qcow2,id=root", img.display())];
     let sock_arg = format!("path={}", sock.display());
     let mut vm = Running::start_with(
         &["--api-socket", &sock_arg, "--cpus", "2"],
@@ -1299,6 +1299,7 @@ fn api_socket_pauses_resumes_counts_and_shuts_down() {
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("\"state\":\"Running\""), "{body}");
     assert!(body.contains("\"boot_vcpus\":2"), "{body}");
+    assert!(body.contains("\"id\":\"root\""), "{body}");
 
     let (code, body) = api(&sock, "PUT", "vm.pause");
     assert_eq!(code, 204, "{body}");
@@ -1324,6 +1325,7 @@ fn api_socket_pauses_resumes_counts_and_shuts_down() {
 
     let (code, body) = api(&sock, "GET", "vm.counters");
     assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("{\"root\":{"), "{body}");
     for key in ["read_ops", "read_bytes", "write_ops", "write_bytes"] {
         assert!(json_number(&body, key) > 0, "{key}: {body}");
     }
