@@ -455,30 +455,34 @@ pub fn execute(
             let Ok(n) = usize::try_from(len) else {
                 return (VIRTIO_BLK_S_IOERR, 0);
             };
-            if cfg.detect_zeroes != DetectZeroes::Off {
-                // Scanned in place where the buffers are plain guest memory, else copied.
-                let zero = match direct(mem, &req.out, off, |buf, _| {
+            let unmap =
+                cfg.detect_zeroes == DetectZeroes::Unmap && cfg.discard == DiscardMode::Unmap;
+            let write_zeroes = || (flush_after_write(io(disk.write_zeroes(off, len, unmap))), 0);
+            let detect = cfg.detect_zeroes != DetectZeroes::Off;
+            // Plain guest memory is scanned and written in place.
+            let zero_in_place = detect.then(|| {
+                direct(mem, &req.out, off, |buf, _| {
                     if imgblock::scan::is_zero(buf) {
                         Ok(())
                     } else {
                         Err(String::new())
                     }
-                }) {
-                    Some(r) => r.is_ok(),
-                    None => gather(mem, &req.out, bounce, n).is_some_and(imgblock::scan::is_zero),
-                };
-                if zero {
-                    let unmap = cfg.detect_zeroes == DetectZeroes::Unmap
-                        && cfg.discard == DiscardMode::Unmap;
-                    return (flush_after_write(io(disk.write_zeroes(off, len, unmap))), 0);
-                }
+                })
+                .map(|r| r.is_ok())
+            });
+            if zero_in_place == Some(Some(true)) {
+                return write_zeroes();
             }
             if let Some(st) = direct(mem, &req.out, off, |buf, at| disk.write_at(buf, at)) {
                 return (flush_after_write(io(st)), 0);
             }
+            // Else copied once, then scanned and written from the copy.
             let Some(buf) = gather(mem, &req.out, bounce, n) else {
                 return (VIRTIO_BLK_S_IOERR, 0);
             };
+            if detect && imgblock::scan::is_zero(buf) {
+                return write_zeroes();
+            }
             (flush_after_write(io(disk.write_at(buf, off))), 0)
         }
         VIRTIO_BLK_T_FLUSH => {
@@ -599,18 +603,13 @@ pub fn handle_chain_counted(
     match parse(mem, descs) {
         Ok(req) => {
             let (status, n) = execute(mem, &req, disk, cfg, bounce);
-            if let Some(st) = stats.filter(|_| status == VIRTIO_BLK_S_OK) {
-                let (bytes, ops) = match req.ty {
-                    VIRTIO_BLK_T_IN => (&st.read_bytes, &st.read_ops),
-                    VIRTIO_BLK_T_OUT => (&st.write_bytes, &st.write_ops),
-                    _ => return finish(mem, &req, status, n),
-                };
-                let len = if req.ty == VIRTIO_BLK_T_IN {
-                    total(&req.inp)
-                } else {
-                    total(&req.out)
-                };
-                bytes.fetch_add(len, Ordering::Relaxed);
+            let counters = match req.ty {
+                VIRTIO_BLK_T_IN => stats.map(|s| (&s.read_bytes, &s.read_ops, &req.inp)),
+                VIRTIO_BLK_T_OUT => stats.map(|s| (&s.write_bytes, &s.write_ops, &req.out)),
+                _ => None,
+            };
+            if let Some((bytes, ops, segs)) = counters.filter(|_| status == VIRTIO_BLK_S_OK) {
+                bytes.fetch_add(total(segs), Ordering::Relaxed);
                 ops.fetch_add(1, Ordering::Relaxed);
             }
             finish(mem, &req, status, n)
