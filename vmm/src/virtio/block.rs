@@ -612,7 +612,10 @@ pub fn handle_chain_counted(
                 bytes.fetch_add(total(segs), Ordering::Relaxed);
                 ops.fetch_add(1, Ordering::Relaxed);
             }
-            finish(mem, &req, status, n)
+            if mem.write_obj(status, req.status).is_err() {
+                return 0;
+            }
+            n.saturating_add(1)
         }
         Err((_, Some(status))) => {
             if mem.write_obj(VIRTIO_BLK_S_IOERR, status).is_err() {
@@ -622,14 +625,6 @@ pub fn handle_chain_counted(
         }
         Err((_, None)) => 0,
     }
-}
-
-/// Writes the request's status; returns the used length.
-fn finish(mem: &GuestMemoryMmap, req: &Request, status: u8, n: u32) -> u32 {
-    if mem.write_obj(status, req.status).is_err() {
-        return 0;
-    }
-    n.saturating_add(1)
 }
 
 #[cfg(test)]
