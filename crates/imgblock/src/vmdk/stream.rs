@@ -10,6 +10,7 @@
 //! path are staged in memory ([`Staging`]) a grain at a time and compressed when the stream
 //! moves on, so that a convert writing partial grains still produces whole compressed grains.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -17,25 +18,50 @@ use std::sync::Mutex;
 
 use crate::storage::Storage;
 
-/// The deflate level for grains. qemu uses zlib's default (6); zlib-rs's level 6 is zlib-ng's
-/// faster "medium" strategy, whose output is over 3% larger, and its level 9 matches zlib's
-/// level-6 size.
-const GRAIN_LEVEL: u32 = 9;
+use libdeflater::{CompressionLvl, Compressor};
+
+/// The deflate level for grains. qemu uses zlib's default (6). libdeflate's level 6 makes
+/// grains slightly smaller than zlib's level 6 (on binaries and text, 178.7 against 180.1 MiB
+/// for 512 MiB of /usr) in a third of the time, and a grain is always compressed whole, which
+/// is what libdeflate does best (it has no streaming interface).
+const GRAIN_LEVEL: CompressionLvl = match CompressionLvl::new(6) {
+    Ok(l) => l,
+    Err(_) => panic!("libdeflate has level 6"),
+};
+
+thread_local! {
+    /// A compressor holds about half a megabyte of match-finder tables: one per thread, made on
+    /// first use, rather than one per grain.
+    static GRAIN_COMPRESSOR: RefCell<Compressor> = RefCell::new(Compressor::new(GRAIN_LEVEL));
+}
 
 /// Compresses a grain as a zlib stream (what VMware and qemu write). Data the probe finds
 /// incompressible goes straight into stored blocks, which is what deflate would end up
 /// choosing for it after a full search.
 pub fn deflate(data: &[u8]) -> Vec<u8> {
-    let level = if crate::scan::incompressible(data) {
-        flate2::Compression::none()
-    } else {
-        flate2::Compression::new(GRAIN_LEVEL)
-    };
-    let mut c = flate2::Compress::new(level, true);
-    let mut out = Vec::with_capacity(data.len() / 2 + 64);
+    if crate::scan::incompressible(data) {
+        return stored(data);
+    }
+    GRAIN_COMPRESSOR.with_borrow_mut(|c| {
+        // The bound is libdeflate's worst case for this length, so compressing into it cannot
+        // run out of room; were it ever to, the grain is stored instead.
+        let mut out = vec![0u8; c.zlib_compress_bound(data.len())];
+        match c.zlib_compress(data, &mut out) {
+            Ok(n) => {
+                out.truncate(n);
+                out
+            }
+            Err(_) => stored(data),
+        }
+    })
+}
+
+/// A zlib stream of stored blocks: `data` as it is, framed.
+fn stored(data: &[u8]) -> Vec<u8> {
+    let mut c = flate2::Compress::new(flate2::Compression::none(), true);
+    let mut out = Vec::with_capacity(data.len() + data.len() / 8192 * 5 + 64);
     loop {
-        let before_in = c.total_in();
-        let consumed = usize::try_from(before_in).unwrap_or(usize::MAX);
+        let consumed = usize::try_from(c.total_in()).unwrap_or(usize::MAX);
         if out.capacity() - out.len() < 64 {
             out.reserve(out.capacity().max(4096));
         }
@@ -44,9 +70,8 @@ pub fn deflate(data: &[u8]) -> Vec<u8> {
             &mut out,
             flate2::FlushCompress::Finish,
         ) {
-            Ok(flate2::Status::StreamEnd) => return out,
+            Ok(flate2::Status::StreamEnd) | Err(_) => return out,
             Ok(_) => {}
-            Err(_) => return out,
         }
     }
 }
@@ -197,6 +222,41 @@ mod tests {
         let mut out = vec![0u8; 65536];
         assert_eq!(inflate(&c, &mut out), Some(65536));
         assert_eq!(out, data);
+    }
+
+    #[test]
+    fn noise_is_stored_and_round_trips() {
+        let mut x = 0x2545_f491_u32;
+        let data: Vec<u8> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x.to_le_bytes()[1]
+            })
+            .collect();
+        for d in [&data[..], &data[..1000]] {
+            let c = deflate(d);
+            // Stored blocks: five bytes of framing per 64 KiB block, the zlib header and sum.
+            assert!(c.len() <= d.len() + 16, "{} for {}", c.len(), d.len());
+            let mut out = vec![0u8; d.len()];
+            assert_eq!(inflate(&c, &mut out), Some(d.len()));
+            assert_eq!(out, d);
+        }
+        // Text shrinks, and a grain of it compresses the same on every call (one compressor is
+        // reused by each thread).
+        let text: Vec<u8> = b"grain tables and directories, "
+            .iter()
+            .copied()
+            .cycle()
+            .take(65536)
+            .collect();
+        let (a, b) = (deflate(&text), deflate(&text));
+        assert!(a.len() < 1024, "{}", a.len());
+        assert_eq!(a, b);
+        let mut out = vec![0u8; 65536];
+        assert_eq!(inflate(&a, &mut out), Some(65536));
+        assert_eq!(out, text);
     }
 
     #[test]
