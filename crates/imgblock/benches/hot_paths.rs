@@ -1,5 +1,6 @@
 //! Micro-benchmarks of convert's hot paths: L2 lookups through block status, zero detection,
-//! and compressing one cluster (zlib, zstd, and incompressible data).
+//! and compressing one cluster (qcow2 zlib and zstd, streamOptimized vmdk grains, and
+//! incompressible data).
 //!
 //! `cargo bench -p imgblock --bench hot_paths` (not part of `cargo test`). The side-by-side
 //! comparison with qemu-img is `benches/convert.sh` at the top of the workspace.
@@ -16,12 +17,16 @@ const MAPPED_SIZE: u64 = 256 << 20;
 const MAPPED_CLUSTER: u64 = 4096;
 const MAPPED_CLUSTER_BYTES: usize = 4096;
 
-fn qcow2(dir: &Path, name: &str, size: u64, opts: &str) -> Image {
+fn create(dir: &Path, name: &str, format: Format, size: u64, opts: &str) -> Image {
     let path = dir.join(name);
     let mut o = CreateOptions::new(size);
     o.parse_opts(opts).expect("options");
-    imgblock::create(&path, Format::Qcow2, &o).expect("create");
-    Image::open(&path, &OpenOptions::writable().format(Some(Format::Qcow2))).expect("open")
+    imgblock::create(&path, format, &o).expect("create");
+    Image::open(&path, &OpenOptions::writable().format(Some(format))).expect("open")
+}
+
+fn qcow2(dir: &Path, name: &str, size: u64, opts: &str) -> Image {
+    create(dir, name, Format::Qcow2, size, opts)
 }
 
 /// Deterministic text-like data that compresses about as well as binaries under /usr.
@@ -117,11 +122,18 @@ fn compression(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
     let zlib = qcow2(dir.path(), "zlib.qcow2", 1 << 20, "compression_type=zlib");
     let zstd = qcow2(dir.path(), "zstd.qcow2", 1 << 20, "compression_type=zstd");
+    let stream = create(
+        dir.path(),
+        "stream.vmdk",
+        Format::Vmdk,
+        1 << 20,
+        "subformat=streamOptimized",
+    );
     let text = texty(64 << 10);
     let random = noise(64 << 10);
     let mut g = c.benchmark_group("compress_cluster_64k");
     g.throughput(Throughput::Bytes(64 << 10));
-    for (name, img) in [("zlib", &zlib), ("zstd", &zstd)] {
+    for (name, img) in [("zlib", &zlib), ("zstd", &zstd), ("vmdk_stream", &stream)] {
         g.bench_function(BenchmarkId::new(name, "text"), |b| {
             b.iter(|| black_box(img.compress_cluster(black_box(&text))))
         });
