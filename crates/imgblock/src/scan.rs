@@ -85,6 +85,20 @@ pub fn incompressible(data: &[u8]) -> bool {
 /// Bytes probed before the whole: an eighth of a 64 KiB cluster or grain.
 const PROBE_SAMPLE: usize = 8192;
 
+/// Bytes from a xorshift generator: deterministic noise that no compressor shrinks.
+#[cfg(test)]
+pub(crate) fn test_noise(seed: u32, len: usize) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,15 +117,7 @@ mod tests {
 
     #[test]
     fn incompressible_noise_yes_text_no() {
-        let mut x = 0x9e37_79b9_u32;
-        let noise: Vec<u8> = (0..65536)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x.to_le_bytes()[0]
-            })
-            .collect();
+        let noise = test_noise(0x9e37_79b9, 65536);
         assert!(incompressible(&noise));
         let text: Vec<u8> = b"the quick brown fox "
             .iter()

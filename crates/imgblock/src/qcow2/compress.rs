@@ -111,15 +111,7 @@ mod tests {
             decompress(kind, &c, &mut out).unwrap();
             assert_eq!(out, data);
         }
-        let mut x = 0x1234_5678u32;
-        let noise: Vec<u8> = (0..4096)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x.to_le_bytes()[0]
-            })
-            .collect();
+        let noise = crate::scan::test_noise(0x1234_5678, 4096);
         assert!(compress(CompressionType::Zlib, &noise, 4095).is_none());
     }
 

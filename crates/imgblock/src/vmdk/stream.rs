@@ -226,15 +226,7 @@ mod tests {
 
     #[test]
     fn noise_is_stored_and_round_trips() {
-        let mut x = 0x2545_f491_u32;
-        let data: Vec<u8> = (0..65536)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x.to_le_bytes()[1]
-            })
-            .collect();
+        let data = crate::scan::test_noise(0x2545_f491, 65536);
         for d in [&data[..], &data[..1000]] {
             let c = deflate(d);
             // Stored blocks: five bytes of framing per 64 KiB block, the zlib header and sum.
