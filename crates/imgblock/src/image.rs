@@ -917,6 +917,16 @@ impl Image {
         }
     }
 
+    /// For an image opened for direct I/O ([`Image::open_direct`]): whether its own files keep
+    /// going around the page cache for aligned I/O ([`Storage::set_direct`]). A writer that
+    /// stores small unaligned pieces (compressed clusters) turns it off; the backing chain is
+    /// left alone.
+    pub fn set_direct(&self, on: bool) {
+        for f in 0..self.driver.files() {
+            self.driver.storage(f).set_direct(on);
+        }
+    }
+
     /// Writes back metadata and flushes the host files.
     ///
     /// # Errors
