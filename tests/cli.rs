@@ -1613,6 +1613,81 @@ fn check_and_compare_take_source_cache_like_qemu() {
     }
 }
 
+/// Bytes of `name` in the page cache, by util-linux's fincore.
+fn cached_bytes(env: &Env, name: &str) -> u64 {
+    let out = common::run_timeout(
+        env.dir.path(),
+        "fincore",
+        &["--bytes", "--noheadings", "--output", "RES", name],
+        common::DEFAULT_TIMEOUT,
+    )
+    .ok();
+    out.stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("fincore's answer: {out}"))
+}
+
+/// convert's target goes around the page cache unless `-t` names a cached mode or the output
+/// is compressed: a default convert leaves (almost) nothing of its output in the cache, while
+/// `-t writeback` and `-c` leave all of it there. Every output holds the source's data.
+#[test]
+fn convert_writes_around_the_page_cache_unless_compressing_or_told() {
+    let env = Env::with_qemu();
+    let probe = common::run_timeout(
+        env.dir.path(),
+        "dd",
+        &[
+            "if=/dev/zero",
+            "of=probe",
+            "bs=4096",
+            "count=1",
+            "oflag=direct",
+        ],
+        common::DEFAULT_TIMEOUT,
+    );
+    if probe.code != Some(0) {
+        eprintln!(
+            "NOT TESTED: the test directory's filesystem refuses O_DIRECT ({probe}); every \
+             convert goes through the page cache there"
+        );
+        return;
+    }
+    let data = 8 * MIB;
+    let mut src = common::noise(7, (data / 2) as usize);
+    src.extend((0..data / 2).map(|i| (i % 251) as u8));
+    env.write("src.raw", &src);
+    for (args, cached) in [
+        (&["-O", "qcow2"][..], false),
+        (&["-O", "raw"], false),
+        (&["-O", "vmdk"], false),
+        (&["-O", "qcow2", "-t", "none"], false),
+        (&["-O", "qcow2", "-t", "writeback"], true),
+        (&["-O", "raw", "-t", "unsafe"], true),
+        (&["-O", "qcow2", "-c"], true),
+        (&["-O", "vmdk", "-o", "subformat=streamOptimized"], true),
+    ] {
+        let out = "out.img";
+        let _ = std::fs::remove_file(env.path(out));
+        let mut cmd = vec!["convert", "-f", "raw"];
+        cmd.extend_from_slice(args);
+        cmd.extend(["src.raw", out]);
+        env.img(&cmd).ok();
+        let res = cached_bytes(&env, out);
+        let stored = env.allocated(out);
+        if cached {
+            assert!(
+                res >= stored * 3 / 4,
+                "{cmd:?}: {res} of {stored} bytes cached"
+            );
+        } else {
+            assert!(res < data / 16, "{cmd:?}: {res} of {stored} bytes cached");
+        }
+        env.qemu_img(&["compare", "-q", "-f", "raw", "src.raw", out])
+            .ok();
+    }
+}
+
 /// convert --target-is-zero: with -n, zeroes in the source are not written (the target is
 /// taken to read as zeroes), unless -S 0 asks for everything; the target's bytes are what
 /// qemu-img leaves. Without -n, with -B, or with other faults, qemu-img's messages in its

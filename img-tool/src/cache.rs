@@ -1,7 +1,8 @@
 //! qemu-img's `-t`/`-T` cache modes. `img` writes through the page cache and flushes before it
 //! reports success, which is what every mode but `unsafe` promises and more than `unsafe` asks;
 //! where a command reads or writes in bulk (convert, check and compare's `-T`), `none` and
-//! `directsync` go around the page cache, as their `cache.direct=on` asks.
+//! `directsync` go around the page cache, as their `cache.direct=on` asks. Convert's target
+//! goes around it when `-t` is not given, unless its output is compressed.
 
 use crate::failure::{CliResult, Failure};
 

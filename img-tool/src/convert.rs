@@ -105,8 +105,9 @@ pub struct ConvertArgs {
     /// number of cores).
     #[arg(short = 'm', long = "parallel", value_name = "NUM")]
     parallel: Option<String>,
-    /// Cache mode for the target: `none` and `directsync` bypass the page cache (O_DIRECT);
-    /// the target is flushed at the end whatever the mode.
+    /// Cache mode for the target: `none` and `directsync` bypass the page cache (O_DIRECT),
+    /// the others write through it; the target is flushed at the end whatever the mode.
+    /// Default: around the page cache, but for compressed output.
     #[arg(
         short = 't',
         long = "target-cache",
@@ -303,7 +304,11 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
     if !args.no_create && crate::create::legacy_aes(&opts) {
         console::eprint(&format!("{}\n", crate::create::LEGACY_AES_WARNING));
     }
-    let direct = is_direct(args.cache.as_deref());
+    // qemu-img writes through the page cache unless -t says otherwise. img goes around it by
+    // default: a copy writes its output once, in large aligned pieces, and never reads it back,
+    // so caching it only takes memory from everyone else, and filling fresh cache pages costs
+    // more than the write on some hosts. Compressed output is the exception (below).
+    let direct = args.cache.is_none() || is_direct(args.cache.as_deref());
     let target = if args.no_create {
         open_existing_target(args, dst, out_format, total, direct)?
     } else {
@@ -339,7 +344,12 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         alignment: plan.alignment,
         zero_init: plan.zero_init,
     };
-    let mode = if args.compress || target.driver().always_compressed() {
+    let compressing = args.compress || target.driver().always_compressed();
+    if compressing && args.cache.is_none() {
+        // Compressed clusters are small and unaligned: the page cache gathers them.
+        target.set_direct(false);
+    }
+    let mode = if compressing {
         // Like qemu, after the target is made: a format without a cluster size (flat vmdk)
         // cannot take whole compressed clusters.
         let cluster = target
