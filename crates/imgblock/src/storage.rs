@@ -166,6 +166,29 @@ fn direct_span() -> usize {
     usize::try_from(page).map_or(DIRECT_ALIGN, |p| p.max(DIRECT_ALIGN))
 }
 
+/// What the filesystem asks of a direct access to `file`, as (buffer address, file offset)
+/// alignments: `statx`'s `STATX_DIOALIGN` (Linux 6.1), `None` where it does not say.
+fn dio_align(file: &File) -> Option<(usize, usize)> {
+    // SAFETY: statx is a plain struct of integers, for which all zeroes is a valid value.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the descriptor is open for the call, the empty path is a NUL-terminated string
+    // that AT_EMPTY_PATH makes statx ignore, and `st` is a valid statx the call fills.
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut st,
+        )
+    };
+    let pow2 = |v: u32| usize::try_from(v).ok().filter(|v| v.is_power_of_two());
+    if rc != 0 || st.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return None;
+    }
+    Some((pow2(st.stx_dio_mem_align)?, pow2(st.stx_dio_offset_align)?))
+}
+
 /// With write-behind on, how many bytes written through the page cache start their writeback.
 pub const WRITE_BEHIND_BYTES: u64 = 4 << 20;
 
@@ -182,6 +205,9 @@ pub struct FileStorage {
     direct: Option<File>,
     /// The offset and length alignment of a direct access ([`direct_span`]).
     span: usize,
+    /// The address alignment of a direct access's buffer: what the filesystem reports
+    /// (`statx`'s `STATX_DIOALIGN`), else [`DIRECT_ALIGN`].
+    mem_align: usize,
     /// Whether `direct` is used ([`Storage::set_direct`]).
     direct_on: AtomicBool,
     /// How many reads and writes went through `direct`, for tests.
@@ -243,6 +269,7 @@ impl FileStorage {
             read_only,
             direct: None,
             span: DIRECT_ALIGN,
+            mem_align: DIRECT_ALIGN,
             direct_on: AtomicBool::new(true),
             direct_ios: AtomicU64::new(0),
             device,
@@ -268,6 +295,10 @@ impl FileStorage {
             .open(path)
             .ok();
         s.span = direct_span();
+        if let Some((mem, off)) = s.direct.as_ref().and_then(dio_align) {
+            s.mem_align = mem;
+            s.span = s.span.max(off);
+        }
         Ok(s)
     }
 
@@ -275,7 +306,7 @@ impl FileStorage {
     fn pick(&self, addr: *const u8, len: usize, offset: u64) -> &File {
         match &self.direct {
             Some(d)
-                if (addr as usize) % DIRECT_ALIGN == 0
+                if (addr as usize) % self.mem_align == 0
                     && len % self.span == 0
                     && offset % self.span as u64 == 0
                     && self.direct_on.load(Ordering::Relaxed) =>
@@ -285,6 +316,20 @@ impl FileStorage {
             }
             _ => &self.file,
         }
+    }
+
+    /// For a write of `len` bytes from `addr` to `offset`: the whole pages in it that can go
+    /// around the cache, as (bytes before them, their length); `None` when there are none.
+    /// The partial pages at either end share pages with other writes: they go through the cache.
+    fn direct_middle(&self, addr: *const u8, len: usize, offset: u64) -> Option<(usize, usize)> {
+        self.direct.as_ref()?;
+        if !self.direct_on.load(Ordering::Relaxed) {
+            return None;
+        }
+        let span = self.span as u64;
+        let head = usize::try_from((span - offset % span) % span).ok()?;
+        let mid = len.checked_sub(head)? / self.span * self.span;
+        (mid > 0 && (addr as usize).wrapping_add(head) % self.mem_align == 0).then_some((head, mid))
     }
 
     /// How many reads and writes went around the page cache.
@@ -575,12 +620,24 @@ impl Storage for FileStorage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.check_writable()?;
-        let file = self.pick(buf.as_ptr(), buf.len(), offset);
-        if !std::ptr::eq(file, &self.file) {
-            match file.write_all_at(buf, offset) {
+        if let (Some((head, mid)), Some(d)) = (
+            self.direct_middle(buf.as_ptr(), buf.len(), offset),
+            &self.direct,
+        ) {
+            self.direct_ios.fetch_add(1, Ordering::Relaxed);
+            let (before, rest) = buf.split_at(head);
+            let (middle, after) = rest.split_at(mid);
+            match d.write_all_at(middle, offset + head as u64) {
                 // A filesystem may refuse some direct I/O (EINVAL): the page cache still works.
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-                r => return r,
+                Err(e) => return Err(e),
+                Ok(()) => {
+                    self.file.write_all_at(before, offset)?;
+                    self.file
+                        .write_all_at(after, offset + (head + mid) as u64)?;
+                    self.wrote_cached(head + after.len());
+                    return Ok(());
+                }
             }
         }
         self.file.write_all_at(buf, offset)?;
@@ -977,24 +1034,35 @@ mod tests {
         assert_eq!(a.as_ptr() as usize % DIRECT_ALIGN, 0);
         s.write_at(a, span as u64).unwrap();
         assert_eq!(s.direct_ios(), 1);
-        // Less than whole pages (or off a page boundary) shares a page with other writes:
-        // through the cache.
+        // Less than a whole page shares its page with other writes: through the cache.
         s.write_at(&a[..span / 2], 0).unwrap();
         s.write_at(&a[..span], 512).unwrap();
-        s.write_at(&a[1..=span], 8 * span as u64).unwrap();
         assert_eq!(s.direct_ios(), 1);
+        // Off a page boundary, the whole pages in the middle go direct where the buffer's
+        // address there suits the filesystem (a vdi's data blocks lie 512 bytes off pages).
+        s.write_at(&a[512..], 8 * span as u64 + 512).unwrap();
+        let middle_direct = (span - 512) % s.mem_align == 0;
+        assert_eq!(s.direct_ios(), if middle_direct { 2 } else { 1 });
+        s.write_at(&a[1..=span], 16 * span as u64).unwrap();
+        assert_eq!(s.direct_ios(), if middle_direct { 2 } else { 1 });
+        let before = s.direct_ios();
         s.set_direct(false);
         s.write_at(a, 4 * span as u64).unwrap();
-        assert_eq!(s.direct_ios(), 1);
+        assert_eq!(s.direct_ios(), before);
         s.set_direct(true);
         let mut vb = vec![0; 3 * span];
         let back = aligned(&mut vb, 2 * span);
         s.read_at(back, 4 * span as u64).unwrap();
-        assert_eq!(s.direct_ios(), 2);
+        assert_eq!(s.direct_ios(), before + 1);
         assert_eq!(back, a, "a direct read sees what went through the cache");
         s.read_at(back, 0).unwrap();
         assert_eq!(&back[512..span + 512], &a[..span]);
         assert_eq!(&back[..512], &a[..512]);
+        s.read_at(back, 8 * span as u64).unwrap();
+        assert_eq!(&back[..512], &[0; 512]);
+        assert_eq!(&back[512..], &a[512..], "the split write reads back whole");
+        s.read_at(back, 16 * span as u64).unwrap();
+        assert_eq!(&back[..span], &a[1..=span]);
         s.flush().unwrap();
         // A plain open never goes direct.
         let p = FileStorage::open(&path, true).unwrap();
