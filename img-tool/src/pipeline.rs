@@ -493,31 +493,38 @@ fn write_done(
         (Action::Copy, Some(buf)) => {
             let data = buf.get(usize::try_from(job.len).unwrap_or(0));
             if let Mode::Compressed { cluster } = sh.mode {
-                // Runs of compressed clusters go to the format together, in order.
+                // Runs of compressed clusters go to the format together, in order; so do runs
+                // of clusters that did not shrink (stored as plain data, in one write).
                 let mut packed_run: Vec<(u64, &[u8])> = Vec::new();
-                let mut at = job.offset;
+                let mut plain_from = None;
+                let mut done = 0;
                 for (c, packed) in data.chunks(cluster).zip(clusters) {
+                    let at = job.offset + done as u64;
                     if packed.is_some() && !t.can_write_compressed() {
                         // qemu fails the first compressed write (ENOTSUP) in these words.
                         return Err(Failure::new(format!(
                             "error while writing at byte {at}: Operation not supported"
                         )));
                     }
-                    if let Some(Some(p)) = packed {
-                        packed_run.push((at, p));
-                    } else {
-                        write_packed(sh, &mut packed_run)?;
-                        match packed {
-                            None => write_zeroes(t, at, c.len() as u64, &sh.sparse)?,
-                            Some(_) => {
-                                t.write_cluster(at, c, None)?;
-                                sh.wrote(c.len() as u64);
-                            }
+                    match packed {
+                        Some(Some(p)) => {
+                            write_plain(sh, job.offset, data, plain_from.take(), done)?;
+                            packed_run.push((at, p));
+                        }
+                        Some(None) => {
+                            write_packed(sh, &mut packed_run)?;
+                            plain_from.get_or_insert(done);
+                        }
+                        None => {
+                            write_packed(sh, &mut packed_run)?;
+                            write_plain(sh, job.offset, data, plain_from.take(), done)?;
+                            write_zeroes(t, at, c.len() as u64, &sh.sparse)?;
                         }
                     }
-                    at += c.len() as u64;
+                    done += c.len();
                 }
                 write_packed(sh, &mut packed_run)?;
+                write_plain(sh, job.offset, data, plain_from, done)?;
                 return Ok(());
             }
             let mut done = 0;
@@ -534,6 +541,21 @@ fn write_done(
             Ok(())
         }
     }
+}
+
+/// Writes `data[from..to]`, a run of clusters stored as they are, at `offset + from`.
+fn write_plain(
+    sh: &Shared<'_>,
+    offset: u64,
+    data: &[u8],
+    from: Option<usize>,
+    to: usize,
+) -> CliResult<()> {
+    if let Some(from) = from {
+        sh.target.write_at(&data[from..to], offset + from as u64)?;
+        sh.wrote((to - from) as u64);
+    }
+    Ok(())
 }
 
 /// Writes a run of compressed clusters (their compressed bytes count for `-r`) and empties it.
