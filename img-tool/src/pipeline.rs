@@ -304,14 +304,10 @@ fn plan_jobs(
     for src in sh.sources {
         let size = src.size();
         let mut offset = 0;
+        let mut ahead = None;
         while offset < size {
-            let (action, n) = plan(src, offset, size - offset, base + offset)?;
-            let n = n.clamp(1, size - offset);
-            // Data goes in aligned steps, so that every read and write but the edges is whole.
-            let n = match action {
-                Action::Copy => n.min(step - (base + offset) % step),
-                Action::Zero | Action::Skip => n,
-            };
+            let mut status = |at: u64| plan(src, at, size - at, base + at);
+            let (action, n) = next_job(&mut status, offset, size, base, step, &mut ahead)?;
             if !send(base + offset, n, action) {
                 return Ok(());
             }
@@ -320,6 +316,42 @@ fn plan_jobs(
         base += size;
     }
     Ok(())
+}
+
+/// The next job of a source of `size` bytes, from `offset` (`base + offset` in the target):
+/// its action and length. `status(at)` plans the range at `at` (its action and length, up to
+/// the end); `ahead` keeps a range it planned for the job after this one.
+///
+/// Data goes in `step`-aligned pieces, so that every read and write but the edges is whole;
+/// ranges of data back to back (a vmdk's grains, each mapped on its own) make one piece.
+fn next_job(
+    status: &mut dyn FnMut(u64) -> CliResult<(Action, u64)>,
+    offset: u64,
+    size: u64,
+    base: u64,
+    step: u64,
+    ahead: &mut Option<(Action, u64)>,
+) -> CliResult<(Action, u64)> {
+    let (action, n) = match ahead.take() {
+        Some(a) => a,
+        None => status(offset)?,
+    };
+    let mut n = n.clamp(1, size - offset);
+    if action == Action::Copy {
+        let limit = step - (base + offset) % step;
+        while n < limit && offset + n < size {
+            let at = offset + n;
+            let (next, m) = status(at)?;
+            let m = m.clamp(1, size - at);
+            if next != Action::Copy {
+                *ahead = Some((next, m));
+                break;
+            }
+            n += m;
+        }
+        n = n.min(limit);
+    }
+    Ok((action, n))
 }
 
 /// A worker: takes a buffer, then a job; reads, scans and compresses; writes (out of order) or
@@ -632,4 +664,66 @@ fn read_concat(sources: &[Image], offset: u64, buf: &mut [u8]) -> CliResult<bool
         },
     )?;
     Ok(any)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plans every job of a source laid out as `ranges` (action, length), with `step`, and
+    /// counts the planner's calls.
+    fn jobs(ranges: &[(Action, u64)], base: u64, step: u64) -> (Vec<(u64, Action, u64)>, usize) {
+        let size: u64 = ranges.iter().map(|r| r.1).sum();
+        let calls = std::cell::Cell::new(0);
+        let mut status = |at: u64| {
+            calls.set(calls.get() + 1);
+            let mut start = 0;
+            for &(a, n) in ranges {
+                if at < start + n {
+                    return Ok((a, start + n - at));
+                }
+                start += n;
+            }
+            panic!("planned past the end: {at}");
+        };
+        let (mut out, mut offset, mut ahead) = (Vec::new(), 0, None);
+        while offset < size {
+            let (a, n) = next_job(&mut status, offset, size, base, step, &mut ahead).unwrap();
+            out.push((base + offset, a, n));
+            offset += n;
+        }
+        (out, calls.get())
+    }
+
+    #[test]
+    fn grains_back_to_back_make_whole_steps_and_nothing_is_planned_twice() {
+        const K: u64 = 1024;
+        let mut src = vec![(Action::Copy, 64 * K); 40];
+        src.push((Action::Zero, 512 * K));
+        src.extend([(Action::Copy, 64 * K); 3]);
+        src.push((Action::Skip, 64 * K));
+        let (got, calls) = jobs(&src, 0, 1024 * K);
+        assert_eq!(
+            got,
+            [
+                (0, Action::Copy, 1024 * K),
+                (1024 * K, Action::Copy, 1024 * K),
+                (2048 * K, Action::Copy, 512 * K),
+                (2560 * K, Action::Zero, 512 * K),
+                (3072 * K, Action::Copy, 192 * K),
+                (3264 * K, Action::Skip, 64 * K),
+            ]
+        );
+        assert_eq!(calls, src.len(), "each range planned once");
+        // A second source starts off a step boundary in the target: its first piece ends on one.
+        let (got, _) = jobs(&[(Action::Copy, 64 * K); 8], 3 * 128 * K, 256 * K);
+        assert_eq!(
+            got,
+            [
+                (384 * K, Action::Copy, 128 * K),
+                (512 * K, Action::Copy, 256 * K),
+                (768 * K, Action::Copy, 128 * K),
+            ]
+        );
+    }
 }
