@@ -319,17 +319,24 @@ impl FileStorage {
     }
 
     /// For a write of `len` bytes from `addr` to `offset`: the whole pages in it that can go
-    /// around the cache, as (bytes before them, their length); `None` when there are none.
-    /// The partial pages at either end share pages with other writes: they go through the cache.
-    fn direct_middle(&self, addr: *const u8, len: usize, offset: u64) -> Option<(usize, usize)> {
-        self.direct.as_ref()?;
+    /// around the cache, as (the direct descriptor, bytes before them, their length); `None`
+    /// when there are none. The partial pages at either end share pages with other writes:
+    /// they go through the cache.
+    fn direct_middle(
+        &self,
+        addr: *const u8,
+        len: usize,
+        offset: u64,
+    ) -> Option<(&File, usize, usize)> {
+        let d = self.direct.as_ref()?;
         if !self.direct_on.load(Ordering::Relaxed) {
             return None;
         }
         let span = self.span as u64;
         let head = usize::try_from((span - offset % span) % span).ok()?;
         let mid = len.checked_sub(head)? / self.span * self.span;
-        (mid > 0 && (addr as usize).wrapping_add(head) % self.mem_align == 0).then_some((head, mid))
+        (mid > 0 && (addr as usize).wrapping_add(head) % self.mem_align == 0)
+            .then_some((d, head, mid))
     }
 
     /// How many reads and writes went around the page cache.
@@ -620,10 +627,7 @@ impl Storage for FileStorage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.check_writable()?;
-        if let (Some((head, mid)), Some(d)) = (
-            self.direct_middle(buf.as_ptr(), buf.len(), offset),
-            &self.direct,
-        ) {
+        if let Some((d, head, mid)) = self.direct_middle(buf.as_ptr(), buf.len(), offset) {
             self.direct_ios.fetch_add(1, Ordering::Relaxed);
             let (before, rest) = buf.split_at(head);
             let (middle, after) = rest.split_at(mid);
