@@ -8,6 +8,10 @@
 //! is done ([`enter`]). Threads inherit the filters of the thread that starts them, so every
 //! thread is started by the main thread before the main thread's own filter goes on.
 //!
+//! A vCPU, the thread the guest drives most directly, may `write` only to the descriptors its
+//! devices write to ([`Filters::with_vcpu_writes`]). An image's descriptor is not among them:
+//! its file position stays 0, so a stray `write` to it would land on the image's header.
+//!
 //! `--seccomp true` (the default) stops the VMM with a message naming the thread and the system
 //! call when a filter refuses one (opening a file only fails, with EACCES: see
 //! [`REFUSED_OPENS`]); `--seccomp log` lets the call through and has the kernel log
@@ -15,6 +19,7 @@
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
+use std::os::fd::RawFd;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -120,6 +125,9 @@ pub enum Error {
     /// The SIGSYS handler could not be installed.
     #[error("installing the SIGSYS handler: {0}")]
     Handler(std::io::Error),
+    /// No filter was built for this kind of thread.
+    #[error("no seccomp filter for the {0} thread")]
+    Missing(&'static str),
 }
 
 /// Calls every thread may make: memory allocation, locks, thread exit, signal return, the
@@ -146,7 +154,6 @@ const COMMON: &[i64] = &[
     libc::SYS_clock_nanosleep,
     libc::SYS_nanosleep,
     libc::SYS_getrandom,
-    libc::SYS_write,
     libc::SYS_close,
     libc::SYS_fcntl,
 ];
@@ -182,10 +189,13 @@ vmm_sys_util::ioctl_ior_nr!(
 );
 
 /// The system calls a thread kind may make beyond [`COMMON`], each with the ioctl requests it
-/// may issue.
+/// may issue. `write` is every kind's but a vCPU's, which [`build`] restricts to descriptors.
 fn allowed(kind: Kind) -> (Vec<i64>, Vec<u64>) {
     let mut calls = COMMON.to_vec();
     let mut ioctls = Vec::new();
+    if kind != Kind::Vcpu {
+        calls.push(libc::SYS_write);
+    }
     match kind {
         Kind::Main => {
             calls.extend_from_slice(FILE_IO);
@@ -234,7 +244,8 @@ const REFUSED_OPENS: &[i64] = &[libc::SYS_open, libc::SYS_openat];
 /// `kind`'s filters: the allow-list (anything else traps, or is logged), and a second filter
 /// that makes the opens the first lets through fail with EACCES (the kernel takes the most
 /// restrictive answer of all a thread's filters, and ERRNO ranks above ALLOW, below TRAP).
-fn build(kind: Kind, mode: Mode) -> Result<Vec<BpfProgram>, Error> {
+/// A vCPU's `write` is allowed on standard error and on `writes` alone.
+fn build(kind: Kind, mode: Mode, writes: &[RawFd]) -> Result<Vec<BpfProgram>, Error> {
     let err = |source| Error::Build {
         kind: kind.name(),
         source,
@@ -243,6 +254,22 @@ fn build(kind: Kind, mode: Mode) -> Result<Vec<BpfProgram>, Error> {
     calls.extend_from_slice(REFUSED_OPENS);
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         calls.into_iter().map(|c| (c, vec![])).collect();
+    if kind == Kind::Vcpu {
+        // Never an empty chain, which seccompiler reads as "any arguments": standard error (the
+        // SIGSYS handler's message) is always in it.
+        let mut fds = vec![libc::STDERR_FILENO];
+        fds.extend(writes.iter().copied().filter(|&fd| fd >= 0));
+        fds.sort_unstable();
+        fds.dedup();
+        let mut chain = Vec::new();
+        for fd in fds {
+            let fd = u64::from(fd.unsigned_abs());
+            let cond = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, fd)
+                .map_err(err)?;
+            chain.push(SeccompRule::new(vec![cond]).map_err(err)?);
+        }
+        rules.insert(libc::SYS_write, chain);
+    }
     if !ioctls.is_empty() {
         let mut chain = Vec::new();
         for req in ioctls {
@@ -273,36 +300,58 @@ fn build(kind: Kind, mode: Mode) -> Result<Vec<BpfProgram>, Error> {
 }
 
 /// The compiled filters of every thread kind, or none (`--seccomp false`).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Filters {
-    programs: Option<Vec<Vec<BpfProgram>>>,
+    mode: Mode,
+    /// By [`Kind::index`]; `None` until built (the vCPUs' waits for their descriptors).
+    programs: Vec<Option<Vec<BpfProgram>>>,
 }
 
 impl Filters {
-    /// Compiles the filters for `mode`; with [`Mode::Enforce`] also installs the handler that
-    /// reports a refused call.
+    /// Compiles the filters for `mode`, but the vCPUs' ([`Filters::with_vcpu_writes`]); with
+    /// [`Mode::Enforce`] also installs the handler that reports a refused call.
     ///
     /// # Errors
     /// A filter cannot be compiled or the handler installed.
     pub fn new(mode: Mode) -> Result<Arc<Filters>, Error> {
         if mode == Mode::Off {
-            return Ok(Arc::new(Filters::default()));
+            return Ok(Filters::none());
         }
         let programs = Kind::ALL
             .iter()
-            .map(|&k| build(k, mode))
+            .map(|&k| (k != Kind::Vcpu).then(|| build(k, mode, &[])).transpose())
             .collect::<Result<Vec<_>, _>>()?;
         if mode == Mode::Enforce {
             install_sigsys_handler().map_err(Error::Handler)?;
         }
+        Ok(Arc::new(Filters { mode, programs }))
+    }
+
+    /// These filters with the vCPUs' added: a vCPU may `write` to standard error and to
+    /// `fds` (the serial console's output, the eventfds its devices signal), nothing else.
+    ///
+    /// # Errors
+    /// The vCPU filter cannot be compiled.
+    pub fn with_vcpu_writes(&self, fds: &[RawFd]) -> Result<Arc<Filters>, Error> {
+        if self.mode == Mode::Off {
+            return Ok(Filters::none());
+        }
+        let mut programs = self.programs.clone();
+        if let Some(slot) = programs.get_mut(Kind::Vcpu.index()) {
+            *slot = Some(build(Kind::Vcpu, self.mode, fds)?);
+        }
         Ok(Arc::new(Filters {
-            programs: Some(programs),
+            mode: self.mode,
+            programs,
         }))
     }
 
     /// No filters, for tests that drive devices directly.
     pub fn none() -> Arc<Filters> {
-        Arc::new(Filters::default())
+        Arc::new(Filters {
+            mode: Mode::Off,
+            programs: Vec::new(),
+        })
     }
 }
 
@@ -315,13 +364,14 @@ thread_local! {
 /// Puts the calling thread under `kind`'s filter (nothing when the filters are off).
 ///
 /// # Errors
-/// The kernel refused the filter.
+/// The kernel refused the filter, or `filters` has none for `kind` (a vCPU's before
+/// [`Filters::with_vcpu_writes`]): the thread must not run unconfined.
 pub fn enter(filters: &Filters, kind: Kind) -> Result<(), Error> {
-    let Some(programs) = &filters.programs else {
+    if filters.mode == Mode::Off {
         return Ok(());
-    };
-    let Some(progs) = programs.get(kind.index()) else {
-        return Ok(());
+    }
+    let Some(Some(progs)) = filters.programs.get(kind.index()) else {
+        return Err(Error::Missing(kind.name()));
     };
     KIND.with(|k| k.set(kind.index() + 1));
     for prog in progs {
@@ -422,6 +472,7 @@ fn syscall_name(nr: i64) -> Option<&'static str> {
         (libc::SYS_epoll_create1, "epoll_create1"),
         (libc::SYS_eventfd2, "eventfd2"),
         (libc::SYS_read, "read"),
+        (libc::SYS_write, "write"),
         (libc::SYS_pread64, "pread64"),
         (libc::SYS_pwrite64, "pwrite64"),
         (libc::SYS_fdatasync, "fdatasync"),
@@ -501,7 +552,7 @@ mod tests {
     fn every_kind_compiles_in_every_mode() {
         for mode in [Mode::Enforce, Mode::Log] {
             for k in Kind::ALL {
-                let p = build(k, mode).unwrap();
+                let p = build(k, mode, &[3, 7]).unwrap();
                 assert_eq!(p.len(), 2);
                 assert!(p[1].len() > COMMON.len(), "{k:?}");
             }

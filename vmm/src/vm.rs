@@ -1,6 +1,7 @@
 //! The virtual machine: KVM set-up, devices on the buses, vCPU threads, and the exit path.
 
 use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::channel;
@@ -150,22 +151,32 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
     let mut pio = Bus::default();
     let mut mmio_bus = Bus::default();
 
+    // What the vCPUs may write to (their seccomp filter allows no other descriptor).
+    let mut vcpu_writes: Vec<RawFd> = Vec::new();
     // COM1.
     let mut pty = None;
     let out: Box<dyn Write + Send> = match &args.serial {
-        SerialSpec::Stdio => Box::new(std::io::stdout()),
+        SerialSpec::Stdio => {
+            vcpu_writes.push(libc::STDOUT_FILENO);
+            Box::new(std::io::stdout())
+        }
         SerialSpec::Pty => {
             let p = io("creating the serial pseudo-terminal", console::Pty::open())?;
             let w = io("creating the serial pseudo-terminal", p.writer())?;
             crate::report!("vmm: serial console on {}", p.path);
             pty = Some(p);
+            vcpu_writes.push(w.as_raw_fd());
             Box::new(w)
         }
         SerialSpec::None => Box::new(std::io::sink()),
-        SerialSpec::File(p) => Box::new(io(
-            format!("{}: creating the serial log", p.display()),
-            std::fs::File::create(p),
-        )?),
+        SerialSpec::File(p) => {
+            let f = io(
+                format!("{}: creating the serial log", p.display()),
+                std::fs::File::create(p),
+            )?;
+            vcpu_writes.push(f.as_raw_fd());
+            Box::new(f)
+        }
     };
     // The power button's interrupt (the ACPI Generic Event Device), pressed through the API.
     let power_button = io("eventfd", EventFd::new(EFD_NONBLOCK))?;
@@ -176,9 +187,12 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
     let serial_irq = io("eventfd", EventFd::new(EFD_NONBLOCK))?;
     kvm("irqfd for COM1", vm.register_irqfd(&serial_irq, SERIAL_GSI))?;
     let rx_room = io("eventfd", EventFd::new(0))?;
+    let room = io("eventfd", rx_room.try_clone())?;
+    // The serial signals its interrupt and, as the guest reads, room for more input.
+    vcpu_writes.extend([serial_irq.as_raw_fd(), room.as_raw_fd()]);
     let serial = SerialDevice(vm_superio::Serial::with_events(
         IrqTrigger(serial_irq),
-        RxRoom(io("eventfd", rx_room.try_clone())?),
+        RxRoom(room),
         out,
     ));
     let serial = Arc::new(Mutex::new(serial));
@@ -244,6 +258,7 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
             d.config.config_space(d.size()),
             interrupt,
         );
+        vcpu_writes.extend(dev.vcpu_writes());
         let dev = Arc::new(Mutex::new(dev));
         let bus_dev: Arc<Mutex<dyn BusDevice>> = dev.clone();
         mmio_bus.insert(base, VIRTIO_MMIO_SIZE, bus_dev)?;
@@ -341,6 +356,7 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
         None => None,
     };
     let pause = Arc::new(Pause::default());
+    let vcpu_filters = filters.with_vcpu_writes(&vcpu_writes)?;
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let pio = Arc::clone(&pio);
         let mmio_bus = Arc::clone(&mmio_bus);
@@ -348,7 +364,7 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
         let p = Arc::clone(&pause);
         let t = io(
             "starting a vCPU thread",
-            seccomp::spawn(&format!("vcpu{id}"), &filters, Kind::Vcpu, move || {
+            seccomp::spawn(&format!("vcpu{id}"), &vcpu_filters, Kind::Vcpu, move || {
                 let e = vcpu_loop(id, vcpu, &pio, &mmio_bus, &p);
                 let _ = tx.send(e);
             }),

@@ -340,6 +340,36 @@ fn readonly_disks_refuse_writes_and_stay_untouched() {
 }
 
 #[test]
+fn serial_log_file_holds_the_console_of_two_vcpus() {
+    // The log's descriptor is one of the few a vCPU's seccomp filter lets it write to.
+    let Some(dir) = setup() else { return };
+    let raw = dir.path().join("disk.raw");
+    make_image(&raw, Format::Raw, 0, SIZE, None);
+    let log = dir.path().join("console.log");
+    let out = Command::new(VMM)
+        .args(["--kernel", GUEST, "--memory", "128M", "--cpus", "2"])
+        .args(["--cmdline", "console=ttyS0"])
+        .arg("--serial")
+        .arg(format!("file:{}", log.display()))
+        .arg("--disk")
+        .arg(format!("path={},format=raw", raw.display()))
+        .output()
+        .unwrap();
+    let console = std::fs::read(&log).unwrap_or_default();
+    eprintln!(
+        "--- console.log ---\n{}\n--- vmm stderr ---\n{}",
+        String::from_utf8_lossy(&console),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.is_empty(), "the console went to the log alone");
+    assert_guest_passed(&Output {
+        stdout: console,
+        ..out
+    });
+    assert_guest_wrote(&std::fs::read(&raw).unwrap());
+}
+
+#[test]
 fn snapshot_on_leaves_image_untouched_and_removes_overlay() {
     let Some(dir) = setup() else { return };
     let tmp = dir.path().join("tmp");

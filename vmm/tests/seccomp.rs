@@ -50,7 +50,7 @@ fn a_refused_call_stops_the_process_naming_thread_and_call() {
         } else {
             Mode::Enforce
         };
-        let filters = Filters::new(mode).unwrap();
+        let filters = Filters::new(mode).unwrap().with_vcpu_writes(&[]).unwrap();
         enter(&filters, kind).unwrap();
         // Only reached when the call was let through (or failed).
         let ok = if parts.next() == Some("open") {
@@ -101,7 +101,10 @@ fn no_thread_may_start_a_program() {
             "api" => Kind::Api,
             _ => Kind::Vcpu,
         };
-        let filters = Filters::new(Mode::Enforce).unwrap();
+        let filters = Filters::new(Mode::Enforce)
+            .unwrap()
+            .with_vcpu_writes(&[])
+            .unwrap();
         enter(&filters, kind).unwrap();
         let r = Command::new("/bin/true").status();
         std::process::exit(if r.is_ok() { 42 } else { 43 });
@@ -115,6 +118,63 @@ fn no_thread_may_start_a_program() {
             || status.signal() == Some(libc::SIGSYS);
         assert!(refused, "{case}: {status:?}: {err}");
     }
+}
+
+#[test]
+fn a_vcpu_writes_to_its_descriptors_and_to_no_image() {
+    use std::io::Write as _;
+    use std::os::fd::AsRawFd as _;
+    if let Some(case) = case() {
+        if case == "unbuilt" {
+            // Filters without the vCPUs' own: a vCPU thread refuses to run unconfined.
+            let filters = Filters::new(Mode::Enforce).unwrap();
+            let r = vmm::seccomp::spawn("vcpu0", &filters, Kind::Vcpu, || ());
+            eprintln!("spawn: {:?}", r.as_ref().err());
+            std::process::exit(if r.is_err() { 42 } else { 43 });
+        }
+        // The image, opened for writing as the VMM opens its disks: file position 0.
+        let image = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&case)
+            .unwrap();
+        let (_rx, tx) = std::io::pipe().unwrap();
+        let filters = Filters::new(Mode::Enforce)
+            .unwrap()
+            .with_vcpu_writes(&[tx.as_raw_fd()])
+            .unwrap();
+        let t = vmm::seccomp::spawn("vcpu0", &filters, Kind::Vcpu, move || {
+            let r = (&tx).write_all(b"kick");
+            eprintln!("write to its own descriptor: {r:?}");
+            let r = (&image).write_all(b"not a header");
+            eprintln!("write to the image: {r:?}");
+        })
+        .unwrap();
+        let _ = t.join();
+        std::process::exit(42);
+    }
+    let me = "a_vcpu_writes_to_its_descriptors_and_to_no_image";
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    std::fs::write(&image, [0x5a; 4096]).unwrap();
+    let (code, err) = child(me, image.to_str().unwrap());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("write to its own descriptor: Ok(())"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "vmm: seccomp: the vcpu thread made system call {} (write)",
+            libc::SYS_write
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("write to the image"), "{err}");
+    assert_eq!(std::fs::read(&image).unwrap(), [0x5a; 4096]);
+    let (code, err) = child(me, "unbuilt");
+    assert_eq!(code, Some(42), "{err}");
+    assert!(
+        err.contains("no seccomp filter for the vcpu thread"),
+        "{err}"
+    );
 }
 
 /// Writes, reads back, zeroes, discards and flushes through `img`, checking the data.

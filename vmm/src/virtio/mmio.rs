@@ -7,6 +7,7 @@
 //! the queue's index; interrupts leave through the device's one irqfd; InterruptStatus is an
 //! atomic all sides share.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -149,6 +150,16 @@ impl MmioBlock {
             activated: false,
             interrupt,
         }
+    }
+
+    /// The descriptors a vCPU writes to when it drives the device: each queue's notify eventfd
+    /// (for QueueNotify writes that reach us as exits) and its I/O thread's order eventfd
+    /// (DRIVER_OK and reset).
+    pub fn vcpu_writes(&self) -> Vec<RawFd> {
+        self.queues
+            .iter()
+            .flat_map(|q| [q.notify.as_raw_fd(), q.worker.order_fd()])
+            .collect()
     }
 
     /// Stops the I/O threads after the requests in flight, flushing the disk.

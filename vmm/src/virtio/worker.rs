@@ -1,7 +1,7 @@
 //! The block device's I/O thread: waits on the queue's ioeventfd, serves every available chain,
 //! and raises the irqfd when the driver asked for it (EVENT_IDX aware via virtio-queue).
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -153,6 +153,12 @@ impl BlockWorker {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
+    }
+
+    /// The eventfd that wakes the thread for an order: the vCPU that starts or stops the
+    /// device writes to it.
+    pub fn order_fd(&self) -> RawFd {
+        self.mailbox.wake.as_raw_fd()
     }
 
     /// Hands `queue` to the thread, which serves what the driver queued already.
