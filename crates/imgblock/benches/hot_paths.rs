@@ -147,5 +147,43 @@ fn compression(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, l2_lookup, zero_detection, compression);
+/// Reading one compressed 64 KiB cluster of text back: the qcow2 read path (L2 entry, the
+/// compressed bytes, inflate or zstd), and a streamOptimized grain's inflate.
+fn decompression(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = texty(64 << 10);
+    let mut g = c.benchmark_group("decompress_cluster_64k");
+    g.throughput(Throughput::Bytes(64 << 10));
+    for kind in ["zlib", "zstd"] {
+        let img = qcow2(
+            dir.path(),
+            &format!("{kind}.qcow2"),
+            1 << 20,
+            &format!("compression_type={kind}"),
+        );
+        let packed = img.compress_cluster(&text).expect("text compresses");
+        img.write_compressed_clusters(&[(0, &packed)])
+            .expect("write compressed");
+        let mut out = vec![0u8; 64 << 10];
+        img.read_at(&mut out, 0).expect("read back");
+        assert_eq!(out, text);
+        g.bench_function(BenchmarkId::new(kind, "text"), |b| {
+            b.iter(|| img.read_at(black_box(&mut out), 0).expect("read"))
+        });
+    }
+    let grain = imgblock::vmdk::deflate(&text);
+    let mut out = vec![0u8; 64 << 10];
+    g.bench_function(BenchmarkId::new("vmdk_stream", "text"), |b| {
+        b.iter(|| black_box(imgblock::vmdk::inflate(black_box(&grain), &mut out)))
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    l2_lookup,
+    zero_detection,
+    compression,
+    decompression
+);
 criterion_main!(benches);

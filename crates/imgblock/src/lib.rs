@@ -22,6 +22,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod image;
+mod inflate;
 pub mod lock;
 pub mod luks;
 pub mod measure;

@@ -18,10 +18,11 @@ pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> std::i
     };
     match kind {
         CompressionType::Zlib => {
-            let mut d = flate2::Decompress::new(false);
-            match d.decompress(input, out, flate2::FlushDecompress::Finish) {
-                Ok(_) if d.total_out() == out.len() as u64 => Ok(()),
-                _ => Err(bad()),
+            let n = crate::inflate::inflate(crate::inflate::Framing::Raw, input, out);
+            if n == Some(out.len()) {
+                Ok(())
+            } else {
+                Err(bad())
             }
         }
         CompressionType::Zstd => {

@@ -79,16 +79,7 @@ fn stored(data: &[u8]) -> Vec<u8> {
 /// Inflates a zlib stream into `out`; returns the bytes produced, or `None` when the data is bad
 /// or would not fit.
 pub fn inflate(input: &[u8], out: &mut [u8]) -> Option<usize> {
-    let mut d = flate2::Decompress::new(true);
-    match d.decompress(input, out, flate2::FlushDecompress::Finish) {
-        Ok(flate2::Status::StreamEnd) => usize::try_from(d.total_out()).ok(),
-        // The output is full: fine only if the stream was exactly one grain.
-        Ok(_) => {
-            let n = usize::try_from(d.total_out()).ok()?;
-            (n == out.len()).then_some(n)
-        }
-        Err(_) => None,
-    }
+    crate::inflate::inflate(crate::inflate::Framing::Zlib, input, out)
 }
 
 /// State of a stream being written.
