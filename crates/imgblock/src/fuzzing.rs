@@ -83,9 +83,14 @@ fn edit_bitmaps(img: &Image) {
 /// directory of this process's own under the system's temporary directory.
 pub fn exercise_vmdk_sesparse(data: &[u8]) {
     let dir = std::env::temp_dir().join(format!("imgblock-fuzz-{}", std::process::id()));
-    if std::fs::create_dir_all(&dir).is_err() {
-        return;
+    if std::fs::create_dir_all(&dir).is_ok() {
+        sesparse_in(&dir, data);
     }
+    // Nothing is left behind, whichever input is the last.
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn sesparse_in(dir: &Path, data: &[u8]) {
     // The descriptor claims the size the header does (its capacity, in sectors), so that the
     // fuzzer reaches the grain tables rather than a size mismatch; bounded to 8 GiB.
     let capacity = data

@@ -452,3 +452,17 @@ fn sesparse_corrupt_fields_give_their_error_without_panic() {
         }
     ));
 }
+
+/// The fuzz target's exercise writes each input beside a descriptor in a directory of its own:
+/// whole, cut short or empty, it reads what it can and removes the directory after each input.
+#[test]
+fn the_fuzzers_exercise_reads_an_extent_and_leaves_no_files() {
+    let dir = tempfile::tempdir().unwrap();
+    sesparse::build(dir.path(), "d", &sesparse::mixed(None));
+    let extent = std::fs::read(dir.path().join("d-sesparse.vmdk")).unwrap();
+    let work = std::env::temp_dir().join(format!("imgblock-fuzz-{}", std::process::id()));
+    for input in [&extent[..], &extent[..extent.len() / 3], &[][..]] {
+        imgblock::fuzzing::exercise_vmdk_sesparse(input);
+        assert!(!work.exists(), "{} left behind", work.display());
+    }
+}
