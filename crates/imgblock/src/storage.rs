@@ -332,6 +332,9 @@ impl FileStorage {
         if !self.direct_on.load(Ordering::Relaxed) {
             return None;
         }
+        // The split's offsets (`offset + head`, `+ mid`) lie inside the write: none overflows
+        // once its end does not.
+        offset.checked_add(u64::try_from(len).ok()?)?;
         let span = self.span as u64;
         let head = usize::try_from((span - offset % span) % span).ok()?;
         let mid = len.checked_sub(head)? / self.span * self.span;
@@ -1067,6 +1070,13 @@ mod tests {
         assert_eq!(&back[512..], &a[512..], "the split write reads back whole");
         s.read_at(back, 16 * span as u64).unwrap();
         assert_eq!(&back[..span], &a[1..=span]);
+        // A write whose end would pass u64::MAX is refused (by the kernel), never split.
+        let before = s.direct_ios();
+        let top = u64::MAX - (span as u64 - 1); // the last page
+        for at in [top - 512, top - span as u64 / 2] {
+            assert!(s.write_at(a, at).is_err());
+        }
+        assert_eq!(s.direct_ios(), before);
         s.flush().unwrap();
         // A plain open never goes direct.
         let p = FileStorage::open(&path, true).unwrap();
