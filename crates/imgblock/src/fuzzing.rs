@@ -5,8 +5,14 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::crypto::{Secret, Secrets};
 use crate::storage::MemStorage;
 use crate::{Format, Image, OpenOptions, Repair};
+
+/// The passphrase every input is opened with. The encrypted fixtures (`fixtures/disk.luks`,
+/// `luks.qcow2`, `aes.qcow2`) take it, so that a fuzzer seeded with them gets past the key
+/// slots to the encrypted data.
+pub const PASSPHRASE: &str = "fuzz";
 
 /// Most bytes read back per input, so that a header claiming a huge disk stays cheap.
 const READ_BUDGET: u64 = 4 << 20;
@@ -15,14 +21,43 @@ const STATUS_STEPS: usize = 4096;
 
 /// Runs the whole exercise on `data` as an image of `format`.
 pub fn exercise(format: Format, data: &[u8]) {
+    let _ = exercise_counted(format, data);
+}
+
+/// What [`exercise`] managed: whether the read-only and the writable open succeeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    /// The read-only open (with [`PASSPHRASE`]) succeeded.
+    pub read_only: bool,
+    /// The writable open succeeded.
+    pub writable: bool,
+}
+
+/// As [`exercise`], telling which opens succeeded (for tests that must know the exercise got
+/// past a header).
+pub fn exercise_counted(format: Format, data: &[u8]) -> Opened {
     let name = format!("fuzz.{}", format.name());
-    let ro = Arc::new(MemStorage::new(data.to_vec(), Path::new(&name), true));
+    let secrets = Secrets::all(Secret::from(PASSPHRASE));
     let opts = OpenOptions {
         format: Some(format),
         no_backing: true,
         ..OpenOptions::read_only()
     };
-    if let Ok(img) = Image::open_storage(ro, &opts) {
+    // What `info` sees of an encrypted image opened without its secret.
+    let meta = Arc::new(MemStorage::new(data.to_vec(), Path::new(&name), true));
+    if let Ok(img) = Image::open_storage_with_secrets(meta, &opts, &Secrets::for_metadata()) {
+        let d = img.driver();
+        let _ = (d.specific(), d.encryption_info(), d.snapshots());
+        let mut buf = [0u8; 512];
+        let _ = img.read_at(&mut buf, 0);
+    }
+    let ro = Arc::new(MemStorage::new(data.to_vec(), Path::new(&name), true));
+    let mut opened = Opened {
+        read_only: false,
+        writable: false,
+    };
+    if let Ok(img) = Image::open_storage_with_secrets(ro, &opts, &secrets) {
+        opened.read_only = true;
         read_around(&img);
         let _ = img.driver().snapshots();
         let _ = img.check(Repair::None);
@@ -36,7 +71,8 @@ pub fn exercise(format: Format, data: &[u8]) {
         force_share: false,
         repair: false,
     };
-    if let Ok(img) = Image::open_storage(rw, &opts) {
+    if let Ok(img) = Image::open_storage_with_secrets(rw, &opts, &secrets) {
+        opened.writable = true;
         let size = img.size();
         for off in [0, size / 3, size.saturating_sub(5000)] {
             let _ = img.write_at(
@@ -51,6 +87,7 @@ pub fn exercise(format: Format, data: &[u8]) {
         read_around(&img);
         let _ = img.check(Repair::None);
     }
+    opened
 }
 
 /// Every persistent-bitmap action on the image's own (fuzzed) bitmaps, and on a new one.

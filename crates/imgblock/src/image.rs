@@ -148,17 +148,21 @@ impl Image {
     /// # Errors
     /// As [`Image::open`].
     pub fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
+        Self::open_storage_with_secrets(storage, opts, &Secrets::none())
+    }
+
+    /// As [`Image::open_storage`], unlocking encrypted layers with `secrets`.
+    ///
+    /// # Errors
+    /// As [`Image::open_with_secrets`].
+    pub fn open_storage_with_secrets(
+        storage: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        secrets: &Secrets,
+    ) -> Result<Image> {
         let mut seen = HashSet::new();
         let path = storage.path().to_owned();
-        Self::open_inner_with(
-            &path,
-            opts,
-            &mut seen,
-            0,
-            Some(storage),
-            &Secrets::none(),
-            false,
-        )
+        Self::open_inner_with(&path, opts, &mut seen, 0, Some(storage), secrets, false)
     }
 
     fn open_inner(

@@ -24,9 +24,18 @@ fn fuzz_findings_and_fixtures_never_panic() {
             &[Format::Vmdk]
         } else if name.starts_with("fuzz_vdi") {
             &[Format::Vdi]
-        } else if name.ends_with(".qcow2") || name.ends_with(".vmdk") || name.ends_with(".vdi") {
+        } else if [".qcow2", ".vmdk", ".vdi", ".luks"]
+            .iter()
+            .any(|e| name.ends_with(e))
+        {
             // Every fixture as every format: each driver must refuse foreign data cleanly.
-            &[Format::Qcow2, Format::Vmdk, Format::Vdi, Format::Raw]
+            &[
+                Format::Qcow2,
+                Format::Vmdk,
+                Format::Vdi,
+                Format::Luks,
+                Format::Raw,
+            ]
         } else {
             continue;
         };
@@ -36,4 +45,26 @@ fn fuzz_findings_and_fixtures_never_panic() {
         }
     }
     assert!(ran >= 10, "only {ran} inputs exercised");
+}
+
+/// The encrypted fixtures open with the fuzzers' passphrase, read-only and writable, so that a
+/// fuzzer seeded with them reaches their encrypted data; a wrong passphrase stops at the key
+/// slots.
+#[test]
+fn encrypted_fixtures_unlock_with_the_fuzzing_passphrase() {
+    for (name, format) in [
+        ("disk.luks", Format::Luks),
+        ("luks.qcow2", Format::Qcow2),
+        ("aes.qcow2", Format::Qcow2),
+    ] {
+        let data = std::fs::read(fixtures().join(name)).unwrap();
+        let opened = imgblock::fuzzing::exercise_counted(format, &data);
+        assert!(opened.read_only && opened.writable, "{name}: {opened:?}");
+    }
+    let data = std::fs::read(fixtures().join("disk.luks")).unwrap();
+    let mut other = data.clone();
+    // The master-key digest (header bytes 112..132): no passphrase matches it any more.
+    other[120] ^= 1;
+    let opened = imgblock::fuzzing::exercise_counted(Format::Luks, &other);
+    assert!(!opened.read_only && !opened.writable, "{opened:?}");
 }
