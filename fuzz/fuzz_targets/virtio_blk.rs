@@ -17,7 +17,10 @@ struct MemDisk(Mutex<Vec<u8>>);
 impl MemDisk {
     fn range(&self, off: u64, len: u64) -> std::ops::Range<usize> {
         let end = off.checked_add(len).expect("request offset overflows");
-        assert!(end <= DISK as u64, "device accessed the disk out of range: {off}+{len}");
+        assert!(
+            end <= DISK as u64,
+            "device accessed the disk out of range: {off}+{len}"
+        );
         usize::try_from(off).unwrap()..usize::try_from(end).unwrap()
     }
 }
@@ -51,10 +54,12 @@ impl Backend for MemDisk {
 }
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    // Layout of the input: a flags byte (descriptor count - 1, read-only, detect-zeroes=unmap),
-    // up to 8 descriptors of 13 bytes (address, length,
+    // Layout of the input: a flags byte (descriptor count - 1, read-only, detect-zeroes=unmap,
+    // guest memory in two regions), up to 8 descriptors of 13 bytes (address, length,
     // device-writable), then guest memory contents.
-    let Some((&flags, rest)) = data.split_first() else { return };
+    let Some((&flags, rest)) = data.split_first() else {
+        return;
+    };
     let n = usize::from(flags & 7) + 1;
     let (table, fill) = rest.split_at(rest.len().min(n * 13));
     let descs: Vec<(u64, u32, bool)> = table
@@ -63,16 +68,31 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             let addr = u64::from_le_bytes(d[..8].try_into().unwrap());
             let len = u32::from_le_bytes(d[8..12].try_into().unwrap());
             // Mostly keep addresses inside guest memory so that requests get parsed deeply.
-            let addr = if d[12] & 2 == 0 { addr % MEM as u64 } else { addr };
+            let addr = if d[12] & 2 == 0 {
+                addr % MEM as u64
+            } else {
+                addr
+            };
             (addr, len, d[12] & 1 != 0)
         })
         .collect();
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    // Two adjacent regions: a buffer across their boundary takes the bounce-buffer paths.
+    let mem = if flags & 32 != 0 {
+        let half = MEM / 2;
+        GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), half),
+            (GuestAddress(half as u64), half),
+        ])
+    } else {
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)])
+    }
+    .unwrap();
     if !fill.is_empty() {
         let mut off = 0;
         while off < MEM {
             let n = fill.len().min(MEM - off);
-            mem.write_slice(&fill[..n], GuestAddress(off as u64)).unwrap();
+            mem.write_slice(&fill[..n], GuestAddress(off as u64))
+                .unwrap();
             off += n;
         }
     }
@@ -92,8 +112,14 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     };
     let writable: u64 = descs.iter().filter(|d| d.2).map(|d| u64::from(d.1)).sum();
     let used = handle_chain(&mem, descs, &disk, &cfg, &mut Vec::new());
-    assert!(u64::from(used) <= writable, "used length {used} exceeds the writable buffers");
+    assert!(
+        u64::from(used) <= writable,
+        "used length {used} exceeds the writable buffers"
+    );
     if cfg.readonly {
-        assert!(disk.0.lock().unwrap().iter().all(|&b| b == 0x5a), "a read-only disk was written");
+        assert!(
+            disk.0.lock().unwrap().iter().all(|&b| b == 0x5a),
+            "a read-only disk was written"
+        );
     }
 });
