@@ -162,6 +162,43 @@ fn snapshot_listing_matches_qemu() {
     assert_eq!(i.stdout, q.stdout);
 }
 
+/// A snapshot of a disk that has since grown, or shrunk, reads at the disk's current size (qemu
+/// swaps in the snapshot's L1 table and keeps the size): `convert -l` and `measure -l` give what
+/// qemu-img gives.
+#[test]
+fn snapshot_of_a_resized_disk_converts_and_measures_like_qemu() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "r.qcow2", "1M"])
+        .ok();
+    env.qemu_io("qcow2", "r.qcow2", &["write -P 0x11 0 64k"]);
+    env.qemu_img(&["snapshot", "-c", "small", "r.qcow2"]).ok();
+    env.qemu_img(&["resize", "-q", "r.qcow2", "3M"]).ok();
+    env.qemu_io("qcow2", "r.qcow2", &["write -P 0x22 2M 64k"]);
+    env.qemu_img(&["snapshot", "-c", "big", "r.qcow2"]).ok();
+    env.qemu_img(&["resize", "-q", "--shrink", "r.qcow2", "2M"])
+        .ok();
+    for snap in ["small", "big"] {
+        let l = format!("snapshot.name={snap}");
+        env.qemu_img(&["convert", "-l", &l, "-O", "raw", "r.qcow2", "q.raw"])
+            .ok();
+        env.img(&["convert", "-l", &l, "-O", "raw", "r.qcow2", "i.raw"])
+            .ok();
+        assert_eq!(env.len("q.raw"), 2 * MIB, "{snap}");
+        env.assert_same_bytes("i.raw", "q.raw");
+        for out in ["--output=human", "--output=json"] {
+            for fmt in ["raw", "qcow2"] {
+                let q = env
+                    .qemu_img(&["measure", out, "-O", fmt, "-l", snap, "r.qcow2"])
+                    .ok();
+                let i = env
+                    .img(&["measure", out, "-O", fmt, "-l", snap, "r.qcow2"])
+                    .ok();
+                assert_eq!(i.stdout, q.stdout, "{snap} {out} {fmt}:{q}{i}");
+            }
+        }
+    }
+}
+
 /// Errors and exit codes: unknown names, two actions, formats without snapshots.
 #[test]
 fn snapshot_errors_match_qemu() {

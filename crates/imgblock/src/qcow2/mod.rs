@@ -842,14 +842,11 @@ impl Driver for Qcow2 {
                 offset: sn.l1_offset,
             }));
         }
-        let size = sn.disk_size.unwrap_or(self.size);
+        // qemu swaps in the snapshot's L1 table and keeps the disk's current size
+        // (qcow2_snapshot_load_tmp): a disk grown since the snapshot reads as unallocated past
+        // the snapshot's L1 table, and `convert -l` writes the current size.
+        let size = self.size;
         let needed = size.div_ceil(self.geo.l2_entries * self.geo.cluster_size);
-        if u64::from(sn.l1_size) < needed {
-            return Err(self.err(Error::L1TooSmall {
-                l1_size: sn.l1_size,
-                size,
-            }));
-        }
         // The view only reads: the entries that cover its disk are enough (as `held_entries`).
         let l1 = read_table(self.file(), sn.l1_offset, u64::from(sn.l1_size).min(needed))
             .ctx(self.file().path())?;
@@ -867,7 +864,7 @@ impl Driver for Qcow2 {
             compressed_cursor: 0,
             // The image's bitmaps belong to the image, not to a snapshot: qemu's view of a
             // snapshot (`convert -l`) still has them, over the same disk size.
-            bitmaps: bitmaps.filter(|_| size == self.size),
+            bitmaps,
             meta: None,
             corrupt: false,
             discards: None,
