@@ -2346,3 +2346,49 @@ fn unknown_options_and_extra_arguments_are_refused_in_qemu_words() {
         );
     }
 }
+
+/// Images in formats qemu reads and img does not (vpc, vhdx, qed, parallels, legacy qcow, and
+/// `.dmg` by name) are refused by name, never read as raw disks; `-f raw` still reads the bytes.
+/// Writing those formats is refused before anything is made.
+#[test]
+fn formats_img_does_not_read_are_refused_by_name() {
+    let env = Env::with_qemu();
+    for (fmt, file) in [
+        ("vpc", "d.vhd"),
+        ("vhdx", "d.vhdx"),
+        ("qed", "d.qed"),
+        ("parallels", "d.hds"),
+        ("qcow", "d.qcow"),
+    ] {
+        env.qemu_img(&["create", "-q", "-f", fmt, file, "1M"]).ok();
+        for args in [
+            &["info", file][..],
+            &["info", "--output=json", file],
+            &["map", file],
+            &["compare", file, file],
+            &["convert", "-O", "raw", file, "out.raw"],
+            &["info", "-f", fmt, file],
+        ] {
+            let out = env.img(args).no_panic();
+            assert!(matches!(out.code, Some(1 | 2)), "{fmt} {args:?}: {out}");
+            assert!(
+                out.stderr
+                    .contains(&format!("image format '{fmt}' is not supported")),
+                "{fmt} {args:?}: {out}"
+            );
+        }
+        let raw = env.img(&["info", "--output=json", "-f", "raw", file]).ok();
+        assert_eq!(raw.json()["format"], "raw", "{raw}");
+        let out = env.img(&["create", "-f", fmt, "new.img", "1M"]).no_panic();
+        assert_eq!(out.code, Some(1), "{out}");
+        assert!(out.stderr.contains("is not supported"), "{out}");
+        assert!(!env.path("new.img").exists());
+    }
+    env.qemu_img(&["create", "-q", "-f", "raw", "mac.dmg", "1M"])
+        .ok();
+    let out = env.img(&["info", "mac.dmg"]).no_panic();
+    assert!(
+        out.stderr.contains("image format 'dmg' is not supported"),
+        "{out}"
+    );
+}

@@ -570,3 +570,33 @@ fn sesparse_snapshot_info_map_check_convert_compare_match_qemu() {
     sesparse::poke(&b.extent, b.gte(10), sesparse::allocated(1 << 30));
     same_output(&env, &["check", "snap.vmdk"]);
 }
+
+/// A descriptor file probes as qemu probes it: comment lines and blank lines of spaces before
+/// `version=`, not only VMware's `# Disk DescriptorFile` first line.
+#[test]
+fn descriptors_with_other_leading_comments_probe_as_vmdk() {
+    let env = Env::with_qemu();
+    env.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=monolithicFlat",
+        "f.vmdk",
+        "4M",
+    ])
+    .ok();
+    env.write_at("f-flat.vmdk", 1000, &noise(3, 70_000));
+    let desc = String::from_utf8(env.read("f.vmdk")).unwrap();
+    let body = desc.strip_prefix("# Disk DescriptorFile\n").unwrap();
+    for (name, head) in [
+        ("other.vmdk", "# Written by a converter\n"),
+        ("none.vmdk", ""),
+        ("spaces.vmdk", "# one\n   \n#two\n"),
+    ] {
+        env.write(name, format!("{head}{body}").as_bytes());
+        same_output(&env, &["info", "--output=json", name]);
+        same_output(&env, &["compare", name, "f.vmdk"]);
+    }
+}

@@ -10,7 +10,7 @@ use crate::cache::{is_direct, parse_cache};
 use crate::console;
 use crate::createopts::{help_text, wants_help};
 use crate::failure::{CliResult, Failure};
-use crate::open::{open_image, open_source, parse_format, OpenRequest};
+use crate::open::{open_image, open_source, parse_format, parse_output_format, OpenRequest};
 use crate::pipeline::{Action, Mode, Sparse};
 use crate::progress::{Progress, ProgressArgs};
 use crate::ratelimit::RateLimit;
@@ -214,8 +214,7 @@ fn parse_parallel(s: Option<&str>) -> CliResult<usize> {
 /// Bad options, unreadable sources, or a target that cannot be created or written.
 pub fn run(args: &ConvertArgs) -> CliResult<i32> {
     let rate = RateLimit::parse(args.rate.as_deref())?;
-    let out_format =
-        parse_format(Some(args.output_format.as_deref().unwrap_or("raw")))?.unwrap_or(Format::Raw);
+    let out_format = parse_output_format(args.output_format.as_deref().unwrap_or("raw"))?;
     let mut opts = CreateOptions::default();
     for o in &args.options {
         crate::createopts::add_option_list(&mut opts, o)?;

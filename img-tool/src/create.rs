@@ -9,7 +9,7 @@ use imgblock::{CreateOptions, Format, OpenOptions};
 use crate::console;
 use crate::createopts::{formatting_line, help_text, library_options, wants_help};
 use crate::failure::{open_failure, strerror, CliResult, Failure};
-use crate::open::parse_format;
+use crate::open::parse_output_format;
 use crate::secrets::SecretArgs;
 use crate::units::cvtnum;
 use imgblock::crypto::Secrets;
@@ -53,9 +53,8 @@ pub struct CreateArgs {
 /// # Errors
 /// Bad options, an unreadable backing file, or a failed create.
 pub fn run(args: &CreateArgs) -> CliResult<i32> {
-    let format = parse_format(Some(args.format.as_deref().unwrap_or("raw")))
-        .map_err(|f| in_file_opt(&args.filename, f))?
-        .unwrap_or(Format::Raw);
+    let format = parse_output_format(args.format.as_deref().unwrap_or("raw"))
+        .map_err(|f| in_file_opt(&args.filename, f))?;
     let mut opts = CreateOptions::default();
     for o in &args.options {
         crate::createopts::check_option_list(o)?;

@@ -9,7 +9,7 @@ use crate::console;
 use crate::convert::parse_snapshot;
 use crate::createopts::library_options;
 use crate::failure::{CliResult, Failure};
-use crate::open::{open_source, parse_format, OpenRequest};
+use crate::open::{open_source, parse_format, parse_output_format, OpenRequest};
 use crate::output::OutputFormat;
 use crate::qjson;
 use crate::secrets::SecretArgs;
@@ -119,8 +119,7 @@ pub fn run(args: &MeasureArgs) -> CliResult<i32> {
         }
         None => None,
     };
-    let out_format =
-        parse_format(Some(args.output_format.as_deref().unwrap_or("raw")))?.unwrap_or(Format::Raw);
+    let out_format = parse_output_format(args.output_format.as_deref().unwrap_or("raw"))?;
     let mut opts = CreateOptions::default();
     for o in &args.options {
         crate::createopts::add_option_list(&mut opts, o)?;

@@ -19,6 +19,20 @@ pub fn parse_format(name: Option<&str>) -> CliResult<Option<Format>> {
     .transpose()
 }
 
+/// Parses a `-f`/`-O` name of a format to write (create, convert, measure): one qemu knows but
+/// img does not write (vpc, qed, ...) is refused before anything is made.
+///
+/// # Errors
+/// As [`parse_format`]; `Image format 'X' is not supported` for the others.
+pub fn parse_output_format(name: &str) -> CliResult<Format> {
+    match parse_format(Some(name))? {
+        Some(Format::Foreign(f)) => Err(Failure::new(format!(
+            "Image format '{f}' is not supported: img writes raw, qcow2, vmdk, vdi and luks"
+        ))),
+        f => Ok(f.unwrap_or(Format::Raw)),
+    }
+}
+
 /// What the user asked for when opening one image.
 #[derive(Debug, Clone, Default)]
 pub struct OpenRequest<'a> {
@@ -121,6 +135,15 @@ mod tests {
         );
         assert_eq!(parse_format(Some("qcow2")).unwrap(), Some(Format::Qcow2));
         assert_eq!(parse_format(None).unwrap(), None);
+        assert_eq!(
+            parse_format(Some("vpc")).unwrap(),
+            Some(Format::Foreign("vpc"))
+        );
+        assert!(parse_output_format("vpc")
+            .unwrap_err()
+            .message
+            .starts_with("Image format 'vpc' is not supported"));
+        assert_eq!(parse_output_format("vdi").unwrap(), Format::Vdi);
     }
 
     #[test]

@@ -63,9 +63,23 @@ pub enum Format {
     Vdi,
     /// A LUKS volume (recognised by probing).
     Luks,
-    /// Legacy qcow v1 (recognised by probing).
-    Qcow,
+    /// A format qemu knows and this block layer does not read: legacy qcow v1, vpc, vhdx, qed,
+    /// parallels, bochs, cloop, dmg. Probing recognises them so that such an image is refused
+    /// by name rather than read as raw.
+    Foreign(&'static str),
 }
+
+/// qemu's names of the formats that are [`Format::Foreign`] here.
+pub const FOREIGN_FORMATS: &[&str] = &[
+    "qcow",
+    "vpc",
+    "vhdx",
+    "qed",
+    "parallels",
+    "bochs",
+    "cloop",
+    "dmg",
+];
 
 impl Format {
     /// qemu's name for the format.
@@ -76,7 +90,7 @@ impl Format {
             Format::Vmdk => "vmdk",
             Format::Vdi => "vdi",
             Format::Luks => "luks",
-            Format::Qcow => "qcow",
+            Format::Foreign(name) => name,
         }
     }
 
@@ -90,8 +104,7 @@ impl Format {
             Format::Vmdk => vmdk::WRITES_COMPRESSED,
             Format::Vdi => vdi::WRITES_COMPRESSED,
             Format::Luks => luks::WRITES_COMPRESSED,
-            // Read through its own driver only; img never writes legacy qcow.
-            Format::Qcow => false,
+            Format::Foreign(_) => false,
         }
     }
 }
@@ -111,8 +124,10 @@ impl FromStr for Format {
             "vmdk" => Format::Vmdk,
             "vdi" => Format::Vdi,
             "luks" => Format::Luks,
-            "qcow" => Format::Qcow,
-            _ => return Err(Error::UnknownFormat(s.to_owned())),
+            other => match FOREIGN_FORMATS.iter().find(|&&f| f == other) {
+                Some(f) => Format::Foreign(f),
+                None => return Err(Error::UnknownFormat(s.to_owned())),
+            },
         })
     }
 }
