@@ -270,36 +270,47 @@ fn img_convert_with_backing_hides_it_where_the_source_reads_zeroes() {
             src,
             &["write -P 0xab 1M 512k", "write -P 0xcd 3584k 256k"],
         );
-        let ours = format!("img-{fmt}-{src}.qcow2");
-        let theirs = format!("qemu-{fmt}-{src}.qcow2");
-        for (tool, out) in [("img", &ours), ("qemu", &theirs)] {
-            let args = [
-                "convert",
-                "-f",
-                fmt,
-                "-O",
-                "qcow2",
-                "-B",
-                "back.qcow2",
-                "-F",
-                "qcow2",
-                src,
-                out,
-            ];
-            if tool == "img" {
-                env.img(&args).ok();
-            } else {
-                env.qemu_img(&args).ok();
+        // Compressed too: only what the source's top layer holds is written.
+        for c in ["", "-c"] {
+            let ours = format!("img{c}-{fmt}-{src}.qcow2");
+            let theirs = format!("qemu{c}-{fmt}-{src}.qcow2");
+            for (tool, out) in [("img", &ours), ("qemu", &theirs)] {
+                let mut args = vec![
+                    "convert",
+                    "-f",
+                    fmt,
+                    "-O",
+                    "qcow2",
+                    "-B",
+                    "back.qcow2",
+                    "-F",
+                    "qcow2",
+                    src,
+                    out,
+                ];
+                if !c.is_empty() {
+                    args.insert(1, c);
+                }
+                if tool == "img" {
+                    env.img(&args).ok();
+                } else {
+                    env.qemu_img(&args).ok();
+                }
             }
+            env.qemu_img(&["check", &ours]).ok();
+            env.qemu_img(&["compare", &ours, &theirs]).ok();
+            if src != "over.qcow2" {
+                env.qemu_img(&["compare", "-f", fmt, "-F", "qcow2", src, &ours])
+                    .ok();
+            }
+            let map = |f: &str| env.qemu_img(&["map", "--output=json", f]).ok().stdout;
+            assert_eq!(map(&ours), map(&theirs), "{src} {c}");
+            let allocated = |f: &str| {
+                env.qemu_img(&["check", "--output=json", f]).ok().json()["allocated-clusters"]
+                    .clone()
+            };
+            assert_eq!(allocated(&ours), allocated(&theirs), "{src} {c}");
         }
-        env.qemu_img(&["check", &ours]).ok();
-        env.qemu_img(&["compare", &ours, &theirs]).ok();
-        if src != "over.qcow2" {
-            env.qemu_img(&["compare", "-f", fmt, "-F", "qcow2", src, &ours])
-                .ok();
-        }
-        let map = |f: &str| env.qemu_img(&["map", "--output=json", f]).ok().stdout;
-        assert_eq!(map(&ours), map(&theirs), "{src}");
     }
 }
 
@@ -339,7 +350,6 @@ fn img_convert_copy_offloading_matches_qemu() {
     env.qemu_img(&["check", "t.qcow2"]).ok();
     env.qemu_img(&["compare", "-F", "raw", "t.qcow2", "src.raw"])
         .ok();
-
     for bad in [&["-c"][..], &["-S", "4k"][..]] {
         let mut args = vec!["convert", "-C"];
         args.extend_from_slice(bad);

@@ -358,6 +358,8 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         Mode::Compressed {
             cluster: usize::try_from(cluster)
                 .map_err(|_| Failure::new("Cluster size too large"))?,
+            // Over a backing file, what the source's top layer leaves to it is not copied.
+            planned: target_has_backing,
         }
     } else {
         // A raw target's layout does not depend on the order of writes; other formats allocate

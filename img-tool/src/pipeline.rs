@@ -67,8 +67,10 @@ pub enum Mode {
     /// Plain data; `in_order` when the target's layout depends on the order of writes;
     /// `offload` to let the kernel copy data between files where it can (`-C`).
     Plain { in_order: bool, offload: bool },
-    /// Each cluster compressed (`-c`, streamOptimized), always written in guest order.
-    Compressed { cluster: usize },
+    /// Each cluster compressed (`-c`, streamOptimized), always written in guest order. When
+    /// `planned`, each cluster is planned (copied, zeroed or left to the target's backing file)
+    /// as plain copies are; otherwise every cluster is read and holes written as zeroes.
+    Compressed { cluster: usize, planned: bool },
 }
 
 /// How the copy runs: its worker threads (`-m`), its cap on bytes written (`-r`), and what it
@@ -205,7 +207,7 @@ pub fn copy(
     let workers = settings.workers.max(1);
     let (buf_len, step) = match mode {
         Mode::Plain { .. } => (CHUNK, CHUNK),
-        Mode::Compressed { cluster } => {
+        Mode::Compressed { cluster, .. } => {
             let cs = cluster as u64;
             let batch = COMPRESS_BATCH.max(cs) / cs * cs;
             (batch, batch)
@@ -285,11 +287,14 @@ fn plan_jobs(
         index += 1;
         !sh.stopped() && jobs.send(job).is_ok()
     };
-    if let Mode::Compressed { .. } = sh.mode {
+    if let Mode::Compressed { cluster, planned } = sh.mode {
         let total = sh
             .target
             .size()
             .min(sh.sources.iter().map(Image::size).sum());
+        if planned {
+            return plan_clusters(sh, cluster as u64, step, total, &mut send, plan);
+        }
         let mut offset = 0;
         while offset < total {
             let len = step.min(total - offset);
@@ -314,6 +319,80 @@ fn plan_jobs(
             offset += n;
         }
         base += size;
+    }
+    Ok(())
+}
+
+/// Compressed jobs, cluster by cluster as `plan` says: a cluster left wholly to the target's
+/// backing file is skipped, one that wholly reads as zeroes is zeroed, any other is copied (a
+/// compressed cluster is written whole). Runs of clusters alike make one job of at most `step`.
+fn plan_clusters(
+    sh: &Shared<'_>,
+    cs: u64,
+    step: u64,
+    total: u64,
+    send: &mut dyn FnMut(u64, u64, Action) -> bool,
+    plan: &Planner<'_>,
+) -> CliResult<()> {
+    // The planner's last answer: its action and the target range it covers.
+    let mut known: Option<(Action, u64, u64)> = None;
+    let mut query = |at: u64| -> CliResult<(Action, u64)> {
+        if let Some((a, start, end)) = known {
+            if (start..end).contains(&at) {
+                return Ok((a, end));
+            }
+        }
+        let mut base = 0;
+        for src in sh.sources {
+            let size = src.size();
+            if at < base + size {
+                let (a, n) = plan(src, at - base, base + size - at, at)?;
+                let end = at + n.clamp(1, base + size - at);
+                known = Some((a, at, end));
+                return Ok((a, end));
+            }
+            base += size;
+        }
+        Ok((Action::Zero, total))
+    };
+    let mut run: Option<(Action, u64, u64)> = None;
+    let mut offset = 0;
+    while offset < total {
+        let end = (offset + cs).min(total);
+        let (mut skip, mut zero, mut copy) = (false, false, false);
+        let mut at = offset;
+        while at < end {
+            let (a, until) = query(at)?;
+            match a {
+                Action::Skip => skip = true,
+                Action::Zero => zero = true,
+                Action::Copy => copy = true,
+            }
+            at = until.min(end);
+        }
+        let class = if copy || (skip && zero) {
+            Action::Copy
+        } else if skip {
+            Action::Skip
+        } else {
+            Action::Zero
+        };
+        run = match run {
+            Some((a, start, len)) if a == class && len + (end - offset) <= step => {
+                Some((a, start, len + end - offset))
+            }
+            Some((a, start, len)) => {
+                if !send(start, len, a) {
+                    return Ok(());
+                }
+                Some((class, offset, end - offset))
+            }
+            None => Some((class, offset, end - offset)),
+        };
+        offset = end;
+    }
+    if let Some((a, start, len)) = run {
+        send(start, len, a);
     }
     Ok(())
 }
@@ -401,7 +480,7 @@ fn worker(sh: &Shared<'_>, jobs: &Mutex<Receiver<Job>>, done: Option<&SyncSender
         }
         d.result = match sh.mode {
             Mode::Plain { .. } => prepare_plain(sh, &mut d, &mut buf),
-            Mode::Compressed { cluster } => prepare_compressed(sh, &mut d, &mut buf, cluster),
+            Mode::Compressed { cluster, .. } => prepare_compressed(sh, &mut d, &mut buf, cluster),
         };
         d.buf = Some(buf);
         match done {
@@ -457,6 +536,9 @@ fn prepare_plain(sh: &Shared<'_>, d: &mut Done, buf: &mut Buf) -> CliResult<()> 
 
 /// Reads a batch of whole clusters (holes are not read) and compresses each non-zero one.
 fn prepare_compressed(sh: &Shared<'_>, d: &mut Done, buf: &mut Buf, cs: usize) -> CliResult<()> {
+    if d.job.action != Action::Copy {
+        return Ok(());
+    }
     let data = buf.get(usize::try_from(d.job.len).unwrap_or(0));
     if !sh.read(d.job.offset, data)? {
         d.job.action = Action::Zero;
@@ -524,7 +606,7 @@ fn write_done(
         }
         (Action::Copy, Some(buf)) => {
             let data = buf.get(usize::try_from(job.len).unwrap_or(0));
-            if let Mode::Compressed { cluster } = sh.mode {
+            if let Mode::Compressed { cluster, .. } = sh.mode {
                 // Runs of compressed clusters go to the format together, in order; so do runs
                 // of clusters that did not shrink (stored as plain data, in one write).
                 let mut packed_run: Vec<(u64, &[u8])> = Vec::new();
