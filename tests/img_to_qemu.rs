@@ -350,6 +350,23 @@ fn img_convert_copy_offloading_matches_qemu() {
     env.qemu_img(&["check", "t.qcow2"]).ok();
     env.qemu_img(&["compare", "-F", "raw", "t.qcow2", "src.raw"])
         .ok();
+    // The source's holes stay unallocated in a qcow2 target: at most qemu-img's clusters.
+    env.qemu_img(&[
+        "convert", "-C", "-f", "raw", "-O", "qcow2", "src.raw", "q.qcow2",
+    ])
+    .ok();
+    let allocated = |f: &str| {
+        env.qemu_img(&["check", "--output=json", f]).ok().json()["allocated-clusters"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(
+        allocated("t.qcow2") <= allocated("q.qcow2"),
+        "{} > {}",
+        allocated("t.qcow2"),
+        allocated("q.qcow2")
+    );
+
     for bad in [&["-c"][..], &["-S", "4k"][..]] {
         let mut args = vec!["convert", "-C"];
         args.extend_from_slice(bad);

@@ -255,12 +255,9 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
         Some((dst, srcs)) if !srcs.is_empty() => (dst, srcs),
         _ => return Err(Failure::new("Must specify image file name")),
     };
-    // Copy offloading copies data as it is: no zero detection, as in qemu-img.
-    let sparse = if args.copy_range {
-        0
-    } else {
-        parse_sparse(args.sparse.as_deref())?
-    };
+    // Copy offloading hands data ranges to the kernel as they are (no zero detection, as in
+    // qemu-img); ranges the source maps as zeroes or holes are still skipped, not copied.
+    let sparse = parse_sparse(args.sparse.as_deref())?;
     let workers = parse_parallel(args.parallel.as_deref())?;
     parse_cache(args.cache.as_deref(), "cache")?;
     parse_cache(args.src_cache.as_deref(), "source cache")?;
