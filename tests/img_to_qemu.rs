@@ -565,3 +565,49 @@ fn img_convert_with_backing_makes_zero_clusters_of_partial_zero_runs_like_qemu()
         assert_eq!(env.len("i.qcow2"), env.len("q.qcow2"), "{o}");
     }
 }
+
+/// `convert -n -B BACKING` into an existing image needs no `-F` (qemu asks for the backing
+/// format only of an image it creates): only what the source's top layer holds is written.
+#[test]
+fn img_convert_n_with_backing_needs_no_format_like_qemu() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"])
+        .ok();
+    env.qemu_io("qcow2", "base.qcow2", &["write -P 1 0 2M"]);
+    env.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+    ])
+    .ok();
+    env.qemu_io("qcow2", "top.qcow2", &["write -P 2 0 256k"]);
+    for t in ["i", "q"] {
+        let out = format!("{t}.qcow2");
+        env.qemu_img(&["create", "-q", "-f", "qcow2", &out, "4M"])
+            .ok();
+        let args = [
+            "convert",
+            "-n",
+            "-B",
+            "base.qcow2",
+            "-O",
+            "qcow2",
+            "top.qcow2",
+            &out,
+        ];
+        if t == "i" {
+            env.img(&args).ok();
+        } else {
+            env.qemu_img(&args).ok();
+        }
+    }
+    env.qemu_img(&["compare", "i.qcow2", "q.qcow2"]).ok();
+    let map = |f: &str| env.qemu_img(&["map", "--output=json", f]).ok().stdout;
+    assert_eq!(map("i.qcow2"), map("q.qcow2"));
+}

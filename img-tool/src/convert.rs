@@ -282,7 +282,9 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
             "Cannot use --target-is-zero when the destination image has a backing file",
         ));
     }
-    if target_has_backing && opts.backing_fmt.is_none() {
+    // qemu asks for the backing format only of an image it creates (-n leaves the target's
+    // header as it is).
+    if target_has_backing && opts.backing_fmt.is_none() && !args.no_create {
         return Err(Failure::new(
             "Use of backing file requires explicit backing format",
         ));
