@@ -600,3 +600,29 @@ fn descriptors_with_other_leading_comments_probe_as_vmdk() {
         same_output(&env, &["compare", name, "f.vmdk"]);
     }
 }
+
+/// VDI sizes that are not whole sectors: `create` stores the size rounded up to a sector, as
+/// qemu-img does, and a header holding an unrounded size (`VBoxManage convertfromraw` writes
+/// them) reads as that size rounded up, as in qemu.
+#[test]
+fn vdi_sizes_round_up_to_a_sector_like_qemu() {
+    let env = Env::with_qemu();
+    let disk_size = |f: &str| u64::from_le_bytes(env.read(f)[0x170..0x178].try_into().unwrap());
+    env.img(&["create", "-q", "-f", "vdi", "i.vdi", "1000"])
+        .ok();
+    env.qemu_img(&["create", "-q", "-f", "vdi", "q.vdi", "1000"])
+        .ok();
+    assert_eq!(disk_size("i.vdi"), disk_size("q.vdi"));
+    assert_eq!(disk_size("i.vdi"), 1024);
+    env.qemu_img(&["create", "-q", "-f", "vdi", "odd.vdi", "16M"])
+        .ok();
+    env.qemu_io("vdi", "odd.vdi", &["write -P 0x5c 15727616 1536"]);
+    env.write_at("odd.vdi", 0x170, &0xF0_0001_u64.to_le_bytes());
+    same_output(&env, &["info", "--output=json", "odd.vdi"]);
+    same_output(&env, &["info", "odd.vdi"]);
+    env.img(&["convert", "-O", "raw", "odd.vdi", "i.raw"]).ok();
+    env.qemu_img(&["convert", "-O", "raw", "odd.vdi", "q.raw"])
+        .ok();
+    env.assert_same_bytes("i.raw", "q.raw");
+    assert_eq!(env.len("i.raw"), 0xF0_0200);
+}

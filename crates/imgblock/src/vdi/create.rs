@@ -73,18 +73,18 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     let size = opts
         .size
         .ok_or_else(|| Error::InvalidOption("Image creation needs a size parameter".into()))?;
+    // qemu stores the size rounded up to a whole sector (VirtualBox expects one).
+    let size = size.div_ceil(512).saturating_mul(512);
     let bs = u64::from(BLOCK_SIZE);
     let blocks = size.div_ceil(bs);
     let blocks = u32::try_from(blocks)
         .ok()
         .filter(|&b| b <= MAX_BLOCKS)
         .ok_or_else(|| {
-            // qemu names the size rounded up to a sector.
-            let rounded = size.div_ceil(512).saturating_mul(512);
             invalid(
                 path,
                 VdiError::InvalidOption(format!(
-                    "Unsupported VDI image size (size is 0x{rounded:x}, max supported is 0x{:x})",
+                    "Unsupported VDI image size (size is 0x{size:x}, max supported is 0x{:x})",
                     u64::from(MAX_BLOCKS) * bs
                 )),
             )

@@ -128,7 +128,9 @@ impl Vdi {
             storage,
             kind,
             writable,
-            size: h.disk_size,
+            // `VBoxManage convertfromraw` writes sizes that are not whole sectors; qemu rounds
+            // them up, and so do we.
+            size: h.disk_size.div_ceil(512) * 512,
             parent,
             state: Mutex::new(State {
                 h,
