@@ -679,8 +679,22 @@ fn measure_matches_qemu() {
     env.qemu_img(&["create", "-q", "-f", "vmdk", "v.vmdk", "3M"])
         .ok();
     env.qemu_io("vmdk", "v.vmdk", &["write -P 9 1M 100k"]);
+    // A version 2 source cannot hold bitmaps: qemu leaves the bitmaps field out.
+    env.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "v2.qcow2",
+        "4M",
+    ])
+    .ok();
+    env.qemu_io("qcow2", "v2.qcow2", &["write -P 7 0 1M"]);
     let mut cases: Vec<Vec<&str>> = Vec::new();
     for out in ["--output=human", "--output=json"] {
+        cases.push(vec!["measure", out, "-O", "qcow2", "v2.qcow2"]);
         cases.push(vec!["measure", out, "--size", "1G", "-O", "qcow2"]);
         cases.push(vec!["measure", out, "--size", "1G"]);
         cases.push(vec!["measure", out, "-O", "qcow2", "q.qcow2"]);
@@ -699,6 +713,14 @@ fn measure_matches_qemu() {
         cases.push(vec!["measure", out, "-O", "qcow2", "-l", "snap", "q.qcow2"]);
     }
     for o in [
+        // qemu measures these as they are, without the checks create makes.
+        "encryption=on",
+        "encrypt.format=aes",
+        "nocow=on",
+        "extent_size_hint=1M",
+        "compat=0.10,lazy_refcounts=on",
+        "compat=0.10,compression_type=zstd",
+        "compat=0.10,data_file=x",
         "cluster_size=4k,refcount_bits=1",
         "cluster_size=2M",
         "preallocation=full",
@@ -718,6 +740,47 @@ fn measure_matches_qemu() {
         &["measure", "--size", "abc", "-O", "qcow2"],
         &["measure", "--size", "-1", "-O", "qcow2"],
         &["measure", "-O", "qcow2", "--size", "1M", "-o", "foo=bar"],
+        // What qemu's measure refuses: compat spelled as create takes it, values of the wrong
+        // type (in the order given, with the format named), a v2 refcount width.
+        &["measure", "-O", "qcow2", "--size", "1M", "-o", "compat=v3"],
+        &["measure", "-O", "qcow2", "--size", "1M", "-o", "nocow=x"],
+        &[
+            "measure",
+            "-O",
+            "qcow2",
+            "--size",
+            "1M",
+            "-o",
+            "cluster_size=abc,lazy_refcounts=x",
+        ],
+        &[
+            "measure",
+            "-O",
+            "qcow2",
+            "--size",
+            "1M",
+            "-o",
+            "refcount_bits=a",
+        ],
+        &["measure", "-O", "raw", "--size", "1M", "-o", "size=1x"],
+        &[
+            "measure",
+            "-O",
+            "qcow2",
+            "--size",
+            "1M",
+            "-o",
+            "preallocation=foo",
+        ],
+        &[
+            "measure",
+            "-O",
+            "qcow2",
+            "--size",
+            "1M",
+            "-o",
+            "compat=0.10,refcount_bits=8",
+        ],
         &["measure", "-O", "qcow2", "--size", "1M", "--output=xml"],
         &["measure", "-O", "qcow2", "missing.qcow2"],
     ] {

@@ -168,6 +168,37 @@ fn kind_of(name: &str) -> Kind {
         .map_or(Kind::Str, |s| s.kind)
 }
 
+/// Checks a value against its option's type as qemu's option parser does (booleans, sizes,
+/// numbers), giving qemu's message when it does not fit.
+///
+/// # Errors
+/// The message, e.g. `Parameter 'nocow' expects 'on' or 'off'`.
+pub fn check_value(name: &str, value: &str) -> Result<(), String> {
+    let r = match kind_of(name) {
+        Kind::Bool => imgblock::options::parse_bool(name, value).map(|_| ()),
+        Kind::Size => imgblock::options::parse_size_opt(name, value).map(|_| ()),
+        Kind::Num => {
+            let n = match value
+                .strip_prefix("0x")
+                .or_else(|| value.strip_prefix("0X"))
+            {
+                Some(hex) => u64::from_str_radix(hex, 16).is_ok(),
+                None => value.parse::<u64>().is_ok(),
+            };
+            return if n {
+                Ok(())
+            } else {
+                Err(format!("Parameter '{name}' expects a number"))
+            };
+        }
+        Kind::Str => Ok(()),
+    };
+    r.map_err(|e| match e {
+        imgblock::Error::InvalidOption(m) => m,
+        other => other.to_string(),
+    })
+}
+
 /// The library's option list for a format.
 pub fn library_options(format: Format) -> &'static [(&'static str, &'static str)] {
     match format {

@@ -62,23 +62,30 @@ fn parse_size(s: &str) -> CliResult<u64> {
     crate::units::cvtnum("image size", s, MAX_IMAGE_SIZE)
 }
 
-/// Refuses options the target format does not have, with qemu's two lines.
+/// Refuses options the target format does not have, and values that do not fit their option's
+/// type, in the order given, with qemu's two lines.
 fn validate_options(format: Format, opts: &CreateOptions) -> CliResult<()> {
     let known = library_options(format);
-    let bad = opts
+    let given = opts
         .opts
         .iter()
-        .map(|(k, _)| k.as_str())
-        .chain(opts.backing_file.as_ref().map(|_| "backing_file"))
-        .chain(opts.backing_fmt.as_ref().map(|_| "backing_fmt"))
-        .find(|k| !known.iter().any(|(n, _)| n == k) && !PROTOCOL_OPTIONS.contains(k));
-    match bad {
-        Some(k) => Err(Failure::new(format!(
-            "Invalid parameter '{k}'\nimg: Invalid options for file format '{}'",
-            format.name()
-        ))),
-        None => Ok(()),
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .chain(opts.backing_file.as_deref().map(|v| ("backing_file", v)))
+        .chain(opts.backing_fmt.as_deref().map(|v| ("backing_fmt", v)));
+    for (k, v) in given {
+        let why = if !known.iter().any(|(n, _)| *n == k) && !PROTOCOL_OPTIONS.contains(&k) {
+            Some(format!("Invalid parameter '{k}'"))
+        } else {
+            crate::createopts::check_value(k, v).err()
+        };
+        if let Some(why) = why {
+            return Err(Failure::new(format!(
+                "{why}\nimg: Invalid options for file format '{}'",
+                format.name()
+            )));
+        }
     }
+    Ok(())
 }
 
 /// Runs `img measure`.
@@ -122,7 +129,14 @@ pub fn run(args: &MeasureArgs) -> CliResult<i32> {
     let out_format = parse_output_format(args.output_format.as_deref().unwrap_or("raw"))?;
     let mut opts = CreateOptions::default();
     for o in &args.options {
-        crate::createopts::add_option_list(&mut opts, o)?;
+        crate::createopts::check_option_list(o)?;
+        opts.parse_opts(o).map_err(|e| {
+            Failure::new(format!(
+                "{}\nimg: Invalid options for file format '{}'",
+                Failure::from(e).message,
+                out_format.name()
+            ))
+        })?;
     }
     validate_options(out_format, &opts)?;
     args.secret_args.fill(&mut opts)?;

@@ -52,9 +52,10 @@ pub fn measure(format: Format, opts: &CreateOptions, source: Option<&Image>) -> 
                 }
             };
             // qemu counts the persistent bitmaps of the source image itself (not its backing);
-            // only a v3 target can hold them: qemu leaves the field out for v2.
+            // only a v3 target can hold them, and only a source that can (qcow2 v3) has any:
+            // qemu leaves the field out otherwise.
             let bitmaps = source
-                .filter(|s| s.format() == Format::Qcow2)
+                .filter(|s| s.driver().supports_bitmaps())
                 .filter(|_| qcow2::can_hold_bitmaps(opts).unwrap_or(false))
                 .map(|s| match s.driver().specific() {
                     crate::FormatSpecific::Qcow2(q) => {

@@ -198,6 +198,81 @@ fn parse(o: &CreateOptions) -> Result<Opts> {
     Ok(r)
 }
 
+/// The options as qemu's `qcow2_measure` reads them: cluster size, `compat` (only `0.10` and
+/// `1.1`), refcount width, preallocation and a LUKS header; the others are not checked against
+/// each other (qemu measures `compat=0.10,lazy_refcounts=on` as it is) and legacy AES needs no
+/// secret.
+fn parse_measure(o: &CreateOptions) -> Result<Opts> {
+    let get = |k: &str| o.opts.iter().rev().find(|(n, _)| n == k).map(|(_, v)| v);
+    // qemu checks the boolean options' values as it reads the option list.
+    for (k, v) in &o.opts {
+        if ["lazy_refcounts", "data_file_raw", "encryption", "nocow"].contains(&k.as_str()) {
+            parse_bool(k, v)?;
+        }
+    }
+    let mut r = Opts {
+        version: 3,
+        cluster_bits: 16,
+        refcount_order: 4,
+        lazy_refcounts: false,
+        extended_l2: false,
+        prealloc: Preallocation::Off,
+        data_file: None,
+        data_file_raw: false,
+        compression: CompressionType::Zlib,
+        encrypt: None,
+    };
+    if let Some(v) = get("extended_l2") {
+        r.extended_l2 = parse_bool("extended_l2", v)?;
+    }
+    if let Some(v) = get("cluster_size") {
+        let cs = parse_size_opt("cluster_size", v)?;
+        if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
+            return Err(invalid(
+                "Cluster size must be a power of two between 512 and 2048k",
+            ));
+        }
+        r.cluster_bits = cs.trailing_zeros();
+    }
+    if r.extended_l2 && r.cluster_bits < 14 {
+        return Err(invalid(
+            "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+        ));
+    }
+    if let Some(v) = get("compat") {
+        r.version = match v.as_str() {
+            "0.10" => 2,
+            "1.1" => 3,
+            _ => return Err(invalid(format!("Invalid compatibility level: '{v}'"))),
+        };
+    }
+    if let Some(v) = get("refcount_bits") {
+        let b: u64 = v
+            .parse()
+            .map_err(|_| invalid(format!("Invalid refcount_bits '{v}'")))?;
+        if !b.is_power_of_two() || b > 64 {
+            return Err(invalid(
+                "Refcount width must be a power of two and may not exceed 64 bits",
+            ));
+        }
+        if r.version < 3 && b != 16 {
+            return Err(invalid(
+                "Different refcount widths than 16 bits require compatibility level 1.1 or \
+                 above (use compat=1.1 or greater)",
+            ));
+        }
+        r.refcount_order = b.trailing_zeros();
+    }
+    if let Some(v) = get("preallocation") {
+        r.prealloc = Preallocation::parse(v)
+            .map_err(|_| invalid(format!("invalid parameter value: {v}")))?;
+    }
+    if get("encrypt.format").map(String::as_str) == Some("luks") {
+        r.encrypt = super::crypt::parse_create(o)?;
+    }
+    Ok(r)
+}
+
 /// Creates a qcow2 image.
 ///
 /// # Errors
@@ -414,7 +489,7 @@ fn refcount_metadata_clusters(clusters: u64, cluster_size: u64, refcount_order: 
 /// # Errors
 /// When an option is invalid.
 pub fn measure_full(size: u64, o: &CreateOptions) -> Result<(u64, u64)> {
-    let opts = parse(o)?;
+    let opts = parse_measure(o)?;
     let cs = 1u64 << opts.cluster_bits;
     let esize = if opts.extended_l2 { 16 } else { 8 };
     // qemu's check, in its words (it divides the size down, where create rounds it up).
@@ -442,7 +517,7 @@ pub fn measure_full(size: u64, o: &CreateOptions) -> Result<(u64, u64)> {
 /// # Errors
 /// When an option is invalid.
 pub fn can_hold_bitmaps(o: &CreateOptions) -> Result<bool> {
-    Ok(parse(o)?.version >= 3)
+    Ok(parse_measure(o)?.version >= 3)
 }
 
 /// Whether creation options ask for data preallocation (falloc or full).
@@ -451,7 +526,7 @@ pub fn can_hold_bitmaps(o: &CreateOptions) -> Result<bool> {
 /// When an option is invalid.
 pub fn preallocates_data(o: &CreateOptions) -> Result<bool> {
     Ok(matches!(
-        parse(o)?.prealloc,
+        parse_measure(o)?.prealloc,
         Preallocation::Falloc | Preallocation::Full
     ))
 }
