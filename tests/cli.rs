@@ -2392,3 +2392,54 @@ fn formats_img_does_not_read_are_refused_by_name() {
         "{out}"
     );
 }
+
+/// What qemu-img refuses as it reads the command line is refused alike (message and exit
+/// code): every `--object` is defined, used or not; `--image-opts` with `-f`; base64 secrets
+/// with characters outside the alphabet. `amend -f FMT -o help` needs no image.
+#[test]
+fn objects_image_opts_and_amend_help_are_read_as_qemu_reads_them() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-q", "-f", "raw", "r.raw", "1M"])
+        .ok();
+    let img_opts = "driver=raw,file.filename=r.raw";
+    let cases: &[&[&str]] = &[
+        &["info", "--object", "secret,id=x", "r.raw"],
+        &["info", "--object", "foo=bar", "r.raw"],
+        &[
+            "info",
+            "--object",
+            "secret,id=a,data=1",
+            "--object",
+            "secret,id=a,data=2",
+            "r.raw",
+        ],
+        &["compare", "--object", "secret,id=x", "r.raw", "r.raw"],
+        &["check", "--object", "secret,id=x,data=1,file=/x", "r.raw"],
+        &[
+            "info",
+            "--object",
+            "secret,id=s,data=cH c=,format=base64",
+            "--image-opts",
+            img_opts,
+        ],
+        &["info", "--image-opts", "-f", "raw", img_opts],
+        &["map", "--image-opts", "-f", "raw", img_opts],
+        &["compare", "--image-opts", "-f", "raw", img_opts, img_opts],
+        &["amend", "-f", "qcow2", "-o", "help", "missing.qcow2"],
+        &["amend", "-f", "luks", "-o", "help", "missing.luks"],
+        &["amend", "-f", "raw", "-o", "help", "missing.raw"],
+        &["amend", "-f", "vmdk", "-o", "help"],
+        &["amend", "-o", "help", "r.raw"],
+    ];
+    for args in cases {
+        let q = env.qemu_img(args);
+        let i = env.img(args).no_panic();
+        assert_eq!(i.code, q.code, "{args:?}:{q}{i}");
+        assert_eq!(i.stdout, q.stdout, "{args:?}:{q}{i}");
+        assert_eq!(
+            i.stderr.replace("img:", "qemu-img:"),
+            q.stderr,
+            "{args:?}:{q}{i}"
+        );
+    }
+}

@@ -30,12 +30,36 @@ Amend options for 'qcow2':
   size=<size>            - Virtual disk size
 ";
 
+/// luks's amendable options as qemu 10's `-o help` lists them.
+const LUKS_AMEND_HELP: &str = "\
+Amend options for 'luks':
+  iter-time=<num>        - Time to spend in PBKDF in milliseconds
+  keyslot=<num>          - Select a single keyslot to modify explicitly
+  new-secret=<str>       - New secret to set in the matching keyslots. Empty string to erase
+  old-secret=<str>       - Select all keyslots that match this password
+  state=<str>            - Select new state of affected keyslots (active/inactive)
+";
+
+/// Prints a format's amend options (`-o help`), or refuses a format without amend.
+fn amend_help(format: Format) -> CliResult<i32> {
+    match format {
+        Format::Qcow2 => console::print(QCOW2_AMEND_HELP),
+        Format::Luks => console::print(LUKS_AMEND_HELP),
+        other => {
+            return Err(Failure::new(format!(
+                "Format driver '{other}' does not support option amendment"
+            )))
+        }
+    }
+    Ok(0)
+}
+
 /// `img amend [-f FMT] [-t CACHE] -o OPTS [-p] [-q] [--force] FILE`
 #[derive(Debug, Args)]
 pub struct AmendArgs {
     /// `--object secret,...` (for `encrypt.new-secret=ID` and the like) and `--image-opts`.
     #[command(flatten)]
-    secret_args: crate::secrets::SecretArgs,
+    pub(crate) secret_args: crate::secrets::SecretArgs,
     /// Image format (probed when not given).
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
@@ -130,17 +154,18 @@ pub fn run(args: &AmendArgs) -> CliResult<i32> {
     }
     let format = parse_format(args.format.as_deref())?;
     let help = wants_help(&opts.opts);
+    // As qemu-img: with -f, the help needs no image (the file is not even opened).
+    if let (true, Some(f)) = (help, format) {
+        return amend_help(f);
+    }
     let Some(file) = args.filename.as_deref() else {
-        if help && format == Some(Format::Qcow2) {
-            console::print(QCOW2_AMEND_HELP);
-            return Ok(0);
-        }
         return Err(Failure::new("Expecting one image file name"));
     };
     let spec = args.secret_args.resolve(file, format)?;
     let req = OpenRequest {
         format: spec.format,
-        writable: !help,
+        // qemu opens the image for writing even for `-o help`.
+        writable: true,
         secrets: Some(&spec.secrets),
         ..OpenRequest::default()
     };
@@ -154,8 +179,7 @@ pub fn run(args: &AmendArgs) -> CliResult<i32> {
         )));
     }
     if help {
-        console::print(QCOW2_AMEND_HELP);
-        return Ok(0);
+        return amend_help(img.format());
     }
     check_options(&opts)?;
     let is_v2 = matches!(img.driver().specific(), FormatSpecific::Qcow2(q) if q.compat == "0.10");

@@ -122,7 +122,7 @@ pub struct BenchArgs {
     force_share: bool,
     /// `--object secret,...` and `--image-opts` (qemu-img bench has only the latter).
     #[command(flatten)]
-    secret_args: SecretArgs,
+    pub(crate) secret_args: SecretArgs,
     /// The image.
     #[arg(num_args = 0.., value_name = "FILENAME")]
     files: Vec<String>,

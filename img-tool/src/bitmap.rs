@@ -59,7 +59,7 @@ const FLAGS: &[(&str, &str)] = &[
 pub struct BitmapOpts {
     /// `--object secret,...` and `--image-opts`.
     #[command(flatten)]
-    secret_args: SecretArgs,
+    pub(crate) secret_args: SecretArgs,
     /// Image format (probed when not given). qemu-img 10 takes no `--format` here.
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
@@ -90,7 +90,7 @@ pub struct BitmapOpts {
 pub struct BitmapArgs {
     /// The actions, in command-line order.
     actions: Vec<Action>,
-    opts: BitmapOpts,
+    pub(crate) opts: BitmapOpts,
 }
 
 impl FromArgMatches for BitmapArgs {

@@ -24,7 +24,7 @@ pub const EXIT_NO_CHECKS: i32 = 63;
 pub struct CheckArgs {
     /// `--object secret,...` and `--image-opts`.
     #[command(flatten)]
-    secret_args: crate::secrets::SecretArgs,
+    pub(crate) secret_args: crate::secrets::SecretArgs,
     /// Image format (probed when not given).
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,

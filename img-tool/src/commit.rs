@@ -18,7 +18,7 @@ use crate::secrets::{ImageSpec, SecretArgs};
 pub struct CommitArgs {
     /// `--object secret,...` and `--image-opts` (`backing.encrypt.key-secret=ID` for the base).
     #[command(flatten)]
-    secret_args: SecretArgs,
+    pub(crate) secret_args: SecretArgs,
     /// Image format (probed when not given).
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,

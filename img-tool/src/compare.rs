@@ -27,7 +27,7 @@ pub const EXIT_READ_ERROR: i32 = 4;
 pub struct CompareArgs {
     /// `--object secret,...` and `--image-opts`.
     #[command(flatten)]
-    secret_args: crate::secrets::SecretArgs,
+    pub(crate) secret_args: crate::secrets::SecretArgs,
     /// Format of the first image (probed when not given).
     #[arg(
         short = 'f',

@@ -126,7 +126,7 @@ pub struct ConvertArgs {
     force_share: bool,
     /// `--object secret,...`, and `--image-opts` for the sources.
     #[command(flatten)]
-    secret_args: SecretArgs,
+    pub(crate) secret_args: SecretArgs,
     /// The source names are option lists, as with --image-opts (qemu-img 10's name for it).
     #[arg(long = "source-image-opts")]
     source_image_opts: bool,

@@ -45,7 +45,7 @@ pub struct CreateArgs {
     size: Option<String>,
     /// `--object secret,...` for `-o encrypt.key-secret=ID`.
     #[command(flatten)]
-    secret_args: SecretArgs,
+    pub(crate) secret_args: SecretArgs,
 }
 
 /// Runs `img create`.

@@ -30,7 +30,7 @@ const MAX_CHUNK: u64 = 4 << 20;
 pub struct DdArgs {
     /// `--object secret,...` and `--image-opts` (for the input; the output is a file name).
     #[command(flatten)]
-    secret_args: SecretArgs,
+    pub(crate) secret_args: SecretArgs,
     /// Format of the input (probed when not given).
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,

@@ -40,7 +40,7 @@ pub struct InfoArgs {
     filename: String,
     /// `--object secret,...` and `--image-opts`.
     #[command(flatten)]
-    secret_args: SecretArgs,
+    pub(crate) secret_args: SecretArgs,
 }
 
 /// Runs `img info`.

@@ -126,6 +126,27 @@ fn dispatch(cmd: &Command) -> CliResult<i32> {
     }
 }
 
+/// The `--object` and `--image-opts` arguments of a subcommand.
+fn secret_args(cmd: &Command) -> &secrets::SecretArgs {
+    match cmd {
+        Command::Create(a) => &a.secret_args,
+        Command::Info(a) => &a.secret_args,
+        Command::Convert(a) => &a.secret_args,
+        Command::Check(a) => &a.secret_args,
+        Command::Compare(a) => &a.secret_args,
+        Command::Map(a) => &a.secret_args,
+        Command::Snapshot(a) => &a.secret_args,
+        Command::Resize(a) => &a.secret_args,
+        Command::Rebase(a) => &a.secret_args,
+        Command::Commit(a) => &a.secret_args,
+        Command::Amend(a) => &a.secret_args,
+        Command::Dd(a) => &a.secret_args,
+        Command::Measure(a) => &a.secret_args,
+        Command::Bitmap(a) => &a.opts.secret_args,
+        Command::Bench(a) => &a.secret_args,
+    }
+}
+
 fn exit_code(status: i32) -> ExitCode {
     ExitCode::from(u8::try_from(status).unwrap_or(1))
 }
@@ -153,6 +174,17 @@ fn main() -> ExitCode {
             return exit_code(code);
         }
     };
+    // qemu-img defines every --object as it reads the command line: a bad one fails the
+    // command whether or not anything uses it (compare's failures exit 2).
+    if let Err(f) = secret_args(&cli.command).secrets() {
+        console::eprint(&format!("img: {f}\n"));
+        let code = if matches!(cli.command, Command::Compare(_)) {
+            2
+        } else {
+            EXIT_FAILURE
+        };
+        return exit_code(code);
+    }
     let status = match dispatch(&cli.command) {
         Ok(status) => status,
         Err(f) => {

@@ -19,7 +19,7 @@ const MAX_STATUS_LEN: u64 = 1 << 30;
 pub struct MapArgs {
     /// `--object secret,...` and `--image-opts`.
     #[command(flatten)]
-    secret_args: crate::secrets::SecretArgs,
+    pub(crate) secret_args: crate::secrets::SecretArgs,
     /// Image format (probed when not given).
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,

@@ -26,7 +26,7 @@ pub struct MeasureArgs {
     /// `--object secret,...` (for an encrypted FILE, and for `-o encrypt.key-secret=ID`) and
     /// `--image-opts`.
     #[command(flatten)]
-    secret_args: SecretArgs,
+    pub(crate) secret_args: SecretArgs,
     /// Output format: human or json.
     #[arg(long = "output", value_name = "FMT", default_value = "human")]
     output: String,

@@ -20,7 +20,7 @@ pub struct RebaseArgs {
     /// As in qemu-img, the new backing file is opened without a secret: a safe rebase onto an
     /// encrypted image is refused.
     #[command(flatten)]
-    secret_args: SecretArgs,
+    pub(crate) secret_args: SecretArgs,
     /// Image format (probed when not given).
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,

@@ -15,7 +15,7 @@ use crate::secrets::SecretArgs;
 pub struct ResizeArgs {
     /// `--object secret,...` and `--image-opts`: an encrypted image needs its secret.
     #[command(flatten)]
-    secret_args: SecretArgs,
+    pub(crate) secret_args: SecretArgs,
     /// Image format (probed when not given).
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,

@@ -67,6 +67,11 @@ impl SecretArgs {
     /// Bad options, an unknown format or secret ID.
     pub fn resolve(&self, name: &str, format: Option<Format>) -> CliResult<ImageSpec> {
         if self.image_opts {
+            if format.is_some() {
+                return Err(Failure::new(
+                    "--image-opts and --format are mutually exclusive",
+                ));
+            }
             self.resolve_opts(name, format)
         } else {
             Ok(self.resolve_file(name, format))

@@ -17,7 +17,7 @@ pub struct SnapshotArgs {
     /// `--object secret,...` and `--image-opts`: an encrypted image needs its secret, even to
     /// list its snapshots (as in qemu-img).
     #[command(flatten)]
-    secret_args: SecretArgs,
+    pub(crate) secret_args: SecretArgs,
     /// List the snapshots (the default).
     #[arg(short = 'l', long = "list", action = ArgAction::Count)]
     list: u8,

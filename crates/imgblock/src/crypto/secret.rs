@@ -111,6 +111,9 @@ impl Secrets {
 pub fn parse_secret_object(def: &str) -> Result<(String, Secret), String> {
     let (kind, rest) = def.split_once(',').unwrap_or((def, ""));
     let kind = kind.strip_prefix("qom-type=").unwrap_or(kind);
+    if kind.contains('=') {
+        return Err("Parameter 'qom-type' is missing".into());
+    }
     if kind != "secret" {
         return Err(format!(
             "Invalid object type '{kind}': only 'secret' objects are supported"
@@ -144,12 +147,19 @@ pub fn parse_secret_object(def: &str) -> Result<(String, Secret), String> {
                 .to_owned();
             format!("Unable to read {f}: {msg}")
         })?),
-        (Some(_), Some(_)) => return Err("'data' and 'file' are mutually exclusive".into()),
-        (None, None) => return Err("Either 'data' or 'file' must be provided".into()),
+        (Some(_), Some(_)) => return Err("'file' and 'data' are mutually exclusive".into()),
+        (None, None) => return Err("Either 'file' or 'data' must be provided".into()),
     };
     let bytes = match format.as_str() {
         "raw" => raw.to_vec(),
         "base64" => {
+            // qemu takes nothing but the alphabet and padding (no whitespace).
+            if !raw
+                .iter()
+                .all(|&c| c.is_ascii_alphanumeric() || b"+/=".contains(&c))
+            {
+                return Err("Base64 data contains invalid characters".into());
+            }
             base64_decode(&raw).ok_or_else(|| format!("Secret '{id}': invalid base64 data"))?
         }
         other => {
@@ -173,15 +183,10 @@ fn base64_decode(input: &[u8]) -> Option<Vec<u8>> {
             _ => return None,
         }))
     };
-    let clean: Vec<u8> = input
-        .iter()
-        .copied()
-        .filter(|c| !c.is_ascii_whitespace())
-        .collect();
-    let body = clean
+    let body = input
         .strip_suffix(b"==")
-        .or_else(|| clean.strip_suffix(b"="))
-        .unwrap_or(&clean);
+        .or_else(|| input.strip_suffix(b"="))
+        .unwrap_or(input);
     if body.len() % 4 == 1 {
         return None;
     }
