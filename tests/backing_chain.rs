@@ -562,3 +562,62 @@ fn create_over_backing_held_by_writer_matches_qemu() {
         assert_eq!(info["virtual-size"], want, "{f}: {info:#}");
     }
 }
+
+/// Backing files named by qemu `json:{...}` options (as libvirt writes them), nested or dotted,
+/// with a format driver or without (probed), and a `json:` name on the command line:
+/// `info` (human, JSON, whole chain), `map`, `compare` and `convert` give what qemu-img gives.
+#[test]
+fn json_backing_names_read_like_qemu() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"])
+        .ok();
+    env.qemu_io("qcow2", "base.qcow2", &["write -P 7 0 1M"]);
+    env.qemu_img(&["create", "-q", "-f", "raw", "base.raw", "4M"])
+        .ok();
+    env.qemu_io("raw", "base.raw", &["write -P 9 1M 1M"]);
+    let names = [
+        r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"base.qcow2"}}"#,
+        r#"json:{"driver":"qcow2","file.driver":"file","file.filename":"base.qcow2"}"#,
+        r#"json:{"file":{"driver":"file","filename":"base.qcow2"}}"#,
+        r#"json:{"driver":"raw","file":{"driver":"file","filename":"base.raw"}}"#,
+    ];
+    for (n, name) in names.iter().enumerate() {
+        let top = format!("top{n}.qcow2");
+        let fmt = if name.contains("base.raw") {
+            "raw"
+        } else {
+            "qcow2"
+        };
+        env.qemu_img(&[
+            "create", "-q", "-u", "-f", "qcow2", "-b", name, "-F", fmt, &top, "4M",
+        ])
+        .ok();
+        env.qemu_io("qcow2", &top, &["write -P 8 2M 64k"]);
+        for args in [
+            &["info", top.as_str()][..],
+            &["info", "--output=json", &top],
+            &["info", "--backing-chain", "--output=json", &top],
+            &["map", "--output=json", &top],
+            &["compare", &top, &top],
+        ] {
+            let q = env.qemu_img(args);
+            let i = env.img(args).no_panic();
+            assert_eq!(i.code, q.code, "{args:?}:{q}{i}");
+            assert_eq!(i.stdout, q.stdout, "{args:?}:{q}{i}");
+        }
+        env.img(&["convert", "-O", "raw", &top, "i.raw"]).ok();
+        env.qemu_img(&["convert", "-O", "raw", &top, "q.raw"]).ok();
+        env.assert_same_bytes("i.raw", "q.raw");
+        assert!(env.read("i.raw").contains(&7) || env.read("i.raw").contains(&9));
+    }
+    let args = ["info", "--output=json", names[0]];
+    let q = env.qemu_img(&args).ok();
+    let i = env.img(&args).ok();
+    assert_eq!(i.json()["format"], q.json()["format"]);
+    assert_eq!(i.json()["virtual-size"], q.json()["virtual-size"]);
+    // What is not a local file is refused by name.
+    let nbd = r#"json:{"driver":"qcow2","file":{"driver":"nbd","host":"localhost"}}"#;
+    let out = env.img(&["info", nbd]).no_panic();
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("'nbd'"), "{out}");
+}

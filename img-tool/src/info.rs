@@ -107,12 +107,16 @@ fn image_info(img: &Image) -> CliResult<Value> {
         m.insert("encrypted".into(), json!(true));
     }
     if let Some(b) = d.backing() {
-        let full = imgblock::image::resolve_backing(img.path(), &b.filename);
+        // qemu keeps a json: name as it is: it is not a path to resolve.
+        let full = if b.filename.starts_with("json:") {
+            b.filename.clone()
+        } else {
+            imgblock::image::resolve_backing(img.path(), &b.filename)
+                .display()
+                .to_string()
+        };
         m.insert("backing-filename".into(), json!(b.filename));
-        m.insert(
-            "full-backing-filename".into(),
-            json!(full.display().to_string()),
-        );
+        m.insert("full-backing-filename".into(), json!(full));
         if let Some(f) = b.format {
             m.insert("backing-filename-format".into(), json!(f));
         }

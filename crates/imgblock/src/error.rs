@@ -65,6 +65,14 @@ pub enum Error {
         /// `encrypt.key-secret` (qcow2) or `key-secret` (luks).
         option: &'static str,
     },
+    /// A `json:{...}` image name that cannot be read, or that names more than a local file.
+    #[error("{why}")]
+    JsonName {
+        /// The name as given.
+        name: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// A format name that no driver knows.
     #[error("unknown image format '{0}'")]
     UnknownFormat(String),

@@ -99,8 +99,15 @@ fn open_storage(path: &Path, writable: bool, direct: bool) -> Result<Arc<dyn Sto
     Ok(Arc::new(s.ctx(path)?))
 }
 
-/// Resolves a backing name against the overlay's directory, as qemu does.
+/// Resolves a backing name against the overlay's directory, as qemu does. A `json:` name
+/// gives its file as it spells it (qemu opens that relative to the working directory); one that
+/// cannot be read stays as it is, and fails to open with its reason.
 pub fn resolve_backing(overlay: &Path, name: &str) -> PathBuf {
+    match crate::json_name::parse(name) {
+        Some(Ok(j)) => return j.filename,
+        Some(Err(_)) => return PathBuf::from(name),
+        None => {}
+    }
     let p = Path::new(name);
     if p.is_absolute() {
         return p.to_owned();
@@ -185,6 +192,31 @@ impl Image {
         secrets: &Secrets,
         direct: bool,
     ) -> Result<Image> {
+        // A `json:{...}` name stands for its file, in the format it names (if any).
+        if let Some(j) = path.to_str().and_then(crate::json_name::parse) {
+            let j = j.map_err(|why| Error::JsonName {
+                name: path.display().to_string(),
+                why,
+            })?;
+            let format = match (&j.driver, opts.format) {
+                (_, Some(f)) => Some(f),
+                (Some(d), None) => Some(d.parse()?),
+                (None, None) => None,
+            };
+            let opts = OpenOptions {
+                format,
+                ..opts.clone()
+            };
+            return Self::open_inner_with(
+                &j.filename,
+                &opts,
+                seen,
+                depth,
+                storage,
+                secrets,
+                direct,
+            );
+        }
         if opts.writable && opts.force_share {
             return Err(Error::ForceShareWritable {
                 path: path.to_owned(),
@@ -275,8 +307,19 @@ impl Image {
         }
         let backing = match driver.backing() {
             Some(spec) if !opts.no_backing => {
-                let bpath = resolve_backing(path, &spec.filename);
-                let format = spec.format.as_deref().map(str::parse).transpose()?;
+                // A json: name keeps its own driver: open_inner_with reads it.
+                let json = spec.filename.starts_with("json:");
+                let bpath = if json {
+                    PathBuf::from(&spec.filename)
+                } else {
+                    resolve_backing(path, &spec.filename)
+                };
+                let format = spec
+                    .format
+                    .as_deref()
+                    .filter(|_| !json)
+                    .map(str::parse)
+                    .transpose()?;
                 let bopts = OpenOptions {
                     format,
                     writable: false,

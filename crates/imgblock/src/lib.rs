@@ -23,6 +23,7 @@ mod error;
 pub mod fuzzing;
 pub mod image;
 mod inflate;
+pub mod json_name;
 pub mod lock;
 pub mod luks;
 pub mod measure;

@@ -1,0 +1,181 @@
+//! qemu's `json:{...}` image names: an image given by its block options rather than a file
+//! name, as libvirt and blockdev tooling write into backing-file fields
+//! (`json:{"driver":"qcow2","file":{"driver":"file","filename":"/img/base.qcow2"}}`).
+//!
+//! Nested objects and dotted keys mean the same (`"file":{"filename":F}` is
+//! `"file.filename":F`), as in qemu. Only images in local files are supported: a format driver
+//! (or none, to probe) over the `file` or `host_device` protocol. Options that only tune how
+//! qemu opens the file (caching, locking, node names) are accepted and ignored; any other is
+//! refused by name, never silently dropped.
+
+use std::path::PathBuf;
+
+use serde_json::{Map, Value};
+
+/// Keys that only tune how qemu opens a node: they change nothing that is read.
+const IGNORED: &[&str] = &[
+    "node-name",
+    "read-only",
+    "auto-read-only",
+    "discard",
+    "detect-zeroes",
+    "force-share",
+    "cache.direct",
+    "cache.no-flush",
+    "file.node-name",
+    "file.locking",
+    "file.aio",
+    "file.aio-max-batch",
+    "file.cache.direct",
+    "file.cache.no-flush",
+    "file.discard",
+    "file.detect-zeroes",
+    "file.read-only",
+    "file.auto-read-only",
+    "file.x-check-cache-dropped",
+    "file.drop-cache",
+];
+
+/// Protocols naming a local file or device.
+const LOCAL: &[&str] = &["file", "host_device", "host_cdrom"];
+
+/// What a `json:` name opens: the file, and the format when the name gives one (`driver`; a
+/// bare protocol node reads as raw).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonName {
+    /// The file, as the name spells it (qemu opens it relative to the working directory).
+    pub filename: PathBuf,
+    /// The format driver's name, when given.
+    pub driver: Option<String>,
+}
+
+/// Parses `name` when it is a `json:` name: `None` for plain file names.
+///
+/// # Errors
+/// A message naming what qemu would accept and we do not read: bad JSON, a protocol other than
+/// a local file, an unknown option.
+pub fn parse(name: &str) -> Option<Result<JsonName, String>> {
+    let body = name.strip_prefix("json:")?;
+    Some(parse_body(body))
+}
+
+fn parse_body(body: &str) -> Result<JsonName, String> {
+    let v: Value =
+        serde_json::from_str(body).map_err(|e| format!("Could not parse 'json:' options: {e}"))?;
+    let Value::Object(obj) = v else {
+        return Err("Invalid JSON object given".into());
+    };
+    let mut flat = Map::new();
+    flatten("", &obj, &mut flat)?;
+    let text = |k: &str| -> Result<Option<String>, String> {
+        match flat.get(k) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(format!("Invalid value for option '{k}': {other}")),
+        }
+    };
+    let driver = text("driver")?;
+    let (filename, format) = match driver.as_deref() {
+        // A protocol node at the top: its bytes are the disk.
+        Some(d) if LOCAL.contains(&d) => (text("filename")?, Some("raw".to_owned())),
+        _ => {
+            if let Some(p) = text("file.driver")? {
+                if !LOCAL.contains(&p.as_str()) {
+                    return Err(format!(
+                        "Unsupported protocol '{p}' (only local files can be opened)"
+                    ));
+                }
+            }
+            (text("file.filename")?.or(text("filename")?), driver)
+        }
+    };
+    let filename = filename.ok_or("A block device must be specified for \"filename\"")?;
+    for k in flat.keys() {
+        let known = ["driver", "filename", "file.driver", "file.filename"].contains(&k.as_str())
+            || IGNORED.contains(&k.as_str());
+        if !known {
+            return Err(format!("Unsupported option '{k}' in a json: filename"));
+        }
+    }
+    Ok(JsonName {
+        filename: PathBuf::from(filename),
+        driver: format,
+    })
+}
+
+/// Flattens nested objects into dotted keys; a key given both ways is an error, as in qemu.
+fn flatten(
+    prefix: &str,
+    obj: &Map<String, Value>,
+    out: &mut Map<String, Value>,
+) -> Result<(), String> {
+    for (k, v) in obj {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            Value::Object(inner) => flatten(&key, inner, out)?,
+            other => {
+                if out.insert(key.clone(), other.clone()).is_some() {
+                    return Err(format!("Duplicate option '{key}'"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(name: &str) -> JsonName {
+        parse(name).expect("a json: name").expect("parses")
+    }
+
+    #[test]
+    fn plain_names_are_not_json() {
+        assert!(parse("/img/base.qcow2").is_none());
+        assert!(parse("json").is_none());
+    }
+
+    #[test]
+    fn nested_and_dotted_forms_agree() {
+        let nested =
+            ok(r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"/a/b.qcow2"}}"#);
+        let dotted =
+            ok(r#"json:{"driver":"qcow2","file.driver":"file","file.filename":"/a/b.qcow2"}"#);
+        assert_eq!(nested, dotted);
+        assert_eq!(nested.filename, PathBuf::from("/a/b.qcow2"));
+        assert_eq!(nested.driver.as_deref(), Some("qcow2"));
+    }
+
+    #[test]
+    fn a_protocol_node_reads_as_raw_and_no_driver_probes() {
+        let p = ok(r#"json:{"driver":"file","filename":"x.img"}"#);
+        assert_eq!(p.driver.as_deref(), Some("raw"));
+        let probe = ok(r#"json:{"file":{"driver":"file","filename":"x.img"}}"#);
+        assert_eq!(probe.driver, None);
+        let ignored =
+            ok(r#"json:{"driver":"raw","node-name":"n","file":{"filename":"x","locking":"off"}}"#);
+        assert_eq!(ignored.filename, PathBuf::from("x"));
+    }
+
+    #[test]
+    fn what_is_not_a_local_file_is_refused_by_name() {
+        let err = |n: &str| parse(n).unwrap().unwrap_err();
+        assert!(
+            err(r#"json:{"driver":"qcow2","file":{"driver":"nbd","host":"h"}}"#).contains("'nbd'")
+        );
+        assert!(
+            err(r#"json:{"driver":"qcow2","file":{"filename":"x"},"backing":null}"#)
+                .contains("'backing'")
+        );
+        assert!(err(r#"json:{"driver":"qcow2"}"#).contains("filename"));
+        assert!(err("json:{").contains("json"));
+        assert!(err("json:[1]").contains("object"));
+        assert!(err(r#"json:{"file":{"filename":"a"},"file.filename":"b"}"#).contains("Duplicate"));
+    }
+}
