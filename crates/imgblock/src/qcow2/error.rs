@@ -52,6 +52,9 @@ pub enum Error {
         /// The offset found.
         offset: u64,
     },
+    /// The header gives the refcount table no clusters (qemu's words).
+    #[error("Image does not contain a reference count table")]
+    NoRefcountTable,
     /// A structure lies partly or wholly past the end of the file, or overflows.
     #[error("{what} at offset {offset:#x} is outside the image file")]
     OutOfFile {

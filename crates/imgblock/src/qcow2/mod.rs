@@ -359,10 +359,7 @@ impl Qcow2 {
             return Err(Error::RefcountTableTooLarge(h.refcount_table_clusters));
         }
         if h.refcount_table_clusters == 0 {
-            return Err(Error::OutOfFile {
-                what: "refcount table",
-                offset: h.refcount_table_offset,
-            });
+            return Err(Error::NoRefcountTable);
         }
         table("refcount table", h.refcount_table_offset, rt_bytes)?;
         if h.nb_snapshots > snapshot::MAX_SNAPSHOTS {
@@ -1544,6 +1541,18 @@ mod tests {
             b[56..60].copy_from_slice(&100_000u32.to_be_bytes())
         }));
         assert!(matches!(e, Error::RefcountTableTooLarge(100_000)), "{e}");
+    }
+
+    #[test]
+    fn open_without_refcount_table_is_refused_in_qemu_words() {
+        let e = qcow2_err(open_patched(|b| {
+            b[56..60].copy_from_slice(&0u32.to_be_bytes())
+        }));
+        assert!(matches!(e, Error::NoRefcountTable), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "Image does not contain a reference count table"
+        );
     }
 
     #[test]
