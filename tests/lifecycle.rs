@@ -1008,3 +1008,76 @@ fn resize_matches_qemu_in_words_sizes_and_file_length() {
             .ok();
     }
 }
+
+/// `amend -o data_file=NAME` renames the external data file and `data_file_raw=off` drops the
+/// raw flag, as qemu-img does (the header reads the same afterwards); setting the raw flag on an
+/// image without it, or a data file on an image without one, is refused in qemu's words.
+#[test]
+fn amend_data_file_name_and_raw_flag_match_qemu() {
+    let env = Env::with_qemu();
+    for t in ["q", "i"] {
+        env.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={t}.d"),
+            &format!("{t}.qcow2"),
+            "8M",
+        ])
+        .ok();
+        env.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={t}.rd,data_file_raw=on"),
+            &format!("{t}.r.qcow2"),
+            "8M",
+        ])
+        .ok();
+        env.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            &format!("{t}.plain.qcow2"),
+            "8M",
+        ])
+        .ok();
+    }
+    for args in [
+        &["amend", "-o", "data_file_raw=on", "{}.qcow2"][..],
+        &["amend", "-o", "data_file=x.d", "{}.plain.qcow2"],
+        &["amend", "-o", "data_file_raw=off", "{}.r.qcow2"],
+        &["amend", "-o", "data_file={}.moved", "{}.qcow2"],
+    ] {
+        same_as_qemu(&env, args);
+    }
+    for f in ["qcow2", "r.qcow2"] {
+        let info = |t: &str| {
+            let mut v = env
+                .qemu_img(&["info", "-U", "--output=json", &format!("{t}.{f}")])
+                .ok()
+                .json();
+            let spec = v["format-specific"]["data"].take();
+            (spec, v["dirty-flag"].take())
+        };
+        let (q, i) = (info("q"), info("i"));
+        assert_eq!(
+            i.0["data-file"].as_str().map(|s| s.replace("i.", "q.")),
+            q.0["data-file"].as_str().map(str::to_owned),
+            "{f}"
+        );
+        assert_eq!(i.0["data-file-raw"], q.0["data-file-raw"], "{f}");
+        assert_eq!(i.1, q.1, "{f}");
+    }
+    assert_eq!(
+        env.qemu_img(&["info", "--output=json", "-U", "i.r.qcow2"])
+            .ok()
+            .json()["format-specific"]["data"]["data-file-raw"],
+        false
+    );
+}

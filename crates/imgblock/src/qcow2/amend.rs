@@ -31,6 +31,9 @@ impl Qcow2 {
             )
         };
         let mut size = None;
+        // The data file's name and raw flag, as qemu amends them (last, after the rest).
+        let mut data_file: Option<String> = None;
+        let mut data_raw: Option<bool> = None;
         for (k, v) in &o.opts {
             match k.as_str() {
                 "compat" => {
@@ -60,13 +63,21 @@ impl Qcow2 {
                         "Invalid parameter '{k}'\nThis option is only supported for image creation"
                     )))
                 }
-                "data_file" | "data_file_raw" => {
+                "data_file" => {
                     if self.data == 0 {
                         return Err(invalid(
                             "data-file can only be set for images that use an external data file",
                         ));
                     }
-                    return Err(invalid("changing the external data file is not supported"));
+                    data_file = Some(v.clone());
+                }
+                "data_file_raw" => {
+                    let on = parse_bool(k, v)?;
+                    let raw = self.lock().h.autoclear & header::AUTOCLEAR_DATA_FILE_RAW != 0;
+                    if on && !raw {
+                        return Err(invalid("data-file-raw cannot be set on existing images"));
+                    }
+                    data_raw = Some(on);
                 }
                 _ => return Err(invalid(format!("Invalid parameter '{k}'"))),
             }
@@ -130,6 +141,20 @@ impl Qcow2 {
         }
         if version == 2 && cur_version == 3 {
             self.downgrade()?;
+        }
+        if data_file.is_some() || data_raw.is_some() {
+            self.rewrite_header(|h| {
+                if let Some(name) = &data_file {
+                    // An empty name drops it: the image then opens only with one given.
+                    let bytes = (!name.is_empty()).then(|| name.clone().into_bytes());
+                    h.set_extension(header::EXT_DATA_FILE, bytes);
+                }
+                match data_raw {
+                    Some(true) => h.autoclear |= header::AUTOCLEAR_DATA_FILE_RAW,
+                    Some(false) => h.autoclear &= !header::AUTOCLEAR_DATA_FILE_RAW,
+                    None => {}
+                }
+            })?;
         }
         self.flush()
     }
