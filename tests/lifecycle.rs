@@ -1081,3 +1081,27 @@ fn amend_data_file_name_and_raw_flag_match_qemu() {
         false
     );
 }
+
+/// Growing an image over a raw data file maps the new clusters one to one, as qemu-img does, so
+/// the data file stays a valid raw image of the whole disk.
+#[test]
+fn resize_grow_over_raw_data_file_maps_new_clusters_like_qemu() {
+    let env = Env::with_qemu();
+    raw_data_file_twins(&env);
+    same_as_qemu(&env, &["resize", "{}.qcow2", "3M"]);
+    let map = |t: &str| {
+        env.qemu_img(&["map", "--output=json", &format!("{t}.qcow2")])
+            .ok()
+            .stdout
+            .replace(&format!("{t}.data"), "X")
+    };
+    assert_eq!(map("i"), map("q"));
+    let allocated = |t: &str| {
+        env.qemu_img(&["check", "--output=json", &format!("{t}.qcow2")])
+            .ok()
+            .json()["allocated-clusters"]
+            .clone()
+    };
+    assert_eq!(allocated("i"), allocated("q"));
+    assert_eq!(env.len("i.data"), env.len("q.data"));
+}

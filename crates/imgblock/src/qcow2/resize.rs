@@ -32,6 +32,14 @@ impl Qcow2 {
                 });
             }
         }
+        // A raw data file stays valid on its own only if every cluster maps to the same offset
+        // in it: like qemu, a grown disk gets its new clusters mapped (metadata preallocation).
+        let raw_data = self.lock().h.autoclear & super::header::AUTOCLEAR_DATA_FILE_RAW != 0;
+        let prealloc = if prealloc == Preallocation::Off && self.data != 0 && raw_data {
+            Preallocation::Metadata
+        } else {
+            prealloc
+        };
         if zero_new && g.version < 3 {
             return Err(crate::Error::Unsupported {
                 path: self.file().path().to_owned(),
