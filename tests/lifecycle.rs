@@ -199,6 +199,40 @@ fn snapshot_of_a_resized_disk_converts_and_measures_like_qemu() {
     }
 }
 
+/// `-l` picks snapshots as qemu-img does when names look like IDs: `snapshot.name=` by name
+/// only, `snapshot.id=` by ID only, a bare string by ID first, both keys only a snapshot with
+/// both; what each finds (or the failure) is qemu-img's.
+#[test]
+fn snapshot_selection_by_id_and_name_matches_qemu() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "s.qcow2", "1M"])
+        .ok();
+    env.qemu_io("qcow2", "s.qcow2", &["write -P 1 0 64k"]);
+    // ID 1 is named "2"; ID 2 is named "x".
+    env.qemu_img(&["snapshot", "-c", "2", "s.qcow2"]).ok();
+    env.qemu_io("qcow2", "s.qcow2", &["write -P 2 0 64k"]);
+    env.qemu_img(&["snapshot", "-c", "x", "s.qcow2"]).ok();
+    env.qemu_io("qcow2", "s.qcow2", &["write -P 3 0 64k"]);
+    for l in [
+        "snapshot.name=2",
+        "snapshot.id=2",
+        "2",
+        "x",
+        "snapshot.id=2,snapshot.name=x",
+        "snapshot.id=1,snapshot.name=x",
+        "snapshot.id=3",
+    ] {
+        let q = env.qemu_img(&["convert", "-l", l, "-O", "raw", "s.qcow2", "q.raw"]);
+        let i = env
+            .img(&["convert", "-l", l, "-O", "raw", "s.qcow2", "i.raw"])
+            .no_panic();
+        assert_eq!(i.code, q.code, "{l}:{q}{i}");
+        if q.code == Some(0) {
+            env.assert_same_bytes("i.raw", "q.raw");
+        }
+    }
+}
+
 /// Errors and exit codes: unknown names, two actions, formats without snapshots.
 #[test]
 fn snapshot_errors_match_qemu() {

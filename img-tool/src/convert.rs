@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use clap::Args;
-use imgblock::{BlockStatus, CreateOptions, Format, Image};
+use imgblock::{BlockStatus, CreateOptions, Format, Image, SnapshotRef};
 
 use crate::cache::{is_direct, parse_cache};
 use crate::console;
@@ -177,19 +177,30 @@ fn parse_sparse(s: Option<&str>) -> CliResult<u64> {
     Ok(n)
 }
 
-/// `-l`'s argument: `snapshot.name=NAME`, `snapshot.id=ID` or a bare name or ID.
-pub fn parse_snapshot(s: &str) -> CliResult<String> {
-    let mut name = None;
-    for part in s.split(',') {
-        match part.split_once('=') {
-            Some(("snapshot.name" | "snapshot.id", v)) => name = Some(v.to_owned()),
-            Some((k, _)) => return Err(Failure::new(format!("Invalid parameter '{k}'"))),
-            None if name.is_none() => name = Some(part.to_owned()),
-            None => return Err(Failure::new(format!("Invalid parameter '{part}'"))),
+/// `-l`'s argument, as qemu reads it: an option list when it starts with `snapshot.`
+/// (`snapshot.id=ID`, `snapshot.name=NAME`, or both: the snapshot must have both), anything
+/// else a bare ID or name.
+///
+/// # Errors
+/// An option list with other keys, or with neither.
+pub fn parse_snapshot(s: &str) -> CliResult<SnapshotRef> {
+    if !s.starts_with("snapshot.") {
+        return Ok(SnapshotRef::IdOrName(s.to_owned()));
+    }
+    let (mut id, mut name) = (None, None);
+    for (k, v) in imgblock::options::split_opts(s)? {
+        match k.as_str() {
+            "snapshot.id" => id = Some(v),
+            "snapshot.name" => name = Some(v),
+            _ => return Err(Failure::new(format!("Invalid parameter '{k}'"))),
         }
     }
-    name.filter(|n| !n.is_empty())
-        .ok_or_else(|| Failure::new("Failed to load snapshot: Can't find snapshot"))
+    match (id, name) {
+        (Some(id), Some(name)) => Ok(SnapshotRef::Both { id, name }),
+        (Some(id), None) => Ok(SnapshotRef::Id(id)),
+        (None, Some(name)) => Ok(SnapshotRef::Name(name)),
+        (None, None) => Err(Failure::new("Failed to load snapshot: Can't find snapshot")),
+    }
 }
 
 /// `-m`, with qemu's messages; without it, one compression worker per core.
@@ -507,7 +518,7 @@ fn open_sources(args: &ConvertArgs, srcs: &[String]) -> CliResult<Vec<Image>> {
             let spec = secret_args.resolve(s, format)?;
             let req = OpenRequest {
                 format: spec.format,
-                snapshot: snapshot.as_deref(),
+                snapshot: snapshot.as_ref(),
                 force_share: args.force_share,
                 direct: is_direct(args.src_cache.as_deref()),
                 secrets: Some(&spec.secrets),
@@ -694,10 +705,20 @@ mod tests {
 
     #[test]
     fn parse_snapshot_forms() {
-        assert_eq!(parse_snapshot("snapshot.name=snap1").unwrap(), "snap1");
-        assert_eq!(parse_snapshot("snap1").unwrap(), "snap1");
-        assert_eq!(parse_snapshot("snapshot.id=1").unwrap(), "1");
-        assert!(parse_snapshot("foo=bar").is_err());
+        let p = |s: &str| parse_snapshot(s).unwrap();
+        assert_eq!(p("snapshot.name=snap1"), SnapshotRef::Name("snap1".into()));
+        assert_eq!(p("snap1"), SnapshotRef::IdOrName("snap1".into()));
+        assert_eq!(p("snapshot.id=1"), SnapshotRef::Id("1".into()));
+        assert_eq!(
+            p("snapshot.id=1,snapshot.name=a"),
+            SnapshotRef::Both {
+                id: "1".into(),
+                name: "a".into()
+            }
+        );
+        // Not an option list: a bare name, commas and all.
+        assert_eq!(p("foo=bar,x"), SnapshotRef::IdOrName("foo=bar,x".into()));
+        assert!(parse_snapshot("snapshot.foo=bar").is_err());
     }
 
     #[test]

@@ -117,7 +117,7 @@ pub fn run(args: &MeasureArgs) -> CliResult<i32> {
                 .resolve(f, parse_format(args.format.as_deref())?)?;
             let req = OpenRequest {
                 format: spec.format,
-                snapshot: snapshot.as_deref(),
+                snapshot: snapshot.as_ref(),
                 force_share: args.force_share,
                 secrets: Some(&spec.secrets),
                 ..OpenRequest::default()

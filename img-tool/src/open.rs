@@ -43,7 +43,7 @@ pub struct OpenRequest<'a> {
     /// Leave the backing chain closed.
     pub no_backing: bool,
     /// An internal snapshot to open instead of the active state.
-    pub snapshot: Option<&'a str>,
+    pub snapshot: Option<&'a imgblock::SnapshotRef>,
     /// Passphrases for encrypted layers (`--object secret` with `--image-opts`).
     pub secrets: Option<&'a imgblock::crypto::Secrets>,
     /// `-U`: take no locks, so that an image another process writes can still be read.
@@ -64,7 +64,7 @@ pub fn open_image(path: &Path, req: &OpenRequest<'_>) -> CliResult<Image> {
         format: req.format,
         writable: req.writable,
         no_backing: req.no_backing,
-        snapshot: req.snapshot.map(str::to_owned),
+        snapshot: req.snapshot.cloned(),
         force_share: req.force_share,
         repair: req.repair,
     };

@@ -92,6 +92,60 @@ pub struct BackingSpec {
     pub format: Option<String>,
 }
 
+/// Which internal snapshot to read (qemu-img's `-l`): by ID, by name, by both (the snapshot
+/// must have that ID and that name), or a bare string tried as an ID, then as a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotRef {
+    /// A bare string: an ID if one matches, else a name.
+    IdOrName(String),
+    /// `snapshot.id=`.
+    Id(String),
+    /// `snapshot.name=`.
+    Name(String),
+    /// `snapshot.id=` and `snapshot.name=` together.
+    Both {
+        /// The ID.
+        id: String,
+        /// The name.
+        name: String,
+    },
+}
+
+impl SnapshotRef {
+    /// The snapshot of `snaps` this names, if any.
+    pub fn find<'a>(&self, snaps: &'a [SnapshotInfo]) -> Option<&'a SnapshotInfo> {
+        match self {
+            SnapshotRef::IdOrName(s) => snaps
+                .iter()
+                .find(|x| x.id == *s)
+                .or_else(|| snaps.iter().find(|x| x.name == *s)),
+            SnapshotRef::Id(id) => snaps.iter().find(|x| x.id == *id),
+            SnapshotRef::Name(name) => snaps.iter().find(|x| x.name == *name),
+            SnapshotRef::Both { id, name } => snaps.iter().find(|x| x.id == *id && x.name == *name),
+        }
+    }
+
+    /// How the user named it (for messages): the name, else the ID.
+    pub fn label(&self) -> &str {
+        match self {
+            SnapshotRef::IdOrName(s) | SnapshotRef::Id(s) | SnapshotRef::Name(s) => s,
+            SnapshotRef::Both { name, .. } => name,
+        }
+    }
+}
+
+impl From<&str> for SnapshotRef {
+    fn from(s: &str) -> SnapshotRef {
+        SnapshotRef::IdOrName(s.to_owned())
+    }
+}
+
+impl From<String> for SnapshotRef {
+    fn from(s: String) -> SnapshotRef {
+        SnapshotRef::IdOrName(s)
+    }
+}
+
 /// One internal snapshot, as `info` and `snapshot -l` list it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotInfo {
@@ -275,7 +329,7 @@ pub trait Driver: Send + Sync + Debug {
     ///
     /// # Errors
     /// When there is no such snapshot or its tables are bad.
-    fn snapshot_view(&self, name: &str) -> Result<Box<dyn Driver>>;
+    fn snapshot_view(&self, snap: &SnapshotRef) -> Result<Box<dyn Driver>>;
     /// Where `offset` lives, and for how many bytes (at least 1, at most `len`) that holds.
     ///
     /// # Errors

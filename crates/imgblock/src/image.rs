@@ -25,7 +25,7 @@ pub struct OpenOptions {
     /// Leave the backing chain closed: unallocated ranges then read as zeroes.
     pub no_backing: bool,
     /// Open this internal snapshot read-only instead of the active state.
-    pub snapshot: Option<String>,
+    pub snapshot: Option<crate::SnapshotRef>,
     /// Take no locks, letting other processes write (qemu-img's -U / --force-share). Only for
     /// read-only opens: a writable one is refused ([`Error::ForceShareWritable`]).
     pub force_share: bool,

@@ -44,8 +44,8 @@ use std::str::FromStr;
 
 pub use check::{CheckReport, Messages, Repair};
 pub use driver::{
-    BackingSpec, Driver, FormatSpecific, Mapping, SnapshotInfo, VdiSpecific, VmdkExtentInfo,
-    VmdkSpecific,
+    BackingSpec, Driver, FormatSpecific, Mapping, SnapshotInfo, SnapshotRef, VdiSpecific,
+    VmdkExtentInfo, VmdkSpecific,
 };
 pub use error::{Error, Result};
 pub use image::{BlockStatus, Image, OpenOptions, MAX_CHAIN_DEPTH};

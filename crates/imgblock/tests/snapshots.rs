@@ -16,7 +16,7 @@ fn content(p: &Path, snapshot: Option<&str>) -> Vec<u8> {
     let img = Image::open(
         p,
         &OpenOptions {
-            snapshot: snapshot.map(str::to_owned),
+            snapshot: snapshot.map(imgblock::SnapshotRef::from),
             ..OpenOptions::read_only()
         },
     )

@@ -273,10 +273,10 @@ impl Driver for Luks {
         false
     }
 
-    fn snapshot_view(&self, name: &str) -> Result<Box<dyn Driver>> {
+    fn snapshot_view(&self, snap: &crate::SnapshotRef) -> Result<Box<dyn Driver>> {
         Err(Error::NoSuchSnapshot {
             path: self.path().to_owned(),
-            name: name.to_owned(),
+            name: snap.label().to_owned(),
         })
     }
 

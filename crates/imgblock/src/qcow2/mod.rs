@@ -816,15 +816,15 @@ impl Driver for Qcow2 {
             .collect())
     }
 
-    fn snapshot_view(&self, name: &str) -> Result<Box<dyn Driver>> {
+    fn snapshot_view(&self, snap: &crate::SnapshotRef) -> Result<Box<dyn Driver>> {
         let snaps = self.snapshot_list()?;
-        let sn = snaps
-            .iter()
-            .find(|s| s.id == name)
-            .or_else(|| snaps.iter().find(|s| s.name == name))
+        let infos: Vec<crate::SnapshotInfo> = snaps.iter().map(|s| s.info()).collect();
+        let sn = snap
+            .find(&infos)
+            .and_then(|i| snaps.iter().find(|s| s.id == i.id))
             .ok_or_else(|| crate::Error::NoSuchSnapshot {
                 path: self.file().path().to_owned(),
-                name: name.to_owned(),
+                name: snap.label().to_owned(),
             })?;
         let st = self.lock();
         let mut h = st.h.clone();

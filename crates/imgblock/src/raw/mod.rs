@@ -135,10 +135,10 @@ impl Driver for Raw {
     fn storage(&self, _file: usize) -> &Arc<dyn Storage> {
         &self.storage
     }
-    fn snapshot_view(&self, name: &str) -> Result<Box<dyn Driver>> {
+    fn snapshot_view(&self, snap: &crate::SnapshotRef) -> Result<Box<dyn Driver>> {
         Err(Error::NoSuchSnapshot {
             path: self.storage.path().to_owned(),
-            name: name.to_owned(),
+            name: snap.label().to_owned(),
         })
     }
     fn map(&self, offset: u64, len: u64) -> Result<(Mapping, u64)> {

@@ -281,10 +281,10 @@ impl Driver for Vdi {
         })
     }
 
-    fn snapshot_view(&self, name: &str) -> Result<Box<dyn Driver>> {
+    fn snapshot_view(&self, snap: &crate::SnapshotRef) -> Result<Box<dyn Driver>> {
         Err(crate::Error::NoSuchSnapshot {
             path: self.storage.path().to_owned(),
-            name: name.to_owned(),
+            name: snap.label().to_owned(),
         })
     }
 

@@ -625,7 +625,7 @@ pub fn run(s: &Subject, ops: &[Op]) {
     drop(img);
     for (name, want) in &r.snaps {
         let o = OpenOptions {
-            snapshot: Some(name.clone()),
+            snapshot: Some(name.clone().into()),
             ..OpenOptions::read_only()
         };
         let img = s
