@@ -233,6 +233,35 @@ fn snapshot_selection_by_id_and_name_matches_qemu() {
     }
 }
 
+/// Reverting to or deleting a snapshot gives the host back the space of the clusters it frees,
+/// as qemu-img does (it discards them): the file holds about what qemu-img's holds.
+#[test]
+fn snapshot_apply_and_delete_give_freed_space_back_like_qemu() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "s.qcow2", "64M"])
+        .ok();
+    env.qemu_io("qcow2", "s.qcow2", &["write -P 1 0 8M"]);
+    env.qemu_img(&["snapshot", "-c", "a", "s.qcow2"]).ok();
+    env.qemu_io("qcow2", "s.qcow2", &["write -P 2 0 8M"]);
+    env.qemu_img(&["snapshot", "-c", "b", "s.qcow2"]).ok();
+    env.qemu_io("qcow2", "s.qcow2", &["write -P 3 0 4M"]);
+    let src = env.read("s.qcow2");
+    for op in [&["-a", "a"], &["-d", "a"], &["-d", "b"]] {
+        env.write("q.qcow2", &src);
+        env.write("i.qcow2", &src);
+        let args = |f: &'static str| ["snapshot", op[0], op[1], f];
+        env.qemu_img(&args("q.qcow2")).ok();
+        env.img(&args("i.qcow2")).ok();
+        qemu_clean(&env, "i.qcow2");
+        env.qemu_img(&["compare", "q.qcow2", "i.qcow2"]).ok();
+        let (q, i) = (env.allocated("q.qcow2"), env.allocated("i.qcow2"));
+        assert!(
+            i <= q + (512 << 10),
+            "{op:?}: img holds {i} bytes, qemu-img {q}"
+        );
+    }
+}
+
 /// Errors and exit codes: unknown names, two actions, formats without snapshots.
 #[test]
 fn snapshot_errors_match_qemu() {

@@ -286,6 +286,29 @@ impl Qcow2 {
         fresh.install(st);
         // Freed clusters may be reused for anything now: cached tables must not outlive them.
         st.l2_cache = super::cache::TableCache::new(super::L2_CACHE_BYTES);
+        self.discard_free_clusters(st)
+    }
+
+    /// Gives the host back the space of every cluster the refcounts now call free (what only
+    /// the old state used), as qemu discards the clusters a snapshot operation frees. Read from
+    /// the installed refcounts, so nothing in use is ever discarded.
+    fn discard_free_clusters(&self, st: &mut State) -> Result<()> {
+        let cs = self.geo.cluster_size;
+        let end = self.file().size().ctx(self.file().path())?.div_ceil(cs);
+        let mut run: Option<(u64, u64)> = None;
+        for c in 0..end {
+            if self.refcount(st, c)? == 0 {
+                run = match run {
+                    Some((start, n)) => Some((start, n + 1)),
+                    None => Some((c, 1)),
+                };
+            } else if let Some((start, n)) = run.take() {
+                let _ = self.file().discard(start * cs, n * cs);
+            }
+        }
+        if let Some((start, n)) = run {
+            let _ = self.file().discard(start * cs, n * cs);
+        }
         Ok(())
     }
 
