@@ -193,7 +193,7 @@ const CASES: &[Case] = &[
         name: "qcow2 refcount table of no clusters",
         make: |d| q(d, "a.qcow2", &[(56, &be32(0))]),
         format: None,
-        expect: Expect::Error("refcount table"),
+        expect: Expect::Error("does not contain a reference count table"),
     },
     Case {
         name: "qcow2 huge refcount table",
