@@ -656,10 +656,17 @@ pub fn check(q: &Qcow2, repair: Repair) -> Result<CheckReport> {
         r.corruptions += n;
     }
     if repair != Repair::None {
-        if r.check_errors == 0 && r.corruptions == 0 {
+        let sound = r.check_errors == 0 && r.corruptions == 0;
+        if sound {
             mark_clean_and_consistent(q, &mut st)?;
         }
         q.file().flush().ctx(&path)?;
+        // Freed leaks (and old refcount structures) go back to the host, as qemu discards
+        // what a repair frees; only once the refcounts are sound, so that nothing in use that a
+        // wrong refcount calls free is ever discarded.
+        if sound && (r.leaks_fixed > 0 || r.corruptions_fixed > 0) {
+            q.discard_free_clusters(&mut st)?;
+        }
     }
     Ok(r)
 }

@@ -292,7 +292,7 @@ impl Qcow2 {
     /// Gives the host back the space of every cluster the refcounts now call free (what only
     /// the old state used), as qemu discards the clusters a snapshot operation frees. Read from
     /// the installed refcounts, so nothing in use is ever discarded.
-    fn discard_free_clusters(&self, st: &mut State) -> Result<()> {
+    pub(super) fn discard_free_clusters(&self, st: &mut State) -> Result<()> {
         let cs = self.geo.cluster_size;
         let end = self.file().size().ctx(self.file().path())?.div_ceil(cs);
         let mut run: Option<(u64, u64)> = None;
