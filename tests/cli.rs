@@ -2443,3 +2443,33 @@ fn objects_image_opts_and_amend_help_are_read_as_qemu_reads_them() {
         );
     }
 }
+
+/// A value of the wrong type (a size, a boolean, a number) is refused before the `Formatting`
+/// line, as qemu-img refuses it, for every format: same output, same exit code, no file.
+#[test]
+fn create_refuses_mistyped_values_before_formatting_like_qemu() {
+    let env = Env::with_qemu();
+    for fmt in ["qcow2", "raw", "vdi", "vmdk"] {
+        for o in [
+            "cluster_size=abc",
+            "cluster_size=64k,,x",
+            "lazy_refcounts=x",
+            "refcount_bits=x",
+            "nocow=maybe",
+            "size=1x",
+        ] {
+            let args = ["create", "-f", fmt, "-o", o, "x.disk", "1M"];
+            let q = env.qemu_img(&args);
+            let _ = std::fs::remove_file(env.path("x.disk"));
+            let i = env.img(&args).no_panic();
+            assert_eq!(i.code, q.code, "{fmt} {o}:{q}{i}");
+            assert_eq!(i.stdout, q.stdout, "{fmt} {o}:{q}{i}");
+            assert_eq!(
+                i.stderr.replace("img:", "qemu-img:"),
+                q.stderr,
+                "{fmt} {o}:{q}{i}"
+            );
+            assert!(!env.path("x.disk").exists(), "{fmt} {o}");
+        }
+    }
+}

@@ -89,6 +89,11 @@ pub fn run(args: &CreateArgs) -> CliResult<i32> {
     // A backing format without a backing file is each format's to judge: qcow2 refuses it,
     // vmdk takes `vmdk`, the formats without backing files do not know the option.
     validate_keys(format, &opts, in_o).map_err(in_file)?;
+    // qemu's option parser checks each value's type (booleans, sizes, numbers) before anything
+    // is printed or made.
+    for (k, v) in &opts.opts {
+        crate::createopts::check_value(k, v).map_err(in_file)?;
+    }
     if let Some(backing) = opts.backing_file.clone() {
         let size = check_backing(Path::new(file), &backing, &opts).map_err(in_file)?;
         opts.size = opts.size.or(size);
