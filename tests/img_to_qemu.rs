@@ -574,18 +574,7 @@ fn img_convert_n_with_backing_needs_no_format_like_qemu() {
     env.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"])
         .ok();
     env.qemu_io("qcow2", "base.qcow2", &["write -P 1 0 2M"]);
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        "top.qcow2",
-    ])
-    .ok();
+    env.qcow2_overlay("base.qcow2", "top.qcow2");
     env.qemu_io("qcow2", "top.qcow2", &["write -P 2 0 256k"]);
     for t in ["i", "q"] {
         let out = format!("{t}.qcow2");

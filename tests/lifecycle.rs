@@ -205,14 +205,16 @@ fn snapshot_of_a_resized_disk_converts_and_measures_like_qemu() {
 #[test]
 fn snapshot_selection_by_id_and_name_matches_qemu() {
     let env = Env::with_qemu();
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "s.qcow2", "1M"])
-        .ok();
-    env.qemu_io("qcow2", "s.qcow2", &["write -P 1 0 64k"]);
     // ID 1 is named "2"; ID 2 is named "x".
-    env.qemu_img(&["snapshot", "-c", "2", "s.qcow2"]).ok();
-    env.qemu_io("qcow2", "s.qcow2", &["write -P 2 0 64k"]);
-    env.qemu_img(&["snapshot", "-c", "x", "s.qcow2"]).ok();
-    env.qemu_io("qcow2", "s.qcow2", &["write -P 3 0 64k"]);
+    env.snapshot_history(
+        "s.qcow2",
+        "1M",
+        &[
+            (1, "64k", Some("2")),
+            (2, "64k", Some("x")),
+            (3, "64k", None),
+        ],
+    );
     for l in [
         "snapshot.name=2",
         "snapshot.id=2",
@@ -238,27 +240,14 @@ fn snapshot_selection_by_id_and_name_matches_qemu() {
 #[test]
 fn snapshot_apply_and_delete_give_freed_space_back_like_qemu() {
     let env = Env::with_qemu();
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "s.qcow2", "64M"])
-        .ok();
-    env.qemu_io("qcow2", "s.qcow2", &["write -P 1 0 8M"]);
-    env.qemu_img(&["snapshot", "-c", "a", "s.qcow2"]).ok();
-    env.qemu_io("qcow2", "s.qcow2", &["write -P 2 0 8M"]);
-    env.qemu_img(&["snapshot", "-c", "b", "s.qcow2"]).ok();
-    env.qemu_io("qcow2", "s.qcow2", &["write -P 3 0 4M"]);
+    env.snapshot_history(
+        "s.qcow2",
+        "64M",
+        &[(1, "8M", Some("a")), (2, "8M", Some("b")), (3, "4M", None)],
+    );
     let src = env.read("s.qcow2");
-    for op in [&["-a", "a"], &["-d", "a"], &["-d", "b"]] {
-        env.write("q.qcow2", &src);
-        env.write("i.qcow2", &src);
-        let args = |f: &'static str| ["snapshot", op[0], op[1], f];
-        env.qemu_img(&args("q.qcow2")).ok();
-        env.img(&args("i.qcow2")).ok();
-        qemu_clean(&env, "i.qcow2");
-        env.qemu_img(&["compare", "q.qcow2", "i.qcow2"]).ok();
-        let (q, i) = (env.allocated("q.qcow2"), env.allocated("i.qcow2"));
-        assert!(
-            i <= q + (512 << 10),
-            "{op:?}: img holds {i} bytes, qemu-img {q}"
-        );
+    for op in [["-a", "a"], ["-d", "a"], ["-d", "b"]] {
+        env.space_like_qemu(&src, &["snapshot", op[0], op[1], "{}"], 512 << 10);
     }
 }
 
@@ -1079,37 +1068,17 @@ fn resize_matches_qemu_in_words_sizes_and_file_length() {
 fn amend_data_file_name_and_raw_flag_match_qemu() {
     let env = Env::with_qemu();
     for t in ["q", "i"] {
-        env.qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &format!("data_file={t}.d"),
-            &format!("{t}.qcow2"),
-            "8M",
-        ])
-        .ok();
-        env.qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &format!("data_file={t}.rd,data_file_raw=on"),
-            &format!("{t}.r.qcow2"),
-            "8M",
-        ])
-        .ok();
-        env.qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            &format!("{t}.plain.qcow2"),
-            "8M",
-        ])
-        .ok();
+        for (opts, file) in [
+            (format!("data_file={t}.d"), format!("{t}.qcow2")),
+            (
+                format!("data_file={t}.rd,data_file_raw=on"),
+                format!("{t}.r.qcow2"),
+            ),
+            ("cluster_size=64k".to_owned(), format!("{t}.plain.qcow2")),
+        ] {
+            env.qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opts, &file, "8M"])
+                .ok();
+        }
     }
     for args in [
         &["amend", "-o", "data_file_raw=on", "{}.qcow2"][..],

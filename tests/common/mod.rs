@@ -314,6 +314,54 @@ impl Env {
         );
     }
 
+    /// Makes qcow2 overlay `top` over `base` (a qcow2 image) with qemu-img.
+    pub fn qcow2_overlay(&self, base: &str, top: &str) {
+        self.qemu_img(&[
+            "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top,
+        ])
+        .ok();
+    }
+
+    /// Makes qcow2 image `name` of `size` with qemu-img and qemu-io, step by step: each step
+    /// writes pattern byte `.0` over its first `.1` bytes (a qemu-io length), then takes a
+    /// snapshot named `.2` if there is one.
+    pub fn snapshot_history(&self, name: &str, size: &str, steps: &[(u8, &str, Option<&str>)]) {
+        self.qemu_img(&["create", "-q", "-f", "qcow2", name, size])
+            .ok();
+        for (pattern, len, snap) in steps {
+            self.qemu_io("qcow2", name, &[&format!("write -P {pattern} 0 {len}")]);
+            if let Some(s) = snap {
+                self.qemu_img(&["snapshot", "-c", s, name]).ok();
+            }
+        }
+    }
+
+    /// Runs `args` on two copies of the qcow2 image `src` (bytes), `q.qcow2` with qemu-img and
+    /// `i.qcow2` with `img` (`{}` in an argument names the copy), and asserts that img's result
+    /// is clean, reads as qemu-img's, and holds at most `slack` bytes more of the host.
+    #[track_caller]
+    pub fn space_like_qemu(&self, src: &[u8], args: &[&str], slack: u64) {
+        self.write("q.qcow2", src);
+        self.write("i.qcow2", src);
+        let with = |t: &str| -> Vec<String> {
+            args.iter()
+                .map(|a| a.replace("{}", &format!("{t}.qcow2")))
+                .collect()
+        };
+        let (q, i) = (with("q"), with("i"));
+        self.qemu_img(&q.iter().map(String::as_str).collect::<Vec<_>>())
+            .ok();
+        self.img(&i.iter().map(String::as_str).collect::<Vec<_>>())
+            .ok();
+        self.qemu_img(&["check", "i.qcow2"]).ok();
+        self.qemu_img(&["compare", "q.qcow2", "i.qcow2"]).ok();
+        let (q, i) = (self.allocated("q.qcow2"), self.allocated("i.qcow2"));
+        assert!(
+            i <= q + slack,
+            "{args:?}: img holds {i} bytes of the host, qemu-img {q}"
+        );
+    }
+
     /// Creates (or truncates) a sparse file of `size` bytes.
     pub fn sparse_file(&self, name: &str, size: u64) {
         let f = File::create(self.path(name)).expect("create sparse file");

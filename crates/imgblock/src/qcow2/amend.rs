@@ -44,17 +44,7 @@ impl Qcow2 {
                     }
                 }
                 "lazy_refcounts" => lazy = parse_bool(k, v)?,
-                "refcount_bits" => {
-                    let b: u64 = v
-                        .parse()
-                        .map_err(|_| invalid(format!("Invalid refcount_bits '{v}'")))?;
-                    if !b.is_power_of_two() || b > 64 {
-                        return Err(invalid(
-                            "Refcount width must be a power of two and may not exceed 64 bits",
-                        ));
-                    }
-                    order = b.trailing_zeros();
-                }
+                "refcount_bits" => order = super::create::refcount_order(v)?,
                 "size" => size = Some(parse_size_opt("size", v)?),
                 k if k.starts_with("encrypt.") => {}
                 "cluster_size" | "compression_type" | "extended_l2" | "preallocation"

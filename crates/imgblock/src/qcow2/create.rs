@@ -76,22 +76,45 @@ struct Opts {
     encrypt: Option<super::crypt::CreateCrypt>,
 }
 
+impl Opts {
+    /// qemu's defaults: version 3, 64 KiB clusters, 16-bit refcounts, nothing else.
+    fn defaults() -> Opts {
+        Opts {
+            version: 3,
+            cluster_bits: 16,
+            refcount_order: 4,
+            lazy_refcounts: false,
+            extended_l2: false,
+            prealloc: Preallocation::Off,
+            data_file: None,
+            data_file_raw: false,
+            compression: CompressionType::Zlib,
+            encrypt: None,
+        }
+    }
+}
+
+/// A `refcount_bits` value as its refcount order (log2 of the width), with qemu's messages.
+pub(super) fn refcount_order(v: &str) -> Result<u32> {
+    let b: u64 = v
+        .parse()
+        .map_err(|_| invalid(format!("Invalid refcount_bits '{v}'")))?;
+    if !b.is_power_of_two() || b > 64 {
+        return Err(invalid(
+            "Refcount width must be a power of two and may not exceed 64 bits",
+        ));
+    }
+    Ok(b.trailing_zeros())
+}
+
 fn invalid(msg: impl Into<String>) -> Error {
     Error::InvalidOption(msg.into())
 }
 
 fn parse(o: &CreateOptions) -> Result<Opts> {
     let mut r = Opts {
-        version: 3,
-        cluster_bits: 16,
-        refcount_order: 4,
-        lazy_refcounts: false,
-        extended_l2: false,
-        prealloc: Preallocation::Off,
-        data_file: None,
-        data_file_raw: false,
-        compression: CompressionType::Zlib,
         encrypt: super::crypt::parse_create(o)?,
+        ..Opts::defaults()
     };
     let mut refcount_given = false;
     for (k, v) in &o.opts {
@@ -117,15 +140,7 @@ fn parse(o: &CreateOptions) -> Result<Opts> {
                 r.cluster_bits = cs.trailing_zeros();
             }
             "refcount_bits" => {
-                let b: u64 = v
-                    .parse()
-                    .map_err(|_| invalid(format!("Invalid refcount_bits '{v}'")))?;
-                if !b.is_power_of_two() || b > 64 {
-                    return Err(invalid(
-                        "Refcount width must be a power of two and may not exceed 64 bits",
-                    ));
-                }
-                r.refcount_order = b.trailing_zeros();
+                r.refcount_order = refcount_order(v)?;
                 refcount_given = true;
             }
             "lazy_refcounts" => r.lazy_refcounts = parse_bool(k, v)?,
@@ -210,18 +225,7 @@ fn parse_measure(o: &CreateOptions) -> Result<Opts> {
             parse_bool(k, v)?;
         }
     }
-    let mut r = Opts {
-        version: 3,
-        cluster_bits: 16,
-        refcount_order: 4,
-        lazy_refcounts: false,
-        extended_l2: false,
-        prealloc: Preallocation::Off,
-        data_file: None,
-        data_file_raw: false,
-        compression: CompressionType::Zlib,
-        encrypt: None,
-    };
+    let mut r = Opts::defaults();
     if let Some(v) = get("extended_l2") {
         r.extended_l2 = parse_bool("extended_l2", v)?;
     }
@@ -247,21 +251,14 @@ fn parse_measure(o: &CreateOptions) -> Result<Opts> {
         };
     }
     if let Some(v) = get("refcount_bits") {
-        let b: u64 = v
-            .parse()
-            .map_err(|_| invalid(format!("Invalid refcount_bits '{v}'")))?;
-        if !b.is_power_of_two() || b > 64 {
-            return Err(invalid(
-                "Refcount width must be a power of two and may not exceed 64 bits",
-            ));
-        }
-        if r.version < 3 && b != 16 {
+        let order = refcount_order(v)?;
+        if r.version < 3 && order != 4 {
             return Err(invalid(
                 "Different refcount widths than 16 bits require compatibility level 1.1 or \
                  above (use compat=1.1 or greater)",
             ));
         }
-        r.refcount_order = b.trailing_zeros();
+        r.refcount_order = order;
     }
     if let Some(v) = get("preallocation") {
         r.prealloc = Preallocation::parse(v)
