@@ -112,16 +112,20 @@ pub enum SnapshotRef {
 }
 
 impl SnapshotRef {
-    /// The snapshot of `snaps` this names, if any.
-    pub fn find<'a>(&self, snaps: &'a [SnapshotInfo]) -> Option<&'a SnapshotInfo> {
+    /// The index of the snapshot this names among `snaps`, each seen through `key` as its
+    /// (ID, name), if any.
+    pub fn position<T>(&self, snaps: &[T], key: impl Fn(&T) -> (&str, &str)) -> Option<usize> {
+        let by = |want: &dyn Fn(&str, &str) -> bool| {
+            snaps.iter().position(|x| {
+                let (id, name) = key(x);
+                want(id, name)
+            })
+        };
         match self {
-            SnapshotRef::IdOrName(s) => snaps
-                .iter()
-                .find(|x| x.id == *s)
-                .or_else(|| snaps.iter().find(|x| x.name == *s)),
-            SnapshotRef::Id(id) => snaps.iter().find(|x| x.id == *id),
-            SnapshotRef::Name(name) => snaps.iter().find(|x| x.name == *name),
-            SnapshotRef::Both { id, name } => snaps.iter().find(|x| x.id == *id && x.name == *name),
+            SnapshotRef::IdOrName(s) => by(&|id, _| id == s).or_else(|| by(&|_, name| name == s)),
+            SnapshotRef::Id(want) => by(&|id, _| id == want),
+            SnapshotRef::Name(want) => by(&|_, name| name == want),
+            SnapshotRef::Both { id: i, name: n } => by(&|id, name| id == i && name == n),
         }
     }
 
@@ -601,4 +605,26 @@ pub trait Driver: Send + Sync + Debug {
     /// # Errors
     /// When writing fails.
     fn flush(&self) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SnapshotRef;
+
+    #[test]
+    fn snapshot_ref_picks_by_id_name_or_both() {
+        // ID 1 is named "2"; ID 2 is named "x".
+        let snaps = [("1", "2"), ("2", "x")];
+        let pos = |r: SnapshotRef| r.position(&snaps, |s| (s.0, s.1));
+        assert_eq!(pos(SnapshotRef::IdOrName("2".into())), Some(1));
+        assert_eq!(pos(SnapshotRef::IdOrName("x".into())), Some(1));
+        assert_eq!(pos(SnapshotRef::Name("2".into())), Some(0));
+        assert_eq!(pos(SnapshotRef::Id("x".into())), None);
+        let both = |id: &str, name: &str| SnapshotRef::Both {
+            id: id.into(),
+            name: name.into(),
+        };
+        assert_eq!(pos(both("2", "x")), Some(1));
+        assert_eq!(pos(both("1", "x")), None);
+    }
 }

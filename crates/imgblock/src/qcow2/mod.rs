@@ -818,10 +818,9 @@ impl Driver for Qcow2 {
 
     fn snapshot_view(&self, snap: &crate::SnapshotRef) -> Result<Box<dyn Driver>> {
         let snaps = self.snapshot_list()?;
-        let infos: Vec<crate::SnapshotInfo> = snaps.iter().map(|s| s.info()).collect();
         let sn = snap
-            .find(&infos)
-            .and_then(|i| snaps.iter().find(|s| s.id == i.id))
+            .position(&snaps, |s| (&s.id, &s.name))
+            .map(|i| &snaps[i])
             .ok_or_else(|| crate::Error::NoSuchSnapshot {
                 path: self.file().path().to_owned(),
                 name: snap.label().to_owned(),

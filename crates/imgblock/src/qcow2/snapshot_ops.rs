@@ -22,10 +22,8 @@ impl Qcow2 {
     }
 
     fn find_snapshot(&self, snaps: &[Snapshot], name: &str) -> Result<usize> {
-        snaps
-            .iter()
-            .position(|s| s.id == name)
-            .or_else(|| snaps.iter().position(|s| s.name == name))
+        crate::SnapshotRef::from(name)
+            .position(snaps, |s| (&s.id, &s.name))
             .ok_or_else(|| crate::Error::NoSuchSnapshot {
                 path: self.file().path().to_owned(),
                 name: name.to_owned(),
