@@ -621,3 +621,141 @@ fn json_backing_names_read_like_qemu() {
     assert_eq!(out.code, Some(1), "{out}");
     assert!(out.stderr.contains("'nbd'"), "{out}");
 }
+
+/// qemu's raw `offset` and `size` show a window of a file as the disk (a partition of a
+/// whole-disk image): read, written, resized and committed into, named in `--image-opts` or a
+/// `json:` name (a backing file's included), byte for byte as qemu-img does.
+#[test]
+fn raw_windows_read_and_write_like_qemu() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-q", "-f", "raw", "disk.img", "64M"])
+        .ok();
+    env.qemu_io(
+        "raw",
+        "disk.img",
+        &[
+            "write -P 0x11 0 1M",
+            "write -P 0x22 8M 4M",
+            "write -P 0x33 30M 1M",
+        ],
+    );
+    let opts = |o: &str, file: &str| format!("driver=raw,{o},file.filename={file}");
+    let part = opts("offset=8M,size=16M", "disk.img");
+    // Inspecting: the same name, size, map and errors as qemu-img.
+    for o in [
+        "offset=8M,size=16M",
+        "offset=1000",
+        "size=1024",
+        "offset=64M",
+        "offset=abc",
+        "offset=-1",
+        "offset=65M",
+        "size=1023",
+        "offset=1M,size=64M",
+    ] {
+        for cmd in [
+            &["info"][..],
+            &["info", "--output=json"],
+            &["map", "--output=json"],
+        ] {
+            let name = opts(o, "disk.img");
+            let args = [cmd, &["--image-opts", &name]].concat();
+            let q = env.qemu_img(&args);
+            let i = env.img(&args).no_panic();
+            if q.code.is_none() {
+                // qemu-img 10 aborts mapping a window that starts inside a sector.
+                assert_eq!(i.code, Some(0), "{args:?}:{q}{i}");
+                continue;
+            }
+            assert_eq!(i.code, q.code, "{args:?}:{q}{i}");
+            assert_eq!(i.stdout, q.stdout, "{args:?}:{q}{i}");
+            if q.code != Some(0) {
+                let why = |o: &common::Output| o.stderr.rsplit(": ").next().map(str::to_owned);
+                assert_eq!(why(&i), why(&q), "{args:?}:{q}{i}");
+            }
+        }
+    }
+    // Only raw has a window: qcow2 and the file protocol refuse the options, as in qemu.
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "q.qcow2", "1M"])
+        .ok();
+    for name in [
+        "offset=512,file.filename=q.qcow2",
+        "driver=qcow2,offset=512,file.filename=q.qcow2",
+        "driver=file,size=512,filename=disk.img",
+    ] {
+        let q = env.qemu_img(&["info", "--image-opts", name]);
+        let i = env.img(&["info", "--image-opts", name]).no_panic();
+        assert_eq!((i.code, q.code), (Some(1), Some(1)), "{name}:{q}{i}");
+        let why = |o: &common::Output| o.stderr.split("': ").nth(1).map(str::to_owned);
+        assert_eq!(why(&i), why(&q), "{name}:{q}{i}");
+    }
+    // Read out of the window, written into one.
+    env.img(&["convert", "--image-opts", &part, "-O", "qcow2", "i.qcow2"])
+        .ok();
+    env.qemu_img(&["convert", "--image-opts", &part, "-O", "qcow2", "q.qcow2"])
+        .ok();
+    env.qemu_img(&["compare", "i.qcow2", "q.qcow2"]).ok();
+    env.qemu_img(&["check", "i.qcow2"]).ok();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "src.qcow2", "16M"])
+        .ok();
+    env.qemu_io("qcow2", "src.qcow2", &["write -P 0x77 1M 2M"]);
+    for (tool, copy) in [("img", "i.img"), ("qemu", "q.img")] {
+        std::fs::copy(env.path("disk.img"), env.path(copy)).unwrap();
+        let target = opts("offset=8M,size=16M", copy);
+        let args = [
+            "convert",
+            "-n",
+            "-f",
+            "qcow2",
+            "src.qcow2",
+            "--target-image-opts",
+            &target,
+        ];
+        if tool == "img" {
+            env.img(&args).ok();
+        } else {
+            env.qemu_img(&args).ok();
+        }
+    }
+    env.assert_same_bytes("i.img", "q.img");
+    // Resized: a fixed size cannot be; an open end moves the file's end.
+    for (o, size) in [("offset=8M,size=16M", "+1M"), ("offset=8M", "+3M")] {
+        let i = env.img(&["resize", "--image-opts", &opts(o, "i.img"), size]);
+        let q = env.qemu_img(&["resize", "--image-opts", &opts(o, "q.img"), size]);
+        assert_eq!(i.no_panic().code, q.code, "{o}:{q}");
+    }
+    env.assert_same_bytes("i.img", "q.img");
+    assert_eq!(env.len("i.img"), (64 + 3) << 20);
+    // A json: backing name with a window: the overlay reads, maps and commits through it.
+    let json = r#"json:{"driver":"raw","offset":8388608,"size":16777216,"file":{"driver":"file","filename":"disk.img"}}"#;
+    env.img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        json,
+        "-F",
+        "raw",
+        "top.qcow2",
+    ])
+    .ok();
+    env.qemu_io("qcow2", "top.qcow2", &["write -P 0x55 2M 64k"]);
+    std::fs::copy(env.path("top.qcow2"), env.path("qtop.qcow2")).unwrap();
+    for args in [
+        &["info", "top.qcow2"][..],
+        &["info", "--backing-chain", "top.qcow2"],
+        &["map", "--output=json", "top.qcow2"],
+    ] {
+        let q = env.qemu_img(args);
+        let i = env.img(args).no_panic();
+        assert_eq!(i.stdout, q.stdout, "{args:?}:{q}{i}");
+    }
+    std::fs::copy(env.path("disk.img"), env.path("before.img")).unwrap();
+    env.img(&["commit", "top.qcow2"]).ok();
+    std::fs::rename(env.path("disk.img"), env.path("i.img")).unwrap();
+    std::fs::copy(env.path("before.img"), env.path("disk.img")).unwrap();
+    env.qemu_img(&["commit", "qtop.qcow2"]).ok();
+    env.assert_same_bytes("i.img", "disk.img");
+    env.qemu_io("raw", "disk.img", &["read -P 0x55 10M 64k"]);
+}

@@ -87,7 +87,7 @@ fn image_info(img: &Image) -> CliResult<Value> {
     let d = img.driver();
     let files = host_files(d);
     let mut m = Map::new();
-    m.insert("filename".into(), json!(img.path().display().to_string()));
+    m.insert("filename".into(), json!(img.name()));
     m.insert("format".into(), json!(img.format().name()));
     m.insert("dirty-flag".into(), json!(d.dirty()));
     // The files the format counts as its own (vmdk: every extent; qcow2: not a data file).
@@ -107,14 +107,10 @@ fn image_info(img: &Image) -> CliResult<Value> {
         m.insert("encrypted".into(), json!(true));
     }
     if let Some(b) = d.backing() {
-        // qemu keeps a json: name as it is: it is not a path to resolve.
-        let full = if b.filename.starts_with("json:") {
-            b.filename.clone()
-        } else {
-            imgblock::image::resolve_backing(img.path(), &b.filename)
-                .display()
-                .to_string()
-        };
+        // A json: name stays as it is: it is not a path to resolve.
+        let full = imgblock::image::resolve_backing(img.path(), &b.filename)
+            .display()
+            .to_string();
         m.insert("backing-filename".into(), json!(b.filename));
         m.insert("full-backing-filename".into(), json!(full));
         if let Some(f) = b.format {

@@ -67,6 +67,8 @@ pub fn open_image(path: &Path, req: &OpenRequest<'_>) -> CliResult<Image> {
         snapshot: req.snapshot.cloned(),
         force_share: req.force_share,
         repair: req.repair,
+        // A window comes with the name (`json:{...}`, which `--image-opts` resolves to).
+        raw_window: None,
     };
     let none = imgblock::crypto::Secrets::none();
     let secrets = req.secrets.unwrap_or(&none);

@@ -103,6 +103,8 @@ impl SecretArgs {
         let mut path = None;
         let mut fmt = format;
         let mut secrets = Secrets::none();
+        let mut window: Option<imgblock::raw::Window> = None;
+        let mut protocol = None;
         for (k, v) in imgblock::options::split_opts(name)? {
             let mut key = k.as_str();
             let mut depth = 0;
@@ -112,6 +114,9 @@ impl SecretArgs {
             }
             match key {
                 "driver" if depth == 0 => {
+                    if ["file", "host_device", "host_cdrom"].contains(&v.as_str()) {
+                        protocol = Some(v.clone());
+                    }
                     fmt = Some(
                         v.parse::<Format>()
                             .map_err(|_| Failure::new(format!("Unknown driver '{v}'")))?,
@@ -119,6 +124,18 @@ impl SecretArgs {
                 }
                 "file.filename" | "filename" if depth == 0 => path = Some(PathBuf::from(v)),
                 "file.driver" if v == "file" => {}
+                // raw's window into its file: checked against the format when opened.
+                "offset" | "size" if depth == 0 => {
+                    let n = imgblock::options::parse_size_opt(key, &v)
+                        .map_err(|e| Failure::new(format!("Could not open '{name}': {e}")))?;
+                    let w = window.get_or_insert_with(Default::default);
+                    let spelled = Some(serde_json::Value::from(v.as_str()).to_string());
+                    if key == "offset" {
+                        (w.offset, w.spelled.0) = (n, spelled);
+                    } else {
+                        (w.size, w.spelled.1) = (Some(n), spelled);
+                    }
+                }
                 "encrypt.key-secret" | "key-secret" => {
                     let s = lookup(&v)?;
                     if depth == 0 {
@@ -130,9 +147,20 @@ impl SecretArgs {
                 _ => return Err(Failure::new(format!("Invalid parameter '{k}'"))),
             }
         }
-        let path = path.ok_or_else(|| {
+        let mut path = path.ok_or_else(|| {
             Failure::new("A block device must be specified for \"file.filename\"")
         })?;
+        // qemu names such an image by its options, and so does the block layer.
+        if let Some(w) = window {
+            if let Some(p) = protocol {
+                return Err(Failure::new(format!(
+                    "Could not open '{name}': Block protocol '{p}' doesn't support the option '{}'",
+                    w.option_name()
+                )));
+            }
+            let driver = fmt.map(|f| f.to_string());
+            path = PathBuf::from(w.json_name(driver.as_deref(), &path));
+        }
         Ok(ImageSpec {
             path,
             format: fmt,

@@ -167,6 +167,7 @@ impl Disk {
                 snapshot: None,
                 force_share: false,
                 repair: false,
+                raw_window: None,
             };
             open(&spec.path, &opts, &chain_secrets(spec, objects, 0)?).map_err(ierr(&spec.path))?
         };

@@ -70,6 +70,7 @@ pub fn exercise_counted(format: Format, data: &[u8]) -> Opened {
         snapshot: None,
         force_share: false,
         repair: false,
+        raw_window: None,
     };
     if let Ok(img) = Image::open_storage_with_secrets(rw, &opts, &secrets) {
         opened.writable = true;

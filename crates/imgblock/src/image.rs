@@ -32,6 +32,9 @@ pub struct OpenOptions {
     /// Open for `check -r` (qemu's BDRV_O_CHECK): a qcow2 image marked corrupt opens writable
     /// so that the check can repair it, and a dirty one is left for the check to settle.
     pub repair: bool,
+    /// For a raw image: the part of the file that is the disk (qemu's raw `offset` and `size`
+    /// options, given in a `json:` name or with `--image-opts`). Other formats refuse it.
+    pub raw_window: Option<crate::raw::Window>,
 }
 
 impl OpenOptions {
@@ -81,6 +84,8 @@ pub struct Image {
     driver: Box<dyn Driver>,
     backing: Option<Box<Image>>,
     path: PathBuf,
+    /// The part of the file that a raw image shows (`offset`, `size`), when not all of it.
+    raw_window: Option<raw::Window>,
     /// Serialises allocating writes, so that two writers never allocate the same cluster twice.
     alloc_lock: Mutex<()>,
     writable: bool,
@@ -100,13 +105,11 @@ fn open_storage(path: &Path, writable: bool, direct: bool) -> Result<Arc<dyn Sto
 }
 
 /// Resolves a backing name against the overlay's directory, as qemu does. A `json:` name
-/// gives its file as it spells it (qemu opens that relative to the working directory); one that
-/// cannot be read stays as it is, and fails to open with its reason.
+/// stays as it is: [`Image::open`] reads it (its file relative to the working directory, as
+/// qemu opens it, its driver and options), or fails with the reason it cannot.
 pub fn resolve_backing(overlay: &Path, name: &str) -> PathBuf {
-    match crate::json_name::parse(name) {
-        Some(Ok(j)) => return j.filename,
-        Some(Err(_)) => return PathBuf::from(name),
-        None => {}
+    if name.starts_with("json:") {
+        return PathBuf::from(name);
     }
     let p = Path::new(name);
     if p.is_absolute() {
@@ -205,6 +208,7 @@ impl Image {
             };
             let opts = OpenOptions {
                 format,
+                raw_window: j.window.or(opts.raw_window.clone()),
                 ..opts.clone()
             };
             return Self::open_inner_with(
@@ -276,8 +280,17 @@ impl Image {
                 (f, f == Format::Raw)
             }
         };
+        if let (Some(w), false) = (&opts.raw_window, format == Format::Raw) {
+            return Err(Error::InvalidOption(format!(
+                "Block format '{format}' does not support the option '{}'",
+                w.option_name()
+            )));
+        }
         let mut driver: Box<dyn Driver> = match format {
-            Format::Raw => Box::new(raw::Raw::open(storage)?),
+            Format::Raw => Box::new(raw::Raw::open_window(
+                storage,
+                opts.raw_window.clone().unwrap_or_default(),
+            )?),
             Format::Qcow2 => Box::new(qcow2::Qcow2::open_with_key(
                 storage,
                 qcow2::Access {
@@ -309,11 +322,7 @@ impl Image {
             Some(spec) if !opts.no_backing => {
                 // A json: name keeps its own driver: open_inner_with reads it.
                 let json = spec.filename.starts_with("json:");
-                let bpath = if json {
-                    PathBuf::from(&spec.filename)
-                } else {
-                    resolve_backing(path, &spec.filename)
-                };
+                let bpath = resolve_backing(path, &spec.filename);
                 let format = spec
                     .format
                     .as_deref()
@@ -327,6 +336,7 @@ impl Image {
                     snapshot: None,
                     force_share: opts.force_share,
                     repair: false,
+                    raw_window: None,
                 };
                 let b = Self::open_inner(&bpath, &bopts, seen, depth + 1, secrets, direct)
                     .map_err(|e| match e {
@@ -347,6 +357,10 @@ impl Image {
             driver,
             backing,
             path: path.to_owned(),
+            raw_window: opts
+                .raw_window
+                .clone()
+                .filter(|w| *w != raw::Window::default()),
             alloc_lock: Mutex::new(()),
             writable: opts.writable && opts.snapshot.is_none(),
             guessed_raw,
@@ -365,6 +379,7 @@ impl Image {
             driver,
             backing: backing.map(Box::new),
             path: path.to_owned(),
+            raw_window: None,
             alloc_lock: Mutex::new(()),
             writable,
             guessed_raw: false,
@@ -375,6 +390,19 @@ impl Image {
     /// The image's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+    /// The image's name as qemu gives it: its path, or a `json:` name where the path alone
+    /// does not say what the image is (a window into a raw file).
+    pub fn name(&self) -> String {
+        match &self.raw_window {
+            Some(w) => w.json_name(Some("raw"), &self.path),
+            None => self.path.display().to_string(),
+        }
+    }
+    /// The window of its file that a raw image shows, when not the whole file: to open the
+    /// same disk again, give it in [`OpenOptions::raw_window`].
+    pub fn raw_window(&self) -> Option<raw::Window> {
+        self.raw_window.clone()
     }
     /// The driver.
     pub fn driver(&self) -> &dyn Driver {

@@ -47,6 +47,8 @@ pub struct JsonName {
     pub filename: PathBuf,
     /// The format driver's name, when given.
     pub driver: Option<String>,
+    /// The raw driver's `offset` and `size`, when either is given.
+    pub window: Option<crate::raw::Window>,
 }
 
 /// Parses `name` when it is a `json:` name: `None` for plain file names.
@@ -86,12 +88,28 @@ fn parse_body(body: &str) -> Result<JsonName, String> {
                     ));
                 }
             }
-            (text("file.filename")?.or(text("filename")?), driver)
+            (text("file.filename")?.or(text("filename")?), driver.clone())
         }
     };
     let filename = filename.ok_or("A block device must be specified for \"filename\"")?;
+    let offset = size_option(&flat, "offset")?;
+    let size = size_option(&flat, "size")?;
+    let window = (offset.is_some() || size.is_some()).then(|| crate::raw::Window {
+        offset: offset.as_ref().map_or(0, |o| o.0),
+        size: size.as_ref().map(|s| s.0),
+        spelled: (offset.clone().map(|o| o.1), size.clone().map(|s| s.1)),
+    });
+    if let (Some(d), true) = (driver.as_deref(), window.is_some()) {
+        if LOCAL.contains(&d) {
+            let option = if offset.is_some() { "offset" } else { "size" };
+            return Err(format!(
+                "Block protocol '{d}' doesn't support the option '{option}'"
+            ));
+        }
+    }
     for k in flat.keys() {
         let known = ["driver", "filename", "file.driver", "file.filename"].contains(&k.as_str())
+            || (window.is_some() && ["offset", "size"].contains(&k.as_str()))
             || IGNORED.contains(&k.as_str());
         if !known {
             return Err(format!("Unsupported option '{k}' in a json: filename"));
@@ -100,7 +118,31 @@ fn parse_body(body: &str) -> Result<JsonName, String> {
     Ok(JsonName {
         filename: PathBuf::from(filename),
         driver: format,
+        window,
     })
+}
+
+/// A size option (raw's `offset` and `size`): a JSON number, or a string in qemu's size syntax
+/// (`1M`, `0x200`), with qemu's messages; with the value as JSON text.
+fn size_option(flat: &Map<String, Value>, key: &str) -> Result<Option<(u64, String)>, String> {
+    let value = flat.get(key);
+    let spelled = value.map(Value::to_string).unwrap_or_default();
+    let text = match value {
+        None => return Ok(None),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(v) => return Ok(Some((v, spelled))),
+            None => n.to_string(),
+        },
+        Some(other) => {
+            return Err(format!(
+                "Invalid parameter type for '{key}', expected: integer, got: {other}"
+            ))
+        }
+    };
+    crate::options::parse_size_opt(key, &text)
+        .map(|v| Some((v, spelled)))
+        .map_err(|e| e.to_string())
 }
 
 /// Flattens nested objects into dotted keys; a key given both ways is an error, as in qemu.
@@ -177,5 +219,39 @@ mod tests {
         assert!(err("json:{").contains("json"));
         assert!(err("json:[1]").contains("object"));
         assert!(err(r#"json:{"file":{"filename":"a"},"file.filename":"b"}"#).contains("Duplicate"));
+    }
+
+    #[test]
+    fn raw_offset_and_size_make_a_window_spelled_as_given() {
+        let w = ok(r#"json:{"driver":"raw","offset":1048576,"size":"2M","file":{"filename":"d"}}"#)
+            .window
+            .expect("a window");
+        assert_eq!((w.offset, w.size), (1 << 20, Some(2 << 20)));
+        assert_eq!(w.spelled, (Some("1048576".into()), Some("\"2M\"".into())));
+        assert_eq!(
+            w.json_name(Some("raw"), std::path::Path::new("d")),
+            r#"json:{"offset": 1048576, "driver": "raw", "size": "2M", "file": {"driver": "file", "filename": "d"}}"#
+        );
+        let probed = ok(r#"json:{"size":512,"file":{"filename":"d"}}"#);
+        assert_eq!(
+            probed.window.map(|w| (w.offset, w.size)),
+            Some((0, Some(512)))
+        );
+        assert_eq!(ok(r#"json:{"file":{"filename":"d"}}"#).window, None);
+    }
+
+    #[test]
+    fn bad_window_values_get_qemus_messages() {
+        let err = |n: &str| parse(n).unwrap().unwrap_err();
+        assert!(err(r#"json:{"offset":-5,"file":{"filename":"d"}}"#)
+            .contains("Value '-5' is out of range for parameter 'offset'"));
+        assert!(err(r#"json:{"size":1.5,"file":{"filename":"d"}}"#)
+            .contains("Parameter 'size' expects a non-negative number"));
+        assert!(err(r#"json:{"offset":"x","file":{"filename":"d"}}"#).contains("'offset'"));
+        assert!(err(r#"json:{"offset":[1],"file":{"filename":"d"}}"#).contains("'offset'"));
+        assert_eq!(
+            err(r#"json:{"driver":"file","filename":"d","offset":512}"#),
+            "Block protocol 'file' doesn't support the option 'offset'"
+        );
     }
 }

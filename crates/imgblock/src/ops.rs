@@ -112,12 +112,16 @@ pub fn commit_throttled(
     let base_img = chain[depth];
     let base_path = base_img.path().to_owned();
     let base_format = base_img.format();
+    let base_window = base_img.raw_window();
     let size = top.size();
     drop(chain);
     // The base opened on its own is the top of its chain: its secrets are renumbered.
     let mut base_w = Image::open_with_secrets(
         &base_path,
-        &OpenOptions::writable().format(Some(base_format)),
+        &OpenOptions {
+            raw_window: base_window,
+            ..OpenOptions::writable().format(Some(base_format))
+        },
         &secrets.below(depth),
     )?;
     if base_w.size() < size {
@@ -155,6 +159,7 @@ pub fn commit_throttled(
                 snapshot: None,
                 force_share: false,
                 repair: false,
+                raw_window: None,
             },
             secrets,
         )?;
@@ -194,6 +199,7 @@ pub fn rebase(
                 snapshot: None,
                 force_share: false,
                 repair: false,
+                raw_window: None,
             },
             secrets,
         )?;

@@ -42,11 +42,64 @@ impl Preallocation {
     }
 }
 
+/// A window into the file that a raw image shows as its disk (qemu's raw `offset` and `size`
+/// options: a partition of a whole-disk image, say).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Window {
+    /// Where the disk starts in the file.
+    pub offset: u64,
+    /// The disk's size; `None`: up to the end of the file, following it when it changes.
+    pub size: Option<u64>,
+    /// `offset` and `size` as the name spelled them, as JSON values (`"8M"`, `8388608`), for
+    /// naming the image as qemu does; `None`: not given, or not spelled.
+    pub spelled: (Option<String>, Option<String>),
+}
+
+impl Window {
+    /// The option qemu names when a format other than raw is given a window.
+    pub fn option_name(&self) -> &'static str {
+        if self.offset != 0 || self.spelled.0.is_some() {
+            "offset"
+        } else {
+            "size"
+        }
+    }
+
+    /// The `json:` name of this window of `file` in the format `driver` (probed when `None`),
+    /// with its keys in qemu's order: a windowed raw image is named so in `info`, as by qemu-img.
+    pub fn json_name(&self, driver: Option<&str>, file: &Path) -> String {
+        let q = |s: &str| serde_json::Value::from(s).to_string();
+        let mut s = String::from("json:{");
+        match (&self.spelled.0, self.offset) {
+            (Some(text), _) => s.push_str(&format!("\"offset\": {text}, ")),
+            (None, 0) => {}
+            (None, n) => s.push_str(&format!("\"offset\": \"{n}\", ")),
+        }
+        if let Some(d) = driver {
+            s.push_str(&format!("\"driver\": {}, ", q(d)));
+        }
+        match (&self.spelled.1, self.size) {
+            (Some(text), _) => s.push_str(&format!("\"size\": {text}, ")),
+            (None, Some(n)) => s.push_str(&format!("\"size\": \"{n}\", ")),
+            (None, None) => {}
+        }
+        s.push_str(&format!(
+            "\"file\": {{\"driver\": \"file\", \"filename\": {}}}}}",
+            q(&file.display().to_string())
+        ));
+        s
+    }
+}
+
 /// A raw image.
 #[derive(Debug)]
 pub struct Raw {
     storage: Arc<dyn Storage>,
     size: u64,
+    /// Where guest offset 0 lies in the file.
+    offset: u64,
+    /// The size was given (`size=`): the disk cannot be resized.
+    fixed: bool,
 }
 
 impl Raw {
@@ -55,14 +108,49 @@ impl Raw {
     /// # Errors
     /// When the size cannot be read.
     pub fn open(storage: Arc<dyn Storage>) -> Result<Raw> {
-        // qemu sizes disks in whole sectors: a file whose length is not a multiple of 512 reads
-        // as zeroes up to the next sector boundary.
-        let size = storage
-            .size()
-            .ctx(storage.path())?
-            .div_ceil(512)
-            .saturating_mul(512);
-        Ok(Raw { storage, size })
+        Self::open_window(storage, Window::default())
+    }
+
+    /// Opens a raw image that shows `window` of the storage as its disk.
+    ///
+    /// # Errors
+    /// When the size cannot be read, or the window does not fit the file (in qemu's words).
+    pub fn open_window(storage: Arc<dyn Storage>, window: Window) -> Result<Raw> {
+        let len = storage.size().ctx(storage.path())?;
+        let (offset, size) = (window.offset, window.size);
+        if offset > len {
+            return Err(Error::InvalidOption(format!(
+                "Offset ({offset}) cannot be greater than size of the containing file ({len})"
+            )));
+        }
+        let size = match size {
+            // A size that is not whole sectors would be rounded up past the window.
+            Some(s) if s % 512 != 0 => {
+                return Err(Error::InvalidOption(
+                    "Specified size is not multiple of 512".into(),
+                ))
+            }
+            Some(s) if s > len - offset => {
+                return Err(Error::InvalidOption(format!(
+                    "The sum of offset ({offset}) and size ({s}) has to be smaller or equal to the  actual size of the containing file ({len})"
+                )))
+            }
+            Some(s) => s,
+            // qemu sizes disks in whole sectors: a file whose length is not a multiple of 512
+            // reads as zeroes up to the next sector boundary.
+            None => (len - offset).div_ceil(512).saturating_mul(512),
+        };
+        Ok(Raw {
+            storage,
+            size,
+            offset,
+            fixed: window.size.is_some(),
+        })
+    }
+
+    /// Where guest `offset` lies in the file.
+    fn host(&self, offset: u64) -> HostOffset {
+        HostOffset(self.offset.saturating_add(offset))
     }
 }
 
@@ -148,7 +236,7 @@ impl Driver for Raw {
         Ok((
             Mapping::Data {
                 file: 0,
-                offset: HostOffset(offset),
+                offset: self.host(offset),
                 writable: true,
             },
             len.min(self.size - offset),
@@ -172,7 +260,7 @@ impl Driver for Raw {
             guest: offset,
             len,
             file: 0,
-            host: HostOffset(offset),
+            host: self.host(offset),
         }])
     }
     fn commit(&self, _extents: &[HostExtent]) -> Result<()> {
@@ -180,12 +268,14 @@ impl Driver for Raw {
     }
     fn zero(&self, offset: u64, len: u64, unmap: bool) -> Result<bool> {
         self.storage
-            .write_zeroes(offset, len, unmap)
+            .write_zeroes(self.host(offset).0, len, unmap)
             .ctx(self.storage.path())?;
         Ok(true)
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.storage.discard(offset, len).ctx(self.storage.path())
+        self.storage
+            .discard(self.host(offset).0, len)
+            .ctx(self.storage.path())
     }
     fn flush(&self) -> Result<()> {
         self.storage.flush().ctx(self.storage.path())
@@ -199,13 +289,94 @@ impl Driver for Raw {
                 what: "Cannot resize device files".into(),
             });
         }
+        if self.fixed {
+            return Err(Error::Unsupported {
+                path: s.path().to_owned(),
+                what: "Cannot resize fixed-size raw disks".into(),
+            });
+        }
         if prealloc == Preallocation::Metadata {
             return Err(Error::InvalidOption(
                 "Unsupported preallocation mode: metadata".into(),
             ));
         }
-        crate::storage::set_len_preallocated(s.as_ref(), old, new_size, prealloc).ctx(s.path())?;
+        let (from, to) = (self.host(old).0, self.host(new_size).0);
+        crate::storage::set_len_preallocated(s.as_ref(), from, to, prealloc).ctx(s.path())?;
         self.size = new_size;
         s.flush().ctx(s.path())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_of(len: u64) -> (tempfile::TempDir, Arc<dyn Storage>) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStorage::create(&dir.path().join("d")).unwrap();
+        s.set_len(len).unwrap();
+        (dir, Arc::new(s))
+    }
+
+    fn window(offset: u64, size: Option<u64>) -> Window {
+        Window {
+            offset,
+            size,
+            ..Window::default()
+        }
+    }
+
+    #[test]
+    fn a_window_maps_guest_offsets_past_its_start() {
+        let (_d, s) = file_of(10 << 20);
+        let r = Raw::open_window(s, window(1 << 20, Some(2 << 20))).unwrap();
+        assert_eq!(r.virtual_size(), 2 << 20);
+        let (m, n) = r.map(4096, 8 << 20).unwrap();
+        assert_eq!(n, (2 << 20) - 4096);
+        assert!(matches!(m, Mapping::Data { offset: HostOffset(o), .. } if o == (1 << 20) + 4096));
+        assert!(matches!(r.map(2 << 20, 1).unwrap().0, Mapping::Eof));
+        assert_eq!(
+            r.allocate(512, 512).unwrap()[0].host,
+            HostOffset((1 << 20) + 512)
+        );
+    }
+
+    #[test]
+    fn an_open_ended_window_runs_to_the_end_of_the_file_in_whole_sectors() {
+        let (_d, s) = file_of(10 << 20);
+        let r = Raw::open_window(s, window(1000, None)).unwrap();
+        assert_eq!(r.virtual_size(), ((10 << 20) - 1000u64).div_ceil(512) * 512);
+    }
+
+    #[test]
+    fn windows_that_do_not_fit_are_refused_in_qemus_words() {
+        let (_d, s) = file_of(4096);
+        let err = |w| Raw::open_window(s.clone(), w).unwrap_err().to_string();
+        assert_eq!(
+            err(window(4097, None)),
+            "Offset (4097) cannot be greater than size of the containing file (4096)"
+        );
+        assert_eq!(
+            err(window(0, Some(1000))),
+            "Specified size is not multiple of 512"
+        );
+        assert!(err(window(512, Some(4096))).starts_with("The sum of offset (512) and size (4096)"));
+        assert!(Raw::open_window(s.clone(), window(4096, None)).is_ok());
+    }
+
+    #[test]
+    fn a_fixed_window_cannot_be_resized_and_an_open_one_moves_the_file_end() {
+        let (_d, s) = file_of(8192);
+        let mut fixed = Raw::open_window(s.clone(), window(1024, Some(4096))).unwrap();
+        let e = fixed.resize(8192, Preallocation::Off, false).unwrap_err();
+        assert!(
+            e.to_string()
+                .ends_with("Cannot resize fixed-size raw disks"),
+            "{e}"
+        );
+        let mut open = Raw::open_window(s.clone(), window(1024, None)).unwrap();
+        open.resize(2048, Preallocation::Off, false).unwrap();
+        assert_eq!(s.size().unwrap(), 1024 + 2048);
+        assert_eq!(open.virtual_size(), 2048);
     }
 }
