@@ -189,23 +189,25 @@ impl Vdi {
     }
 }
 
-/// Looks for the `.vdi` whose image UUID is `want` in the directory of `child` and its parent
-/// directory (VirtualBox keeps differencing images in `Snapshots/` below the base).
-fn find_parent(child: &Path, want: &Uuid) -> Result<String, Error> {
+/// Where a differencing image's parent is looked for: the child's directory, then the one above
+/// it (`..` of it, so that a child named without a directory finds its parent too), each with
+/// the prefix that names a file there relative to the child.
+fn search_dirs(child: &Path) -> [(PathBuf, PathBuf); 2] {
     let dir = match child.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
         _ => PathBuf::from("."),
     };
-    let mut dirs = vec![(dir.clone(), PathBuf::new())];
-    if let Some(up) = dir.parent() {
-        let up = if up.as_os_str().is_empty() {
-            PathBuf::from(".")
-        } else {
-            up.to_owned()
-        };
-        dirs.push((up, PathBuf::from("..")));
-    }
+    [
+        (dir.clone(), PathBuf::new()),
+        (dir.join(".."), PathBuf::from("..")),
+    ]
+}
+
+/// Looks for the `.vdi` whose image UUID is `want` in the directory of `child` and its parent
+/// directory (VirtualBox keeps differencing images in `Snapshots/` below the base).
+fn find_parent(child: &Path, want: &Uuid) -> Result<String, Error> {
     let mut seen = 0usize;
+    let dirs = search_dirs(child);
     for (d, rel) in dirs {
         let Ok(rd) = std::fs::read_dir(&d) else {
             continue;
@@ -526,6 +528,23 @@ impl Driver for Vdi {
 mod tests {
     use super::*;
     use crate::{CreateOptions, Image, OpenOptions};
+
+    #[test]
+    fn parents_are_looked_for_beside_the_child_and_one_directory_up() {
+        let dirs = |c: &str| search_dirs(Path::new(c)).map(|(d, r)| (d, r.display().to_string()));
+        // A child named without a directory (opened from Snapshots/) still looks in `..`.
+        assert_eq!(
+            dirs("s.vdi"),
+            [(".".into(), String::new()), ("./..".into(), "..".into())]
+        );
+        assert_eq!(
+            dirs("VM/Snapshots/s.vdi"),
+            [
+                ("VM/Snapshots".into(), String::new()),
+                ("VM/Snapshots/..".into(), "..".into())
+            ]
+        );
+    }
 
     fn make(dir: &Path, size: u64, opts: &[(&str, &str)]) -> PathBuf {
         let p = dir.join("t.vdi");
