@@ -9,6 +9,8 @@ mod common;
 #[path = "../crates/imgblock/tests/fmt_common/sesparse.rs"]
 mod sesparse;
 
+use std::os::unix::ffi::OsStrExt;
+
 use common::{noise, Env, MIB};
 
 /// Asserts `img` and qemu-img print the same thing (and exit alike) for `args`.
@@ -599,6 +601,77 @@ fn descriptors_with_other_leading_comments_probe_as_vmdk() {
         same_output(&env, &["info", "--output=json", name]);
         same_output(&env, &["compare", name, "f.vmdk"]);
     }
+}
+
+/// Descriptors as VMware writes them on Windows hosts: text in the host's code page
+/// (`encoding="windows-1252"`) naming files in it, and embedded descriptors with lines qemu
+/// does not need (no createType, `version=1.0`, an extent type nobody reads, a comment after
+/// the CID). qemu reads them all; so must img, the same bytes, the same description.
+#[test]
+fn descriptors_in_legacy_code_pages_and_loose_embedded_ones_read_like_qemu() {
+    let env = Env::with_qemu();
+    let embedded = |name: &str, edit: &dyn Fn(Vec<u8>) -> Vec<u8>| {
+        env.qemu_img(&["create", "-q", "-f", "vmdk", name, "10M"])
+            .ok();
+        env.qemu_io(
+            "vmdk",
+            name,
+            &["write -P 0x41 0 64k", "write -P 0x42 5M 64k"],
+        );
+        let mut bytes = env.read(name);
+        let text = &bytes[512..512 + 10240];
+        let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
+        let desc = edit(text[..end].to_vec());
+        assert!(desc.len() <= 10240);
+        bytes[512..512 + desc.len()].copy_from_slice(&desc);
+        bytes[512 + desc.len()..512 + 10240].fill(0);
+        env.write(name, &bytes);
+    };
+    let replace = |d: Vec<u8>, from: &[u8], to: &[u8]| -> Vec<u8> {
+        let at = d
+            .windows(from.len())
+            .position(|w| w == from)
+            .expect("in the descriptor");
+        [&d[..at], to, &d[at + from.len()..]].concat()
+    };
+    embedded("cp1252.vmdk", &|d| {
+        let d = replace(d, b"\"cp1252.vmdk\"", b"\"D\xe9mo.vmdk\"");
+        replace(d, b"version=1\n", b"version=1\nencoding=\"windows-1252\"\n")
+    });
+    embedded("loose.vmdk", &|d| {
+        let d = replace(d, b"createType=\"monolithicSparse\"\n", b"");
+        let d = replace(d, b"version=1\n", b"version=1.0\n");
+        let d = replace(d, b"CID=", b"# hi\nCID=");
+        replace(d, b"RW 20480 SPARSE", b"RW 20480 VSANSPARSE")
+    });
+    for name in ["cp1252.vmdk", "loose.vmdk"] {
+        same_output(&env, &["info", "--output=json", name]);
+        same_output(&env, &["map", "--output=json", name]);
+        same_output(&env, &["check", name]);
+        env.img(&["convert", "-O", "raw", name, "i.raw"]).ok();
+        env.qemu_img(&["convert", "-O", "raw", name, "q.raw"]).ok();
+        env.assert_same_bytes("i.raw", "q.raw");
+    }
+    // A descriptor file naming its flat extent in windows-1252: the name's bytes find the file.
+    std::fs::write(
+        env.path("x")
+            .with_file_name(std::ffi::OsStr::from_bytes(b"fl\xe9t.bin")),
+        noise(9, 1 << 20),
+    )
+    .unwrap();
+    env.write(
+        "flat.vmdk",
+        b"# Disk DescriptorFile\nversion=1\nencoding=\"windows-1252\"\nCID=12345678\n\
+          parentCID=ffffffff\ncreateType=\"monolithicFlat\"\n# Extent description\n\
+          RW 2048 FLAT \"fl\xe9t.bin\" 0\n\nddb.comment = \"caf\xe9\"\n",
+    );
+    same_output(&env, &["info", "--output=json", "flat.vmdk"]);
+    env.img(&["convert", "-O", "raw", "flat.vmdk", "i.raw"])
+        .ok();
+    env.qemu_img(&["convert", "-O", "raw", "flat.vmdk", "q.raw"])
+        .ok();
+    env.assert_same_bytes("i.raw", "q.raw");
+    assert_eq!(env.read("i.raw"), noise(9, 1 << 20));
 }
 
 /// VDI sizes that are not whole sectors: `create` stores the size rounded up to a sector, as

@@ -161,8 +161,11 @@ fn image_info(img: &Image) -> CliResult<Value> {
             // Extents in files of their own are child nodes, newest (last) first, as in qemu.
             // The extent names are already resolved against the descriptor's directory.
             for (i, e) in v.extents.iter().enumerate().rev() {
-                let want = std::path::Path::new(&e.filename);
-                if let Some(f) = files[1..].iter().find(|f| f.path() == want) {
+                // Compared as displayed: a name in a legacy code page is not UTF-8.
+                let shown = files[1..]
+                    .iter()
+                    .find(|f| f.path().display().to_string() == e.filename);
+                if let Some(f) = shown {
                     children.push(json!({"name": format!("extents.{i}"), "info": file_info(f)?}));
                 }
             }

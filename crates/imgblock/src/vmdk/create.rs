@@ -311,6 +311,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
             ("ddb.adapterType".into(), adapter),
             ("ddb.toolsVersion".into(), tools),
         ],
+        latin1: false,
     };
     let dir: PathBuf = path.parent().map(Path::to_owned).unwrap_or_default();
     let (prefix, postfix) = prefix_postfix(path);

@@ -1,6 +1,8 @@
 //! The text descriptor (Virtual Disk Format 5.0, "The Descriptor File"): header keys, extent
 //! lines and the disk database. Accepts what VMware, VirtualBox and ovftool write: comments,
-//! blank lines, CRLF, quoted or bare values, spaces around `=`, any `ddb.*` keys.
+//! blank lines, CRLF, quoted or bare values, spaces around `=`, any `ddb.*` keys, and text in
+//! the legacy code page Windows hosts write (`encoding="windows-1252"`, Shift_JIS, ...), which
+//! is read byte for byte so that the file names it holds still name their files.
 
 use super::{Error, MAX_DESCRIPTOR_BYTES, MAX_EXTENTS};
 
@@ -100,6 +102,9 @@ pub struct Descriptor {
     pub extents: Vec<ExtentLine>,
     /// `ddb.*` keys in order, values unquoted.
     pub ddb: Vec<(String, String)>,
+    /// The text was not UTF-8 and was read as Latin-1, one char per byte: file names turn back
+    /// into their bytes with [`Descriptor::file_name`].
+    pub latin1: bool,
 }
 
 fn unquote(v: &str) -> &str {
@@ -109,13 +114,28 @@ fn unquote(v: &str) -> &str {
         .unwrap_or(v)
 }
 
+/// A CID: the hex digits at the start of the value, as qemu reads it (`sscanf("%x")`), so that
+/// `CID=fffffffe # comment` reads.
 fn parse_hex(key: &'static str, v: &str) -> Result<u32, Error> {
     let t = unquote(v);
-    let t = t.strip_prefix("0x").unwrap_or(t);
-    u32::from_str_radix(t, 16).map_err(|_| Error::BadValue {
+    let t = t
+        .strip_prefix("0x")
+        .or_else(|| t.strip_prefix("0X"))
+        .unwrap_or(t);
+    let end = t.find(|c: char| !c.is_ascii_hexdigit()).unwrap_or(t.len());
+    u32::from_str_radix(&t[..end], 16).map_err(|_| Error::BadValue {
         key,
         value: v.to_owned(),
     })
+}
+
+/// The text of descriptor bytes: UTF-8 when they are, else Latin-1 (every byte one char), and
+/// which it was.
+fn decode(bytes: &[u8]) -> (std::borrow::Cow<'_, str>, bool) {
+    match std::str::from_utf8(bytes) {
+        Ok(t) => (t.into(), false),
+        Err(_) => (bytes.iter().map(|&b| char::from(b)).collect(), true),
+    }
 }
 
 fn parse_extent(line: &str) -> Result<ExtentLine, Error> {
@@ -175,17 +195,47 @@ fn parse_extent(line: &str) -> Result<ExtentLine, Error> {
 }
 
 impl Descriptor {
-    /// Parses descriptor text (up to the first NUL).
+    /// Parses the text of a descriptor file (up to the first NUL): its extent lines say where
+    /// the data is, so each must parse.
     ///
     /// # Errors
-    /// [`Error::DescriptorTooLarge`], [`Error::DescriptorNotText`], [`Error::MissingKey`],
-    /// [`Error::BadValue`], [`Error::BadExtentLine`], [`Error::TooManyExtents`].
+    /// [`Error::DescriptorTooLarge`], [`Error::MissingKey`], [`Error::BadValue`],
+    /// [`Error::BadExtentLine`], [`Error::UnsupportedExtentType`], [`Error::TooManyExtents`].
     pub fn parse(bytes: &[u8]) -> Result<Descriptor, Error> {
+        Self::parse_with(bytes, false)
+    }
+
+    /// Parses the descriptor embedded in a sparse file, whose header says where the data is:
+    /// as in qemu, only the CIDs and the parent hint matter, so extent lines that do not parse
+    /// are left out and a missing `createType` reads as `monolithicSparse`.
+    ///
+    /// # Errors
+    /// [`Error::DescriptorTooLarge`], [`Error::BadValue`] for a CID, [`Error::MissingKey`] for
+    /// a missing `CID`.
+    pub fn parse_embedded(bytes: &[u8]) -> Result<Descriptor, Error> {
+        Self::parse_with(bytes, true)
+    }
+
+    /// A file name from this descriptor as the bytes it was written with.
+    pub fn file_name(&self, name: &str) -> std::path::PathBuf {
+        if !self.latin1 {
+            return name.into();
+        }
+        // Every char came from one byte (decode), so none is above U+00FF.
+        let bytes: Vec<u8> = name
+            .chars()
+            .map(|c| u8::try_from(u32::from(c)).unwrap_or(b'?'))
+            .collect();
+        let name: std::ffi::OsString = std::os::unix::ffi::OsStringExt::from_vec(bytes);
+        name.into()
+    }
+
+    fn parse_with(bytes: &[u8], embedded: bool) -> Result<Descriptor, Error> {
         let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
         if end as u64 > MAX_DESCRIPTOR_BYTES {
             return Err(Error::DescriptorTooLarge(end as u64));
         }
-        let text = std::str::from_utf8(&bytes[..end]).map_err(|_| Error::DescriptorNotText)?;
+        let (text, latin1) = decode(&bytes[..end]);
         let mut d = Descriptor {
             version: 1,
             cid: 0,
@@ -194,6 +244,7 @@ impl Descriptor {
             parent_hint: None,
             extents: Vec::new(),
             ddb: Vec::new(),
+            latin1,
         };
         let mut have_type = false;
         let mut have_cid = false;
@@ -207,7 +258,11 @@ impl Descriptor {
                 if d.extents.len() >= MAX_EXTENTS {
                     return Err(Error::TooManyExtents(d.extents.len() + 1));
                 }
-                d.extents.push(parse_extent(line)?);
+                match parse_extent(line) {
+                    Ok(e) => d.extents.push(e),
+                    Err(_) if embedded => {}
+                    Err(e) => return Err(e),
+                }
                 continue;
             }
             let Some((k, v)) = line.split_once('=') else {
@@ -216,11 +271,11 @@ impl Descriptor {
             };
             let k = k.trim();
             match k {
+                // Informational only (qemu does not read it): `version=1.0` is version 1.
                 "version" => {
-                    d.version = unquote(v).parse().map_err(|_| Error::BadValue {
-                        key: "version",
-                        value: v.to_owned(),
-                    })?
+                    let t = unquote(v);
+                    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+                    d.version = t[..digits].parse().unwrap_or(1);
                 }
                 "CID" => {
                     d.cid = parse_hex("CID", v)?;
@@ -242,7 +297,10 @@ impl Descriptor {
             }
         }
         if !have_type {
-            return Err(Error::MissingKey("createType"));
+            if !embedded {
+                return Err(Error::MissingKey("createType"));
+            }
+            d.create_type = "monolithicSparse".into();
         }
         if !have_cid {
             return Err(Error::MissingKey("CID"));
@@ -417,6 +475,52 @@ ddb.geometry.sectors = \"63\"\nddb.adapterType = \"ide\"\nddb.toolsVersion = \"2
             Descriptor::parse(t.as_bytes()),
             Err(Error::UnsupportedExtentType(_))
         ));
+    }
+
+    #[test]
+    fn embedded_descriptors_leave_out_what_they_need_not_say() {
+        let t = QEMU
+            .replace("createType=\"twoGbMaxExtentSparse\"\n", "")
+            .replace("version=1", "version=1.0")
+            .replace("CID=3eb3dcfa", "CID=3eb3dcfa # written by a tool")
+            .replace("RW 2097152 SPARSE", "RW 2097152 VSANSPARSE")
+            .replace("RW 4194304 SPARSE \"t-s001.vmdk\"", "RW x SPARSE \"a\"");
+        let d = Descriptor::parse_embedded(t.as_bytes()).unwrap();
+        assert_eq!(d.create_type, "monolithicSparse");
+        assert_eq!((d.version, d.cid), (1, 0x3eb3_dcfa));
+        assert!(d.extents.is_empty());
+        // A descriptor file still needs them: its extent lines say where the data is.
+        assert!(Descriptor::parse(t.as_bytes()).is_err());
+        // A CID is still needed, and read as qemu reads it.
+        let no_cid = QEMU.replace("CID=3eb3dcfa\n", "");
+        assert!(matches!(
+            Descriptor::parse_embedded(no_cid.as_bytes()),
+            Err(Error::MissingKey("CID"))
+        ));
+    }
+
+    #[test]
+    fn descriptors_in_a_legacy_code_page_keep_their_file_name_bytes() {
+        let mut t = QEMU
+            .replace("\"t-s001.vmdk\"", "\"D\u{e9}mo.vmdk\"")
+            .into_bytes();
+        // windows-1252's é is one byte, not UTF-8's two.
+        let at = t.windows(2).position(|w| w == "\u{e9}".as_bytes()).unwrap();
+        t.splice(at..at + 2, [0xe9]);
+        let d = Descriptor::parse(&t).unwrap();
+        assert!(d.latin1);
+        let name = d.extents[0].filename.as_deref().unwrap();
+        assert_eq!(name, "D\u{e9}mo.vmdk");
+        assert_eq!(
+            std::os::unix::ffi::OsStrExt::as_bytes(d.file_name(name).as_os_str()),
+            b"D\xe9mo.vmdk"
+        );
+        let utf8 = Descriptor::parse(QEMU.as_bytes()).unwrap();
+        assert!(!utf8.latin1);
+        assert_eq!(
+            utf8.file_name("t-s001.vmdk"),
+            std::path::PathBuf::from("t-s001.vmdk")
+        );
     }
 
     #[test]

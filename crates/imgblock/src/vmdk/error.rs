@@ -12,9 +12,6 @@ pub enum Error {
     /// A text descriptor longer than [`super::MAX_DESCRIPTOR_BYTES`].
     #[error("descriptor of {0} bytes is too large")]
     DescriptorTooLarge(u64),
-    /// The descriptor is not text.
-    #[error("descriptor is not valid text")]
-    DescriptorNotText,
     /// A required descriptor key is missing.
     #[error("invalid VMDK image descriptor: no {0}")]
     MissingKey(&'static str),

@@ -202,6 +202,15 @@ fn read_u32s(s: &dyn Storage, offset: u64, n: u64) -> Result<Vec<u32>> {
         .collect())
 }
 
+/// Where an extent file named in the descriptor at `desc` is: relative names are relative to
+/// the descriptor's directory.
+fn extent_path(desc: &Path, name: &Path) -> std::path::PathBuf {
+    match desc.parent() {
+        Some(dir) if name.is_relative() && !dir.as_os_str().is_empty() => dir.join(name),
+        _ => name.to_owned(),
+    }
+}
+
 /// Reads the descriptor of a vmdk file (embedded or not) without opening its extents.
 fn read_descriptor(s: &dyn Storage) -> Result<(Descriptor, Option<SparseHeader>)> {
     let path = s.path();
@@ -238,7 +247,7 @@ fn read_descriptor(s: &dyn Storage) -> Result<(Descriptor, Option<SparseHeader>)
             })?;
         let mut buf = vec![0u8; usize::try_from(bytes).unwrap_or(0)];
         s.read_at(&mut buf, off).ctx(path)?;
-        let d = Descriptor::parse(&buf).map_err(|e| verr(path, e))?;
+        let d = Descriptor::parse_embedded(&buf).map_err(|e| verr(path, e))?;
         return Ok((d, Some(h)));
     }
     if first[..4] == sparse::COWD_MAGIC {
@@ -311,6 +320,7 @@ impl Vmdk {
                     parent_hint: None,
                     extents: Vec::new(),
                     ddb: Vec::new(),
+                    latin1: false,
                 }
             };
             let len = info.geo.bytes();
@@ -346,8 +356,8 @@ impl Vmdk {
                     .checked_mul(SECTOR)
                     .filter(|_| line.sectors <= MAX_CAPACITY_SECTORS)
                     .ok_or_else(|| verr(&path, Error::BadCapacity(line.sectors)))?;
-                let name = line.filename.clone().unwrap_or_default();
-                let epath = crate::image::resolve_backing(&path, &name);
+                let name = desc.file_name(line.filename.as_deref().unwrap_or_default());
+                let epath = extent_path(&path, &name);
                 let ext_writable = writable && line.access == Access::Rw;
                 let (kind, file) = match line.kind {
                     ExtentType::Zero => (Kind::Zero, 0),
@@ -381,7 +391,7 @@ impl Vmdk {
                             }
                             _ => {
                                 let base = line.offset.checked_mul(SECTOR).ok_or_else(|| {
-                                    verr(&path, Error::BadExtentLine(name.clone()))
+                                    verr(&path, Error::BadExtentLine(name.display().to_string()))
                                 })?;
                                 (Kind::Flat { base }, idx)
                             }
