@@ -237,6 +237,35 @@ fn ova_info_and_convert_read_the_disk_in_place() {
     ])
     .ok();
     env.qemu_img(&["check", "o1.qcow2"]).ok();
+    // Every command that reads an image reads the same disk in place, and says that the
+    // appliance holds more than the one it reads.
+    let warned = |o: &common::Output| o.stderr.contains("'app.ova' holds 2 disks");
+    let cmp = env.img(&["compare", "app.ova", "o1.qcow2"]).ok();
+    assert!(warned(&cmp), "{cmp}");
+    let with_disk = env.img(&["info", "--disk", "0", "app.ova"]).ok();
+    assert!(!warned(&with_disk), "{with_disk}");
+    let map = env.img(&["map", "--output=json", "app.ova"]).ok();
+    let want = env.qemu_img(&["map", "--output=json", "disk1.vmdk"]).ok();
+    let data = |o: &common::Output| -> Vec<(u64, u64, bool)> {
+        let v = o.json();
+        v.as_array()
+            .expect("map entries")
+            .iter()
+            .map(|e| {
+                let n = |k: &str| e[k].as_u64().expect("a number");
+                (
+                    n("start"),
+                    n("length"),
+                    e["data"].as_bool().expect("a bool"),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(data(&map), data(&want), "{map}");
+    env.img(&["check", "app.ova"]).ok();
+    let repair = env.img(&["check", "-r", "all", "app.ova"]);
+    assert_eq!(repair.code, Some(1), "{repair}");
+    assert!(repair.stderr.contains("cannot be written"), "{repair}");
     let out = env.img(&[
         "convert", "--disk", "2", "-O", "qcow2", "app.ova", "o3.qcow2",
     ]);

@@ -7,7 +7,7 @@ use serde_json::{json, Map, Value};
 use crate::cache::{is_direct, parse_cache};
 use crate::console;
 use crate::failure::{CliResult, Failure};
-use crate::open::{open_image, parse_format, OpenRequest};
+use crate::open::{open_source, parse_format, OpenRequest};
 use crate::output::OutputFormat;
 use crate::progress::{Progress, ProgressArgs};
 use crate::qjson;
@@ -81,7 +81,7 @@ pub fn run(args: &CheckArgs) -> CliResult<i32> {
         force_share: args.force_share,
         ..OpenRequest::default()
     };
-    let img = open_image(&spec.path, &req)?;
+    let img = open_source(&spec.path, &req, None)?;
     // The check is one library call: progress goes from nothing to the whole image.
     let progress = Progress::new(
         &args.progress,

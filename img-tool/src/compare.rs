@@ -6,7 +6,7 @@ use imgblock::{BlockStatus, Image};
 use crate::cache::{is_direct, parse_cache};
 use crate::console;
 use crate::failure::{CliResult, Failure};
-use crate::open::{open_image, parse_format, OpenRequest};
+use crate::open::{open_source, parse_format, OpenRequest};
 use crate::progress::{Progress, ProgressArgs};
 use crate::sectors::{first_difference, first_nonzero};
 
@@ -90,7 +90,7 @@ pub fn run(args: &CompareArgs) -> CliResult<i32> {
             direct,
             ..OpenRequest::default()
         };
-        open_image(&spec.path, &req)
+        open_source(&spec.path, &req, None)
     };
     let a =
         open(&args.filename1, args.format.as_deref()).map_err(|f| f.with_code(EXIT_OPEN_ERROR))?;

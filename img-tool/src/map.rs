@@ -5,7 +5,7 @@ use imgblock::{BlockStatus, Image};
 
 use crate::console::{self, Buffered};
 use crate::failure::{CliResult, Failure};
-use crate::open::{open_image, parse_format, storage_path, OpenRequest};
+use crate::open::{open_source, parse_format, storage_path, OpenRequest};
 use crate::output::OutputFormat;
 use crate::units::cvtnum;
 use crate::units::INT64_MAX;
@@ -272,7 +272,7 @@ pub fn run(args: &MapArgs) -> CliResult<i32> {
         force_share: args.force_share,
         ..OpenRequest::default()
     };
-    let img = open_image(&spec.path, &req)?;
+    let img = open_source(&spec.path, &req, None)?;
     let mut printer = Printer::start(format);
     let end = max_length.map_or(img.size(), |l| img.size().min(start.saturating_add(l)));
     let mut merger = Merger::new(format == OutputFormat::Human, start);

@@ -85,10 +85,11 @@ pub fn open_image(path: &Path, req: &OpenRequest<'_>) -> CliResult<Image> {
 }
 
 /// Opens an image to read from: with no format given, an OVA appliance opens as its disk number
-/// `disk` (0 when not given), read in place inside the tar; anything else as [`open_image`].
+/// `disk` (0 when not given, with a warning when it holds more), read in place inside the tar;
+/// anything else as [`open_image`].
 ///
 /// # Errors
-/// As [`open_image`]; `--disk` given for a file that is not an OVA.
+/// As [`open_image`]; `--disk` given for a file that is not an OVA; an OVA opened for writing.
 pub fn open_source(path: &Path, req: &OpenRequest<'_>, disk: Option<usize>) -> CliResult<Image> {
     if req.format.is_none() && imgblock::ova::is_ova(path) {
         if req.snapshot.is_some() {
@@ -96,6 +97,23 @@ pub fn open_source(path: &Path, req: &OpenRequest<'_>, disk: Option<usize>) -> C
                 "'{}': disks inside an OVA have no internal snapshots",
                 path.display()
             )));
+        }
+        if req.writable {
+            return Err(Failure::new(format!(
+                "'{}': disks inside an OVA are read in place and cannot be written; \
+                 convert the disk out of it first (or give -f raw to write the archive itself)",
+                path.display()
+            )));
+        }
+        if disk.is_none() {
+            let count = imgblock::ova::disks(path).map_or(0, |d| d.len());
+            if count > 1 {
+                console::eprint(&format!(
+                    "img: warning: '{}' holds {count} disks; this reads disk 0 \
+                     (info and convert take --disk N for another)\n",
+                    path.display()
+                ));
+            }
         }
         return imgblock::ova::open(path, disk.unwrap_or(0)).map_err(|e| open_failure(path, &e));
     }
