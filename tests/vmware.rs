@@ -263,6 +263,18 @@ fn ova_info_and_convert_read_the_disk_in_place() {
     };
     assert_eq!(data(&map), data(&want), "{map}");
     env.img(&["check", "app.ova"]).ok();
+    // The disk named as virt-v2v names it for qemu: the vmdk over a raw window of the tar
+    // (ustar: the OVF's header and data, then the disk's header).
+    let at = 512 + env.len("app.ovf").div_ceil(512) * 512 + 512;
+    let json = format!(
+        r#"json:{{"driver":"vmdk","file":{{"driver":"raw","offset":{at},"size":{},"file":{{"driver":"file","filename":"app.ova"}}}}}}"#,
+        env.len("disk1.vmdk")
+    );
+    env.img(&["convert", "-O", "raw", &json, "i.raw"]).ok();
+    env.qemu_img(&["convert", "-O", "raw", &json, "q.raw"]).ok();
+    env.assert_same_bytes("i.raw", "q.raw");
+    env.assert_same_bytes("i.raw", "src.raw");
+    same_output(&env, &["map", "--output=json", &json]);
     let repair = env.img(&["check", "-r", "all", "app.ova"]);
     assert_eq!(repair.code, Some(1), "{repair}");
     assert!(repair.stderr.contains("cannot be written"), "{repair}");

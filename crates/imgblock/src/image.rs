@@ -211,6 +211,29 @@ impl Image {
                 raw_window: j.window.or(opts.raw_window.clone()),
                 ..opts.clone()
             };
+            if let Some(w) = &j.file_window {
+                // A format inside a window of the file (a disk inside an OVA, as virt-v2v
+                // names it): read in place, read-only.
+                if opts.writable {
+                    return Err(Error::Unsupported {
+                        path: j.filename.clone(),
+                        what: "an image inside a raw window opens read-only".into(),
+                    });
+                }
+                let file: Arc<dyn Storage> =
+                    Arc::new(FileStorage::open(&j.filename, false).ctx(&j.filename)?);
+                let (offset, len) = w.fit(file.size().ctx(&j.filename)?)?;
+                let inner: Arc<dyn Storage> = Arc::new(crate::ova::Window::new(file, offset, len));
+                return Self::open_inner_with(
+                    &j.filename,
+                    &opts,
+                    seen,
+                    depth,
+                    Some(inner),
+                    secrets,
+                    direct,
+                );
+            }
             return Self::open_inner_with(
                 &j.filename,
                 &opts,

@@ -49,6 +49,9 @@ pub struct JsonName {
     pub driver: Option<String>,
     /// The raw driver's `offset` and `size`, when either is given.
     pub window: Option<crate::raw::Window>,
+    /// The format sits on a raw window of the file (`"file":{"driver":"raw","offset":...}`,
+    /// as virt-v2v reads a disk inside an OVA).
+    pub file_window: Option<crate::raw::Window>,
 }
 
 /// Parses `name` when it is a `json:` name: `None` for plain file names.
@@ -77,18 +80,28 @@ fn parse_body(body: &str) -> Result<JsonName, String> {
         }
     };
     let driver = text("driver")?;
+    // A format over a raw window over the file: the window's node is `file`, the file's
+    // `file.file`.
+    let nested = driver.as_deref() != Some("raw") && text("file.driver")?.as_deref() == Some("raw");
+    let file = if nested { "file.file." } else { "file." };
     let (filename, format) = match driver.as_deref() {
         // A protocol node at the top: its bytes are the disk.
         Some(d) if LOCAL.contains(&d) => (text("filename")?, Some("raw".to_owned())),
         _ => {
-            if let Some(p) = text("file.driver")? {
+            if let Some(p) = text(&format!("{file}driver"))? {
                 if !LOCAL.contains(&p.as_str()) {
                     return Err(format!(
                         "Unsupported protocol '{p}' (only local files can be opened)"
                     ));
                 }
             }
-            (text("file.filename")?.or(text("filename")?), driver.clone())
+            let name = text(&format!("{file}filename"))?;
+            let name = if nested {
+                name
+            } else {
+                name.or(text("filename")?)
+            };
+            (name, driver.clone())
         }
     };
     let filename = filename.ok_or("A block device must be specified for \"filename\"")?;
@@ -99,6 +112,17 @@ fn parse_body(body: &str) -> Result<JsonName, String> {
         size: size.as_ref().map(|s| s.0),
         spelled: (offset.clone().map(|o| o.1), size.clone().map(|s| s.1)),
     });
+    let file_window = if nested {
+        let offset = size_option(&flat, "file.offset")?;
+        let size = size_option(&flat, "file.size")?;
+        Some(crate::raw::Window {
+            offset: offset.as_ref().map_or(0, |o| o.0),
+            size: size.as_ref().map(|s| s.0),
+            spelled: (offset.map(|o| o.1), size.map(|s| s.1)),
+        })
+    } else {
+        None
+    };
     if let (Some(d), true) = (driver.as_deref(), window.is_some()) {
         if LOCAL.contains(&d) {
             let option = if offset.is_some() { "offset" } else { "size" };
@@ -108,9 +132,22 @@ fn parse_body(body: &str) -> Result<JsonName, String> {
         }
     }
     for k in flat.keys() {
-        let known = ["driver", "filename", "file.driver", "file.filename"].contains(&k.as_str())
-            || (window.is_some() && ["offset", "size"].contains(&k.as_str()))
-            || IGNORED.contains(&k.as_str());
+        let k = k.as_str();
+        let known = ["driver", "filename", "file.driver"].contains(&k)
+            || (!nested && k == "file.filename")
+            || (window.is_some() && ["offset", "size"].contains(&k))
+            || (nested
+                && [
+                    "file.offset",
+                    "file.size",
+                    "file.file.driver",
+                    "file.file.filename",
+                ]
+                .contains(&k))
+            || IGNORED.contains(&k)
+            || (nested
+                && k.strip_prefix("file.")
+                    .is_some_and(|k| IGNORED.contains(&k)));
         if !known {
             return Err(format!("Unsupported option '{k}' in a json: filename"));
         }
@@ -119,6 +156,7 @@ fn parse_body(body: &str) -> Result<JsonName, String> {
         filename: PathBuf::from(filename),
         driver: format,
         window,
+        file_window,
     })
 }
 
@@ -238,6 +276,27 @@ mod tests {
             Some((0, Some(512)))
         );
         assert_eq!(ok(r#"json:{"file":{"filename":"d"}}"#).window, None);
+    }
+
+    #[test]
+    fn a_format_over_a_raw_window_reads_the_window_of_the_file() {
+        let j = ok(
+            r#"json:{"driver":"vmdk","file":{"driver":"raw","offset":3072,"size":"1M","file":{"driver":"file","filename":"a.ova","locking":"off"}}}"#,
+        );
+        assert_eq!(j.filename, PathBuf::from("a.ova"));
+        assert_eq!(j.driver.as_deref(), Some("vmdk"));
+        assert_eq!(j.window, None);
+        let w = j.file_window.expect("a window under the format");
+        assert_eq!((w.offset, w.size), (3072, Some(1 << 20)));
+        let err = |n: &str| parse(n).unwrap().unwrap_err();
+        assert!(
+            err(r#"json:{"driver":"vmdk","file":{"driver":"raw","file":{"driver":"nbd"}}}"#)
+                .contains("'nbd'")
+        );
+        assert!(
+            err(r#"json:{"driver":"vmdk","file":{"driver":"raw","filename":"a"}}"#)
+                .contains("filename")
+        );
     }
 
     #[test]

@@ -56,6 +56,31 @@ pub struct Window {
 }
 
 impl Window {
+    /// Where the window lies in a file of `len` bytes: its offset and length, checked as qemu's
+    /// raw driver checks them.
+    ///
+    /// # Errors
+    /// An offset past the end, a size that is not whole sectors or that runs past the end.
+    pub fn fit(&self, len: u64) -> Result<(u64, u64)> {
+        let offset = self.offset;
+        if offset > len {
+            return Err(Error::InvalidOption(format!(
+                "Offset ({offset}) cannot be greater than size of the containing file ({len})"
+            )));
+        }
+        match self.size {
+            // A size that is not whole sectors would be rounded up past the window.
+            Some(s) if s % 512 != 0 => Err(Error::InvalidOption(
+                "Specified size is not multiple of 512".into(),
+            )),
+            Some(s) if s > len - offset => Err(Error::InvalidOption(format!(
+                "The sum of offset ({offset}) and size ({s}) has to be smaller or equal to the  actual size of the containing file ({len})"
+            ))),
+            Some(s) => Ok((offset, s)),
+            None => Ok((offset, len - offset)),
+        }
+    }
+
     /// The option qemu names when a format other than raw is given a window.
     pub fn option_name(&self) -> &'static str {
         if self.offset != 0 || self.spelled.0.is_some() {
@@ -117,29 +142,10 @@ impl Raw {
     /// When the size cannot be read, or the window does not fit the file (in qemu's words).
     pub fn open_window(storage: Arc<dyn Storage>, window: Window) -> Result<Raw> {
         let len = storage.size().ctx(storage.path())?;
-        let (offset, size) = (window.offset, window.size);
-        if offset > len {
-            return Err(Error::InvalidOption(format!(
-                "Offset ({offset}) cannot be greater than size of the containing file ({len})"
-            )));
-        }
-        let size = match size {
-            // A size that is not whole sectors would be rounded up past the window.
-            Some(s) if s % 512 != 0 => {
-                return Err(Error::InvalidOption(
-                    "Specified size is not multiple of 512".into(),
-                ))
-            }
-            Some(s) if s > len - offset => {
-                return Err(Error::InvalidOption(format!(
-                    "The sum of offset ({offset}) and size ({s}) has to be smaller or equal to the  actual size of the containing file ({len})"
-                )))
-            }
-            Some(s) => s,
-            // qemu sizes disks in whole sectors: a file whose length is not a multiple of 512
-            // reads as zeroes up to the next sector boundary.
-            None => (len - offset).div_ceil(512).saturating_mul(512),
-        };
+        let (offset, size) = window.fit(len)?;
+        // qemu sizes disks in whole sectors: a file whose length is not a multiple of 512
+        // reads as zeroes up to the next sector boundary.
+        let size = size.div_ceil(512).saturating_mul(512);
         Ok(Raw {
             storage,
             size,
