@@ -203,3 +203,61 @@ fn a_run_of_new_clusters_takes_a_handful_of_writes() {
     drop(img);
     assert_eq!(check_status(&p).0, 0);
 }
+
+/// Growing with preallocation, stopped at any write: the image keeps its old size or has the
+/// new one whole (reading as zeroes), with at most leaked clusters, as qemu leaves it. The new
+/// size is written last, after the clusters exist in the file and are linked.
+#[test]
+fn crash_while_growing_with_preallocation_leaves_the_old_size_or_the_new_one() {
+    use imgblock::raw::Preallocation;
+    const OLD: u64 = 1 << 20;
+    const NEW: u64 = 6 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let grow = |budget: u64, mode: Preallocation| -> u64 {
+        let p = fresh(dir.path(), "cluster_size=4k", false);
+        {
+            let img = Image::open(&p, &OpenOptions::writable()).unwrap();
+            img.write_at(&[0x11; 8192], OLD - 8192).unwrap();
+        }
+        let s = Arc::new(CrashingStorage {
+            inner: FileStorage::open(&p, true).unwrap(),
+            budget: AtomicU64::new(budget),
+        });
+        if let Ok(mut img) = Image::open_storage(s.clone(), &OpenOptions::writable()) {
+            let _ = img.resize(NEW, mode);
+        }
+        u64::MAX.saturating_sub(s.budget.load(Ordering::SeqCst))
+    };
+    for mode in [
+        Preallocation::Metadata,
+        Preallocation::Falloc,
+        Preallocation::Full,
+    ] {
+        let total = grow(u64::MAX, mode);
+        assert!(total > 5, "{mode:?}: growing took only {total} writes");
+        let step = (total / 40).max(1);
+        let mut n = 0;
+        while n <= total {
+            grow(n, mode);
+            let p = dir.path().join("c.qcow2");
+            let (code, out) = check_status(&p);
+            assert!(
+                code == 0 || code == 3,
+                "{mode:?}: crash after write {n} of {total} left a corrupt image:\n{out}"
+            );
+            let img = Image::open(&p, &OpenOptions::read_only()).unwrap();
+            let size = img.size();
+            assert!(size == OLD || size == NEW, "{mode:?} at {n}: size {size}");
+            let mut buf = vec![0u8; usize::try_from(size).unwrap()];
+            img.read_at(&mut buf, 0).unwrap();
+            let at = usize::try_from(OLD).unwrap();
+            assert!(
+                buf[at - 8192..at].iter().all(|&b| b == 0x11),
+                "{mode:?} at {n}"
+            );
+            assert!(buf[at..].iter().all(|&b| b == 0), "{mode:?} at {n}");
+            n += step;
+        }
+        eprintln!("{mode:?}: {total} writes, old or new size at every crash point");
+    }
+}

@@ -133,3 +133,44 @@ fn enospc_mid_guest_writes_leaves_a_consistent_image() {
     fill_until_full("", 10 << 20, false);
     fill_until_full("cluster_size=512", 5 << 20, false);
 }
+
+/// A disk that fills up while an image grows with preallocation: the resize fails with
+/// ENOSPC and the image keeps its old size with at most leaked clusters, as qemu leaves it.
+#[test]
+fn enospc_while_growing_with_preallocation_keeps_the_old_size() {
+    use imgblock::raw::Preallocation;
+    for (opts, mode) in [
+        ("", Preallocation::Full),
+        ("", Preallocation::Falloc),
+        ("cluster_size=512", Preallocation::Metadata),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("g.qcow2");
+        let mut o = CreateOptions::new(16 << 20);
+        o.parse_opts(opts).unwrap();
+        create(&p, Format::Qcow2, &o).unwrap();
+        {
+            let img = Image::open(&p, &OpenOptions::writable()).unwrap();
+            img.write_at(&[0x11; 65536], 0).unwrap();
+        }
+        let limit = std::fs::metadata(&p).unwrap().len() + (1 << 20);
+        let s = Arc::new(FullDisk {
+            inner: FileStorage::open(&p, true).unwrap(),
+            limit,
+        });
+        let mut img = Image::open_storage(s, &OpenOptions::writable()).unwrap();
+        let e = img.resize(1 << 30, mode).unwrap_err();
+        assert!(is_enospc(&e), "{mode:?}: expected ENOSPC, got {e}");
+        drop(img);
+        let (code, text) = check_code(&p);
+        assert!(
+            code == 0 || code == 3,
+            "{opts} {mode:?}: a full disk mid-resize left a corrupt image:\n{text}"
+        );
+        let img = Image::open(&p, &OpenOptions::read_only()).unwrap();
+        assert_eq!(img.size(), 16 << 20, "{opts} {mode:?}");
+        let mut head = [0u8; 65536];
+        img.read_at(&mut head, 0).unwrap();
+        assert!(head.iter().all(|&b| b == 0x11));
+    }
+}

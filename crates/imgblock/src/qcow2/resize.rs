@@ -8,9 +8,11 @@ use crate::Result;
 
 impl Qcow2 {
     /// Changes the virtual size. Growing enlarges the L1 table when needed (a new table is
-    /// written and switched in with one header write); shrinking frees every cluster past the
-    /// new end. v2 images with snapshots cannot be resized, as in qemu. With `zero_new` (a
-    /// backing file reaches past the old end) the new space is made to read as zeroes.
+    /// written and switched in with one header write), preallocates and zeroes the new space,
+    /// and only then writes the new size, as qemu does: an interruption or a full disk leaves
+    /// the old size and at most leaked clusters. Shrinking frees every cluster past the new
+    /// end. v2 images with snapshots cannot be resized, as in qemu. With `zero_new` (a backing
+    /// file reaches past the old end) the new space is made to read as zeroes.
     ///
     /// # Errors
     /// When the image is read-only, a v2 image has snapshots, `zero_new` is asked of a v2 image
@@ -81,12 +83,12 @@ impl Qcow2 {
                 self.file().write_at(&bytes, off).ctx(self.file().path())?;
                 self.file().flush().ctx(self.file().path())?;
                 let l1_size = u32::try_from(needed).map_err(|_| self.err(Error::L1GrowTooLarge))?;
-                let mut hdr = [0u8; 24];
-                hdr[..8].copy_from_slice(&new_size.to_be_bytes());
-                hdr[8..12].copy_from_slice(&st.h.crypt_method.to_be_bytes());
-                hdr[12..16].copy_from_slice(&l1_size.to_be_bytes());
-                hdr[16..].copy_from_slice(&off.to_be_bytes());
-                self.file().write_at(&hdr, 24).ctx(self.file().path())?;
+                // The table alone (l1_size, l1_table_offset): the size follows once the new
+                // space is ready.
+                let mut hdr = [0u8; 12];
+                hdr[..4].copy_from_slice(&l1_size.to_be_bytes());
+                hdr[4..].copy_from_slice(&off.to_be_bytes());
+                self.file().write_at(&hdr, 36).ctx(self.file().path())?;
                 self.file().flush().ctx(self.file().path())?;
                 let old_off = st.h.l1_table_offset;
                 let old_clusters = (st.l1.len() as u64 * 8).div_ceil(g.cluster_size);
@@ -99,39 +101,46 @@ impl Qcow2 {
                         self.update_refcount(&mut st, old_off + i * g.cluster_size, -1, false)?;
                     }
                 }
-            } else {
-                self.file()
-                    .write_at(&new_size.to_be_bytes(), 24)
-                    .ctx(self.file().path())?;
             }
+            drop(st);
+            if self.data != 0 {
+                // The external data file follows the disk's size, as qemu truncates it.
+                let d = &self.files[self.data];
+                d.set_len(new_size).ctx(d.path())?;
+            }
+            // falloc and full leave the new clusters reading as zeroes: with a backing file to
+            // hide they count as allocated, as qemu marks them.
+            let zeroed = matches!(prealloc, Preallocation::Falloc | Preallocation::Full);
+            if new_size > old_size && prealloc != Preallocation::Off {
+                let from = old_size / g.cluster_size * g.cluster_size;
+                self.preallocate_range(
+                    from,
+                    g.align_up(new_size) - from,
+                    prealloc,
+                    zero_new && zeroed,
+                )?;
+            }
+            if zero_new && !zeroed {
+                // The head up to the first subcluster boundary is written by the caller.
+                let from = old_size.div_ceil(g.subcluster_size) * g.subcluster_size;
+                let to = g.align_up(new_size);
+                if to > from {
+                    self.zero_or_discard(from, to - from, false, false)?;
+                }
+            }
+            // Everything the new space needs is on disk before the size that reaches it.
+            self.flush()?;
+            let mut st = self.lock();
+            self.file()
+                .write_at(&new_size.to_be_bytes(), 24)
+                .ctx(self.file().path())?;
             st.h.size = new_size;
         }
         self.size = new_size;
         self.resize_bitmaps()?;
-        if self.data != 0 {
-            // The external data file follows the disk's size, as qemu truncates it.
+        if new_size < old_size && self.data != 0 {
             let d = &self.files[self.data];
             d.set_len(new_size).ctx(d.path())?;
-        }
-        // falloc and full leave the new clusters reading as zeroes: with a backing file to hide
-        // they count as allocated, as qemu marks them.
-        let zeroed = matches!(prealloc, Preallocation::Falloc | Preallocation::Full);
-        if new_size > old_size && prealloc != Preallocation::Off {
-            let from = old_size / g.cluster_size * g.cluster_size;
-            self.preallocate_range(
-                from,
-                g.align_up(new_size) - from,
-                prealloc,
-                zero_new && zeroed,
-            )?;
-        }
-        if zero_new && !zeroed {
-            // The head up to the first subcluster boundary is written by the caller.
-            let from = old_size.div_ceil(g.subcluster_size) * g.subcluster_size;
-            let to = g.align_up(new_size);
-            if to > from {
-                self.zero_or_discard(from, to - from, false, false)?;
-            }
         }
         self.flush()?;
         if new_size < old_size {
@@ -227,8 +236,10 @@ impl Qcow2 {
         let mut pos = offset;
         while pos < end {
             let n = (STEP_CLUSTERS * g.cluster_size).min(end - pos);
+            // Allocated (counted), then made to exist in the file, then linked: an
+            // interruption or a full disk leaks clusters but never leaves an entry pointing at
+            // data that is not there.
             let extents = self.allocate(pos, n)?;
-            self.link_extents(&extents, mark)?;
             for e in &extents {
                 let s = self.storage(e.file);
                 match mode {
@@ -240,13 +251,15 @@ impl Qcow2 {
                     _ => {}
                 }
             }
+            // Metadata preallocation leaves data unwritten: size the file to hold every
+            // cluster.
+            let last = self.lock().end_hint * g.cluster_size;
+            let file = self.file();
+            if file.size().ctx(file.path())? < last {
+                file.set_len(last).ctx(file.path())?;
+            }
+            self.link_extents(&extents, mark)?;
             pos += n;
-        }
-        // Metadata preallocation leaves data unwritten: size the file to hold every cluster.
-        let last = self.lock().end_hint * g.cluster_size;
-        let file = self.file();
-        if file.size().ctx(file.path())? < last {
-            file.set_len(last).ctx(file.path())?;
         }
         Ok(())
     }
