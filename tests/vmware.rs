@@ -715,6 +715,47 @@ fn descriptors_in_legacy_code_pages_and_loose_embedded_ones_read_like_qemu() {
     assert_eq!(env.read("i.raw"), noise(9, 1 << 20));
 }
 
+/// A VMware delta whose parent changed since the delta was made (its parentCID no longer the
+/// parent's CID): as in qemu, it still opens, maps and checks, so that a user can see what is
+/// wrong, and only reading data through to the parent fails.
+#[test]
+fn delta_over_a_changed_parent_opens_and_refuses_only_parent_reads_like_qemu() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-q", "-f", "vmdk", "b.vmdk", "10M"])
+        .ok();
+    env.qemu_io("vmdk", "b.vmdk", &["write -P 0x41 0 1M"]);
+    env.qemu_img(&[
+        "create", "-q", "-f", "vmdk", "-b", "b.vmdk", "-F", "vmdk", "o.vmdk",
+    ])
+    .ok();
+    env.qemu_io("vmdk", "o.vmdk", &["write -P 0x42 2M 1M"]);
+    let mut bytes = env.read("o.vmdk");
+    let at = bytes
+        .windows(10)
+        .position(|w| w == b"parentCID=")
+        .expect("a parentCID line")
+        + 10;
+    bytes[at..at + 8].copy_from_slice(b"12345678");
+    env.write("o.vmdk", &bytes);
+    for args in [
+        &["info", "o.vmdk"][..],
+        &["map", "o.vmdk"],
+        &["map", "--output=json", "o.vmdk"],
+        &["check", "o.vmdk"],
+    ] {
+        same_output(&env, args);
+    }
+    let i = env
+        .img(&["convert", "-O", "raw", "o.vmdk", "i.raw"])
+        .no_panic();
+    let q = env.qemu_img(&["convert", "-O", "raw", "o.vmdk", "q.raw"]);
+    assert_eq!((i.code, q.code), (Some(1), Some(1)), "{q}{i}");
+    assert!(i.stderr.contains("CID"), "{i}");
+    let i = env.img(&["compare", "o.vmdk", "b.vmdk"]).no_panic();
+    let q = env.qemu_img(&["compare", "o.vmdk", "b.vmdk"]);
+    assert_eq!((i.code, q.code), (Some(4), Some(4)), "{q}{i}");
+}
+
 /// VDI sizes that are not whole sectors: `create` stores the size rounded up to a sector, as
 /// qemu-img does, and a header holding an unrounded size (`VBoxManage convertfromraw` writes
 /// them) reads as that size rounded up, as in qemu.

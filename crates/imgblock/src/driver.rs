@@ -348,6 +348,15 @@ pub trait Driver: Send + Sync + Debug {
         let _ = offset;
         None
     }
+    /// Whether data may be read through to the backing file. A VMware delta whose parent has
+    /// changed since the delta was made may not (qemu fails those reads, and only those: the
+    /// image still opens, maps and checks).
+    ///
+    /// # Errors
+    /// Why the backing file's data cannot be used.
+    fn backing_usable(&self) -> Result<()> {
+        Ok(())
+    }
     /// Whether holes in the host file of a [`Mapping::Data`] range read as zeroes and should be
     /// reported so by block status (raw).
     fn host_holes_are_zero(&self) -> bool {

@@ -515,7 +515,10 @@ impl Image {
                 },
                 Mapping::Zero { .. } | Mapping::Eof => out.fill(0),
                 Mapping::Unallocated | Mapping::UnallocatedAt { .. } => match &self.backing {
-                    Some(b) => b.read_inner(out, pos)?,
+                    Some(b) => {
+                        self.driver.backing_usable()?;
+                        b.read_inner(out, pos)?;
+                    }
                     None => out.fill(0),
                 },
                 Mapping::Compressed(c) => {

@@ -173,6 +173,8 @@ pub struct Vmdk {
     /// The in-memory staging storage of a stream being written, and its index in `files`.
     staging: Option<(usize, Arc<Staging>)>,
     state: Mutex<State>,
+    /// The parent's CID is not the one this delta was made against: (parent, expected, found).
+    parent_mismatch: Option<(String, u32, u32)>,
 }
 
 /// What a grain table entry says.
@@ -435,7 +437,7 @@ impl Vmdk {
         } else {
             None
         };
-        let v = Vmdk {
+        let mut v = Vmdk {
             files,
             extents,
             sparse: infos,
@@ -448,35 +450,22 @@ impl Vmdk {
                 sparse: states,
                 se: se_states,
             }),
+            parent_mismatch: None,
         };
-        v.check_parent_cid(&path)?;
+        v.parent_mismatch = v.parent_cid_mismatch(&path);
         Ok(v)
     }
 
-    /// A delta's parent must still have the CID the delta was made against.
-    fn check_parent_cid(&self, path: &Path) -> Result<()> {
-        let Some(hint) = &self.desc.parent_hint else {
-            return Ok(());
-        };
+    /// A delta's parent must still have the CID the delta was made against, or its data is not
+    /// what the delta was written over: found here, refused when data is read through to it
+    /// ([`Driver::backing_usable`]).
+    fn parent_cid_mismatch(&self, path: &Path) -> Option<(String, u32, u32)> {
+        let hint = self.desc.parent_hint.as_ref()?;
         let ppath = crate::image::resolve_backing(path, hint);
-        let Ok(ps) = FileStorage::open(&ppath, false) else {
-            // Opening the backing chain reports a missing parent.
-            return Ok(());
-        };
-        let Ok((pd, _)) = read_descriptor(&ps) else {
-            return Ok(());
-        };
-        if pd.cid != self.desc.parent_cid {
-            return Err(verr(
-                path,
-                Error::ParentCidMismatch {
-                    parent: hint.clone(),
-                    expected: self.desc.parent_cid,
-                    found: pd.cid,
-                },
-            ));
-        }
-        Ok(())
+        // A parent that cannot be opened or read is reported by the backing chain's open.
+        let ps = FileStorage::open(&ppath, false).ok()?;
+        let (pd, _) = read_descriptor(&ps).ok()?;
+        (pd.cid != self.desc.parent_cid).then(|| (hint.clone(), self.desc.parent_cid, pd.cid))
     }
 
     /// The parsed descriptor.
@@ -1335,6 +1324,19 @@ impl Drop for Vmdk {
 }
 
 impl Driver for Vmdk {
+    fn backing_usable(&self) -> Result<()> {
+        match &self.parent_mismatch {
+            None => Ok(()),
+            Some((parent, expected, found)) => Err(self.err(
+                0,
+                Error::ParentCidMismatch {
+                    parent: parent.clone(),
+                    expected: *expected,
+                    found: *found,
+                },
+            )),
+        }
+    }
     fn format(&self) -> Format {
         Format::Vmdk
     }
