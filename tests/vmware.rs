@@ -275,6 +275,11 @@ fn ova_info_and_convert_read_the_disk_in_place() {
     env.assert_same_bytes("i.raw", "q.raw");
     env.assert_same_bytes("i.raw", "src.raw");
     same_output(&env, &["map", "--output=json", &json]);
+    let name = |o: common::Output| o.ok().json()["filename"].clone();
+    assert_eq!(
+        name(env.img(&["info", "--output=json", &json])),
+        name(env.qemu_img(&["info", "--output=json", &json]))
+    );
     let repair = env.img(&["check", "-r", "all", "app.ova"]);
     assert_eq!(repair.code, Some(1), "{repair}");
     assert!(repair.stderr.contains("cannot be written"), "{repair}");

@@ -86,6 +86,8 @@ pub struct Image {
     path: PathBuf,
     /// The part of the file that a raw image shows (`offset`, `size`), when not all of it.
     raw_window: Option<raw::Window>,
+    /// The `json:` name of an image that sits on a raw window of its file.
+    json_name: Option<String>,
     /// Serialises allocating writes, so that two writers never allocate the same cluster twice.
     alloc_lock: Mutex<()>,
     writable: bool,
@@ -224,7 +226,7 @@ impl Image {
                     Arc::new(FileStorage::open(&j.filename, false).ctx(&j.filename)?);
                 let (offset, len) = w.fit(file.size().ctx(&j.filename)?)?;
                 let inner: Arc<dyn Storage> = Arc::new(crate::ova::Window::new(file, offset, len));
-                return Self::open_inner_with(
+                let mut img = Self::open_inner_with(
                     &j.filename,
                     &opts,
                     seen,
@@ -232,7 +234,15 @@ impl Image {
                     Some(inner),
                     secrets,
                     direct,
-                );
+                )?;
+                // Named as qemu names it: the format's node over the window's.
+                let window = w.json_name(Some("raw"), &j.filename);
+                img.json_name = Some(format!(
+                    "json:{{\"driver\": {}, \"file\": {}}}",
+                    serde_json::Value::from(img.format().to_string()),
+                    window.strip_prefix("json:").unwrap_or(&window)
+                ));
+                return Ok(img);
             }
             return Self::open_inner_with(
                 &j.filename,
@@ -384,6 +394,7 @@ impl Image {
                 .raw_window
                 .clone()
                 .filter(|w| *w != raw::Window::default()),
+            json_name: None,
             alloc_lock: Mutex::new(()),
             writable: opts.writable && opts.snapshot.is_none(),
             guessed_raw,
@@ -403,6 +414,7 @@ impl Image {
             backing: backing.map(Box::new),
             path: path.to_owned(),
             raw_window: None,
+            json_name: None,
             alloc_lock: Mutex::new(()),
             writable,
             guessed_raw: false,
@@ -417,9 +429,10 @@ impl Image {
     /// The image's name as qemu gives it: its path, or a `json:` name where the path alone
     /// does not say what the image is (a window into a raw file).
     pub fn name(&self) -> String {
-        match &self.raw_window {
-            Some(w) => w.json_name(Some("raw"), &self.path),
-            None => self.path.display().to_string(),
+        match (&self.json_name, &self.raw_window) {
+            (Some(name), _) => name.clone(),
+            (None, Some(w)) => w.json_name(Some("raw"), &self.path),
+            (None, None) => self.path.display().to_string(),
         }
     }
     /// The window of its file that a raw image shows, when not the whole file: to open the
