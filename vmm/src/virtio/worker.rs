@@ -219,12 +219,12 @@ impl IoThread {
             for ev in &events[..n] {
                 if ev.data() == NOTIFY {
                     let _ = notify.read();
-                    self.process();
+                    self.process_then_come_back(notify);
                     continue;
                 }
                 if ev.data() == TIMER {
                     let _ = self.timer.wait();
-                    self.process();
+                    self.process_then_come_back(notify);
                     continue;
                 }
                 let _ = mb.wake.read();
@@ -256,8 +256,18 @@ impl IoThread {
                 }
                 if serve {
                     // A driver may have queued requests before DRIVER_OK.
-                    self.process();
+                    self.process_then_come_back(notify);
                 }
+            }
+        }
+    }
+
+    /// Serves a pass and, when it stopped at its limit, notifies itself: the next wait sees
+    /// any order posted meanwhile before the pass after.
+    fn process_then_come_back(&mut self, notify: &EventFd) {
+        if self.process() {
+            if let Err(e) = notify.write(1) {
+                crate::report!("vmm: virtio-blk: cannot requeue the rest of a pass: {e}");
             }
         }
     }
@@ -271,9 +281,10 @@ impl IoThread {
         }
     }
 
-    fn process(&mut self) {
+    /// Serves one pass; true when requests may be left for another (after the orders).
+    fn process(&mut self) -> bool {
         let Some((mem, queue)) = &mut self.running else {
-            return;
+            return false;
         };
         let interrupt = &self.interrupt;
         let served = serve_queue(
@@ -299,6 +310,7 @@ impl IoThread {
         if self.bounce.capacity() > 4 << 20 {
             self.bounce = Vec::new();
         }
+        served.more
     }
 }
 
@@ -318,6 +330,28 @@ pub struct Served {
     pub used: bool,
     /// Set when the throttle stopped the pass: how long until the next request may start.
     pub held: Option<Duration>,
+    /// The pass stopped at its limit with requests perhaps left: serve again, after looking
+    /// at the thread's orders.
+    pub more: bool,
+}
+
+/// How much one pass over a queue may serve before the I/O thread looks at its orders (stop,
+/// reset, exit) again: a guest that keeps its ring full cannot hold off a shutdown for longer
+/// than this takes.
+#[derive(Debug, Clone, Copy)]
+pub struct PassLimit {
+    /// Requests.
+    pub requests: usize,
+    /// Bytes of data.
+    pub bytes: u64,
+}
+
+impl PassLimit {
+    /// 256 requests or 16 MiB, whichever comes first (and always at least one request).
+    pub const DEFAULT: PassLimit = PassLimit {
+        requests: 256,
+        bytes: 16 << 20,
+    };
 }
 
 /// Header and status bytes of a request chain, not counted as data by the throttle.
@@ -338,8 +372,33 @@ pub fn serve_queue(
     signal: &mut dyn FnMut(),
     accounting: &Accounting,
 ) -> Served {
+    serve_queue_within(
+        queue,
+        mem,
+        disk,
+        cfg,
+        bounce,
+        signal,
+        accounting,
+        PassLimit::DEFAULT,
+    )
+}
+
+/// [`serve_queue`] with its own limit on one pass.
+#[allow(clippy::too_many_arguments)]
+pub fn serve_queue_within(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    disk: &dyn Backend,
+    cfg: &BlockConfig,
+    bounce: &mut Vec<u8>,
+    signal: &mut dyn FnMut(),
+    accounting: &Accounting,
+    limit: PassLimit,
+) -> Served {
     let throttle = accounting.throttle.as_deref();
     let mut served = Served::default();
+    let (mut requests, mut data) = (0usize, 0u64);
     let mut notify = |queue: &mut Queue| match queue.needs_notification(mem) {
         Ok(true) => signal(),
         Ok(false) => {}
@@ -356,6 +415,11 @@ pub fn serve_queue(
                 served.held = Some(wait);
                 return served;
             }
+            if requests >= limit.requests.max(1) || data >= limit.bytes {
+                // Notifications stay off: the thread comes back without one.
+                served.more = true;
+                return served;
+            }
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 break;
             };
@@ -366,6 +430,8 @@ pub fn serve_queue(
                 (d.addr().0, d.len(), d.is_write_only())
             });
             let len = handle_chain_counted(mem, descs, disk, cfg, bounce, Some(&accounting.stats));
+            requests += 1;
+            data = data.saturating_add(bytes);
             if let Some(t) = throttle {
                 t.charge(bytes.saturating_sub(REQUEST_OVERHEAD));
             }
@@ -536,6 +602,46 @@ mod tests {
         // Orders after shutdown are no-ops, and so is the drop.
         w.stop();
         drop(w);
+    }
+
+    #[test]
+    fn a_pass_stops_at_its_limit_and_the_next_one_goes_on() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let img: Vec<u8> = (1..=128u8).flat_map(|s| [s; 512]).collect();
+        let disk = MemDisk(Mutex::new(img));
+        let mut q = ring_of_reads(&mem, 0x0, 5);
+        let serve = |q: &mut Queue, limit| {
+            serve_queue_within(
+                q,
+                &mem,
+                &disk,
+                &cfg(false),
+                &mut Vec::new(),
+                &mut || {},
+                &Accounting::default(),
+                limit,
+            )
+        };
+        let two = PassLimit {
+            requests: 2,
+            bytes: u64::MAX,
+        };
+        let first = serve(&mut q, two);
+        assert!(first.used && first.more);
+        assert_eq!(used_idx(&mem, 0x0), 2);
+        // A byte limit below one request still serves one.
+        let tiny = PassLimit {
+            requests: usize::MAX,
+            bytes: 1,
+        };
+        let second = serve(&mut q, tiny);
+        assert!(second.more);
+        assert_eq!(used_idx(&mem, 0x0), 3);
+        let rest = serve(&mut q, PassLimit::DEFAULT);
+        assert!(rest.used && !rest.more);
+        assert_eq!(used_idx(&mem, 0x0), 5);
+        let data: [u8; 4] = mem.read_obj(GuestAddress(0x1000 + 4 * 0x400)).unwrap();
+        assert_eq!(data, [5; 4]);
     }
 
     proptest! {
