@@ -61,7 +61,9 @@ pub const ID_BYTES: usize = 20;
 /// Most data segments in one request, advertised as `seg_max`; the queue holds 256 descriptors
 /// and a request needs two more for header and status.
 pub const SEG_MAX: u32 = 254;
-/// Largest data transfer in one request: bounds the bounce buffer a guest can make us allocate.
+/// Largest piece of a request copied through the bounce buffer at once (advertised as
+/// `size_max`, the largest segment): bounds what a guest can make us allocate. A larger request
+/// is served piece by piece; the driver may send any total length (Linux's does).
 pub const MAX_TRANSFER: u64 = 32 << 20;
 /// Most discard / write-zeroes segments per request.
 pub const MAX_RANGE_SEGS: u32 = 32;
@@ -185,9 +187,6 @@ pub enum ChainError {
     /// The readable part is shorter than the 16-byte header.
     #[error("request header is {0} bytes, not 16")]
     ShortHeader(u64),
-    /// The data is larger than [`MAX_TRANSFER`].
-    #[error("request of {0} bytes exceeds the limit")]
-    TooLarge(u64),
     /// More descriptors than the queue can hold (a loop).
     #[error("chain longer than the queue")]
     TooLong,
@@ -250,6 +249,18 @@ fn direct(
         at += vs.len() as u64;
     }
     Some(Ok(()))
+}
+
+/// `segs` in pieces of at most [`MAX_TRANSFER`] bytes, in order.
+fn pieces(segs: &[Segment]) -> Vec<Vec<Segment>> {
+    let mut out = Vec::new();
+    let mut rest = segs.to_vec();
+    while total(&rest) > 0 {
+        let (head, tail) = split_at(&rest, MAX_TRANSFER);
+        out.push(head);
+        rest = tail;
+    }
+    out
 }
 
 /// Splits `segs` at byte `at`: (first `at` bytes, the rest).
@@ -334,9 +345,6 @@ pub fn parse(mem: &GuestMemoryMmap, descs: impl IntoIterator<Item = (u64, u32, b
         return Err((ChainError::ShortHeader(rlen), Some(status)));
     }
     let wlen = total(&writable) - 1;
-    if rlen - 16 > MAX_TRANSFER || wlen > MAX_TRANSFER {
-        return Err((ChainError::TooLarge((rlen - 16).max(wlen)), Some(status)));
-    }
     let (hdr_segs, out) = split_at(&readable, 16);
     let (inp, _) = split_at(&writable, wlen);
     let mut hdr = [0u8; 16];
@@ -418,26 +426,29 @@ pub fn execute(
             let Some(off) = disk_range(req.sector, len, size) else {
                 return (VIRTIO_BLK_S_IOERR, 0);
             };
-            let Ok(n) = usize::try_from(len) else {
-                return (VIRTIO_BLK_S_IOERR, 0);
-            };
             if let Some(st) = direct(mem, &req.inp, off, |buf, at| disk.read_at(buf, at)) {
                 let st = io(st);
                 let used = if st == VIRTIO_BLK_S_OK { len } else { 0 };
                 return (st, u32::try_from(used).unwrap_or(u32::MAX));
             }
-            bounce.resize(n, 0);
-            let st = io(disk.read_at(&mut bounce[..n], off));
-            if st != VIRTIO_BLK_S_OK {
-                return (st, 0);
-            }
-            let mut at = 0usize;
-            for s in &req.inp {
-                let l = usize::try_from(s.len).unwrap_or(0);
-                if mem.write_slice(&bounce[at..at + l], s.addr).is_err() {
-                    return (VIRTIO_BLK_S_IOERR, 0);
+            // Else read through the bounce buffer, a piece of at most MAX_TRANSFER at a time.
+            let mut done = 0u64;
+            for piece in pieces(&req.inp) {
+                let n = usize::try_from(total(&piece)).unwrap_or(0);
+                bounce.resize(n, 0);
+                let st = io(disk.read_at(&mut bounce[..n], off + done));
+                if st != VIRTIO_BLK_S_OK {
+                    return (st, 0);
                 }
-                at += l;
+                let mut at = 0usize;
+                for s in &piece {
+                    let l = usize::try_from(s.len).unwrap_or(0);
+                    if mem.write_slice(&bounce[at..at + l], s.addr).is_err() {
+                        return (VIRTIO_BLK_S_IOERR, 0);
+                    }
+                    at += l;
+                }
+                done += n as u64;
             }
             (VIRTIO_BLK_S_OK, u32::try_from(len).unwrap_or(u32::MAX))
         }
@@ -450,9 +461,6 @@ pub fn execute(
                 return (VIRTIO_BLK_S_IOERR, 0);
             }
             let Some(off) = disk_range(req.sector, len, size) else {
-                return (VIRTIO_BLK_S_IOERR, 0);
-            };
-            let Ok(n) = usize::try_from(len) else {
                 return (VIRTIO_BLK_S_IOERR, 0);
             };
             let unmap =
@@ -476,14 +484,26 @@ pub fn execute(
             if let Some(st) = direct(mem, &req.out, off, |buf, at| disk.write_at(buf, at)) {
                 return (flush_after_write(io(st)), 0);
             }
-            // Else copied once, then scanned and written from the copy.
-            let Some(buf) = gather(mem, &req.out, bounce, n) else {
-                return (VIRTIO_BLK_S_IOERR, 0);
-            };
-            if detect && imgblock::scan::is_zero(buf) {
-                return write_zeroes();
+            // Else copied, then scanned and written from the copy, a piece of at most
+            // MAX_TRANSFER at a time.
+            let mut done = 0u64;
+            for piece in pieces(&req.out) {
+                let n = usize::try_from(total(&piece)).unwrap_or(0);
+                let Some(buf) = gather(mem, &piece, bounce, n) else {
+                    return (VIRTIO_BLK_S_IOERR, 0);
+                };
+                let at = off + done;
+                let st = if detect && imgblock::scan::is_zero(buf) {
+                    io(disk.write_zeroes(at, n as u64, unmap))
+                } else {
+                    io(disk.write_at(buf, at))
+                };
+                if st != VIRTIO_BLK_S_OK {
+                    return (st, 0);
+                }
+                done += n as u64;
             }
-            (flush_after_write(io(disk.write_at(buf, off))), 0)
+            (flush_after_write(VIRTIO_BLK_S_OK), 0)
         }
         VIRTIO_BLK_T_FLUSH => {
             if cfg.cache == CacheMode::Unsafe {
@@ -752,6 +772,50 @@ pub(crate) mod tests {
             disk.0.lock().unwrap()[40 * 512..41 * 512 + 512],
             pattern[..]
         );
+    }
+
+    /// Requests larger than the bounce buffer's limit are served piece by piece, not refused:
+    /// the driver may send any length (Linux's does when max_sectors_kb is raised).
+    #[test]
+    fn requests_larger_than_the_bounce_limit_are_served_in_pieces() {
+        const M: u64 = 1 << 20;
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 48 << 20),
+            (GuestAddress(48 * M), 48 << 20),
+        ])
+        .unwrap();
+        let len = 40 * M;
+        let img: Vec<u8> = (0..64 * M).map(|i| (i / 4096 % 251) as u8).collect();
+        let disk = MemDisk(Mutex::new(img.clone()));
+        // One segment of 40 MiB across the regions' boundary: only the bounce path can serve
+        // it, in a 32 MiB piece and an 8 MiB one.
+        let data = 20 * M;
+        hdr(&mem, 0x1000, VIRTIO_BLK_T_IN, 8);
+        let d = [
+            (0x1000, 16, false),
+            (data, 40 << 20, true),
+            (0x2000, 1, true),
+        ];
+        let mut bounce = Vec::new();
+        assert_eq!(
+            handle_chain(&mem, d, &disk, &cfg(false), &mut bounce),
+            (40 << 20) + 1
+        );
+        assert_eq!(status(&mem, 0x2000), VIRTIO_BLK_S_OK);
+        assert!(bounce.len() as u64 <= MAX_TRANSFER);
+        let mut got = vec![0u8; usize::try_from(len).unwrap()];
+        mem.read_slice(&mut got, GuestAddress(data)).unwrap();
+        assert!(got == img[8 * 512..8 * 512 + got.len()]);
+        // And written back 1 MiB further on, through the same pieces.
+        hdr(&mem, 0x1000, VIRTIO_BLK_T_OUT, 2048);
+        let d = [
+            (0x1000, 16, false),
+            (data, 40 << 20, false),
+            (0x2000, 1, true),
+        ];
+        handle_chain(&mem, d, &disk, &cfg(false), &mut bounce);
+        assert_eq!(status(&mem, 0x2000), VIRTIO_BLK_S_OK);
+        assert!(disk.0.lock().unwrap()[(1 << 20)..(1 << 20) + got.len()] == got[..]);
     }
 
     /// A MemDisk that records its write-zeroes requests (with their unmap flag) and counts
