@@ -52,7 +52,7 @@ pub struct Args {
     /// detect-zeroes=off|on|unmap (as qemu: writes of zeroes become write-zeroes requests, with
     /// unmap also freeing the space when discard=unmap),
     /// serial=ID (at most 20 bytes, returned by GET_ID), id=NAME (the disk's name in the API's
-    /// vm.counters and vm.info; _diskN by default), num_queues=N (request queues, each
+    /// vm.counters and vm.info, unique; _diskN by default), num_queues=N (request queues, each
     /// served by its own I/O thread; 1 to 16, default 1), direct=on (Cloud Hypervisor's
     /// cache=none), encrypt.key-secret=ID (key-secret=ID
     /// for a luks image; backing.encrypt.key-secret=ID for the image below, and so on) naming an

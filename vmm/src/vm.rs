@@ -59,6 +59,9 @@ pub enum Error {
         /// Cause.
         source: std::io::Error,
     },
+    /// Two disks with one name (`id=`, or an `id=` equal to another's default `_diskN`).
+    #[error("disk identifier '{0}' is not unique: the API would not tell the disks apart")]
+    DuplicateDiskId(String),
     /// Too many disks.
     #[error("at most {MAX_VIRTIO_DEVICES} disks are supported, {0} given")]
     TooManyDisks(usize),
@@ -103,6 +106,7 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
     if args.disk.len() > MAX_VIRTIO_DEVICES {
         return Err(Error::TooManyDisks(args.disk.len()));
     }
+    check_disk_ids(&args.disk)?;
     // Before any thread starts, so that all of them inherit the mask: a stop signal then
     // reaches the waiter below, never a thread that would die of it.
     io("blocking the stop signals", console::block_stop_signals())?;
@@ -439,6 +443,19 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
     Ok(Outcome { exit })
 }
 
+/// Every disk's name must be its own, as Cloud Hypervisor requires: `vm.counters` is keyed by
+/// them.
+fn check_disk_ids(disks: &[crate::cli::DiskSpec]) -> Result<(), Error> {
+    let mut seen = std::collections::HashSet::new();
+    for (i, d) in disks.iter().enumerate() {
+        let id = disk_id(d, i);
+        if !seen.insert(id.clone()) {
+            return Err(Error::DuplicateDiskId(id));
+        }
+    }
+    Ok(())
+}
+
 /// A disk's name in the API: its `id=`, else `_diskN` as Cloud Hypervisor names it.
 fn disk_id(d: &crate::cli::DiskSpec, i: usize) -> String {
     d.id.clone().unwrap_or_else(|| format!("_disk{i}"))
@@ -656,5 +673,24 @@ fn vcpu_loop(id: usize, mut vcpu: VcpuFd, pio: &Bus, mmio_bus: &Bus, pause: &Pau
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
             Err(e) => return VmExit::Error(format!("vCPU {id}: KVM_RUN failed: {e}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disks(specs: &[&str]) -> Vec<crate::cli::DiskSpec> {
+        specs.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn disk_ids_must_be_unique_defaults_included() {
+        assert!(check_disk_ids(&disks(&["path=a", "path=b", "path=c,id=root"])).is_ok());
+        let same = check_disk_ids(&disks(&["path=a,id=x", "path=b,id=x"])).unwrap_err();
+        assert!(matches!(same, Error::DuplicateDiskId(ref id) if id == "x"));
+        // The first disk named like the second's default name.
+        let clash = check_disk_ids(&disks(&["path=a,id=_disk1", "path=b"])).unwrap_err();
+        assert!(matches!(clash, Error::DuplicateDiskId(ref id) if id == "_disk1"));
     }
 }
