@@ -38,8 +38,12 @@ impl Trigger for IrqTrigger {
     }
 }
 
-/// COM1.
-pub struct SerialDevice(pub Serial<IrqTrigger, RxRoom, Box<dyn Write + Send>>);
+/// COM1, and whether a failure to write its output has been reported (once: a closed pipe
+/// fails every byte the guest writes).
+pub struct SerialDevice(
+    pub Serial<IrqTrigger, RxRoom, Box<dyn Write + Send>>,
+    pub bool,
+);
 
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
@@ -52,7 +56,10 @@ impl BusDevice for SerialDevice {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let (Ok(o), Some(&v)) = (u8::try_from(offset), data.first()) {
             if let Err(e) = self.0.write(o, v) {
-                crate::report!("vmm: serial: {e:?}");
+                if !self.1 {
+                    self.1 = true;
+                    crate::report!("vmm: serial: {e:?} (further output failures not reported)");
+                }
             }
             // The guest's console output should appear as it is written.
             if o == 0 {

@@ -194,11 +194,10 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
     let room = io("eventfd", rx_room.try_clone())?;
     // The serial signals its interrupt and, as the guest reads, room for more input.
     vcpu_writes.extend([serial_irq.as_raw_fd(), room.as_raw_fd()]);
-    let serial = SerialDevice(vm_superio::Serial::with_events(
-        IrqTrigger(serial_irq),
-        RxRoom(room),
-        out,
-    ));
+    let serial = SerialDevice(
+        vm_superio::Serial::with_events(IrqTrigger(serial_irq), RxRoom(room), out),
+        false,
+    );
     let serial = Arc::new(Mutex::new(serial));
     pio.insert(0x3f8, 8, serial.clone())?;
     pio.insert(

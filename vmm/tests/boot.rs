@@ -1506,3 +1506,34 @@ fn the_power_button_reaches_the_guest_through_the_api() {
     qemu_check_clean(&img, Format::Qcow2);
     assert_guest_wrote(&to_raw(&img, Format::Qcow2, dir.path()));
 }
+
+/// Console output that cannot be written (a full device here; a closed pipe alike) is reported
+/// once, not once for every byte the guest writes, and the guest runs on.
+#[test]
+fn a_console_that_fails_is_reported_once() {
+    let Some(dir) = setup() else { return };
+    let img = dir.path().join("disk.raw");
+    make_image(&img, Format::Raw, 0, SIZE, None);
+    let out = Command::new(VMM)
+        .args([
+            "--kernel",
+            GUEST,
+            "--memory",
+            "128M",
+            "--serial",
+            "file:/dev/full",
+        ])
+        .args(["--cmdline", "console=ttyS0"])
+        .arg("--disk")
+        .arg(format!("path={},format=raw", img.display()))
+        .env("TMPDIR", dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "vmm exited with {:?}: {err}",
+        out.status
+    );
+    assert_eq!(err.matches("vmm: serial:").count(), 1, "{err}");
+}
