@@ -11,11 +11,22 @@ use imgblock::{CreateOptions, Format, Image, OpenOptions};
 use crate::cli::{CacheMode, DiskSpec};
 use crate::virtio::block::{Backend, BlockConfig};
 
+/// `source`'s message, after the image's name unless it names the image itself (the block
+/// layer's messages mostly do).
+fn named(path: &Path, source: &imgblock::Error) -> String {
+    let text = source.to_string();
+    if text.contains(&path.display().to_string()) {
+        text
+    } else {
+        format!("{}: {text}", path.display())
+    }
+}
+
 /// Errors opening a disk.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The block layer could not open or create an image.
-    #[error("{path}: {source}")]
+    #[error("{}", named(path, source))]
     Image {
         /// The image.
         path: PathBuf,
@@ -240,6 +251,28 @@ impl Backend for Disk {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_image_error_names_the_image_once() {
+        let io = |p: &str| imgblock::Error::Io {
+            path: p.into(),
+            source: std::io::Error::from_raw_os_error(21),
+        };
+        let named_by_source = Error::Image {
+            path: "/d/x.img".into(),
+            source: io("/d/x.img"),
+        };
+        assert_eq!(named_by_source.to_string().matches("/d/x.img").count(), 1);
+        let other = Error::Image {
+            path: "/d/top.qcow2".into(),
+            source: io("/d/base.raw"),
+        };
+        let text = other.to_string();
+        assert!(
+            text.starts_with("/d/top.qcow2: ") && text.contains("/d/base.raw"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn lock_blocks_qemu_img_while_held() {

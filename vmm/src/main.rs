@@ -35,10 +35,52 @@ fn main() {
             }
         },
         Err(e) => {
-            vmm::report!("vmm: {:#}", anyhow::Error::from(e));
+            vmm::report!("vmm: {}", chain_message(&anyhow::Error::from(e)));
             1
         }
     };
     // vCPU threads may still sit in KVM_RUN; the disks were flushed and closed by `run`.
     std::process::exit(code);
+}
+
+/// An error and its causes on one line, each cause added only when the message so far does not
+/// already say it (most of our errors name their cause in their own text).
+fn chain_message(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer {0}")]
+    struct Says(#[source] std::io::Error);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Hides(#[source] std::io::Error);
+
+    fn io() -> std::io::Error {
+        std::io::Error::from_raw_os_error(21)
+    }
+
+    #[test]
+    fn causes_already_in_the_message_are_not_repeated() {
+        let said = chain_message(&anyhow::Error::from(Says(io())));
+        assert_eq!(said, format!("outer {}", io()));
+        let hidden = chain_message(&anyhow::Error::from(Hides(io())));
+        assert_eq!(hidden, format!("outer: {}", io()));
+    }
 }
