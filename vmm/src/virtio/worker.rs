@@ -295,6 +295,7 @@ impl IoThread {
             &mut self.bounce,
             &mut || interrupt.signal_used(),
             &self.accounting,
+            PassLimit::DEFAULT,
         );
         if let Some(d) = served.held {
             // Back when the buckets have drained enough; the driver's notifications stay
@@ -362,31 +363,9 @@ const REQUEST_OVERHEAD: u64 = 17;
 /// be interrupted at, so that a driver waiting for its first requests need not wait for the
 /// ones it queued behind them. With a `throttle`, a chain starts only when its buckets allow,
 /// else the pass stops and says for how long (notifications left off). A broken ring stops the
-/// pass.
-pub fn serve_queue(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    disk: &dyn Backend,
-    cfg: &BlockConfig,
-    bounce: &mut Vec<u8>,
-    signal: &mut dyn FnMut(),
-    accounting: &Accounting,
-) -> Served {
-    serve_queue_within(
-        queue,
-        mem,
-        disk,
-        cfg,
-        bounce,
-        signal,
-        accounting,
-        PassLimit::DEFAULT,
-    )
-}
-
-/// [`serve_queue`] with its own limit on one pass.
+/// pass, and so does `limit` ([`Served::more`]).
 #[allow(clippy::too_many_arguments)]
-pub fn serve_queue_within(
+pub fn serve_queue(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     disk: &dyn Backend,
@@ -611,7 +590,7 @@ mod tests {
         let disk = MemDisk(Mutex::new(img));
         let mut q = ring_of_reads(&mem, 0x0, 5);
         let serve = |q: &mut Queue, limit| {
-            serve_queue_within(
+            serve_queue(
                 q,
                 &mem,
                 &disk,
@@ -704,7 +683,7 @@ mod tests {
             q.set_ready(true);
             prop_assume!(q.is_valid(&mem));
             let disk = MemDisk(Mutex::new(vec![0; 64 * 1024]));
-            serve_queue(&mut q, &mem, &disk, &cfg(false), &mut Vec::new(), &mut || {}, &Accounting::default());
+            serve_queue(&mut q, &mem, &disk, &cfg(false), &mut Vec::new(), &mut || {}, &Accounting::default(), PassLimit::DEFAULT);
             let _ = q.needs_notification(&mem);
         }
     }
