@@ -6,8 +6,8 @@
 //! | `GET /api/v1/vmm.ping`     | 200, `{"build_version", "version", "pid", "features"}` |
 //! | `GET /api/v1/vm.info`      | 200, the configuration and `state` (Running, Paused) |
 //! | `GET /api/v1/vm.counters`  | 200, each disk's reads and writes (`_disk0`, ...)    |
-//! | `PUT /api/v1/vm.pause`     | 204 once every vCPU has stopped                      |
-//! | `PUT /api/v1/vm.resume`    | 204                                                  |
+//! | `PUT /api/v1/vm.pause`     | 204 once every vCPU and disk has stopped (disks flushed); 500 if paused already |
+//! | `PUT /api/v1/vm.resume`    | 204; 500 if not paused                               |
 //! | `PUT /api/v1/vm.power-button` | 204; the guest sees its ACPI power button pressed |
 //! | `PUT /api/v1/vm.shutdown`, `PUT /api/v1/vmm.shutdown` | 204, then the VMM stops in order, as on SIGTERM |
 //!
@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use crate::legacy::VmExit;
 use crate::virtio::block::DiskStats;
+use crate::virtio::worker::IoPause;
 
 /// Longest request (headers and body) taken.
 const MAX_REQUEST: usize = 16 * 1024;
@@ -146,6 +147,8 @@ pub struct Control {
     pub exit: Sender<VmExit>,
     /// The vCPUs' pause state.
     pub pause: Arc<Pause>,
+    /// Every disk queue's I/O thread, paused with the vCPUs.
+    pub io: Vec<IoPause>,
     /// Each disk's name (`id=`, or `_diskN`) and counters.
     pub disks: Vec<(String, Arc<DiskStats>)>,
     /// `vm.info`'s `config`, as JSON.
@@ -318,6 +321,32 @@ pub fn json_string(s: &str) -> String {
     out
 }
 
+/// Stops the vCPUs, then each disk's I/O threads, which finish the requests in hand and flush:
+/// while paused, the guest's images do not change. Undone when either does not stop in time.
+fn pause_vm(c: &Control) -> Result<(), &'static str> {
+    if !c.pause.pause() {
+        return Err("the vCPUs did not stop in time; the VM runs on");
+    }
+    let deadline = Instant::now() + PAUSE_DEADLINE;
+    if c.io.iter().all(|q| q.set(true, deadline)) {
+        Ok(())
+    } else {
+        resume_vm(c);
+        Err("a disk did not finish its requests in time; the VM runs on")
+    }
+}
+
+/// Lets the disks' I/O threads serve again, then the vCPUs run.
+fn resume_vm(c: &Control) {
+    let deadline = Instant::now() + PAUSE_DEADLINE;
+    for q in &c.io {
+        if !q.set(false, deadline) {
+            crate::report!("vmm: a disk's I/O thread did not acknowledge the resume in time");
+        }
+    }
+    c.pause.resume();
+}
+
 fn route(method: &str, path: &str, c: &Control) -> String {
     let Some(endpoint) = path.strip_prefix("/api/v1/") else {
         return error(404, &format!("no such endpoint: {path}"));
@@ -367,16 +396,25 @@ fn route(method: &str, path: &str, c: &Control) -> String {
             body.push('}');
             response(200, "OK", Some(&body))
         }
+        // As Cloud Hypervisor's state machine: pausing a paused VM, or resuming a running
+        // one, is refused.
         ("vm.pause", _, true) => {
-            if c.pause.pause() {
-                response(204, "No Content", None)
+            if c.pause.paused() {
+                error(500, "the VM is already paused")
             } else {
-                error(500, "the vCPUs did not stop in time; the VM runs on")
+                match pause_vm(c) {
+                    Ok(()) => response(204, "No Content", None),
+                    Err(e) => error(500, e),
+                }
             }
         }
         ("vm.resume", _, true) => {
-            c.pause.resume();
-            response(204, "No Content", None)
+            if c.pause.paused() {
+                resume_vm(c);
+                response(204, "No Content", None)
+            } else {
+                error(500, "the VM is not paused")
+            }
         }
         ("vm.power-button", _, true) => match c.power_button.write(1) {
             Ok(()) => response(204, "No Content", None),
@@ -387,7 +425,7 @@ fn route(method: &str, path: &str, c: &Control) -> String {
         },
         ("vm.shutdown" | "vmm.shutdown", _, true) => {
             // A paused guest must run again for the stop to flush in order.
-            c.pause.resume();
+            resume_vm(c);
             let _ = c.exit.send(VmExit::ApiShutdown);
             response(204, "No Content", None)
         }
@@ -414,6 +452,7 @@ mod tests {
             Control {
                 exit: tx,
                 pause: Arc::default(),
+                io: Vec::new(),
                 disks: vec![("_disk0".into(), stats)],
                 config: "{}".into(),
                 memory: 1 << 20,
@@ -474,9 +513,21 @@ mod tests {
         assert!(r.starts_with("HTTP/1.1 204 "), "{r}");
         let r = request(&l, &c, b"GET /api/v1/vm.info HTTP/1.1\r\n\r\n");
         assert!(r.contains("\"state\":\"Paused\""), "{r}");
+        // Cloud Hypervisor refuses a pause of a paused VM, and a resume of a running one.
+        let r = request(&l, &c, b"PUT /api/v1/vm.pause HTTP/1.1\r\n\r\n");
+        assert!(
+            r.starts_with("HTTP/1.1 500 ") && r.contains("already paused"),
+            "{r}"
+        );
+        assert!(c.pause.paused());
         let r = request(&l, &c, b"PUT /api/v1/vm.resume HTTP/1.1\r\n\r\n");
         assert!(r.starts_with("HTTP/1.1 204 "), "{r}");
         assert!(!c.pause.paused());
+        let r = request(&l, &c, b"PUT /api/v1/vm.resume HTTP/1.1\r\n\r\n");
+        assert!(
+            r.starts_with("HTTP/1.1 500 ") && r.contains("not paused"),
+            "{r}"
+        );
         let r = request(&l, &c, b"PUT /api/v1/vm.power-button HTTP/1.1\r\n\r\n");
         assert!(r.starts_with("HTTP/1.1 204 "), "{r}");
         assert_eq!(c.power_button.read().unwrap(), 1);

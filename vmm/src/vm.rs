@@ -215,6 +215,7 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
     let mut mmio_descs = Vec::new();
     let mut cmdline = args.cmdline.clone();
     let mut accounts = Vec::new();
+    let mut io_pauses = Vec::new();
     for (i, (d, spec)) in disks.iter().zip(&args.disk).enumerate() {
         let idx = u32::try_from(i).unwrap_or(0);
         // One set of counters and buckets for all the disk's queues.
@@ -252,6 +253,7 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
                     &filters,
                 ),
             )?;
+            io_pauses.push(worker.io_pause());
             queues.push(MmioQueue::new(worker, notify).map_err(Error::Queue)?);
         }
         let dev = MmioBlock::new(
@@ -381,6 +383,7 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
         let control = api::Control {
             exit: exit_tx.clone(),
             pause: Arc::clone(&pause),
+            io: io_pauses,
             disks: args
                 .disk
                 .iter()

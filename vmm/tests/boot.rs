@@ -1336,6 +1336,10 @@ fn api_socket_pauses_resumes_counts_and_shuts_down() {
     assert!(api(&sock, "GET", "vm.info")
         .1
         .contains("\"state\":\"Paused\""));
+    // As Cloud Hypervisor: a second pause is refused, and the VM stays paused.
+    let (code, body) = api(&sock, "PUT", "vm.pause");
+    assert_eq!(code, 500, "{body}");
+    assert!(body.contains("already paused"), "{body}");
     {
         use std::io::Write;
         let stdin = vm.child.stdin.as_mut().unwrap();
@@ -1349,6 +1353,9 @@ fn api_socket_pauses_resumes_counts_and_shuts_down() {
     }
     let (code, body) = api(&sock, "PUT", "vm.resume");
     assert_eq!(code, 204, "{body}");
+    let (code, body) = api(&sock, "PUT", "vm.resume");
+    assert_eq!(code, 500, "{body}");
+    assert!(body.contains("not paused"), "{body}");
     let got = vm.wait_for("test-guest: serial input: ");
     assert!(got.contains("abcdef"), "{got}");
     vm.wait_for("test-guest: holding until stopped");
@@ -1373,6 +1380,49 @@ fn api_socket_pauses_resumes_counts_and_shuts_down() {
     assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
     qemu_check_clean(&img, Format::Qcow2);
     assert_guest_wrote(&to_raw(&img, Format::Qcow2, dir.path()));
+}
+
+#[test]
+fn a_paused_vm_does_no_disk_io_until_resumed() {
+    // vm.pause stops the disks' I/O threads as well as the vCPUs: requests the guest queued
+    // before the pause wait for the resume, so the images do not change while paused. The
+    // bench guest keeps 32 reads in flight on a throttled disk, which takes the I/O thread
+    // a while to serve.
+    let Some(dir) = setup() else { return };
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let img = dir.path().join("bench.raw");
+    make_image(&img, Format::Raw, 0, SIZE, None);
+    let sock = dir.path().join("api.sock");
+    let spec = [format!(
+        "path={},format=raw,readonly=on,throttling.bps-total=8M",
+        img.display()
+    )];
+    let sock_arg = format!("path={}", sock.display());
+    let mut vm = Running::start_with(
+        &["--api-socket", &sock_arg],
+        &spec,
+        "console=ttyS0 tg.mode0=bench",
+        std::process::Stdio::null(),
+        &tmp,
+    );
+    // The queue-depth-32 phase comes next.
+    vm.wait_for("bench: sequential 64 KiB reads, queue depth 8: ");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let read = || json_number(&api(&sock, "GET", "vm.counters").1, "read_bytes");
+    let (code, body) = api(&sock, "PUT", "vm.pause");
+    assert_eq!(code, 204, "{body}");
+    let at_pause = read();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(read(), at_pause, "the disk was read while paused");
+    let (code, body) = api(&sock, "PUT", "vm.resume");
+    assert_eq!(code, 204, "{body}");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert!(read() > at_pause, "no reads after the resume");
+    let (code, body) = api(&sock, "PUT", "vmm.shutdown");
+    assert_eq!(code, 204, "{body}");
+    let (status, _, stderr) = vm.finish();
+    assert_eq!(status.code(), Some(0), "{status:?}: {stderr}");
 }
 
 #[test]

@@ -57,8 +57,56 @@ struct Mailbox {
 #[derive(Default)]
 struct Slot {
     order: Option<Order>,
+    /// Whether the VM is paused: the thread then serves nothing until this is cleared.
+    paused: bool,
     posted: u64,
     carried_out: u64,
+}
+
+impl Mailbox {
+    /// Applies `change` to the slot, wakes the thread, and waits until it has carried the
+    /// change out, as long as `alive` holds and `deadline` (if any) has not passed. Returns
+    /// whether it was carried out.
+    fn post(
+        &self,
+        change: impl FnOnce(&mut Slot),
+        alive: impl Fn() -> bool,
+        deadline: Option<Instant>,
+    ) -> bool {
+        let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        change(&mut slot);
+        slot.posted += 1;
+        let ticket = slot.posted;
+        if let Err(e) = self.wake.write(1) {
+            crate::report!("vmm: virtio-blk: cannot wake the I/O thread: {e}");
+            return false;
+        }
+        while slot.carried_out < ticket {
+            if !alive() || deadline.is_some_and(|d| Instant::now() >= d) {
+                return false;
+            }
+            slot = self
+                .done
+                .wait_timeout(slot, Duration::from_millis(100))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
+}
+
+/// Pauses and resumes one I/O thread on the API's behalf (`vm.pause`, `vm.resume`).
+#[derive(Clone)]
+pub struct IoPause(Arc<Mailbox>);
+
+impl IoPause {
+    /// Pausing: the thread finishes its pass, flushes the disk and then serves nothing until
+    /// resumed, so the image on disk stays as it is while the VM is paused. Resuming: it
+    /// serves what the driver queued meanwhile. Returns whether the thread did so before
+    /// `deadline`.
+    pub fn set(&self, paused: bool, deadline: Instant) -> bool {
+        self.0.post(|s| s.paused = paused, || true, Some(deadline))
+    }
 }
 
 /// Owns the I/O thread of one queue. The thread is started with the device, before any vCPU
@@ -118,6 +166,7 @@ impl BlockWorker {
                 cfg,
                 interrupt,
                 running: None,
+                paused: false,
                 bounce: Vec::new(),
                 accounting,
                 timer,
@@ -136,23 +185,13 @@ impl BlockWorker {
         let Some(thread) = &self.thread else {
             return;
         };
-        let mb = &self.mailbox;
-        let mut slot = mb.slot.lock().unwrap_or_else(PoisonError::into_inner);
-        slot.order = Some(order);
-        slot.posted += 1;
-        let ticket = slot.posted;
-        if let Err(e) = mb.wake.write(1) {
-            crate::report!("vmm: virtio-blk: cannot wake the I/O thread: {e}");
-            slot.order = None;
-            return;
-        }
-        while slot.carried_out < ticket && !thread.is_finished() {
-            slot = mb
-                .done
-                .wait_timeout(slot, Duration::from_millis(100))
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
+        self.mailbox
+            .post(|s| s.order = Some(order), || !thread.is_finished(), None);
+    }
+
+    /// The handle through which the API pauses and resumes this thread.
+    pub fn io_pause(&self) -> IoPause {
+        IoPause(Arc::clone(&self.mailbox))
     }
 
     /// The eventfd that wakes the thread for an order: the vCPU that starts or stops the
@@ -194,6 +233,8 @@ struct IoThread {
     cfg: BlockConfig,
     interrupt: Arc<Interrupt>,
     running: Option<(GuestMemoryMmap, Queue)>,
+    /// The VM is paused: nothing is served.
+    paused: bool,
     bounce: Vec<u8>,
     /// The disk's counters and throttling buckets, shared with its other queues.
     accounting: Accounting,
@@ -217,25 +258,29 @@ impl IoThread {
                 }
             };
             for ev in &events[..n] {
+                // While paused, the queue waits: resuming serves it.
                 if ev.data() == NOTIFY {
                     let _ = notify.read();
-                    self.process_then_come_back(notify);
+                    if !self.paused {
+                        self.process_then_come_back(notify);
+                    }
                     continue;
                 }
                 if ev.data() == TIMER {
                     let _ = self.timer.wait();
-                    self.process_then_come_back(notify);
+                    if !self.paused {
+                        self.process_then_come_back(notify);
+                    }
                     continue;
                 }
                 let _ = mb.wake.read();
-                let order = mb
-                    .slot
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .order
-                    .take();
+                // Only what is read here is carried out: a post after it wakes the thread again.
+                let (order, paused, ticket) = {
+                    let mut slot = mb.slot.lock().unwrap_or_else(PoisonError::into_inner);
+                    (slot.order.take(), slot.paused, slot.posted)
+                };
                 let exit = matches!(order, Some(Order::Exit));
-                let serve = match order {
+                let mut serve = match order {
                     Some(Order::Serve(mem, queue)) => {
                         self.idle();
                         self.running = Some((mem, queue));
@@ -247,15 +292,23 @@ impl IoThread {
                     }
                     None => false,
                 };
+                if paused && !self.paused && self.running.is_some() {
+                    // What the guest wrote is on disk before the pause is reported done.
+                    if let Err(e) = self.disk.flush() {
+                        crate::report!("vmm: virtio-blk: flush on pause failed: {e}");
+                    }
+                }
+                serve |= self.paused && !paused;
+                self.paused = paused;
                 let mut slot = mb.slot.lock().unwrap_or_else(PoisonError::into_inner);
-                slot.carried_out = slot.posted;
+                slot.carried_out = ticket;
                 mb.done.notify_all();
                 drop(slot);
                 if exit {
                     return;
                 }
-                if serve {
-                    // A driver may have queued requests before DRIVER_OK.
+                if serve && !self.paused {
+                    // A driver may have queued requests before DRIVER_OK, or while paused.
                     self.process_then_come_back(notify);
                 }
             }
@@ -581,6 +634,57 @@ mod tests {
         // Orders after shutdown are no-ops, and so is the drop.
         w.stop();
         drop(w);
+    }
+
+    #[test]
+    fn a_paused_thread_flushes_then_serves_nothing_until_resumed() {
+        // vm.pause: the thread flushes what the guest wrote and leaves the ring alone, so the
+        // image stays as it is while paused; vm.resume serves what was queued meanwhile.
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let img: Vec<u8> = (1..=128u8).flat_map(|s| [s; 512]).collect();
+        let disk = Arc::new(Logged::new(MemDisk(Mutex::new(img))));
+        let notify = EventFd::new(EFD_NONBLOCK).unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let interrupt = crate::virtio::mmio::new_interrupt(irq);
+        let backend: Arc<dyn Backend> = disk.clone();
+        let acc = Accounting::default();
+        let mut w = BlockWorker::new(
+            backend,
+            cfg(false),
+            interrupt,
+            notify.try_clone().unwrap(),
+            acc.clone(),
+            &Filters::none(),
+        )
+        .unwrap();
+        let p = w.io_pause();
+        let soon = || std::time::Instant::now() + Duration::from_secs(2);
+        // Four chains in the ring, two of them available.
+        let q = ring_of_reads(&mem, 0x0, 4);
+        mem.write_obj(2u16, GuestAddress(0x102)).unwrap();
+        w.start(mem.clone(), q);
+        assert!(wait_used(&mem, 0x0, 2), "used {}", used_idx(&mem, 0x0));
+        assert!(p.set(true, soon()));
+        assert_eq!(disk.2.load(Ordering::SeqCst), 1, "flushed on pause");
+        // Pausing again changes nothing (and flushes nothing more).
+        assert!(p.set(true, soon()));
+        assert_eq!(disk.2.load(Ordering::SeqCst), 1);
+        mem.write_obj(4u16, GuestAddress(0x102)).unwrap();
+        notify.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(used_idx(&mem, 0x0), 2, "served while paused");
+        assert_eq!(acc.stats.read_ops.load(Ordering::Relaxed), 2);
+        // Resuming serves the two queued meanwhile, without another notification.
+        assert!(p.set(false, soon()));
+        assert!(wait_used(&mem, 0x0, 4), "used {}", used_idx(&mem, 0x0));
+        let data: [u8; 4] = mem.read_obj(GuestAddress(0x1000 + 3 * 0x400)).unwrap();
+        assert_eq!(data, [4; 4]);
+        assert_eq!(acc.stats.read_ops.load(Ordering::Relaxed), 4);
+        // A thread that has ended answers no pause.
+        w.shutdown();
+        let t0 = std::time::Instant::now();
+        assert!(!p.set(true, t0 + Duration::from_millis(300)));
+        assert!(t0.elapsed() < Duration::from_secs(2));
     }
 
     #[test]
