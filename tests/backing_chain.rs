@@ -759,3 +759,53 @@ fn raw_windows_read_and_write_like_qemu() {
     env.assert_same_bytes("i.img", "disk.img");
     env.qemu_io("raw", "disk.img", &["read -P 0x55 10M 64k"]);
 }
+
+#[test]
+fn json_backing_option_cuts_or_replaces_the_chain_as_qemu() {
+    // oVirt measures one volume (`"backing": null`) or a sub-chain (a nested backing node
+    // ending in null) with json: names; the same names read, map and convert like qemu-img.
+    let env = Env::with_qemu();
+    chain(&env);
+    let node = |file: &str, fmt: &str, backing: &str| {
+        format!(
+            r#"{{"driver": "{fmt}", "file": {{"driver": "file", "filename": "{file}"}}, "backing": {backing}}}"#
+        )
+    };
+    let alone = format!("json:{}", node("top.qcow2", "qcow2", "null"));
+    let sub = format!(
+        "json:{}",
+        node("top.qcow2", "qcow2", &node("mid.qcow2", "qcow2", "null"))
+    );
+    // Over a different image than the header names.
+    let other = format!(
+        "json:{}",
+        node("top.qcow2", "qcow2", &node("base.raw", "raw", "null"))
+    );
+    for name in [&alone, &sub, &other] {
+        for cmd in [
+            &["measure", "--output=json", "-O", "qcow2"][..],
+            &["measure", "--output=json", "-O", "raw", "--force-share"],
+            &["map", "--output=json"],
+        ] {
+            let args = [cmd, &[name.as_str()]].concat();
+            let q = env.qemu_img(&args).ok();
+            let i = env.img(&args).ok();
+            assert_eq!(i.stdout, q.stdout, "{args:?}:{q}{i}");
+        }
+        env.qemu_img(&["convert", "-O", "raw", name, "q.raw"]).ok();
+        env.img(&["convert", "-O", "raw", name, "i.raw"]).ok();
+        env.assert_same_bytes("i.raw", "q.raw");
+    }
+    let args = ["info", "--output=json", alone.as_str()];
+    assert_info_equal(
+        &env.img(&args).ok().json(),
+        &env.qemu_img(&args).ok().json(),
+        "backing: null",
+    );
+    // A node named by a string cannot be defined on a command line.
+    let named = format!("json:{}", node("top.qcow2", "qcow2", "\"n0\""));
+    let q = env.qemu_img(&["measure", "-O", "raw", &named]);
+    let i = env.img(&["measure", "-O", "raw", &named]).no_panic();
+    assert_eq!((i.code, q.code), (Some(1), Some(1)), "{q}{i}");
+    assert!(i.stderr.contains("nor node-name='n0'"), "{i}");
+}

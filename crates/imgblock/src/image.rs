@@ -15,6 +15,18 @@ use crate::{lock, luks, probe, qcow2, raw, vdi, vmdk, Error, Format, Result};
 /// chain this deep is a loop or an attack; opening it would exhaust file descriptors.
 pub const MAX_CHAIN_DEPTH: usize = 64;
 
+/// A backing image's open error, as the error of the image above it (`path`). Loops and depth
+/// are about the chain as a whole, and a deeper image's error names its own: kept as they are.
+fn backing_error(path: &Path, e: Error) -> Error {
+    match e {
+        Error::BackingLoop { .. } | Error::ChainTooDeep { .. } | Error::BackingOpen { .. } => e,
+        other => Error::BackingOpen {
+            path: path.to_owned(),
+            source: Box::new(other),
+        },
+    }
+}
+
 /// How to open an image.
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
@@ -210,49 +222,29 @@ impl Image {
             };
             let opts = OpenOptions {
                 format,
-                raw_window: j.window.or(opts.raw_window.clone()),
+                raw_window: j.window.clone().or(opts.raw_window.clone()),
+                // `backing`: none, or a node of its own, opened below.
+                no_backing: opts.no_backing || j.backing.is_some(),
                 ..opts.clone()
             };
-            if let Some(w) = &j.file_window {
-                // A format inside a window of the file (a disk inside an OVA, as virt-v2v
-                // names it): read in place, read-only.
-                if opts.writable {
-                    return Err(Error::Unsupported {
-                        path: j.filename.clone(),
-                        what: "an image inside a raw window opens read-only".into(),
-                    });
-                }
-                let file: Arc<dyn Storage> =
-                    Arc::new(FileStorage::open(&j.filename, false).ctx(&j.filename)?);
-                let (offset, len) = w.fit(file.size().ctx(&j.filename)?)?;
-                let inner: Arc<dyn Storage> = Arc::new(crate::ova::Window::new(file, offset, len));
-                let mut img = Self::open_inner_with(
-                    &j.filename,
-                    &opts,
-                    seen,
-                    depth,
-                    Some(inner),
-                    secrets,
-                    direct,
-                )?;
-                // Named as qemu names it: the format's node over the window's.
-                let window = w.json_name(Some("raw"), &j.filename);
-                img.json_name = Some(format!(
-                    "json:{{\"driver\": {}, \"file\": {}}}",
-                    serde_json::Value::from(img.format().to_string()),
-                    window.strip_prefix("json:").unwrap_or(&window)
-                ));
+            if let Some(Some(node)) = &j.backing {
+                let mut img =
+                    Self::open_json_parts(&j, &opts, seen, depth, storage, secrets, direct)?;
+                let bopts = OpenOptions {
+                    format: None,
+                    writable: false,
+                    no_backing: false,
+                    snapshot: None,
+                    force_share: opts.force_share,
+                    repair: false,
+                    raw_window: None,
+                };
+                let b = Self::open_inner(Path::new(node), &bopts, seen, depth + 1, secrets, direct)
+                    .map_err(|e| backing_error(&j.filename, e))?;
+                img.backing = Some(Box::new(b));
                 return Ok(img);
             }
-            return Self::open_inner_with(
-                &j.filename,
-                &opts,
-                seen,
-                depth,
-                storage,
-                secrets,
-                direct,
-            );
+            return Self::open_json_parts(&j, &opts, seen, depth, storage, secrets, direct);
         }
         if opts.writable && opts.force_share {
             return Err(Error::ForceShareWritable {
@@ -372,16 +364,7 @@ impl Image {
                     raw_window: None,
                 };
                 let b = Self::open_inner(&bpath, &bopts, seen, depth + 1, secrets, direct)
-                    .map_err(|e| match e {
-                        // Loops and depth are about the chain as a whole: keep them as they are.
-                        Error::BackingLoop { .. }
-                        | Error::ChainTooDeep { .. }
-                        | Error::BackingOpen { .. } => e,
-                        other => Error::BackingOpen {
-                            path: path.to_owned(),
-                            source: Box::new(other),
-                        },
-                    })?;
+                    .map_err(|e| backing_error(path, e))?;
                 Some(Box::new(b))
             }
             _ => None,
@@ -400,6 +383,51 @@ impl Image {
             guessed_raw,
             _lock: file_lock,
         })
+    }
+
+    /// Opens what a `json:` name stands for (its `backing` option aside): its file in its
+    /// format, or a format inside a raw window of the file.
+    fn open_json_parts(
+        j: &crate::json_name::JsonName,
+        opts: &OpenOptions,
+        seen: &mut HashSet<PathBuf>,
+        depth: usize,
+        storage: Option<Arc<dyn Storage>>,
+        secrets: &Secrets,
+        direct: bool,
+    ) -> Result<Image> {
+        if let Some(w) = &j.file_window {
+            // A format inside a window of the file (a disk inside an OVA, as virt-v2v
+            // names it): read in place, read-only.
+            if opts.writable {
+                return Err(Error::Unsupported {
+                    path: j.filename.clone(),
+                    what: "an image inside a raw window opens read-only".into(),
+                });
+            }
+            let file: Arc<dyn Storage> =
+                Arc::new(FileStorage::open(&j.filename, false).ctx(&j.filename)?);
+            let (offset, len) = w.fit(file.size().ctx(&j.filename)?)?;
+            let inner: Arc<dyn Storage> = Arc::new(crate::ova::Window::new(file, offset, len));
+            let mut img = Self::open_inner_with(
+                &j.filename,
+                opts,
+                seen,
+                depth,
+                Some(inner),
+                secrets,
+                direct,
+            )?;
+            // Named as qemu names it: the format's node over the window's.
+            let window = w.json_name(Some("raw"), &j.filename);
+            img.json_name = Some(format!(
+                "json:{{\"driver\": {}, \"file\": {}}}",
+                serde_json::Value::from(img.format().to_string()),
+                window.strip_prefix("json:").unwrap_or(&window)
+            ));
+            return Ok(img);
+        }
+        Self::open_inner_with(&j.filename, opts, seen, depth, storage, secrets, direct)
     }
 
     /// Wraps an already-open driver (used right after create).

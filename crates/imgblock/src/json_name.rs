@@ -52,6 +52,11 @@ pub struct JsonName {
     /// The format sits on a raw window of the file (`"file":{"driver":"raw","offset":...}`,
     /// as virt-v2v reads a disk inside an OVA).
     pub file_window: Option<crate::raw::Window>,
+    /// qemu's `backing` option, when given: `Some(None)` opens the image without its backing
+    /// chain (`"backing": null`), `Some(Some(name))` puts the image `name` (a `json:` name)
+    /// below it instead of the one its header names (`"backing": {"driver": ...}`), as oVirt
+    /// names a single volume or a sub-chain to measure.
+    pub backing: Option<Option<String>>,
 }
 
 /// Parses `name` when it is a `json:` name: `None` for plain file names.
@@ -72,6 +77,7 @@ fn parse_body(body: &str) -> Result<JsonName, String> {
     };
     let mut flat = Map::new();
     flatten("", &obj, &mut flat)?;
+    let backing = take_backing(&mut flat)?;
     let text = |k: &str| -> Result<Option<String>, String> {
         match flat.get(k) {
             None => Ok(None),
@@ -157,7 +163,41 @@ fn parse_body(body: &str) -> Result<JsonName, String> {
         driver: format,
         window,
         file_window,
+        backing,
     })
+}
+
+/// Takes qemu's `backing` option out of the flattened options: `null` (or `""`, its old
+/// spelling) for none, or a node's options, which become that node's own `json:` name. A
+/// string names another node, which a command line cannot define: refused.
+fn take_backing(flat: &mut Map<String, Value>) -> Result<Option<Option<String>>, String> {
+    let keys: Vec<String> = flat
+        .keys()
+        .filter(|k| k.starts_with("backing."))
+        .cloned()
+        .collect();
+    let whole = flat.remove("backing");
+    if keys.is_empty() {
+        return match whole {
+            None => Ok(None),
+            Some(Value::Null) => Ok(Some(None)),
+            Some(Value::String(s)) if s.is_empty() => Ok(Some(None)),
+            Some(Value::String(s)) => Err(format!(
+                "Could not open backing file: Cannot find device='{s}' nor node-name='{s}'"
+            )),
+            Some(other) => Err(format!("Invalid value for option 'backing': {other}")),
+        };
+    }
+    if whole.is_some() {
+        return Err("Duplicate option 'backing'".into());
+    }
+    let mut node = Map::new();
+    for k in keys {
+        if let (Some(v), Some(inner)) = (flat.remove(&k), k.strip_prefix("backing.")) {
+            node.insert(inner.to_owned(), v);
+        }
+    }
+    Ok(Some(Some(format!("json:{}", Value::Object(node)))))
 }
 
 /// A size option (raw's `offset` and `size`): a JSON number, or a string in qemu's size syntax
@@ -250,13 +290,44 @@ mod tests {
             err(r#"json:{"driver":"qcow2","file":{"driver":"nbd","host":"h"}}"#).contains("'nbd'")
         );
         assert!(
-            err(r#"json:{"driver":"qcow2","file":{"filename":"x"},"backing":null}"#)
-                .contains("'backing'")
+            err(r#"json:{"driver":"qcow2","file":{"filename":"x"},"backing":"node0"}"#)
+                .contains("'node0'")
         );
         assert!(err(r#"json:{"driver":"qcow2"}"#).contains("filename"));
         assert!(err("json:{").contains("json"));
         assert!(err("json:[1]").contains("object"));
         assert!(err(r#"json:{"file":{"filename":"a"},"file.filename":"b"}"#).contains("Duplicate"));
+    }
+
+    #[test]
+    fn backing_null_drops_the_chain_and_a_backing_node_replaces_it() {
+        let file = r#""driver":"qcow2","file":{"driver":"file","filename":"t.qcow2"}"#;
+        assert_eq!(ok(&format!("json:{{{file}}}")).backing, None);
+        assert_eq!(
+            ok(&format!(r#"json:{{{file},"backing":null}}"#)).backing,
+            Some(None)
+        );
+        assert_eq!(
+            ok(&format!(r#"json:{{{file},"backing":""}}"#)).backing,
+            Some(None)
+        );
+        let sub = ok(&format!(
+            r#"json:{{{file},"backing":{{"driver":"qcow2","file":{{"driver":"file","filename":"b.qcow2"}},"backing":null}}}}"#
+        ));
+        assert_eq!(sub.filename, PathBuf::from("t.qcow2"));
+        let node = sub.backing.flatten().expect("a backing node");
+        let inner = ok(&node);
+        assert_eq!(inner.filename, PathBuf::from("b.qcow2"));
+        assert_eq!(inner.driver.as_deref(), Some("qcow2"));
+        assert_eq!(inner.backing, Some(None));
+        // Dotted keys mean the same.
+        let dotted = ok(&format!(
+            r#"json:{{{file},"backing.driver":"qcow2","backing.file.filename":"b.qcow2"}}"#
+        ));
+        assert_eq!(
+            ok(&dotted.backing.flatten().unwrap()).filename,
+            PathBuf::from("b.qcow2")
+        );
     }
 
     #[test]
