@@ -781,6 +781,7 @@ const RAW: &[Case] = &[
 ];
 
 const RAW_REFUSED: &[&str] = &[
+    "preallocation",
     "preallocation=metadata",
     "preallocation=bogus",
     "extent_size_hint=8G",
@@ -827,6 +828,11 @@ const QCOW2: &[Case] = &[
     case(
         "compat=v3,lazy_refcounts=on,extent_size_hint=256k",
         &["compat=1.1", "lazy-refcounts=true"],
+    ),
+    // QemuOpts' short-form booleans, as libvirt writes them.
+    case(
+        "compat=1.1,lazy_refcounts,noextended_l2",
+        &["lazy-refcounts=true", "extended-l2=false"],
     ),
     case(
         "cluster_size=512,refcount_bits=1",
@@ -985,6 +991,9 @@ const QCOW2_COMPRESSED: &[Case] = &[
 ];
 
 const QCOW2_REFUSED: &[&str] = &[
+    // Short forms: `cluster_size=on` is no size, and `nocow` is `cow=off`.
+    "cluster_size",
+    "nocow",
     "compat=2",
     "compat=0.10,lazy_refcounts=on",
     "compat=0.10,refcount_bits=8",

@@ -154,7 +154,12 @@ pub fn split_opts(s: &str) -> Result<Vec<(String, String)>> {
         match p.split_once('=') {
             Some((k, v)) => out.push((k.to_owned(), v.to_owned())),
             None if p == "help" || p == "?" => out.push(("help".to_owned(), String::new())),
-            None => return Err(Error::InvalidOption(format!("Invalid parameter '{p}'"))),
+            // QemuOpts' short-form booleans, as libvirt writes `-o lazy_refcounts`: a bare key
+            // is `key=on`, a bare `nokey` is `key=off`.
+            None => match p.strip_prefix("no") {
+                Some(key) if !key.is_empty() => out.push((key.to_owned(), "off".to_owned())),
+                _ => out.push((p, "on".to_owned())),
+            },
         }
     }
     Ok(out)
@@ -529,7 +534,19 @@ mod tests {
     }
 
     #[test]
-    fn split_opts_missing_value_is_an_error() {
-        assert!(split_opts("cluster_size").is_err());
+    fn split_opts_reads_short_form_booleans_as_qemuopts() {
+        assert_eq!(
+            split_opts("compat=1.1,lazy_refcounts,noextended_l2").unwrap(),
+            vec![
+                ("compat".into(), "1.1".into()),
+                ("lazy_refcounts".into(), "on".into()),
+                ("extended_l2".into(), "off".into()),
+            ]
+        );
+        // The option then judges the value: a size is not "on".
+        assert_eq!(
+            split_opts("cluster_size").unwrap(),
+            vec![("cluster_size".into(), "on".into())]
+        );
     }
 }
