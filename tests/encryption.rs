@@ -1109,3 +1109,89 @@ fn luks_format_resizes_like_qemu() {
         "key-secret",
     );
 }
+
+#[test]
+fn cinders_encrypted_volume_commands_work_as_with_qemu() {
+    // OpenStack Cinder's command lines for encrypted volumes on file-based back ends: they
+    // give `encrypt.format`, the backing node's file, and secrets inside a json: backing name.
+    let env = Env::with_qemu();
+    luks_qcow2(&env, "base.qcow2", None);
+    qemu_io(&env, "qcow2", "base.qcow2", &["write -P 0x5b 0 512k"]);
+    luks_qcow2(&env, "top.qcow2", Some("base.qcow2"));
+    let top =
+        "driver=qcow2,file.filename=top.qcow2,encrypt.key-secret=s0,backing.encrypt.key-secret=s0";
+    qemu_io_opts(&env, top, &["write -P 0x6c 256k 512k"]);
+    qemu_to_raw(&env, top, "chain.raw");
+    qemu_to_raw(&env, &opts("qcow2", "base.qcow2"), "base.raw");
+    let sec = |id: &str| format!("secret,id={id},format=raw,data=pw");
+
+    // Upload or clone: the volume to a LUKS image.
+    let src = "encrypt.format=luks,encrypt.key-secret=sec1,file.filename=base.qcow2";
+    env.img(&[
+        "convert",
+        "-t",
+        "none",
+        "-S",
+        "0",
+        "--object",
+        &sec("sec1"),
+        "--object",
+        &sec("sec2"),
+        "--image-opts",
+        src,
+        "-O",
+        "luks",
+        "-o",
+        "key-secret=sec2,iter-time=10",
+        "up.luks",
+    ])
+    .ok();
+    qemu_sees(&env, "base.raw", &opts("luks", "up.luks"));
+
+    // Snapshot: a new overlay over a json: name holding both layers' secrets.
+    let json = r#"json:{"driver": "qcow2", "encrypt.key-secret": "s0", "backing.encrypt.key-secret": "s0", "backing.file.filename": "base.qcow2", "file": {"driver": "file", "filename": "top.qcow2"}}"#;
+    env.img(&[
+        "create",
+        "-q",
+        "-fqcow2",
+        "-o",
+        LUKS_OPTS,
+        "-F",
+        "qcow2",
+        "-b",
+        json,
+        "--object",
+        OBJ,
+        "snap.qcow2",
+    ])
+    .ok();
+    let snap = "driver=qcow2,file.filename=snap.qcow2,encrypt.key-secret=s0,backing.encrypt.key-secret=s0,backing.backing.encrypt.key-secret=s0";
+    qemu_sees(&env, "chain.raw", snap);
+
+    // Snapshot deletion: commit the top into the base named in the options.
+    let commit = "file.filename=top.qcow2,encrypt.format=luks,encrypt.key-secret=s0,backing.file.filename=base.qcow2,backing.encrypt.key-secret=s0";
+    let out = env
+        .img(&["commit", "--object", OBJ, "--image-opts", "-d", commit])
+        .ok();
+    assert_eq!(out.stdout, "Image committed.\n");
+    qemu_sees(&env, "chain.raw", &opts("qcow2", "base.qcow2"));
+    qemu_check_clean(&env, &opts("qcow2", "base.qcow2"));
+
+    // encrypt.format must be the image's, in qemu's words; `backing=` opens the top alone.
+    let wrong = "driver=qcow2,file.filename=top.qcow2,encrypt.format=aes,encrypt.key-secret=s0";
+    let args = ["info", "--object", OBJ, "--image-opts", wrong];
+    let (q, i) = (env.qemu_img(&args), env.img(&args).no_panic());
+    assert_eq!((i.code, q.code), (Some(1), Some(1)), "{q}{i}");
+    let why = "Header reported 'luks' encryption format but options specify 'aes'";
+    assert!(i.stderr.contains(why) && q.stderr.contains(why), "{q}{i}");
+    let alone = "driver=qcow2,file.filename=top.qcow2,encrypt.key-secret=s0,backing=";
+    let args = [
+        "map",
+        "--output=json",
+        "--object",
+        OBJ,
+        "--image-opts",
+        alone,
+    ];
+    assert_eq!(env.img(&args).ok().stdout, env.qemu_img(&args).ok().stdout);
+}

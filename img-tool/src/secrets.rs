@@ -78,12 +78,15 @@ impl SecretArgs {
         }
     }
 
-    /// A plain file name: no secrets.
+    /// A plain file name: no layer secrets, though a `json:` name may name one by ID.
     pub fn resolve_file(&self, name: &str, format: Option<Format>) -> ImageSpec {
+        let mut secrets = Secrets::none();
+        // A bad definition is reported where the secrets are asked for by name.
+        secrets.set_objects(self.secrets().unwrap_or_default());
         ImageSpec {
             path: PathBuf::from(name),
             format,
-            secrets: Secrets::none(),
+            secrets,
         }
     }
 
@@ -103,14 +106,25 @@ impl SecretArgs {
         let mut path = None;
         let mut fmt = format;
         let mut secrets = Secrets::none();
+        secrets.set_objects(defined.clone());
         let mut window: Option<imgblock::raw::Window> = None;
         let mut protocol = None;
+        // Options the block layer reads from a `json:` name: the backing node (`backing=` for
+        // none, `backing.file.filename=` and the like for another), `encrypt.format`, and those
+        // that only tune how qemu opens the file.
+        let mut passed = serde_json::Map::new();
+        // The backing node's own options (its secret aside).
+        let mut backing = Vec::new();
         for (k, v) in imgblock::options::split_opts(name)? {
             let mut key = k.as_str();
             let mut depth = 0;
             while let Some(rest) = key.strip_prefix("backing.") {
                 key = rest;
                 depth += 1;
+            }
+            if depth > 0 && !["encrypt.key-secret", "key-secret"].contains(&key) {
+                backing.push((k, v));
+                continue;
             }
             match key {
                 "driver" if depth == 0 => {
@@ -144,12 +158,53 @@ impl SecretArgs {
                     secrets.set_layer(depth, s);
                 }
                 "driver" | "file.driver" => {}
+                _ if passes_through(&k) => {
+                    let value = if k == "backing" && v.is_empty() {
+                        serde_json::Value::Null
+                    } else {
+                        serde_json::Value::from(v)
+                    };
+                    passed.insert(k, value);
+                }
                 _ => return Err(Failure::new(format!("Invalid parameter '{k}'"))),
             }
+        }
+        // A backing node given by its file replaces the one the header names; its format alone
+        // (`backing.driver=`, as Cinder writes with the secrets) changes nothing that is read.
+        if backing.iter().any(|(k, _)| k.ends_with(".filename")) {
+            passed.extend(backing.into_iter().map(|(k, v)| (k, v.into())));
         }
         let mut path = path.ok_or_else(|| {
             Failure::new("A block device must be specified for \"file.filename\"")
         })?;
+        if !passed.is_empty() {
+            // As one `json:` name, which the block layer reads whole.
+            let file = path.to_string_lossy().into_owned();
+            match (protocol, fmt) {
+                (Some(p), _) => {
+                    passed.insert("driver".into(), p.into());
+                    passed.insert("filename".into(), file.into());
+                }
+                (None, f) => {
+                    if let Some(f) = f {
+                        passed.insert("driver".into(), f.to_string().into());
+                    }
+                    passed.insert("file.driver".into(), "file".into());
+                    passed.insert("file.filename".into(), file.into());
+                }
+            }
+            if let Some(w) = &window {
+                passed.insert("offset".into(), w.offset.into());
+                if let Some(size) = w.size {
+                    passed.insert("size".into(), size.into());
+                }
+            }
+            return Ok(ImageSpec {
+                path: PathBuf::from(format!("json:{}", serde_json::Value::Object(passed))),
+                format: fmt,
+                secrets,
+            });
+        }
         // qemu names such an image by its options, and so does the block layer.
         if let Some(w) = window {
             if let Some(p) = protocol {
@@ -177,6 +232,15 @@ impl SecretArgs {
         opts.secrets = self.secrets()?;
         Ok(())
     }
+}
+
+/// Whether an `--image-opts` key goes to the block layer as it is: the backing node's options,
+/// the encryption format to check, and those that only tune how qemu opens a file.
+fn passes_through(key: &str) -> bool {
+    key == "backing"
+        || key.starts_with("backing.")
+        || key == "encrypt.format"
+        || imgblock::json_name::IGNORED.contains(&key)
 }
 
 /// The secrets a newly created image is opened with: the one its own options name.

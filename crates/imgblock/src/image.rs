@@ -27,6 +27,36 @@ fn backing_error(path: &Path, e: Error) -> Error {
     }
 }
 
+/// qemu's check of an `encrypt.format` open option against the image: a qcow2 image's header
+/// must name that format; other formats have no such option.
+fn check_encrypt_format(img: Image, wanted: Option<&str>) -> std::result::Result<Image, String> {
+    let Some(wanted) = wanted else {
+        return Ok(img);
+    };
+    if img.format() != Format::Qcow2 {
+        return Err(format!(
+            "Block format '{}' does not support the option 'encrypt.format'",
+            img.format()
+        ));
+    }
+    let has = match img.driver().encryption_info() {
+        None => {
+            return Err(format!(
+                "No encryption in image header, but options specified format '{wanted}'"
+            ))
+        }
+        Some(crate::crypto::EncryptionInfo::Aes) => "aes",
+        Some(crate::crypto::EncryptionInfo::Luks(_)) => "luks",
+    };
+    if has == wanted {
+        Ok(img)
+    } else {
+        Err(format!(
+            "Header reported '{has}' encryption format but options specify '{wanted}'"
+        ))
+    }
+}
+
 /// How to open an image.
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
@@ -211,10 +241,27 @@ impl Image {
     ) -> Result<Image> {
         // A `json:{...}` name stands for its file, in the format it names (if any).
         if let Some(j) = path.to_str().and_then(crate::json_name::parse) {
-            let j = j.map_err(|why| Error::JsonName {
+            let named = |why| Error::JsonName {
                 name: path.display().to_string(),
                 why,
-            })?;
+            };
+            let j = j.map_err(named)?;
+            let no_backing = opts.no_backing;
+            // `encrypt.key-secret`: the secret defined with that ID unlocks this layer. Without
+            // it, a look at the metadata alone (create's look at a backing file) goes on.
+            let keyed;
+            let secrets = match j.key_secret.as_deref().map(|id| (id, secrets.object(id))) {
+                Some((_, Some(s))) => {
+                    let mut k = secrets.clone();
+                    k.set_layer(depth, s.clone());
+                    keyed = k;
+                    &keyed
+                }
+                Some((id, None)) if !secrets.metadata_only => {
+                    return Err(named(format!("No secret with id '{id}'")));
+                }
+                _ => secrets,
+            };
             let format = match (&j.driver, opts.format) {
                 (_, Some(f)) => Some(f),
                 (Some(d), None) => Some(d.parse()?),
@@ -227,7 +274,7 @@ impl Image {
                 no_backing: opts.no_backing || j.backing.is_some(),
                 ..opts.clone()
             };
-            if let Some(Some(node)) = &j.backing {
+            if let (Some(Some(node)), false) = (&j.backing, no_backing) {
                 let mut img =
                     Self::open_json_parts(&j, &opts, seen, depth, storage, secrets, direct)?;
                 let bopts = OpenOptions {
@@ -242,9 +289,10 @@ impl Image {
                 let b = Self::open_inner(Path::new(node), &bopts, seen, depth + 1, secrets, direct)
                     .map_err(|e| backing_error(&j.filename, e))?;
                 img.backing = Some(Box::new(b));
-                return Ok(img);
+                return check_encrypt_format(img, j.encrypt_format.as_deref()).map_err(named);
             }
-            return Self::open_json_parts(&j, &opts, seen, depth, storage, secrets, direct);
+            let img = Self::open_json_parts(&j, &opts, seen, depth, storage, secrets, direct)?;
+            return check_encrypt_format(img, j.encrypt_format.as_deref()).map_err(named);
         }
         if opts.writable && opts.force_share {
             return Err(Error::ForceShareWritable {

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use serde_json::{Map, Value};
 
 /// Keys that only tune how qemu opens a node: they change nothing that is read.
-const IGNORED: &[&str] = &[
+pub const IGNORED: &[&str] = &[
     "node-name",
     "read-only",
     "auto-read-only",
@@ -57,6 +57,10 @@ pub struct JsonName {
     /// below it instead of the one its header names (`"backing": {"driver": ...}`), as oVirt
     /// names a single volume or a sub-chain to measure.
     pub backing: Option<Option<String>>,
+    /// The ID of the secret that unlocks the image (`encrypt.key-secret`, luks' `key-secret`).
+    pub key_secret: Option<String>,
+    /// The encryption format the image must have (`encrypt.format`).
+    pub encrypt_format: Option<String>,
 }
 
 /// Parses `name` when it is a `json:` name: `None` for plain file names.
@@ -86,6 +90,11 @@ fn parse_body(body: &str) -> Result<JsonName, String> {
         }
     };
     let driver = text("driver")?;
+    let key_secret = match (text("encrypt.key-secret")?, text("key-secret")?) {
+        (Some(_), Some(_)) => return Err("Duplicate option 'encrypt.key-secret'".into()),
+        (a, b) => a.or(b),
+    };
+    let encrypt_format = text("encrypt.format")?;
     // A format over a raw window over the file: the window's node is `file`, the file's
     // `file.file`.
     let nested = driver.as_deref() != Some("raw") && text("file.driver")?.as_deref() == Some("raw");
@@ -139,7 +148,15 @@ fn parse_body(body: &str) -> Result<JsonName, String> {
     }
     for k in flat.keys() {
         let k = k.as_str();
-        let known = ["driver", "filename", "file.driver"].contains(&k)
+        let known = [
+            "driver",
+            "filename",
+            "file.driver",
+            "encrypt.key-secret",
+            "key-secret",
+            "encrypt.format",
+        ]
+        .contains(&k)
             || (!nested && k == "file.filename")
             || (window.is_some() && ["offset", "size"].contains(&k))
             || (nested
@@ -164,6 +181,8 @@ fn parse_body(body: &str) -> Result<JsonName, String> {
         window,
         file_window,
         backing,
+        key_secret,
+        encrypt_format,
     })
 }
 
@@ -328,6 +347,20 @@ mod tests {
             ok(&dotted.backing.flatten().unwrap()).filename,
             PathBuf::from("b.qcow2")
         );
+    }
+
+    #[test]
+    fn encryption_options_name_their_secret_and_format() {
+        let j = ok(
+            r#"json:{"driver":"qcow2","encrypt":{"format":"luks","key-secret":"s0"},"file":{"filename":"e.qcow2"},"backing.encrypt.key-secret":"s1","backing.file.filename":"b.qcow2"}"#,
+        );
+        assert_eq!(j.key_secret.as_deref(), Some("s0"));
+        assert_eq!(j.encrypt_format.as_deref(), Some("luks"));
+        let b = ok(&j.backing.flatten().expect("a backing node"));
+        assert_eq!(b.key_secret.as_deref(), Some("s1"));
+        assert_eq!(b.encrypt_format, None);
+        let luks = ok(r#"json:{"driver":"luks","key-secret":"k","file":{"filename":"d.luks"}}"#);
+        assert_eq!(luks.key_secret.as_deref(), Some("k"));
     }
 
     #[test]

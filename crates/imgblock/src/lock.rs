@@ -66,6 +66,19 @@ fn ofd(f: &File, start: i64, ty: libc::c_int, get: bool) -> std::io::Result<libc
 /// [`Error::Locked`] when another process holds a conflicting lock; [`Error::Io`] when the
 /// file cannot be opened or locked.
 pub fn lock(path: &Path, perms: &[u32], unshared: &[u32]) -> Result<ImageLock> {
+    // A `json:` name's lock is its file's.
+    let named;
+    let path = match path
+        .to_str()
+        .and_then(crate::json_name::parse)
+        .and_then(|j| j.ok())
+    {
+        Some(j) => {
+            named = j.filename;
+            named.as_path()
+        }
+        None => path,
+    };
     // A conflict can be a ghost: a file this process just closed stays locked while a child
     // another thread is spawning still holds a copy of its descriptor (between fork and exec).
     // Such a window is short, so a conflict is retried for a moment before it is reported.

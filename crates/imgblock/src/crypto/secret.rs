@@ -48,6 +48,9 @@ pub struct Secrets {
     /// Open encrypted images whose secret is missing anyway, for their metadata only (qemu-img
     /// info does this): reading or writing their data then fails.
     pub metadata_only: bool,
+    /// Every secret defined (`--object secret,id=ID,...`), by ID: what a `json:` name's
+    /// `encrypt.key-secret` finds.
+    objects: BTreeMap<String, Secret>,
 }
 
 impl Secrets {
@@ -87,6 +90,16 @@ impl Secrets {
         self.layers.get(&depth).or(self.default.as_ref())
     }
 
+    /// Makes the secrets defined by ID available to `json:` names' `encrypt.key-secret`.
+    pub fn set_objects(&mut self, objects: BTreeMap<String, Secret>) {
+        self.objects = objects;
+    }
+
+    /// The secret defined with this ID.
+    pub fn object(&self, id: &str) -> Option<&Secret> {
+        self.objects.get(id)
+    }
+
     /// The secrets of the chain that starts `depth` images down, for opening that image on its
     /// own (commit's base): its layer `depth` becomes layer 0; the default stays.
     pub fn below(&self, depth: usize) -> Secrets {
@@ -98,6 +111,7 @@ impl Secrets {
                 .map(|(d, s)| (d - depth, s.clone()))
                 .collect(),
             metadata_only: self.metadata_only,
+            objects: self.objects.clone(),
         }
     }
 }
