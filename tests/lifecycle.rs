@@ -902,6 +902,67 @@ fn data_file_raw_zeroes_resize_rebase_keep_raw_file_like_qemu() {
     assert_eq!(env.len("i.data"), 512 * 1024);
 }
 
+/// Incus keeps a VM's data on a block device and names it with the `data-file` option when it
+/// resizes: growing with metadata preallocation into a bigger file, then shrinking, leave both
+/// files as qemu-img leaves them. The option is refused where qemu refuses it.
+#[test]
+fn data_file_option_names_the_data_file_as_incus_resizes_like_qemu() {
+    let env = Env::with_qemu();
+    raw_data_file_twins(&env);
+    for t in ["q", "i"] {
+        let data = env.read(&format!("{t}.data"));
+        env.write(&format!("{t}.big"), &data);
+        env.set_len(&format!("{t}.big"), 4 << 20);
+    }
+    let opts = |more: &str| format!("driver=qcow2,file.filename={{}}.qcow2,{more}");
+    for args in [
+        vec![
+            "resize".to_owned(),
+            "--preallocation=metadata".into(),
+            "--image-opts".into(),
+            opts("data-file.driver=file,data-file.filename={}.big"),
+            "4194304".into(),
+        ],
+        vec![
+            "resize".to_owned(),
+            "--shrink".into(),
+            "--image-opts".into(),
+            opts("data-file.driver=file,data-file.filename={}.big"),
+            "2097152".into(),
+        ],
+        vec![
+            "map".to_owned(),
+            "--output=json".into(),
+            format!(
+                r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{{}}.qcow2"}},"data-file":{{"driver":"file","filename":"{{}}.big"}}}}"#
+            ),
+        ],
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        same_as_qemu(&env, &args);
+        // The same metadata, but for the data file's name in the header.
+        let ours = env.read("i.qcow2");
+        let at = ours
+            .windows(6)
+            .position(|w| w == b"i.data")
+            .expect("the data file's name");
+        let mut theirs = env.read("q.qcow2");
+        theirs[at] = b'i';
+        assert!(ours == theirs, "{args:?}: the metadata differs");
+        env.assert_same_bytes("i.big", "q.big");
+    }
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "plain.qcow2", "1M"])
+        .ok();
+    for name in [
+        "driver=qcow2,file.filename=plain.qcow2,data-file.filename=i.big",
+        "driver=raw,file.filename=i.big,data-file.filename=i.big",
+    ] {
+        let args = ["convert", "-O", "raw", "--image-opts", name, "out.raw"];
+        let (q, i) = (env.qemu_img(&args), env.img(&args).no_panic());
+        assert_eq!((i.code, q.code), (Some(1), Some(1)), "{q}{i}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // snapshots with an external data file, and across a resize
 

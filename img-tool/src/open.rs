@@ -69,6 +69,7 @@ pub fn open_image(path: &Path, req: &OpenRequest<'_>) -> CliResult<Image> {
         repair: req.repair,
         // A window comes with the name (`json:{...}`, which `--image-opts` resolves to).
         raw_window: None,
+        data_file: None,
     };
     let none = imgblock::crypto::Secrets::none();
     let secrets = req.secrets.unwrap_or(&none);

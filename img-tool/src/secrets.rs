@@ -235,10 +235,12 @@ impl SecretArgs {
 }
 
 /// Whether an `--image-opts` key goes to the block layer as it is: the backing node's options,
-/// the encryption format to check, and those that only tune how qemu opens a file.
+/// a qcow2 image's data file, the encryption format to check, and those that only tune how qemu
+/// opens a file.
 fn passes_through(key: &str) -> bool {
     key == "backing"
         || key.starts_with("backing.")
+        || key.starts_with("data-file.")
         || key == "encrypt.format"
         || imgblock::json_name::IGNORED.contains(&key)
 }

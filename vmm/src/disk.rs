@@ -179,6 +179,7 @@ impl Disk {
                 force_share: false,
                 repair: false,
                 raw_window: None,
+                data_file: None,
             };
             open(&spec.path, &opts, &chain_secrets(spec, objects, 0)?).map_err(ierr(&spec.path))?
         };

@@ -71,6 +71,7 @@ pub fn exercise_counted(format: Format, data: &[u8]) -> Opened {
         force_share: false,
         repair: false,
         raw_window: None,
+        data_file: None,
     };
     if let Ok(img) = Image::open_storage_with_secrets(rw, &opts, &secrets) {
         opened.writable = true;

@@ -77,6 +77,9 @@ pub struct OpenOptions {
     /// For a raw image: the part of the file that is the disk (qemu's raw `offset` and `size`
     /// options, given in a `json:` name or with `--image-opts`). Other formats refuse it.
     pub raw_window: Option<crate::raw::Window>,
+    /// For a qcow2 image with an external data file: the file to use instead of the one its
+    /// header names (qemu's `data-file` option, given in a `json:` name). Other images refuse it.
+    pub data_file: Option<PathBuf>,
 }
 
 impl OpenOptions {
@@ -270,6 +273,7 @@ impl Image {
             let opts = OpenOptions {
                 format,
                 raw_window: j.window.clone().or(opts.raw_window.clone()),
+                data_file: j.data_file.clone().or(opts.data_file.clone()),
                 // `backing`: none, or a node of its own, opened below.
                 no_backing: opts.no_backing || j.backing.is_some(),
                 ..opts.clone()
@@ -285,6 +289,7 @@ impl Image {
                     force_share: opts.force_share,
                     repair: false,
                     raw_window: None,
+                    data_file: None,
                 };
                 let b = Self::open_inner(Path::new(node), &bopts, seen, depth + 1, secrets, direct)
                     .map_err(|e| backing_error(&j.filename, e))?;
@@ -353,6 +358,11 @@ impl Image {
                 (f, f == Format::Raw)
             }
         };
+        if opts.data_file.is_some() && format != Format::Qcow2 {
+            return Err(Error::InvalidOption(format!(
+                "Block format '{format}' does not support the option 'data-file'"
+            )));
+        }
         if let (Some(w), false) = (&opts.raw_window, format == Format::Raw) {
             return Err(Error::InvalidOption(format!(
                 "Block format '{format}' does not support the option '{}'",
@@ -369,6 +379,7 @@ impl Image {
                 qcow2::Access {
                     writable: opts.writable,
                     repair: opts.repair,
+                    data_file: opts.data_file.clone(),
                 },
                 secrets.for_layer(depth),
                 secrets.metadata_only,
@@ -410,6 +421,7 @@ impl Image {
                     force_share: opts.force_share,
                     repair: false,
                     raw_window: None,
+                    data_file: None,
                 };
                 let b = Self::open_inner(&bpath, &bopts, seen, depth + 1, secrets, direct)
                     .map_err(|e| backing_error(path, e))?;

@@ -61,6 +61,9 @@ pub struct JsonName {
     pub key_secret: Option<String>,
     /// The encryption format the image must have (`encrypt.format`).
     pub encrypt_format: Option<String>,
+    /// A qcow2 image's external data file, instead of the one its header names (`data-file`,
+    /// a local file node).
+    pub data_file: Option<PathBuf>,
 }
 
 /// Parses `name` when it is a `json:` name: `None` for plain file names.
@@ -95,6 +98,14 @@ fn parse_body(body: &str) -> Result<JsonName, String> {
         (a, b) => a.or(b),
     };
     let encrypt_format = text("encrypt.format")?;
+    if let Some(p) = text("data-file.driver")? {
+        if !LOCAL.contains(&p.as_str()) {
+            return Err(format!(
+                "Unsupported protocol '{p}' (only local files can be opened)"
+            ));
+        }
+    }
+    let data_file = text("data-file.filename")?.map(PathBuf::from);
     // A format over a raw window over the file: the window's node is `file`, the file's
     // `file.file`.
     let nested = driver.as_deref() != Some("raw") && text("file.driver")?.as_deref() == Some("raw");
@@ -155,6 +166,8 @@ fn parse_body(body: &str) -> Result<JsonName, String> {
             "encrypt.key-secret",
             "key-secret",
             "encrypt.format",
+            "data-file.driver",
+            "data-file.filename",
         ]
         .contains(&k)
             || (!nested && k == "file.filename")
@@ -183,6 +196,7 @@ fn parse_body(body: &str) -> Result<JsonName, String> {
         backing,
         key_secret,
         encrypt_format,
+        data_file,
     })
 }
 

@@ -160,6 +160,7 @@ pub fn commit_throttled(
                 force_share: false,
                 repair: false,
                 raw_window: None,
+                data_file: None,
             },
             secrets,
         )?;
@@ -200,6 +201,7 @@ pub fn rebase(
                 force_share: false,
                 repair: false,
                 raw_window: None,
+                data_file: None,
             },
             secrets,
         )?;

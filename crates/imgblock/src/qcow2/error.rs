@@ -85,6 +85,9 @@ pub enum Error {
     /// The external data file bit and the data file extension disagree.
     #[error("image needs an external data file but names none")]
     MissingDataFile,
+    /// The `data-file` open option for an image that keeps its data inside.
+    #[error("'data-file' can only be set for images with an external data file")]
+    DataFileOptionWithoutDataFile,
     /// The raw-data-file autoclear bit without an external data file.
     #[error("data-file-raw requires a data file")]
     DataFileRawWithoutDataFile,

@@ -113,13 +113,16 @@ impl Geometry {
 }
 
 /// How an image is opened.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Access {
     /// For writing.
     pub writable: bool,
     /// For `check -r` (qemu's BDRV_O_CHECK): an image marked corrupt opens for writing so that
     /// the check can repair it, and a dirty one is not repaired on opening: the check settles it.
     pub repair: bool,
+    /// The external data file to use instead of the one the header names (qemu's `data-file`
+    /// option, as Incus gives it when the data lives on a block device).
+    pub data_file: Option<PathBuf>,
 }
 
 /// Mutable metadata, behind the driver's mutex.
@@ -201,7 +204,7 @@ impl Qcow2 {
     pub fn open(storage: Arc<dyn Storage>, writable: bool) -> Result<Qcow2> {
         let access = Access {
             writable,
-            repair: false,
+            ..Access::default()
         };
         Self::open_with_key(storage, access, None, false)
     }
@@ -263,9 +266,17 @@ impl Qcow2 {
         }
         let mut files = vec![storage.clone()];
         let mut data = 0;
+        if h.incompatible & header::INCOMPAT_DATA_FILE == 0 && access.data_file.is_some() {
+            return Err(qerr(Error::DataFileOptionWithoutDataFile));
+        }
         if h.incompatible & header::INCOMPAT_DATA_FILE != 0 {
-            let name = h.data_file().ok_or_else(|| qerr(Error::MissingDataFile))?;
-            let dpath = data_file_path(&path, &name);
+            let dpath = match &access.data_file {
+                Some(p) => p.clone(),
+                None => {
+                    let name = h.data_file().ok_or_else(|| qerr(Error::MissingDataFile))?;
+                    data_file_path(&path, &name)
+                }
+            };
             // Like qemu-img info, a look at the metadata does without the data file.
             let ds: Arc<dyn Storage> = match FileStorage::open(&dpath, writable) {
                 Ok(ds) => Arc::new(ds),
