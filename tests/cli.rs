@@ -2473,3 +2473,40 @@ fn create_refuses_mistyped_values_before_formatting_like_qemu() {
         }
     }
 }
+
+#[test]
+fn version_and_help_speak_to_tools_that_probe_qemu_img() {
+    // Run under the name qemu-img (a drop-in link), --version starts as qemu-img's does, so
+    // that version checks such as OpenStack Cinder's `qemu-img version ([0-9.]*)` pass; the
+    // help lists the formats, as scripts grep `--help` for one.
+    let env = Env::new();
+    let own = env.img(&["--version"]).ok();
+    assert!(own.stdout.starts_with("img version "), "{own}");
+    let link = env.path("qemu-img");
+    std::os::unix::fs::symlink(common::IMG, &link).unwrap();
+    for flag in ["--version", "-V"] {
+        let out = run_timeout(
+            &env.path(""),
+            link.to_str().unwrap(),
+            &[flag],
+            DEFAULT_TIMEOUT,
+        );
+        let first = out.stdout.lines().next().unwrap_or_default().to_owned();
+        let version = first
+            .strip_prefix("qemu-img version ")
+            .and_then(|v| v.split(' ').next())
+            .unwrap_or_else(|| panic!("{out}"));
+        let parts: Vec<u32> = version.split('.').map(|p| p.parse().unwrap()).collect();
+        assert!(parts.len() == 3 && parts[0] >= 10, "{out}");
+        assert_eq!(out.code, Some(0), "{out}");
+    }
+    let help = env.img(&["--help"]).ok();
+    let formats = help
+        .stdout
+        .split("Supported image formats:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{help}"));
+    for f in ["raw", "qcow2", "vmdk", "vdi", "luks"] {
+        assert!(formats.split_whitespace().any(|w| w == f), "{f}: {help}");
+    }
+}

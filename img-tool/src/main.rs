@@ -50,7 +50,28 @@ Exit status:
   4   compare: data unreadable
   63  check: the image format does not support checks
 
-Errors are printed to stderr as `img: <message>`.";
+Errors are printed to stderr as `img: <message>`.
+
+Supported image formats:
+    file host_device luks qcow2 raw vdi vmdk";
+
+/// The qemu-img release whose command line img speaks.
+const QEMU_IMG_VERSION: &str = "10.0.0";
+
+/// `--version`: img's own, or, when run under the name `qemu-img` (a drop-in link), qemu-img's
+/// first line, so that tools that check the version they drive (OpenStack Cinder's
+/// `qemu-img version X.Y.Z`) accept it.
+fn version_text(program: &std::ffi::OsStr) -> String {
+    let own = env!("CARGO_PKG_VERSION");
+    let name = std::path::Path::new(program)
+        .file_name()
+        .and_then(|n| n.to_str());
+    if name == Some("qemu-img") {
+        format!("qemu-img version {QEMU_IMG_VERSION} (img {own})\n")
+    } else {
+        format!("img version {own} (qemu-img {QEMU_IMG_VERSION} command line)\n")
+    }
+}
 
 /// A qemu-img compatible disk-image tool.
 ///
@@ -152,7 +173,12 @@ fn exit_code(status: i32) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let args = hyphen_values_attached(std::env::args_os().collect());
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if raw.len() == 2 && (raw[1] == "--version" || raw[1] == "-V") {
+        console::print(&version_text(&raw[0]));
+        return exit_code(console::finish(0));
+    }
+    let args = hyphen_values_attached(raw);
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
