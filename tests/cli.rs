@@ -2510,3 +2510,27 @@ fn version_and_help_speak_to_tools_that_probe_qemu_img() {
         assert!(formats.split_whitespace().any(|w| w == f), "{f}: {help}");
     }
 }
+
+#[test]
+fn network_protocol_names_are_refused_by_protocol() {
+    // KubeVirt CDI and Proxmox hand qemu-img NBD URIs; img reads local files only and says
+    // so, rather than "No such file or directory".
+    let env = Env::new();
+    for (name, proto) in [
+        ("nbd+unix:///?socket=/run/nbd.sock", "nbd+unix"),
+        ("nbd:unix:/run/nbd.sock", "nbd"),
+        ("https://example.com/disk.qcow2", "https"),
+    ] {
+        let out = env.img(&["info", "--output=json", name]).no_panic();
+        assert_eq!(out.code, Some(1), "{out}");
+        assert!(
+            out.stderr.contains(&format!("Unknown protocol '{proto}'")),
+            "{out}"
+        );
+    }
+    let missing = env.img(&["info", "nosuch.qcow2"]).no_panic();
+    assert!(
+        missing.stderr.contains("No such file or directory"),
+        "{missing}"
+    );
+}

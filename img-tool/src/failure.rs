@@ -77,6 +77,31 @@ pub fn open_failure(path: &Path, e: &imgblock::Error) -> Failure {
     ))
 }
 
+/// The network protocol qemu would read `path` with (`nbd+unix:///?socket=...`,
+/// `nbd:unix:/run/s`, `https://host/disk.qcow2`), if any.
+fn network_protocol(path: &Path) -> Option<String> {
+    const PROTOCOLS: &[&str] = &[
+        "nbd",
+        "nbd+unix",
+        "nbd+tcp",
+        "http",
+        "https",
+        "ftp",
+        "ftps",
+        "ssh",
+        "iscsi",
+        "rbd",
+        "gluster",
+        "gluster+tcp",
+        "gluster+unix",
+        "nfs",
+        "vxhs",
+    ];
+    let name = path.to_str()?;
+    let (scheme, _) = name.split_once(':')?;
+    PROTOCOLS.contains(&scheme).then(|| scheme.to_owned())
+}
+
 /// Why an open failed, in qemu's words; a backing file's failure nests the same way.
 pub fn open_reason(e: &imgblock::Error) -> String {
     match e {
@@ -90,9 +115,14 @@ pub fn open_reason(e: &imgblock::Error) -> String {
                 path.display()
             )
         }
-        imgblock::Error::Io { path, source } => {
-            format!("Could not open '{}': {}", path.display(), strerror(source))
-        }
+        imgblock::Error::Io { path, source } => match network_protocol(path) {
+            // A name qemu would hand to a network protocol, which img does not speak.
+            Some(p) if source.kind() == std::io::ErrorKind::NotFound => format!(
+                "Unknown protocol '{p}': img opens local files and block devices only \
+                 (export the image to a file first, or read it with qemu-img)"
+            ),
+            _ => format!("Could not open '{}': {}", path.display(), strerror(source)),
+        },
         imgblock::Error::Qcow2 { source, .. } => source.to_string(),
         imgblock::Error::Crypto { source, .. } => source.to_string(),
         imgblock::Error::KeyRequired { option, .. } => {
