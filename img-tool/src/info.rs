@@ -52,8 +52,9 @@ pub fn run(args: &InfoArgs) -> CliResult<i32> {
     let mut spec = args
         .secret_args
         .resolve(&args.filename, parse_format(args.format.as_deref())?)?;
-    // Like qemu-img info, describe encrypted images without their secret.
-    spec.secrets.metadata_only = true;
+    // Like qemu-img info, describe encrypted images from their headers: a secret, right or
+    // wrong, is not even tried.
+    spec.secrets = imgblock::crypto::Secrets::for_metadata();
     let req = OpenRequest {
         format: spec.format,
         no_backing: !args.backing_chain,
