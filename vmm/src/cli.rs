@@ -495,6 +495,9 @@ mod tests {
 
     #[test]
     fn disk_spec_defaults_match_qemu() {
+        // Short-form booleans, as QemuOpts reads them.
+        let d: DiskSpec = "path=x.img,readonly,nosnapshot".parse().unwrap();
+        assert!(d.readonly && !d.snapshot);
         let d: DiskSpec = "path=x.img".parse().unwrap();
         assert_eq!(d.format, None);
         assert!(!d.readonly && !d.snapshot);
@@ -516,7 +519,8 @@ mod tests {
             ("path=x,num_queues=0", "from 1 to 16"),
             ("path=x,num_queues=17", "from 1 to 16"),
             ("path=x,num-queues=two", "num-queues=two"),
-            ("path=x,novalue", "novalue"),
+            // As QemuOpts: a bare `noX` is `X=off`.
+            ("path=x,novalue", "unknown disk option 'value'"),
             ("path=x,encrypt.key-secret=", "encrypt.key-secret= is empty"),
             (
                 "path=x,backing.colour=blue",
