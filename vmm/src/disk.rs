@@ -144,10 +144,17 @@ impl Disk {
             .map_err(ierr(&spec.path))?;
             let fmt = base.format();
             drop(base);
-            let abs = std::fs::canonicalize(&spec.path).map_err(|source| Error::Path {
-                path: spec.path.clone(),
-                source,
-            })?;
+            // The overlay lives elsewhere: it names its base by absolute path, or by the same
+            // `json:` name (whose files are found from the working directory, as qemu does).
+            let is_json = spec.path.to_str().is_some_and(|p| p.starts_with("json:"));
+            let abs = if is_json {
+                spec.path.clone()
+            } else {
+                std::fs::canonicalize(&spec.path).map_err(|source| Error::Path {
+                    path: spec.path.clone(),
+                    source,
+                })?
+            };
             let dir = tempfile::Builder::new()
                 .prefix("vmm-snapshot-")
                 .tempdir()

@@ -378,10 +378,19 @@ fn snapshot_on_leaves_image_untouched_and_removes_overlay() {
     make_image(&q, Format::Qcow2, 0, SIZE, None);
     let raw = dir.path().join("snap.raw");
     make_image(&raw, Format::Raw, 0, SIZE, None);
+    let j = dir.path().join("snap-json.qcow2");
+    make_image(&j, Format::Qcow2, 0, SIZE, None);
     let (a, b) = (std::fs::read(&q).unwrap(), std::fs::read(&raw).unwrap());
+    let c = std::fs::read(&j).unwrap();
+    // A json: name (its commas doubled in the option list) is the overlay's base as it is.
+    let json = format!(
+        r#"json:{{"driver":"qcow2",,"file":{{"driver":"file",,"filename":"{}"}}}}"#,
+        j.display()
+    );
     let specs = [
         format!("path={},format=qcow2,snapshot=on", q.display()),
         format!("path={},format=raw,snapshot=on,cache=unsafe", raw.display()),
+        format!("path={json},snapshot=on"),
     ];
     let out = run_vmm(&specs, "console=ttyS0", 1, &tmp);
     // The guest wrote (its read-back checks passed) but only to the overlays.
@@ -395,6 +404,11 @@ fn snapshot_on_leaves_image_untouched_and_removes_overlay() {
         std::fs::read(&raw).unwrap(),
         b,
         "snapshot=on modified the raw image"
+    );
+    assert_eq!(
+        std::fs::read(&j).unwrap(),
+        c,
+        "snapshot=on modified the image named by json:"
     );
     assert_eq!(
         std::fs::read_dir(&tmp).unwrap().count(),
