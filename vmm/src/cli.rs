@@ -77,6 +77,11 @@ pub struct Args {
     #[arg(long, value_name = "stdio|pty|file:PATH|none", default_value = "stdio",
           value_parser = SerialSpec::from_str)]
     pub serial: SerialSpec,
+    /// Cloud Hypervisor's virtio console. This VMM has none: the guest's console is the serial
+    /// port. So only off (or null) is taken, as scripts that put the console on the serial
+    /// port write it (`--console off --serial tty`).
+    #[arg(long, value_name = "off", value_parser = parse_console)]
+    pub console: Option<String>,
     /// Seccomp filters, as Cloud Hypervisor's flag: true (default) confines every thread to
     /// the system calls its work needs and stops the VMM with a message on any other; log lets
     /// other calls through and has the kernel log them; false installs no filter.
@@ -89,6 +94,16 @@ pub struct Args {
     /// Written PATH or path=PATH; a stale socket left there is replaced.
     #[arg(long, value_name = "PATH", value_parser = parse_api_socket)]
     pub api_socket: Option<PathBuf>,
+}
+
+fn parse_console(s: &str) -> Result<String, String> {
+    match s {
+        "off" | "null" => Ok(s.to_owned()),
+        _ => Err(format!(
+            "'{s}': there is no virtio console; the guest's console is the serial port \
+             (--serial, console=ttyS0), so only --console off is taken"
+        )),
+    }
 }
 
 fn parse_api_socket(s: &str) -> Result<PathBuf, String> {
@@ -572,6 +587,21 @@ mod tests {
             "file=/tmp/x".parse::<SerialSpec>().unwrap(),
             SerialSpec::File("/tmp/x".into())
         );
+        let off = [
+            "vmm",
+            "--kernel",
+            "k",
+            "--console",
+            "off",
+            "--serial",
+            "tty",
+        ];
+        let a = Args::try_parse_from(off).unwrap();
+        assert_eq!(a.serial, SerialSpec::Stdio);
+        for bad in ["tty", "pty", "file=/tmp/c"] {
+            let e = Args::try_parse_from(["vmm", "--kernel", "k", "--console", bad]).unwrap_err();
+            assert!(e.to_string().contains("no virtio console"), "{e}");
+        }
         let d: DiskSpec = "path=x,direct=off".parse().unwrap();
         assert_eq!(d.cache, CacheMode::Writeback);
         assert!("path=x,direct=maybe".parse::<DiskSpec>().is_err());
