@@ -15,6 +15,15 @@ use crate::{lock, luks, probe, qcow2, raw, vdi, vmdk, Error, Format, Result};
 /// chain this deep is a loop or an attack; opening it would exhaust file descriptors.
 pub const MAX_CHAIN_DEPTH: usize = 64;
 
+/// How a backing image opens: read-only, with its own chain, sharing as the image above does.
+fn backing_options(format: Option<Format>, force_share: bool) -> OpenOptions {
+    OpenOptions {
+        format,
+        force_share,
+        ..OpenOptions::default()
+    }
+}
+
 /// A backing image's open error, as the error of the image above it (`path`). Loops and depth
 /// are about the chain as a whole, and a deeper image's error names its own: kept as they are.
 fn backing_error(path: &Path, e: Error) -> Error {
@@ -281,16 +290,7 @@ impl Image {
             if let (Some(Some(node)), false) = (&j.backing, no_backing) {
                 let mut img =
                     Self::open_json_parts(&j, &opts, seen, depth, storage, secrets, direct)?;
-                let bopts = OpenOptions {
-                    format: None,
-                    writable: false,
-                    no_backing: false,
-                    snapshot: None,
-                    force_share: opts.force_share,
-                    repair: false,
-                    raw_window: None,
-                    data_file: None,
-                };
+                let bopts = backing_options(None, opts.force_share);
                 let b = Self::open_inner(Path::new(node), &bopts, seen, depth + 1, secrets, direct)
                     .map_err(|e| backing_error(&j.filename, e))?;
                 img.backing = Some(Box::new(b));
@@ -413,16 +413,7 @@ impl Image {
                     .filter(|_| !json)
                     .map(str::parse)
                     .transpose()?;
-                let bopts = OpenOptions {
-                    format,
-                    writable: false,
-                    no_backing: false,
-                    snapshot: None,
-                    force_share: opts.force_share,
-                    repair: false,
-                    raw_window: None,
-                    data_file: None,
-                };
+                let bopts = backing_options(format, opts.force_share);
                 let b = Self::open_inner(&bpath, &bopts, seen, depth + 1, secrets, direct)
                     .map_err(|e| backing_error(path, e))?;
                 Some(Box::new(b))
