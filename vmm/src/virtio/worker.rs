@@ -559,12 +559,17 @@ mod tests {
         false
     }
 
-    #[test]
-    fn the_io_thread_serves_a_queue_gives_it_back_and_serves_the_next() {
-        // The thread lives from the device's creation to shutdown; DRIVER_OK hands it a
-        // queue, reset takes it back (flushing), a second DRIVER_OK hands it another.
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        // Sector i holds i + 1.
+    /// An I/O thread over a 64 KiB disk whose sector i holds i + 1, with its queue's
+    /// notifier, its interrupt's eventfd and its counters.
+    struct Rig {
+        disk: Arc<Logged>,
+        notify: EventFd,
+        irq: EventFd,
+        acc: Accounting,
+        w: BlockWorker,
+    }
+
+    fn rig() -> Rig {
         let img: Vec<u8> = (1..=128u8).flat_map(|s| [s; 512]).collect();
         let disk = Arc::new(Logged::new(MemDisk(Mutex::new(img))));
         let notify = EventFd::new(EFD_NONBLOCK).unwrap();
@@ -572,7 +577,7 @@ mod tests {
         let interrupt = crate::virtio::mmio::new_interrupt(irq.try_clone().unwrap());
         let backend: Arc<dyn Backend> = disk.clone();
         let acc = Accounting::default();
-        let mut w = BlockWorker::new(
+        let w = BlockWorker::new(
             backend,
             cfg(false),
             interrupt,
@@ -581,6 +586,27 @@ mod tests {
             &Filters::none(),
         )
         .unwrap();
+        Rig {
+            disk,
+            notify,
+            irq,
+            acc,
+            w,
+        }
+    }
+
+    #[test]
+    fn the_io_thread_serves_a_queue_gives_it_back_and_serves_the_next() {
+        // The thread lives from the device's creation to shutdown; DRIVER_OK hands it a
+        // queue, reset takes it back (flushing), a second DRIVER_OK hands it another.
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let Rig {
+            disk,
+            notify,
+            irq,
+            acc,
+            mut w,
+        } = rig();
         // Requests queued before DRIVER_OK are served when the queue is handed over.
         let qa = ring_of_reads(&mem, 0x0, 2);
         w.start(mem.clone(), qa);
@@ -641,22 +667,13 @@ mod tests {
         // vm.pause: the thread flushes what the guest wrote and leaves the ring alone, so the
         // image stays as it is while paused; vm.resume serves what was queued meanwhile.
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        let img: Vec<u8> = (1..=128u8).flat_map(|s| [s; 512]).collect();
-        let disk = Arc::new(Logged::new(MemDisk(Mutex::new(img))));
-        let notify = EventFd::new(EFD_NONBLOCK).unwrap();
-        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let interrupt = crate::virtio::mmio::new_interrupt(irq);
-        let backend: Arc<dyn Backend> = disk.clone();
-        let acc = Accounting::default();
-        let mut w = BlockWorker::new(
-            backend,
-            cfg(false),
-            interrupt,
-            notify.try_clone().unwrap(),
-            acc.clone(),
-            &Filters::none(),
-        )
-        .unwrap();
+        let Rig {
+            disk,
+            notify,
+            acc,
+            mut w,
+            ..
+        } = rig();
         let p = w.io_pause();
         let soon = || std::time::Instant::now() + Duration::from_secs(2);
         // Four chains in the ring, two of them available.
