@@ -240,6 +240,27 @@ fn read_chain(chain: Option<&Image>, buf: &mut [u8], pos: u64) -> Result<()> {
     Ok(())
 }
 
+/// How many bytes from `pos` (at most `n`) read as zeroes both through `img`'s backing chain
+/// (`img` itself holds nothing there) and through `new_chain`, as their block status tells.
+fn both_read_zero(img: &Image, new_chain: Option<&Image>, pos: u64, n: u64) -> Result<u64> {
+    let old = img.block_status(pos, n)?;
+    if !old.zero {
+        return Ok(0);
+    }
+    let new = match new_chain {
+        Some(c) => {
+            let st = c.block_status(pos, n)?;
+            if st.zero {
+                st.len
+            } else {
+                0
+            }
+        }
+        None => n,
+    };
+    Ok(old.len.min(new).min(n))
+}
+
 /// The safe rebase: copies what reads differently through the new chain, then rewrites the
 /// header.
 fn rebase_copying(
@@ -281,6 +302,18 @@ fn rebase_copying(
     let mut next_cluster = 0;
     while pos < size {
         let (here, n) = img.is_allocated_here(pos, (size - pos).min(CHUNK))?;
+        // Where both chains read as zeroes by their metadata (a large, mostly empty disk),
+        // nothing differs: skipped without reading.
+        let zeroes = if here {
+            0
+        } else {
+            both_read_zero(&img, new_chain.as_ref(), pos, n)?
+        };
+        if zeroes > 0 {
+            pos += zeroes;
+            progress(pos, size);
+            continue;
+        }
         if let (false, Some(cs)) = (here, cluster) {
             let mut c = (pos / cs * cs).max(next_cluster);
             while c < pos + n {
