@@ -259,3 +259,41 @@ fn safe_rebase_of_a_mostly_empty_terabyte_chain_reads_only_what_differs() {
         assert_eq!(own, [200, 500, 700], "{map}");
     }
 }
+
+#[test]
+fn converting_a_terabyte_over_a_backing_file_zeroes_whole_l2_tables_at_once() {
+    // convert -B over a 1 TiB source that holds little: every cluster the source leaves as
+    // zeroes is marked zero in the new overlay (its backing file must not show through), as
+    // qemu-img does, one L2 table per write: the file comes out byte for byte as qemu-img's,
+    // in comparable time (one write per cluster took six times qemu-img's).
+    let env = Env::with_qemu();
+    for b in ["base1.qcow2", "base2.qcow2"] {
+        env.qemu_img(&["create", "-q", "-f", "qcow2", b, "1T"]).ok();
+    }
+    env.qemu_io("qcow2", "base1.qcow2", &["write -P 1 100G 1M"]);
+    env.qemu_io("qcow2", "base2.qcow2", &["write -P 3 700G 64k"]);
+    let args = |out: &'static str| {
+        [
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "base1.qcow2",
+            "-F",
+            "qcow2",
+            "base2.qcow2",
+            out,
+        ]
+    };
+    let t = std::time::Instant::now();
+    env.qemu_img(&args("q.qcow2")).ok();
+    let theirs = t.elapsed();
+    let t = std::time::Instant::now();
+    env.img(&args("i.qcow2")).ok();
+    let ours = t.elapsed();
+    env.assert_same_bytes("i.qcow2", "q.qcow2");
+    assert!(
+        ours < theirs * 3 + Duration::from_secs(1),
+        "img {ours:?}, qemu-img {theirs:?}"
+    );
+}

@@ -566,6 +566,12 @@ impl Qcow2 {
         }
         let end = offset + len;
         let mut pos = offset;
+        // The entries of one L2 table go out in one write per run; what they replaced is freed
+        // once they are on disk, before the next table is touched.
+        let mut run = l2::L2Run::default();
+        let mut run_table = None;
+        let mut replaced = Vec::new();
+        let frees = unmap || discard;
         while pos < end {
             let gc = pos >> g.cluster_bits;
             let cstart = gc << g.cluster_bits;
@@ -573,6 +579,14 @@ impl Qcow2 {
             let s = pos - cstart;
             let e = end.min(cend) - cstart;
             let full = s == 0 && e == g.cluster_size;
+            let table = gc / g.l2_entries;
+            if run_table.is_some_and(|t| t != table) {
+                self.write_l2_run(&mut run)?;
+                for old in replaced.drain(..) {
+                    self.release(st, &old, frees)?;
+                }
+            }
+            run_table = Some(table);
             let old = self.lookup(st, gc)?;
             let old_entry = old.map(|o| o.0).unwrap_or_default();
             if old.is_none() && !has_backing && (discard || v3) && !g.extended_l2 {
@@ -596,7 +610,12 @@ impl Qcow2 {
                         bitmap: if !v3 { 0 } else { 0xffff_ffff_u64 << 32 },
                     };
                 } else if old_entry.kind(0) == Kind::Compressed {
-                    // Partial zeroing of a compressed cluster cannot be expressed: write zeroes.
+                    // Partial zeroing of a compressed cluster cannot be expressed: write zeroes
+                    // (after the entries staged so far, which stand).
+                    self.write_l2_run(&mut run)?;
+                    for old in replaced.drain(..) {
+                        self.release(st, &old, frees)?;
+                    }
                     return Ok(false);
                 } else {
                     new.bitmap = (old_entry.bitmap | (bits << 32)) & !bits;
@@ -621,13 +640,17 @@ impl Qcow2 {
                 }
             }
             if new != old_entry {
-                let l2off = self.l2_for_write(st, gc / g.l2_entries)?;
-                self.set_l2_entry(st, l2off, gc % g.l2_entries, new)?;
+                let l2off = self.l2_for_write(st, table)?;
+                self.stage_l2_entry(st, &mut run, l2off, gc % g.l2_entries, new)?;
                 if release {
-                    self.release(st, &old_entry, unmap || discard)?;
+                    replaced.push(old_entry);
                 }
             }
             pos = cend.min(end);
+        }
+        self.write_l2_run(&mut run)?;
+        for old in replaced {
+            self.release(st, &old, frees)?;
         }
         Ok(true)
     }
