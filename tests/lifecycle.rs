@@ -1198,3 +1198,47 @@ fn resize_grow_over_raw_data_file_maps_new_clusters_like_qemu() {
     assert_eq!(allocated("i"), allocated("q"));
     assert_eq!(env.len("i.data"), env.len("q.data"));
 }
+
+/// Downgrading an overlay to compat=0.10 turns its zero clusters into clusters of zeroes (the
+/// backing file must not show through), which the file system zeroes, as qemu-img leaves them:
+/// the same contents, a clean image, no more space taken than qemu-img takes.
+#[test]
+fn downgrading_an_overlay_with_zero_clusters_matches_qemu() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "b.qcow2", "64M"])
+        .ok();
+    env.qemu_io("qcow2", "b.qcow2", &["write -P 0x5a 0 64M"]);
+    for t in ["q", "i"] {
+        let f = format!("{t}.qcow2");
+        env.qemu_img(&[
+            "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", &f,
+        ])
+        .ok();
+        env.qemu_io(
+            "qcow2",
+            &f,
+            &[
+                "write -z 0 32M",
+                "write -P 0x11 1M 64k",
+                "write -z -u 40M 8M",
+            ],
+        );
+    }
+    same_as_qemu(&env, &["amend", "-o", "compat=0.10", "{}.qcow2"]);
+    qemu_clean(&env, "i.qcow2");
+    assert_eq!(
+        qemu_contents(&env, "i.qcow2"),
+        qemu_contents(&env, "q.qcow2")
+    );
+    let info = env
+        .qemu_img(&["info", "--output=json", "i.qcow2"])
+        .ok()
+        .json();
+    assert_eq!(info["format-specific"]["data"]["compat"], "0.10", "{info}");
+    assert!(
+        env.allocated("i.qcow2") <= env.allocated("q.qcow2") + MIB,
+        "img took {} bytes, qemu-img {}",
+        env.allocated("i.qcow2"),
+        env.allocated("q.qcow2")
+    );
+}

@@ -235,7 +235,9 @@ impl Qcow2 {
                             Some(h) if entry.copied() => h,
                             _ => self.alloc_clusters(&mut st, 1)?,
                         };
-                        crate::storage::write_zero_buffers(self.file(), host, g.cluster_size)
+                        // Zeroed by the file system where it can (no data written), as qemu.
+                        self.file()
+                            .write_zeroes(host, g.cluster_size, false)
                             .ctx(self.file().path())?;
                         Entry {
                             word: (host | COPIED) & !ZERO_FLAG,
