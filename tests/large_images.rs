@@ -297,3 +297,51 @@ fn converting_a_terabyte_over_a_backing_file_zeroes_whole_l2_tables_at_once() {
         "img {ours:?}, qemu-img {theirs:?}"
     );
 }
+
+#[test]
+fn small_clusters_with_a_large_l1_table_create_resize_and_snapshot_like_qemu() {
+    // 512-byte clusters over 32 GiB: the L1 table alone spans dozens of refcount blocks, which
+    // one allocation must place. img refused such images as inconsistent.
+    let env = Env::with_qemu();
+    env.img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        "i.qcow2",
+        "32G",
+    ])
+    .ok();
+    env.qemu_img(&["check", "i.qcow2"]).ok();
+    env.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        "q.qcow2",
+        "32G",
+    ])
+    .ok();
+    env.qemu_io("qcow2", "q.qcow2", &["write -P 0x42 20G 64k"]);
+    for args in [
+        &["resize", "q.qcow2", "+1G"][..],
+        &["snapshot", "-c", "s1", "q.qcow2"],
+        &["resize", "i.qcow2", "33G"],
+    ] {
+        env.img(args).ok();
+    }
+    for f in ["i.qcow2", "q.qcow2"] {
+        env.qemu_img(&["check", f]).ok();
+    }
+    let info = env
+        .qemu_img(&["info", "--output=json", "q.qcow2"])
+        .ok()
+        .json();
+    assert_eq!(info["virtual-size"], 33 * GIB, "{info}");
+    assert_eq!(info["snapshots"][0]["name"], "s1", "{info}");
+    env.qemu_io("qcow2", "q.qcow2", &["read -P 0x42 20G 64k"]);
+}

@@ -50,9 +50,9 @@ pub fn set_entry(block: &mut [u8], order: u32, i: u64, v: u64) -> std::ops::Rang
     }
 }
 
-/// Refcount blocks (or table growths) one allocation may need before the refcount structures
-/// are taken to be inconsistent: a run of clusters spans few blocks, and each new block needs
-/// at most one more for itself.
+/// Refcount blocks (or table growths) one allocation may need, beyond those the run itself
+/// spans, before the refcount structures are taken to be inconsistent: each new block needs at
+/// most one more for itself, and the table grows a few times at most.
 const MAX_ALLOC_RETRIES: u32 = 64;
 
 /// Host offset of refcount block `bi` (0 where the table has no such block).
@@ -331,15 +331,18 @@ impl Qcow2 {
 
     /// Allocates `n` contiguous clusters with refcount 1 and returns the host offset of the first.
     pub(super) fn alloc_clusters(&self, st: &mut State, n: u64) -> Result<u64> {
-        // Each retry places one refcount block or grows the table; a consistent image needs a
-        // handful. Corrupt refcounts (a block claiming to be free, blocks overlapping) could
-        // otherwise keep us placing blocks for ever.
+        // Each retry places one refcount block or grows the table: a consistent image needs a
+        // handful, and one more for each refcount block the run spans (a large L1 table in
+        // 512-byte clusters spans dozens). Corrupt refcounts (a block claiming to be free,
+        // blocks overlapping) could otherwise keep us placing blocks for ever.
+        let limit = MAX_ALLOC_RETRIES
+            .saturating_add(u32::try_from(2 * (n / self.geo.rb_entries + 1)).unwrap_or(u32::MAX));
         let mut retries = 0;
         loop {
             let c = self.find_free_run(st, n)?;
             if self.ensure_refblocks(st, c, n)? {
                 retries += 1;
-                if retries > MAX_ALLOC_RETRIES {
+                if retries > limit {
                     return Err(self.err(Error::RefcountStructureInconsistent));
                 }
                 continue;
