@@ -809,3 +809,34 @@ fn json_backing_option_cuts_or_replaces_the_chain_as_qemu() {
     assert_eq!((i.code, q.code), (Some(1), Some(1)), "{q}{i}");
     assert!(i.stderr.contains("nor node-name='n0'"), "{i}");
 }
+
+#[test]
+fn chains_hundreds_of_images_deep_read_like_qemu() {
+    // A snapshot per backup makes chains of hundreds of images; img read at most 64. Data at
+    // a few depths, read through 250 images, as qemu-img reads it.
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "c0.qcow2", "64M"])
+        .ok();
+    env.qemu_io("qcow2", "c0.qcow2", &["write -P 1 0 1M"]);
+    let depth = 250;
+    for i in 1..=depth {
+        let (me, below) = (format!("c{i}.qcow2"), format!("c{}.qcow2", i - 1));
+        env.qemu_img(&[
+            "create", "-q", "-u", "-f", "qcow2", "-b", &below, "-F", "qcow2", &me, "64M",
+        ])
+        .ok();
+        if i % 100 == 0 {
+            let w = format!("write -P {} {}M 1M", i / 100 + 1, i / 50);
+            env.qemu_io("qcow2", &me, &[w.as_str()]);
+        }
+    }
+    let top = format!("c{depth}.qcow2");
+    for args in [&["map", "--output=json"][..], &["check"]] {
+        let args = [args, &[top.as_str()]].concat();
+        assert_eq!(env.img(&args).ok().stdout, env.qemu_img(&args).ok().stdout);
+    }
+    env.assert_converts_like_qemu(&top, &[]);
+    env.img(&["commit", &top]).ok();
+    env.qemu_img(&["check", &format!("c{}.qcow2", depth - 1)])
+        .ok();
+}

@@ -173,6 +173,7 @@ fn exit_code(status: i32) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    imgblock::storage::raise_open_file_limit();
     let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if raw.len() == 2 && (raw[1] == "--version" || raw[1] == "-V") {
         console::print(&version_text(&raw[0]));

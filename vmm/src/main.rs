@@ -13,6 +13,7 @@ use vmm::{cli, vm};
 
 fn main() {
     let args = cli::Args::parse();
+    imgblock::storage::raise_open_file_limit();
     let code = match vm::run(&args) {
         Ok(o) => match o.exit {
             VmExit::PowerOff | VmExit::Reset => 0,

@@ -11,9 +11,12 @@ use crate::error::IoContext;
 use crate::storage::{FileStorage, Storage};
 use crate::{lock, luks, probe, qcow2, raw, vdi, vmdk, Error, Format, Result};
 
-/// The most images a backing chain may hold, counting the top one. qemu has no fixed limit but a
-/// chain this deep is a loop or an attack; opening it would exhaust file descriptors.
-pub const MAX_CHAIN_DEPTH: usize = 64;
+/// The most images a backing chain may hold, counting the top one. qemu has no fixed limit (it
+/// fails somewhere between 700 and 1000 images); chains of a few hundred come from a snapshot
+/// per backup. Opening and reading recurse once per image: at this depth a debug build still
+/// fits a thread's 2 MiB stack with room to spare (it overflows near 500). Each image holds two
+/// file descriptors ([`crate::storage::raise_open_file_limit`]).
+pub const MAX_CHAIN_DEPTH: usize = 256;
 
 /// How a backing image opens: read-only, with its own chain, sharing as the image above does.
 fn backing_options(format: Option<Format>, force_share: bool) -> OpenOptions {
@@ -251,54 +254,121 @@ impl Image {
         secrets: &Secrets,
         direct: bool,
     ) -> Result<Image> {
-        // A `json:{...}` name stands for its file, in the format it names (if any).
-        if let Some(j) = path.to_str().and_then(crate::json_name::parse) {
-            let named = |why| Error::JsonName {
-                name: path.display().to_string(),
-                why,
-            };
-            let j = j.map_err(named)?;
-            let no_backing = opts.no_backing;
-            // `encrypt.key-secret`: the secret defined with that ID unlocks this layer. Without
-            // it, a look at the metadata alone (create's look at a backing file) goes on.
-            let keyed;
-            let secrets = match j.key_secret.as_deref().map(|id| (id, secrets.object(id))) {
-                Some((_, Some(s))) => {
-                    let mut k = secrets.clone();
-                    k.set_layer(depth, s.clone());
-                    keyed = k;
-                    &keyed
-                }
-                Some((id, None)) if !secrets.metadata_only => {
-                    return Err(named(format!("No secret with id '{id}'")));
-                }
-                _ => secrets,
-            };
-            let format = match (&j.driver, opts.format) {
-                (_, Some(f)) => Some(f),
-                (Some(d), None) => Some(d.parse()?),
-                (None, None) => None,
-            };
-            let opts = OpenOptions {
-                format,
-                raw_window: j.window.clone().or(opts.raw_window.clone()),
-                data_file: j.data_file.clone().or(opts.data_file.clone()),
-                // `backing`: none, or a node of its own, opened below.
-                no_backing: opts.no_backing || j.backing.is_some(),
-                ..opts.clone()
-            };
-            if let (Some(Some(node)), false) = (&j.backing, no_backing) {
-                let mut img =
-                    Self::open_json_parts(&j, &opts, seen, depth, storage, secrets, direct)?;
-                let bopts = backing_options(None, opts.force_share);
-                let b = Self::open_inner(Path::new(node), &bopts, seen, depth + 1, secrets, direct)
-                    .map_err(|e| backing_error(&j.filename, e))?;
-                img.backing = Some(Box::new(b));
-                return check_encrypt_format(img, j.encrypt_format.as_deref()).map_err(named);
+        if path.to_str().is_some_and(|p| p.starts_with("json:")) {
+            return Self::open_json(path, opts, seen, depth, storage, secrets, direct);
+        }
+        let (driver, file_lock, guessed_raw) =
+            Self::open_layer(path, opts, seen, depth, storage, secrets, direct)?;
+        let backing = match driver.backing() {
+            Some(spec) if !opts.no_backing => {
+                // A json: name keeps its own driver: open_inner_with reads it.
+                let json = spec.filename.starts_with("json:");
+                let bpath = resolve_backing(path, &spec.filename);
+                let format = spec
+                    .format
+                    .as_deref()
+                    .filter(|_| !json)
+                    .map(str::parse)
+                    .transpose()?;
+                let bopts = backing_options(format, opts.force_share);
+                let b = Self::open_inner(&bpath, &bopts, seen, depth + 1, secrets, direct)
+                    .map_err(|e| backing_error(path, e))?;
+                Some(Box::new(b))
             }
-            let img = Self::open_json_parts(&j, &opts, seen, depth, storage, secrets, direct)?;
+            _ => None,
+        };
+        Ok(Image {
+            driver,
+            backing,
+            path: path.to_owned(),
+            raw_window: opts
+                .raw_window
+                .clone()
+                .filter(|w| *w != raw::Window::default()),
+            json_name: None,
+            alloc_lock: Mutex::new(()),
+            writable: opts.writable && opts.snapshot.is_none(),
+            guessed_raw,
+            _lock: file_lock,
+        })
+    }
+
+    /// Opens what a `json:{...}` name stands for: its file, in the format it names (if any).
+    /// Kept out of [`Image::open_inner_with`] so that the frame each image of a chain adds to
+    /// the stack stays small.
+    #[inline(never)]
+    fn open_json(
+        path: &Path,
+        opts: &OpenOptions,
+        seen: &mut HashSet<PathBuf>,
+        depth: usize,
+        storage: Option<Arc<dyn Storage>>,
+        secrets: &Secrets,
+        direct: bool,
+    ) -> Result<Image> {
+        let named = |why| Error::JsonName {
+            name: path.display().to_string(),
+            why,
+        };
+        let j = path
+            .to_str()
+            .and_then(crate::json_name::parse)
+            .unwrap_or_else(|| Err("not a json: name".into()))
+            .map_err(named)?;
+        let no_backing = opts.no_backing;
+        // `encrypt.key-secret`: the secret defined with that ID unlocks this layer. Without
+        // it, a look at the metadata alone (create's look at a backing file) goes on.
+        let keyed;
+        let secrets = match j.key_secret.as_deref().map(|id| (id, secrets.object(id))) {
+            Some((_, Some(s))) => {
+                let mut k = secrets.clone();
+                k.set_layer(depth, s.clone());
+                keyed = k;
+                &keyed
+            }
+            Some((id, None)) if !secrets.metadata_only => {
+                return Err(named(format!("No secret with id '{id}'")));
+            }
+            _ => secrets,
+        };
+        let format = match (&j.driver, opts.format) {
+            (_, Some(f)) => Some(f),
+            (Some(d), None) => Some(d.parse()?),
+            (None, None) => None,
+        };
+        let opts = OpenOptions {
+            format,
+            raw_window: j.window.clone().or(opts.raw_window.clone()),
+            data_file: j.data_file.clone().or(opts.data_file.clone()),
+            // `backing`: none, or a node of its own, opened below.
+            no_backing: opts.no_backing || j.backing.is_some(),
+            ..opts.clone()
+        };
+        if let (Some(Some(node)), false) = (&j.backing, no_backing) {
+            let mut img = Self::open_json_parts(&j, &opts, seen, depth, storage, secrets, direct)?;
+            let bopts = backing_options(None, opts.force_share);
+            let b = Self::open_inner(Path::new(node), &bopts, seen, depth + 1, secrets, direct)
+                .map_err(|e| backing_error(&j.filename, e))?;
+            img.backing = Some(Box::new(b));
             return check_encrypt_format(img, j.encrypt_format.as_deref()).map_err(named);
         }
+        let img = Self::open_json_parts(&j, &opts, seen, depth, storage, secrets, direct)?;
+        check_encrypt_format(img, j.encrypt_format.as_deref()).map_err(named)
+    }
+
+    /// Opens one image of a chain, its backing file aside: checks, lock, format, driver.
+    /// Kept out of [`Image::open_inner_with`] so that the frame each image of a chain adds to
+    /// the stack stays small.
+    #[inline(never)]
+    fn open_layer(
+        path: &Path,
+        opts: &OpenOptions,
+        seen: &mut HashSet<PathBuf>,
+        depth: usize,
+        storage: Option<Arc<dyn Storage>>,
+        secrets: &Secrets,
+        direct: bool,
+    ) -> Result<(Box<dyn Driver>, Option<lock::ImageLock>, bool)> {
         if opts.writable && opts.force_share {
             return Err(Error::ForceShareWritable {
                 path: path.to_owned(),
@@ -402,38 +472,7 @@ impl Image {
         if let Some(name) = &opts.snapshot {
             driver = driver.snapshot_view(name)?;
         }
-        let backing = match driver.backing() {
-            Some(spec) if !opts.no_backing => {
-                // A json: name keeps its own driver: open_inner_with reads it.
-                let json = spec.filename.starts_with("json:");
-                let bpath = resolve_backing(path, &spec.filename);
-                let format = spec
-                    .format
-                    .as_deref()
-                    .filter(|_| !json)
-                    .map(str::parse)
-                    .transpose()?;
-                let bopts = backing_options(format, opts.force_share);
-                let b = Self::open_inner(&bpath, &bopts, seen, depth + 1, secrets, direct)
-                    .map_err(|e| backing_error(path, e))?;
-                Some(Box::new(b))
-            }
-            _ => None,
-        };
-        Ok(Image {
-            driver,
-            backing,
-            path: path.to_owned(),
-            raw_window: opts
-                .raw_window
-                .clone()
-                .filter(|w| *w != raw::Window::default()),
-            json_name: None,
-            alloc_lock: Mutex::new(()),
-            writable: opts.writable && opts.snapshot.is_none(),
-            guessed_raw,
-            _lock: file_lock,
-        })
+        Ok((driver, file_lock, guessed_raw))
     }
 
     /// Opens what a `json:` name stands for (its `backing` option aside): its file in its

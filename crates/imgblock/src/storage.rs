@@ -77,6 +77,33 @@ pub trait Storage: Send + Sync + Debug {
 ///
 /// # Errors
 /// A real I/O error on either file.
+/// Raises this process's soft limit on open files to its hard limit, as a program that opens
+/// long backing chains should: each image of a chain holds its file open twice (for I/O and for
+/// its lock), so a few hundred images pass the usual soft limit of 1024. Returns the limit now
+/// in force; on failure the old one stays.
+pub fn raise_open_file_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the plain struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return raised.rlim_cur;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
 pub fn copy_range(
     src: &dyn Storage,
     src_offset: u64,

@@ -276,6 +276,8 @@ const CASES: &[Case] = &[
     Case {
         name: "qcow2 chain deeper than the limit",
         make: |d| {
+            // Two descriptors an image: past the usual soft limit of 1024 files.
+            imgblock::storage::raise_open_file_limit();
             let n = imgblock::MAX_CHAIN_DEPTH + 1;
             create(
                 &d.join("c0.qcow2"),
