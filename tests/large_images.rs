@@ -345,3 +345,25 @@ fn small_clusters_with_a_large_l1_table_create_resize_and_snapshot_like_qemu() {
     assert_eq!(info["snapshots"][0]["name"], "s1", "{info}");
     env.qemu_io("qcow2", "q.qcow2", &["read -P 0x42 20G 64k"]);
 }
+
+#[test]
+fn downgrading_an_image_with_many_snapshots_reads_one_l1_table_at_a_time() {
+    // 64 TiB (a 1 MiB L1 table) with 60 internal snapshots: amend to compat=0.10 held every
+    // snapshot's L1 table at once (70 MiB here); one at a time it stays small, as qemu-img.
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "hs.qcow2", "64T"])
+        .ok();
+    env.qemu_io(
+        "qcow2",
+        "hs.qcow2",
+        &["write -P 1 1G 64k", "write -P 2 40T 64k"],
+    );
+    for i in 0..60 {
+        env.qemu_img(&["snapshot", "-c", &format!("s{i}"), "hs.qcow2"])
+            .ok();
+    }
+    let kib = peak_rss_kib(env.dir.path(), &["amend", "-o", "compat=0.10", "hs.qcow2"]);
+    env.qemu_img(&["check", "hs.qcow2"]).ok();
+    env.qemu_io("qcow2", "hs.qcow2", &["read -P 2 40T 64k"]);
+    assert!(kib < 32 * 1024, "img amend peaked at {kib} KiB");
+}

@@ -203,15 +203,15 @@ impl Qcow2 {
         let has_backing = self.backing().is_some();
         let snaps = self.snapshot_list()?;
         let mut st = self.lock();
-        let mut tables: Vec<Vec<u64>> = vec![st.l1.clone()];
-        for s in &snaps {
-            tables.push(
-                super::read_table(self.file(), s.l1_offset, u64::from(s.l1_size))
+        // The active L1 table, then each snapshot's, read one at a time: memory stays that of
+        // one table however many snapshots there are.
+        for t in 0..=snaps.len() {
+            let l1 = match t.checked_sub(1).and_then(|i| snaps.get(i)) {
+                None => st.l1.clone(),
+                Some(s) => super::read_table(self.file(), s.l1_offset, u64::from(s.l1_size))
                     .ctx(self.file().path())?,
-            );
-        }
-        for l1 in &tables {
-            for &e in l1 {
+            };
+            for &e in &l1 {
                 let l2off = e & OFFSET_MASK;
                 if l2off == 0 {
                     continue;
