@@ -303,29 +303,21 @@ fn small_clusters_with_a_large_l1_table_create_resize_and_snapshot_like_qemu() {
     // 512-byte clusters over 32 GiB: the L1 table alone spans dozens of refcount blocks, which
     // one allocation must place. img refused such images as inconsistent.
     let env = Env::with_qemu();
-    env.img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=512",
-        "i.qcow2",
-        "32G",
-    ])
-    .ok();
+    let create = |f| {
+        [
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            f,
+            "32G",
+        ]
+    };
+    env.img(&create("i.qcow2")).ok();
     env.qemu_img(&["check", "i.qcow2"]).ok();
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=512",
-        "q.qcow2",
-        "32G",
-    ])
-    .ok();
+    env.qemu_img(&create("q.qcow2")).ok();
     env.qemu_io("qcow2", "q.qcow2", &["write -P 0x42 20G 64k"]);
     for args in [
         &["resize", "q.qcow2", "+1G"][..],
