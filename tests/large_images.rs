@@ -359,3 +359,41 @@ fn downgrading_an_image_with_many_snapshots_reads_one_l1_table_at_a_time() {
     env.qemu_io("qcow2", "hs.qcow2", &["read -P 2 40T 64k"]);
     assert!(kib < 32 * 1024, "img amend peaked at {kib} KiB");
 }
+
+#[test]
+fn split_vmdks_past_two_tib_open_like_qemu() {
+    // twoGbMaxExtentSparse over 2 TiB lists more than 1024 extents, the cap img had: it made
+    // such disks and could not open them. Just past it (1025 extents), both ways.
+    let env = Env::with_qemu();
+    env.img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=twoGbMaxExtentSparse",
+        "s.vmdk",
+        "2050G",
+    ])
+    .ok();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "src.qcow2", "2050G"])
+        .ok();
+    env.qemu_io(
+        "qcow2",
+        "src.qcow2",
+        &["write -P 7 2049G 1M", "write -P 8 100G 64k"],
+    );
+    env.img(&["convert", "-n", "-O", "vmdk", "src.qcow2", "s.vmdk"])
+        .ok();
+    for args in [&["info", "--output=json"][..], &["map", "--output=json"]] {
+        let args = [args, &["s.vmdk"]].concat();
+        assert_eq!(env.img(&args).ok().json(), env.qemu_img(&args).ok().json());
+    }
+    env.qemu_img(&["check", "s.vmdk"]).ok();
+    env.qemu_io(
+        "vmdk",
+        "s.vmdk",
+        &["read -P 7 2049G 1M", "read -P 8 100G 64k"],
+    );
+    env.img(&["compare", "src.qcow2", "s.vmdk"]).ok();
+}

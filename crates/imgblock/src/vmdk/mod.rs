@@ -44,8 +44,9 @@ use stream::{Staging, StreamWriter};
 
 /// Largest text descriptor read (qemu's limit: 1 MiB less one byte).
 pub const MAX_DESCRIPTOR_BYTES: u64 = (1 << 20) - 1;
-/// Most extents a descriptor may list (each is an open file).
-pub const MAX_EXTENTS: usize = 1024;
+/// Most extents a descriptor may list (each is an open file): VMware's largest disk, 62 TiB, in
+/// 2 GB extents is 31744. (qemu has no limit; its 1 MiB descriptor holds about 20000.)
+pub const MAX_EXTENTS: usize = 32768;
 /// Largest grain: 2 MiB (qcow2's largest cluster). qemu allows 1 GiB, but VMware's products
 /// write 64 KiB grains, and every read that touches a compressed grain inflates all of it into a
 /// buffer of this size: with grains of tens of MiB, reading a few MiB in small pieces moves
@@ -59,12 +60,9 @@ pub const MAX_GD_BYTES: u64 = 32 << 20;
 /// is at most [`MAX_GD_BYTES`], but a descriptor may list [`MAX_EXTENTS`] extents that all name
 /// one file with such a directory (qemu allows 128 MiB per extent, with no total).
 pub const MAX_TOTAL_GD_BYTES: u64 = 2 * MAX_GD_BYTES;
-/// Memory for cached grain tables, shared out among the extents of one image: 4096 tables of
-/// 512 entries for a monolithic image.
+/// Memory for cached grain tables, shared out among the extents of one image (each keeps at
+/// least one table): 4096 tables of 512 entries for a monolithic image.
 pub const GT_CACHE_BYTES: u64 = 8 << 20;
-/// Least memory for cached grain tables of each extent, however many extents share
-/// [`GT_CACHE_BYTES`]: 32 tables of 512 entries (qemu keeps 16), and at least one table.
-pub const GT_CACHE_MIN_BYTES: u64 = 64 << 10;
 /// The format takes compressed writes (`convert -c`): streamOptimized compresses its grains,
 /// the other sparse subformats store them plain, as qemu's driver does.
 pub const WRITES_COMPRESSED: bool = true;
@@ -418,9 +416,10 @@ impl Vmdk {
             }
         }
         let size = extents.last().map_or(0, |e| e.start + e.len);
-        // The grain table caches share one budget.
-        let share = (GT_CACHE_BYTES / (states.len() + se_states.len()).max(1) as u64)
-            .max(GT_CACHE_MIN_BYTES);
+        // The grain table caches share one budget: up to 128 extents each keeps 32 tables or
+        // more (qemu keeps 16); thousands of extents (a split disk of many TiB) keep at least one
+        // each, so that memory stays within a few MiB.
+        let share = GT_CACHE_BYTES / (states.len() + se_states.len()).max(1) as u64;
         let tables =
             |gt_bytes: u64| usize::try_from(share / gt_bytes.max(1)).map_or(1, |n| n.max(1));
         for (st, info) in states.iter_mut().zip(&infos) {
