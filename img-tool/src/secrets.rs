@@ -171,8 +171,11 @@ impl SecretArgs {
         }
         // A backing node given by its file replaces the one the header names; its format alone
         // (`backing.driver=`, as Cinder writes with the secrets) changes nothing that is read.
+        // Any other option of the node is refused by name, never dropped.
         if backing.iter().any(|(k, _)| k.ends_with(".filename")) {
             passed.extend(backing.into_iter().map(|(k, v)| (k, v.into())));
+        } else if let Some((k, _)) = backing.iter().find(|(k, _)| !k.ends_with(".driver")) {
+            return Err(Failure::new(format!("Invalid parameter '{k}'")));
         }
         let mut path = path.ok_or_else(|| {
             Failure::new("A block device must be specified for \"file.filename\"")
@@ -234,12 +237,11 @@ impl SecretArgs {
     }
 }
 
-/// Whether an `--image-opts` key goes to the block layer as it is: the backing node's options,
-/// a qcow2 image's data file, the encryption format to check, and those that only tune how qemu
+/// Whether an `--image-opts` key goes to the block layer as it is: `backing` itself (the
+/// node's own options are gathered apart), a qcow2 image's data file, the encryption format to check, and those that only tune how qemu
 /// opens a file.
 fn passes_through(key: &str) -> bool {
     key == "backing"
-        || key.starts_with("backing.")
         || key.starts_with("data-file.")
         || key == "encrypt.format"
         || imgblock::json_name::IGNORED.contains(&key)
@@ -287,5 +289,16 @@ mod tests {
         assert!(a
             .resolve("driver=qcow2,file.filename=x,encrypt.key-secret=nope", None)
             .is_err());
+        // A backing node's format alone changes nothing; its other options need its file.
+        let plain = a
+            .resolve("driver=qcow2,file.filename=x,backing.driver=qcow2", None)
+            .unwrap();
+        assert_eq!(plain.path, PathBuf::from("x"));
+        let odd = a.resolve("driver=qcow2,file.filename=x,backing.bogus=1", None);
+        assert!(odd.unwrap_err().message.contains("'backing.bogus'"));
+        let node = a
+            .resolve("driver=qcow2,file.filename=x,backing.file.filename=b", None)
+            .unwrap();
+        assert!(node.path.to_string_lossy().starts_with("json:"));
     }
 }
