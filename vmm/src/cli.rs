@@ -7,6 +7,7 @@ use clap::Parser;
 use imgblock::options::{parse_bool, parse_size, split_opts};
 use imgblock::Format;
 
+use crate::virtio::block::{DEFAULT_QUEUE_SIZE, MAX_QUEUE_SIZE};
 use crate::virtio::throttle::{Limit, Limits};
 
 /// Most request queues a disk may have (`num_queues=`).
@@ -53,7 +54,8 @@ pub struct Args {
     /// unmap also freeing the space when discard=unmap),
     /// serial=ID (at most 20 bytes, returned by GET_ID), id=NAME (the disk's name in the API's
     /// vm.counters and vm.info, unique; _diskN by default), num_queues=N (request queues, each
-    /// served by its own I/O thread; 1 to 16, default 1), direct=on (Cloud Hypervisor's
+    /// served by its own I/O thread; 1 to 16, default 1), queue_size=N (descriptors per queue,
+    /// a power of two from 4 to 1024, default 256), direct=on (Cloud Hypervisor's
     /// cache=none), encrypt.key-secret=ID (key-secret=ID
     /// for a luks image; backing.encrypt.key-secret=ID for the image below, and so on) naming an
     /// --object secret. I/O limits for all the disk's queues together, as qemu spells them:
@@ -197,6 +199,8 @@ pub struct DiskSpec {
     pub id: Option<String>,
     /// Request queues (VIRTIO_BLK_F_MQ above 1), each with its own I/O thread.
     pub num_queues: u16,
+    /// Descriptors per queue offered to the driver (`queue_size=`).
+    pub queue_size: u16,
     /// `(depth in the chain, secret ID)` for each `[backing.]*[encrypt.]key-secret=` key; depth
     /// 0 is the image itself.
     pub key_secrets: Vec<(usize, String)>,
@@ -219,6 +223,7 @@ impl FromStr for DiskSpec {
             serial: None,
             id: None,
             num_queues: 1,
+            queue_size: DEFAULT_QUEUE_SIZE,
             key_secrets: Vec::new(),
             throttle: Limits::default(),
         };
@@ -313,11 +318,21 @@ impl FromStr for DiskSpec {
                             format!("{k}={v}: expected a number of queues from 1 to {MAX_QUEUES}")
                         })?;
                 }
-                "help" => return Err(format!("keys: path, format, readonly, snapshot, cache, discard, detect-zeroes, serial, id, num_queues, encrypt.key-secret, {}", THROTTLE_KEYS.join(", "))),
+                // Cloud Hypervisor's spelling, and qemu's virtio-blk property.
+                "queue_size" | "queue-size" => {
+                    spec.queue_size = v
+                        .parse()
+                        .ok()
+                        .filter(|n: &u16| n.is_power_of_two() && (4..=MAX_QUEUE_SIZE).contains(n))
+                        .ok_or_else(|| {
+                            format!("{k}={v}: expected a power of two from 4 to {MAX_QUEUE_SIZE}")
+                        })?;
+                }
+                "help" => return Err(format!("keys: path, format, readonly, snapshot, cache, discard, detect-zeroes, serial, id, num_queues, queue_size, encrypt.key-secret, {}", THROTTLE_KEYS.join(", "))),
                 _ => {
                     let Some(i) = THROTTLE_KEYS.iter().position(|t| *t == k) else {
                         return Err(format!(
-                            "unknown disk option '{k}' (expected path, format, readonly, snapshot, cache, discard, detect-zeroes, serial, id, num_queues, encrypt.key-secret or {})",
+                            "unknown disk option '{k}' (expected path, format, readonly, snapshot, cache, discard, detect-zeroes, serial, id, num_queues, queue_size, encrypt.key-secret or {})",
                             THROTTLE_KEYS.join(", ")
                         ));
                     };
@@ -519,6 +534,11 @@ mod tests {
         assert_eq!(d.cache, CacheMode::Writeback);
         assert_eq!(d.discard, DiscardMode::Ignore);
         assert_eq!(d.num_queues, 1);
+        assert_eq!(d.queue_size, 256);
+        let d: DiskSpec = "path=x.img,queue_size=128".parse().unwrap();
+        assert_eq!(d.queue_size, 128);
+        let d: DiskSpec = "path=x.img,queue-size=1024".parse().unwrap();
+        assert_eq!(d.queue_size, 1024);
     }
 
     #[test]
@@ -534,6 +554,10 @@ mod tests {
             ("path=x,num_queues=0", "from 1 to 16"),
             ("path=x,num_queues=17", "from 1 to 16"),
             ("path=x,num-queues=two", "num-queues=two"),
+            ("path=x,queue_size=100", "power of two from 4 to 1024"),
+            ("path=x,queue_size=2", "power of two from 4 to 1024"),
+            ("path=x,queue_size=2048", "power of two from 4 to 1024"),
+            ("path=x,queue_size=0", "power of two from 4 to 1024"),
             // As QemuOpts: a bare `noX` is `X=off`.
             ("path=x,novalue", "unknown disk option 'value'"),
             ("path=x,encrypt.key-secret=", "encrypt.key-secret= is empty"),

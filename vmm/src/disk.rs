@@ -214,6 +214,7 @@ impl Disk {
                 detect_zeroes: spec.detect_zeroes,
                 serial,
                 num_queues: spec.num_queues,
+                queue_size: spec.queue_size,
             },
         })
     }

@@ -254,7 +254,7 @@ pub fn run(args: &Args) -> Result<Outcome, Error> {
                 ),
             )?;
             io_pauses.push(worker.io_pause());
-            queues.push(MmioQueue::new(worker, notify).map_err(Error::Queue)?);
+            queues.push(MmioQueue::new(worker, notify, d.config.queue_size).map_err(Error::Queue)?);
         }
         let dev = MmioBlock::new(
             mem.clone(),
@@ -472,12 +472,13 @@ fn info_config(args: &Args, pty: Option<&str>) -> String {
         .enumerate()
         .map(|(i, d)| {
             format!(
-                "{{\"id\":{},\"path\":{},\"readonly\":{},\"direct\":{},\"num_queues\":{}}}",
+                "{{\"id\":{},\"path\":{},\"readonly\":{},\"direct\":{},\"num_queues\":{},\"queue_size\":{}}}",
                 api::json_string(&disk_id(d, i)),
                 path(&d.path),
                 d.readonly,
                 d.cache == crate::cli::CacheMode::None,
-                d.num_queues
+                d.num_queues,
+                d.queue_size
             )
         })
         .collect();

@@ -275,9 +275,10 @@ fn guest_writes_qcow2_overlay_over_raw_backing_chain() {
     let before = std::fs::read(&base).unwrap();
     let top = dir.path().join("top.qcow2");
     make_image(&top, Format::Qcow2, SIZE / 2, SIZE, Some(&base));
-    // Two queues: the guest reads through both and writes through the first.
+    // Two queues of Cloud Hypervisor's queue_size: the guest reads through both and writes
+    // through the first, using as many descriptors as it likes within the offer.
     let spec = format!(
-        "path={},format=qcow2,cache=writeback,discard=unmap,num_queues=2",
+        "path={},format=qcow2,cache=writeback,discard=unmap,num_queues=2,queue_size=1024",
         top.display()
     );
     let out = run_vmm(&[spec], "console=ttyS0", 1, dir.path());
@@ -1325,7 +1326,10 @@ fn api_socket_pauses_resumes_counts_and_shuts_down() {
     let img = dir.path().join("disk.qcow2");
     make_image(&img, Format::Qcow2, 0, SIZE, None);
     let sock = dir.path().join("api.sock");
-    let spec = [format!("path={},format=qcow2,id=root", img.display())];
+    let spec = [format!(
+        "path={},format=qcow2,id=root,queue_size=512",
+        img.display()
+    )];
     let sock_arg = format!("path={}", sock.display());
     let mut vm = Running::start_with(
         &["--api-socket", &sock_arg, "--cpus", "2"],
@@ -1344,6 +1348,7 @@ fn api_socket_pauses_resumes_counts_and_shuts_down() {
     assert!(body.contains("\"state\":\"Running\""), "{body}");
     assert!(body.contains("\"boot_vcpus\":2"), "{body}");
     assert!(body.contains("\"id\":\"root\""), "{body}");
+    assert_eq!(json_number(&body, "queue_size"), 512, "{body}");
 
     let (code, body) = api(&sock, "PUT", "vm.pause");
     assert_eq!(code, 204, "{body}");

@@ -58,9 +58,6 @@ pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 pub const SECTOR_SIZE: u64 = 512;
 /// Length of the GET_ID answer.
 pub const ID_BYTES: usize = 20;
-/// Most data segments in one request, advertised as `seg_max`; the queue holds 256 descriptors
-/// and a request needs two more for header and status.
-pub const SEG_MAX: u32 = 254;
 /// Largest piece of a request copied through the bounce buffer at once (advertised as
 /// `size_max`, the largest segment): bounds what a guest can make us allocate. A larger request
 /// is served piece by piece; the driver may send any total length (Linux's does).
@@ -69,8 +66,11 @@ pub const MAX_TRANSFER: u64 = 32 << 20;
 pub const MAX_RANGE_SEGS: u32 = 32;
 /// Most sectors in one discard or write-zeroes segment.
 pub const MAX_RANGE_SECTORS: u32 = u32::MAX / 2;
-/// Queue size offered (QueueNumMax).
-pub const QUEUE_SIZE: u16 = 256;
+/// Queue size offered (QueueNumMax) unless `queue_size=` says otherwise: qemu's default.
+pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+/// The largest `queue_size=`: qemu's limit (VIRTQUEUE_MAX_SIZE). A chain never holds more
+/// descriptors than its queue.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
 
 /// The storage a block device serves: an open image, or memory in tests.
 pub trait Backend: Send + Sync {
@@ -118,6 +118,9 @@ pub struct BlockConfig {
     pub serial: Vec<u8>,
     /// Request queues, each served by its own I/O thread (MQ when more than one).
     pub num_queues: u16,
+    /// Descriptors per queue offered (QueueNumMax): a power of two from 4 to
+    /// [`MAX_QUEUE_SIZE`].
+    pub queue_size: u16,
 }
 
 impl BlockConfig {
@@ -139,6 +142,12 @@ impl BlockConfig {
         f
     }
 
+    /// Most data segments in one request, advertised as `seg_max`: a request needs two
+    /// descriptors more, for its header and status, and the queue holds `queue_size`.
+    pub fn seg_max(&self) -> u32 {
+        u32::from(self.queue_size).saturating_sub(2).max(1)
+    }
+
     /// The configuration space (struct virtio_blk_config, 60 bytes, little-endian).
     pub fn config_space(&self, size: u64) -> Vec<u8> {
         let mut c = vec![0u8; 60];
@@ -148,7 +157,7 @@ impl BlockConfig {
                 .unwrap_or(u32::MAX)
                 .to_le_bytes(),
         ); // size_max
-        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c[12..16].copy_from_slice(&self.seg_max().to_le_bytes());
         c[20..24].copy_from_slice(&u32::try_from(SECTOR_SIZE).unwrap_or(512).to_le_bytes()); // blk_size
         c[34..36].copy_from_slice(&self.num_queues.max(1).to_le_bytes()); // num_queues
         c[36..40].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes()); // max_discard_sectors
@@ -297,7 +306,7 @@ pub fn parse(mem: &GuestMemoryMmap, descs: impl IntoIterator<Item = (u64, u32, b
     let mut writable = Vec::new();
     let mut err = None;
     for (n, (addr, len, write)) in descs.into_iter().enumerate() {
-        if n >= usize::from(QUEUE_SIZE) {
+        if n >= usize::from(MAX_QUEUE_SIZE) {
             err.get_or_insert(ChainError::TooLong);
             break;
         }
@@ -693,6 +702,7 @@ pub(crate) mod tests {
             detect_zeroes: DetectZeroes::Off,
             serial: b"serial-1".to_vec(),
             num_queues: 1,
+            queue_size: DEFAULT_QUEUE_SIZE,
         }
     }
 

@@ -15,7 +15,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::block::{features, QUEUE_SIZE};
+use super::block::features;
 use super::worker::{BlockWorker, Interrupt};
 use crate::bus::BusDevice;
 
@@ -90,6 +90,8 @@ const VENDOR: u32 = 0x1af4;
 /// One request queue of a device: its registers until DRIVER_OK, then its I/O thread.
 pub struct MmioQueue {
     queue: Queue,
+    /// Descriptors offered (QueueNumMax); the driver may use fewer.
+    size: u16,
     worker: BlockWorker,
     /// QueueNotify writes for this queue that reach us as MMIO exits are forwarded here.
     notify: EventFd,
@@ -98,13 +100,18 @@ pub struct MmioQueue {
 }
 
 impl MmioQueue {
-    /// A queue served by `worker`, whose ioeventfd is `notify`.
+    /// A queue of up to `size` descriptors served by `worker`, whose ioeventfd is `notify`.
     ///
     /// # Errors
-    /// When the queue cannot be created.
-    pub fn new(worker: BlockWorker, notify: EventFd) -> Result<Self, virtio_queue::Error> {
+    /// When the queue cannot be created (`size` not a power of two, or above 32768).
+    pub fn new(
+        worker: BlockWorker,
+        notify: EventFd,
+        size: u16,
+    ) -> Result<Self, virtio_queue::Error> {
         Ok(MmioQueue {
-            queue: Queue::new(QUEUE_SIZE)?,
+            queue: Queue::new(size)?,
+            size,
             worker,
             notify,
             live: false,
@@ -224,7 +231,7 @@ impl MmioBlock {
             q.queue.set_event_idx(event_idx);
             // The I/O thread owns the queue from now on; the transport keeps a blank one
             // until the next reset.
-            let Ok(blank) = Queue::new(QUEUE_SIZE) else {
+            let Ok(blank) = Queue::new(q.size) else {
                 ok = false;
                 continue;
             };
@@ -285,7 +292,7 @@ impl BusDevice for MmioBlock {
                 1 => u32::try_from(self.features >> 32).unwrap_or(0),
                 _ => 0,
             },
-            regs::QUEUE_NUM_MAX => self.selected().map_or(0, |_| u32::from(QUEUE_SIZE)),
+            regs::QUEUE_NUM_MAX => self.selected().map_or(0, |q| u32::from(q.size)),
             regs::QUEUE_READY => self
                 .selected()
                 .map_or(0, |q| u32::from(q.live || q.queue.ready())),
@@ -373,7 +380,7 @@ mod tests {
     use crate::bus::BusDevice;
     use crate::seccomp::Filters;
     use crate::virtio::block::tests::{cfg, MemDisk};
-    use crate::virtio::block::Backend;
+    use crate::virtio::block::{Backend, BlockConfig, DEFAULT_QUEUE_SIZE};
     use crate::virtio::worker::{Accounting, BlockWorker};
     use proptest::prelude::*;
     use vm_memory::{Bytes, GuestAddress};
@@ -382,6 +389,15 @@ mod tests {
 
     /// A two-queue device over a disk in memory, with real I/O threads.
     fn device(mem: &GuestMemoryMmap) -> (MmioBlock, Vec<EventFd>) {
+        device_sized(mem, DEFAULT_QUEUE_SIZE)
+    }
+
+    /// As [`device`], its queues offering `size` descriptors.
+    fn device_sized(mem: &GuestMemoryMmap, size: u16) -> (MmioBlock, Vec<EventFd>) {
+        let cfg = |ro| BlockConfig {
+            queue_size: size,
+            ..cfg(ro)
+        };
         let disk: Arc<dyn Backend> = Arc::new(MemDisk(std::sync::Mutex::new(vec![7; 64 * 1024])));
         let interrupt = new_interrupt(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap());
         let mut queues = Vec::new();
@@ -398,7 +414,7 @@ mod tests {
             )
             .unwrap();
             notifies.push(notify.try_clone().unwrap());
-            queues.push(MmioQueue::new(worker, notify).unwrap());
+            queues.push(MmioQueue::new(worker, notify, size).unwrap());
         }
         let c = cfg(false);
         let dev = MmioBlock::new(
@@ -513,6 +529,27 @@ mod tests {
         assert_eq!(u32::from_le_bytes(r), 15);
         // Reset and again on the other queue.
         for (reg, v) in init(1, 0x8000) {
+            dev.write(reg, &v.to_le_bytes());
+        }
+        dev.read(regs::STATUS, &mut r);
+        assert_eq!(u32::from_le_bytes(r), 15);
+        dev.shutdown();
+    }
+
+    #[test]
+    fn queue_size_is_offered_and_a_driver_within_it_runs() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+        let (mut dev, _) = device_sized(&mem, 8);
+        let mut r = [0u8; 4];
+        dev.write(regs::QUEUE_SEL, &1u32.to_le_bytes());
+        dev.read(regs::QUEUE_NUM_MAX, &mut r);
+        assert_eq!(u32::from_le_bytes(r), 8);
+        // seg_max leaves room for the header and status descriptors.
+        let mut seg_max = [0u8; 4];
+        dev.read(regs::CONFIG + 12, &mut seg_max);
+        assert_eq!(u32::from_le_bytes(seg_max), 6);
+        for (reg, v) in init(0, 0x4000) {
+            let v = if reg == regs::QUEUE_NUM { 8 } else { v };
             dev.write(reg, &v.to_le_bytes());
         }
         dev.read(regs::STATUS, &mut r);
