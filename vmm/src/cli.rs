@@ -41,10 +41,11 @@ pub struct Args {
     )]
     pub cmdline: String,
     /// Guest memory, with qemu's suffixes (k, M, G; plain number = bytes). Cloud Hypervisor's
-    /// size=SIZE is taken too.
+    /// size=SIZE is taken too, with shared=off and hugepages=off (what this VMM gives).
     #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_memory)]
     pub memory: u64,
-    /// Number of vCPUs (each a host thread). Cloud Hypervisor's boot=N is taken too.
+    /// Number of vCPUs (each a host thread). Cloud Hypervisor's boot=N is taken too, with
+    /// max=N equal to it (no vCPU hot-plug).
     #[arg(long, value_name = "N", default_value = "1", value_parser = parse_cpus)]
     pub cpus: u8,
     /// A virtio-blk disk; repeat for more. Keys: path=IMG (required), format=raw|qcow2|...
@@ -117,23 +118,74 @@ fn parse_api_socket(s: &str) -> Result<PathBuf, String> {
 }
 
 fn parse_cpus(s: &str) -> Result<u8, String> {
-    s.strip_prefix("boot=")
-        .unwrap_or(s)
-        .parse::<u8>()
-        .ok()
-        .filter(|n| (1..=MAX_CPUS).contains(n))
-        .ok_or_else(|| format!("'{s}': expected a number of vCPUs from 1 to {MAX_CPUS}"))
+    let count = |v: &str| {
+        v.parse::<u8>()
+            .ok()
+            .filter(|n| (1..=MAX_CPUS).contains(n))
+            .ok_or_else(|| format!("'{s}': expected a number of vCPUs from 1 to {MAX_CPUS}"))
+    };
+    if !s.contains('=') {
+        return count(s);
+    }
+    // Cloud Hypervisor's boot=N[,max=M]: vCPUs are not hot-plugged here, so max must be boot.
+    let (mut boot, mut max) = (None, None);
+    for (k, v) in split_opts(s).map_err(|e| e.to_string())? {
+        match k.as_str() {
+            "boot" => boot = Some(count(&v)?),
+            "max" => max = Some(count(&v)?),
+            _ => {
+                return Err(format!(
+                    "'{s}': unknown --cpus option '{k}' (expected boot=N and max=N)"
+                ))
+            }
+        }
+    }
+    let boot = boot.ok_or_else(|| format!("'{s}': boot=N is required"))?;
+    match max {
+        Some(m) if m != boot => Err(format!(
+            "'{s}': max={m} would leave room for vCPU hot-plug, which this VMM does not offer; \
+             give max equal to boot or leave it out"
+        )),
+        _ => Ok(boot),
+    }
 }
 
 fn parse_memory(s: &str) -> Result<u64, String> {
     // A bare number means MiB for qemu's -m; here it means bytes unless suffixed, like
     // qemu-img sizes. Require at least 16 MiB: the boot structures and a kernel need room.
-    let v = parse_size(s.strip_prefix("size=").unwrap_or(s)).map_err(|e| e.to_string())?;
+    let size = if s.contains('=') {
+        // Cloud Hypervisor's size=SIZE[,shared=off][,hugepages=off]: what they default to is
+        // what this VMM does; shared or huge-page memory it does not offer.
+        let mut size = None;
+        for (k, v) in split_opts(s).map_err(|e| e.to_string())? {
+            match k.as_str() {
+                "size" => size = Some(v),
+                "shared" | "hugepages" => {
+                    if parse_bool(&k, &v).map_err(|e| e.to_string())? {
+                        return Err(format!(
+                            "'{s}': {k}=on is not offered: guest memory is private anonymous \
+                             memory in normal pages"
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(format!(
+                        "'{s}': unknown --memory option '{k}' (expected size=SIZE, shared=off, \
+                         hugepages=off)"
+                    ))
+                }
+            }
+        }
+        size.ok_or_else(|| format!("'{s}': size=SIZE is required"))?
+    } else {
+        s.to_owned()
+    };
+    let v = parse_size(&size).map_err(|e| e.to_string())?;
     if v < 16 << 20 {
-        return Err(format!("guest memory {s} is below the 16 MiB minimum"));
+        return Err(format!("guest memory {size} is below the 16 MiB minimum"));
     }
     if v > 1 << 40 {
-        return Err(format!("guest memory {s} is above the 1 TiB maximum"));
+        return Err(format!("guest memory {size} is above the 1 TiB maximum"));
     }
     Ok(v)
 }
@@ -629,11 +681,48 @@ mod tests {
         let d: DiskSpec = "path=x,direct=off".parse().unwrap();
         assert_eq!(d.cache, CacheMode::Writeback);
         assert!("path=x,direct=maybe".parse::<DiskSpec>().is_err());
-        for bad in ["boot=0", "boot=x", "max=2", "boot=65"] {
+        for bad in [
+            "boot=0",
+            "boot=x",
+            "max=2",
+            "boot=65",
+            "boot=2,max=4",
+            "boot=2,topology=1:1:2:1",
+        ] {
             assert!(
                 Args::try_parse_from(["vmm", "--kernel", "k", "--cpus", bad]).is_err(),
                 "{bad}"
             );
+        }
+        for (good, n) in [("boot=2,max=2", 2), ("max=3,boot=3", 3), ("4", 4)] {
+            let a = Args::try_parse_from(["vmm", "--kernel", "k", "--cpus", good]).unwrap();
+            assert_eq!(a.cpus, n, "{good}");
+        }
+        let e = Args::try_parse_from(["vmm", "--kernel", "k", "--cpus", "boot=2,max=4"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hot-plug"), "{e}");
+        for (good, n) in [
+            ("size=1G,shared=off", 1u64 << 30),
+            ("hugepages=off,size=64M", 64 << 20),
+            ("size=512M", 512 << 20),
+        ] {
+            let a = Args::try_parse_from(["vmm", "--kernel", "k", "--memory", good]).unwrap();
+            assert_eq!(a.memory, n, "{good}");
+        }
+        for (bad, want) in [
+            ("size=1G,shared=on", "shared=on is not offered"),
+            ("size=1G,hugepages=on", "hugepages=on is not offered"),
+            (
+                "size=1G,mergeable=on",
+                "unknown --memory option 'mergeable'",
+            ),
+            ("shared=off", "size=SIZE is required"),
+        ] {
+            let e = Args::try_parse_from(["vmm", "--kernel", "k", "--memory", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{bad}: {e}");
         }
     }
 
