@@ -253,6 +253,58 @@ fn commit_and_rebase_carry_zeroes_without_data() {
     }
 }
 
+/// A safe rebase of an image that has no backing file yet keeps what the guest reads: where
+/// the new backing file holds data, the image records zeroes (zero clusters on compat=1.1, as
+/// qemu-img; zeroes as data on compat=0.10, where qemu-img lets the backing file show through).
+#[test]
+fn safe_rebase_of_a_standalone_image_keeps_its_zeroes() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "b.qcow2", "8M"])
+        .ok();
+    env.qemu_io(
+        "qcow2",
+        "b.qcow2",
+        &["write -P 0x8d 0 64k", "write -P 0x11 1000k 3k"],
+    );
+    env.qemu_img(&["create", "-q", "-f", "raw", "b.raw", "8M"])
+        .ok();
+    env.qemu_io("raw", "b.raw", &["write -P 0x22 2M 4k"]);
+    let map = |f: &str| env.qemu_img(&["map", "--output=json", f]).ok().stdout;
+    for (compat, backing, bfmt) in [
+        ("1.1", "b.qcow2", "qcow2"),
+        ("0.10", "b.qcow2", "qcow2"),
+        ("1.1", "b.raw", "raw"),
+    ] {
+        let ours = format!("ours-{compat}-{bfmt}.qcow2");
+        let theirs = format!("theirs-{compat}-{bfmt}.qcow2");
+        for f in [&ours, &theirs] {
+            let o = format!("compat={compat}");
+            env.qemu_img(&["create", "-q", "-f", "qcow2", "-o", &o, f, "8M"])
+                .ok();
+            env.qemu_io("qcow2", f, &["write -P 3 4M 64k"]);
+        }
+        env.img(&["rebase", "-f", "qcow2", "-b", backing, "-F", bfmt, &ours])
+            .ok();
+        env.qemu_img(&["rebase", "-f", "qcow2", "-b", backing, "-F", bfmt, &theirs])
+            .ok();
+        env.qemu_img(&["check", &ours]).ok();
+        env.qemu_io(
+            "qcow2",
+            &ours,
+            &[
+                "read -P 0 0 4M",
+                "read -P 3 4M 64k",
+                "read -P 0 4160k 3968k",
+            ],
+        );
+        let info = env.img(&["info", "--output=json", &ours]).ok().json();
+        assert_eq!(info["backing-filename"], backing, "{compat}");
+        if compat == "1.1" {
+            assert_eq!(map(&ours), map(&theirs), "compat={compat} onto {bfmt}");
+        }
+    }
+}
+
 /// A 4 MiB qcow2 base filled with 0x5a.
 fn filled_base(env: &Env) {
     env.qemu_img(&["create", "-f", "qcow2", "base.qcow2", "4M"])

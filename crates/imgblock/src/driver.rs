@@ -474,6 +474,10 @@ pub trait Driver: Send + Sync + Debug {
         let _ = opts;
         Err(self.unsupported("amend"))
     }
+    /// Zeroes written from now on must still read as zeroes once a backing file is set (a safe
+    /// rebase onto one is under way, the image may have none yet): they are recorded
+    /// explicitly, never left unallocated. Formats without backing files ignore it.
+    fn expect_backing(&self) {}
     /// Replaces the backing reference in the header (no data is touched).
     ///
     /// # Errors

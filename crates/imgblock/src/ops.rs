@@ -293,6 +293,11 @@ fn rebase_copying(
                 })?,
         ),
     };
+    if new_chain.is_some() {
+        // Where the old chain reads zeroes and the new one does not, the zeroes written must
+        // hold once the new backing file is set, though nothing lies below them yet.
+        img.driver().expect_backing();
+    }
     let size = img.size();
     let old_end = img.backing().map_or(0, Image::size);
     let mut old = vec![0u8; usize::try_from(CHUNK).unwrap_or(0)];
