@@ -65,12 +65,24 @@ pub fn commit_throttled(
     progress: Progress<'_>,
     throttle: Throttle<'_>,
 ) -> Result<()> {
-    // The top image is emptied at the end: hold its write lock throughout. The chain is read
-    // without locks of its own, so that the base below can be opened for writing.
-    let top_lock = crate::lock::lock(
+    // The top image is emptied at the end. As qemu-img, it is opened for writing before
+    // anything is written, so that an image that cannot be written (a read-only format or
+    // file) fails the commit while the base is still untouched; that handle holds its write
+    // lock throughout. The chain is read without locks of its own, so that the base below can
+    // be opened for writing.
+    let top_w = Image::open_with_secrets(
         top_path,
-        &[crate::lock::PERM_CONSISTENT_READ, crate::lock::PERM_WRITE],
-        &[crate::lock::PERM_WRITE, crate::lock::PERM_RESIZE],
+        &OpenOptions {
+            format,
+            writable: true,
+            no_backing: true,
+            snapshot: None,
+            force_share: false,
+            repair: false,
+            raw_window: None,
+            data_file: None,
+        },
+        secrets,
     )?;
     let top = Image::open_with_secrets(
         top_path,
@@ -148,22 +160,7 @@ pub fn commit_throttled(
     base_w.flush()?;
     drop(base_w);
     drop(top);
-    drop(top_lock);
     if !keep {
-        let top_w = Image::open_with_secrets(
-            top_path,
-            &OpenOptions {
-                format,
-                writable: true,
-                no_backing: true,
-                snapshot: None,
-                force_share: false,
-                repair: false,
-                raw_window: None,
-                data_file: None,
-            },
-            secrets,
-        )?;
         // A format without emptying keeps its data, which now equals the base's: no error.
         if top_w.driver().make_empty()? {
             top_w.flush()?;

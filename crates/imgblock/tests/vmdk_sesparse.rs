@@ -185,6 +185,42 @@ fn sesparse_opened_writable_is_refused() {
     assert!(!out.status.success());
 }
 
+/// Committing a seSparse snapshot fails before anything is written, as in qemu-img (the top
+/// of a commit is opened for writing first): the parent keeps every byte.
+#[test]
+fn commit_of_a_sesparse_snapshot_fails_before_touching_the_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = parent(dir.path());
+    let parent_file = dir.path().join("base.vmdk");
+    let before = std::fs::read(&parent_file).unwrap();
+    let b = sesparse::build(dir.path(), "snap", &sesparse::mixed(Some(p)));
+    for keep in [false, true] {
+        let e = imgblock::ops::commit(
+            &b.descriptor,
+            None,
+            &imgblock::crypto::Secrets::none(),
+            None,
+            keep,
+            &imgblock::ops::no_progress,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                imgblock::Error::Vmdk {
+                    source: VErr::SeSparseReadOnly,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            std::fs::read(&parent_file).unwrap() == before,
+            "the parent was written (keep={keep})"
+        );
+    }
+}
+
 /// Opens `path` and reads all of it and its block status; the first error.
 fn lib_error(path: &Path) -> imgblock::Error {
     let img = match Image::open(path, &OpenOptions::read_only()) {
