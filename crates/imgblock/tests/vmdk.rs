@@ -333,14 +333,15 @@ fn vmdk_6gib_two_gb_sparse_with_data_at_the_end_round_trips() {
     assert!(buf.iter().all(|&b| b == 0x78));
 }
 
-/// Walks a stream in VMware's layout and returns (grain markers, GT markers, GD markers,
-/// footer found, EOS found), checking each structure against the spec on the way.
+/// Walks a stream in VMware's layout and returns (grain markers, GT markers, GD markers),
+/// checking each structure against the spec on the way. The header names the directory as
+/// the footer does (qemu opens a stream for writing through its header), and every directory
+/// entry has its table (qemu allocates grains, never tables).
 fn walk_stream(bytes: &[u8]) -> (usize, usize, usize) {
     let h = SparseHeader::parse(&bytes[..512]).unwrap();
     assert_eq!(h.version, 3);
     assert_eq!(h.flags & sparse::FLAG_COMPRESS, sparse::FLAG_COMPRESS);
     assert_eq!(h.flags & sparse::FLAG_MARKER, sparse::FLAG_MARKER);
-    assert_eq!(h.gd_offset, sparse::GD_AT_END);
     assert_eq!(h.compress, sparse::COMPRESSION_DEFLATE);
     let mut pos = (h.overhead * 512) as usize;
     let (mut grains, mut gts, mut gds) = (0, 0, 0);
@@ -370,7 +371,13 @@ fn walk_stream(bytes: &[u8]) -> (usize, usize, usize) {
                 assert_eq!(val, 1);
                 let f = SparseHeader::parse(&bytes[pos + 512..pos + 1024]).unwrap();
                 assert_eq!(f.gd_offset as usize, gd_sector);
+                assert_eq!(h.gd_offset as usize, gd_sector, "the header names the GD");
                 assert_eq!(f.capacity, h.capacity);
+                let entries = h.capacity.div_ceil(h.grain_size * 512) as usize;
+                for e in bytes[gd_sector * 512..][..entries * 4].chunks(4) {
+                    assert_ne!(u32::from_le_bytes(e.try_into().unwrap()), 0, "a GD hole");
+                }
+                assert_eq!(gts, entries, "one table per directory entry");
                 pos += 1024;
                 let eos: [u8; 512] = bytes[pos..pos + 512].try_into().unwrap();
                 assert_eq!(sparse::parse_marker(&eos), (0, 0, sparse::MARKER_EOS));
@@ -419,6 +426,40 @@ fn vmdk_stream_written_by_library_has_vmware_layout_and_reads_in_qemu() {
         qemu_compare(&src, p);
         assert!(read_lib(p) == content);
     }
+    // Mostly empty: the tables of ranges without data are written too, so that qemu can
+    // write whole grains anywhere into the stream afterwards, and both read them back.
+    let big = dir.path().join("big.raw");
+    let mut data = vec![0u8; 100 << 20];
+    data[..300_000].copy_from_slice(&content[..300_000]);
+    std::fs::write(&big, &data).unwrap();
+    let bigimg = Image::open(&big, &OpenOptions::read_only().format(Some(Format::Raw))).unwrap();
+    let c = dir.path().join("c.vmdk");
+    lib_convert(&bigimg, &c, Format::Vmdk, "subformat=streamOptimized");
+    let (grains, gts, _) = walk_stream(&std::fs::read(&c).unwrap());
+    assert_eq!((grains, gts), (5, 4));
+    qemu_io(
+        "vmdk",
+        &c,
+        &[
+            "write -P 0x31 70M 64k",
+            "write -P 0x32 99M 1M",
+            "write -P 0x33 1M 64k",
+        ],
+    );
+    qemu_check(&c);
+    qemu_io(
+        "vmdk",
+        &c,
+        &[
+            "read -P 0x31 70M 64k",
+            "read -P 0x32 99M 1M",
+            "read -P 0x33 1M 64k",
+        ],
+    );
+    data[70 << 20..(70 << 20) + 65536].fill(0x31);
+    data[99 << 20..].fill(0x32);
+    data[1 << 20..(1 << 20) + 65536].fill(0x33);
+    assert!(read_lib(&c) == data);
 }
 
 /// Builds a streamOptimized vmdk the way VMware's tools write it, from the spec: header with

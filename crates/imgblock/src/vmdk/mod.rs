@@ -894,7 +894,10 @@ impl Vmdk {
         Ok(at)
     }
 
-    /// Writes the grain tables below `gti` that are still open.
+    /// Writes the grain tables below `gti` that are still open, and an empty one for each
+    /// range below it without a grain: as in qemu's layout, every directory entry has its
+    /// table, so that qemu can later write a grain anywhere (it allocates grains, never
+    /// tables, and would otherwise write over the header).
     fn stream_close_tables_below(
         &self,
         st: &mut SparseState,
@@ -903,18 +906,26 @@ impl Vmdk {
         gti: u64,
     ) -> Result<()> {
         let info = &self.sparse[si];
+        let gti = gti.min(info.geo.gd_entries);
         loop {
             let Some(sw) = st.stream.as_mut() else {
                 return Ok(());
             };
-            let Some((&k, _)) = sw.open.range(..gti).next() else {
+            let k = sw.closed_below;
+            if k >= gti {
                 break;
-            };
-            let table = sw.open.remove(&k).unwrap_or_default();
-            self.stream_write_table(st, info, file, k, &table)?;
-        }
-        if let Some(sw) = st.stream.as_mut() {
-            sw.closed_below = sw.closed_below.max(gti);
+            }
+            let table = sw.open.remove(&k);
+            sw.closed_below = k + 1;
+            let empty = st
+                .gd
+                .get(usize::try_from(k).unwrap_or(usize::MAX))
+                .is_some_and(|&e| e == 0);
+            match table {
+                Some(t) => self.stream_write_table(st, info, file, k, &t)?,
+                None if empty => self.stream_write_table(st, info, file, k, &[])?,
+                None => {}
+            }
         }
         Ok(())
     }
@@ -1013,7 +1024,7 @@ impl Vmdk {
     }
 
     /// Takes back the GD, footer and EOS of a finished stream so that it can go on.
-    fn stream_resume(&self, st: &mut SparseState, _si: usize, file: usize) -> Result<()> {
+    fn stream_resume(&self, st: &mut SparseState, si: usize, file: usize) -> Result<()> {
         let Some(sw) = st.stream.as_mut() else {
             return Err(self.err(file, Error::NotWritable("this streamOptimized image")));
         };
@@ -1021,6 +1032,14 @@ impl Vmdk {
             return Ok(());
         };
         sw.end = at;
+        // The directory the header names is about to be written over: back to GD_AT_END
+        // until the stream is finished again.
+        let s = self.files[file].as_ref();
+        s.write_at(&self.sparse[si].header.to_bytes(), 0)
+            .ctx(s.path())?;
+        let Some(sw) = st.stream.as_mut() else {
+            return Ok(());
+        };
         let reopened = std::mem::take(&mut sw.finish_tables);
         for k in reopened {
             if let Some(slot) = st.gd.get_mut(usize::try_from(k).unwrap_or(usize::MAX)) {
@@ -1046,11 +1065,21 @@ impl Vmdk {
             return Ok(());
         };
         let start = sw.end;
-        // Open tables are written but kept, so that a later write can reopen them.
-        let open: Vec<(u64, Vec<u32>)> = sw.open.iter().map(|(k, v)| (*k, v.clone())).collect();
+        // Open tables are written but kept, so that a later write can reopen them; so are the
+        // empty tables of the ranges after the last grain (every directory entry gets one).
+        let mut tables = Vec::new();
+        for k in sw.closed_below..info.geo.gd_entries {
+            match sw.open.get(&k) {
+                Some(t) => tables.push((k, Some(t.clone()))),
+                None if st.gd.get(usize::try_from(k).unwrap_or(usize::MAX)) == Some(&0) => {
+                    tables.push((k, None));
+                }
+                None => {}
+            }
+        }
         let mut written = Vec::new();
-        for (k, t) in &open {
-            self.stream_write_table(st, info, file, *k, t)?;
+        for (k, t) in &tables {
+            self.stream_write_table(st, info, file, *k, t.as_deref().unwrap_or(&[]))?;
             written.push(*k);
         }
         let gdb = info.geo.gd_bytes();
@@ -1071,6 +1100,10 @@ impl Vmdk {
             sw.finish_tables = written;
             s.set_len(sw.end).ctx(s.path())?;
         }
+        // The header names the directory too, as qemu's does: qemu opens such a stream for
+        // writing through its header (with GD_AT_END it would append past the footer it
+        // found the directory by, and lose it). Readers that go by the footer still find it.
+        s.write_at(&footer.to_bytes(), 0).ctx(s.path())?;
         Ok(())
     }
 

@@ -1,14 +1,17 @@
 //! Writing streamOptimized extents in VMware's layout, once and in guest order:
 //!
 //! ```text
-//! header (gdOffset = GD_AT_END) | descriptor | grain marker + zlib data ... | GT marker + GT |
+//! header | descriptor | grain marker + zlib data ... | GT marker + GT |
 //! grain markers ... | GT marker + GT | ... | GD marker + GD | footer marker + footer | EOS
 //! ```
 //! Each grain table is written as soon as the stream has moved past the guest range it covers;
-//! grain tables with no grain are left out (their directory entry stays 0). The footer repeats
-//! the header with the real gdOffset. Writes that arrive through the ordinary allocate/commit
-//! path are staged in memory ([`Staging`]) a grain at a time and compressed when the stream
-//! moves on, so that a convert writing partial grains still produces whole compressed grains.
+//! a range without a grain gets an empty table, so that every directory entry has one. The
+//! header says GD_AT_END while the stream is written; once it is finished, the footer and then
+//! the header name the directory, as qemu's header does: qemu opens a stream for writing
+//! through its header and allocates grains, never tables. Writes that arrive through the
+//! ordinary allocate/commit path are staged in memory ([`Staging`]) a grain at a time and
+//! compressed when the stream moves on, so that a convert writing partial grains still
+//! produces whole compressed grains.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
