@@ -786,3 +786,82 @@ fn vdi_sizes_round_up_to_a_sector_like_qemu() {
     env.assert_same_bytes("i.raw", "q.raw");
     assert_eq!(env.len("i.raw"), 0xF0_0200);
 }
+
+/// The CID a vmdk's descriptor (embedded or a file) holds.
+fn cid_of(env: &Env, name: &str) -> String {
+    let bytes = env.read(name);
+    let text = String::from_utf8_lossy(&bytes);
+    text.lines()
+        .find_map(|l| l.strip_prefix("CID="))
+        .unwrap_or_else(|| panic!("{name} has no CID line"))
+        .to_owned()
+}
+
+/// Writing into a vmdk gives it a new CID, as qemu and VMware do, so that a delta made against
+/// its old contents (another snapshot branch) is refused instead of reading the changed
+/// parent: after `commit` of one branch, and after `convert -n` into a descriptor file.
+#[test]
+fn writes_into_a_vmdk_give_it_a_new_cid_like_qemu() {
+    let env = Env::with_qemu();
+    for tool in ["img", "qemu"] {
+        let (base, a, b) = (
+            format!("{tool}-base.vmdk"),
+            format!("{tool}-a.vmdk"),
+            format!("{tool}-b.vmdk"),
+        );
+        env.qemu_img(&["create", "-q", "-f", "vmdk", &base, "10M"])
+            .ok();
+        env.qemu_io("vmdk", &base, &["write -P 0x41 0 1M"]);
+        for top in [&a, &b] {
+            env.qemu_img(&["create", "-q", "-f", "vmdk", "-b", &base, "-F", "vmdk", top])
+                .ok();
+        }
+        env.qemu_io("vmdk", &a, &["write -P 0x42 4M 1M"]);
+        let before = cid_of(&env, &base);
+        let args = ["commit", a.as_str()];
+        if tool == "img" {
+            env.img(&args).ok();
+        } else {
+            env.qemu_img(&args).ok();
+        }
+        assert_ne!(cid_of(&env, &base), before, "{tool}: the base's CID");
+        env.qemu_img(&["check", &base]).ok();
+        // The other branch no longer reads through its changed parent.
+        let r = common::run_timeout(
+            &env.path(""),
+            "qemu-io",
+            &["-f", "vmdk", "-c", "read 0 1M", &b],
+            common::DEFAULT_TIMEOUT,
+        );
+        let all = format!("{}{}", r.stdout, r.stderr);
+        assert!(all.contains("read failed"), "{tool}: {all}");
+    }
+    // convert -n into a flat descriptor file.
+    env.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=monolithicFlat",
+        "flat.vmdk",
+        "4M",
+    ])
+    .ok();
+    env.write("src.raw", &noise(3, 4 << 20));
+    let before = cid_of(&env, "flat.vmdk");
+    env.img(&[
+        "convert",
+        "-n",
+        "-f",
+        "raw",
+        "-O",
+        "vmdk",
+        "src.raw",
+        "flat.vmdk",
+    ])
+    .ok();
+    assert_ne!(cid_of(&env, "flat.vmdk"), before);
+    assert_eq!(cid_of(&env, "flat.vmdk").len(), 8);
+    env.qemu_img(&["compare", "src.raw", "flat.vmdk"]).ok();
+}

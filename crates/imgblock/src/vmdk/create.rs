@@ -94,7 +94,7 @@ impl Subformat {
     }
 }
 
-fn random_u32() -> u32 {
+pub(crate) fn random_u32() -> u32 {
     let u = crate::vdi::header::Uuid::random();
     u32::from_le_bytes([u.0[0], u.0[1], u.0[2], u.0[3]])
 }

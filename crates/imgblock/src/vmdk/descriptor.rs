@@ -216,6 +216,40 @@ impl Descriptor {
         Self::parse_with(bytes, true)
     }
 
+    /// The descriptor `bytes` (up to a NUL) with the value of its `CID` line replaced by `cid`
+    /// in eight hex digits, everything else kept byte for byte; `None` without a `CID` line.
+    pub fn with_cid(bytes: &[u8], cid: u32) -> Option<Vec<u8>> {
+        let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+        let text = &bytes[..end];
+        let mut at = 0;
+        for line in text.split_inclusive(|&b| b == b'\n') {
+            let start = at;
+            at += line.len();
+            let Some(eq) = line.iter().position(|&b| b == b'=') else {
+                continue;
+            };
+            if line[..eq].trim_ascii() != b"CID" {
+                continue;
+            }
+            let mut v = eq + 1;
+            while line
+                .get(v)
+                .is_some_and(|b| matches!(b, b' ' | b'\t' | b'"'))
+            {
+                v += 1;
+            }
+            let mut e = v;
+            while line.get(e).is_some_and(u8::is_ascii_hexdigit) {
+                e += 1;
+            }
+            let mut out = text[..start + v].to_vec();
+            out.extend_from_slice(format!("{cid:08x}").as_bytes());
+            out.extend_from_slice(&text[start + e..]);
+            return Some(out);
+        }
+        None
+    }
+
     /// A file name from this descriptor as the bytes it was written with.
     pub fn file_name(&self, name: &str) -> std::path::PathBuf {
         if !self.latin1 {
@@ -358,6 +392,20 @@ impl Descriptor {
 #[allow(clippy::cast_possible_truncation)] // test constants are small
 mod tests {
     use super::*;
+
+    #[test]
+    fn with_cid_replaces_only_the_cid_value() {
+        let t = b"# Disk DescriptorFile\r\nversion=1\r\nCID = 1234\r\nparentCID=ffffffff\r\n\
+                  createType=\"monolithicFlat\"\r\nRW 8 FLAT \"f.bin\" 0\r\n\0\0\0";
+        let out = Descriptor::with_cid(t, 0xdead_beef).unwrap();
+        assert_eq!(
+            out,
+            b"# Disk DescriptorFile\r\nversion=1\r\nCID = deadbeef\r\nparentCID=ffffffff\r\n\
+              createType=\"monolithicFlat\"\r\nRW 8 FLAT \"f.bin\" 0\r\n"
+        );
+        assert_eq!(Descriptor::parse(&out).unwrap().cid, 0xdead_beef);
+        assert!(Descriptor::with_cid(b"parentCID=ffffffff\n", 1).is_none());
+    }
 
     const QEMU: &str = "# Disk DescriptorFile\nversion=1\nCID=3eb3dcfa\nparentCID=ffffffff\n\
 createType=\"twoGbMaxExtentSparse\"\n\n# Extent description\n\

@@ -173,6 +173,9 @@ pub struct Vmdk {
     state: Mutex<State>,
     /// The parent's CID is not the one this delta was made against: (parent, expected, found).
     parent_mismatch: Option<(String, u32, u32)>,
+    /// The descriptor has its new CID: the first write gives the image one, as qemu and
+    /// VMware do, so that a delta made against the old contents no longer reads through it.
+    cid_renewed: std::sync::atomic::AtomicBool,
 }
 
 /// What a grain table entry says.
@@ -450,6 +453,7 @@ impl Vmdk {
                 se: se_states,
             }),
             parent_mismatch: None,
+            cid_renewed: false.into(),
         };
         v.parent_mismatch = v.parent_cid_mismatch(&path);
         Ok(v)
@@ -1348,6 +1352,47 @@ fn open_sesparse(s: &dyn Storage, budget: &mut GdBudget) -> Result<(sesparse::La
     ))
 }
 
+impl Vmdk {
+    /// Writes a new random CID into the descriptor (embedded or a file of its own).
+    fn renew_cid(&self) -> Result<()> {
+        let s = self.files[0].as_ref();
+        let path = s.path();
+        let len = s.size().ctx(path)?;
+        let mut first = [0u8; 512];
+        s.read_at(&mut first, 0).ctx(path)?;
+        let (off, room) = if first[..4] == sparse::MAGIC {
+            let h = SparseHeader::parse(&first).map_err(|e| verr(path, e))?;
+            if h.desc_offset == 0 {
+                return Ok(());
+            }
+            (
+                h.desc_offset.saturating_mul(SECTOR),
+                h.desc_size
+                    .saturating_mul(SECTOR)
+                    .min(MAX_DESCRIPTOR_BYTES + 1),
+            )
+        } else if first[..4] == sparse::COWD_MAGIC || len > MAX_DESCRIPTOR_BYTES {
+            return Ok(());
+        } else {
+            (0, len)
+        };
+        let mut buf = vec![0u8; usize::try_from(room.min(len.saturating_sub(off))).unwrap_or(0)];
+        s.read_at(&mut buf, off).ctx(path)?;
+        let Some(text) = Descriptor::with_cid(&buf, create::random_u32()) else {
+            return Ok(());
+        };
+        if off == 0 {
+            s.write_at(&text, 0).ctx(path)?;
+            s.set_len(text.len() as u64).ctx(path)?;
+        } else if text.len() <= buf.len() {
+            let mut region = text;
+            region.resize(buf.len(), 0);
+            s.write_at(&region, off).ctx(path)?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Vmdk {
     fn drop(&mut self) {
         // A stream must end with its footer; errors have nowhere to go here (flush reports them).
@@ -1879,6 +1924,17 @@ impl Driver for Vmdk {
             }
         }
         Ok(r)
+    }
+
+    fn note_write(&self, _offset: u64, _len: u64) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.writable && !self.cid_renewed.swap(true, Ordering::SeqCst) {
+            if let Err(e) = self.renew_cid() {
+                self.cid_renewed.store(false, Ordering::SeqCst);
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     fn flush(&self) -> Result<()> {
