@@ -865,3 +865,40 @@ fn writes_into_a_vmdk_give_it_a_new_cid_like_qemu() {
     assert_eq!(cid_of(&env, "flat.vmdk").len(), 8);
     env.qemu_img(&["compare", "src.raw", "flat.vmdk"]).ok();
 }
+
+/// A piece of a split disk opened on its own is refused, as qemu-img refuses it, rather than
+/// read as a whole disk holding only that piece: the user is told to open the descriptor.
+#[test]
+fn an_extent_without_its_descriptor_is_refused_like_qemu() {
+    let env = Env::with_qemu();
+    env.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=twoGbMaxExtentSparse",
+        "split.vmdk",
+        "3G",
+    ])
+    .ok();
+    env.qemu_io("vmdk", "split.vmdk", &["write -P 0x61 0 1M"]);
+    // VMware's pieces have no room for a descriptor at all (descriptorOffset 0).
+    let mut piece = env.read("split-s001.vmdk");
+    piece[28..44].fill(0);
+    env.write("vmware-s001.vmdk", &piece);
+    for args in [
+        &["info", "split-s001.vmdk"][..],
+        &["convert", "-O", "raw", "split-s001.vmdk", "out.raw"],
+        &["info", "vmware-s001.vmdk"],
+        &["convert", "-O", "raw", "vmware-s001.vmdk", "out.raw"],
+    ] {
+        let q = env.qemu_img(args);
+        let i = env.img(args).no_panic();
+        assert_eq!((i.code, q.code), (Some(1), Some(1)), "{q}{i}");
+        assert!(i.stderr.contains("open the descriptor file"), "{i}");
+    }
+    env.img(&["convert", "-O", "raw", "split.vmdk", "whole.raw"])
+        .ok();
+    env.qemu_img(&["compare", "split.vmdk", "whole.raw"]).ok();
+}

@@ -15,6 +15,10 @@ pub enum Error {
     /// A required descriptor key is missing.
     #[error("invalid VMDK image descriptor: no {0}")]
     MissingKey(&'static str),
+    /// A sparse extent file without a descriptor of its own (a piece of a split disk, or a
+    /// snapshot's delta), opened as a whole image.
+    #[error("this is an extent of a split or snapshot disk, without a descriptor of its own; open the descriptor file (.vmdk) that names it, as it holds the disk's other extents and parent")]
+    BareExtent,
     /// A descriptor value that does not parse.
     #[error("invalid descriptor value {key}={value}")]
     BadValue {

@@ -250,6 +250,10 @@ fn read_descriptor(s: &dyn Storage) -> Result<(Descriptor, Option<SparseHeader>)
             })?;
         let mut buf = vec![0u8; usize::try_from(bytes).unwrap_or(0)];
         s.read_at(&mut buf, off).ctx(path)?;
+        if buf.iter().all(|&b| b == 0) {
+            // Room for a descriptor and none in it: a piece of a split disk, as qemu makes them.
+            return Err(verr(path, Error::BareExtent));
+        }
         let d = Descriptor::parse_embedded(&buf).map_err(|e| verr(path, e))?;
         return Ok((d, Some(h)));
     }
@@ -306,26 +310,14 @@ impl Vmdk {
         let desc;
         let mut budget = GdBudget::new();
         if first[..4] == sparse::MAGIC || first[..4] == sparse::COWD_MAGIC {
+            // As qemu: without an embedded descriptor there is no CID, and the file is most
+            // likely one piece of a disk whose descriptor names the rest (a `-s001` extent,
+            // an ESX `-delta`); read alone it would look like a whole disk.
+            if first[..4] == sparse::COWD_MAGIC || first.get(28..36) == Some(&[0u8; 8][..]) {
+                return Err(verr(&path, Error::BareExtent));
+            }
             let (info, st) = open_sparse(storage.as_ref(), writable, &mut budget)?;
-            desc = if first[..4] == sparse::MAGIC && info.header.desc_offset != 0 {
-                read_descriptor(storage.as_ref())?.0
-            } else {
-                Descriptor {
-                    version: 1,
-                    cid: 0,
-                    parent_cid: descriptor::NO_PARENT_CID,
-                    create_type: if info.cowd {
-                        "vmfsSparse"
-                    } else {
-                        "monolithicSparse"
-                    }
-                    .into(),
-                    parent_hint: None,
-                    extents: Vec::new(),
-                    ddb: Vec::new(),
-                    latin1: false,
-                }
-            };
+            desc = read_descriptor(storage.as_ref())?.0;
             let len = info.geo.bytes();
             extents.push(Extent {
                 start: 0,
@@ -1928,7 +1920,19 @@ impl Driver for Vmdk {
 
     fn note_write(&self, _offset: u64, _len: u64) -> Result<()> {
         use std::sync::atomic::Ordering;
-        if self.writable && !self.cid_renewed.swap(true, Ordering::SeqCst) {
+        // A finished stream refuses writes: it keeps its CID too.
+        let finished_stream = || {
+            let g = self.lock();
+            self.sparse
+                .iter()
+                .zip(&g.sparse)
+                .any(|(i, st)| i.compressed && st.stream.is_none())
+        };
+        if self.writable
+            && !self.cid_renewed.load(Ordering::SeqCst)
+            && !finished_stream()
+            && !self.cid_renewed.swap(true, Ordering::SeqCst)
+        {
             if let Err(e) = self.renew_cid() {
                 self.cid_renewed.store(false, Ordering::SeqCst);
                 return Err(e);
