@@ -70,20 +70,7 @@ pub fn commit_throttled(
     // file) fails the commit while the base is still untouched; that handle holds its write
     // lock throughout. The chain is read without locks of its own, so that the base below can
     // be opened for writing.
-    let top_w = Image::open_with_secrets(
-        top_path,
-        &OpenOptions {
-            format,
-            writable: true,
-            no_backing: true,
-            snapshot: None,
-            force_share: false,
-            repair: false,
-            raw_window: None,
-            data_file: None,
-        },
-        secrets,
-    )?;
+    let top_w = Image::open_with_secrets(top_path, &writable_alone(format), secrets)?;
     let top = Image::open_with_secrets(
         top_path,
         &OpenOptions {
@@ -188,20 +175,7 @@ pub fn rebase(
     progress: Progress<'_>,
 ) -> Result<()> {
     if unsafe_ {
-        let img = Image::open_with_secrets(
-            path,
-            &OpenOptions {
-                format,
-                writable: true,
-                no_backing: true,
-                snapshot: None,
-                force_share: false,
-                repair: false,
-                raw_window: None,
-                data_file: None,
-            },
-            secrets,
-        )?;
+        let img = Image::open_with_secrets(path, &writable_alone(format), secrets)?;
         img.driver().set_backing(new_backing)?;
         return img.flush();
     }
@@ -222,6 +196,14 @@ pub fn rebase_compressed(
     progress: Progress<'_>,
 ) -> Result<()> {
     rebase_copying(path, format, secrets, new_backing, true, progress)
+}
+
+/// Options that open an image for writing without its backing chain.
+fn writable_alone(format: Option<Format>) -> OpenOptions {
+    OpenOptions {
+        no_backing: true,
+        ..OpenOptions::writable().format(format)
+    }
 }
 
 /// Reads `buf.len()` bytes at `pos` as `chain` (no chain: zeroes) shows them.
