@@ -791,3 +791,24 @@ fn convert_bitmaps_into_existing_target_equals_qemu() {
     );
     assert_eq!(read_bitmaps(&env, "i.qcow2").len(), 2);
 }
+
+/// A persistent bitmap cannot be added to an image of size 0 (its table would be empty, which
+/// neither tool opens): refused as qemu-img fails it, and the image still opens.
+#[test]
+fn bitmap_add_on_a_zero_size_image_is_refused_and_leaves_it_readable() {
+    let env = Env::with_qemu();
+    for (tool, f) in [("img", "i.qcow2"), ("qemu", "q.qcow2")] {
+        env.qemu_img(&["create", "-q", "-f", "qcow2", f, "0"]).ok();
+        let args = ["bitmap", "--add", f, "b1"];
+        let out = if tool == "img" {
+            env.img(&args).no_panic()
+        } else {
+            env.qemu_img(&args)
+        };
+        assert_eq!(out.code, Some(1), "{tool}: {out}");
+        env.qemu_img(&["info", f]).ok();
+        env.qemu_img(&["check", f]).ok();
+    }
+    let out = env.img(&["bitmap", "--add", "i.qcow2", "b1"]);
+    assert!(out.stderr.contains("size 0"), "{out}");
+}

@@ -25,6 +25,9 @@ pub enum BitmapError {
     /// Bitmap names may not be empty.
     #[error("Bitmap name cannot be empty")]
     EmptyName,
+    /// An image of size 0 has no bitmap table to store (qemu fails to store one too).
+    #[error("Cannot store a persistent bitmap in an image of size 0")]
+    ZeroSize,
     /// The granularity is not a power of two in 512 bytes..=2 GiB.
     #[error("Granularity must be power of 2 and at least 512")]
     BadGranularity,

@@ -88,6 +88,10 @@ impl Qcow2 {
         if self.lock().h.version < 3 {
             return refuse(BitmapError::VersionTwo);
         }
+        if self.size == 0 {
+            // Its table would be empty, which no reader accepts.
+            return refuse(BitmapError::ZeroSize);
+        }
         if bitmaps::bitmap_bytes(self.size, gbits) > bitmaps::MAX_BITMAP_BYTES
             || table_entries(self.size, gbits, cs) > u64::from(MAX_TABLE_ENTRIES)
         {
