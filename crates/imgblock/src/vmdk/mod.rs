@@ -223,7 +223,10 @@ fn read_descriptor(s: &dyn Storage) -> Result<(Descriptor, Option<SparseHeader>)
     if first[..4] == sparse::MAGIC {
         let h = SparseHeader::parse(&first).map_err(|e| verr(path, e))?;
         if h.desc_offset == 0 {
-            return Err(verr(path, Error::MissingKey("embedded descriptor")));
+            // No descriptor and no CID (qemu refuses it too): most likely one piece of a disk
+            // whose descriptor names the rest (a `-s001` extent); read alone it would look like
+            // a whole disk.
+            return Err(verr(path, Error::BareExtent));
         }
         let bytes = h
             .desc_size
@@ -258,7 +261,8 @@ fn read_descriptor(s: &dyn Storage) -> Result<(Descriptor, Option<SparseHeader>)
         return Ok((d, Some(h)));
     }
     if first[..4] == sparse::COWD_MAGIC {
-        return Err(verr(path, Error::MissingKey("descriptor")));
+        // An ESX delta extent: its descriptor is a file of its own.
+        return Err(verr(path, Error::BareExtent));
     }
     if len > MAX_DESCRIPTOR_BYTES {
         return Err(verr(path, Error::DescriptorTooLarge(len)));
@@ -310,14 +314,9 @@ impl Vmdk {
         let desc;
         let mut budget = GdBudget::new();
         if first[..4] == sparse::MAGIC || first[..4] == sparse::COWD_MAGIC {
-            // As qemu: without an embedded descriptor there is no CID, and the file is most
-            // likely one piece of a disk whose descriptor names the rest (a `-s001` extent,
-            // an ESX `-delta`); read alone it would look like a whole disk.
-            if first[..4] == sparse::COWD_MAGIC || first.get(28..36) == Some(&[0u8; 8][..]) {
-                return Err(verr(&path, Error::BareExtent));
-            }
-            let (info, st) = open_sparse(storage.as_ref(), writable, &mut budget)?;
+            // A file without a descriptor of its own is refused before its tables are read.
             desc = read_descriptor(storage.as_ref())?.0;
+            let (info, st) = open_sparse(storage.as_ref(), writable, &mut budget)?;
             let len = info.geo.bytes();
             extents.push(Extent {
                 start: 0,
