@@ -740,7 +740,13 @@ fn delta_over_a_changed_parent_opens_and_refuses_only_parent_reads_like_qemu() {
         .position(|w| w == b"parentCID=")
         .expect("a parentCID line")
         + 10;
-    bytes[at..at + 8].copy_from_slice(b"12345678");
+    // qemu prints the CID in hex without leading zeroes: change every digit, keep the length.
+    let len = bytes[at..]
+        .iter()
+        .position(|&b| b == b'\n')
+        .expect("a line end");
+    let digit = if bytes[at] == b'1' { b'2' } else { b'1' };
+    bytes[at..at + len].fill(digit);
     env.write("o.vmdk", &bytes);
     for args in [
         &["info", "o.vmdk"][..],
