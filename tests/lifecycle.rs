@@ -627,9 +627,14 @@ fn amend_refusals_match_qemu() {
     for t in ["q", "i"] {
         env.qemu_img(&["create", "-q", "-f", "raw", &format!("{t}.raw"), "1M"])
             .ok();
+        let data = format!("data_file={t}.data");
+        let f = format!("{t}2.qcow2");
+        env.qemu_img(&["create", "-q", "-f", "qcow2", "-o", &data, &f, "1M"])
+            .ok();
     }
     for args in [
-        &["amend", "-o", "cluster_size=4k", "{}.qcow2"][..],
+        &["amend", "-o", "compat=0.10", "{}2.qcow2"][..],
+        &["amend", "-o", "cluster_size=4k", "{}.qcow2"],
         &["amend", "-o", "foo=bar", "{}.qcow2"],
         &["amend", "{}.qcow2"],
         &["amend", "-f", "raw", "-o", "size=1M", "{}.raw"],
@@ -647,6 +652,79 @@ fn amend_refusals_match_qemu() {
     ] {
         same_as_qemu(&env, args);
     }
+}
+
+/// Growing an overlay through `amend -o size=` over a larger backing image: as with `resize`,
+/// the new space reads as zeroes (qemu writes zero clusters there), never as the backing
+/// image's old data; also when the same amend downgrades to compat=0.10, and from an old end
+/// that is not on a cluster boundary.
+#[test]
+fn amend_growing_over_a_larger_backing_reads_zeroes_like_qemu() {
+    let env = Env::with_qemu();
+    for (n, opts) in ["size=8M", "compat=v2,size=8M", "size=8M,lazy_refcounts=on"]
+        .iter()
+        .enumerate()
+    {
+        for t in ["q", "i"] {
+            let (b, o) = (format!("{t}{n}b.qcow2"), format!("{t}{n}.qcow2"));
+            env.qemu_img(&["create", "-q", "-f", "qcow2", &b, "8M"])
+                .ok();
+            env.qemu_io("qcow2", &b, &["write -P 7 0 8M"]);
+            env.qemu_img(&[
+                "create", "-q", "-f", "qcow2", "-b", &b, "-F", "qcow2", &o, "4100K",
+            ])
+            .ok();
+            env.qemu_io("qcow2", &o, &["write -P 9 1M 64k"]);
+        }
+        same_as_qemu(&env, &["amend", "-o", opts, &format!("{{}}{n}.qcow2")]);
+        let (q, i) = (format!("q{n}.qcow2"), format!("i{n}.qcow2"));
+        qemu_clean(&env, &i);
+        let contents = qemu_contents(&env, &i);
+        assert!(contents == qemu_contents(&env, &q), "contents after {opts}");
+        assert!(contents[4100 << 10..].iter().all(|&b| b == 0), "{opts}");
+        assert!(contents[..1 << 20].iter().all(|&b| b == 7), "{opts}");
+        // Where each 64 KiB comes from (host offsets aside: the two lay clusters out apart).
+        let map = |f: &str| {
+            let j = env.qemu_img(&["map", "--output=json", f]).ok().json();
+            let mut m = Vec::new();
+            for e in j.as_array().expect("a map") {
+                let n = e["length"].as_u64().expect("a length").div_ceil(1 << 16);
+                let what = ["depth", "zero", "data"].map(|k| e[k].to_string());
+                m.extend(std::iter::repeat_n(what, n as usize));
+            }
+            m
+        };
+        assert_eq!(map(&i), map(&q), "{opts}");
+    }
+}
+
+/// A compat=0.10 snapshot entry has no disk size of its own: `amend -o compat=0.10` is refused
+/// while a snapshot was taken at another size than the image has (after the amend's own
+/// resize, which stays, as in qemu), and accepted once the sizes agree.
+#[test]
+fn amend_downgrade_refused_while_a_snapshot_has_another_size_like_qemu() {
+    let env = Env::with_qemu();
+    twins(&env, "2M", "compat=1.1");
+    for t in ["q", "i"] {
+        env.qemu_img(&["snapshot", "-c", "s", &format!("{t}.qcow2")])
+            .ok();
+    }
+    same_as_qemu(&env, &["amend", "-o", "compat=0.10,size=4M", "{}.qcow2"]);
+    same_as_qemu(&env, &["info", "{}.qcow2"]);
+    qemu_clean(&env, "i.qcow2");
+    same_as_qemu(&env, &["amend", "-o", "compat=0.10,size=2M", "{}.qcow2"]);
+    let info = |f: &str| {
+        let mut j = env.qemu_img(&["info", "--output=json", f]).ok().json();
+        (
+            j["virtual-size"].take(),
+            j["format-specific"].take(),
+            j["snapshots"][0]["name"].take(),
+        )
+    };
+    assert_eq!(info("i.qcow2"), info("q.qcow2"));
+    same_as_qemu(&env, &["snapshot", "-a", "s", "{}.qcow2"]);
+    qemu_clean(&env, "i.qcow2");
+    assert!(qemu_contents(&env, "i.qcow2") == qemu_contents(&env, "q.qcow2"));
 }
 
 /// qemu 10 refuses to change the backing reference through amend (rebase does it): a new file,

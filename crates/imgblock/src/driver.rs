@@ -466,12 +466,14 @@ pub trait Driver: Send + Sync + Debug {
         let _ = (new_size, prealloc, zero_new);
         Err(self.unsupported("resizing"))
     }
-    /// Changes options of an existing image (`img amend -o`).
+    /// Changes options of an existing image (`img amend -o`). `backing_size` is the size of
+    /// the backing image, if any: a new size past the old end that it reaches must read as
+    /// zeroes, as in `resize`.
     ///
     /// # Errors
     /// When the format cannot amend, an option is refused, or I/O fails.
-    fn amend(&mut self, opts: &crate::CreateOptions) -> Result<()> {
-        let _ = opts;
+    fn amend(&mut self, opts: &crate::CreateOptions, backing_size: Option<u64>) -> Result<()> {
+        let _ = (opts, backing_size);
         Err(self.unsupported("amend"))
     }
     /// Zeroes written from now on must still read as zeroes once a backing file is set (a safe

@@ -1302,23 +1302,37 @@ impl Image {
         // A backing image that reaches past the old end would show through the new space.
         let zero_new = new_size > old && self.backing.as_ref().is_some_and(|b| b.size() > old);
         self.driver.resize(new_size, prealloc, zero_new)?;
-        // What lay past the old end inside its last allocation unit (left by an earlier shrink)
-        // must read as zeroes now that it is inside the disk.
+        self.zero_old_tail(old)?;
+        self.flush()
+    }
+
+    /// After growing from `old`: what lay past the old end inside its last allocation unit
+    /// (left there by an earlier shrink) must read as zeroes now that it is inside the disk.
+    fn zero_old_tail(&mut self, old: u64) -> Result<()> {
+        let new_size = self.size();
         let g = self.driver.cow_granularity().max(1);
         let tail_end = old.div_ceil(g).saturating_mul(g).min(new_size);
         if new_size > old && tail_end > old && self.driver.format() != Format::Raw {
             self.write_zeroes(old, tail_end - old, false)?;
         }
-        self.flush()
+        Ok(())
     }
 
-    /// Changes options of the image (`img amend -o`).
+    /// Changes options of the image (`img amend -o`). A new size is applied as `resize` applies
+    /// it: the new space reads as zeroes, whatever a larger backing image holds there.
     ///
     /// # Errors
     /// When the format cannot amend, an option is refused, or I/O fails.
     pub fn amend(&mut self, opts: &crate::CreateOptions) -> Result<()> {
         self.check_writable()?;
-        self.driver.amend(opts)?;
+        let old = self.size();
+        let backing_size = self.backing.as_ref().map(|b| b.size());
+        let res = self.driver.amend(opts, backing_size);
+        // A grown size stays even when a later step fails (as in qemu): its tail is zeroed.
+        if self.size() > old {
+            self.zero_old_tail(old)?;
+        }
+        res?;
         self.flush()
     }
 

@@ -352,7 +352,7 @@ impl Driver for Luks {
         s.flush().ctx(s.path())
     }
 
-    fn amend(&mut self, o: &CreateOptions) -> Result<()> {
+    fn amend(&mut self, o: &CreateOptions, _backing_size: Option<u64>) -> Result<()> {
         let mut change = SlotChange {
             force: o.force,
             ..SlotChange::default()

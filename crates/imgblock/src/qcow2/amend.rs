@@ -21,7 +21,7 @@ impl Qcow2 {
     /// # Errors
     /// With qemu-img's message for options that cannot be amended or combinations it refuses;
     /// I/O errors.
-    pub fn amend(&mut self, o: &CreateOptions) -> Result<()> {
+    pub fn amend(&mut self, o: &CreateOptions, backing_size: Option<u64>) -> Result<()> {
         let (mut version, mut lazy, mut order) = {
             let st = self.lock();
             (
@@ -126,7 +126,9 @@ impl Qcow2 {
         }
         if let Some(s) = size {
             if s != self.size {
-                self.resize(s, Preallocation::Off, false)?;
+                // A larger backing image must not show through the new space (as `resize`).
+                let zero_new = s > self.size && backing_size.is_some_and(|b| b > self.size);
+                self.resize(s, Preallocation::Off, zero_new)?;
             }
         }
         if version == 2 && cur_version == 3 {
@@ -180,6 +182,23 @@ impl Qcow2 {
     /// unallocated when nothing lies below, else written as zeroes), as qemu does.
     fn downgrade(&mut self) -> Result<()> {
         let g = self.geo;
+        // qemu's checks, in qemu's order (so the same message comes first).
+        if g.refcount_order != 4 {
+            return Err(invalid("compat=0.10 requires refcount_bits=16"));
+        }
+        if self.data != 0 {
+            return Err(invalid("Cannot downgrade an image with a data file"));
+        }
+        // A v2 snapshot entry records neither a disk size of its own nor more than 32 bits of
+        // VM state: such a snapshot could no longer be restored as it was taken.
+        let size = self.size;
+        if self
+            .snapshot_list()?
+            .iter()
+            .any(|s| s.disk_size.unwrap_or(size) != size || s.vm_state_size > u64::from(u32::MAX))
+        {
+            return Err(invalid("Internal snapshots prevent downgrade of image"));
+        }
         {
             let st = self.lock();
             let bad = st.h.incompatible & !(header::INCOMPAT_DIRTY | header::INCOMPAT_COMPRESSION);
@@ -187,9 +206,6 @@ impl Qcow2 {
                 return Err(invalid(format!(
                     "Cannot downgrade an image with incompatible features {bad:#x} set"
                 )));
-            }
-            if g.refcount_order != 4 {
-                return Err(invalid("compat=0.10 requires refcount_bits=16"));
             }
         }
         if self.crypt.is_encrypted() {

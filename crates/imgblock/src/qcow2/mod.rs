@@ -1256,8 +1256,8 @@ impl Driver for Qcow2 {
         Qcow2::resize(self, new_size, prealloc, zero_new)
     }
 
-    fn amend(&mut self, opts: &crate::CreateOptions) -> Result<()> {
-        Qcow2::amend(self, opts)
+    fn amend(&mut self, opts: &crate::CreateOptions, backing_size: Option<u64>) -> Result<()> {
+        Qcow2::amend(self, opts, backing_size)
     }
 
     fn expect_backing(&self) {
