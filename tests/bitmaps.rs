@@ -812,3 +812,58 @@ fn bitmap_add_on_a_zero_size_image_is_refused_and_leaves_it_readable() {
     let out = env.img(&["bitmap", "--add", "i.qcow2", "b1"]);
     assert!(out.stderr.contains("size 0"), "{out}");
 }
+
+/// Emptying the overlay after `commit` leaves what the guest reads unchanged (the data now
+/// lies in the base): the overlay's dirty bitmaps keep exactly the bits they had, as with
+/// qemu-img's commit, instead of being all set.
+#[test]
+fn commit_leaves_the_overlays_bitmaps_as_they_were_like_qemu() {
+    let env = Env::with_qemu();
+    for t in ["q", "i"] {
+        let (b, o) = (format!("{t}b.qcow2"), format!("{t}.qcow2"));
+        env.qemu_img(&["create", "-q", "-f", "qcow2", &b, "8M"])
+            .ok();
+        env.qemu_img(&["create", "-q", "-f", "qcow2", "-b", &b, "-F", "qcow2", &o])
+            .ok();
+        env.qemu_img(&["bitmap", "--add", &o, "b0"]).ok();
+        env.qemu_io("qcow2", &o, &["write -P 1 1M 64k", "write -P 2 5M 128k"]);
+    }
+    let before = read_bitmaps(&env, "i.qcow2");
+    assert_eq!(
+        before[0].ranges,
+        vec![(MIB, MIB + 65536), (5 * MIB, 5 * MIB + 131072)]
+    );
+    env.qemu_img(&["commit", "-q", "q.qcow2"]).ok();
+    env.img(&["commit", "-q", "i.qcow2"]).ok();
+    assert_eq!(read_bitmaps(&env, "i.qcow2"), before);
+    assert_eq!(read_bitmaps(&env, "q.qcow2"), before);
+    let check = env.qemu_img(&["check", "i.qcow2"]).ok();
+    assert!(check.stdout.contains("No errors were found"), "{check}");
+    env.qemu_img(&["compare", "i.qcow2", "q.qcow2"]).ok();
+}
+
+/// Shrinking cuts the bitmaps at the new end: bits past it are cleared even when the table
+/// keeps its size, so that growing again finds the re-created space clean, as in qemu.
+#[test]
+fn shrink_then_grow_leaves_no_stale_dirty_bits_like_qemu() {
+    let env = Env::with_qemu();
+    for t in ["q", "i"] {
+        let f = format!("{t}.qcow2");
+        env.qemu_img(&["create", "-q", "-f", "qcow2", &f, "64M"])
+            .ok();
+        env.qemu_img(&["bitmap", "--add", "-g", "64k", &f, "x"])
+            .ok();
+        env.qemu_io("qcow2", &f, &["write 2M 64k", "write 60M 1M"]);
+    }
+    let run = |tool: &dyn Fn(&[&str]), f: &str| {
+        tool(&["resize", "-q", "--shrink", f, "50M"]);
+        tool(&["resize", "-q", f, "64M"]);
+    };
+    run(&|a| drop(env.qemu_img(a).ok()), "q.qcow2");
+    run(&|a| drop(env.img(a).ok()), "i.qcow2");
+    let bms = read_bitmaps(&env, "i.qcow2");
+    assert_eq!(bms[0].ranges, vec![(2 * MIB, 2 * MIB + 65536)]);
+    assert_eq!(bms, read_bitmaps(&env, "q.qcow2"));
+    let check = env.qemu_img(&["check", "i.qcow2"]).ok();
+    assert!(check.stdout.contains("No errors were found"), "{check}");
+}

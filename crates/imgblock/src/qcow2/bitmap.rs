@@ -631,6 +631,32 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Bits past the disk's end in the cluster that table entry `i` (`entry`, stored at `at`)
+    /// maps must read as clean: a shrink cut them off, a later grow must not find them set.
+    /// The cluster is rewritten only when one was set.
+    fn clear_bits_past_end(&self, bm: &Bitmap, entry: u64, i: u64, at: u64) -> Result<()> {
+        let cs = self.geo.cluster_size;
+        let f = self.file();
+        let Some(off) = table_entry(entry, at, cs).map_err(|err| self.err(err))? else {
+            return Ok(());
+        };
+        let bits_per_cluster = cs * 8;
+        let from = bit_count(self.size, bm.granularity_bits).saturating_sub(i * bits_per_cluster);
+        let mut buf = vec![0u8; usize::try_from(cs).unwrap_or(0)];
+        f.read_at(&mut buf, off).ctx(f.path())?;
+        let mut dirty = false;
+        for k in from..bits_per_cluster {
+            if let Some(byte) = buf.get_mut(usize::try_from(k / 8).unwrap_or(usize::MAX)) {
+                dirty |= *byte & (1 << (k % 8)) != 0;
+                *byte &= !(1 << (k % 8));
+            }
+        }
+        if dirty {
+            f.write_at(&buf, off).ctx(f.path())?;
+        }
+        Ok(())
+    }
+
     /// After a resize to `self.size`: gives every bitmap whose table no longer matches the disk
     /// a table of the right size (entries kept, new ones clean, dropped ones freed, bits past a
     /// new end cleared), writes a new directory, switches the header to it, and frees the old
@@ -651,6 +677,13 @@ impl Qcow2 {
         for bm in &mut b.list {
             let want = table_entries(size, bm.granularity_bits, cs);
             if want == u64::from(bm.table_size) {
+                // Same table, but a shrink may have cut the disk inside its last cluster.
+                if let Some(i) = want.checked_sub(1) {
+                    let at = bm.table_offset + i * 8;
+                    let mut e = [0u8; 8];
+                    f.read_at(&mut e, at).ctx(f.path())?;
+                    self.clear_bits_past_end(bm, u64::from_be_bytes(e), i, at)?;
+                }
                 continue;
             }
             changed = true;
@@ -674,25 +707,9 @@ impl Qcow2 {
                     frees.push((off, 1));
                 }
             }
-            // Bits past the new end in the last kept cluster must read as clean.
-            let nbits = bit_count(size, bm.granularity_bits);
-            let bits_per_cluster = cs * 8;
             if let Some(&last) = table.last() {
-                let li = want - 1;
-                let from = nbits - li * bits_per_cluster;
-                let at = bm.table_offset + li * 8;
-                if let Some(off) = table_entry(last, at, cs).map_err(|err| self.err(err))? {
-                    let mut buf = vec![0u8; usize::try_from(cs).unwrap_or(0)];
-                    f.read_at(&mut buf, off).ctx(f.path())?;
-                    for k in from..bits_per_cluster {
-                        if let Some(byte) =
-                            buf.get_mut(usize::try_from(k / 8).unwrap_or(usize::MAX))
-                        {
-                            *byte &= !(1 << (k % 8));
-                        }
-                    }
-                    f.write_at(&buf, off).ctx(f.path())?;
-                }
+                let i = want - 1;
+                self.clear_bits_past_end(bm, last, i, bm.table_offset + i * 8)?;
             }
             let mut bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
             let clusters = (bytes.len() as u64).div_ceil(cs).max(1);

@@ -1280,7 +1280,8 @@ impl Driver for Qcow2 {
     }
 
     fn make_empty(&self) -> Result<bool> {
-        self.note_bitmap_write(0, self.size)?;
+        // The guest's view does not change (the data now lies in the backing image): the
+        // dirty bitmaps keep their bits, as in qemu.
         self.unmap_range(0, self.geo.align_up(self.size))?;
         // The emptied L2 tables go too, as qemu's emptying rebuilds the image without them:
         // one left far into the file would hold the file's end there.
