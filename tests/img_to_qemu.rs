@@ -170,6 +170,30 @@ fn img_create_data_file_raw_maps_whole_data_file_like_qemu() {
     env.qemu_img(&["check", "t.qcow2"]).ok();
 }
 
+/// qemu decides from the metadata file alone whether an image looks metadata-preallocated,
+/// external data file or not: once it does (here after a bitmap adds metadata clusters), the
+/// data file's holes map as zeroes. `img map` says what qemu-img says, before and after.
+#[test]
+fn data_file_images_map_the_data_files_holes_like_qemu() {
+    let env = Env::with_qemu();
+    for raw in ["on", "off"] {
+        let opts = format!("data_file=t{raw}.data,data_file_raw={raw}");
+        let f = format!("t{raw}.qcow2");
+        env.qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opts, &f, "4M"])
+            .ok();
+        env.qemu_io("qcow2", &f, &["write -P 5 1M 64k", "write -z 2M 64k"]);
+        for step in ["written", "with a bitmap"] {
+            if step == "with a bitmap" {
+                env.qemu_img(&["bitmap", "--add", &f, "b"]).ok();
+            }
+            for args in [&["map", &f][..], &["map", "--output=json", &f]] {
+                let q = env.qemu_img(args).ok().stdout;
+                assert_eq!(env.img(args).ok().stdout, q, "{raw} {step} {args:?}");
+            }
+        }
+    }
+}
+
 /// `img create -b` with no size takes the backing image's size; qemu-img sees the backing file
 /// and format, the overlay is clean, and reads through to the backing data.
 #[test]

@@ -447,9 +447,6 @@ impl Qcow2 {
     /// qemu's test for a metadata-preallocated image: the refcounts claim clearly more clusters
     /// than the host file really has allocated.
     fn detect_metadata_preallocation(&self) -> Result<bool> {
-        if self.data != 0 {
-            return Ok(false);
-        }
         let f = self.file();
         let real_clusters = f.allocated_size().ctx(f.path())? / self.geo.cluster_size;
         let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
