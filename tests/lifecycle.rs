@@ -503,6 +503,60 @@ fn rebase_errors_match_qemu() {
     );
 }
 
+/// `rebase -c` asks the format whether it compresses, not the image: a qcow2 with an external
+/// data file takes `-u -c` and a safe rebase that only records zeroes, as in qemu. Where data
+/// must be copied, the rebase fails with qemu's message, before writing anything.
+#[test]
+fn rebase_compressed_on_a_data_file_image_like_qemu() {
+    let env = Env::with_qemu();
+    for t in ["q", "i"] {
+        let b = format!("{t}b.qcow2");
+        env.qemu_img(&["create", "-q", "-f", "qcow2", &b, "4M"])
+            .ok();
+        env.qemu_io("qcow2", &b, &["write -P 3 0 1M"]);
+        let opts = format!("data_file={t}.data");
+        let f = format!("{t}.qcow2");
+        env.qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opts, &f, "4M"])
+            .ok();
+        env.qemu_io("qcow2", &f, &["write -P 4 2M 64k"]);
+    }
+    same_as_qemu(
+        &env,
+        &[
+            "rebase",
+            "-u",
+            "-c",
+            "-b",
+            "{}b.qcow2",
+            "-F",
+            "qcow2",
+            "{}.qcow2",
+        ],
+    );
+    same_as_qemu(&env, &["rebase", "-u", "-c", "-b", "", "{}.qcow2"]);
+    // Only zeroes to record over the new backing file's data.
+    same_as_qemu(
+        &env,
+        &["rebase", "-c", "-b", "{}b.qcow2", "-F", "qcow2", "{}.qcow2"],
+    );
+    assert!(qemu_contents(&env, "i.qcow2") == qemu_contents(&env, "q.qcow2"));
+    qemu_clean(&env, "i.qcow2");
+    // Data to copy: refused, and the image is as it was.
+    for t in ["q", "i"] {
+        env.qemu_io("qcow2", &format!("{t}b.qcow2"), &["write -P 5 3M 64k"]);
+    }
+    let before = qemu_contents(&env, "i.qcow2");
+    let out = same_as_qemu(&env, &["rebase", "-c", "-b", "", "{}.qcow2"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    let info = env
+        .qemu_img(&["info", "--output=json", "i.qcow2"])
+        .ok()
+        .json();
+    assert_eq!(info["backing-filename"], "ib.qcow2", "{info:#}");
+    assert!(qemu_contents(&env, "i.qcow2") == before);
+    qemu_clean(&env, "i.qcow2");
+}
+
 /// Commit into the immediate backing file, with -d, and into the bottom with -b (which
 /// implies -d): every level of the chain equals what qemu-img commit leaves.
 #[test]

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use clap::Args;
-use imgblock::BackingSpec;
+use imgblock::{BackingSpec, Format};
 
 use crate::cache::parse_cache;
 use crate::failure::{open_failure, open_reason, CliResult, Failure};
@@ -107,6 +107,12 @@ pub fn run(args: &RebaseArgs) -> CliResult<i32> {
         )
     }
     .map_err(|e| match e {
+        // Found before anything is written; qemu fails on its first compressed write.
+        imgblock::Error::Unsupported { ref what, .. }
+            if what == imgblock::ops::NO_COMPRESSED_CLUSTERS =>
+        {
+            Failure::new("Error while writing to COW image: Operation not supported")
+        }
         imgblock::Error::Unsupported { .. } => Failure::new(format!(
             "Could not change the backing file to '{}': Operation not supported",
             args.backing.as_deref().unwrap_or("")
@@ -149,8 +155,10 @@ fn same_file(a: &Path, b: &Path) -> bool {
 }
 
 /// Refuses, as qemu-img does before anything else, `-c` for an image whose format has no
-/// compressed clusters. (The image is opened for writing, as qemu opens it, which also warns
-/// about a probed raw image.)
+/// compressed clusters. It asks the format, not this image: as in qemu, `-u -c` on a qcow2
+/// with an external data file (which cannot hold compressed clusters) writes no data and
+/// passes. (The image is opened for writing, as qemu opens it, which also warns about a
+/// probed raw image.)
 fn check_compression(path: &Path, spec: &ImageSpec) -> CliResult<()> {
     let req = OpenRequest {
         format: spec.format,
@@ -160,7 +168,7 @@ fn check_compression(path: &Path, spec: &ImageSpec) -> CliResult<()> {
         ..OpenRequest::default()
     };
     let img = open_image(path, &req)?;
-    if img.driver().cluster_size().is_none() || img.compress_cluster(&[0]).is_none() {
+    if !matches!(img.format(), Format::Qcow2 | Format::Vmdk) {
         return Err(Failure::new(
             "Compression not supported for this file format",
         ));

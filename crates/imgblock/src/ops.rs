@@ -240,6 +240,10 @@ fn both_read_zero(img: &Image, new_chain: Option<&Image>, pos: u64, n: u64) -> R
     Ok(old.len.min(new).min(n))
 }
 
+/// What a safe `rebase -c` fails with when the image has data to copy but cannot hold
+/// compressed clusters (a qcow2 with an external data file).
+pub const NO_COMPRESSED_CLUSTERS: &str = "Compression not supported for this file format";
+
 /// The safe rebase: copies what reads differently through the new chain, then rewrites the
 /// header.
 fn rebase_copying(
@@ -260,18 +264,17 @@ fn rebase_copying(
         None => None,
     };
     // Compressed clusters, where the format has them (a cluster of zeroes always shrinks).
-    let cluster = match compress {
-        false => None,
-        true => Some(
-            img.driver()
-                .cluster_size()
-                .filter(|&cs| cs <= CHUNK && img.compress_cluster(&[0]).is_some())
-                .ok_or_else(|| Error::Unsupported {
-                    path: path.to_owned(),
-                    what: "Compression not supported for this file format".into(),
-                })?,
-        ),
+    let cluster = compress
+        .then(|| img.driver().cluster_size())
+        .flatten()
+        .filter(|&cs| cs <= CHUNK && img.compress_cluster(&[0]).is_some());
+    // An image that cannot hold compressed clusters (a qcow2 with a data file) fails with
+    // `-c` only once there is data to copy, as in qemu, and then before anything is written.
+    let refuse = || Error::Unsupported {
+        path: path.to_owned(),
+        what: NO_COMPRESSED_CLUSTERS.into(),
     };
+    let cannot_compress = compress && cluster.is_none();
     if new_chain.is_some() {
         // Where the old chain reads zeroes and the new one does not, the zeroes written must
         // hold once the new backing file is set, though nothing lies below them yet.
@@ -331,6 +334,8 @@ fn rebase_copying(
                         // Past the old backing file's end the image read zeroes: as qemu, a
                         // zero write records them without data.
                         img.write_zeroes(pos + i as u64, (j - i) as u64, false)?;
+                    } else if cannot_compress {
+                        return Err(refuse());
                     } else {
                         img.write_at(&o[i..j], pos + i as u64)?;
                     }
