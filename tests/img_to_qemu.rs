@@ -391,7 +391,12 @@ fn img_convert_copy_offloading_matches_qemu() {
         allocated("q.qcow2")
     );
 
-    for bad in [&["-c"][..], &["-S", "4k"][..]] {
+    for bad in [
+        &["-c"][..],
+        &["-S", "4k"],
+        &["--salvage"],
+        &["-c", "--salvage"],
+    ] {
         let mut args = vec!["convert", "-C"];
         args.extend_from_slice(bad);
         args.extend_from_slice(&["-O", "qcow2", "src.raw", "bad.qcow2"]);

@@ -247,6 +247,9 @@ pub fn run(args: &ConvertArgs) -> CliResult<i32> {
             "Cannot enable copy offloading when -S is used",
         ));
     }
+    if args.copy_range && args.salvage {
+        return Err(Failure::new("Cannot use copy offloading in salvaging mode"));
+    }
     if args.no_create && !args.options.is_empty() {
         return Err(Failure::new(
             "-o has no effect when skipping image creation",
