@@ -236,8 +236,51 @@ fn vdi_differencing_image_opens_its_parent_by_uuid() {
         }
         other => panic!("{other:?}"),
     }
-    // A parent that cannot be found is a clear error.
+    // Older copies of the base next to it (same image UUID, another modification UUID, other
+    // data): the one the child was made on is still the parent, whatever the directory order.
+    for name in ["a-old.vdi", "z-old.vdi", "base (copy).vdi"] {
+        let old = dir.path().join(name);
+        let mut oh = build_vbox_vdi(&old, 4 << 20, &[(0, 0x66)], ImageType::Dynamic);
+        oh.uuid_image = bh.uuid_image;
+        let mut bytes = std::fs::read(&old).unwrap();
+        bytes[..512].copy_from_slice(&oh.to_bytes());
+        std::fs::write(&old, &bytes).unwrap();
+    }
+    let img = Image::open(&child, &OpenOptions::read_only()).unwrap();
+    assert_eq!(img.driver().backing().unwrap().filename, "../base.vdi");
+    assert!(read_image(&img)[..1 << 20].iter().all(|&b| b == 0x10));
+    // An exact copy of the base cannot be told from it: refused, not guessed.
+    std::fs::copy(&base, dir.path().join("backup.vdi")).unwrap();
+    let e = Image::open(&child, &OpenOptions::read_only()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            imgblock::Error::Vdi {
+                source: imgblock::vdi::Error::AmbiguousParent(_),
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("{child}.vdi"), "{e}");
+    // Only stale copies left: the one file matching is no longer singled out, nor any other.
+    std::fs::remove_file(dir.path().join("backup.vdi")).unwrap();
     std::fs::remove_file(&base).unwrap();
+    let e = Image::open(&child, &OpenOptions::read_only()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            imgblock::Error::Vdi {
+                source: imgblock::vdi::Error::AmbiguousParent(_),
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // A parent that cannot be found is a clear error.
+    for name in ["a-old.vdi", "z-old.vdi", "base (copy).vdi"] {
+        std::fs::remove_file(dir.path().join(name)).unwrap();
+    }
     let e = Image::open(&child, &OpenOptions::read_only()).unwrap_err();
     assert!(matches!(
         e,

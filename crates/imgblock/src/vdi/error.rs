@@ -91,6 +91,13 @@ pub enum Error {
     /// A differencing image whose parent UUID matched no file nearby.
     #[error("differencing image: parent {0} not found next to it")]
     ParentNotFound(String),
+    /// Several files next to a differencing image carry its parent's image UUID (copies of
+    /// one disk), and their modification UUIDs do not tell which one the child was made on.
+    #[error(
+        "differencing image: several files carry parent UUID {0} and none is singled out by the \
+         parent modification UUID; move the copies that are not its parent elsewhere"
+    )]
+    AmbiguousParent(String),
     /// A data block to be written would start more than [`super::MAX_DATA_GAP`] past the end of
     /// the file (the header's data offset, its count of allocated blocks or a block map entry
     /// is inconsistent with the file).

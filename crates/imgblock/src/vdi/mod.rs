@@ -120,7 +120,7 @@ impl Vdi {
         // validate() has checked that the map lies within the file; it is read as needed.
         let bmap = bmap::BlockMap::new(h.blocks_in_image, u64::from(h.offset_bmap));
         let parent = if kind == ImageType::Diff {
-            Some(find_parent(&path, &h.uuid_link).map_err(&verr)?)
+            Some(find_parent(&path, &h.uuid_link, &h.uuid_parent).map_err(&verr)?)
         } else {
             None
         };
@@ -204,11 +204,16 @@ fn search_dirs(child: &Path) -> [(PathBuf, PathBuf); 2] {
 }
 
 /// Looks for the `.vdi` whose image UUID is `want` in the directory of `child` and its parent
-/// directory (VirtualBox keeps differencing images in `Snapshots/` below the base).
-fn find_parent(child: &Path, want: &Uuid) -> Result<String, Error> {
+/// directory (VirtualBox keeps differencing images in `Snapshots/` below the base). Copies of a
+/// disk share its image UUID (a backup next to the original is common): when several files
+/// match, the one whose modification UUID is the child's parent-modification UUID (`parent_mod`,
+/// what the parent was when the child was made) is taken, and if that does not single one out
+/// the open is refused rather than read through a guess.
+fn find_parent(child: &Path, want: &Uuid, parent_mod: &Uuid) -> Result<String, Error> {
     let mut seen = 0usize;
-    let dirs = search_dirs(child);
-    for (d, rel) in dirs {
+    // Every file with the image UUID, with its modification UUID.
+    let mut found: Vec<(String, Uuid)> = Vec::new();
+    for (d, rel) in search_dirs(child) {
         let Ok(rd) = std::fs::read_dir(&d) else {
             continue;
         };
@@ -234,12 +239,21 @@ fn find_parent(child: &Path, want: &Uuid) -> Result<String, Error> {
             if let Ok(h) = Header::parse(&buf) {
                 if h.uuid_image == *want {
                     let name = rel.join(ent.file_name());
-                    return Ok(name.to_string_lossy().into_owned());
+                    found.push((name.to_string_lossy().into_owned(), h.uuid_last_snap));
                 }
             }
         }
     }
-    Err(Error::ParentNotFound(want.to_string()))
+    if found.len() > 1 {
+        found.retain(|(_, m)| m == parent_mod);
+        if found.len() != 1 {
+            return Err(Error::AmbiguousParent(want.to_string()));
+        }
+    }
+    found
+        .pop()
+        .map(|(name, _)| name)
+        .ok_or_else(|| Error::ParentNotFound(want.to_string()))
 }
 
 impl Driver for Vdi {
