@@ -720,6 +720,56 @@ fn descriptors_in_legacy_code_pages_and_loose_embedded_ones_read_like_qemu() {
     assert_eq!(env.read("i.raw"), noise(9, 1 << 20));
 }
 
+/// Hand-edited descriptors keep notes after a quoted value (`parentFileNameHint="b.vmdk"
+/// # re-pointed`): as in qemu, the value is the text between the quotes, so the chain opens
+/// and the create type reads as it is.
+#[test]
+fn quoted_values_followed_by_a_comment_read_like_qemu() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-q", "-f", "vmdk", "b.vmdk", "10M"])
+        .ok();
+    env.qemu_io("vmdk", "b.vmdk", &["write -P 0x41 0 1M"]);
+    env.qemu_img(&[
+        "create", "-q", "-f", "vmdk", "-b", "b.vmdk", "-F", "vmdk", "o.vmdk",
+    ])
+    .ok();
+    env.qemu_io("vmdk", "o.vmdk", &["write -P 0x42 512k 1M"]);
+    let mut bytes = env.read("o.vmdk");
+    let area = &bytes[512..512 + 10240];
+    let end = area.iter().position(|&b| b == 0).unwrap_or(area.len());
+    let text = String::from_utf8(area[..end].to_vec()).expect("ASCII descriptor");
+    let edited = text
+        .replace(
+            "parentFileNameHint=\"b.vmdk\"",
+            "parentFileNameHint=\"b.vmdk\" # re-pointed",
+        )
+        .replace(
+            "createType=\"monolithicSparse\"",
+            "createType=\"monolithicSparse\"  # set by converter",
+        );
+    assert_eq!(edited.len(), text.len() + 14 + 19, "{text}");
+    bytes[512..512 + edited.len()].copy_from_slice(edited.as_bytes());
+    env.write("o.vmdk", &bytes);
+    for args in [
+        &["info", "--output=json", "o.vmdk"][..],
+        &["info", "--backing-chain", "o.vmdk"],
+        &["map", "--output=json", "o.vmdk"],
+        &["check", "o.vmdk"],
+    ] {
+        same_output(&env, args);
+    }
+    env.img(&["convert", "-O", "raw", "o.vmdk", "i.raw"]).ok();
+    env.qemu_img(&["convert", "-O", "raw", "o.vmdk", "q.raw"])
+        .ok();
+    env.assert_same_bytes("i.raw", "q.raw");
+    let info = env.img(&["info", "--output=json", "o.vmdk"]).ok().json();
+    assert_eq!(
+        info["format-specific"]["data"]["create-type"],
+        "monolithicSparse"
+    );
+    assert_eq!(info["backing-filename"], "b.vmdk");
+}
+
 /// A VMware delta whose parent changed since the delta was made (its parentCID no longer the
 /// parent's CID): as in qemu, it still opens, maps and checks, so that a user can see what is
 /// wrong, and only reading data through to the parent fails.

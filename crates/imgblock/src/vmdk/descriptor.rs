@@ -107,11 +107,14 @@ pub struct Descriptor {
     pub latin1: bool,
 }
 
+/// A value: the text between its quotes when it is quoted (as qemu takes it, so that a
+/// `# comment` after the closing quote is not part of it), else the trimmed text.
 fn unquote(v: &str) -> &str {
     let v = v.trim();
-    v.strip_prefix('"')
-        .and_then(|s| s.strip_suffix('"'))
-        .unwrap_or(v)
+    match v.strip_prefix('"') {
+        Some(s) => s.split_once('"').map_or(s, |(inner, _)| inner),
+        None => v,
+    }
 }
 
 /// A CID: the hex digits at the start of the value, as qemu reads it (`sscanf("%x")`), so that
