@@ -720,6 +720,69 @@ fn descriptors_in_legacy_code_pages_and_loose_embedded_ones_read_like_qemu() {
     assert_eq!(env.read("i.raw"), noise(9, 1 << 20));
 }
 
+/// A sparse header of capacity 0 that only carries a descriptor (qemu has read this layout as
+/// a descriptor file since 2012): its extents are the disk, as in qemu, not an empty disk.
+/// One naming the file itself as a sparse extent is refused by both.
+#[test]
+fn capacity_zero_header_carrying_a_descriptor_reads_its_extents_like_qemu() {
+    let env = Env::with_qemu();
+    env.qemu_img(&["create", "-q", "-f", "vmdk", "cap0.vmdk", "1M"])
+        .ok();
+    env.write("cap0-flat.bin", &noise(4, 1 << 20));
+    let bytes = env.read("cap0.vmdk");
+    let with_text = |text: &str| {
+        let mut b = bytes.clone();
+        b[12..20].fill(0); // capacity
+        let le = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+        let (at, room) = (le(28) as usize * 512, le(36) as usize * 512);
+        b[at..at + room].fill(0);
+        b[at..at + text.len()].copy_from_slice(text.as_bytes());
+        b
+    };
+    // (The extent line follows a comment, not a blank line, which qemu reads twice.)
+    let head = "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n";
+    env.write(
+        "cap0.vmdk",
+        &with_text(&format!(
+            "{head}createType=\"monolithicFlat\"\n# Extent description\n\
+             RW 2048 FLAT \"cap0-flat.bin\" 0\n"
+        )),
+    );
+    for args in [
+        &["info", "cap0.vmdk"][..],
+        &["info", "--output=json", "cap0.vmdk"],
+        &["map", "--output=json", "cap0.vmdk"],
+        &["check", "cap0.vmdk"],
+    ] {
+        same_output(&env, args);
+    }
+    env.img(&["convert", "-O", "raw", "cap0.vmdk", "i.raw"])
+        .ok();
+    assert_eq!(env.read("i.raw"), noise(4, 1 << 20));
+    env.write(
+        "self.vmdk",
+        &with_text(&format!(
+            "{head}createType=\"monolithicSparse\"\n\nRW 2048 SPARSE \"self.vmdk\"\n"
+        )),
+    );
+    let i = env.img(&["info", "self.vmdk"]).code_is(1);
+    env.qemu_img(&["info", "self.vmdk"]).code_is(1);
+    assert!(i.stderr.contains("self.vmdk"), "{i}");
+    // A disk of size 0 names itself as an extent of 0 sectors: still one sparse file.
+    env.img(&["create", "-q", "-f", "vmdk", "z.vmdk", "0"]).ok();
+    let info = env.img(&["info", "--output=json", "z.vmdk"]).ok().json();
+    assert_eq!(info["virtual-size"], 0, "{info:#}");
+    assert_eq!(
+        info["children"].as_array().map(Vec::len),
+        Some(1),
+        "{info:#}"
+    );
+    assert_eq!(
+        info["format-specific"]["data"]["extents"][0]["filename"],
+        "z.vmdk"
+    );
+}
+
 /// Hand-edited descriptors keep notes after a quoted value (`parentFileNameHint="b.vmdk"
 /// # re-pointed`): as in qemu, the value is the text between the quotes, so the chain opens
 /// and the create type reads as it is.

@@ -313,9 +313,15 @@ impl Vmdk {
         let mut se_states = Vec::new();
         let desc;
         let mut budget = GdBudget::new();
-        if first[..4] == sparse::MAGIC || first[..4] == sparse::COWD_MAGIC {
-            // A file without a descriptor of its own is refused before its tables are read.
-            desc = read_descriptor(storage.as_ref())?.0;
+        // A file without a descriptor of its own is refused before its tables are read.
+        let (d, header) = read_descriptor(storage.as_ref())?;
+        // A sparse header of capacity 0 whose descriptor describes a disk only carries that
+        // descriptor: as qemu does, its extents are opened as a descriptor file's would be. (A
+        // disk of size 0 names itself as an extent of 0 sectors and stays as it is.)
+        let container =
+            header.is_some_and(|h| h.capacity == 0) && d.extents.iter().any(|e| e.sectors > 0);
+        if (first[..4] == sparse::MAGIC || first[..4] == sparse::COWD_MAGIC) && !container {
+            desc = d;
             let (info, st) = open_sparse(storage.as_ref(), writable, &mut budget)?;
             let len = info.geo.bytes();
             extents.push(Extent {
@@ -330,7 +336,7 @@ impl Vmdk {
             infos.push(info);
             states.push(st);
         } else {
-            desc = read_descriptor(storage.as_ref())?.0;
+            desc = d;
             if DEVICE_TYPES.contains(&desc.create_type.as_str()) {
                 return Err(verr(
                     &path,
