@@ -161,6 +161,48 @@ fn build_ova(env: &Env, disks: &[(&str, u64)]) {
     assert_eq!(out.code, Some(0), "tar failed: {out}");
 }
 
+/// Tar writers put a PAX record or a GNU long-name entry before an `.ovf` whose name is not
+/// plain ASCII or is over 100 bytes (Python's tarfile does for every archive). Such an OVA is
+/// still an OVA: its disk is read, not the archive as a raw disk.
+#[test]
+fn ovas_whose_first_header_is_pax_or_a_gnu_long_name_are_read_as_ovas() {
+    let env = Env::with_qemu();
+    env.sparse_file("d.raw", 2 * MIB);
+    env.write_at("d.raw", 4096, &noise(3, 100_000));
+    env.qemu_img(&["convert", "-f", "raw", "-O", "vmdk", "d.raw", "disk.vmdk"])
+        .ok();
+    build_ova(&env, &[("disk.vmdk", 2 * MIB)]);
+    let ovf = env.read("app.ovf");
+    let long = format!("{}.ovf", "appliance-".repeat(12));
+    for (format, name) in [
+        ("pax", "Ubuntu Server \u{2013} 22.04.ovf"),
+        ("gnu", long.as_str()),
+    ] {
+        env.write(name, &ovf);
+        let ova = format!("{format}.ova");
+        let args = [
+            &format!("--format={format}"),
+            "-cf",
+            &ova,
+            name,
+            "disk.vmdk",
+        ];
+        let out = common::run_timeout(env.dir.path(), "tar", &args, common::DEFAULT_TIMEOUT);
+        assert_eq!(out.code, Some(0), "tar failed: {out}");
+        assert_ne!(
+            &env.read(&ova)[156],
+            &b'0',
+            "{format}: the first header is a record"
+        );
+        let info = env.img(&["info", "--output=json", &ova]).ok().json();
+        assert_eq!(info["format"], "vmdk", "{format}: {info:#}");
+        assert_eq!(info["virtual-size"], 2 * MIB, "{format}: {info:#}");
+        let raw = format!("{format}.raw");
+        env.img(&["convert", "-O", "raw", &ova, &raw]).ok();
+        env.assert_same_bytes(&raw, "d.raw");
+    }
+}
+
 /// `img info app.ova` describes the first disk; `img convert app.ova` (and `--disk 1`) give
 /// qcow2 images whose contents equal the vmdks', read in place: no file appears beside them.
 #[test]

@@ -361,7 +361,9 @@ impl Storage for Window {
     }
 }
 
-/// Whether a file looks like an OVA (a tar archive whose first entry is an `.ovf`).
+/// Whether a file looks like an OVA (a tar archive whose first file is an `.ovf`). The first
+/// header may be a PAX or GNU long-name record (a non-ASCII or long `.ovf` name), so the
+/// first file is found by walking the headers, not read from the first one.
 pub fn is_ova(path: &Path) -> bool {
     let Ok(s) = FileStorage::open(path, false) else {
         return false;
@@ -370,7 +372,10 @@ pub fn is_ova(path: &Path) -> bool {
     if s.read_at(&mut hdr, 0).is_err() || &hdr[257..262] != b"ustar" {
         return false;
     }
-    cstr(&hdr[..100]).to_ascii_lowercase().ends_with(".ovf")
+    entries(&s).is_ok_and(|e| {
+        e.first()
+            .is_some_and(|f| f.name.to_ascii_lowercase().ends_with(".ovf"))
+    })
 }
 
 /// The disks an OVA's descriptor lists.
