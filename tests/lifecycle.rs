@@ -503,6 +503,67 @@ fn rebase_errors_match_qemu() {
     );
 }
 
+/// Rebasing onto an image already in the chain (dropping the layers between) compares only
+/// what those layers and the image hold, as qemu does: the rest of the new base is never read.
+/// Here the base's one data cluster is corrupt, so a rebase that read it would fail; like
+/// qemu-img's, img's succeeds and moves the dropped layer's data into the image.
+#[test]
+fn rebase_onto_a_base_in_the_chain_reads_only_the_dropped_layers_like_qemu() {
+    let env = Env::with_qemu();
+    let mut text = Vec::new();
+    while text.len() < 65536 {
+        text.extend_from_slice(b"The quick brown fox jumps over the lazy dog. ");
+    }
+    env.sparse_file("s.raw", MIB);
+    env.write_at("s.raw", 0, &text[..65536]);
+    for t in ["q", "i"] {
+        let (b, m, top) = (
+            format!("{t}b.qcow2"),
+            format!("{t}m.qcow2"),
+            format!("{t}.qcow2"),
+        );
+        env.qemu_img(&[
+            "convert", "-q", "-c", "-f", "raw", "-O", "qcow2", "s.raw", &b,
+        ])
+        .ok();
+        // The first cluster's compressed bytes, found through L1[0] and L2[0], made garbage.
+        let mut bytes = env.read(&b);
+        let be = |d: &[u8], o: u64| {
+            let o = usize::try_from(o).unwrap();
+            u64::from_be_bytes(d[o..o + 8].try_into().unwrap())
+        };
+        let l2 = be(&bytes, be(&bytes, 40)) & 0x00ff_ffff_ffff_fe00;
+        let host = usize::try_from(be(&bytes, l2) & ((1 << 54) - 1)).unwrap();
+        bytes[host..host + 256].fill(0xff);
+        env.write(&b, &bytes);
+        env.qemu_img(&["create", "-q", "-f", "qcow2", "-b", &b, "-F", "qcow2", &m])
+            .ok();
+        env.qemu_io("qcow2", &m, &["write -P 1 512k 64k"]);
+        env.qemu_img(&["create", "-q", "-f", "qcow2", "-b", &m, "-F", "qcow2", &top])
+            .ok();
+        env.qemu_io("qcow2", &top, &["write -P 2 768k 64k"]);
+    }
+    same_as_qemu(
+        &env,
+        &["rebase", "-b", "{}b.qcow2", "-F", "qcow2", "{}.qcow2"],
+    );
+    qemu_clean(&env, "i.qcow2");
+    let info = env
+        .qemu_img(&["info", "--output=json", "i.qcow2"])
+        .ok()
+        .json();
+    assert_eq!(info["backing-filename"], "ib.qcow2", "{info:#}");
+    env.qemu_io(
+        "qcow2",
+        "i.qcow2",
+        &[
+            "read -P 1 512k 64k",
+            "read -P 2 768k 64k",
+            "read -P 0 64k 448k",
+        ],
+    );
+}
+
 /// `rebase -c` asks the format whether it compresses, not the image: a qcow2 with an external
 /// data file takes `-u -c` and a safe rebase that only records zeroes, as in qemu. Where data
 /// must be copied, the rebase fails with qemu's message, before writing anything.

@@ -287,8 +287,30 @@ fn rebase_copying(
     let mut pos = 0;
     // Compressing: the clusters before this one are done.
     let mut next_cluster = 0;
+    // The new backing file may already be in the old chain (layers between are dropped): then
+    // only what the image and those layers hold can read differently, and the rest is skipped
+    // without reading, as qemu does. `shared` is the new base's depth in the old chain.
+    let shared = new_chain.as_ref().and_then(|nc| {
+        let same = |c: &&Image| {
+            c.format() == nc.format()
+                && match (c.path().canonicalize(), nc.path().canonicalize()) {
+                    (Ok(a), Ok(b)) => a == b,
+                    _ => false,
+                }
+        };
+        img.chain().iter().skip(1).position(same).map(|i| i + 1)
+    });
     while pos < size {
-        let (here, n) = img.is_allocated_here(pos, (size - pos).min(CHUNK))?;
+        let (here, mut n) = img.is_allocated_here(pos, (size - pos).min(CHUNK))?;
+        if let (false, Some(depth)) = (here, shared) {
+            let (above, an) = img.allocated_above(depth, pos, n)?;
+            if !above {
+                pos += an;
+                progress(pos, size);
+                continue;
+            }
+            n = n.min(an);
+        }
         // Where both chains read as zeroes by their metadata (a large, mostly empty disk),
         // nothing differs: skipped without reading.
         let zeroes = if here {
