@@ -161,6 +161,37 @@ fn build_ova(env: &Env, disks: &[(&str, u64)]) {
     assert_eq!(out.code, Some(0), "tar failed: {out}");
 }
 
+/// Old VirtualBox "undo" disks (image type 3) are laid out as normal ones and read as qemu
+/// reads them; a normal or fixed image naming another (a link or parent UUID set, which only a
+/// differencing image may) is refused with qemu's message.
+#[test]
+fn vdi_undo_type_reads_and_stray_uuids_refuse_like_qemu() {
+    let env = Env::with_qemu();
+    for (name, opts) in [("d.vdi", "static=off"), ("s.vdi", "static=on")] {
+        env.qemu_img(&["create", "-q", "-f", "vdi", "-o", opts, name, "4M"])
+            .ok();
+        env.qemu_io("vdi", name, &["write -P 7 1M 64k"]);
+    }
+    let patched = |from: &str, to: &str, at: usize, value: &[u8]| {
+        let mut b = env.read(from);
+        b[at..at + value.len()].copy_from_slice(value);
+        env.write(to, &b);
+    };
+    patched("d.vdi", "undo.vdi", 0x4c, &3u32.to_le_bytes());
+    patched("d.vdi", "link.vdi", 0x1a8, &[0x11; 16]);
+    patched("d.vdi", "parent.vdi", 0x1b8, &[0x22; 16]);
+    patched("s.vdi", "slink.vdi", 0x1a8, &[0x33; 16]);
+    for name in ["undo.vdi", "link.vdi", "parent.vdi", "slink.vdi"] {
+        same_output(&env, &["info", "--output=json", name]);
+        same_output(&env, &["map", "--output=json", name]);
+        same_output(&env, &["check", name]);
+    }
+    env.img(&["convert", "-O", "raw", "undo.vdi", "i.raw"]).ok();
+    env.qemu_img(&["convert", "-O", "raw", "undo.vdi", "q.raw"])
+        .ok();
+    env.assert_same_bytes("i.raw", "q.raw");
+}
+
 /// Tar writers put a PAX record or a GNU long-name entry before an `.ovf` whose name is not
 /// plain ASCII or is over 100 bytes (Python's tarfile does for every archive). Such an OVA is
 /// still an OVA: its disk is read, not the archive as a raw disk.

@@ -20,7 +20,11 @@ pub enum Error {
     /// The header size field is smaller than a version 1.1 header.
     #[error("unsupported VDI image (header size {0:#x})")]
     BadHeaderSize(u32),
-    /// An image type other than normal (1), fixed (2) or differencing (4).
+    /// A normal or fixed image that names another image (its link or parent UUID is set),
+    /// which only a differencing image may.
+    #[error("unsupported VDI image (non-NULL {0} UUID)")]
+    UnexpectedUuid(&'static str),
+    /// An image type other than normal (1), undo (3), fixed (2) or differencing (4).
     #[error("unsupported VDI image (image type {0})")]
     BadImageType(u32),
     /// Sectors other than 512 bytes.

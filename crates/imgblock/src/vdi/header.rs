@@ -55,7 +55,8 @@ impl ImageType {
     }
     fn from_code(c: u32) -> Result<Self, Error> {
         Ok(match c {
-            1 => ImageType::Dynamic,
+            // 3: old VirtualBox "undo" disks, laid out as normal ones (qemu reads them so).
+            1 | 3 => ImageType::Dynamic,
             2 => ImageType::Static,
             4 => ImageType::Diff,
             _ => return Err(Error::BadImageType(c)),
@@ -320,6 +321,15 @@ impl Header {
             return Err(Error::BadHeaderSize(self.header_size));
         }
         let kind = self.kind()?;
+        // Only a differencing image names another (qemu refuses these fields on any image).
+        if kind != ImageType::Diff {
+            if !self.uuid_link.is_nil() {
+                return Err(Error::UnexpectedUuid("link"));
+            }
+            if !self.uuid_parent.is_nil() {
+                return Err(Error::UnexpectedUuid("parent"));
+            }
+        }
         if self.sector_size != SECTOR_SIZE {
             return Err(Error::BadSectorSize(self.sector_size));
         }
@@ -425,8 +435,16 @@ mod tests {
             Error::BadHeaderSize(0x100)
         ));
         assert!(matches!(
-            field_err(|h| h.image_type = 3),
-            Error::BadImageType(3)
+            field_err(|h| h.image_type = 5),
+            Error::BadImageType(5)
+        ));
+        assert!(matches!(
+            field_err(|h| h.uuid_link = Uuid([1; 16])),
+            Error::UnexpectedUuid("link")
+        ));
+        assert!(matches!(
+            field_err(|h| h.uuid_parent = Uuid([1; 16])),
+            Error::UnexpectedUuid("parent")
         ));
         assert!(matches!(
             field_err(|h| h.sector_size = 4096),
