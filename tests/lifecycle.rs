@@ -160,6 +160,15 @@ fn snapshot_listing_matches_qemu() {
     let q = env.qemu_img(&["info", "l.qcow2"]).ok();
     let i = env.img(&["info", "l.qcow2"]).ok();
     assert_eq!(i.stdout, q.stdout);
+    // Dated as qemu dates them: microseconds, stored in the nanoseconds field.
+    let info = env
+        .qemu_img(&["info", "--output=json", "l.qcow2"])
+        .ok()
+        .json();
+    for s in info["snapshots"].as_array().expect("snapshots") {
+        let nsec = s["date-nsec"].as_u64().expect("date-nsec");
+        assert_eq!(nsec % 1000, 0, "{s}");
+    }
 }
 
 /// A snapshot of a disk that has since grown, or shrunk, reads at the disk's current size (qemu

@@ -1336,7 +1336,8 @@ impl Image {
         self.flush()
     }
 
-    /// Creates an internal snapshot of the image's current state, dated now.
+    /// Creates an internal snapshot of the image's current state, dated now (to the
+    /// microsecond, as qemu-img dates them from `gettimeofday`).
     ///
     /// # Errors
     /// When the format has no internal snapshots, the name is taken, or I/O fails.
@@ -1347,7 +1348,7 @@ impl Image {
             .unwrap_or_default();
         let secs = u32::try_from(now.as_secs()).unwrap_or(u32::MAX);
         self.driver
-            .snapshot_create(name, (secs, now.subsec_nanos()))
+            .snapshot_create(name, (secs, now.subsec_micros() * 1000))
     }
 
     /// Reverts the image to an internal snapshot (by ID or name), its disk size included.
