@@ -1,6 +1,8 @@
 //! `check`: rebuilds the refcounts from the L1/L2 tables, snapshots and metadata, compares them
 //! with the refcounts on disk, checks the COPIED flags, and repairs what it is asked to.
 
+use std::collections::HashMap;
+
 use super::l2::Entry;
 use super::overlap::Metadata;
 use super::{
@@ -13,6 +15,10 @@ use crate::Result;
 /// Most clusters a check tracks (a 4 GiB image of 512-byte clusters); larger files are refused
 /// rather than letting a header make us allocate without bound.
 pub const MAX_TRACKED_CLUSTERS: u64 = 1 << 23;
+
+/// Distinct snapshot L1 entries gathered before they are walked (memory stays a few MiB,
+/// however many snapshots an image has).
+const MAX_SHARED_L1_ENTRIES: usize = 1 << 16;
 
 /// Bits of an L1 entry the specification reserves (must be zero): 0-8 and 56-62.
 const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
@@ -37,6 +43,9 @@ struct Walk<'a> {
     max_refcount: u64,
     /// What a check may repair while it walks the tables.
     fix: Repair,
+    /// How many references each `inc` adds: the number of snapshot L1 entries that share the
+    /// L2 table being walked (1 outside that walk).
+    weight: u32,
 }
 
 impl Walk<'_> {
@@ -85,7 +94,7 @@ impl Walk<'_> {
                 );
                 continue;
             }
-            *v = v.saturating_add(1);
+            *v = v.saturating_add(self.weight);
         }
     }
 
@@ -147,8 +156,25 @@ impl Walk<'_> {
 
     /// Walks one L1 table; `active` gathers the allocation statistics.
     fn walk_l1(&mut self, st: &mut State, l1: &[u64], active: bool) {
-        let g = self.q.geo;
         for (i, &e) in l1.iter().enumerate() {
+            self.walk_l1_entry(st, i, e, active);
+        }
+    }
+
+    /// Walks the gathered snapshot L1 entries, each once with its multiplicity as the weight,
+    /// and empties the map.
+    fn walk_shared(&mut self, st: &mut State, shared: &mut HashMap<(usize, u64), u32>) {
+        for ((i, e), n) in shared.drain() {
+            self.weight = n;
+            self.walk_l1_entry(st, i, e, false);
+        }
+        self.weight = 1;
+    }
+
+    /// Walks L1 entry `i` (`e`) and the L2 table it points at.
+    fn walk_l1_entry(&mut self, st: &mut State, i: usize, e: u64, active: bool) {
+        let g = self.q.geo;
+        {
             if self.reserved && e & L1_RESERVED != 0 {
                 self.r.corruptions += 1;
                 self.r.messages.push(format!(
@@ -157,7 +183,7 @@ impl Walk<'_> {
             }
             let l2off = e & OFFSET_MASK;
             if l2off == 0 {
-                continue;
+                return;
             }
             self.inc(l2off, g.cluster_size, "L2 table");
             if l2off % g.cluster_size != 0 {
@@ -170,7 +196,7 @@ impl Walk<'_> {
             // Contiguity is counted within one L2 table, as qemu counts it.
             self.next_contiguous = 0;
             let Some(table) = self.read_cluster(st, l2off) else {
-                continue;
+                return;
             };
             for j in 0..g.l2_entries {
                 let o = usize::try_from(j * g.l2_entry_size).unwrap_or(0);
@@ -412,6 +438,7 @@ fn walk_view(
         file_len,
         max_refcount: q.max_refcount(),
         fix,
+        weight: 1,
     };
     w.r.total_clusters = q.size.div_ceil(cs);
     w.inc(0, cs, "header");
@@ -427,6 +454,10 @@ fn walk_view(
             view.snapshots.len()
         ));
     }
+    // Snapshots mostly share their L2 tables: counting, each distinct L1 entry is walked once
+    // with the number of snapshot L1 tables that hold it as its weight, which gives the same
+    // counts as walking every snapshot's tables in full.
+    let mut shared: HashMap<(usize, u64), u32> = HashMap::new();
     if !view.snapshots.is_empty() {
         if view.placed {
             w.inc(
@@ -446,10 +477,22 @@ fn walk_view(
             }
             w.inc(s.l1_offset, u64::from(s.l1_size) * 8, "snapshot L1 table");
             match super::read_table(q.file(), s.l1_offset, u64::from(s.l1_size)) {
-                Ok(sl1) => w.walk_l1(st, &sl1, false),
+                // A check reports what each reference gets wrong, as qemu does.
+                Ok(sl1) if check || fix != Repair::None => w.walk_l1(st, &sl1, false),
+                Ok(sl1) => {
+                    for (i, e) in sl1.into_iter().enumerate() {
+                        if e & OFFSET_MASK != 0 {
+                            *shared.entry((i, e)).or_insert(0) += 1;
+                        }
+                    }
+                    if shared.len() > MAX_SHARED_L1_ENTRIES {
+                        w.walk_shared(st, &mut shared);
+                    }
+                }
                 Err(_) => w.r.check_errors += 1,
             }
         }
+        w.walk_shared(st, &mut shared);
     }
     if let Some((off, len)) = q.crypt.header_area() {
         w.inc(off, len, "crypto header");
