@@ -527,7 +527,10 @@ impl FileStorage {
 
 /// Writes zeroes from a shared zero buffer; the fallback when the host cannot punch or zero.
 pub(crate) fn write_zero_buffers(s: &dyn Storage, mut offset: u64, mut len: u64) -> io::Result<()> {
-    const CHUNK: usize = 1 << 20;
+    /// 64 KiB, as qemu writes: the kernel copies the buffer into the page cache over and over,
+    /// and a small one stays in the CPU cache meanwhile. Measured on `resize
+    /// --preallocation=full` of 2 GiB: 1 MiB and 256 KiB took about 1.5 times the system time.
+    const CHUNK: usize = 64 << 10;
     let zeroes = vec![0u8; CHUNK];
     while len > 0 {
         let n = len.min(CHUNK as u64);
