@@ -856,12 +856,9 @@ fn capacity_zero_header_carrying_a_descriptor_reads_its_extents_like_qemu() {
     );
 }
 
-/// Hand-edited descriptors keep notes after a quoted value (`parentFileNameHint="b.vmdk"
-/// # re-pointed`): as in qemu, the value is the text between the quotes, so the chain opens
-/// and the create type reads as it is.
-#[test]
-fn quoted_values_followed_by_a_comment_read_like_qemu() {
-    let env = Env::with_qemu();
+/// qemu-img's `b.vmdk` (0x41 over its first MiB) and the delta `o.vmdk` over it, which holds
+/// 0x42 over one MiB from `at`.
+fn delta_over_a_base(env: &Env, at: &str) {
     env.qemu_img(&["create", "-q", "-f", "vmdk", "b.vmdk", "10M"])
         .ok();
     env.qemu_io("vmdk", "b.vmdk", &["write -P 0x41 0 1M"]);
@@ -869,7 +866,16 @@ fn quoted_values_followed_by_a_comment_read_like_qemu() {
         "create", "-q", "-f", "vmdk", "-b", "b.vmdk", "-F", "vmdk", "o.vmdk",
     ])
     .ok();
-    env.qemu_io("vmdk", "o.vmdk", &["write -P 0x42 512k 1M"]);
+    env.qemu_io("vmdk", "o.vmdk", &[&format!("write -P 0x42 {at} 1M")]);
+}
+
+/// Hand-edited descriptors keep notes after a quoted value (`parentFileNameHint="b.vmdk"
+/// # re-pointed`): as in qemu, the value is the text between the quotes, so the chain opens
+/// and the create type reads as it is.
+#[test]
+fn quoted_values_followed_by_a_comment_read_like_qemu() {
+    let env = Env::with_qemu();
+    delta_over_a_base(&env, "512k");
     let mut bytes = env.read("o.vmdk");
     let area = &bytes[512..512 + 10240];
     let end = area.iter().position(|&b| b == 0).unwrap_or(area.len());
@@ -912,14 +918,7 @@ fn quoted_values_followed_by_a_comment_read_like_qemu() {
 #[test]
 fn delta_over_a_changed_parent_opens_and_refuses_only_parent_reads_like_qemu() {
     let env = Env::with_qemu();
-    env.qemu_img(&["create", "-q", "-f", "vmdk", "b.vmdk", "10M"])
-        .ok();
-    env.qemu_io("vmdk", "b.vmdk", &["write -P 0x41 0 1M"]);
-    env.qemu_img(&[
-        "create", "-q", "-f", "vmdk", "-b", "b.vmdk", "-F", "vmdk", "o.vmdk",
-    ])
-    .ok();
-    env.qemu_io("vmdk", "o.vmdk", &["write -P 0x42 2M 1M"]);
+    delta_over_a_base(&env, "2M");
     let mut bytes = env.read("o.vmdk");
     let at = bytes
         .windows(10)
